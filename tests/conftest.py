@@ -1,0 +1,83 @@
+"""Shared test fixtures: tiny random Stable Diffusion checkpoints in the real key layout.
+
+tests/layouts/*.json are copies of the tensor names and shapes of the real release files
+(v1-5-pruned-emaonly.safetensors, v2-1_512-ema-pruned.safetensors). A tiny checkpoint keeps every
+one of those names and shrinks only the widths (UNet 32 or 64 channels, VAE 32, text 64), so it
+goes through exactly the loading code a real file does.
+"""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import slime  # noqa: E402
+
+LAYOUTS = os.path.join(ROOT, "tests", "layouts")
+LAYOUT_FILE = {"sd1": "sd15.json", "sd2": "sd21-base.json"}
+TINY_UNET = {"sd1": 32, "sd2": 64}  # SD2 heads are 64 channels wide, so its UNet needs >= 64
+TINY_TEXT = 64
+
+
+def real_layout(family):
+    with open(os.path.join(LAYOUTS, LAYOUT_FILE[family])) as f:
+        return {k: tuple(v) for k, v in json.load(f).items()}
+
+
+def random_tensor(key, shape, gen):
+    """Every value random (nothing exactly 0 or 1), scaled like a trained network so activations stay sane."""
+    leaf = key.rsplit(".", 1)[-1]
+    x = torch.randn(shape, generator=gen)
+    if "embedding" in key:
+        return x * 0.02
+    if len(shape) >= 2:
+        return x / math.sqrt(math.prod(shape[1:]))
+    return 1 + 0.05 * x if leaf == "weight" else 0.02 * x
+
+
+def tiny_state_dict(family, seed=0):
+    shapes = real_layout(family)
+    u, v, t = slime.UNET_PREFIX, slime.VAE_PREFIX, slime.TEXT_PREFIX[family]
+    shapes[u + "input_blocks.0.0.weight"] = (TINY_UNET[family], 4, 3, 3)
+    shapes[u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (TINY_UNET[family], TINY_TEXT)
+    shapes[v + "encoder.conv_in.weight"] = (32, 3, 3, 3)
+    shapes[t + ("embeddings.token_embedding.weight" if family == "sd1" else "token_embedding.weight")] = (49408, TINY_TEXT)
+    _, modules, ignored = slime.build_models(shapes)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, module in modules.items():
+        for k, p in module.state_dict().items():
+            state[prefix + k] = random_tensor(k, tuple(p.shape), gen)
+    for k in shapes:  # the tensors slime ignores: present, as in a real file, but small
+        if k not in state:
+            if k == t + "embeddings.position_ids":
+                state[k] = torch.arange(77)[None]
+            elif k.startswith(t + "transformer.resblocks."):  # SD2's unused last text block, tiny width
+                state[k] = torch.randn(2, generator=gen)
+            else:
+                state[k] = torch.randn(shapes[k] if math.prod(shapes[k]) <= 1000 else (2,), generator=gen)
+    assert set(state) == set(real_layout(family))
+    return state
+
+
+def write_tiny_checkpoint(path, family, seed=0, dtype=torch.float32):
+    state = {k: (x.to(dtype) if x.is_floating_point() else x) for k, x in tiny_state_dict(family, seed).items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """family -> path of a tiny fp32 checkpoint (written once per test session)."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / f"tiny-{family}.safetensors", family)
+        return cache[family]
+    return get

@@ -1,0 +1,189 @@
+"""The Stable Diffusion components: checkpoint layout, loading, forward passes, gradients, bad files."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import real_layout, write_tiny_checkpoint
+
+import slime
+from attention import attention
+from unet import GroupNorm32, LayerNorm32, SpatialTransformer, UNetModel, timestep_embedding
+from vae import AttnBlock, Downsample
+
+# The ignored tensors, counted from ../shared/checkpoint-layouts/README.md "Counts per prefix":
+# decoder 138 + post_quant_conv 2 + schedule 12 + model_ema 2, plus SD1's position_ids, or SD2's
+# resblocks.23 (12 tensors), text_projection and logit_scale.
+IGNORED_COUNT = {"sd1": 138 + 2 + 12 + 2 + 1, "sd2": 138 + 2 + 12 + 2 + 12 + 2}
+SLIME_LAYERS = ["output_blocks.%d.1.transformer_blocks.0.attn2" % i for i in (3, 4, 5, 6, 7)] + \
+               ["output_blocks.%d.1.transformer_blocks.0.attn1" % i for i in (9, 10, 11)]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_real_layout_maps_onto_the_models(family):
+    """Every tensor of the real release file has a module slot of its shape, or is on the ignore list."""
+    shapes = real_layout(family)
+    got_family, modules, ignored = slime.build_models(shapes, "layout")
+    assert got_family == family
+    slime.check_keys(shapes, modules, ignored, "layout")  # raises on missing / unexpected / mis-shaped
+    used = {p + k for p, m in modules.items() for k in m.state_dict()}
+    skipped = {k for k in shapes if any(p.match(k) for p in ignored)}
+    assert used | skipped == set(shapes) and not used & skipped
+    assert len(skipped) == IGNORED_COUNT[family]
+    # widths that only real weights would catch if wrong
+    unet = modules[slime.UNET_PREFIX]
+    heads = {n: m.heads for n, m in unet.named_modules() if n.endswith("attn2")}
+    assert heads["output_blocks.3.1.transformer_blocks.0.attn2"] == (8 if family == "sd1" else 20)
+    assert heads["output_blocks.9.1.transformer_blocks.0.attn2"] == (8 if family == "sd1" else 5)
+    text = modules[slime.TEXT_PREFIX[family]]
+    assert text.cfg.layers == (12 if family == "sd1" else 23) and text.cfg.heads == (12 if family == "sd1" else 16)
+
+
+def test_norm_eps_and_timestep_embedding_match_ldm():
+    unet = UNetModel(slime.UNetConfig.sd21(model_channels=64, context_dim=64))
+    for name, m in unet.named_modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            assert isinstance(m, GroupNorm32)
+            assert m.eps == (1e-6 if name.endswith(".norm") else 1e-5), name  # SpatialTransformer.norm: 1e-6
+        if isinstance(m, torch.nn.LayerNorm):
+            assert isinstance(m, LayerNorm32) and m.eps == 1e-5
+    vae = slime.AutoencoderKL(slime.VAEConfig(ch=32))
+    assert all(m.eps == 1e-6 for m in vae.modules() if isinstance(m, torch.nn.GroupNorm))
+    t = torch.tensor([0, 7, 999])
+    freqs = [math.exp(-math.log(10000) * i / 160) for i in range(160)]
+    want = torch.tensor([[math.cos(s * f) for f in freqs] + [math.sin(s * f) for f in freqs] for s in (0, 7, 999)])
+    assert torch.allclose(timestep_embedding(t, 320), want, atol=1e-4)  # cos first
+
+
+def test_vae_downsample_pads_right_and_bottom_only():
+    down = Downsample(1)
+    with torch.no_grad():
+        down.conv.weight.zero_()
+        down.conv.weight[0, 0, 0, 0] = 1  # picks the top-left input of each 3x3 window
+        down.conv.bias.zero_()
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert torch.equal(down(x), x[:, :, ::2, ::2])  # symmetric padding would shift this by one pixel
+
+
+def test_attention_maps_equal_a_per_head_loop():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 12), torch.randn(2, 7, 12), torch.randn(2, 7, 12)
+    out, probs = attention(q, k, v, heads=3, want="probs")
+    _, logp = attention(q, k, v, heads=3, want="log_probs")
+    fast, none = attention(q, k, v, heads=3)
+    per_head, outs = [], []
+    for h in range(3):  # head h owns channels 4h..4h+3
+        s = q[..., 4 * h:4 * h + 4] @ k[..., 4 * h:4 * h + 4].transpose(1, 2) / 2.0
+        per_head.append(s.softmax(-1))
+        outs.append(per_head[-1] @ v[..., 4 * h:4 * h + 4])
+    assert none is None
+    assert torch.allclose(probs, torch.stack(per_head).mean(0), atol=1e-6)
+    assert torch.allclose(logp, torch.stack(per_head).log().mean(0), atol=1e-5)
+    assert torch.allclose(out, torch.cat(outs, -1), atol=1e-5) and torch.allclose(fast, out, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_tiny_checkpoint_runs_and_returns_maps(tiny_ckpt, family):
+    m = slime.load_models(tiny_ckpt(family))
+    assert m.family == family and m.alphas_cumprod.shape == (1000,)
+    tokens = m.tokenize(["part part part", "a photo"])
+    assert tokens.shape == (2, 77) and tokens[0, 0] == 49406 and tokens[0, 4] == 49407
+    assert tokens[0, 5] == (49407 if family == "sd1" else 0)
+    ctx = m.text_encoder(tokens)
+    assert ctx.shape == (2, 77, 64) and torch.isfinite(ctx).all()
+    img = torch.rand(2, 3, 64, 64)
+    lat = m.vae.encode(img)
+    assert lat.shape == (2, 4, 8, 8) and torch.isfinite(lat).all()
+    g = torch.Generator().manual_seed(0)
+    assert not torch.equal(m.vae.encode(img, sample=True, generator=g), lat)
+    eps, maps = m.unet(lat, torch.tensor([10, 500]), ctx, attn_layers=SLIME_LAYERS[:-1],
+                       log_attn_layers=SLIME_LAYERS[-1:])
+    assert eps.shape == lat.shape and torch.isfinite(eps).all()
+    assert maps["output_blocks.3.1.transformer_blocks.0.attn2"].shape == (2, 4, 77)  # 2x2 query grid at 1/4
+    assert maps["output_blocks.9.1.transformer_blocks.0.attn1"].shape == (2, 64, 64)
+    for name, p in maps.items():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all()
+        if name == SLIME_LAYERS[-1]:  # a head average of log-probabilities: <= 0, and <= log of the mean prob
+            assert (p <= 0).all()
+        else:
+            assert torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5), name
+    eps_fast, none = m.unet(lat, torch.tensor([10, 500]), ctx)
+    assert none == {} and torch.allclose(eps_fast, eps, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention layers"):
+        m.unet(lat, torch.tensor([10, 500]), ctx, attn_layers=["up_blocks.1.attentions.0"])
+
+
+def test_gradients_reach_the_context_through_the_maps(tiny_ckpt):
+    m = slime.load_models(tiny_ckpt("sd2"))
+    ctx = m.text_encoder(m.tokenize(["part part"])).clone().requires_grad_(True)
+    x = torch.randn(1, 4, 16, 16)
+    _, maps = m.unet(x, torch.tensor([50]), ctx, attn_layers=SLIME_LAYERS[5:], log_attn_layers=SLIME_LAYERS[:5])
+    loss = sum((p * torch.randn_like(p)).sum() for p in maps.values())
+    loss.backward()
+    assert ctx.grad is not None and torch.isfinite(ctx.grad).all() and ctx.grad[0, 1].abs().sum() > 0
+    assert all(p.grad is None for p in m.unet.parameters())  # the networks stay frozen
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_files_load(tmp_path, dtype):
+    path = write_tiny_checkpoint(tmp_path / "half.safetensors", "sd1", dtype=dtype)
+    m32 = slime.load_models(path)  # stored in half, computed in fp32
+    assert next(m32.unet.parameters()).dtype == torch.float32
+    ctx = m32.text_encoder(m32.tokenize(["part"]))
+    mb = slime.load_models(path, dtype=torch.bfloat16)
+    eps, maps = mb.unet(torch.randn(1, 4, 8, 8), torch.tensor([5]), ctx, attn_layers=SLIME_LAYERS[:1])
+    assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
+    assert maps[SLIME_LAYERS[0]].dtype == torch.float32
+
+
+def write_bytes(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"no such file; put v2-1_512-ema-pruned.safetensors"),
+    ("directory", r"is a directory; give the path of a single .safetensors"),
+    ("pickle", r"is not a .safetensors file; slime never unpickles .ckpt files"),
+    ("truncated", r"cannot be read as .safetensors \(truncated or corrupt download\?\)"),
+    ("garbage", r"cannot be read as .safetensors"),
+    ("lora", r"holds no model.diffusion_model.\* tensors, so it is not a full Stable Diffusion checkpoint"),
+    ("sdxl", r"is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file"),
+    ("incomplete", r"lacks tensors for a .* checkpoint: model.diffusion_model.out.2.bias"),
+])
+def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, message):
+    from safetensors.torch import save_file
+    path = {
+        "missing": lambda: str(tmp_path / "nope.safetensors"),
+        "directory": lambda: str(tmp_path),
+        "pickle": lambda: (torch.save({"state_dict": {}}, tmp_path / "sd.ckpt"), str(tmp_path / "sd.ckpt"))[1],
+        "truncated": lambda: write_bytes(tmp_path / "t.safetensors", open(tiny_ckpt("sd1"), "rb").read()[:100000]),
+        "garbage": lambda: write_bytes(tmp_path / "g.safetensors", b"\x00" * 64),
+        "lora": lambda: (save_file({"lora_unet_down.lora_up.weight": torch.zeros(2)}, tmp_path / "l.safetensors"),
+                         str(tmp_path / "l.safetensors"))[1],
+        "sdxl": lambda: (save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2),
+                                    "model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "x.safetensors"),
+                         str(tmp_path / "x.safetensors"))[1],
+        "incomplete": lambda: _without(tmp_path, tiny_ckpt("sd1"), "model.diffusion_model.out.2.bias"),
+    }[case]()
+    with pytest.raises(slime.SlimeError, match=message) as e:
+        slime.load_models(path)
+    assert str(e.value).startswith(path) and "\n" not in str(e.value)
+
+
+def _without(tmp_path, src, key):
+    from safetensors.torch import load_file, save_file
+    state = load_file(src)
+    del state[key]
+    save_file(state, tmp_path / "partial.safetensors")
+    return str(tmp_path / "partial.safetensors")
+
+
+def test_unexpected_tensor_is_named(tmp_path, tiny_ckpt):
+    from safetensors.torch import load_file, save_file
+    state = load_file(tiny_ckpt("sd2"))
+    state["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    save_file(state, tmp_path / "extra.safetensors")
+    with pytest.raises(slime.SlimeError, match=re.escape("has unexpected tensors") + ".*model.diffusion_model.extra.weight"):
+        slime.load_models(tmp_path / "extra.safetensors")
