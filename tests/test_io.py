@@ -1,0 +1,270 @@
+"""Tests for slime: every input file is built here with PIL / numpy."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slime import (
+    VOC_PALETTE, SlimeError, atomic_write, colors_to_labels, read_image, read_mask, write_index_png,
+    write_overlay,
+)
+
+
+def rng_rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def save(tmp_path, name, im, **kw):
+    path = tmp_path / name
+    im.save(path, **kw)
+    return str(path)
+
+
+def exif_rotated(mode, color_left, color_right):
+    """A 20 wide x 10 high image, left half / right half, tagged EXIF orientation 6 (rotate 90 clockwise)."""
+    im = Image.new(mode, (20, 10), color_left)
+    im.paste(color_right, (10, 0, 20, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return im, exif.tobytes()
+
+
+def animated_gif(tmp_path):
+    frames = [Image.new("P", (8, 6), i) for i in (1, 2)]
+    for f in frames:
+        f.putpalette(VOC_PALETTE.tobytes())
+    # optimize=False keeps the palette indices as they are
+    return save(tmp_path, "anim.gif", frames[0], save_all=True, append_images=frames[1:], duration=100,
+                optimize=False)
+
+
+# ----------------------------------------------------------------------------- read_image
+def test_read_image_rgb_png(tmp_path):
+    rgb = rng_rgb(5, 7)
+    x = read_image(save(tmp_path, "a.png", Image.fromarray(rgb)))
+    assert x.dtype == torch.float32 and x.shape == (3, 5, 7)
+    assert torch.equal(x, torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+
+
+def test_read_image_rgba_drops_alpha(tmp_path):
+    rgba = np.concatenate([rng_rgb(4, 6), np.zeros((4, 6, 1), np.uint8)], -1)  # fully transparent
+    x = read_image(save(tmp_path, "a.png", Image.fromarray(rgba)))
+    assert torch.equal(x, torch.from_numpy(rgba[..., :3]).permute(2, 0, 1).float() / 255)
+
+
+def test_read_image_gray_and_16bit(tmp_path):
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    x = read_image(save(tmp_path, "g.png", Image.fromarray(gray)))
+    assert x.shape == (3, 3, 4) and torch.equal(x[0], x[2]) and torch.allclose(x[1], torch.from_numpy(gray) / 255.0)
+    g16 = np.array([[0, 1000], [32768, 65535]], dtype=np.uint16)
+    x = read_image(save(tmp_path, "g16.png", Image.fromarray(g16)))
+    assert x.shape == (3, 2, 2) and torch.equal(x[0], x[1])
+    assert torch.allclose(x[0], torch.tensor([[0, 1000 / 65535], [32768 / 65535, 1.0]]))
+
+
+def test_read_image_palette_with_transparency(tmp_path):
+    im = Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8))
+    im.putpalette(VOC_PALETTE.tobytes())
+    x = read_image(save(tmp_path, "p.png", im, transparency=0))
+    assert torch.equal(x.permute(1, 2, 0).reshape(4, 3), torch.from_numpy(VOC_PALETTE[:4]).float() / 255)
+
+
+def test_read_image_cmyk_jpeg(tmp_path):
+    x = read_image(save(tmp_path, "c.jpg", Image.new("CMYK", (8, 8), (255, 0, 0, 0)), quality=100))  # cyan
+    assert x.shape == (3, 8, 8)
+    assert torch.allclose(x.mean((1, 2)), torch.tensor([0.0, 1.0, 1.0]), atol=0.02)
+
+
+def test_read_image_gif_first_frame(tmp_path):
+    x = read_image(animated_gif(tmp_path))
+    assert x.shape == (3, 6, 8) and torch.equal(x[:, 0, 0], torch.tensor([128, 0, 0]) / 255.0)
+
+
+def test_read_image_exif_rotation(tmp_path):
+    im, exif = exif_rotated("RGB", (0, 0, 0), (255, 255, 255))
+    x = read_image(save(tmp_path, "r.jpg", im, exif=exif, quality=95))
+    assert x.shape == (3, 20, 10)  # rotated: 10 wide, 20 high
+    assert x[:, :8].mean() < 0.1 and x[:, 12:].mean() > 0.9  # the left half is now on top
+
+
+def test_read_mask_exif_rotation(tmp_path):
+    im, exif = exif_rotated("L", 0, 255)
+    m = read_mask(save(tmp_path, "r.jpg", im, exif=exif, quality=95))
+    assert m.shape == (20, 10) and m.dtype == np.int64
+    assert m[:8].mean() < 10 and m[12:].mean() > 245
+
+
+def test_read_mask_gif_first_frame(tmp_path):
+    m = read_mask(animated_gif(tmp_path))
+    assert m.shape == (6, 8) and (m == 1).all()
+
+
+@pytest.mark.parametrize("read", [read_image, read_mask])
+def test_read_errors(tmp_path, read):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(SlimeError, match="nope.png: no such file"):
+        read(missing)
+    with pytest.raises(SlimeError, match="is a directory"):
+        read(tmp_path)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(SlimeError, match=r"empty.png is empty \(0 bytes\)"):
+        read(tmp_path / "empty.png")
+    (tmp_path / "text.png").write_text("hello, not an image\n")
+    with pytest.raises(SlimeError, match="text.png is not an image file PIL can read"):
+        read(tmp_path / "text.png")
+    save(tmp_path, "full.jpg", Image.fromarray(rng_rgb(64, 64)), quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlimeError, match="cut.jpg is truncated or corrupt") as e:
+        read(tmp_path / "cut.jpg")
+    assert str(e.value).startswith(str(tmp_path / "cut.jpg")) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- read_mask
+def test_read_mask_indexed_png_round_trip_keeps_255(tmp_path):
+    labels = np.array([[0, 1, 2], [3, 255, 0]])
+    path = str(tmp_path / "m.png")
+    write_index_png(path, labels)
+    m = read_mask(path)
+    assert m.dtype == np.int64 and np.array_equal(m, labels)
+    with Image.open(path) as im:
+        assert im.mode == "P" and np.array_equal(np.array(im), labels)
+        assert np.array_equal(np.array(im.getpalette(), np.uint8).reshape(-1, 3), VOC_PALETTE)
+
+
+def test_read_mask_gray_png_and_gray_looking_rgb(tmp_path):
+    labels = np.array([[0, 1], [2, 255]], np.uint8)
+    assert np.array_equal(read_mask(save(tmp_path, "g.png", Image.fromarray(labels))), labels)
+    rgb = np.repeat(labels[..., None], 3, -1)
+    m = read_mask(save(tmp_path, "rgb.png", Image.fromarray(rgb)))
+    assert m.shape == (2, 2) and m.dtype == np.int64 and np.array_equal(m, labels)
+
+
+def test_read_mask_rgba_colours(tmp_path):
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0, :3] = (10, 20, 30)
+    m = read_mask(save(tmp_path, "c.png", Image.fromarray(rgba)))
+    assert m.shape == (2, 2, 3) and m.dtype == np.uint8 and tuple(m[0, 0]) == (10, 20, 30)
+
+
+def test_read_mask_npy(tmp_path):
+    np.save(tmp_path / "ok.npy", np.array([[0, 1], [255, 2]], np.uint8))
+    m = read_mask(tmp_path / "ok.npy")
+    assert m.dtype == np.int64 and m.tolist() == [[0, 1], [255, 2]]
+    np.save(tmp_path / "b.npy", np.eye(2, dtype=bool))
+    assert read_mask(tmp_path / "b.npy").tolist() == [[1, 0], [0, 1]]
+    np.save(tmp_path / "f.npy", np.zeros((2, 2), np.float32))
+    with pytest.raises(SlimeError, match="f.npy holds float32 values; save integer class labels"):
+        read_mask(tmp_path / "f.npy")
+    np.save(tmp_path / "3d.npy", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(SlimeError, match=r"3d.npy has shape \(2, 2, 3\); a mask must be a 2-D"):
+        read_mask(tmp_path / "3d.npy")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(SlimeError, match=r"empty.npy is empty \(0 bytes\)"):
+        read_mask(tmp_path / "empty.npy")
+    with pytest.raises(SlimeError, match="none.npy: no such file"):
+        read_mask(tmp_path / "none.npy")
+    np.save(tmp_path / "obj.npy", np.array([[None]], dtype=object), allow_pickle=True)
+    with pytest.raises(SlimeError, match="obj.npy cannot be read as a .npy array"):
+        read_mask(tmp_path / "obj.npy")
+
+
+# ----------------------------------------------------------------------------- colors_to_labels
+def test_voc_palette():
+    assert VOC_PALETTE.shape == (256, 3) and VOC_PALETTE.dtype == np.uint8
+    assert VOC_PALETTE[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
+    assert VOC_PALETTE[15].tolist() == [192, 128, 128] and VOC_PALETTE[255].tolist() == [224, 224, 192]
+    assert len({tuple(c) for c in VOC_PALETTE.tolist()}) == 256
+
+
+def test_colors_voc(tmp_path):
+    idx = np.array([[0, 1, 15], [20, 255, 0]])
+    m = read_mask(save(tmp_path, "voc.png", Image.fromarray(VOC_PALETTE[idx])))
+    assert m.shape == (2, 3, 3)
+    (labels,), palette = colors_to_labels([m])
+    assert palette is None and labels.dtype == np.int64 and np.array_equal(labels, idx)
+
+
+def test_colors_arbitrary_black_first_then_sorted():
+    a = np.array([[[0, 0, 0], [200, 5, 5]], [[7, 7, 9], [200, 5, 5]]], np.uint8)
+    (labels,), palette = colors_to_labels([a])
+    assert palette == [[0, 0, 0], [7, 7, 9], [200, 5, 5]]
+    assert labels.tolist() == [[0, 2], [1, 2]]
+
+
+def test_colors_shared_mapping_and_labels_pass_through():
+    a = np.array([[[0, 0, 0], [50, 60, 70]]], np.uint8)
+    b = np.array([[[9, 9, 9], [50, 60, 70]]], np.uint8)
+    plain = np.array([[0, 3]])
+    (la, lp, lb), palette = colors_to_labels([a, plain, b])
+    assert palette == [[0, 0, 0], [9, 9, 9], [50, 60, 70]]
+    assert la.tolist() == [[0, 2]] and lb.tolist() == [[1, 2]] and lp is plain
+    assert colors_to_labels([plain]) == ([plain], None)
+
+
+def test_colors_given_palette():
+    a = np.array([[[0, 0, 0], [1, 2, 3], [4, 5, 6]]], np.uint8)
+    (labels,), palette = colors_to_labels([a], palette=[[4, 5, 6], [0, 0, 0], [1, 2, 3]])
+    assert labels.tolist() == [[1, 2, 0]] and palette == [[4, 5, 6], [0, 0, 0], [1, 2, 3]]
+    bad = np.array([[[0, 0, 0], [9, 9, 9], [9, 9, 9], [8, 8, 8]]], np.uint8)
+    with pytest.raises(SlimeError, match=r"^m.png has 3 pixels whose colour is not in the palette "
+                                         r"\(e.g. \(8, 8, 8\), \(9, 9, 9\)\)"):
+        colors_to_labels([bad], palette=[[0, 0, 0]], names=["m.png"])
+
+
+def test_colors_too_many_is_antialiasing():
+    colors = np.stack([np.arange(80), np.full(80, 3), np.full(80, 5)], -1).astype(np.uint8)[None]
+    with pytest.raises(SlimeError, match=r"^soft.png brings the number of distinct mask colours to 80, more "
+                                         "classes than SD's 77 text tokens allow; anti-aliased edges") as e:
+        colors_to_labels([colors], names=["soft.png"])
+    assert "indexed PNG" in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- writing
+def test_write_index_png(tmp_path):
+    labels = np.random.default_rng(0).integers(0, 256, (7, 9))
+    path = tmp_path / "out.png"
+    write_index_png(path, labels)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "P" and np.array_equal(np.array(im), labels)
+        assert np.array_equal(np.array(im.getpalette(), np.uint8).reshape(-1, 3), VOC_PALETTE)
+    assert os.listdir(tmp_path) == ["out.png"]
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (200, 300)])
+def test_write_overlay(tmp_path, h, w):
+    rgb = rng_rgb(h, w)
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    labels = np.zeros((h, w), np.int64)
+    labels[h // 2:, w // 2:] = 1  # class 1 in the bottom-right quarter
+    path = tmp_path / "overlay.png"
+    write_overlay(path, image, labels, ["background", "wheel"])
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (w, h)
+        out = np.array(im)
+    if h >= 100:
+        # the legend covers the top-left corner; elsewhere background equals the image
+        assert not np.array_equal(out[:8, :8], rgb[:8, :8])
+        assert np.array_equal(out[h - 40:h - 2, 2:w // 2 - 2], rgb[h - 40:h - 2, 2:w // 2 - 2])
+        assert np.array_equal(out[2:h // 2 - 2, w // 2 + 40:], rgb[2:h // 2 - 2, w // 2 + 40:])
+        # tinted 50% with VOC colour 1 inside the part, white on its boundary
+        inside = out[h // 2 + 2:, w // 2 + 2:].astype(int)
+        expect = np.round(0.5 * rgb[h // 2 + 2:, w // 2 + 2:] + 0.5 * VOC_PALETTE[1]).astype(int)
+        assert np.abs(inside - expect).max() <= 1
+        assert (out[h - 1, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w - 1] == 255).all()
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out.png"
+
+    def write(tmp):
+        assert os.path.basename(tmp) == ".out.png.tmp.png"
+        Image.new("RGB", (2, 2)).save(tmp)
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_write(target, write)
+    assert os.listdir(tmp_path) == []
+    atomic_write(target, lambda tmp: Image.new("RGB", (2, 2)).save(tmp))
+    assert os.listdir(tmp_path) == ["out.png"]

@@ -1,0 +1,186 @@
+"""The method's equations, each against a slow re-computation from its definition (paper Eq. 3-8,
+METHOD.md sections 3, 5, 6), and the training step's gradient against finite differences."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slime
+
+
+def bilinear_slow(img, out):
+    """align_corners=False bilinear resize of a (h, w) map, written out pixel by pixel."""
+    h, w = img.shape
+    res = torch.zeros(out, out)
+    for Y in range(out):
+        for X in range(out):
+            y = min(max((Y + 0.5) * h / out - 0.5, 0), h - 1)
+            x = min(max((X + 0.5) * w / out - 0.5, 0), w - 1)
+            y0, x0 = int(math.floor(y)), int(math.floor(x))
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            fy, fx = y - y0, x - x0
+            res[Y, X] = ((1 - fy) * ((1 - fx) * img[y0, x0] + fx * img[y0, x1])
+                         + fy * ((1 - fx) * img[y1, x0] + fx * img[y1, x1]))
+    return res
+
+
+class FakeUNet:
+    """Returns given maps (and records its calls), so the map arithmetic can be checked on known values."""
+
+    def __init__(self, maps_per_call):
+        self.maps_per_call, self.calls = maps_per_call, 0
+
+    def __call__(self, x, t, context, attn_layers=(), log_attn_layers=()):
+        maps = self.maps_per_call[self.calls % len(self.maps_per_call)]
+        self.calls += 1
+        return torch.zeros_like(x), {n: maps[n] for n in list(attn_layers) + list(log_attn_layers)}
+
+
+class FakeSD:
+    def __init__(self, unet):
+        self.unet, self.alphas_cumprod = unet, slime.alphas_cumprod()
+        self.vae = type("V", (), {"encode": lambda self, x, sample, generator: torch.zeros(x.shape[0], 4, 64, 64)})()
+
+
+def random_maps(K, seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = {}
+    for n in slime.CROSS_LAYERS:
+        side = 16 if n in slime.CROSS_LAYERS[:3] else 32
+        maps[n] = torch.rand(1, side * side, 77, generator=g).softmax(-1)
+    for n in slime.SELF_LAYERS:
+        maps[n] = (3 * torch.rand(1, 4096, 4096, generator=g)).softmax(-1)
+    return maps
+
+
+def test_eq3_cross_attention_average_and_eq5_self_attention_average():
+    K, maps = 3, random_maps(3, 0)
+    A_ca, A_sa, _ = slime.attention_maps(FakeSD(FakeUNet([maps])), torch.zeros(1, 4, 64, 64), torch.tensor([5]),
+                                         None, K, log_space=False)
+    for k in range(K):
+        want = sum(bilinear_slow(maps[n][0, :, k].view(int(maps[n].shape[1] ** 0.5), -1), 64)
+                   for n in slime.CROSS_LAYERS) / 5
+        assert torch.allclose(A_ca[k], want, atol=1e-6)
+    assert torch.allclose(A_sa, sum(maps[n][0] for n in slime.SELF_LAYERS) / 3)
+
+
+def test_eq6_was_map():
+    g = torch.Generator().manual_seed(1)
+    P, S = torch.rand(2, 3, 3, generator=g), torch.rand(9, 9, generator=g)
+    W = slime.was_map(P, S)
+    for k in range(2):
+        for q in range(9):  # S_WAS[k, q] = sum over key pixels j of P[k, j] * S[q, j]
+            assert math.isclose(W[k].flatten()[q], sum(P[k].flatten()[j] * S[q, j] for j in range(9)), rel_tol=1e-5)
+
+
+def test_class_weights_follow_the_release():
+    mask = torch.tensor([[0, 0, 0, 1], [1, 1, 2, 255], [0, 0, 0, 0], [0, 0, 0, 0]])
+    w = slime.class_weights(mask, 4)
+    # n = (bg ignored, 3, 1, 0): w_c = (3 + 1) / n_c for present parts, 0 for absent ones, background 1
+    assert torch.allclose(w, torch.tensor([1.0, 4 / 3, 4.0, 0.0]), rtol=1e-5)
+
+
+def test_eq4_cross_entropy_and_eq7_mse():
+    g = torch.Generator().manual_seed(2)
+    K = 3
+    A = torch.randn(K, 64, 64, generator=g)
+    S = torch.rand(4096, 4096, generator=g).softmax(-1)
+    mask = torch.randint(0, K, (64, 64), generator=g)
+    loss_ce, loss_mse = slime.segmentation_losses(A, S, mask, K)
+    w = slime.class_weights(mask, K)
+    logp = A.log_softmax(0)
+    nll = sum(-w[mask[y, x]] * logp[mask[y, x], y, x] for y in range(0, 64) for x in range(0, 64))
+    assert math.isclose(loss_ce, nll / w[mask].sum(), rel_tol=1e-4)  # weighted mean (F.cross_entropy)
+    W = torch.einsum("kj,qj->kq", A.softmax(0).flatten(1), S).view(K, 64, 64)
+    onehot = torch.stack([(mask == k).float() for k in range(K)])
+    assert math.isclose(loss_mse, ((W - onehot) ** 2).mean() * K, rel_tol=1e-4)  # the release: mean x K
+
+
+def test_eq4_log_space_equals_the_release_logits():
+    """METHOD.md section 9 row 2: averaging log-probabilities instead of logits changes nothing after the
+    softmax over the K classes: the per-pixel logsumexp is a constant that cancels."""
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(1, 4, 77, generator=g) for _ in range(3)]  # 3 "heads" on a 2x2 grid
+    K = 5
+    release = torch.stack([x[..., :K] for x in logits]).mean(0)
+    ours = torch.stack([x.log_softmax(-1)[..., :K] for x in logits]).mean(0)
+    assert torch.allclose(release.softmax(-1), ours.softmax(-1), atol=1e-6)
+
+
+def test_patch_origins():
+    assert slime.patch_origins(400, 2) == [(0, 0), (0, 112), (112, 0), (112, 112)]
+    assert slime.patch_origins(512, 1) == [(0, 0)]
+
+
+def patched_masking_slow(calls, K, s, out):
+    """METHOD.md section 5 steps 1-7, literally, with Python loops over classes."""
+    Facc = torch.zeros(K, out, out)
+    C = torch.zeros(K, out, out) + 1e-7
+    ratio, m = 512 // out, s.patch_size // (512 // out)
+    for (y0, x0), maps in zip(slime.patch_origins(s.patch_size, s.patches_per_side), calls):
+        A = sum(torch.stack([bilinear_slow(maps[n][0, :, k].view(int(maps[n].shape[1] ** 0.5), -1), 64)
+                             for k in range(K)]) for n in slime.CROSS_LAYERS) / 5
+        S = sum(maps[n][0] for n in slime.SELF_LAYERS) / 3
+        A = A.flatten(1)
+        passed = [k for k in range(K) if A[k].max() >= s.threshold]
+        if not passed:
+            continue
+        Ap = A[passed].clone()
+        Ap[0][Ap[0] <= Ap[0].mean()] = 0
+        for i, k in enumerate(passed):
+            W = (S @ Ap[i]).view(64, 64)  # W[q] = sum_j A'[k, j] S[q, j]
+            W = F.interpolate(W[None, None], size=(m, m), mode="bilinear", align_corners=False)[0, 0]
+            coef = (W.max() - W.min()) / (A[k].max() - A[k].min())
+            if torch.isnan(coef) or coef == 0:
+                coef = torch.tensor(1e-7)
+            Facc[k, y0 // ratio:y0 // ratio + m, x0 // ratio:x0 // ratio + m] += W / coef + (A[k].min() - W.min() / coef)
+            C[k, y0 // ratio:y0 // ratio + m, x0 // ratio:x0 // ratio + m] += 1
+    return Facc / C
+
+
+@pytest.mark.parametrize("patch_size, per_side, out", [(400, 2, 512), (512, 1, 64)])
+def test_patched_masking_arithmetic(patch_size, per_side, out):
+    K = 3
+    calls = [random_maps(K, seed) for seed in range(per_side ** 2)]
+    # class 2 never passes in the second patch: only passed classes are averaged, per region
+    s = slime.Settings(patch_size=patch_size, patches_per_side=per_side, threshold=0.0132)
+    got = slime.class_scores(FakeSD(FakeUNet(calls)), None, torch.rand(3, 512, 512), K, s,
+                             torch.Generator().manual_seed(0), out=out)
+    want = patched_masking_slow(calls, K, s, out)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_miou_uses_the_release_averaging():
+    per_image = [{0: 0.5, 1: 1.0}, {0: 0.7, 2: 0.2}, {0: 0.9, 1: 0.0, 2: 0.4}]
+    per_class, miou = slime.miou_table(per_image, 4)
+    assert per_class == [pytest.approx(0.7), pytest.approx(0.5), pytest.approx(0.3), None]
+    assert miou == pytest.approx((0.7 + 0.5 + 0.3) / 3)  # classes never in any GT are not averaged
+
+
+def test_iou_per_class_ignores_255_and_absent_classes():
+    gt = torch.tensor([[0, 0, 1, 255]])
+    pred = torch.tensor([[0, 1, 1, 2]])
+    ious = slime.iou_per_class(pred, gt, 3)
+    assert ious == {0: pytest.approx(0.5), 1: pytest.approx(0.5)}
+
+
+def test_training_step_gradient_matches_finite_differences(tiny_ckpt):
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    K = 3
+    cond, uncond = slime.prompt_contexts(sd, K)
+    image = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(64, 64, dtype=torch.long)
+    mask[10:30, 10:40], mask[40:60, 5:60] = 1, 2
+    s = slime.Settings()
+
+    def loss_at(learned):
+        return slime.training_step(sd, learned, cond, uncond, image, mask, s, torch.Generator().manual_seed(7))[0]
+
+    learned = cond[0, 1:K].clone().requires_grad_(True)
+    loss_at(learned).backward()
+    direction = torch.randn(learned.shape, generator=torch.Generator().manual_seed(1))
+    h = 1e-2
+    with torch.no_grad():
+        fd = (loss_at(learned + h * direction) - loss_at(learned - h * direction)) / (2 * h)
+    assert math.isclose((learned.grad * direction).sum().item(), fd.item(), rel_tol=2e-2)
