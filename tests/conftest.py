@@ -53,6 +53,13 @@ def tiny_state_dict(family, seed=0):
     for prefix, module in modules.items():
         for k, p in module.state_dict().items():
             state[prefix + k] = random_tensor(k, tuple(p.shape), gen)
+    # A random VAE gives latents of std ~0.1 and a posterior std of ~0.2 (after x 0.18215), so the sampled
+    # noise would drown the image. The real VAE gives latents of about unit std and a narrow posterior:
+    # rescale quant_conv's mean half and push its logvar half down so the tiny model sees the image too.
+    q = v + "quant_conv."
+    state[q + "weight"][:4] *= 10
+    state[q + "weight"][4:] *= 0.01
+    state[q + "bias"][4:] = -12.0
     for k in shapes:  # the tensors slime ignores: present, as in a real file, but small
         if k not in state:
             if k == t + "embeddings.position_ids":
@@ -81,3 +88,26 @@ def tiny_ckpt(tmp_path_factory):
             cache[family] = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / f"tiny-{family}.safetensors", family)
         return cache[family]
     return get
+
+
+def synthetic_scene(shift=0, flip=False, size=512, seed=0):
+    """An image whose three regions differ in colour and texture, and its mask (0 bg, 1 square, 2 disc).
+
+    shift moves both objects right/down by that many pixels; flip mirrors the scene left-right.
+    """
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    yy, xx = yy - shift, (size - 1 - xx if flip else xx) - shift
+    img = np.zeros((size, size, 3), np.float32) + [0.15, 0.2, 0.7]
+    img += rng.normal(0, 0.08, img.shape)
+    mask = np.zeros((size, size), np.uint8)
+    square = (yy > 80) & (yy < 260) & (xx > 60) & (xx < 300)
+    img[square] = [0.9, 0.15, 0.1]
+    img[square & ((yy // 8) % 2 == 0)] *= 0.6  # stripes
+    mask[square] = 1
+    disc = (yy - 370) ** 2 + (xx - 350) ** 2 < 110 ** 2
+    img[disc] = [0.1, 0.85, 0.2]
+    img[disc & (((yy // 16) + (xx // 16)) % 2 == 0)] *= 0.5  # checkerboard
+    mask[disc] = 2
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask

@@ -1,0 +1,125 @@
+"""End to end through the command line on a tiny random checkpoint: fit, then predict, then score.
+
+Random weights give near-uniform attention, so these runs prove the plumbing (the maps move toward
+the mask, emb.pt round-trips exactly, seeds reproduce), not SLiMe's quality on real images.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, synthetic_scene
+from PIL import Image
+
+import slime
+
+# Flags for random tiny weights: the SD loss (guidance 100 on random eps) would dominate Eq. 8, and the
+# release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it.
+TINY = ["--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1", "-q"]
+EPOCHS = "4"
+
+
+def run(*args, ok=True):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)],
+                       capture_output=True, text=True, timeout=900)
+    assert (r.returncode == 0) == ok, r.stderr
+    return r
+
+
+def save_pair(folder, name, image, mask):
+    Image.fromarray(image).save(folder / f"{name}.png")
+    Image.fromarray(mask).save(folder / f"{name}_mask.png")
+    return folder / f"{name}.png", folder / f"{name}_mask.png"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_ckpt):
+    d = tmp_path_factory.mktemp("fit")
+    img, mask = save_pair(d, "scene", *synthetic_scene())
+    emb = d / "emb.pt"
+    r = run("fit", img, mask, "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"),
+            "--epochs", EPOCHS, "--lr", "0.3", "--val-every", "4", "-o", emb, *TINY)
+    return d, emb, r
+
+
+def miou_of(stdout):
+    return float([line for line in stdout.splitlines() if line.startswith("mIoU")][0].split()[1])
+
+
+def test_fit_learns_and_predict_writes_scored_masks(fitted, tiny_ckpt, tmp_path):
+    d, emb, _ = fitted
+    e = torch.load(emb, weights_only=True)
+    assert e["parts"] == ["background", "square", "disc"] and e["family"] == "sd2"
+    assert e["learned"].shape == (2, 64) and e["context"].shape == (1, 77, 64)
+    assert torch.equal(e["context"][0, 1:3], e["learned"])
+    assert e["settings"]["threshold"] == 0 and e["settings"]["patch_size"] == 512
+    # the learned vectors moved the cross-attention toward the mask (Eq. 4 on the training view)
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    img, mask = synthetic_scene()
+    image = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    mask64 = torch.from_numpy(mask).long()[::8, ::8]
+    cond, _ = slime.prompt_contexts(sd, 3)
+
+    def cross_entropy(context):
+        t = torch.tensor([50])
+        x_t, _ = slime.noisy_latent(sd, image[None], t, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, 3, log_space=True)
+        return slime.segmentation_losses(A_ca, A_sa, mask64, 3)[0].item()
+    assert cross_entropy(e["context"]) < 0.9 * cross_entropy(cond)
+    # predict writes an indexed mask and an overlay at the image's size, and scores them
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    Image.fromarray(mask).save(gt / "scene.png")
+    r = run("predict", emb, d / "scene.png", "-o", tmp_path / "out", "--masks", gt, "--ckpt", tiny_ckpt("sd2"))
+    out = Image.open(tmp_path / "out" / "scene.png")
+    assert out.mode == "P" and out.size == (512, 512) and set(np.unique(np.array(out))) <= {0, 1, 2}
+    assert Image.open(tmp_path / "out" / "scene_overlay.png").size == (512, 512)
+    pred = torch.from_numpy(np.array(out)).long()
+    want = np.mean(list(slime.iou_per_class(pred, torch.from_numpy(mask).long(), 3).values()))
+    assert miou_of(r.stdout) == pytest.approx(want, abs=1e-4)
+    csv = dict(line.split(",") for line in (tmp_path / "out" / "metrics.csv").read_text().splitlines())
+    assert float(csv["mIoU"]) == pytest.approx(want, abs=1e-6) and csv["part"] == "iou"
+
+
+def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
+    """The release's issue #5: reloading saved embeddings gave different (zero-IoU) masks."""
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    img, mask = synthetic_scene()
+    image = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    s = slime.Settings(epochs=1, beta=0, threshold=0, patch_size=512, patches_per_side=1)
+    saved = {}
+    context = slime.fit(sd, [(image, torch.from_numpy(mask).long())], 3, s,
+                        on_best=lambda c, e, m: (slime.save_embeddings(tmp_path / "emb.pt", c, ["bg", "a", "b"], sd, s),
+                                                 saved.update(context=c)))
+    assert context is saved["context"]
+    reloaded = slime.load_embeddings(tmp_path / "emb.pt")
+    in_memory = slime.segment(sd, context, image, 3, s)
+    assert torch.equal(slime.segment(sd, reloaded["context"], image, 3, s), in_memory)
+    assert torch.equal(slime.segment(sd, context, image, 3, s), in_memory)  # same seed, same masks
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    run("predict", tmp_path / "emb.pt", tmp_path / "scene.png", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
+    assert np.array_equal(np.array(Image.open(tmp_path / "out" / "scene.png")), in_memory.numpy())
+
+
+def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
+    d, emb, _ = fitted
+    run("fit", d / "scene.png", d / "scene_mask.png", "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"),
+        "--epochs", "1", "-o", tmp_path / "a.pt", *TINY)
+    run("fit", d / "scene.png", d / "scene_mask.png", "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"),
+        "--epochs", "1", "-o", tmp_path / "b.pt", *TINY)
+    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
+    assert torch.equal(a["context"], b["context"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "a.png"], "fit takes image/mask pairs, but got an odd number of paths (1)"),
+    (["fit", "missing.png", "missing_mask.png"], "missing.png: no such file"),
+    (["predict", "nothing.pt", "."], "nothing.pt: no such file; make one with"),
+])
+def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *args], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
