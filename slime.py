@@ -346,7 +346,7 @@ class Settings:
 def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     """Fig. 3: encode, add noise, UNet, maps, losses. image (3, 512, 512), mask (64, 64) -> loss terms."""
     num_classes = len(learned) + 1
-    t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen).to(image.device)
+    t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = noisy_latent(sd, image[None], t, gen)
     A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, with_learned(learned, cond), num_classes, log_space=True)
     loss_ce, loss_mse = segmentation_losses(A_ca, A_sa, mask, num_classes)  # Eq. 4, Eq. 7
@@ -370,7 +370,8 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     on_best(context (1, 77, D), epoch, miou) is called with each new best. Returns the best context.
     """
     device = sd.alphas_cumprod.device
-    gen = torch.Generator(device).manual_seed(s.seed)
+    gen = torch.Generator(device).manual_seed(s.seed)  # timesteps, VAE samples, noise
+    aug_gen = torch.Generator().manual_seed(s.seed)  # augmentations (on the CPU)
     cond, uncond = prompt_contexts(sd, num_classes)
     learned = cond[0, 1:num_classes].clone().requires_grad_(True)
     optimizer = torch.optim.Adam([learned], lr=s.lr)
@@ -378,7 +379,7 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     best, best_context, part, step = 0.0, with_learned(learned.detach(), cond), 0, 0
     for epoch in range(s.epochs):
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
-            image, mask = augment(pairs[i][0], pairs[i][1], part, s, gen)
+            image, mask = augment(pairs[i][0], pairs[i][1], part, s, aug_gen)
             part = (part + 1) % num_classes if s.cycle_parts else 0
             mask = resize(mask[None], (MAP, MAP), "nearest")[0]  # takes pixel (8i, 8j)
             loss, terms = training_step(sd, learned, cond, uncond, image.to(device), mask.to(device), s, gen)
@@ -393,7 +394,7 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
                 progress(step, s.epochs * len(pairs), terms)
         if (epoch + 1) % s.val_every == 0 or epoch == s.epochs - 1:
             context = with_learned(learned.detach(), cond)
-            score = sum(image_miou(segment(sd, context, img, num_classes, s, out_size=SIZE), gt)
+            score = sum(image_miou(segment(sd, context, img, num_classes, s, out_size=SIZE), gt, num_classes)
                         for img, gt in val_pairs) / len(val_pairs)
             if score >= best:
                 best, best_context = score, context
@@ -481,8 +482,9 @@ def iou_per_class(pred, gt, num_classes):
             for c in gt.unique().tolist() if c < num_classes}
 
 
-def image_miou(pred, gt):
-    ious = iou_per_class(pred, gt, int(gt[gt != IGNORE].max().item()) + 1 if (gt != IGNORE).any() else 1)
+def image_miou(pred, gt, num_classes):
+    """METHOD.md section 4: the mean IoU over the classes present in this image's ground truth."""
+    ious = iou_per_class(pred, gt, num_classes)
     return sum(ious.values()) / max(len(ious), 1)
 
 
@@ -879,6 +881,10 @@ def cmd_fit(args):
                              f"for the {num_classes} parts {parts} (255 means ignore)")
     if num_classes < 2 or top == 0:
         raise SlimeError(f"{args.pairs[1]} holds only background (class 0); nothing to learn")
+    present = set().union(*(np.unique(m).tolist() for _, m, _ in train))
+    for c in range(1, num_classes):
+        if c not in present:
+            say(args, f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
     if num_classes > MAX_CLASSES:
         raise SlimeError(f"{num_classes} classes are more than SD's 77 tokens allow (background + 76 parts)")
     sd = load_for(args)
@@ -910,6 +916,26 @@ def list_images(inputs):
     return found, skipped
 
 
+def check_outputs(images, out):
+    """Refuse what would overwrite an input or collide, and an output folder we cannot write to."""
+    stems = {}
+    for path in images:
+        stems.setdefault(os.path.splitext(os.path.basename(path))[0], []).append(path)
+    dup = [paths for paths in stems.values() if len(paths) > 1]
+    if dup:
+        raise SlimeError(f"{dup[0][0]} and {dup[0][1]} share the name {os.path.splitext(os.path.basename(dup[0][0]))[0]!r}, "
+                         f"so their outputs would collide in {out}; rename one ({len(dup)} such names)")
+    if os.path.realpath(out) in {os.path.dirname(os.path.realpath(p)) for p in images}:
+        raise SlimeError(f"{out} holds input images, and outputs there would overwrite or mix with them; "
+                         "choose another output folder with -o")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SlimeError(f"{out}: cannot create the output folder ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise SlimeError(f"{out}: the output folder is not writable; choose another with -o")
+
+
 def find_mask(folder, stem):
     for ext in (".png", ".npy", ".bmp", ".webp"):
         if os.path.isfile(os.path.join(folder, stem + ext)):
@@ -924,7 +950,7 @@ def cmd_predict(args):
     images, skipped = list_images(args.inputs)
     if skipped:
         say(args, f"skipped {len(skipped)} non-image file(s): {', '.join(os.path.basename(f) for f in skipped[:5])}")
-    os.makedirs(args.out, exist_ok=True)
+    check_outputs(images, args.out)
     sd = load_for(args)
     if emb["family"] != sd.family:
         raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {sd.path} is {sd.family}; "
@@ -969,9 +995,16 @@ def report(args, parts, per_image):
         "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n"))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for real defaults; flags that default to None say their source in the text."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     ap = argparse.ArgumentParser(prog="slime.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     d = Settings()
 
@@ -993,7 +1026,7 @@ def build_parser():
         p.add_argument("--bgr", action="store_const", const=True, help="feed BGR like the release (cv2); default RGB")
 
     f = sub.add_parser("fit", help="learn part embeddings from annotated images",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="one or more image/mask pairs")
     f.add_argument("--parts", help="comma-separated class names, background first (default: background,part1,...)")
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings are written")
@@ -1006,7 +1039,8 @@ def build_parser():
     f.add_argument("--alpha", type=float, help=f"Eq. 8 weight of the WAS MSE loss (release: {d.alpha})")
     f.add_argument("--beta", type=float, help=f"Eq. 8 weight of the SD loss (release: {d.beta})")
     f.add_argument("--guidance", type=float, help=f"CFG scale inside the SD loss (release: {d.guidance})")
-    f.add_argument("--min-crop-ratio", dest="min_crop_ratio", type=unit_float, help=f"release: {d.min_crop_ratio}")
+    f.add_argument("--min-crop-ratio", dest="min_crop_ratio", type=unit_float,
+                   help=f"smallest training crop side as a fraction of 512 (release: {d.min_crop_ratio})")
     f.add_argument("--rotation", type=float, help=f"max rotation in degrees (release: {d.rotation})")
     f.add_argument("--no-cycle", dest="cycle_parts", action="store_const", const=False,
                    help="crops always favour the background, as the release does in effect")
@@ -1015,7 +1049,7 @@ def build_parser():
     f.set_defaults(run=cmd_fit)
 
     p = sub.add_parser("predict", help="segment images with fitted embeddings",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("emb", help="emb.pt written by fit")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--out", default="out", help="output folder")
@@ -1059,6 +1093,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nslime: interrupted; finished outputs are kept", file=sys.stderr)
         return 130
+    except torch.cuda.OutOfMemoryError:
+        print("\nslime: error: the GPU ran out of memory; try --dtype fp16, fewer or smaller patches "
+              "(--patches-per-side 1 --patch-size 512), or --device cpu", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,138 @@
+"""Mistakes a user makes: one sentence naming the file and what to do, exit status 2, no traceback,
+and no half-written output."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, synthetic_scene
+from PIL import Image
+
+import slime
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def assert_refused(r, fragment):
+    assert r.returncode == 2, r.stderr
+    assert fragment in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory, tiny_ckpt):
+    """An emb.pt for the tiny SD2 checkpoint, made without fitting (the initial vectors)."""
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    cond, _ = slime.prompt_contexts(sd, 3)
+    path = tmp_path_factory.mktemp("emb") / "emb.pt"
+    s = slime.Settings(threshold=0, patch_size=512, patches_per_side=1)
+    slime.save_embeddings(path, cond, ["background", "square", "disc"], sd, s)
+    return path
+
+
+@pytest.fixture
+def scene(tmp_path):
+    img, mask = synthetic_scene()
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    return tmp_path / "a.png", tmp_path / "a_mask.png"
+
+
+def test_checkpoint_errors_reach_the_user_as_one_sentence(tmp_path, scene):
+    assert_refused(cli("fit", *scene, "--ckpt", tmp_path / "none.safetensors"), "none.safetensors: no such file")
+    (tmp_path / "sd.ckpt").write_bytes(b"not really a pickle")
+    assert_refused(cli("fit", *scene, "--ckpt", tmp_path / "sd.ckpt"), "slime never unpickles .ckpt files")
+
+
+def test_mask_of_another_size(tmp_path, scene, tiny_ckpt):
+    Image.fromarray(np.zeros((100, 80), np.uint8)).save(tmp_path / "small.png")
+    assert_refused(cli("fit", scene[0], tmp_path / "small.png", "--ckpt", tiny_ckpt("sd2")),
+                   "small.png is 80x100 but its image")
+
+
+def test_mask_values_outside_the_parts(scene, tiny_ckpt):
+    assert_refused(cli("fit", *scene, "--parts", "background,square", "--ckpt", tiny_ckpt("sd2")),
+                   "has class values [2] outside 0..1 for the 2 parts")
+
+
+def test_background_only_mask(tmp_path, scene, tiny_ckpt):
+    Image.fromarray(np.zeros((512, 512), np.uint8)).save(tmp_path / "empty.png")
+    assert_refused(cli("fit", scene[0], tmp_path / "empty.png", "--ckpt", tiny_ckpt("sd2")),
+                   "holds only background (class 0); nothing to learn")
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--lr", "-1"], "--lr: must be > 0"),
+    (["--threshold", "1.5"], "--threshold: must be in [0, 1]"),
+    (["--patch-size", "600"], "--patch-size: must be an integer in 1..512"),
+    (["--patches-per-side", "0"], "--patches-per-side: must be a positive integer"),
+    (["--preset", "coco"], "invalid choice: 'coco'"),
+])
+def test_bad_options(scene, flags, fragment):
+    assert_refused(cli("fit", *scene, *flags), fragment)
+
+
+def test_predict_refuses_embeddings_of_the_other_family(emb, tmp_path, scene, tiny_ckpt):
+    assert_refused(cli("predict", emb, scene[0], "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd1")),
+                   "was fitted on an sd2 checkpoint but")
+    assert not os.listdir(tmp_path / "out")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_predict_never_runs_pickled_code(tmp_path, scene, tiny_ckpt):
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"format": "slime-embeddings/1", "x": Evil()}, f)
+    r = cli("predict", tmp_path / "evil.pt", scene[0], "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), cwd=tmp_path)
+    assert_refused(r, "is not a readable slime emb.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_corrupt_and_foreign_embeddings(tmp_path, scene):
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x04garbage")
+    assert_refused(cli("predict", tmp_path / "bad.pt", scene[0]), "bad.pt is not a readable slime emb.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    assert_refused(cli("predict", tmp_path / "other.pt", scene[0]), "other.pt is a torch file but not a slime emb.pt")
+
+
+def test_output_folder_may_not_be_the_input_folder(emb, scene, tiny_ckpt):
+    folder = scene[0].parent
+    assert_refused(cli("predict", emb, folder, "-o", folder, "--ckpt", tiny_ckpt("sd2")), "holds input images")
+
+
+def test_duplicate_stems_and_empty_folders(emb, tmp_path, tiny_ckpt):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "x.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "x.jpg")
+    assert_refused(cli("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2")),
+                   "share the name 'x'")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    assert_refused(cli("predict", emb, tmp_path / "empty"), "holds no images")
+    assert "skipped notes.txt" in cli("predict", emb, tmp_path / "empty").stderr
+
+
+def test_predict_skips_finished_images_unless_overwrite(emb, tmp_path, tiny_ckpt):
+    (tmp_path / "in").mkdir()
+    for name in ("p", "q"):
+        Image.fromarray(synthetic_scene(seed=len(name))[0]).resize((96, 64)).save(tmp_path / "in" / f"{name}.png")
+    out = tmp_path / "out"
+    assert cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q").returncode == 0
+    assert sorted(os.listdir(out)) == ["p.png", "p_overlay.png", "q.png", "q_overlay.png"]  # no temp files left
+    assert Image.open(out / "p.png").size == (96, 64)  # each image's own size
+    os.remove(out / "q.png")
+    before = os.path.getmtime(out / "p.png")
+    assert cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q").returncode == 0
+    assert os.path.getmtime(out / "p.png") == before and (out / "q.png").exists()
+    assert cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q", "--overwrite").returncode == 0
+    assert os.path.getmtime(out / "p.png") > before
