@@ -153,25 +153,27 @@ class StableDiffusion:
         self.fingerprint = fingerprint(path)
 
     def tokenize(self, texts):
-        return clip_text.tokenize(texts, self.text_encoder.cfg.pad_token)
+        pad = (TextConfig.sd15() if self.family == "sd1" else TextConfig.sd21()).pad_token
+        return clip_text.tokenize(texts, pad)
 
 
-def load_models(path, device="cpu", dtype=torch.float32):
+def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
     """Load an original single-file SD 1.x / 2.x checkpoint (.safetensors; fp32, fp16 or bf16 storage).
 
     The modules are built on the meta device and each tensor is read once, cast, and assigned, so only
-    the weights slime keeps are ever materialised (never the VAE decoder).
+    the weights slime keeps are ever materialised (never the VAE decoder). text_encoder=False skips the
+    text encoder (predict reads its context from emb.pt); the file is still checked in full.
     """
     with open_checkpoint(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         family, modules, ignored = build_models(shapes, path)
         check_keys(shapes, modules, ignored, path)
-        for prefix, module in modules.items():
+        for prefix, module in list(modules.items())[:3 if text_encoder else 2]:
             state = {k: f.get_tensor(prefix + k).to(device=device, dtype=dtype) for k in module.state_dict()}
             module.load_state_dict(state, strict=True, assign=True)
             module.eval().requires_grad_(False)
     unet, vae, text = modules.values()
-    return StableDiffusion(family, unet, vae, text, str(path))
+    return StableDiffusion(family, unet, vae, text if text_encoder else None, str(path))
 
 
 # ----------------------------------------------------------------------------- the method (paper Sec. 4, Figs. 3-4)
@@ -817,18 +819,19 @@ def say(args, msg):
 def default_checkpoint():
     folder = os.path.join(HERE, "weights")
     found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
-    if len(found) != 1:
-        raise SlimeError(f"{folder} holds {'no' if not found else len(found)} .safetensors files "
-                         f"{found if found else ''}; put exactly one there (v2-1_512-ema-pruned.safetensors, "
-                         "see weights/README.md) or pass --ckpt".replace(" []", ""))
+    if not found:
+        raise SlimeError(f"{folder} holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there "
+                         "(see weights/README.md) or pass --ckpt")
+    if len(found) > 1:
+        raise SlimeError(f"{folder} holds {len(found)} checkpoints ({', '.join(found)}); choose one with --ckpt")
     return os.path.join(folder, found[0])
 
 
-def load_for(args):
+def load_for(args, text_encoder=True):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp32" if device == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")]
-    sd = load_models(args.ckpt or default_checkpoint(), device=device, dtype=dtype)
+    sd = load_models(args.ckpt or default_checkpoint(), device=device, dtype=dtype, text_encoder=text_encoder)
     say(args, f"loaded {sd.family} from {sd.path} on {device} ({str(dtype)[6:]})")
     return sd
 
@@ -865,6 +868,8 @@ def cmd_fit(args):
             setattr(args, k, v)
     if args.t_range:
         args.t_min, args.t_max = args.t_range
+        if args.t_min > args.t_max:
+            raise SlimeError(f"--t-range {args.t_min} {args.t_max}: the first timestep must not exceed the second")
     s = settings_from(args)
     train, palette = read_pairs(args.pairs, "fit")
     val, _ = read_pairs(args.val, "--val", palette) if args.val else (None, None)
@@ -951,7 +956,7 @@ def cmd_predict(args):
     if skipped:
         say(args, f"skipped {len(skipped)} non-image file(s): {', '.join(os.path.basename(f) for f in skipped[:5])}")
     check_outputs(images, args.out)
-    sd = load_for(args)
+    sd = load_for(args, text_encoder=False)  # the context is in emb.pt
     if emb["family"] != sd.family:
         raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {sd.path} is {sd.family}; "
                          "predict with the checkpoint the embeddings were fitted on")

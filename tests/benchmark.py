@@ -128,7 +128,7 @@ def release_sd(sd, uncond):
 
 def release_training_step(base, learned, cond, image, mask, s, gen):
     """release-style baseline of slime.training_step (METHOD.md section 3): same losses, release costs."""
-    t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen).to(image.device)
+    t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = slime.noisy_latent(base, image[None], t, gen)
     # steps 6-12: one CFG batch with grad through both halves, every attention layer materialised
     A_ca, A_sa, eps_cond = slime.attention_maps(base, x_t, t, slime.with_learned(learned, cond), K, log_space=True)
@@ -167,12 +167,13 @@ def measure_one(mode, args):
     image, mask = synthetic_pair()
     gen = torch.Generator(device).manual_seed(s.seed)
     if op == "fit":  # slime.fit's inner loop, one step
+        aug_gen = torch.Generator().manual_seed(s.seed)  # as slime.fit: augmentations on the CPU
         learned = cond[0, 1:K].clone().requires_grad_(True)
         optimizer = torch.optim.Adam([learned], lr=s.lr)
         part = [0]
 
         def run():
-            img, m = slime.augment(image, mask, part[0], s, gen)
+            img, m = slime.augment(image, mask, part[0], s, aug_gen)
             part[0] = (part[0] + 1) % K
             m = slime.resize(m[None], (slime.MAP, slime.MAP), "nearest")[0].to(device)
             if who == "slime":

@@ -136,3 +136,13 @@ def test_predict_skips_finished_images_unless_overwrite(emb, tmp_path, tiny_ckpt
     assert os.path.getmtime(out / "p.png") == before and (out / "q.png").exists()
     assert cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q", "--overwrite").returncode == 0
     assert os.path.getmtime(out / "p.png") > before
+
+
+@pytest.mark.skipif(any(f.endswith(".safetensors") for f in os.listdir(os.path.join(ROOT, "weights"))),
+                    reason="a real checkpoint is in weights/")
+def test_no_checkpoint_in_weights(scene):
+    assert_refused(cli("fit", *scene), "holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there")
+
+
+def test_t_range_order(scene):
+    assert_refused(cli("fit", *scene, "--t-range", "100", "5"), "the first timestep must not exceed the second")
