@@ -146,3 +146,24 @@ def test_no_checkpoint_in_weights(scene):
 
 def test_t_range_order(scene):
     assert_refused(cli("fit", *scene, "--t-range", "100", "5"), "the first timestep must not exceed the second")
+
+
+def test_ctrl_c_during_fit_keeps_the_best_embeddings(tmp_path, scene, tiny_ckpt):
+    import signal
+    import time
+    out = tmp_path / "emb.pt"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "slime.py"), "fit", *map(str, scene), "--ckpt",
+                             tiny_ckpt("sd2"), "--epochs", "50", "--beta", "0", "--threshold", "0", "--patch-size",
+                             "512", "--patches-per-side", "1", "-o", str(out), "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not out.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert out.exists(), "fit never wrote emb.pt"
+    time.sleep(2)  # interrupt mid-run, possibly mid-write of a new best
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    emb = slime.load_embeddings(out)
+    assert emb["parts"] == ["background", "part1", "part2"] and emb["epoch"] >= 0
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp.pt")]
