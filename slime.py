@@ -910,7 +910,8 @@ def list_images(inputs):
         if os.path.isdir(p):
             for f in sorted(os.listdir(p)):
                 full = os.path.join(p, f)
-                (found if f.lower().endswith(IMAGE_EXTS) else skipped).append(full) if os.path.isfile(full) else None
+                if os.path.isfile(full):
+                    (found if f.lower().endswith(IMAGE_EXTS) else skipped).append(full)
         elif os.path.isfile(p):
             found.append(p)
         else:
