@@ -272,11 +272,10 @@ def resize(x, size, mode):
 
 
 def gaussian_blur(image, k):
-    """cv2.GaussianBlur with sigma 0 -> sigma = 0.3 ((k - 1) / 2 - 1) + 0.8; reflect-101 borders."""
-    sigma = 0.3 * ((k - 1) * 0.5 - 1) + 0.8
-    x = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = (g / g.sum()).to(image)
+    """cv2.GaussianBlur(k, sigma=0) with reflect-101 borders. For k <= 7 and sigma 0, OpenCV's
+    getGaussianKernel takes fixed binomial kernels, not the 0.3((k-1)/2-1)+0.8 sigma rule."""
+    g = torch.tensor({3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype)
+    g = g / g.sum()
     pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")
     out = F.conv2d(pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)
     return F.conv2d(out, g.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)[0]
@@ -382,6 +381,8 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     for epoch in range(s.epochs):
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
             image, mask = augment(pairs[i][0], pairs[i][1], part, s, aug_gen)
+            if s.bgr:
+                image = image.flip(0)  # --bgr: the release fed cv2's BGR images (segment flips likewise)
             part = (part + 1) % num_classes if s.cycle_parts else 0
             mask = resize(mask[None], (MAP, MAP), "nearest")[0]  # takes pixel (8i, 8j)
             loss, terms = training_step(sd, learned, cond, uncond, image.to(device), mask.to(device), s, gen)

@@ -184,3 +184,32 @@ def test_training_step_gradient_matches_finite_differences(tiny_ckpt):
     with torch.no_grad():
         fd = (loss_at(learned + h * direction) - loss_at(learned - h * direction)) / (2 * h)
     assert math.isclose((learned.grad * direction).sum().item(), fd.item(), rel_tol=2e-2)
+
+
+def test_blur_uses_opencv_small_kernels():
+    img = torch.zeros(3, 9, 9)
+    img[:, 4, 4] = 1
+    out = slime.gaussian_blur(img, 3)
+    assert torch.allclose(out[0, 3:6, 4], torch.tensor([0.25, 0.5, 0.25]) * 0.5)  # outer product of [1,2,1]/4
+    out = slime.gaussian_blur(img, 5)
+    assert torch.allclose(out[0, 4, 2:7], torch.tensor([1, 4, 6, 4, 1]) / 16 * 6 / 16)
+
+
+@pytest.mark.parametrize("bgr", [False, True])
+def test_fit_feeds_the_colour_order_it_records(tiny_ckpt, monkeypatch, bgr):
+    """--bgr must reach training too, not only inference (emb.pt records it and predict uses it)."""
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    seen = []
+
+    def record(sd, learned, cond, uncond, image, mask, s, gen):
+        seen.append(image)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slime, "training_step", record)
+    image = torch.zeros(3, 512, 512)
+    image[0] = 1  # pure red
+    s = slime.Settings(bgr=bgr, rotation=0, min_crop_ratio=1.0)
+    with pytest.raises(KeyboardInterrupt):
+        slime.fit(sd, [(image, torch.ones(512, 512, dtype=torch.long))], 2, s)
+    channel = seen[0].flatten(1).mean(1).argmax().item()
+    assert channel == (2 if bgr else 0)
