@@ -229,8 +229,8 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
         side = int(m.shape[0] ** 0.5)
         m = m.T.reshape(1, num_classes, side, side)
         resized.append(F.interpolate(m, size=(MAP, MAP), mode="bilinear", align_corners=False)[0])
-    A_ca = torch.stack(resized).mean(0)
-    A_sa = torch.stack([maps[name][0] for name in SELF_LAYERS]).mean(0)  # row q: P(query q -> key j)
+    A_ca = sum(resized) / len(resized)
+    A_sa = sum(maps[name][0] for name in SELF_LAYERS) / len(SELF_LAYERS)  # row q: P(query q -> key j)
     return A_ca, A_sa, eps
 
 
