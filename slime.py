@@ -880,6 +880,8 @@ def cmd_fit(args):
     num_classes = len(parts) if parts else top + 1
     if parts is None:
         parts = ["background"] + [f"part{i}" for i in range(1, num_classes)]
+    if num_classes > MAX_CLASSES:
+        raise SlimeError(f"{num_classes} classes are more than SD's 77 tokens allow (background + 76 parts)")
     for _, m, path in train + (val or []):
         bad = sorted(set(np.unique(m).tolist()) - set(range(num_classes)) - {IGNORE})
         if bad:
@@ -891,8 +893,6 @@ def cmd_fit(args):
     for c in range(1, num_classes):
         if c not in present:
             say(args, f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
-    if num_classes > MAX_CLASSES:
-        raise SlimeError(f"{num_classes} classes are more than SD's 77 tokens allow (background + 76 parts)")
     sd = load_for(args)
     say(args, f"fitting {num_classes - 1} parts {parts[1:]} on {len(train)} image(s), {s.epochs} epochs")
 

@@ -167,3 +167,19 @@ def test_ctrl_c_during_fit_keeps_the_best_embeddings(tmp_path, scene, tiny_ckpt)
     emb = slime.load_embeddings(out)
     assert emb["parts"] == ["background", "part1", "part2"] and emb["epoch"] >= 0
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp.pt")]
+
+
+def test_more_parts_than_tokens(scene, tiny_ckpt):
+    parts = ",".join(["background"] + [f"p{i}" for i in range(77)])
+    assert_refused(cli("fit", *scene, "--parts", parts, "--ckpt", tiny_ckpt("sd2")),
+                   "78 classes are more than SD's 77 tokens allow")
+
+
+def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny_ckpt):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "in" / "tiny.png")
+    Image.fromarray((np.arange(70 * 50) % 65536).reshape(50, 70).astype(np.uint16)).save(tmp_path / "in" / "gray16.png")
+    r = cli("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "out" / "tiny.png").size == (16, 16)
+    assert Image.open(tmp_path / "out" / "gray16.png").size == (70, 50)
