@@ -183,3 +183,10 @@ def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "out" / "tiny.png").size == (16, 16)
     assert Image.open(tmp_path / "out" / "gray16.png").size == (70, 50)
+
+
+def test_a_diverging_loss_stops_fit_with_a_clear_message(scene, tiny_ckpt, tmp_path):
+    r = cli("fit", *scene, "--ckpt", tiny_ckpt("sd2"), "--lr", "1e30", "--epochs", "3", "--beta", "0", "--threshold", "0",
+            "--patch-size", "512", "--patches-per-side", "1", "-o", tmp_path / "emb.pt", "-q")
+    assert_refused(r, "the loss became nan at step")
+    assert "try a lower --lr" in r.stderr
