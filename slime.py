@@ -1055,8 +1055,9 @@ def build_parser():
     common(f)
     f.set_defaults(run=cmd_fit)
 
-    p = sub.add_parser("predict", help="segment images with fitted embeddings",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("predict", help="segment images with fitted embeddings", formatter_class=HelpFormatter,
+                       description="Inference settings not given here (patches, threshold, t, output size, "
+                                   "colour order, seed) are the ones stored in emb.pt by fit.")
     p.add_argument("emb", help="emb.pt written by fit")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--out", default="out", help="output folder")
