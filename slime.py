@@ -527,6 +527,33 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def release_embeddings(folder, parts, sd):
+    """The authors' checkpoint folder: embedding_0.pth ... embedding_{K-2}.pth, one (1, 1, 1024) vector per
+    part, fitted with SD 2.1-base on BGR images at 512x512, so those are its defaults here too."""
+    found = {int(m.group(1)): f for f in os.listdir(folder) if (m := re.fullmatch(r"embedding_(\d+)\.pth", f))}
+    if not found:
+        raise SlimeError(f"{folder} is a folder without embedding_0.pth ...; give an emb.pt or the release's folder")
+    missing = [f"embedding_{i}.pth" for i in range(max(found) + 1) if i not in found]
+    if missing:
+        raise SlimeError(f"{folder} lacks {', '.join(missing[:4])}; the release writes embedding_0.pth to "
+                         f"embedding_{{K-2}}.pth, one per part")
+    try:
+        learned = torch.cat([torch.load(os.path.join(folder, found[i]), map_location="cpu", weights_only=True)
+                             .float().reshape(1, -1) for i in range(len(found))])
+    except Exception as e:
+        raise SlimeError(f"{folder}: cannot read its embedding_{{i}}.pth files as tensors ({e})") from None
+    num_classes = len(found) + 1
+    parts = parts.split(",") if parts else ["background"] + [f"part{i}" for i in range(1, num_classes)]
+    if len(parts) != num_classes:
+        raise SlimeError(f"{folder} holds {len(found)} part embeddings, so --parts needs {num_classes} names "
+                         f"(background first), not {len(parts)}")
+    cond, _ = prompt_contexts(sd, num_classes)
+    if learned.shape[1] != cond.shape[2]:
+        raise SlimeError(f"{folder} holds {learned.shape[1]}-d vectors but {sd.path} has {cond.shape[2]}-d text")
+    return {"context": with_learned(learned.to(cond.device), cond), "parts": parts, "family": "sd2",
+            "fingerprint": None, "colors": [], "settings": asdict(Settings(bgr=True, out_size=SIZE))}
+
+
 def load_embeddings(path):
     path = str(path)
     if not os.path.isfile(path):
@@ -951,18 +978,20 @@ def find_mask(folder, stem):
 
 
 def cmd_predict(args):
-    emb = load_embeddings(args.emb)
-    s = settings_from(args, Settings(**emb["settings"]))
-    parts, context = emb["parts"], emb["context"]
+    release = os.path.isdir(args.emb)  # the authors' folder of embedding_{i}.pth
+    emb = None if release else load_embeddings(args.emb)
     images, skipped = list_images(args.inputs)
     if skipped:
         say(args, f"skipped {len(skipped)} non-image file(s): {', '.join(os.path.basename(f) for f in skipped[:5])}")
     check_outputs(images, args.out)
-    sd = load_for(args, text_encoder=False)  # the context is in emb.pt
+    sd = load_for(args, text_encoder=release)  # emb.pt carries its context; a release folder needs the encoder
+    emb = release_embeddings(args.emb, args.parts, sd) if release else emb
+    s = settings_from(args, Settings(**emb["settings"]))
+    parts, context = emb["parts"], emb["context"]
     if emb["family"] != sd.family:
         raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {sd.path} is {sd.family}; "
                          "predict with the checkpoint the embeddings were fitted on")
-    if emb["fingerprint"] != sd.fingerprint:
+    if emb["fingerprint"] not in (sd.fingerprint, None):
         say(args, f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
     context = context.to(sd.alphas_cumprod.device)
     per_image, progress = [], Progress(args.quiet, "image")
@@ -1058,7 +1087,8 @@ def build_parser():
     p = sub.add_parser("predict", help="segment images with fitted embeddings", formatter_class=HelpFormatter,
                        description="Inference settings not given here (patches, threshold, t, output size, "
                                    "colour order, seed) are the ones stored in emb.pt by fit.")
-    p.add_argument("emb", help="emb.pt written by fit")
+    p.add_argument("emb", help="emb.pt written by fit, or the release's folder of embedding_{i}.pth")
+    p.add_argument("--parts", help="class names for a release folder, background first (default: background,part1,...)")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--out", default="out", help="output folder")
     p.add_argument("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")

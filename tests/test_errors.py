@@ -190,3 +190,21 @@ def test_a_diverging_loss_stops_fit_with_a_clear_message(scene, tiny_ckpt, tmp_p
             "--patch-size", "512", "--patches-per-side", "1", "-o", tmp_path / "emb.pt", "-q")
     assert_refused(r, "the loss became nan at step")
     assert "try a lower --lr" in r.stderr
+
+
+def test_release_embedding_folder(tmp_path, tiny_ckpt):
+    """The authors' format: embedding_{i}.pth, one (1, 1, D) tensor per part; BGR and 512x512 by default."""
+    rel = tmp_path / "release"
+    rel.mkdir()
+    for i in range(2):
+        torch.save(torch.randn(1, 1, 64), rel / f"embedding_{i}.pth")
+    Image.fromarray(synthetic_scene()[0]).resize((96, 64)).save(tmp_path / "img.png")
+    r = cli("predict", rel, tmp_path / "img.png", "--parts", "background,square,disc", "-o", tmp_path / "out",
+            "--ckpt", tiny_ckpt("sd2"), "-q")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "out" / "img.png").size == (512, 512)  # the release's output size
+    assert_refused(cli("predict", rel, tmp_path / "img.png", "--parts", "background,square", "-o", tmp_path / "o2",
+                       "--ckpt", tiny_ckpt("sd2")), "holds 2 part embeddings, so --parts needs 3 names")
+    os.rename(rel / "embedding_1.pth", rel / "embedding_2.pth")
+    assert_refused(cli("predict", rel, tmp_path / "img.png", "-o", tmp_path / "o3", "--ckpt", tiny_ckpt("sd2")),
+                   "lacks embedding_1.pth")
