@@ -855,8 +855,17 @@ def default_checkpoint():
     return os.path.join(folder, found[0])
 
 
+def distributed():
+    """(rank, world size): under torchrun, join the process group (nccl on GPUs, gloo on CPUs); else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
 def load_for(args, text_encoder=True):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: one GPU per rank
+    device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp32" if device == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")]
     sd = load_models(args.ckpt or default_checkpoint(), device=device, dtype=dtype, text_encoder=text_encoder)
@@ -978,6 +987,8 @@ def find_mask(folder, stem):
 
 
 def cmd_predict(args):
+    rank, world = distributed()
+    args.quiet = args.quiet or rank > 0  # rank 0 speaks for all
     release = os.path.isdir(args.emb)  # the authors' folder of embedding_{i}.pth
     emb = None if release else load_embeddings(args.emb)
     images, skipped = list_images(args.inputs)
@@ -995,7 +1006,8 @@ def cmd_predict(args):
         say(args, f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
     context = context.to(sd.alphas_cumprod.device)
     per_image, progress = [], Progress(args.quiet, "image")
-    for n, path in enumerate(images, 1):
+    mine = list(enumerate(images, 1))[rank::world]  # under torchrun each rank takes every world-th image
+    for n, path in mine:
         stem = os.path.splitext(os.path.basename(path))[0]
         out_mask = os.path.join(args.out, stem + ".png")
         gt_path = find_mask(args.masks, stem) if args.masks else None
@@ -1012,10 +1024,17 @@ def cmd_predict(args):
         if gt_path:
             (gt,), _ = colors_to_labels([read_mask(gt_path)], emb["colors"] or None, [gt_path])
             gt = resize(torch.from_numpy(gt)[None], tuple(labels.shape), "nearest")[0]
-            per_image.append(iou_per_class(labels, gt, len(parts)))
+            per_image.append((n, iou_per_class(labels, gt, len(parts))))
         progress(n, len(images))
+    if world > 1:  # every rank's scores to rank 0, in image order, so it prints what one process would
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, per_image)
+        per_image = sorted(sum(gathered, []))
+        torch.distributed.destroy_process_group()
+    if rank > 0:
+        return
     if args.masks:
-        report(args, parts, per_image)
+        report(args, parts, [ious for _, ious in per_image])
     say(args, f"wrote {len(images)} masks and overlays to {args.out}")
 
 

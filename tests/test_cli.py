@@ -123,3 +123,23 @@ def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *args], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_torchrun_two_processes_match_one(fitted, tiny_ckpt, tmp_path):
+    """torchrun shards the images across ranks (gloo on CPU); masks and the printed table are identical."""
+    _, emb, _ = fitted
+    (tmp_path / "in").mkdir()
+    (tmp_path / "gt").mkdir()
+    for i in range(3):
+        img, mask = synthetic_scene(shift=10 * i, seed=i)
+        Image.fromarray(img).resize((128, 128)).save(tmp_path / "in" / f"s{i}.png")
+        Image.fromarray(mask).resize((128, 128), Image.NEAREST).save(tmp_path / "gt" / f"s{i}.png")
+    one = run("predict", emb, tmp_path / "in", "-o", tmp_path / "one", "--masks", tmp_path / "gt", "--ckpt", tiny_ckpt("sd2"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                        os.path.join(ROOT, "slime.py"), "predict", str(emb), str(tmp_path / "in"), "-o",
+                        str(tmp_path / "two"), "--masks", str(tmp_path / "gt"), "--ckpt", tiny_ckpt("sd2")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == one.stdout and "mIoU" in r.stdout  # rank 0 alone prints the table
+    for i in range(3):
+        assert (tmp_path / "one" / f"s{i}.png").read_bytes() == (tmp_path / "two" / f"s{i}.png").read_bytes()
