@@ -1019,8 +1019,8 @@ def cmd_predict(args):
         image = read_image(path)
         labels = segment(sd, context, image, len(parts), s)
         write_index_png(out_mask, labels.numpy().astype(np.uint8))
-        write_overlay(os.path.join(args.out, stem + "_overlay.png"),
-                      resize(image, tuple(labels.shape), "bilinear"), labels.numpy(), parts)
+        shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
+        write_overlay(os.path.join(args.out, stem + "_overlay.png"), shown, labels.numpy(), parts)
         if gt_path:
             (gt,), _ = colors_to_labels([read_mask(gt_path)], emb["colors"] or None, [gt_path])
             gt = resize(torch.from_numpy(gt)[None], tuple(labels.shape), "nearest")[0]
