@@ -2,6 +2,7 @@
 
     python slime.py fit ref.png ref_mask.png --parts background,body,wheel -o emb.pt
     python slime.py predict emb.pt folder/ -o out/
+    python slime.py info weights/v2-1_512-ema-pruned.safetensors
 
 This file reads top to bottom: loading the checkpoint, then the method, then the command line.
 The method is specified in METHOD.md-style comments that cite the paper's equations (Eq. 3-8).
@@ -10,6 +11,8 @@ The method is specified in METHOD.md-style comments that cite the paper's equati
 """
 import argparse
 import hashlib
+import json
+import math
 import os
 import re
 import sys
@@ -142,6 +145,54 @@ def fingerprint(path, sample=1 << 20):
         f.seek(max(8 + n, os.path.getsize(path) - sample))
         h.update(f.read(sample))
     return h.hexdigest()[:16]
+
+
+# Release files whose SHA-256 several independent public sources agree on (README "Weights"). No hash
+# of an SD 2.1-base fp16 re-save is published, so such a file loads but is reported as unknown.
+KNOWN_FILES = {
+    "df955bdf6b682338ea9b55dfc0d8f3475aadf4836e204893d28b82355e0956d2":
+        "v2-1_512-ema-pruned.safetensors (SD 2.1-base, the weights of SLiMe's paper and release)",
+    "6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa": "v1-5-pruned-emaonly.safetensors (SD 1.5)",
+    "e9476a13728cd75d8279f6ec8bad753a66a1957ca375a1464dc63b37db6e3916":
+        "v1-5-pruned-emaonly-fp16.safetensors (SD 1.5, fp16 re-save)",
+    "dcd690123cfc64383981a31d955694f6acf2072a80537fdb612c8e58ec87a8ac":
+        "v2-1_768-ema-pruned.safetensors (SD 2.1-v at 768 px, a v-prediction model: it loads, but SLiMe "
+        "assumes the eps-prediction 2.1-base at 512 px, so expect worse masks)",
+}
+
+
+def file_sha256(path, progress=None):
+    """The file's SHA-256 (5 GB take ~5 s), remembered per path, size and mtime in ~/.cache/slime/sha256.json."""
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slime", "sha256.json")
+    try:
+        with open(cache) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        h, chunk = hashlib.sha256(), 1 << 24
+        with open(path, "rb") as f:
+            for i in range(-(-st.st_size // chunk)):
+                h.update(f.read(chunk))
+                if progress:
+                    progress(i + 1, -(-st.st_size // chunk))
+        known[key] = h.hexdigest()
+        try:  # a cache we cannot write only costs the hashing next time
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            atomic_write(cache, lambda tmp: json.dump(known, open(tmp, "w"), indent=0))
+        except OSError:
+            pass
+    return known[key]
+
+
+def recognise(path, family, progress=None):
+    """One line naming the weights: the known release file, or the family and the hash of an unknown one."""
+    digest = file_sha256(path, progress)
+    name = KNOWN_FILES.get(digest)
+    return (f"{path}: {name}" if name else f"{path}: an SD {family[-1]}.x checkpoint that is not a known release "
+            f"file (SHA-256 {digest[:12]}...; fine for fine-tunes and re-saves)")
 
 
 class StableDiffusion:
@@ -869,8 +920,28 @@ def load_for(args, text_encoder=True):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp32" if device == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")]
     sd = load_models(args.ckpt or default_checkpoint(), device=device, dtype=dtype, text_encoder=text_encoder)
-    say(args, f"loaded {sd.family} from {sd.path} on {device} ({str(dtype)[6:]})")
+    say(args, f"weights: {recognise(sd.path, sd.family, Progress(args.quiet, 'hashing the weights, 16 MiB block'))}")
+    say(args, f"loaded {sd.family} on {device} ({str(dtype)[6:]})")
     return sd
+
+
+def cmd_info(args):
+    """What a checkpoint is, from its header alone (no tensor is read), and its SHA-256 against KNOWN_FILES."""
+    with open_checkpoint(args.file) as f:
+        slices = {k: f.get_slice(k) for k in f.keys()}
+        shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+        dtypes = sorted({v.get_dtype() for v in slices.values()})
+    family, modules, ignored = build_models(shapes, args.file)
+    check_keys(shapes, modules, ignored, args.file)
+    used = sum(len(m.state_dict()) for m in modules.values())
+    digest = file_sha256(args.file, Progress(args.quiet, "hashing, 16 MiB block"))
+    print(f"file      {args.file} ({os.path.getsize(args.file):,} bytes)\n"
+          f"family    {family} (Stable Diffusion {family[-1]}.x; {'CLIP ViT-L/14' if family == 'sd1' else 'OpenCLIP ViT-H/14'}"
+          f" text encoder, context width {modules[UNET_PREFIX].cfg.context_dim})\n"
+          f"tensors   {len(shapes)} ({', '.join(dtypes)}), {sum(math.prod(v) for v in shapes.values()):,} values; "
+          f"slime loads {used}, does not need the other {len(shapes) - used} (VAE decoder, schedule...)\n"
+          f"sha256    {digest}\n"
+          f"known     {KNOWN_FILES.get(digest, 'no: not a release file slime knows (a fine-tune or a re-save?)')}")
 
 
 def prepared(image, mask):
@@ -1114,6 +1185,12 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist")
     common(p)
     p.set_defaults(run=cmd_predict)
+
+    i = sub.add_parser("info", help="what a checkpoint is: family, dtype, tensors, SHA-256, known release file",
+                       formatter_class=HelpFormatter)
+    i.add_argument("file", help="a .safetensors checkpoint")
+    i.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    i.set_defaults(run=cmd_info)
     return ap
 
 

@@ -78,6 +78,34 @@ def write_tiny_checkpoint(path, family, seed=0, dtype=torch.float32):
     return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """slime remembers checkpoint SHA-256s in $XDG_CACHE_HOME; keep the tests' out of the user's cache."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+
+
+# For a subprocess to print its own peak resident memory ("VmHWM:  123 kB"). Not ru_maxrss: Linux carries
+# that high-water mark across exec from the forked parent, i.e. from pytest.
+PEAK_MEMORY = "def peak_memory():\n    return [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip()\n"
+
+
+def write_layout_only(path, family, dtype="F16"):
+    """A checkpoint with the real file's full header (every name and shape) whose data is a sparse hole of
+    zeros: gigabytes in size, nothing on disk, for checks that must not read the tensors."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    size = {"F16": 2, "F32": 4}[dtype]
+    for k, shape in sorted(real_layout(family).items()):
+        n = math.prod(shape) * size
+        header[k] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """family -> path of a tiny fp32 checkpoint (written once per test session)."""

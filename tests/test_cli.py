@@ -118,8 +118,11 @@ def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
     (["fit", "a.png"], "fit takes image/mask pairs, but got an odd number of paths (1)"),
     (["fit", "missing.png", "missing_mask.png"], "missing.png: no such file"),
     (["predict", "nothing.pt", "."], "nothing.pt: no such file; make one with"),
+    (["info", "nothing.safetensors"], "nothing.safetensors: no such file; put v2-1_512-ema-pruned.safetensors"),
+    (["info", "model.ckpt"], "model.ckpt is not a .safetensors file; slime never unpickles .ckpt files"),
 ])
 def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message):
+    (tmp_path / "model.ckpt").write_bytes(b"a pickle")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *args], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -141,5 +144,7 @@ def test_torchrun_two_processes_match_one(fitted, tiny_ckpt, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout == one.stdout and "mIoU" in r.stdout  # rank 0 alone prints the table
+    recognised = f"weights: {tiny_ckpt('sd2')}: an SD 2.x checkpoint that is not a known release file (SHA-256 "
+    assert recognised in one.stderr and r.stderr.count("weights: ") == 1
     for i in range(3):
         assert (tmp_path / "one" / f"s{i}.png").read_bytes() == (tmp_path / "two" / f"s{i}.png").read_bytes()

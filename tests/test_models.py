@@ -1,11 +1,14 @@
 """The Stable Diffusion components: checkpoint layout, loading, forward passes, gradients, bad files."""
+import hashlib
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import real_layout, write_tiny_checkpoint
+from conftest import PEAK_MEMORY, ROOT, real_layout, write_layout_only, write_tiny_checkpoint
 
 import slime
 from attention import attention
@@ -187,3 +190,41 @@ def test_unexpected_tensor_is_named(tmp_path, tiny_ckpt):
     save_file(state, tmp_path / "extra.safetensors")
     with pytest.raises(slime.SlimeError, match=re.escape("has unexpected tensors") + ".*model.diffusion_model.extra.weight"):
         slime.load_models(tmp_path / "extra.safetensors")
+
+
+def test_info_reads_only_the_header_of_a_full_size_file(tmp_path):
+    """`slime.py info` on a 2.6 GB file in the real SD 2.1-base layout (fp16, a sparse hole of zeros):
+    family, dtype, counts and the file's SHA-256, without reading the tensors into memory."""
+    path = write_layout_only(tmp_path / "v2-1_512-fp16.safetensors", "sd2")
+    code = "import sys, slime; rc = slime.main(['info', '-q', sys.argv[1]]); print(peak_memory()); sys.exit(rc)"
+    code = PEAK_MEMORY + code
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(None, 1) for line in r.stdout.splitlines())
+    assert lines["family"].startswith("sd2 (Stable Diffusion 2.x; OpenCLIP ViT-H/14 text encoder, context width 1024)")
+    assert lines["tensors"].startswith("1242 (F16), ") and "slime loads 1074, does not need the other 168" in lines["tensors"]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    assert lines["sha256"] == h.hexdigest()
+    assert lines["known"].startswith("no: not a release file")
+    assert int(lines["VmHWM:"].split()[0]) < 1.5e6  # kB; the file is 2.6 GB, reading its tensors would show
+
+
+def test_known_release_files_are_named_and_hashes_remembered(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    path = tiny_ckpt("sd1")
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert digest not in slime.KNOWN_FILES
+    assert "not a known release file (SHA-256 " + digest[:12] in slime.recognise(path, "sd1")
+    monkeypatch.setitem(slime.KNOWN_FILES, digest, "v1-5-pruned-emaonly.safetensors (SD 1.5)")
+    assert slime.recognise(path, "sd1") == f"{path}: v1-5-pruned-emaonly.safetensors (SD 1.5)"
+    assert slime.main(["info", "-q", path]) == 0
+    assert "known     v1-5-pruned-emaonly.safetensors (SD 1.5)" in capsys.readouterr().out
+    # the digest is remembered per path, size and mtime: a changed file is hashed again
+    hashes, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(slime.hashlib, "sha256", lambda *a: hashes.append(a) or sha256(*a))
+    assert slime.file_sha256(path) == digest and hashes == []
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(open(path, "rb").read())
+    assert slime.file_sha256(str(copy)) == digest and len(hashes) == 1
