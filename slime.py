@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -505,7 +506,7 @@ def interpolation_matrix(n_in, n_out):
 
 
 def segment(sd, context, image, num_classes, s, out_size=None, band=256):
-    """image (3, H, W) in [0, 1], any size -> labels (H, W) int64, or (out_size, out_size).
+    """image (3, H, W) in [0, 1], any size -> labels (H, W) uint8 (at most 77 classes), or (out_size, out_size).
 
     The model sees the image squashed to 512x512 (as the release). slime then upsamples the class
     SCORES, not the labels, to the image's own size and takes the argmax there, band by band, so a
@@ -520,11 +521,17 @@ def segment(sd, context, image, num_classes, s, out_size=None, band=256):
     out_size = out_size or s.out_size
     h, w = (out_size, out_size) if out_size else image.shape[1:]
     if (h, w) == (SIZE, SIZE):
-        return scores.argmax(0)
+        return scores.argmax(0).byte()
     rows, cols = interpolation_matrix(SIZE, h), interpolation_matrix(SIZE, w)
     scores_w = scores @ cols.T  # (K, 512, w)
-    return torch.cat([torch.einsum("hr,krw->khw", rows[i:i + band], scores_w).argmax(0)
-                      for i in range(0, h, band)])
+    labels = torch.empty(h, w, dtype=torch.uint8)
+    for i in range(0, h, band):
+        R = rows[i:i + band]
+        used = R.any(0).nonzero()[:, 0]  # each output row mixes 2 score rows: skip the zero columns of R
+        lo, hi = used.min().item(), used.max().item() + 1
+        band_scores = torch.einsum("hr,krw->khw", R[:, lo:hi], scores_w[:, lo:hi])
+        labels[i:i + band] = band_scores.max(0).indices  # = argmax(0), the first maximum, but 20x faster on CPU
+    return labels
 
 
 # ----------------------------------------------------------------------------- scores (METHOD.md section 6)
@@ -638,14 +645,20 @@ def open_image(path, what):
     """Open `path` with PIL: first frame, pixels loaded, EXIF orientation applied; user errors as SlimeError."""
     check_file(path, what)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # PIL warns above 89 MP and refuses above 179 MP (2 x MAX_IMAGE_PIXELS); slime reads what PIL
+            # does not refuse: predict takes big images through in bands (12000x9000 peaks at ~3 GB)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
             return ImageOps.exif_transpose(im)  # a new image, rotated as a phone shows it
     except UnidentifiedImageError:
         raise SlimeError(f"{path} is not an image file PIL can read; give a PNG or JPEG {what}") from None
     except Image.DecompressionBombError:
-        raise SlimeError(f"{path} has too many pixels to be read safely; downscale the {what} first") from None
+        raise SlimeError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to be read "
+                         f"safely; downscale the {what} first") from None
     except Exception as e:  # "image file is truncated", broken data stream, bad EXIF, ...
         reason = " ".join(str(e).split())
         raise SlimeError(f"{path} is truncated or corrupt ({reason}); re-export or re-download the {what}") from None
@@ -668,7 +681,7 @@ def read_image(path):
     if im.mode != "RGB":
         im = im.convert("RGB")  # RGBA, L, 1, CMYK, YCbCr, ...
     rgb = torch.from_numpy(np.array(im, dtype=np.uint8))
-    return rgb.permute(2, 0, 1).float().div(255)
+    return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
 
 def read_mask(path):
@@ -821,22 +834,26 @@ def write_index_png(path, labels):
     atomic_write(path, im.save)
 
 
-def write_overlay(path, image, labels, part_names):
+def write_overlay(path, image, labels, part_names, band=256):
     """Save the image with each non-background class tinted 50% in its VOC colour, white class
-    boundaries, and a legend (swatch + name of each class present) in the top-left corner."""
-    rgb = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    labels = np.asarray(labels).astype(np.int64)
-    if labels.shape != rgb.shape[:2]:
-        raise ValueError(f"labels of shape {labels.shape} do not match an image of size {rgb.shape[:2]}")
-    color = VOC_PALETTE[labels & 255].astype(np.float32)
-    tinted = np.where((labels != 0)[..., None], 0.5 * rgb + 0.5 * color, rgb)
-    # a boundary pixel differs from its right or its lower neighbour
-    edge = np.zeros(labels.shape, bool)
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
-    tinted[edge] = 255
-    out = Image.fromarray(np.round(tinted).astype(np.uint8))
-    draw_legend(out, np.unique(labels), part_names)
+    boundaries, and a legend (swatch + name of each class present) in the top-left corner.
+    Built `band` rows at a time, so a 12000x9000 photo never needs full-size float arrays."""
+    labels = np.asarray(labels)
+    if labels.shape != tuple(image.shape[1:]):
+        raise ValueError(f"labels of shape {labels.shape} do not match an image of size {tuple(image.shape[1:])}")
+    out, counts = Image.new("RGB", labels.shape[::-1]), np.zeros(256, np.int64)
+    for i in range(0, labels.shape[0], band):
+        lab = labels[i:i + band + 1].astype(np.int64)  # one row more: the boundary with the next band
+        counts += np.bincount(lab[:band].ravel() & 255, minlength=256)
+        rgb = (image[:, i:i + band].detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
+        tinted = np.where((lab[:band] != 0)[..., None], 0.5 * rgb + 0.5 * VOC_PALETTE[lab[:band] & 255], rgb)
+        # a boundary pixel differs from its right or its lower neighbour
+        edge = np.zeros(lab.shape, bool)
+        edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+        edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
+        tinted[edge[:band]] = 255
+        out.paste(Image.fromarray(np.round(tinted).astype(np.uint8)), (0, i))
+    draw_legend(out, np.flatnonzero(counts), part_names)  # the classes present
     atomic_write(path, out.save)
 
 
@@ -1088,8 +1105,11 @@ def cmd_predict(args):
             progress(n, len(images))
             continue
         image = read_image(path)
+        if max(image.shape[1:]) > 4 * SIZE:
+            say(args, f"{path} is {image.shape[2]}x{image.shape[1]}: segmented at {SIZE}x{SIZE} like every image, "
+                      "its class scores upsampled to full size in bands of rows")
         labels = segment(sd, context, image, len(parts), s)
-        write_index_png(out_mask, labels.numpy().astype(np.uint8))
+        write_index_png(out_mask, labels.numpy())
         shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
         write_overlay(os.path.join(args.out, stem + "_overlay.png"), shown, labels.numpy(), parts)
         if gt_path:

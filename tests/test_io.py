@@ -123,6 +123,20 @@ def test_read_errors(tmp_path, read):
 
 
 # ----------------------------------------------------------------------------- read_mask
+def test_pixel_limit_is_pils_bomb_error_without_its_warning(tmp_path, monkeypatch):
+    """PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; slime reads silently up to the refusal
+    (12000x9000 = 108 MP at PIL's defaults) and turns the refusal into one sentence."""
+    import warnings
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (12, 12)).save(tmp_path / "big.png")  # 144 px: PIL would warn
+    Image.new("RGB", (20, 20)).save(tmp_path / "huge.png")  # 400 px: PIL refuses
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_image(tmp_path / "big.png").shape == (3, 12, 12)
+    with pytest.raises(SlimeError, match="huge.png has more than 200 pixels, too many to be read safely; downscale"):
+        read_image(tmp_path / "huge.png")
+
+
 def test_read_mask_indexed_png_round_trip_keeps_255(tmp_path):
     labels = np.array([[0, 1, 2], [3, 255, 0]])
     path = str(tmp_path / "m.png")
@@ -254,6 +268,15 @@ def test_write_overlay(tmp_path, h, w):
         expect = np.round(0.5 * rgb[h // 2 + 2:, w // 2 + 2:] + 0.5 * VOC_PALETTE[1]).astype(int)
         assert np.abs(inside - expect).max() <= 1
         assert (out[h - 1, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w - 1] == 255).all()
+
+
+def test_write_overlay_band_by_band_equals_whole(tmp_path):
+    rgb = rng_rgb(50, 40)
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    labels = np.random.default_rng(1).integers(0, 4, (50, 40)).astype(np.uint8)
+    for band in (7, 50):
+        write_overlay(tmp_path / f"{band}.png", image, labels, ["background", "a", "b", "c"], band=band)
+    assert np.array_equal(np.array(Image.open(tmp_path / "7.png")), np.array(Image.open(tmp_path / "50.png")))
 
 
 def test_atomic_write_failure_leaves_nothing(tmp_path):

@@ -151,6 +151,18 @@ def test_patched_masking_arithmetic(patch_size, per_side, out):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("h, w, band", [(700, 300, 37), (16, 16, 256), (512, 900, 100)])
+def test_segment_upsamples_scores_not_labels(monkeypatch, h, w, band):
+    """Labels at the image's size are the argmax of the class scores upsampled bilinearly to that size,
+    computed band by band of rows."""
+    scores = torch.rand(4, 512, 512, generator=torch.Generator().manual_seed(h))
+    monkeypatch.setattr(slime, "class_scores", lambda *a, **k: scores)
+    got = slime.segment(FakeSD(FakeUNet([{}])), None, torch.rand(3, h, w), 4, slime.Settings(), band=band)
+    want = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+    assert got.dtype == torch.uint8 and got.shape == (h, w)
+    assert (got.long() != want).float().mean() < 1e-4  # equal up to float ties of two classes
+
+
 def test_miou_uses_the_release_averaging():
     per_image = [{0: 0.5, 1: 1.0}, {0: 0.7, 2: 0.2}, {0: 0.9, 1: 0.0, 2: 0.4}]
     per_class, miou = slime.miou_table(per_image, 4)
