@@ -1008,6 +1008,10 @@ def cmd_fit(args):
         raise SlimeError(f"{num_classes} classes are more than SD's 77 tokens allow (background + 76 parts)")
     for _, m, path in train + (val or []):
         bad = sorted(set(np.unique(m).tolist()) - set(range(num_classes)) - {IGNORE})
+        if bad and palette is not None:  # colour masks: more colours than --parts names
+            raise SlimeError(f"the colour masks hold {len(palette)} colours (black included) but --parts names "
+                             f"{num_classes} classes; the {len(palette) - num_classes} unknown colours are usually "
+                             "anti-aliased edges, so save the masks without anti-aliasing or as indexed PNGs")
         if bad:
             raise SlimeError(f"{path} has class values {bad[:8]} outside 0..{num_classes - 1} "
                              f"for the {num_classes} parts {parts} (255 means ignore)")

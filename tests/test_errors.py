@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import PEAK_MEMORY, ROOT, synthetic_scene
+from conftest import PEAK_MEMORY, ROOT, synthetic_scene, write_tiny_checkpoint
 from PIL import Image
+from safetensors.torch import save_file
 
 import slime
 
@@ -44,16 +45,124 @@ def scene(tmp_path):
     return tmp_path / "a.png", tmp_path / "a_mask.png"
 
 
+def listing(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+
+
+def bad_inputs(tmp_path, tiny_ckpt, case):
+    """Write the bad file of one matrix row into tmp_path; return the fit arguments that use it."""
+    img, mask = synthetic_scene()
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    pair, ckpt = [tmp_path / "a.png", tmp_path / "a_mask.png"], tiny_ckpt("sd2")
+    if case == "ckpt directory":
+        return pair + ["--ckpt", tmp_path]
+    if case in ("ckpt truncated", "ckpt .ckpt"):
+        name = "cut.safetensors" if case == "ckpt truncated" else "sd.ckpt"
+        (tmp_path / name).write_bytes(open(ckpt, "rb").read(4000))
+        return pair + ["--ckpt", tmp_path / name]
+    if case in ("ckpt lora", "ckpt sdxl"):
+        keys = (["lora_unet_down_blocks_0.alpha"] if case == "ckpt lora" else
+                ["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                 "model.diffusion_model.input_blocks.0.0.weight"])
+        save_file({k: torch.zeros(2) for k in keys}, str(tmp_path / "other.safetensors"))
+        return pair + ["--ckpt", tmp_path / "other.safetensors"]
+    if case == "image not an image":
+        (tmp_path / "a.png").write_text("hello")
+    elif case == "image 0 bytes":
+        (tmp_path / "a.png").write_bytes(b"")
+    elif case == "image truncated jpeg":
+        Image.fromarray(img).save(tmp_path / "a.jpg", quality=95)
+        (tmp_path / "a.jpg").write_bytes((tmp_path / "a.jpg").read_bytes()[:600])
+        return [tmp_path / "a.jpg", tmp_path / "a_mask.png", "--ckpt", ckpt]
+    elif case in ("npy float", "npy rank"):
+        np.save(tmp_path / "m.npy", mask.astype(np.float32) if case == "npy float" else mask[..., None])
+        return [tmp_path / "a.png", tmp_path / "m.npy", "--ckpt", ckpt]
+    elif case == "antialiased colours":
+        rgb = np.zeros(mask.shape + (3,), np.uint8)
+        rgb[mask == 1], rgb[mask == 2] = (200, 0, 0), (0, 200, 0)
+        edge = (mask[:, 1:] != mask[:, :-1])
+        rgb[:, 1:][edge] = (100, 100, 0)  # a blended colour on the boundary
+        rgb[:, 1:][edge & (mask[:, 1:] == 0)] = (100, 0, 0)
+        Image.fromarray(rgb).save(tmp_path / "a_mask.png")
+        return pair + ["--parts", "background,square,disc", "--ckpt", ckpt]
+    return pair + ["--ckpt", ckpt]
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("ckpt directory", "is a directory; give the path of a single .safetensors checkpoint file"),
+    ("ckpt truncated", "cut.safetensors cannot be read as .safetensors (truncated or corrupt download?)"),
+    ("ckpt .ckpt", "slime never unpickles .ckpt files, download the .safetensors release instead"),
+    ("ckpt lora", "holds no model.diffusion_model.* tensors, so it is not a full Stable Diffusion checkpoint"),
+    ("ckpt sdxl", "is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file"),
+    ("image not an image", "a.png is not an image file PIL can read"),
+    ("image 0 bytes", "a.png is empty (0 bytes)"),
+    ("image truncated jpeg", "a.jpg is truncated or corrupt"),
+    ("npy float", "m.npy holds float32 values; save integer class labels"),
+    ("npy rank", "m.npy has shape (512, 512, 1); a mask must be a 2-D"),
+    ("antialiased colours", "the colour masks hold 5 colours (black included) but --parts names 3 classes; "
+                            "the 2 unknown colours are usually anti-aliased edges"),
+])
+def test_bad_files_refused_through_the_cli_leaving_the_folder_as_it_was(tmp_path, tiny_ckpt, case, fragment):
+    args = bad_inputs(tmp_path, tiny_ckpt, case)
+    before = listing(tmp_path)
+    assert_refused(cli("fit", *args, "-o", tmp_path / "emb.pt", cwd=tmp_path), fragment)
+    assert listing(tmp_path) == before  # no emb.pt, no temp file, nothing touched
+
+
 def test_checkpoint_errors_reach_the_user_as_one_sentence(tmp_path, scene):
     assert_refused(cli("fit", *scene, "--ckpt", tmp_path / "none.safetensors"), "none.safetensors: no such file")
     (tmp_path / "sd.ckpt").write_bytes(b"not really a pickle")
     assert_refused(cli("fit", *scene, "--ckpt", tmp_path / "sd.ckpt"), "slime never unpickles .ckpt files")
 
 
+def test_half_precision_checkpoints_work_through_the_cli(emb, tmp_path, scene):
+    for dtype in (torch.float16, torch.bfloat16):
+        ckpt = write_tiny_checkpoint(tmp_path / f"{dtype}.safetensors", "sd2", dtype=dtype)
+        r = cli("predict", emb, scene[0], "-o", tmp_path / str(dtype), "--ckpt", ckpt, "-q")
+        assert r.returncode == 0 and (tmp_path / str(dtype) / "a.png").exists(), r.stderr
+
+
+def test_output_folder_that_cannot_be_made_or_written(emb, tmp_path, scene, tiny_ckpt):
+    assert_refused(cli("predict", emb, scene[0], "-o", scene[0] / "out", "--ckpt", tiny_ckpt("sd2")),
+                   "cannot create the output folder (Not a directory)")
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only folders; the permission check cannot be shown")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert_refused(cli("predict", emb, scene[0], "-o", tmp_path / "ro", "--ckpt", tiny_ckpt("sd2")),
+                   "the output folder is not writable; choose another with -o")
+
+
+def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
+    (tmp_path / "în pùt").mkdir()
+    Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "în pùt" / "my imäge ✓.png")
+    r = cli("predict", emb, tmp_path / "în pùt", "-o", tmp_path / "öut put", "--ckpt", tiny_ckpt("sd2"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "öut put")) == ["my imäge ✓.png", "my imäge ✓_overlay.png"]
+
+
+def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, scene, tiny_ckpt):
+    r = cli("fit", *scene, "--parts", "background,square,disc,wheel", "--ckpt", tiny_ckpt("sd2"), "--epochs", "1",
+            "--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1", "-o", tmp_path / "e.pt")
+    assert r.returncode == 0, r.stderr
+    assert "warning: part 3 (wheel) has no pixels in any training mask; it cannot be learned" in r.stderr
+    assert slime.load_embeddings(tmp_path / "e.pt")["parts"] == ["background", "square", "disc", "wheel"]
+
+
+def test_cuda_out_of_memory_says_what_to_try(monkeypatch, capsys, scene):
+    def oom(args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(slime, "cmd_fit", oom)
+    assert slime.main(["fit", *map(str, scene)]) == 2
+    err = capsys.readouterr().err
+    assert "the GPU ran out of memory; try --dtype fp16" in err and "--patches-per-side 1" in err and "--device cpu" in err
+
+
 def test_mask_of_another_size(tmp_path, scene, tiny_ckpt):
     Image.fromarray(np.zeros((100, 80), np.uint8)).save(tmp_path / "small.png")
     assert_refused(cli("fit", scene[0], tmp_path / "small.png", "--ckpt", tiny_ckpt("sd2")),
                    "small.png is 80x100 but its image")
+    assert "a.png is 512x512; a mask must have its image's size" in cli("fit", scene[0], tmp_path / "small.png").stderr
 
 
 def test_mask_values_outside_the_parts(scene, tiny_ckpt):
@@ -74,6 +183,9 @@ def test_background_only_mask(tmp_path, scene, tiny_ckpt):
     (["--patch-size", "600"], "--patch-size: must be an integer in 1..512"),
     (["--patches-per-side", "0"], "--patches-per-side: must be a positive integer"),
     (["--preset", "coco"], "invalid choice: 'coco'"),
+    (["--epochs", "-1"], "--epochs: must be a positive integer"),
+    (["--lr", "0"], "--lr: must be > 0"),
+    (["--threshold", "-0.1"], "--threshold: must be in [0, 1]"),
 ])
 def test_bad_options(scene, flags, fragment):
     assert_refused(cli("fit", *scene, *flags), fragment)
@@ -107,7 +219,9 @@ def test_corrupt_and_foreign_embeddings(tmp_path, scene):
 
 def test_output_folder_may_not_be_the_input_folder(emb, scene, tiny_ckpt):
     folder = scene[0].parent
+    before = listing(folder)
     assert_refused(cli("predict", emb, folder, "-o", folder, "--ckpt", tiny_ckpt("sd2")), "holds input images")
+    assert listing(folder) == before
 
 
 def test_duplicate_stems_and_empty_folders(emb, tmp_path, tiny_ckpt):
@@ -120,6 +234,8 @@ def test_duplicate_stems_and_empty_folders(emb, tmp_path, tiny_ckpt):
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     assert_refused(cli("predict", emb, tmp_path / "empty"), "holds no images")
     assert "skipped notes.txt" in cli("predict", emb, tmp_path / "empty").stderr
+    (tmp_path / "void").mkdir()
+    assert_refused(cli("predict", emb, tmp_path / "void"), "holds no images")
 
 
 def test_predict_skips_finished_images_unless_overwrite(emb, tmp_path, tiny_ckpt):
@@ -213,6 +329,8 @@ def test_a_diverging_loss_stops_fit_with_a_clear_message(scene, tiny_ckpt, tmp_p
             "--patch-size", "512", "--patches-per-side", "1", "-o", tmp_path / "emb.pt", "-q")
     assert_refused(r, "the loss became nan at step")
     assert "try a lower --lr" in r.stderr
+    kept = slime.load_embeddings(tmp_path / "emb.pt")  # epoch 1 was validated before step 2 diverged
+    assert kept["epoch"] == 0 and torch.isfinite(kept["context"]).all()
 
 
 def test_release_embedding_folder(tmp_path, tiny_ckpt):
