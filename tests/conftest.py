@@ -8,6 +8,7 @@ goes through exactly the loading code a real file does.
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -84,6 +85,80 @@ def private_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
 
 
+def write_sdlike_checkpoint(path, seed=0):
+    """A tiny SD 2 checkpoint (real layout, tiny widths) whose attention behaves like real SD's.
+
+    Random weights give near-uniform attention, from which no segmentation can be learned. Here the weights
+    that matter are set by hand, everything else stays random:
+    - VAE encoder: a pass-through (identity convs, zeroed residual branches, 2x2-average downsampling), so
+      the latent is the image's colour averaged over 8x8 pixels (as SD's latent carries the image);
+    - UNet: every residual branch and attention output zeroed, so each attention layer sees f, a fixed
+      random projection of the 3x3-blurred latent, averaged down to its resolution;
+    - self-attention (attn1): q = k = 2 LayerNorm(f), so pixels attend to pixels of similar colour;
+    - cross-attention (attn2): q = 3 Q LayerNorm(f) with Q orthogonal per head, so a learned token's logit
+      is a linear function of a pixel's colour; and <start-of-text> is the attention sink it is in real SD:
+      a massive activation in its positional embedding makes its text output point along one dimension,
+      norm2 gives every query the same component in 4 reserved channels, and to_k maps SOT onto that
+      component, for a logit of +10 at every pixel.
+    """
+    state = tiny_state_dict("sd2", seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    U, E, T = slime.UNET_PREFIX, slime.VAE_PREFIX + "encoder.", slime.TEXT_PREFIX["sd2"]
+
+    def diagonal(w, taps):  # out channel c reads in channel c at the given kernel taps
+        w, n = torch.zeros_like(w), min(w.shape[:2])
+        for dy, dx in taps:
+            w[torch.arange(n), torch.arange(n), dy, dx] = 1 / len(taps)
+        return w
+
+    for k, v in list(state.items()):
+        if k.startswith(E):  # the VAE encoder
+            if re.search(r"(conv2|proj_out)\.", k):
+                state[k] = torch.zeros_like(v)
+            elif re.search(r"(conv_in|conv_out|nin_shortcut)\.weight", k):
+                state[k] = diagonal(v, [(v.shape[2] // 2, v.shape[3] // 2)])
+            elif k.endswith("downsample.conv.weight"):  # padded right and bottom: taps 0, 1 are pixels 2i, 2i+1
+                state[k] = diagonal(v, [(0, 0), (0, 1), (1, 0), (1, 1)])
+        elif k.startswith(U):
+            if re.search(r"(out_layers\.3|proj_out|to_out\.0|ff\.net\.2)\.|^out\.2\.", k[len(U):]):
+                state[k] = torch.zeros_like(v)
+            elif k.endswith("input_blocks.0.0.weight"):  # f = R latent, blurred 3x3; channels 60-63 reserved
+                R = torch.randn(v.shape[0], 4, generator=g)
+                R[torch.arange(v.shape[0]) % 64 >= 60] = 0
+                state[k] = R[:, :, None, None].expand(v.shape) / 9
+            elif k.endswith("skip_connection.weight"):  # take f from the last 64 input channels (the skip)
+                w = torch.zeros(v.shape[:2])
+                w[torch.arange(len(w)), v.shape[1] - 64 + torch.arange(len(w)) % 64] = 1
+                state[k] = w.view(v.shape)
+            elif k.endswith("op.weight"):  # Downsample: the 2x2 average
+                state[k] = diagonal(v, [(1, 1), (1, 2), (2, 1), (2, 2)])
+            elif re.search(r"output_blocks\.\d+\.\d\.conv\.weight", k):  # Upsample: nearest, as is
+                state[k] = diagonal(v, [(1, 1)])
+            elif re.search(r"attn1\.to_[qk]\.weight", k):
+                state[k] = 2 * torch.eye(len(v))
+            elif k.endswith("attn2.to_q.weight"):
+                state[k] = 3 * torch.block_diag(*[torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
+                                                  for _ in range(len(v) // 64)])
+            elif k.endswith("norm2.weight"):
+                reserved = torch.arange(len(v)) % 64 >= 60
+                shared = torch.randn(4, generator=g).repeat(len(v) // 64) * 0.5
+                state[k] = (~reserved).float()
+                state[k.replace("weight", "bias")] = torch.zeros(len(v)).masked_scatter(reserved, shared)
+    q = slime.VAE_PREFIX + "quant_conv."  # latent = 8 x colour (about unit std after x 0.18215), logvar -12
+    state[q + "weight"] = 8 * torch.eye(8)[:, :, None, None] * (torch.arange(8) < 4)[:, None, None, None]
+    state[q + "bias"] = torch.tensor([0.0] * 4 + [-12.0] * 4)
+    state[E + "conv_out.bias"] = torch.tensor([0.0] * 4 + [-30.0] * 4)
+    state[T + "positional_embedding"][0, 5] = 100.0  # SOT's massive activation
+    save_file(state, str(path))
+    sot = slime.prompt_contexts(slime.load_models(str(path)), 2)[0][0, 0]  # the text encoder's SOT output
+    for k in [k for k in state if k.endswith("attn2.to_k.weight")]:
+        u = state[k.replace("attn2.to_k", "attn2.to_q")] @ state[k.replace("attn2.to_k.weight", "norm2.bias")]
+        target = torch.cat([10 * uh / uh.norm() ** 2 * 8 for uh in u.split(64)])  # (q . k) / sqrt(64) = 10
+        state[k] = state[k] + torch.outer(target - state[k] @ sot, sot) / sot.norm() ** 2
+    save_file(state, str(path), metadata={"format": "pt"})
+    return str(path)
+
+
 # For a subprocess to print its own peak resident memory ("VmHWM:  123 kB"). Not ru_maxrss: Linux carries
 # that high-water mark across exec from the forked parent, i.e. from pytest.
 PEAK_MEMORY = "def peak_memory():\n    return [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip()\n"
@@ -116,6 +191,12 @@ def tiny_ckpt(tmp_path_factory):
             cache[family] = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / f"tiny-{family}.safetensors", family)
         return cache[family]
     return get
+
+
+@pytest.fixture(scope="session")
+def sdlike_ckpt(tmp_path_factory):
+    """Path of the tiny SD 2 checkpoint whose attention behaves like real SD's (write_sdlike_checkpoint)."""
+    return write_sdlike_checkpoint(tmp_path_factory.mktemp("sdlike") / "sdlike.safetensors")
 
 
 def synthetic_scene(shift=0, flip=False, size=512, seed=0):
