@@ -1101,11 +1101,11 @@ def cmd_predict(args):
     mine = list(enumerate(images, 1))[rank::world]  # under torchrun each rank takes every world-th image
     for n, path in mine:
         stem = os.path.splitext(os.path.basename(path))[0]
-        out_mask = os.path.join(args.out, stem + ".png")
+        out_mask, out_overlay = (os.path.join(args.out, stem + suffix) for suffix in (".png", "_overlay.png"))
         gt_path = find_mask(args.masks, stem) if args.masks else None
         if args.masks and gt_path is None:
             say(args, f"warning: no mask for {path} in {args.masks}; not scored")
-        if os.path.exists(out_mask) and not args.overwrite and not gt_path:
+        if os.path.exists(out_mask) and os.path.exists(out_overlay) and not args.overwrite and not gt_path:
             progress(n, len(images))
             continue
         image = read_image(path)
@@ -1115,7 +1115,7 @@ def cmd_predict(args):
         labels = segment(sd, context, image, len(parts), s)
         write_index_png(out_mask, labels.numpy())
         shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
-        write_overlay(os.path.join(args.out, stem + "_overlay.png"), shown, labels.numpy(), parts)
+        write_overlay(out_overlay, shown, labels.numpy(), parts)
         if gt_path:
             (gt,), _ = colors_to_labels([read_mask(gt_path)], emb["colors"] or None, [gt_path])
             gt = resize(torch.from_numpy(gt)[None], tuple(labels.shape), "nearest")[0]

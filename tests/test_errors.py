@@ -250,8 +250,49 @@ def test_predict_skips_finished_images_unless_overwrite(emb, tmp_path, tiny_ckpt
     before = os.path.getmtime(out / "p.png")
     assert cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q").returncode == 0
     assert os.path.getmtime(out / "p.png") == before and (out / "q.png").exists()
+    os.remove(out / "q_overlay.png")  # killed between its two writes: q is not finished
+    assert cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q").returncode == 0
+    assert (out / "q_overlay.png").exists() and os.path.getmtime(out / "p.png") == before
     assert cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q", "--overwrite").returncode == 0
     assert os.path.getmtime(out / "p.png") > before
+
+
+def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, tiny_ckpt):
+    """A phone photo stored 64x32 with EXIF orientation 6 shows as 32x64; its mask is drawn on what shows."""
+    img, mask = synthetic_scene()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(img).resize((32, 64)).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray(mask).resize((32, 64), Image.NEAREST).save(tmp_path / "phone_mask.png")
+    r = cli("fit", tmp_path / "phone.jpg", tmp_path / "phone_mask.png", "--ckpt", tiny_ckpt("sd2"), "--epochs", "1",
+            "--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1", "-o", tmp_path / "e.pt", "-q")
+    assert r.returncode == 0, r.stderr
+    assert slime.read_image(tmp_path / "phone.jpg").shape == (3, 64, 32)
+
+
+def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt):
+    import signal
+    import time
+    (tmp_path / "in").mkdir()
+    for i in range(6):
+        Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(tmp_path / "in" / f"s{i}.png")
+    out = tmp_path / "out"
+    args = [sys.executable, os.path.join(ROOT, "slime.py"), "predict", str(emb), str(tmp_path / "in"), "-o", str(out),
+            "--ckpt", tiny_ckpt("sd2"), "-q"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "s0_overlay.png").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "s5_overlay.png").exists(), "predict finished before it was killed"
+    assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0
+    finished = sorted(f for f in os.listdir(out) if not f.startswith("."))  # a kill mid-write may leave a temp file
+    assert finished == sorted([f"s{i}.png" for i in range(6)] + [f"s{i}_overlay.png" for i in range(6)])
+    for f in finished:
+        Image.open(out / f).load()  # every output complete
 
 
 @pytest.mark.skipif(any(f.endswith(".safetensors") for f in os.listdir(os.path.join(ROOT, "weights"))),
