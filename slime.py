@@ -180,9 +180,12 @@ def file_sha256(path, progress=None):
                 if progress:
                     progress(i + 1, -(-st.st_size // chunk))
         known[key] = h.hexdigest()
+        def write(tmp):
+            with open(tmp, "w") as f:
+                json.dump(known, f, indent=0)
         try:  # a cache we cannot write only costs the hashing next time
             os.makedirs(os.path.dirname(cache), exist_ok=True)
-            atomic_write(cache, lambda tmp: json.dump(known, open(tmp, "w"), indent=0))
+            atomic_write(cache, write)
         except OSError:
             pass
     return known[key]
