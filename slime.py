@@ -162,8 +162,8 @@ KNOWN_FILES = {
 }
 
 
-def file_sha256(path, progress=None):
-    """The file's SHA-256 (5 GB take ~5 s), remembered per path, size and mtime in ~/.cache/slime/sha256.json."""
+def file_sha256(path):
+    """The file's SHA-256 (5 GB take ~4 s), remembered per path, size and mtime in ~/.cache/slime/sha256.json."""
     st = os.stat(path)
     key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slime", "sha256.json")
@@ -173,30 +173,24 @@ def file_sha256(path, progress=None):
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        h, chunk = hashlib.sha256(), 1 << 24
+        h = hashlib.sha256()
         with open(path, "rb") as f:
-            for i in range(-(-st.st_size // chunk)):
-                h.update(f.read(chunk))
-                if progress:
-                    progress(i + 1, -(-st.st_size // chunk))
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
         known[key] = h.hexdigest()
-        def write(tmp):
-            with open(tmp, "w") as f:
-                json.dump(known, f, indent=0)
         try:  # a cache we cannot write only costs the hashing next time
             os.makedirs(os.path.dirname(cache), exist_ok=True)
-            atomic_write(cache, write)
+            write_text(cache, json.dumps(known, indent=0))
         except OSError:
             pass
     return known[key]
 
 
-def recognise(path, family, progress=None):
-    """One line naming the weights: the known release file, or the family and the hash of an unknown one."""
-    digest = file_sha256(path, progress)
-    name = KNOWN_FILES.get(digest)
-    return (f"{path}: {name}" if name else f"{path}: an SD {family[-1]}.x checkpoint that is not a known release "
-            f"file (SHA-256 {digest[:12]}...; fine for fine-tunes and re-saves)")
+def known_file(path, family):
+    """What the weights are: the name of a known release file, or that they are not one."""
+    digest = file_sha256(path)
+    return KNOWN_FILES.get(digest, f"an SD {family[-1]}.x checkpoint that is not a known release file "
+                                   f"(SHA-256 {digest[:12]}...; fine for fine-tunes and re-saves)")
 
 
 class StableDiffusion:
@@ -827,6 +821,13 @@ def atomic_write(path, write):
         raise
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
 def write_index_png(path, labels):
     """Save (H, W) labels 0..255 as an indexed PNG: pixel value = class, shown in VOC colours."""
     labels = np.asarray(labels)
@@ -940,7 +941,7 @@ def load_for(args, text_encoder=True):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp32" if device == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")]
     sd = load_models(args.ckpt or default_checkpoint(), device=device, dtype=dtype, text_encoder=text_encoder)
-    say(args, f"weights: {recognise(sd.path, sd.family, Progress(args.quiet, 'hashing the weights, 16 MiB block'))}")
+    say(args, f"weights: {sd.path}: {known_file(sd.path, sd.family)}")
     say(args, f"loaded {sd.family} on {device} ({str(dtype)[6:]})")
     return sd
 
@@ -954,7 +955,7 @@ def cmd_info(args):
     family, modules, ignored = build_models(shapes, args.file)
     check_keys(shapes, modules, ignored, args.file)
     used = sum(len(m.state_dict()) for m in modules.values())
-    digest = file_sha256(args.file, Progress(args.quiet, "hashing, 16 MiB block"))
+    digest = file_sha256(args.file)
     print(f"file      {args.file} ({os.path.getsize(args.file):,} bytes)\n"
           f"family    {family} (Stable Diffusion {family[-1]}.x; {'CLIP ViT-L/14' if family == 'sd1' else 'OpenCLIP ViT-H/14'}"
           f" text encoder, context width {modules[UNET_PREFIX].cfg.context_dim})\n"
@@ -1144,8 +1145,7 @@ def report(args, parts, per_image):
         print(f"{name:<16} {v:.4f}")
     print(f"{'mIoU':<16} {miou:.4f}   ({len(per_image)} images)")
     csv = os.path.join(args.out, "metrics.csv")
-    atomic_write(csv, lambda tmp: open(tmp, "w").write(
-        "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n"))
+    write_text(csv, "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -1216,7 +1216,6 @@ def build_parser():
     i = sub.add_parser("info", help="what a checkpoint is: family, dtype, tensors, SHA-256, known release file",
                        formatter_class=HelpFormatter)
     i.add_argument("file", help="a .safetensors checkpoint")
-    i.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     i.set_defaults(run=cmd_info)
     return ap
 
