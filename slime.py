@@ -1246,7 +1246,7 @@ def unit_float(text):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     # CPU: fp32 values below 1.2e-38 become 0. exp() of sharply peaked attention underflows into such
-    # denormals, which x86 computes slowly: fit took 2.4x as long on a sharper variant of the tests' SD-like checkpoint.
+    # denormals, which x86 computes slowly: fit took 2.4x as long on a sharp variant of the SD-like test model.
     torch.set_flush_denormal(True)
     try:
         args.run(args)
