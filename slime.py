@@ -941,7 +941,8 @@ def load_for(args, text_encoder=True):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or ("fp32" if device == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")]
     sd = load_models(args.ckpt or default_checkpoint(), device=device, dtype=dtype, text_encoder=text_encoder)
-    say(args, f"weights: {sd.path}: {known_file(sd.path, sd.family)}")
+    if not args.quiet:  # the first hash of a 5 GB file takes seconds: only for a line someone reads
+        say(args, f"weights: {sd.path}: {known_file(sd.path, sd.family)}")
     say(args, f"loaded {sd.family} on {device} ({str(dtype)[6:]})")
     return sd
 

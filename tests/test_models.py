@@ -1,6 +1,9 @@
 """The Stable Diffusion components: checkpoint layout, loading, forward passes, gradients, bad files."""
+import argparse
 import hashlib
+import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -228,6 +231,13 @@ def test_known_release_files_are_named_and_hashes_remembered(tmp_path, tiny_ckpt
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(open(path, "rb").read())
     assert slime.file_sha256(str(copy)) == digest and len(hashes) == 1
+    # with -q nobody reads the weights line, so a new file is loaded without being hashed
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(open(path, "rb").read())
+    args = argparse.Namespace(quiet=True, device="cpu", dtype=None, ckpt=str(other))
+    assert slime.load_for(args, text_encoder=False).family == "sd1"
+    cache = os.path.join(os.environ["XDG_CACHE_HOME"], "slime", "sha256.json")
+    assert not [k for k in json.load(open(cache)) if k.startswith(os.path.realpath(other))]
 
 
 def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
