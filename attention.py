@@ -1,6 +1,7 @@
-"""Multi-head attention that can hand back its probabilities.
+"""The pieces the three networks (unet.py, vae.py, clip_text.py) share: multi-head attention that can
+hand back its probabilities, and the norms computed in fp32.
 
-One function serves the UNet, the VAE and the text encoders. Layers whose maps nobody asked for
+One attention function serves the UNet, the VAE and the text encoders. Layers whose maps nobody asked for
 take the fast path (`F.scaled_dot_product_attention`); a layer whose maps are wanted computes the
 scores explicitly in fp32, like Stability's ldm/modules/attention.py ("force cast to fp32 to avoid
 overflowing") and whisper's qk path, and returns them averaged over heads.
@@ -10,6 +11,22 @@ overflowing") and whisper's qk path, and returns them averaged over heads.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the weights' dtype (ldm's GroupNorm32)."""
+
+    def forward(self, x):
+        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the weights' dtype."""
+
+    def forward(self, x):
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
 
 
 def attention(q, k, v, heads, want=None, causal=False):

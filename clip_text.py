@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import attention
-from unet import LayerNorm32
+from attention import LayerNorm32, attention
 
 BOS, EOS = 49406, 49407  # <|startoftext|>, <|endoftext|> in CLIP's BPE vocabulary
 CONTEXT_LENGTH = 77

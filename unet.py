@@ -16,23 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import AttentionMaps, CrossAttention
-
-
-class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the weights' dtype (ldm's GroupNorm32)."""
-
-    def forward(self, x):
-        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the weights' dtype."""
-
-    def forward(self, x):
-        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-        return y.to(x.dtype)
+from attention import AttentionMaps, CrossAttention, GroupNorm32, LayerNorm32
 
 
 def timestep_embedding(t, dim, max_period=10000):

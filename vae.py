@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import attention
-from unet import GroupNorm32
+from attention import GroupNorm32, attention
 
 # latent = 0.18215 * z: scale_factor in v1-inference.yaml / v2-inference.yaml
 # https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/configs/stable-diffusion/v1-inference.yaml

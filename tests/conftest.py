@@ -4,6 +4,10 @@ tests/layouts/*.json are copies of the tensor names and shapes of the real relea
 (v1-5-pruned-emaonly.safetensors, v2-1_512-ema-pruned.safetensors). A tiny checkpoint keeps every
 one of those names and shrinks only the widths (UNet 32 or 64 channels, VAE 32, text 64), so it
 goes through exactly the loading code a real file does.
+
+Not a test file: pytest loads it for every file under tests/. The whole suite:
+
+    python -m pytest -q tests
 """
 import json
 import math

@@ -9,6 +9,10 @@ Proves that
   activation really is quick_gelu (exact GELU gives a different output);
 * `tokenize` matches `open_clip.tokenize` (pad 0), truncation keeps EOS at position 76, and
   pad_token=49407 only changes the padding positions.
+
+Uses open_clip's model code with random weights; nothing is downloaded.
+
+    python -m pytest -q tests/test_clip_text.py
 """
 import os
 import sys

@@ -1,4 +1,14 @@
-"""Tests for slime: every input file is built here with PIL / numpy."""
+"""Reading and writing files: slime's image and mask readers and its PNG writers.
+
+Proves that read_image gives (3, H, W) float RGB in [0, 1] from RGB, RGBA, grey, 16-bit, palette, CMYK,
+GIF and EXIF-rotated files; that read_mask gives class labels (indexed and grey PNG, grey-looking RGB,
+.npy) or colours, and that colours_to_labels maps colour masks to labels; that unreadable files are
+refused with one sentence naming the file; that the indexed PNG and overlay writers produce what they
+promise, band by band; and that atomic_write leaves nothing behind on failure. Every input file is
+built here with PIL / numpy; no checkpoint is needed.
+
+    python -m pytest -q tests/test_io.py
+"""
 import os
 
 import numpy as np
@@ -122,7 +132,6 @@ def test_read_errors(tmp_path, read):
     assert str(e.value).startswith(str(tmp_path / "cut.jpg")) and "\n" not in str(e.value)
 
 
-# ----------------------------------------------------------------------------- read_mask
 def test_pixel_limit_is_pils_bomb_error_without_its_warning(tmp_path, monkeypatch):
     """PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; slime reads silently up to the refusal
     (12000x9000 = 108 MP at PIL's defaults) and turns the refusal into one sentence."""
@@ -137,6 +146,7 @@ def test_pixel_limit_is_pils_bomb_error_without_its_warning(tmp_path, monkeypatc
         read_image(tmp_path / "huge.png")
 
 
+# ----------------------------------------------------------------------------- read_mask
 def test_read_mask_indexed_png_round_trip_keeps_255(tmp_path):
     labels = np.array([[0, 1, 2], [3, 255, 0]])
     path = str(tmp_path / "m.png")
@@ -247,8 +257,9 @@ def test_write_index_png(tmp_path):
     assert os.listdir(tmp_path) == ["out.png"]
 
 
-@pytest.mark.parametrize("h,w", [(16, 16), (200, 300)])
+@pytest.mark.parametrize("h,w", [(64, 128), (200, 300)])
 def test_write_overlay(tmp_path, h, w):
+    """Big enough for the legend (8 px text below 256 px, two lines) to leave the checked regions free."""
     rgb = rng_rgb(h, w)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     labels = np.zeros((h, w), np.int64)
@@ -258,16 +269,27 @@ def test_write_overlay(tmp_path, h, w):
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == "RGB" and im.size == (w, h)
         out = np.array(im)
-    if h >= 100:
-        # the legend covers the top-left corner; elsewhere background equals the image
-        assert not np.array_equal(out[:8, :8], rgb[:8, :8])
-        assert np.array_equal(out[h - 40:h - 2, 2:w // 2 - 2], rgb[h - 40:h - 2, 2:w // 2 - 2])
-        assert np.array_equal(out[2:h // 2 - 2, w // 2 + 40:], rgb[2:h // 2 - 2, w // 2 + 40:])
-        # tinted 50% with VOC colour 1 inside the part, white on its boundary
-        inside = out[h // 2 + 2:, w // 2 + 2:].astype(int)
-        expect = np.round(0.5 * rgb[h // 2 + 2:, w // 2 + 2:] + 0.5 * VOC_PALETTE[1]).astype(int)
-        assert np.abs(inside - expect).max() <= 1
-        assert (out[h - 1, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w - 1] == 255).all()
+    # the legend covers the top-left corner (its dark box); elsewhere background equals the image
+    assert tuple(out[0, 0]) == (32, 32, 32)
+    assert np.array_equal(out[h - 40:h - 2, 2:w // 2 - 2], rgb[h - 40:h - 2, 2:w // 2 - 2])
+    assert np.array_equal(out[2:h // 2 - 2, w // 2 + 40:], rgb[2:h // 2 - 2, w // 2 + 40:])
+    # tinted 50% with VOC colour 1 inside the part, white on its boundary
+    inside = out[h // 2 + 2:, w // 2 + 2:].astype(int)
+    expect = np.round(0.5 * rgb[h // 2 + 2:, w // 2 + 2:] + 0.5 * VOC_PALETTE[1]).astype(int)
+    assert np.abs(inside - expect).max() <= 1
+    assert (out[h // 2:, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w // 2:] == 255).all()
+
+
+def test_write_overlay_of_a_tiny_image_clips_the_legend(tmp_path):
+    """On a 16x16 image the legend is larger than the image: PIL clips it, the file keeps the image's size."""
+    labels = np.zeros((16, 16), np.int64)
+    labels[8:, 8:] = 1
+    write_overlay(tmp_path / "tiny.png", torch.rand(3, 16, 16), labels, ["background", "wheel"])
+    with Image.open(tmp_path / "tiny.png") as im:
+        assert im.size == (16, 16)
+        out = np.array(im)
+    # the legend's dark box (2 lines of 10 px) reaches the bottom edge
+    assert tuple(out[0, 0]) == (32, 32, 32) and tuple(out[15, 0]) == (32, 32, 32)
 
 
 def test_write_overlay_band_by_band_equals_whole(tmp_path):

@@ -1,4 +1,16 @@
-"""The Stable Diffusion components: checkpoint layout, loading, forward passes, gradients, bad files."""
+"""The Stable Diffusion components, from the checkpoint file to the attention maps.
+
+Proves that every tensor of the real SD 1.5 and SD 2.1-base files (tests/layouts/) has a slot of its
+shape in unet.py / vae.py / clip_text.py or is knowingly ignored; that the norms, the timestep embedding
+and the VAE's padding follow ldm; that attention() returns head-averaged probabilities and
+log-probabilities equal to a per-head loop; that tiny checkpoints in the real layout (fp32, fp16, bf16)
+load and run, return the attention maps asked for (probabilities, or log-probabilities) and pass
+gradients to the text context only; that broken checkpoint files are refused with one sentence naming
+the file; that `slime.py info` reads only the header; and that the hand-set SD-like checkpoint of
+conftest.py attends like real SD.
+
+    python -m pytest -q tests/test_models.py
+"""
 import argparse
 import hashlib
 import json
@@ -10,13 +22,13 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import PEAK_MEMORY, ROOT, synthetic_scene, real_layout, write_layout_only, write_tiny_checkpoint
+from safetensors.torch import load_file
 
 import slime
-from attention import attention
-from unet import GroupNorm32, LayerNorm32, SpatialTransformer, UNetModel, timestep_embedding
-from vae import AttnBlock, Downsample
+from attention import GroupNorm32, LayerNorm32, attention
+from unet import UNetModel, timestep_embedding
+from vae import Downsample
 
 # The ignored tensors, counted from ../shared/checkpoint-layouts/README.md "Counts per prefix":
 # decoder 138 + post_quant_conv 2 + schedule 12 + model_ema 2, plus SD1's position_ids, or SD2's
@@ -48,14 +60,17 @@ def test_real_layout_maps_onto_the_models(family):
 
 def test_norm_eps_and_timestep_embedding_match_ldm():
     unet = UNetModel(slime.UNetConfig.sd21(model_channels=64, context_dim=64))
-    for name, m in unet.named_modules():
-        if isinstance(m, torch.nn.GroupNorm):
-            assert isinstance(m, GroupNorm32)
-            assert m.eps == (1e-6 if name.endswith(".norm") else 1e-5), name  # SpatialTransformer.norm: 1e-6
-        if isinstance(m, torch.nn.LayerNorm):
-            assert isinstance(m, LayerNorm32) and m.eps == 1e-5
+    group_norms = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)}
+    layer_norms = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    transformer_norms = [n for n in group_norms if n.endswith(".norm")]
+    assert len(transformer_norms) == 16 and len(group_norms) > 16 and len(layer_norms) == 3 * 16  # 16 transformers
+    for name, m in group_norms.items():
+        assert isinstance(m, GroupNorm32)
+        assert m.eps == (1e-6 if name in transformer_norms else 1e-5), name  # SpatialTransformer.norm: 1e-6
+    assert all(isinstance(m, LayerNorm32) and m.eps == 1e-5 for m in layer_norms.values())
     vae = slime.AutoencoderKL(slime.VAEConfig(ch=32))
-    assert all(m.eps == 1e-6 for m in vae.modules() if isinstance(m, torch.nn.GroupNorm))
+    vae_norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert vae_norms and all(m.eps == 1e-6 for m in vae_norms)
     t = torch.tensor([0, 7, 999])
     freqs = [math.exp(-math.log(10000) * i / 160) for i in range(160)]
     want = torch.tensor([[math.cos(s * f) for f in freqs] + [math.sin(s * f) for f in freqs] for s in (0, 7, 999)])
@@ -103,17 +118,24 @@ def test_tiny_checkpoint_runs_and_returns_maps(tiny_ckpt, family):
     assert lat.shape == (2, 4, 8, 8) and torch.isfinite(lat).all()
     g = torch.Generator().manual_seed(0)
     assert not torch.equal(m.vae.encode(img, sample=True, generator=g), lat)
-    eps, maps = m.unet(lat, torch.tensor([10, 500]), ctx, attn_layers=SLIME_LAYERS[:-1],
-                       log_attn_layers=SLIME_LAYERS[-1:])
+    t = torch.tensor([10, 500])
+    eps, maps = m.unet(lat, t, ctx, attn_layers=SLIME_LAYERS[:-1], log_attn_layers=SLIME_LAYERS[-1:])
     assert eps.shape == lat.shape and torch.isfinite(eps).all()
+    assert set(maps) == set(SLIME_LAYERS)
     assert maps["output_blocks.3.1.transformer_blocks.0.attn2"].shape == (2, 4, 77)  # 2x2 query grid at 1/4
     assert maps["output_blocks.9.1.transformer_blocks.0.attn1"].shape == (2, 64, 64)
     for name, p in maps.items():
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
-        if name == SLIME_LAYERS[-1]:  # a head average of log-probabilities: <= 0, and <= log of the mean prob
-            assert (p <= 0).all()
-        else:
-            assert torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5), name
+        if name != SLIME_LAYERS[-1]:  # probabilities: a distribution over the keys
+            assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5), name
+    # the log layer holds the head average of log-probabilities: by Jensen <= the log of the head-averaged
+    # probability (so at most 1 in total over the keys), equal to it with one head, below it where heads differ
+    logp, probs = maps[SLIME_LAYERS[-1]], m.unet(lat, t, ctx, attn_layers=SLIME_LAYERS[-1:])[1][SLIME_LAYERS[-1]]
+    assert (logp <= probs.log() + 1e-5).all() and (logp.logsumexp(-1) <= 1e-5).all()
+    if dict(m.unet.named_modules())[SLIME_LAYERS[-1]].heads == 1:  # SD2's 64-channel heads at tiny width
+        assert torch.allclose(logp, probs.log(), atol=1e-5)
+    else:  # SD1: 8 heads. The log of the averaged probabilities would be equal here
+        assert (logp < probs.log() - 1e-3).any()
     eps_fast, none = m.unet(lat, torch.tensor([10, 500]), ctx)
     assert none == {} and torch.allclose(eps_fast, eps, atol=1e-5)
     with pytest.raises(ValueError, match="unknown attention layers"):
@@ -136,8 +158,13 @@ def test_half_precision_files_load(tmp_path, dtype):
     path = write_tiny_checkpoint(tmp_path / "half.safetensors", "sd1", dtype=dtype)
     m32 = slime.load_models(path)  # stored in half, computed in fp32
     assert next(m32.unet.parameters()).dtype == torch.float32
+    stored = load_file(path)
+    for prefix, net in [(slime.UNET_PREFIX, m32.unet), (slime.VAE_PREFIX, m32.vae)]:  # the file's values, upcast
+        for k, p in net.state_dict().items():
+            assert stored[prefix + k].dtype == dtype and torch.equal(p, stored[prefix + k].float()), k
     ctx = m32.text_encoder(m32.tokenize(["part"]))
     mb = slime.load_models(path, dtype=torch.bfloat16)
+    assert next(mb.unet.parameters()).dtype == torch.bfloat16
     eps, maps = mb.unet(torch.randn(1, 4, 8, 8), torch.tensor([5]), ctx, attn_layers=SLIME_LAYERS[:1])
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
     assert maps[SLIME_LAYERS[0]].dtype == torch.float32

@@ -1,8 +1,11 @@
 """Speed and memory of slime vs the authors' release way of computing, on the full SD 2.1-base architecture.
 
-    python tests/benchmark.py                      # full size, random weights: CPU, and CUDA when present
-    python tests/benchmark.py --tiny               # small widths, to check the script (minutes on 2 cores)
-    python tests/benchmark.py --device cpu --only fit --repeats 2
+    python benchmarks/benchmark.py                 # full size, random weights: CPU, and CUDA when present
+    python benchmarks/benchmark.py --tiny          # small widths, to check the script (minutes on 2 cores)
+    python benchmarks/benchmark.py --device cpu --only fit --repeats 2
+
+Run from anywhere (it finds slime.py one folder up). Not a test: pytest does not collect it, and a full
+run takes about 16 minutes on 2 CPU cores.
 
 No checkpoint is needed: the three networks are built with random weights (timing does not depend on
 the values). K = 6 classes (PASCAL-Part car), a synthetic 512x512 image and mask, fixed seeds.
@@ -49,12 +52,11 @@ PATCHES = {"p400x2": (400, 2), "p512x1": (512, 1)}  # slime's default patches; t
 
 
 # ----------------------------------------------------------------------------- models with random weights
-class RandomSD:
-    """The attributes of slime.StableDiffusion, without a checkpoint file to fingerprint."""
-    family, fingerprint = "sd2", "random-weights"
-    tokenize = slime.StableDiffusion.tokenize
+class RandomSD(slime.StableDiffusion):
+    """slime.StableDiffusion (its tokenizer and properties), without a checkpoint file to fingerprint."""
 
     def __init__(self, unet, vae, text_encoder, device):
+        self.family, self.path, self.fingerprint = "sd2", None, "random-weights"
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.alphas_cumprod = slime.alphas_cumprod().to(device)
 
@@ -110,6 +112,9 @@ class ReleaseCFGUNet:
 
     def __init__(self, unet, uncond):
         self.unet, self.uncond, self.eps_uncond = unet, uncond, None
+
+    def __getattr__(self, name):  # anything else slime asks of sd.unet (parameters(), ...): the real UNet's
+        return getattr(self.unet, name)
 
     def __call__(self, x, t, context, attn_layers=(), log_attn_layers=()):
         every = [n for n in self.unet.attention_layer_names() if n not in log_attn_layers]
