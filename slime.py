@@ -589,7 +589,7 @@ def check_keys(shapes, modules, ignored, path, dtypes=None):
 
 
 def open_checkpoint(path):
-    check_file(path, "checkpoint", "put v2-1_512-ema-pruned.safetensors there (see weights/README.md)")
+    check_file(path, ".safetensors checkpoint", "put v2-1_512-ema-pruned.safetensors there (see weights/README.md)")
     if not str(path).endswith(".safetensors"):
         raise SlimeError(f"{path} is not a .safetensors file; slime never unpickles .ckpt files, "
                          "download the .safetensors release instead (see weights/README.md)")
@@ -1245,14 +1245,19 @@ def default_checkpoint():
     return os.path.join(folder, found[0])
 
 
-def read_pairs(paths, what, palette=None):
-    """[img, mask, img, mask, ...] -> ([(image, labels, mask path)], palette), masks checked against images."""
+def pair_paths(paths, what):
+    """[img, mask, img, mask, ...], checked to be pairs of files."""
     if len(paths) % 2:
         raise SlimeError(f"{what} takes image/mask pairs, but got an odd number of paths ({len(paths)}): "
                          f"{paths[-1]} has no partner")
     for image, mask in zip(paths[0::2], paths[1::2]):
         check_file(image, "image")
         check_file(mask, "mask")
+    return paths
+
+
+def read_pairs(paths, palette=None):
+    """[img, mask, img, mask, ...] -> ([(image, labels, mask path)], palette), masks checked against images."""
     images = [read_image(p) for p in paths[0::2]]
     labels, palette = colors_to_labels([read_mask(p) for p in paths[1::2]], palette, paths[1::2])
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
@@ -1334,6 +1339,8 @@ def plan_predict(args, con):
     else:
         emb = load_embeddings(args.emb)
     s = settings_from(given(args), "the command line", emb["settings"])
+    jobs = [Job(p, *(os.path.join(args.out, os.path.splitext(os.path.basename(p))[0] + end)
+                     for end in (".png", "_overlay.png"))) for p in list_images(args.inputs, con)]
     ckpt = args.ckpt or default_checkpoint()
     family, modules, _, _ = read_header(ckpt)
     width = modules[UNET_PREFIX].cfg.context_dim
@@ -1342,8 +1349,6 @@ def plan_predict(args, con):
                          "predict with the checkpoint the embeddings were fitted on")
     if emb["learned"].shape[1] != width:
         raise SlimeError(f"{args.emb} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has {width}-wide text")
-    jobs = [Job(p, *(os.path.join(args.out, os.path.splitext(os.path.basename(p))[0] + end)
-                     for end in (".png", "_overlay.png"))) for p in list_images(args.inputs, con)]
     for job in jobs:
         job.gt = find_mask(args.masks, os.path.splitext(os.path.basename(job.mask))[0]) if args.masks else None
         if args.masks and not job.gt:
@@ -1470,13 +1475,13 @@ def cmd_fit(args, con):
     preset.pop("parts", None)
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
     device = device_and_dtype(args, con)
+    paths = pair_paths(args.pairs, "fit") + pair_paths(args.val or [], "--val")
     ckpt = args.ckpt or default_checkpoint()
     check_file(ckpt, ".safetensors checkpoint")
-    paths = args.pairs + (args.val or [])
     created = check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}}, [(args.output, "emb.pt")])
     try:
-        train, palette = read_pairs(args.pairs, "fit")
-        val, _ = read_pairs(args.val, "--val", palette) if args.val else ([], None)
+        train, palette = read_pairs(args.pairs)
+        val, _ = read_pairs(args.val, palette) if args.val else ([], None)
         parts = check_classes(train + val, train, parts, palette, con)
         read_header(ckpt)
         release = lock(os.path.join(os.path.dirname(os.path.abspath(args.output)),

@@ -327,7 +327,7 @@ PREDICT_CASES = [
     ("output is the input folder", "in is a folder of input images; outputs there would mix"),
     ("output holds an input image", "in/a.png, the image this run reads"),
     ("two images, one output name", "would both be"),
-    ("an image named like another's overlay", "and the mask of"),
+    ("an image named like another's overlay", "a_overlay.png and the overlay of"),
     ("output folder is a file", "cannot create the output folder"),
     ("emb.pt of another width", "holds 32-wide vectors but"),
     ("emb.pt with a nan", "odd.pt is not a usable emb.pt: its context holds nan or inf values"),
@@ -383,7 +383,7 @@ def test_predict_never_passes_off_old_outputs_as_new(tmp_path, tiny_ckpt, emb, c
         "wrote masks and overlays of 0 images to " + str(out) + "; skipped 2, already made by this emb.pt with these "
         "settings (--overwrite redoes them)")
     assert {f: (out / f).stat().st_mtime_ns for f in os.listdir(out)} == made
-    other = make_emb(tmp_path / "other.pt", ckpt, lambda e: e["context"].add_(0.01) or e["learned"].add_(0.01))
+    other = make_emb(tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01)))
     code, err = predict(e=other)
     assert code == 2 and "already holds outputs for 2 images (p.png, q.png) made by another emb.pt" in err
     assert "--overwrite" in err and {f: (out / f).stat().st_mtime_ns for f in os.listdir(out)} == made
@@ -495,7 +495,7 @@ def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt
 
 def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt, capsys, monkeypatch):
     """The weights are checked finite at load, so a non-finite loss is the optimisation's: the message says so."""
-    img, mask = scene_files(tmp_path, size=64)
+    img, mask = scene_files(tmp_path)
     step, calls = slime.training_step, []
 
     def diverging(*a, **kw):
@@ -530,7 +530,7 @@ def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
 
 
 def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, tiny_ckpt, capsys):
-    img, mask = scene_files(tmp_path, size=64)
+    img, mask = scene_files(tmp_path)
     assert slime.main(["fit", str(img), str(mask), "--parts", "background,square,disc,wheel", "--ckpt",
                        tiny_ckpt("sd2"), *FAST, "-o", str(tmp_path / "e.pt")]) == 0
     assert "warning: part 3 (wheel) has no pixels in any training mask; it cannot be learned" in capsys.readouterr().err

@@ -4,7 +4,7 @@ Proves that read_image gives (3, H, W) float RGB in [0, 1] from RGB, RGBA, grey,
 GIF and EXIF-rotated files; that read_mask gives class labels (indexed and grey PNG, grey-looking RGB,
 .npy) or colours, and that colours_to_labels maps colour masks to labels; that unreadable files are
 refused with one sentence naming the file; that the indexed PNG and overlay writers produce what they
-promise, band by band; and that atomic_write leaves nothing behind on failure. Every input file is
+promise, band by band; and that commit writes whole files or none. Every input file is
 built here with PIL / numpy; no checkpoint is needed.
 
     python -m pytest -q tests/test_io.py
@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from slime import (
-    VOC_PALETTE, SlimeError, atomic_write, colors_to_labels, read_image, read_mask, write_index_png,
-    write_overlay,
+    VOC_PALETTE, SlimeError, colors_to_labels, commit, mask_image, overlay_image, png_writer, read_image, read_mask,
 )
 
 
@@ -101,7 +100,7 @@ def test_read_image_exif_rotation(tmp_path):
 
 def test_read_mask_exif_rotation(tmp_path):
     im, exif = exif_rotated("L", 0, 255)
-    m = read_mask(save(tmp_path, "r.jpg", im, exif=exif, quality=95))
+    m = read_mask(save(tmp_path, "r.png", im, exif=exif))
     assert m.shape == (20, 10) and m.dtype == np.int64
     assert m[:8].mean() < 10 and m[12:].mean() > 245
 
@@ -247,6 +246,14 @@ def test_colors_too_many_is_antialiasing():
 
 
 # ----------------------------------------------------------------------------- writing
+def write_index_png(path, labels):
+    commit({path: png_writer(mask_image(labels))})
+
+
+def write_overlay(path, image, labels, parts, band=256):
+    commit({path: png_writer(overlay_image(image, labels, parts, band=band))})
+
+
 def test_write_index_png(tmp_path):
     labels = np.random.default_rng(0).integers(0, 256, (7, 9))
     path = tmp_path / "out.png"
@@ -301,15 +308,23 @@ def test_write_overlay_band_by_band_equals_whole(tmp_path):
     assert np.array_equal(np.array(Image.open(tmp_path / "7.png")), np.array(Image.open(tmp_path / "50.png")))
 
 
-def test_atomic_write_failure_leaves_nothing(tmp_path):
-    target = tmp_path / "out.png"
+def test_commit_writes_every_file_or_none(tmp_path):
+    """A writer that fails (a full disk, a bug, an interrupt) leaves the targets as they were: no new file,
+    no temp file, and an existing target untouched; on success every file is in place."""
+    (tmp_path / "b.png").write_bytes(b"old")
 
-    def write(tmp):
-        assert os.path.basename(tmp) == ".out.png.tmp.png"
-        Image.new("RGB", (2, 2)).save(tmp)
+    def boom(f):
+        f.write(b"half")
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
-        atomic_write(target, write)
-    assert os.listdir(tmp_path) == []
-    atomic_write(target, lambda tmp: Image.new("RGB", (2, 2)).save(tmp))
-    assert os.listdir(tmp_path) == ["out.png"]
+        commit({tmp_path / "a.png": png_writer(Image.new("RGB", (2, 2))), tmp_path / "b.png": boom})
+    assert sorted(os.listdir(tmp_path)) == ["b.png"] and (tmp_path / "b.png").read_bytes() == b"old"
+
+    def full(f):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(SlimeError, match=r"b.png: cannot be written \(No space left on device\); it and the files"):
+        commit({tmp_path / "a.png": png_writer(Image.new("RGB", (2, 2))), tmp_path / "b.png": full})
+    assert sorted(os.listdir(tmp_path)) == ["b.png"]
+    commit({tmp_path / "a.png": png_writer(Image.new("RGB", (2, 2)), made_by="x"), tmp_path / "b.png": lambda f: f.write(b"new")})
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"] and (tmp_path / "b.png").read_bytes() == b"new"
+    assert Image.open(tmp_path / "a.png").info["slime"] == "x"  # what made it, read back by predict

@@ -49,6 +49,8 @@ class FakeUNet:
 
 
 class FakeSD:
+    device, dtype = torch.device("cpu"), torch.float32
+
     def __init__(self, unet):
         self.unet, self.alphas_cumprod = unet, slime.alphas_cumprod()
         self.vae = type("V", (), {"encode": lambda self, x, sample, generator: torch.zeros(x.shape[0], 4, 64, 64)})()
@@ -224,7 +226,8 @@ def test_segment_upsamples_scores_not_labels(monkeypatch, h, w, band):
     computed band by band of rows."""
     scores = torch.rand(4, 512, 512, generator=torch.Generator().manual_seed(h))
     monkeypatch.setattr(slime, "class_scores", lambda *a, **k: scores)
-    got = slime.segment(FakeSD(FakeUNet([{}])), None, torch.rand(3, h, w), 4, slime.Settings(), band=band)
+    got = slime.segment(FakeSD(FakeUNet([{}])), None, torch.rand(3, h, w), 4, slime.Settings())
+    assert torch.equal(slime.upsampled_argmax(scores, h, w, band=band), got)  # bands change nothing
     want = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
     assert got.dtype == torch.uint8 and got.shape == (h, w)
     assert (got.long() != want).float().mean() < 1e-4  # equal up to float ties of two classes

@@ -262,7 +262,8 @@ def test_known_release_files_are_named_and_hashes_remembered(tmp_path, tiny_ckpt
     other = tmp_path / "other.safetensors"
     other.write_bytes(open(path, "rb").read())
     args = argparse.Namespace(quiet=True, device="cpu", dtype=None, ckpt=str(other))
-    assert slime.load_for(args, text_encoder=False).family == "sd1"
+    assert slime.load_for(args, slime.Console(True), str(other), (torch.device("cpu"), torch.float32),
+                          text_encoder=False).family == "sd1"
     cache = os.path.join(os.environ["XDG_CACHE_HOME"], "slime", "sha256.json")
     assert not [k for k in json.load(open(cache)) if k.startswith(os.path.realpath(other))]
 
