@@ -223,7 +223,7 @@ class UNetModel(nn.Module):
 
         attn_layers: layers whose head-averaged attention probabilities are returned.
         log_attn_layers: layers whose head-averaged log-probabilities are returned instead (the
-        cross-entropy of the method wants log-space values; METHOD.md section 9 row 2).
+        cross-entropy of the method wants log-space values; README, Faithfulness, "CE input").
         """
         wanted = {**{n: "probs" for n in attn_layers}, **{n: "log_probs" for n in log_attn_layers}}
         unknown = sorted(set(wanted) - set(self.attention_layer_names()))

@@ -15,8 +15,8 @@ models are built), shown as working memory (peak minus the RSS after the build) 
 torch.cuda.max_memory_allocated, likewise minus what was allocated after the build.
 
 slime   = slime.fit's inner loop (augment + training_step + backward + Adam step) and slime.segment.
-release = a BASELINE built here from slime's own functions, computing as the release did (METHOD.md
-          sections 3, 5 and 9 rows 6, 7, 8, 12): a CFG batch of 2 [uncond; cond] in every UNet call,
+release = a BASELINE built here from slime's own functions, computing as the release did (README,
+          Faithfulness; aliasgharkhani/SLiMe at 9de06f1, src/slime.py and src/stable_difusion.py): a CFG batch of 2 [uncond; cond] in every UNet call,
           with grad through both halves in training; the attention probabilities of EVERY UNet attention
           layer materialised (no SDPA fast path); and, in every training step, the patched inference
           (class_scores at out=64, CFG batch) that the release ran only to log a training IoU.
@@ -132,7 +132,7 @@ def release_sd(sd, uncond):
 
 
 def release_training_step(base, learned, cond, image, mask, s, gen):
-    """release-style baseline of slime.training_step (METHOD.md section 3): same losses, release costs."""
+    """release-style baseline of slime.training_step (release src/slime.py#L111-L152): same losses, release costs."""
     t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = slime.noisy_latent(base, image[None], t, gen)
     # steps 6-12: one CFG batch with grad through both halves, every attention layer materialised

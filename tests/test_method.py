@@ -1,9 +1,9 @@
 """The method's arithmetic, each piece of slime.py against a slow re-computation from its definition.
 
 Proves that attention_maps (Eq. 3, Eq. 5), was_map (Eq. 6), class_weights and segmentation_losses
-(Eq. 4, Eq. 7) compute what the paper and METHOD.md sections 3, 5, 6 define; that training_step's loss
-on head-averaged log-probabilities equals the release's loss on averaged logits (METHOD.md section 9
-row 2); that class_scores is the release's patched masking (classes below the threshold skipped per
+(Eq. 4, Eq. 7) compute what the paper (Sec. 4) and the release (aliasgharkhani/SLiMe at 9de06f1,
+src/slime.py#L90-L152, #L188-L279) define; that training_step's loss on head-averaged log-probabilities
+equals the release's loss on averaged logits (README, Faithfulness: CE input); that class_scores is the release's patched masking (classes below the threshold skipped per
 patch); that segment upsamples scores, not labels; the mIoU averaging; OpenCV's small blur kernels;
 the training step's gradient against finite differences; and that fit trains on the colour order it
 records. The maps come from stand-in UNets (FakeUNet, ScoreUNet) or the tiny random checkpoint.
@@ -141,7 +141,7 @@ class ScoreUNet:
 
 
 def test_eq4_log_space_equals_the_release_logits():
-    """METHOD.md section 9 row 2: slime trains on head-averaged log-probabilities where the release averaged
+    """README, Faithfulness, "CE input": slime trains on head-averaged log-probabilities where the release averaged
     the raw logits; the per-pixel logsumexp is constant over the K classes, so after the softmax over them
     Eq. 4 and Eq. 7 are unchanged. training_step's loss terms against the release's, computed by hand from
     the same per-head scores. Averaging probabilities instead (log_space=False) would fail."""
@@ -176,7 +176,7 @@ def test_patch_origins():
 
 
 def patched_masking_slow(calls, K, s, out):
-    """METHOD.md section 5 steps 1-7, literally, with Python loops over classes. -> (scores, the classes
+    """The release's get_patched_masks (src/slime.py#L188-L279 at 9de06f1), literally, with Python loops over classes. -> (scores, the classes
     that passed the threshold in each patch)."""
     Facc, passed_per_patch = torch.zeros(K, out, out), []
     C = torch.zeros(K, out, out) + 1e-7

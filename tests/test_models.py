@@ -30,7 +30,7 @@ from attention import GroupNorm32, LayerNorm32, attention
 from unet import UNetModel, timestep_embedding
 from vae import Downsample
 
-# The ignored tensors, counted from ../shared/checkpoint-layouts/README.md "Counts per prefix":
+# The ignored tensors, counted in the real layouts (tests/layouts/*.json):
 # decoder 138 + post_quant_conv 2 + schedule 12 + model_ema 2, plus SD1's position_ids, or SD2's
 # resblocks.23 (12 tensors), text_projection and logit_scale.
 IGNORED_COUNT = {"sd1": 138 + 2 + 12 + 2 + 1, "sd2": 138 + 2 + 12 + 2 + 12 + 2}
