@@ -158,6 +158,9 @@ def fit_case(d, ckpt, case):
         Image.fromarray(np.zeros((512, 512), np.uint8)).save(mask)
     elif case == "odd number of paths":
         pair = [img]
+    elif case == "output is a file fit did not write":
+        (d / "notes.txt").write_text("my notes")
+        args[-1] = d / "notes.txt"
     return pair + args
 
 
@@ -191,6 +194,7 @@ FIT_CASES = [
     ("mask of another size", "small.png is 80x100 but its image"),
     ("background-only mask", "holds only background (class 0); nothing to learn"),
     ("odd number of paths", "fit takes image/mask pairs, but got an odd number of paths (1)"),
+    ("output is a file fit did not write", "notes.txt exists and is not a slime emb.pt; fit would replace it"),
 ]
 
 
@@ -318,6 +322,13 @@ def predict_case(d, ckpt, emb, case):
         args[0] = d / "nothing.pt"
     elif case == "device cuda without a GPU":
         args += ["--device", "cuda"]
+    elif case == "ground truth in the image folder":
+        Image.fromarray(synthetic_scene(size=64)[1]).save(d / "in" / "b_mask.png")
+        args += ["--masks", d / "in"]
+    elif case == "no ground-truth folder":
+        args += ["--masks", d / "nowhere"]
+    elif case == "an empty image":
+        (d / "in" / "b.png").write_bytes(b"")
     return args
 
 
@@ -346,6 +357,9 @@ PREDICT_CASES = [
     ("foreign torch file", "other.pt is a torch file but not a slime emb.pt"),
     ("no emb.pt", "nothing.pt: no such file; make one with"),
     ("device cuda without a GPU", "--device cuda"),
+    ("ground truth in the image folder", "the mask found for"),
+    ("no ground-truth folder", "--masks"),
+    ("an empty image", "b.png is empty (0 bytes)"),
 ]
 
 
@@ -396,6 +410,15 @@ def test_predict_never_passes_off_old_outputs_as_new(tmp_path, tiny_ckpt, emb, c
     os.remove(out / "p_overlay.png")  # a pair made by this run, half gone: redone without asking
     code, err = predict()
     assert code == 0 and "of 1 image to" in err and "skipped 1" in err
+
+
+def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, capsys):
+    img, _ = scene_files(tmp_path, size=64)
+    os.symlink(img, tmp_path / "alias.png")
+    assert slime.main(["predict", str(emb), str(img), str(img), str(tmp_path / "alias.png"), "-o", str(tmp_path / "out"),
+                       "--ckpt", tiny_ckpt("sd2")]) == 0
+    assert "wrote masks and overlays of 1 image to" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_overlay.png"]
 
 
 def test_a_stale_iou_table_is_removed_when_its_masks_are_replaced(tmp_path, tiny_ckpt, emb, capsys):
