@@ -19,6 +19,7 @@ The file reads top to bottom, the method first:
            cited below as release/<file>#L<line> at that commit
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -1134,6 +1135,10 @@ def draw_legend(im, classes, part_names):
 
 
 # ----------------------------------------------------------------------------- the plan: check everything first
+# A run first makes a plan: every option, every path it reads and writes, every value, checked before
+# any model is loaded, so that a mistake costs seconds, not a fit. Then it works, and commits each
+# output whole (commit above). The plan's one mechanism for paths is check_plan; for values, the
+# readers above (Settings, read_header/finite, check_embeddings, read_mask).
 def file_key(path):
     """What identifies a file: its inode where it exists (so symlinks, hard links and case-insensitive
     disks are seen through), else its resolved path."""
@@ -1146,19 +1151,18 @@ def file_key(path):
 
 
 def check_plan(reads, writes, guarded=()):
-    """Refuse, before any work, an output that would destroy an input or another output, or that goes
-    where it must not; make each output folder and prove it writable by creating and removing a temp
-    file there. reads: {path: what it is}; writes: [(path, what it is)]; guarded: [(folder, what, also_below)]."""
-    inputs = {file_key(p): (p, what) for p, what in reads.items()}
-    outputs = {}
+    """Refuse an output that would destroy an input or another output, or that lands where it must not,
+    then make the output folders and prove them writable. reads: {path: what it is}; writes: [(path,
+    what it is)]; guarded: [(folder, what it is, whether its subfolders count too)]. -> new folders."""
+    inputs, outputs = {file_key(p): (p, what) for p, what in reads.items()}, {}
     for path, what in writes:
-        key = file_key(path)
+        key, where = file_key(path), os.path.dirname(os.path.realpath(path))
         if os.path.isdir(path):
             raise SlimeError(f"{path} is a folder, so the {what} cannot be written there; give a file path "
                              f"such as {os.path.join(path, 'emb.pt')}")
-        for folder, role, also_below in guarded:
-            where = os.path.dirname(os.path.realpath(path))
-            if where == os.path.realpath(folder) or also_below and where.startswith(os.path.realpath(folder) + os.sep):
+        for folder, role, below in guarded:  # a later run would read our outputs as inputs, or score itself
+            top = os.path.realpath(folder)
+            if where == top or below and where.startswith(top + os.sep):
                 raise SlimeError(f"{os.path.dirname(path) or '.'} is {role}; outputs there would mix with what "
                                  "this run reads: choose another output folder with -o")
         if key in inputs:
@@ -1167,10 +1171,16 @@ def check_plan(reads, writes, guarded=()):
         if key in outputs:
             raise SlimeError(f"the {outputs[key]} and the {what} would both be {path}; rename one of the inputs")
         outputs[key] = what
+    return make_folders(sorted({os.path.dirname(os.path.abspath(p)) for p, _ in writes}))
+
+
+def make_folders(folders):
+    """Make each folder and prove it writable by creating and removing a temp file there (os.access
+    cannot tell: root, network disks, ACLs). -> the folders made, deepest first, to undo on failure."""
     created = []
-    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p, _ in writes}):
+    for folder in folders:
         missing = folder
-        while not os.path.exists(missing):  # every level this run makes, deepest first
+        while not os.path.exists(missing):
             created.append(missing)
             missing = os.path.dirname(missing)
         try:
@@ -1187,16 +1197,10 @@ def check_plan(reads, writes, guarded=()):
     return created
 
 
-def remove_if_empty(folders):
-    """Undo check_plan's new folders after a failure, so a refused run leaves no trace."""
-    for folder in folders:
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
-
-
 def lock(path, what):
-    """Hold an exclusive lock on `path` for this run: a second run that wants it refuses at once, in one
-    line. The OS drops the lock if the process dies; release() also removes the file. No-op on Windows."""
+    """Hold an exclusive lock on `path` while the run writes: a second run into the same place refuses at
+    once, in one line. The OS drops the lock of a killed run; release() also removes the file. No-op on
+    Windows (no fcntl)."""
     try:
         import fcntl
     except ImportError:
@@ -1209,9 +1213,9 @@ def lock(path, what):
             os.close(fd)
             raise SlimeError(f"another slime run is writing {what} ({path} is locked); wait for it to finish "
                              "or choose another -o") from None
-        try:
+        try:  # the last holder may have removed the file between our open and our lock: then try again
             if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break  # still the file at `path`: its last holder did not remove it under us
+                break
         except OSError:
             pass
         os.close(fd)
@@ -1222,8 +1226,23 @@ def lock(path, what):
     return release
 
 
+@contextlib.contextmanager
+def work(created, release):
+    """The work after a plan: whatever ends it, the lock is released; if it fails, the folders the plan
+    made are removed when still empty, so a refused run leaves no trace."""
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        release()  # first: the lock file is in the folder
+        for folder in [] if done else created:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+
+
 def device_and_dtype(args, con):
-    """--device and --dtype, checked against what this machine has."""
+    """--device and --dtype, checked against what this machine has: -> (torch.device, torch.dtype)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: one GPU per rank
     name = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     try:
@@ -1235,23 +1254,45 @@ def device_and_dtype(args, con):
                          "can use; leave --device out to run on the CPU")
     if device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
         raise SlimeError(f"--device {name}: not available on this machine; leave --device out to run on the CPU")
+    # the release computes in fp32; bf16 on CUDA is slime's (see README, Speed)
     dtype = args.dtype or ("fp32" if device.type == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16")
     if device.type == "cpu" and not args.device:
         con.say("no GPU found: running on the CPU, which takes minutes per image (see README, Speed)")
-    if device.type == "cpu" and dtype == "fp16":
+    if device.type == "cpu" and dtype == "fp16":  # x86 CPUs have no fp16 arithmetic: torch emulates it
         con.say("warning: fp16 on a CPU is about 25x slower than fp32; --dtype bf16 or fp32 is faster there")
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def default_checkpoint():
+def checkpoint_path(args):
+    """--ckpt, or the one .safetensors file in weights/."""
     folder = os.path.join(HERE, "weights")
     found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    if args.ckpt:
+        return args.ckpt
     if not found:
         raise SlimeError(f"{folder} holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there "
                          "(see weights/README.md) or pass --ckpt")
     if len(found) > 1:
         raise SlimeError(f"{folder} holds {len(found)} checkpoints ({', '.join(found)}); choose one with --ckpt")
     return os.path.join(folder, found[0])
+
+
+def plan_fit(args, con):
+    """Options, paths and the output of a fit, checked: -> (settings, device, checkpoint, new folders, release)."""
+    preset = dict(PRESETS.get(args.preset, {}))
+    args.parts = args.parts or preset.get("parts")  # explicit flags win over a preset
+    preset.pop("parts", None)
+    s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
+    device = device_and_dtype(args, con)
+    paths = pair_paths(args.pairs, "fit") + pair_paths(args.val or [], "--val")
+    ckpt = checkpoint_path(args)
+    check_file(ckpt, ".safetensors checkpoint")
+    created = check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}}, [(args.output, "emb.pt")])
+    if os.path.isfile(args.output) and not is_embeddings(args.output):  # a file fit did not write: the user's
+        raise SlimeError(f"{args.output} exists and is not a slime emb.pt; fit would replace it: remove it or "
+                         "choose another -o")
+    folder, name = os.path.split(os.path.abspath(args.output))
+    return s, device, ckpt, created, lock(os.path.join(folder, f".{name}.lock"), args.output)
 
 
 def pair_paths(paths, what):
@@ -1295,9 +1336,47 @@ def check_classes(pairs, train, parts, palette, con):
         raise SlimeError(f"{pairs[0][2]} holds only background (class 0); nothing to learn")
     present = set().union(*(np.unique(m).tolist() for _, m, _ in train))
     for c in range(1, len(parts)):
-        if c not in present:
+        if c not in present:  # Eq. 4 gives it weight 0 and Eq. 7 a target of 0: its vector learns nothing
             con.say(f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
     return parts
+
+
+@dataclass
+class Job:
+    """One image of a predict run: where it is, where its outputs go, its ground truth, what makes it."""
+    image: str
+    mask: str
+    overlay: str
+    gt: str = None
+    made_by: str = ""  # a hash of the embeddings, parts, settings, checkpoint and the image's bytes
+    done: bool = False  # both outputs exist and were made by exactly that
+
+
+def plan_predict(args, con):
+    """Options, embeddings, paths and outputs of a predict, checked: -> (emb, settings, device, checkpoint,
+    jobs, new folders)."""
+    device = device_and_dtype(args, con)
+    if os.path.isdir(args.emb):
+        emb = read_release_folder(args.emb, args.parts)
+    elif args.parts:  # emb.pt names its parts; silently ignoring the flag would mislabel them
+        raise SlimeError(f"--parts names the parts of the release's embedding folder; {args.emb} names its own")
+    else:
+        emb = load_embeddings(args.emb)
+    s = settings_from(given(args), "the command line", emb["settings"])
+    jobs = [Job(p, *(os.path.join(args.out, os.path.splitext(os.path.basename(p))[0] + end)
+                     for end in (".png", "_overlay.png"))) for p in list_images(args.inputs, con)]
+    ckpt = checkpoint_path(args)
+    check_checkpoint_fits(emb, ckpt, args.emb)
+    find_ground_truth(jobs, args.masks, emb, con)
+    reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
+             ckpt: "checkpoint", args.emb: "embeddings"}
+    writes = [(j.mask, f"mask of {j.image}") for j in jobs] + [(j.overlay, f"overlay of {j.image}") for j in jobs]
+    guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
+    guarded += [(folder, "a folder of input images", False) for folder in args.inputs if os.path.isdir(folder)]
+    created = check_plan(reads, writes + [(os.path.join(args.out, "metrics.csv"), "IoU table")], guarded)
+    with work(created, lambda: None):  # only undoes the new folders if what follows refuses
+        check_made_by(jobs, emb, s, ckpt, args)
+    return emb, s, device, ckpt, jobs, created
 
 
 def list_images(inputs, con):
@@ -1325,86 +1404,53 @@ def list_images(inputs, con):
     return list(found.values())
 
 
-def find_mask(folder, stem):
-    return next((os.path.join(folder, stem + ext) for ext in MASK_EXTS
-                 if os.path.isfile(os.path.join(folder, stem + ext))), None)
-
-
-@dataclass
-class Job:
-    """One image of a predict run: where it is, where its outputs go, its ground truth, what makes it."""
-    image: str
-    mask: str
-    overlay: str
-    gt: str = None
-    made_by: str = ""  # hash of the context, parts, settings, checkpoint and the image's bytes
-    done: bool = False  # its outputs exist and were made by exactly this
-
-
-def plan_predict(args, con):
-    """Everything predict will read and write, checked: -> (emb, settings, checkpoint, device, jobs, new folders)."""
-    device = device_and_dtype(args, con)
-    if os.path.isdir(args.emb):
-        emb = read_release_folder(args.emb, args.parts)
-    elif args.parts:
-        raise SlimeError(f"--parts names the parts of the release's embedding folder; {args.emb} names its own")
-    else:
-        emb = load_embeddings(args.emb)
-    s = settings_from(given(args), "the command line", emb["settings"])
-    jobs = [Job(p, *(os.path.join(args.out, os.path.splitext(os.path.basename(p))[0] + end)
-                     for end in (".png", "_overlay.png"))) for p in list_images(args.inputs, con)]
-    ckpt = args.ckpt or default_checkpoint()
+def check_checkpoint_fits(emb, ckpt, name):
+    """The checkpoint (from its header alone) is of the embeddings' family and text width."""
     family, modules, _, _ = read_header(ckpt)
     width = modules[UNET_PREFIX].cfg.context_dim
     if emb["family"] != family:
-        raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
+        raise SlimeError(f"{name} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
                          "predict with the checkpoint the embeddings were fitted on")
     if emb["learned"].shape[1] != width:
-        raise SlimeError(f"{args.emb} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has {width}-wide text")
-    if args.masks and not os.path.isdir(args.masks):
-        raise SlimeError(f"--masks {args.masks}: no such folder; give the folder of ground-truth masks")
-    for job in jobs:
-        job.gt = find_mask(args.masks, os.path.splitext(os.path.basename(job.mask))[0]) if args.masks else None
-        if job.gt and file_key(job.gt) == file_key(job.image):  # --masks is the image folder, same stems
-            raise SlimeError(f"--masks {args.masks}: the mask found for {job.image} is the image itself; "
+        raise SlimeError(f"{name} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has {width}-wide text")
+
+
+def find_ground_truth(jobs, masks, emb, con):
+    """With --masks: each image's ground truth (by file stem), lossless, of the image's size as shown,
+    holding only the parts' classes. Read now, so a bad mask stops the run before any work."""
+    if masks and not os.path.isdir(masks):
+        raise SlimeError(f"--masks {masks}: no such folder; give the folder of ground-truth masks")
+    for job in jobs if masks else []:
+        stem = os.path.splitext(os.path.basename(job.mask))[0]
+        job.gt = next((os.path.join(masks, stem + ext) for ext in MASK_EXTS
+                       if os.path.isfile(os.path.join(masks, stem + ext))), None)
+        if not job.gt:
+            con.say(f"warning: no mask for {job.image} in {masks}; not scored")
+            continue
+        if file_key(job.gt) == file_key(job.image):  # --masks is the image folder: same stems
+            raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; "
                              "keep the ground-truth masks in a folder of their own")
-        if args.masks and not job.gt:
-            con.say(f"warning: no mask for {job.image} in {args.masks}; not scored")
-    reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
-             ckpt: "checkpoint", args.emb: "embeddings"}
-    writes = [(j.mask, f"mask of {j.image}") for j in jobs] + [(j.overlay, f"overlay of {j.image}") for j in jobs]
-    writes.append((os.path.join(args.out, "metrics.csv"), "IoU table"))
-    guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
-    guarded += [(folder, "a folder of input images", False) for folder in args.inputs if os.path.isdir(folder)]
-    check_ground_truth(jobs, emb, len(emb["parts"]))
-    created = check_plan(reads, writes, guarded)
-    try:
-        check_made_by(jobs, emb, s, ckpt, args)
-    except SlimeError:
-        remove_if_empty(created)
-        raise
-    return emb, s, ckpt, device, jobs, created
+        gt = ground_truth(job, emb)
+        with Image.open(job.image) as im:  # the size as shown: EXIF orientations 5-8 swap the sides
+            w, h = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size
+        if gt.shape != (h, w):
+            raise SlimeError(f"{job.gt} is {gt.shape[1]}x{gt.shape[0]} but its image {job.image} is {w}x{h}; "
+                             "a mask must have its image's size")
+        bad = sorted(set(np.unique(gt).tolist()) - set(range(len(emb["parts"]))) - {IGNORE})
+        if bad:
+            raise SlimeError(f"{job.gt} has class values {bad[:8]} outside 0..{len(emb['parts']) - 1} for the "
+                             f"parts {emb['parts']} (255 means ignore)")
 
 
-def check_ground_truth(jobs, emb, num_classes):
-    """Each ground-truth mask is lossless, of its image's size, and holds only the parts' classes."""
-    for job in jobs:
-        if job.gt:
-            (gt,), _ = colors_to_labels([read_mask(job.gt)], emb["colors"] or None, [job.gt])
-            with Image.open(job.image) as im:
-                w, h = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size  # as EXIF shows it
-            if gt.shape != (h, w):
-                raise SlimeError(f"{job.gt} is {gt.shape[1]}x{gt.shape[0]} but its image {job.image} is {w}x{h}; "
-                                 "a mask must have its image's size")
-            bad = sorted(set(np.unique(gt).tolist()) - set(range(num_classes)) - {IGNORE})
-            if bad:
-                raise SlimeError(f"{job.gt} has class values {bad[:8]} outside 0..{num_classes - 1} for the parts "
-                                 f"{emb['parts']} (255 means ignore)")
+def ground_truth(job, emb):
+    """A ground-truth mask as labels, its colours mapped as fit mapped the training masks'."""
+    (gt,), _ = colors_to_labels([read_mask(job.gt)], emb["colors"] or None, [job.gt])
+    return gt
 
 
 def check_made_by(jobs, emb, s, ckpt, args):
-    """Which images are done (outputs made by this very emb.pt, settings, checkpoint and image), and a
-    refusal, naming --overwrite, when outputs made by anything else are in the way."""
+    """Which images are done (both outputs made by this very emb.pt, settings, checkpoint and image), and
+    a refusal, naming --overwrite, when outputs made by anything else are in the way."""
     run = hashlib.sha256(emb["learned"].numpy().tobytes())
     run.update(json.dumps([emb["parts"], emb.get("context", torch.zeros(0)).sum().item(), asdict(s),
                            fingerprint(ckpt)]).encode())
@@ -1416,6 +1462,7 @@ def check_made_by(jobs, emb, s, ckpt, args):
         job.made_by = h.hexdigest()[:16]
         marks = [made_by_of(p) if os.path.exists(p) else "absent" for p in (job.mask, job.overlay)]
         job.done = marks == [job.made_by] * 2 and not args.overwrite
+        # a pair this configuration left half-done (a kill between the renames) is simply redone
         if not args.overwrite and any(m not in ("absent", job.made_by) for m in marks):
             foreign.append(os.path.basename(job.image))
     if foreign:
@@ -1439,7 +1486,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class Console:
     """What the user reads on stderr: whole lines, and one progress line that updates in place on a
-    terminal (a notice first ends it, so nothing is glued to it; elsewhere it prints every 10 s)."""
+    terminal (a notice first ends it, so nothing is glued to it; in a log it prints every 10 s)."""
 
     def __init__(self, quiet):
         self.quiet, self.open, self.shown, self.t0 = quiet, False, 0.0, time.time()
@@ -1455,10 +1502,10 @@ class Console:
             self.open = False
 
     def progress(self, what, step, total, detail=""):
-        elapsed = time.time() - self.t0
-        line = f"{what} {step}/{total}  {detail}  {elapsed:.0f}s elapsed, ETA {elapsed / step * (total - step):.0f}s"
         if self.quiet:
             return
+        elapsed = time.time() - self.t0
+        line = f"{what} {step}/{total}  {detail}  {elapsed:.0f}s elapsed, ETA {elapsed / step * (total - step):.0f}s"
         if sys.stderr.isatty():
             sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K clears what a longer line left behind
             self.open = True
@@ -1466,14 +1513,6 @@ class Console:
             print(line, file=sys.stderr)
             self.shown = time.time()
         sys.stderr.flush()
-
-
-def distributed():
-    """(rank, world size): under torchrun, join the process group (nccl on GPUs, gloo on CPUs); else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (torch.distributed.get_rank() if world > 1 else 0), world
 
 
 def load_for(args, con, ckpt, device, text_encoder=True):
@@ -1486,32 +1525,14 @@ def load_for(args, con, ckpt, device, text_encoder=True):
 
 
 def cmd_fit(args, con):
-    """Plan (settings, paths, outputs, data), then load, then fit, saving emb.pt at each new best."""
-    preset = dict(PRESETS.get(args.preset, {}))
-    parts = args.parts or preset.pop("parts", None)
-    preset.pop("parts", None)
-    s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
-    device = device_and_dtype(args, con)
-    paths = pair_paths(args.pairs, "fit") + pair_paths(args.val or [], "--val")
-    ckpt = args.ckpt or default_checkpoint()
-    check_file(ckpt, ".safetensors checkpoint")
-    created = check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}}, [(args.output, "emb.pt")])
-    try:
-        if os.path.isfile(args.output) and not is_embeddings(args.output):
-            raise SlimeError(f"{args.output} exists and is not a slime emb.pt; fit would replace it: remove it or "
-                             "choose another -o")
+    """Plan; read and check the data; load; fit, saving emb.pt at each new best."""
+    s, device, ckpt, created, release = plan_fit(args, con)
+    with work(created, release):
         train, palette = read_pairs(args.pairs)
         val, _ = read_pairs(args.val, palette) if args.val else ([], None)
-        parts = check_classes(train + val, train, parts, palette, con)
-        read_header(ckpt)
-        release = lock(os.path.join(os.path.dirname(os.path.abspath(args.output)),
-                                    f".{os.path.basename(args.output)}.lock"), args.output)
-    except BaseException:
-        remove_if_empty(created)
-        raise
-    if os.path.exists(args.output):
-        con.say(f"{args.output} exists; the first validation of this run replaces it")
-    try:
+        parts = check_classes(train + val, train, args.parts, palette, con)
+        if os.path.exists(args.output):
+            con.say(f"{args.output} exists; the first validation of this run replaces it")
         sd = load_for(args, con, ckpt, device)
         con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}, "
                 f"{count(s.epochs, 'epoch')}")
@@ -1520,61 +1541,57 @@ def cmd_fit(args, con):
             save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
             con.say(f"epoch {epoch + 1}: validation mIoU {miou:.4f}, the best so far: saved {args.output}")
 
+        def progress(step, steps, terms):
+            con.progress("step", step, steps, "  ".join(f"{k} {v:.4f}" for k, v in terms.items()))
         squashed = [(resize(i, (SIZE, SIZE), "bilinear"), resize(torch.from_numpy(m)[None], (SIZE, SIZE), "nearest")[0])
                     for i, m, _ in train + val]  # as the release: image bilinear, mask nearest
-        fit(sd, squashed[:len(train)], len(parts), s, squashed[len(train):] or None, on_best,
-            lambda step, steps, terms: con.progress("step", step, steps, "  ".join(f"{k} {v:.4f}" for k, v in terms.items())))
-    except BaseException:
-        remove_if_empty(created)
-        raise
-    finally:
-        release()
+        fit(sd, squashed[:len(train)], len(parts), s, squashed[len(train):] or None, on_best, progress)
 
 
 def cmd_predict(args, con):
-    """Plan (emb.pt, paths, outputs, what is done), then load, then segment each image not done yet."""
-    rank, world = distributed()
+    """Plan (on every rank, agreed); segment this rank's images not done yet; rank 0 reports for all."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():  # torchrun: nccl on GPUs, gloo on CPUs
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
     con.quiet = con.quiet or rank > 0  # rank 0 speaks for all
     error, release = None, lambda: None
     try:
-        emb, s, ckpt, device, jobs, created = plan_predict(args, con)
+        emb, s, device, ckpt, jobs, created = plan_predict(args, con)
         release = lock(os.path.join(args.out, ".slime.lock"), args.out) if rank == 0 else release
     except SlimeError as e:
         error = str(e)
-    if world > 1:  # every rank stops when any rank's plan failed (or rank 0 found the folder locked)
+    if world > 1:  # every rank stops when any rank's plan failed, or rank 0 found the folder locked
         errors = [None] * world
         torch.distributed.all_gather_object(errors, error)
         error = next((e for e in errors if e), None)
     if error:
-        raise SlimeError(error)
-    try:
-        per_image, wrote = segment_jobs(args, con, emb, s, ckpt, device, jobs, rank, world)
-    except BaseException:
         release()
-        remove_if_empty(created)
-        raise
-    release()
+        raise SlimeError(error)
+    with work(created, release):
+        per_image, wrote = segment_jobs(args, con, emb, s, device, ckpt, list(enumerate(jobs, 1))[rank::world],
+                                         len(jobs))
     if world > 1:  # every rank's scores to rank 0, in image order, so it prints what one process would
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, (per_image, wrote))
         per_image, wrote = sorted(sum((g[0] for g in gathered), [])), sum(g[1] for g in gathered)
         torch.distributed.destroy_process_group()
     if rank == 0:
-        finish(args, con, emb["parts"], [ious for _, ious in per_image], wrote, len(jobs) - wrote)
+        report(args, con, emb["parts"], [ious for _, ious in per_image], wrote, len(jobs) - wrote)
 
 
-def segment_jobs(args, con, emb, s, ckpt, device, jobs, rank, world):
-    """This rank's share of the images (every world-th): segment and write those not done; score all."""
-    sd = load_for(args, con, ckpt, device, text_encoder="context" not in emb)  # a release folder needs the encoder
+def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
+    """[(n, job)]: segment and write the images not done; score each with a ground truth. -> ([(n, IoUs)], written)."""
+    sd = load_for(args, con, ckpt, device, text_encoder="context" not in emb)  # a release folder needs it
     context = emb["context"] if "context" in emb else with_learned(emb["learned"], prompt_contexts(sd, len(emb["parts"]))[0])
     if emb.get("fingerprint") not in (sd.fingerprint, None):
         con.say(f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
     context, parts, per_image, wrote = context.to(sd.device), emb["parts"], [], 0
-    for n, job in list(enumerate(jobs, 1))[rank::world]:
-        if job.done:
-            labels = torch.from_numpy(np.array(Image.open(job.mask)))  # for the scores
+    for n, job in jobs:
+        if job.done:  # its mask is read back, so the IoU table covers every image
+            labels = torch.from_numpy(np.array(Image.open(job.mask)))
         else:
-            con.progress("image", n, len(jobs), os.path.basename(job.image))
+            con.progress("image", n, total, os.path.basename(job.image))
             image = read_image(job.image)
             if max(image.shape[1:]) > 4 * SIZE:
                 con.say(f"{job.image} is {image.shape[2]}x{image.shape[1]}: segmented at {SIZE}x{SIZE} like every "
@@ -1584,19 +1601,18 @@ def segment_jobs(args, con, emb, s, ckpt, device, jobs, rank, world):
             except SlimeError as e:
                 raise SlimeError(f"{job.image}: {e}") from None
             shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
-            commit({job.mask: png_writer(mask_image(labels.numpy()), job.made_by),
+            commit({job.mask: png_writer(mask_image(labels.numpy()), job.made_by),  # both, or neither
                     job.overlay: png_writer(overlay_image(shown, labels.numpy(), parts), job.made_by)})
             wrote += 1
         if job.gt:
-            (gt,), _ = colors_to_labels([read_mask(job.gt)], emb["colors"] or None, [job.gt])
-            gt = resize(torch.from_numpy(gt)[None], tuple(labels.shape), "nearest")[0]
+            gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[0]
             per_image.append((n, iou_per_class(labels, gt, len(parts))))
     con.end()
     return per_image, wrote
 
 
-def finish(args, con, parts, per_image, wrote, skipped):
-    """The IoU table (with --masks) and the last line: what was written and what was skipped, and why."""
+def report(args, con, parts, per_image, wrote, skipped):
+    """The IoU table (with --masks) and the last line: what was written, what was skipped, and why."""
     metrics = os.path.join(args.out, "metrics.csv")
     if args.masks:
         per_class, miou = miou_table(per_image, len(parts))
@@ -1604,8 +1620,8 @@ def finish(args, con, parts, per_image, wrote, skipped):
         print(f"{'part':<16} IoU\n" + "".join(f"{name:<16} {v:.4f}\n" for name, v in rows)
               + f"{'mIoU':<16} {miou:.4f}   ({count(len(per_image), 'image')})")
         write_text(metrics, "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n")
-    elif wrote and os.path.exists(metrics):
-        os.remove(metrics)  # it scored masks that this run replaced
+    elif wrote and os.path.exists(metrics):  # it scored masks that this run replaced
+        os.remove(metrics)
         con.say(f"removed {metrics}: it scored the masks this run replaced (pass --masks to score them)")
     con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}" + (
         f"; skipped {skipped}, already made by this emb.pt with these settings (--overwrite redoes them)"
@@ -1628,7 +1644,8 @@ def cmd_info(args, con):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its mistakes ending like every other: one line `slime: error: ...`, exit status 2."""
+    """argparse, with its mistakes ending like every other: one line `slime: error: ...`, exit status 2
+    (argparse's own error() prints the whole usage first)."""
 
     def error(self, message):
         raise SlimeError(f"{self.prog}: {message}")
@@ -1642,7 +1659,7 @@ def add_settings(p, stage):
             continue
         default = f"emb.pt's (fit's default: {f.default})" if stage == "predict" else f.default
         flag = m["flag"] or "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if m["check"] is boolean:
             p.add_argument(flag, dest=f.name, action="store_const", const=not f.default, help=m["help"])
         else:
             p.add_argument(flag, dest=f.name, type=m["check"], metavar=f.name.upper(),
@@ -1686,8 +1703,7 @@ def build_parser():
     i = sub.add_parser("info", help="what a checkpoint is: family, dtype, tensors, SHA-256, known release file",
                        description="e.g. `python slime.py info weights/v2-1_512-ema-pruned.safetensors`")
     i.add_argument("file", help="a .safetensors checkpoint")
-    i.add_argument("-q", "--quiet", action="store_true", help=argparse.SUPPRESS)
-    i.set_defaults(run=cmd_info)
+    i.set_defaults(run=cmd_info, quiet=False)
     return ap
 
 
