@@ -58,10 +58,11 @@ def number(kind, lo, hi, lo_open=False):
     what = f"{'an integer' if kind is int else 'a number'} in {'(' if lo_open else '['}{lo}, {hi}]"
 
     def parse(value):
-        try:
+        try:  # text from the command line; an int where a float is due (emb.pt, JSON) is taken as it is
             x = kind(value) if isinstance(value, str) or (kind is float and type(value) is int) else value
         except ValueError:
             x = None
+        # type() and not isinstance(): True is an int to Python, but not a number of epochs
         if type(x) is not kind or not math.isfinite(x) or not (lo < x if lo_open else lo <= x) or x > hi:
             raise argparse.ArgumentTypeError(f"must be {what}, not {value!r}")
         return x
@@ -88,6 +89,9 @@ def setting(default, check, help, stage="predict", flag=None):
     return field(default=default, metadata=dict(check=check, help=help, stage=stage, flag=flag))
 
 
+# The ranges keep a run meaningful, not merely running: a crop under 5% of the side or a patch under 8 px
+# is less than a few latent pixels; 16 patches per side already means 256 UNet passes per image; a
+# timestep must index SD's 1000-step schedule. nan and inf are refused everywhere.
 @dataclass(frozen=True)
 class Settings:
     """Every setting of a run. The defaults are the release's (release/src/arguments.py#L65-L91) unless
@@ -122,12 +126,13 @@ def settings_from(values, source, base=None):
     if unknown:
         raise SlimeError(f"{source} has settings this slime does not know ({', '.join(unknown)}): it was made "
                          "by a newer slime, so update slime rather than guess what they mean")
-    for name, value in values.items():
+    checked = {}
+    for name, value in values.items():  # emb.pt's values pass the same checks as typed flags
         try:
-            known[name].metadata["check"](value)
+            checked[name] = known[name].metadata["check"](value)
         except argparse.ArgumentTypeError as e:
             raise SlimeError(f"{source}: the setting {name} {e}") from None
-    s = replace(base or Settings(), **values)
+    s = replace(base or Settings(), **checked)
     if s.t_min > s.t_max:
         raise SlimeError(f"{source}: the training timesteps run from t_min {s.t_min} to t_max {s.t_max}; "
                          "t_min must not exceed t_max")
@@ -162,12 +167,13 @@ def prompt_contexts(sd, num_classes):
     """
     with torch.no_grad():
         tokens = sd.tokenize([" ".join(["part"] * num_classes), ""]).to(sd.device)
-        cond, uncond = sd.text_encoder(tokens).float().split(1)
+        cond, uncond = sd.text_encoder(tokens).float().split(1)  # fp32: Adam updates the vectors in place
     return cond, uncond
 
 
 def with_learned(learned, cond):
     """The conditional context with the learned vectors (K-1, D) at token positions 1..K-1."""
+    # positions after K-1 (<end-of-text>, padding) keep the prompt's outputs: SD attends to them too
     return torch.cat([cond[:, :1], learned[None].to(cond.dtype), cond[:, 1 + len(learned):]], dim=1)
 
 
@@ -178,9 +184,9 @@ def noisy_latent(sd, images, t, gen):
     drawn with the seeded generator so a run can be repeated.
     """
     with torch.no_grad():
-        z = sd.vae.encode(images, sample=True, generator=gen)
+        z = sd.vae.encode(images, sample=True, generator=gen)  # the VAE is frozen: no graph needed
     noise = torch.randn(z.shape, generator=gen, device=z.device)
-    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)  # the fraction of the signal's variance left at step t
     return a.sqrt() * z + (1 - a).sqrt() * noise, noise
 
 
@@ -192,12 +198,13 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
     log_space=True (training) averages log-probabilities, the input of the Eq. 4 cross-entropy;
     False (inference) averages probabilities. A_sa: the 64x64 layers' self-attention, averaged.
     """
+    # only these 8 of the UNet's 32 attention layers materialise their maps; the rest take the fast path
     eps, maps = sd.unet(x_t, t, context, attn_layers=SELF_LAYERS + (() if log_space else CROSS_LAYERS),
                         log_attn_layers=CROSS_LAYERS if log_space else ())
     resized = []
     for name in CROSS_LAYERS:
         m = maps[name][0, :, :num_classes]  # (N pixels, K): the K tokens' columns
-        side = int(m.shape[0] ** 0.5)
+        side = int(m.shape[0] ** 0.5)  # 16 or 32: the layer's own grid
         m = m.T.reshape(1, num_classes, side, side)
         resized.append(F.interpolate(m, size=(MAP, MAP), mode="bilinear", align_corners=False)[0])
     A_ca = sum(resized) / len(resized)
@@ -218,8 +225,8 @@ def class_weights(mask, num_classes):
     """Eq. 4's weights (release/src/slime.py#L90-L95): #foreground / #pixels of a part, so small parts
     count as much as large ones; 0 for a part absent from the mask; 1 for the background."""
     n = torch.bincount(mask[mask != IGNORE].flatten(), minlength=num_classes)[:num_classes].float()
-    n[0] = 0
-    w = torch.where(n > 0, n.sum() / (n + 1e-6), torch.zeros_like(n))
+    n[0] = 0  # so n.sum() counts the foreground only
+    w = torch.where(n > 0, n.sum() / (n + 1e-6), torch.zeros_like(n))  # 1e-6: the release's
     w[0] = 1
     return w
 
@@ -233,6 +240,7 @@ def segmentation_losses(A_ca, A_sa, mask, num_classes):
     P = A_ca.softmax(0)
     S_was = was_map(P, A_sa)  # Eq. 6
     valid = mask != IGNORE
+    # the clamp only keeps one_hot from failing on 255; those pixels are dropped by `valid` below
     onehot = F.one_hot(mask.clamp(max=num_classes - 1), num_classes).permute(2, 0, 1).float()
     # the release: mean over classes and pixels, times K == per-pixel sum over classes, mean over pixels
     loss_mse = ((S_was - onehot) ** 2).sum(0)[valid].mean()
@@ -242,12 +250,13 @@ def segmentation_losses(A_ca, A_sa, mask, num_classes):
 def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     """Fig. 3: encode, add noise, UNet, maps, losses. image (3, 512, 512), mask (64, 64) -> (loss, terms)."""
     num_classes = len(learned) + 1
+    # small t: the image is barely noised, so the attention still follows it, yet differs from step to step
     t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = noisy_latent(sd, image[None], t, gen)
     A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, with_learned(learned, cond), num_classes, log_space=True)
     loss_ce, loss_mse = segmentation_losses(A_ca, A_sa, mask, num_classes)  # Eq. 4, Eq. 7
     loss_sd = torch.zeros(())
-    if s.beta:
+    if s.beta:  # beta = 0 skips a whole UNet pass
         # SD's own loss with guidance 100 keeps the vectors where SD can use them (release/src/
         # stable_difusion.py#L340-L344). Only the cond branch depends on the learned vectors, so the
         # uncond branch runs without a graph (the release: one CFG batch of 2; same loss and gradient)
@@ -273,7 +282,8 @@ def gaussian_blur(image, k):
     getGaussianKernel takes fixed binomial kernels, not the 0.3((k-1)/2-1)+0.8 sigma rule."""
     g = torch.tensor({3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype)
     g = g / g.sum()
-    pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")
+    pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")  # torch's "reflect" is OpenCV's REFLECT_101
+    # a separable blur: rows, then columns
     out = F.conv2d(pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)
     return F.conv2d(out, g.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)[0]
 
@@ -281,6 +291,8 @@ def gaussian_blur(image, k):
 def rotate(x, degrees, mode):
     """Rotate (C, H, W) about its centre, same size, zeros outside (albumentations Rotate, BORDER_CONSTANT 0)."""
     a = torch.tensor(degrees * torch.pi / 180)
+    # positive angles turn the image clockwise on screen (cv2's turn counter-clockwise); augment draws the
+    # angle symmetric about 0, so the distribution of views is the release's
     theta = torch.tensor([[torch.cos(a), torch.sin(a), 0.0], [-torch.sin(a), torch.cos(a), 0.0]])[None]
     grid = F.affine_grid(theta, (1, *x.shape), align_corners=False)
     return F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0].to(x.dtype)
@@ -303,14 +315,14 @@ def augment(image, mask, part, s, gen):
     blur (p .5), the part-aware crop resized back to 512, rotation (p .5)."""
     rand = lambda: torch.rand(1, generator=gen).item()  # noqa: E731
     if rand() < 0.5:
-        image, mask = image.flip(-1), mask.flip(-1)
+        image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep their up and down
     if rand() < 0.5:
         k = int(torch.randint(1, 6, (1,), generator=gen))
         k += 1 - k % 2  # albumentations maps an even kernel to the next odd one: k in {1: 20%, 3: 40%, 5: 40%}
         image = gaussian_blur(image, k) if k > 1 else image
     y0, x0, side = part_crop(mask, part, s.min_crop_ratio, gen)
-    image = resize(image[:, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "bilinear")
-    mask = resize(mask[None, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "nearest")[0]
+    image = resize(image[:, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "bilinear")  # a zoom: parts look larger
+    mask = resize(mask[None, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "nearest")[0]  # nearest: no mixed labels
     if rand() < 0.5:
         angle = (2 * rand() - 1) * s.rotation
         image, mask = rotate(image, angle, "bilinear"), rotate(mask[None], angle, "nearest")[0]
@@ -328,11 +340,12 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     gen = torch.Generator(sd.device).manual_seed(s.seed)  # timesteps, VAE samples, noise
     aug_gen = torch.Generator().manual_seed(s.seed)  # augmentations (on the CPU)
     cond, uncond = prompt_contexts(sd, num_classes)
-    learned = cond[0, 1:num_classes].clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([learned], lr=s.lr)
+    learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
+    optimizer = torch.optim.Adam([learned], lr=s.lr)  # the only parameters: SD itself stays frozen
     keeper = KeepTheBest(sd, cond, num_classes, s, val_pairs or pairs, on_best)
     part, step = 0, 0
     for epoch in range(s.epochs):
+        # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
             image, mask = augment(*pairs[i], part, s, aug_gen)
             if s.bgr:
@@ -343,12 +356,12 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             if not torch.isfinite(loss):
                 raise SlimeError(diverged(sd, loss, step + 1, terms))
             optimizer.zero_grad()
-            loss.backward()
+            loss.backward()  # through the frozen UNet into the K-1 vectors only
             optimizer.step()
             step += 1
             if progress:
                 progress(step, s.epochs * len(pairs), terms)
-        if (epoch + 1) % s.val_every == 0 or epoch == s.epochs - 1:
+        if (epoch + 1) % s.val_every == 0 or epoch == s.epochs - 1:  # the last epoch is always validated
             keeper.validate(learned.detach(), epoch)
     return keeper.context
 
@@ -394,12 +407,13 @@ def class_scores(sd, context, image, num_classes, s, gen, out=SIZE):
     -> per-class scores (K, out, out). Each patch is resized to 512 and segmented on its own; each class's
     score at a pixel is the mean of its votes over the patches that saw it there.
     """
-    ratio = SIZE // out
+    ratio = SIZE // out  # 1 for predict; 8 when the release logged a 64x64 training IoU
     side = s.patch_size // ratio  # a patch's side in the output grid
     scores = torch.zeros(num_classes, out, out, device=image.device)
     votes = torch.full((num_classes, out, out), 1e-7, device=image.device)  # the release's 1e-7: no 0/0
     t = torch.tensor([s.test_t], device=image.device)
     for y0, x0 in patch_origins(s.patch_size, s.patches_per_side):
+        # each patch is zoomed to 512, so SD sees its parts larger than in the whole image
         patch = resize(image[:, y0:y0 + s.patch_size, x0:x0 + s.patch_size], (SIZE, SIZE), "bilinear")
         x_t, _ = noisy_latent(sd, patch[None], t, gen)
         A_ca, A_sa, _ = attention_maps(sd, x_t, t, context, num_classes, log_space=False)
@@ -445,7 +459,7 @@ def segment(sd, context, image, num_classes, s, out_size=None):
         x = x.flip(0)  # the release fed cv2's BGR channel order
     gen = torch.Generator(sd.device).manual_seed(s.seed)  # per image: the same masks in any order, on any rank
     scores = class_scores(sd, context, x, num_classes, s, gen).cpu()
-    if not torch.isfinite(scores).all():
+    if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
         raise SlimeError("its class scores are not finite" + (", as fp16 overflows: use --dtype bf16 or fp32"
                                                               if sd.dtype == torch.float16 else ""))
     h, w = (out_size or s.out_size,) * 2 if out_size or s.out_size else image.shape[1:]
@@ -476,6 +490,7 @@ def iou_per_class(pred, gt, num_classes):
     """IoU of every class present in gt (255 = ignore): |pred & gt| / (|pred | gt| + 1e-7) (release/src/utils.py#L8-L11)."""
     valid = gt != IGNORE
     pred, gt = pred[valid], gt[valid]
+    # classes absent from gt are not scored, even where predicted: the release's rule
     return {c: ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)
             for c in gt.unique().tolist() if c < num_classes}
 
@@ -547,7 +562,7 @@ def build_models(shapes, path="checkpoint"):
     Only widths are read from the shapes (so the tests' tiny checkpoints load through the same code);
     the structure (blocks, heads, activations) is the family's.
     """
-    family = detect_family(shapes, path)
+    family = detect_family(shapes, path)  # from the tensor names: the user never says which
     text = TEXT_PREFIX[family]
 
     def width(key, dim):
@@ -559,13 +574,14 @@ def build_models(shapes, path="checkpoint"):
         model_channels=width(UNET_PREFIX + "input_blocks.0.0.weight", 0),
         context_dim=width(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", 1))
     vae_cfg = VAEConfig(ch=width(VAE_PREFIX + "encoder.conv_in.weight", 0))
+    # the text depth is counted from the block names, as no header field states it
     block = r"encoder\.layers\.(\d+)\." if family == "sd1" else r"transformer\.resblocks\.(\d+)\."
     stored = 1 + max([int(m.group(1)) for k in shapes if (m := re.match(re.escape(text) + block, k))], default=-1)
     if family == "sd1":
         text_cfg = TextConfig.sd15(width=width(text + "embeddings.token_embedding.weight", 1), layers=stored)
     else:
         text_cfg = TextConfig.sd21(width=width(text + "token_embedding.weight", 1), layers=stored - 1)
-    with torch.device("meta"):
+    with torch.device("meta"):  # shapes without memory: the weights are assigned as they are read
         modules = {UNET_PREFIX: UNetModel(unet_cfg), VAE_PREFIX: AutoencoderKL(vae_cfg),
                    text: (CLIPTextModel if family == "sd1" else OpenCLIPText)(text_cfg)}
     ignored = [re.compile(p.replace("{last}", str(stored - 1))) for p in IGNORED_KEYS]
@@ -583,6 +599,7 @@ def check_keys(shapes, modules, ignored, path, dtypes=None):
         if keys:
             raise SlimeError(f"{path} {what} tensors for a {'/'.join(modules)} checkpoint: "
                              f"{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)} in all)")
+    # an integer tensor would be cast to float silently and give garbage: a sign of a damaged or foreign file
     not_float = sorted(k for k in wanted if dtypes and dtypes[k] not in FLOAT_DTYPES)
     if not_float:
         raise SlimeError(f"{path}: the tensor {not_float[0]} is stored as {dtypes[not_float[0]]}, not as floating "
@@ -603,7 +620,7 @@ def open_checkpoint(path):
 def read_header(path):
     """What a checkpoint is, from its header alone (no tensor is read): (family, modules on the meta
     device, {name: shape}, {name: dtype}), every name, shape and dtype checked."""
-    with open_checkpoint(path) as f:
+    with open_checkpoint(path) as f:  # get_slice reads a tensor's entry in the header, never its data
         slices = {k: f.get_slice(k) for k in f.keys()}
         shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
         dtypes = {k: v.get_dtype() for k, v in slices.items()}
@@ -617,7 +634,7 @@ def fingerprint(path, sample=1 << 20):
     offset) and of the first and last MiB of tensor data. Not the file's SHA-256 (that reads 5 GB)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
+        n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
         h.update(f.read(n))
         h.update(f.read(sample))
         f.seek(max(8 + n, os.path.getsize(path) - sample))
@@ -700,11 +717,11 @@ def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
     """
     family, modules, _, _ = read_header(path)
     with open_checkpoint(path) as f:
-        for prefix, module in list(modules.items())[:3 if text_encoder else 2]:
+        for prefix, module in list(modules.items())[:3 if text_encoder else 2]:  # UNet, VAE, text encoder
             state = {k: finite(f.get_tensor(prefix + k), prefix + k, path).to(device=device, dtype=dtype)
                      for k in module.state_dict()}
             module.load_state_dict(state, strict=True, assign=True)
-            module.eval().requires_grad_(False)
+            module.eval().requires_grad_(False)  # frozen: only the learned vectors get gradients
     unet, vae, text = modules.values()
     return StableDiffusion(family, unet, vae, text if text_encoder else None, str(path))
 
@@ -714,6 +731,8 @@ def finite(tensor, name, path):
     when no value is nan or inf (an overflow of finite values is settled by the exact test). Measured on
     the 1.24 G values slime keeps of SD 2.1-base, 2-core CPU: 0.30 s, against 3.9 s for torch.isfinite;
     load_models 0.52 s instead of 0.31 s with the file in the page cache (benchmarks/load_cost.py)."""
+    # one nan weight makes every attention map nan, and argmax of nan scores is class 0: an all-background
+    # mask with exit status 0. Checked here, so the error names the tensor instead of blaming --lr
     if not math.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
         raise SlimeError(f"{path}: the tensor {name} holds nan or inf values, so every result would be wrong; "
                          "the file is damaged: download it again")
@@ -722,6 +741,7 @@ def finite(tensor, name, path):
 
 # ----------------------------------------------------------------------------- files: images and masks
 MAX_CLASSES = 77  # one text token per class: <start-of-text> (background) + up to 76 parts
+GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit int) gray images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")  # JPEG: found, refused
 
@@ -746,9 +766,10 @@ def open_image(path, what):
             # does not refuse: predict takes big images through in bands (12000x9000 peaks at ~3 GB)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
-        with im:
+        with im:  # closes the file: a folder of 10,000 photos must not run out of file handles
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
+            # by what the file IS, not by its name: a JPEG saved as .png is still JPEG (MPO: a phone's JPEG)
             lossy = im.format in ("JPEG", "MPO", "JPEG2000") or im.info.get("compression") in ("jpeg", "tiff_jpeg")
             return ImageOps.exif_transpose(im), "JPEG" if lossy else im.format
     except UnidentifiedImageError:
@@ -764,7 +785,7 @@ def open_image(path, what):
 def read_image(path):
     """An image file as a (3, H, W) float32 RGB tensor in [0, 1]; any alpha channel is dropped."""
     im, _ = open_image(path, "image")
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+    if im.mode in GRAY16 + ("F",):
         # 16-bit gray (PNG opens as "I;16" or "I"): full scale is 65535; float TIFFs are taken as 0..1
         gray = np.asarray(im, dtype=np.float32) / (1 if im.mode == "F" else 65535)
         if not np.isfinite(gray).all():
@@ -772,6 +793,7 @@ def read_image(path):
         return torch.from_numpy(np.clip(gray, 0, 1))[None].repeat(3, 1, 1)
     if im.mode in ("P", "PA", "LA", "La", "RGBa"):
         im = im.convert("RGBA")  # through RGBA so a palette's transparency entry is understood; then the alpha goes
+    # RGBA, L, 1, CMYK, YCbCr, ... all become RGB; the alpha channel is not part of the picture
     rgb = torch.from_numpy(np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8))
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
@@ -785,7 +807,7 @@ def read_mask(path):
     if format == "JPEG" or (format == "WEBP" and not webp_is_lossless(path)):
         raise SlimeError(f"{path} is stored lossily ({format}); compression invents colours and values at every "
                          "edge, which would become classes of their own: save the mask as PNG (or .npy)")
-    if im.mode in ("P", "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N"):
+    if im.mode in ("P", "L", "1") + GRAY16:
         return np.asarray(im).astype(np.int64)  # palette indices or gray values are the labels
     if im.mode in ("PA", "LA"):
         return np.asarray(im)[..., 0].astype(np.int64)  # the alpha channel is not a label
@@ -802,7 +824,7 @@ def webp_is_lossless(path):
     """A WebP file holds a lossless image when its first image chunk is VP8L (VP8 is lossy)."""
     with open(path, "rb") as f:
         data = f.read()
-    pos = 12  # after "RIFF", the size, "WEBP"
+    pos = 12  # after "RIFF", the size, "WEBP"; then chunks: a fourcc, a size, the data padded to even
     while pos + 8 <= len(data):
         tag, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
         if tag in (b"VP8 ", b"VP8L"):
@@ -832,7 +854,7 @@ def voc_palette(n=256):
     """PASCAL VOC's colour map: the bits of index i, interleaved as r, g, b, fill each channel from the top bit."""
     index = np.arange(n)
     palette = np.zeros((n, 3), np.int64)
-    for bit in range(8):
+    for bit in range(8):  # 3 bits of the index per round: 8 rounds fill the 8 bits of each channel
         for channel in range(3):
             palette[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
     return palette.astype(np.uint8)
@@ -853,7 +875,7 @@ def unpack_rgb(keys):
 
 def lookup(keys, table):
     """Index in `table` of each key (the first one, if repeated), and whether it was found at all."""
-    order = np.argsort(table, kind="stable")
+    order = np.argsort(table, kind="stable")  # a binary search per pixel instead of a dict lookup per pixel
     pos = np.clip(np.searchsorted(table[order], keys), 0, len(table) - 1)
     return order[pos], table[order][pos] == keys
 
@@ -867,7 +889,7 @@ def colors_to_labels(masks, palette=None, names=None):
     Returns (label masks, the palette as a list of [r, g, b]; None for VOC or when no mask had colours).
     """
     names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
-    keys = [pack_rgb(m) if m.ndim == 3 else None for m in masks]
+    keys = [pack_rgb(m) if m.ndim == 3 else None for m in masks]  # None: a label mask
     if all(k is None for k in keys):
         return list(masks), None
     if palette is not None:
@@ -928,7 +950,7 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
         "cross_layers": list(CROSS_LAYERS),
         "self_layers": list(SELF_LAYERS),
         "colors": [list(map(int, c)) for c in colors or []],  # RGB colour of each class in RGB masks
-        "settings": asdict(s),
+        "settings": asdict(s),  # plain types only, so weights_only loading can read it
         "epoch": -1 if epoch is None else int(epoch),
         "val_miou": -1.0 if miou is None else float(miou),
     }
@@ -943,7 +965,7 @@ def load_embeddings(path):
     except Exception as e:
         raise SlimeError(f"{path} is not a readable slime emb.pt (corrupt, or not made by slime): "
                          f"{str(e).splitlines()[0][:200]}") from None
-    if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:
+    if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         raise SlimeError(f"{path} is a torch file but not a slime emb.pt (no '{EMB_FORMAT}' format tag)")
     check_embeddings(emb, path)
     return emb
@@ -978,6 +1000,7 @@ def check_embeddings(emb, path):
                      f"{len(parts)} parts that its context holds")
     if emb["family"] not in TEXT_PREFIX:
         raise refuse(f"its family {emb['family']!r} is neither sd1 nor sd2")
+    # vectors fitted to other layers' attention would be read through the wrong maps
     if tuple(emb["cross_layers"]) != CROSS_LAYERS or tuple(emb["self_layers"]) != SELF_LAYERS:
         raise refuse("it was fitted on other attention layers than the ones this slime reads")
     if not all(isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
@@ -998,6 +1021,7 @@ def read_release_folder(folder, parts):
         raise SlimeError(f"{folder} lacks {', '.join(missing[:4])}; the release writes embedding_0.pth to "
                          f"embedding_{{K-2}}.pth, one per part")
     try:
+        # weights_only: a downloaded folder must not be able to run code
         learned = torch.cat([torch.load(os.path.join(folder, found[i]), map_location="cpu", weights_only=True)
                              .float().reshape(1, -1) for i in range(len(found))])
     except Exception as e:
@@ -1012,7 +1036,7 @@ def read_release_folder(folder, parts):
             "settings": Settings(bgr=True, out_size=SIZE)}
 
 
-def default_parts(num_classes):
+def default_parts(num_classes):  # when no names are given: background, part1, part2, ...
     return ["background"] + [f"part{i}" for i in range(1, num_classes)]
 
 
@@ -1039,22 +1063,22 @@ def commit(writers):
     """Write {path: write(file object)} whole or not at all: each file goes to a temp file of its own
     beside its target and is flushed to disk; only when all are written are they renamed onto their
     targets. A full disk, an error or an interrupt while writing leaves every target as it was."""
-    temps, current = {path: temp_name(path) for path in writers}, None
+    temps, current = {path: temp_name(path) for path in writers}, None  # current: the file a failure names
     try:
         for path, write in writers.items():
             current = path
             with open(temps[path], "wb") as f:
                 write(f)
-            sync(temps[path])
+            sync(temps[path])  # on disk before the rename, or a power cut could leave an empty file
         for path in writers:
             current = path
-            os.replace(temps[path], path)
+            os.replace(temps[path], path)  # atomic within a folder: readers see the old file or the new
         for folder in {os.path.dirname(os.path.abspath(p)) for p in writers}:
-            sync(folder)
+            sync(folder)  # the renames themselves
     except OSError as e:
         raise SlimeError(f"{current}: cannot be written ({e.strerror or e}); it and the files written with it "
                          "are left as they were") from None
-    finally:
+    finally:  # also on Ctrl-C and SIGTERM, which arrive as KeyboardInterrupt
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -1103,6 +1127,7 @@ def overlay_image(image, labels, part_names, band=256):
         lab = labels[i:i + band + 1].astype(np.int64)  # one row more: the boundary with the next band
         counts += np.bincount(lab[:band].ravel() & 255, minlength=256)
         rgb = (image[:, i:i + band].detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
+        # & 255: labels are uint8 at most, but a caller's int64 labels must not index past the palette
         tinted = np.where((lab[:band] != 0)[..., None], 0.5 * rgb + 0.5 * VOC_PALETTE[lab[:band] & 255], rgb)
         # a boundary pixel differs from its right or its lower neighbour
         edge = np.zeros(lab.shape, bool)
@@ -1116,7 +1141,7 @@ def overlay_image(image, labels, part_names, band=256):
 
 def draw_legend(im, classes, part_names):
     """A dark box with a colour swatch and the name of each class, sized to the image; PIL clips what falls off."""
-    size = max(8, min(32, min(im.size) // 32))  # text height: 8 px on small images, 16 px at 512
+    size = max(8, min(32, min(im.size) // 32))  # text height: 8 px on small images, 16 px at 512, at most 32
     try:
         font = ImageFont.load_default(size=size)
     except ImportError:  # PIL built without FreeType: the fixed bitmap font
@@ -1366,11 +1391,12 @@ def plan_predict(args, con):
     jobs = [Job(p, *(os.path.join(args.out, os.path.splitext(os.path.basename(p))[0] + end)
                      for end in (".png", "_overlay.png"))) for p in list_images(args.inputs, con)]
     ckpt = checkpoint_path(args)
-    check_checkpoint_fits(emb, ckpt, args.emb)
+    check_checkpoint_fits(emb, ckpt, args.emb)  # from the header: a wrong file costs no load
     find_ground_truth(jobs, args.masks, emb, con)
     reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
              ckpt: "checkpoint", args.emb: "embeddings"}
     writes = [(j.mask, f"mask of {j.image}") for j in jobs] + [(j.overlay, f"overlay of {j.image}") for j in jobs]
+    # masks written into --masks would be scored as ground truth; into an input folder, read as images
     guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
     guarded += [(folder, "a folder of input images", False) for folder in args.inputs if os.path.isdir(folder)]
     created = check_plan(reads, writes + [(os.path.join(args.out, "metrics.csv"), "IoU table")], guarded)
@@ -1451,6 +1477,8 @@ def ground_truth(job, emb):
 def check_made_by(jobs, emb, s, ckpt, args):
     """Which images are done (both outputs made by this very emb.pt, settings, checkpoint and image), and
     a refusal, naming --overwrite, when outputs made by anything else are in the way."""
+    # everything a mask depends on: the vectors (and emb.pt's full context), the parts, every setting, the
+    # weights; each image's bytes are added below. A changed mask always means a changed hash.
     run = hashlib.sha256(emb["learned"].numpy().tobytes())
     run.update(json.dumps([emb["parts"], emb.get("context", torch.zeros(0)).sum().item(), asdict(s),
                            fingerprint(ckpt)]).encode())
@@ -1459,7 +1487,7 @@ def check_made_by(jobs, emb, s, ckpt, args):
         h = run.copy()
         with open(job.image, "rb") as f:
             h.update(f.read())
-        job.made_by = h.hexdigest()[:16]
+        job.made_by = h.hexdigest()[:16]  # 64 bits: no accidental match in any folder of photos
         marks = [made_by_of(p) if os.path.exists(p) else "absent" for p in (job.mask, job.overlay)]
         job.done = marks == [job.made_by] * 2 and not args.overwrite
         # a pair this configuration left half-done (a kill between the renames) is simply redone
@@ -1504,7 +1532,7 @@ class Console:
     def progress(self, what, step, total, detail=""):
         if self.quiet:
             return
-        elapsed = time.time() - self.t0
+        elapsed = time.time() - self.t0  # the ETA assumes every step costs the same (validations do not count yet)
         line = f"{what} {step}/{total}  {detail}  {elapsed:.0f}s elapsed, ETA {elapsed / step * (total - step):.0f}s"
         if sys.stderr.isatty():
             sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K clears what a longer line left behind
@@ -1556,7 +1584,7 @@ def cmd_predict(args, con):
     rank = torch.distributed.get_rank() if world > 1 else 0
     con.quiet = con.quiet or rank > 0  # rank 0 speaks for all
     error, release = None, lambda: None
-    try:
+    try:  # every rank plans (the same files give the same plan); only rank 0 holds the folder's lock
         emb, s, device, ckpt, jobs, created = plan_predict(args, con)
         release = lock(os.path.join(args.out, ".slime.lock"), args.out) if rank == 0 else release
     except SlimeError as e:
@@ -1586,7 +1614,7 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
     context = emb["context"] if "context" in emb else with_learned(emb["learned"], prompt_contexts(sd, len(emb["parts"]))[0])
     if emb.get("fingerprint") not in (sd.fingerprint, None):
         con.say(f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
-    context, parts, per_image, wrote = context.to(sd.device), emb["parts"], [], 0
+    context, parts, per_image, wrote = context.to(sd.device), emb["parts"], [], 0  # fp32: as fit validated
     for n, job in jobs:
         if job.done:  # its mask is read back, so the IoU table covers every image
             labels = torch.from_numpy(np.array(Image.open(job.mask)))
@@ -1600,11 +1628,12 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
                 labels = segment(sd, context, image, len(parts), s)
             except SlimeError as e:
                 raise SlimeError(f"{job.image}: {e}") from None
+            # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
             shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
             commit({job.mask: png_writer(mask_image(labels.numpy()), job.made_by),  # both, or neither
                     job.overlay: png_writer(overlay_image(shown, labels.numpy(), parts), job.made_by)})
             wrote += 1
-        if job.gt:
+        if job.gt:  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
             gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[0]
             per_image.append((n, iou_per_class(labels, gt, len(parts))))
     con.end()
