@@ -374,12 +374,16 @@ class KeepTheBest:
     def __init__(self, sd, cond, num_classes, s, val_pairs, on_best):
         self.sd, self.cond, self.num_classes, self.s, self.val_pairs, self.on_best = \
             sd, cond, num_classes, s, val_pairs, on_best
-        self.best, self.context = 0.0, cond
+        self.best, self.context, self.patches = 0.0, cond, None
 
     def validate(self, learned, epoch):
         context = with_learned(learned, self.cond)
-        miou = sum(image_miou(segment(self.sd, context, image, self.num_classes, self.s, out_size=SIZE), gt,
-                              self.num_classes) for image, gt in self.val_pairs) / len(self.val_pairs)
+        # the validation images never change: their noisy patches are made once, and the masks are
+        # bit-identical to segmenting from scratch (tests/test_method.py)
+        self.patches = self.patches or [noisy_patches(self.sd, image, self.s) for image, _ in self.val_pairs]
+        miou = sum(image_miou(segment(self.sd, context, image, self.num_classes, self.s, SIZE, patches), gt,
+                              self.num_classes) for (image, gt), patches in zip(self.val_pairs, self.patches))
+        miou /= len(self.val_pairs)
         if miou >= self.best:
             self.best, self.context = miou, context
             if self.on_best:
@@ -402,20 +406,39 @@ def patch_origins(patch_size, per_side):
 
 
 @torch.no_grad()
-def class_scores(sd, context, image, num_classes, s, gen, out=SIZE):
-    """Sec. 4.2, the release's patched inference (release/src/slime.py#L188-L279): image (3, 512, 512)
-    -> per-class scores (K, out, out). Each patch is resized to 512 and segmented on its own; each class's
-    score at a pixel is the mean of its votes over the patches that saw it there.
+def noisy_patches(sd, image, s):
+    """Sec. 4.2's inputs (release/src/slime.py#L188-L229): image (3, H, W) squashed to 512x512 as in the
+    release, cut into the patches, each resized to 512 and noised at test_t -> [(y0, x0, x_t)].
+
+    Seeded per image, so an image gets the same patches in any order, on any rank. They do not depend
+    on the learned vectors, so fit's validation computes them once for the whole fit (the VAE encode
+    costs about as much as the UNet pass).
+    """
+    x = resize(image.to(sd.device), (SIZE, SIZE), "bilinear")
+    if s.bgr:
+        x = x.flip(0)  # the release fed cv2's BGR channel order
+    gen = torch.Generator(sd.device).manual_seed(s.seed)
+    t = torch.tensor([s.test_t], device=sd.device)
+    patches = []
+    for y0, x0 in patch_origins(s.patch_size, s.patches_per_side):
+        # each patch is zoomed to 512, so SD sees its parts larger than in the whole image
+        patch = resize(x[:, y0:y0 + s.patch_size, x0:x0 + s.patch_size], (SIZE, SIZE), "bilinear")
+        patches.append((y0, x0, noisy_latent(sd, patch[None], t, gen)[0]))
+    return patches
+
+
+@torch.no_grad()
+def class_scores(sd, context, patches, num_classes, s, out=SIZE):
+    """Sec. 4.2, the release's patched inference (release/src/slime.py#L188-L279): noisy_patches ->
+    per-class scores (K, out, out). Each patch is segmented on its own; each class's score at a pixel is
+    the mean of its votes over the patches that saw it there.
     """
     ratio = SIZE // out  # 1 for predict; 8 when the release logged a 64x64 training IoU
     side = s.patch_size // ratio  # a patch's side in the output grid
-    scores = torch.zeros(num_classes, out, out, device=image.device)
-    votes = torch.full((num_classes, out, out), 1e-7, device=image.device)  # the release's 1e-7: no 0/0
-    t = torch.tensor([s.test_t], device=image.device)
-    for y0, x0 in patch_origins(s.patch_size, s.patches_per_side):
-        # each patch is zoomed to 512, so SD sees its parts larger than in the whole image
-        patch = resize(image[:, y0:y0 + s.patch_size, x0:x0 + s.patch_size], (SIZE, SIZE), "bilinear")
-        x_t, _ = noisy_latent(sd, patch[None], t, gen)
+    scores = torch.zeros(num_classes, out, out, device=sd.device)
+    votes = torch.full((num_classes, out, out), 1e-7, device=sd.device)  # the release's 1e-7: no 0/0
+    t = torch.tensor([s.test_t], device=sd.device)
+    for y0, x0, x_t in patches:
         A_ca, A_sa, _ = attention_maps(sd, x_t, t, context, num_classes, log_space=False)
         seen, patch_scores = patch_votes(A_ca, A_sa, s.threshold, side)
         if patch_scores is None:
@@ -447,18 +470,15 @@ def patch_votes(A_ca, A_sa, threshold, side):
     return seen, was / shrink[:, None, None] + (floor[seen] - w_min / shrink)[:, None, None]
 
 
-def segment(sd, context, image, num_classes, s, out_size=None):
+def segment(sd, context, image, num_classes, s, out_size=None, patches=None):
     """image (3, H, W) in [0, 1], any size -> labels (H, W) uint8, or (out_size, out_size).
 
     The model sees the image squashed to 512x512, as in the release. slime then upsamples the class
     SCORES, not the labels, to the image's own size and takes the argmax there (--out-size 512: the
-    release's 512x512 masks).
+    release's 512x512 masks). patches: the image's noisy_patches, when the caller keeps them.
     """
-    x = resize(image.to(sd.device), (SIZE, SIZE), "bilinear")
-    if s.bgr:
-        x = x.flip(0)  # the release fed cv2's BGR channel order
-    gen = torch.Generator(sd.device).manual_seed(s.seed)  # per image: the same masks in any order, on any rank
-    scores = class_scores(sd, context, x, num_classes, s, gen).cpu()
+    patches = patches or noisy_patches(sd, image, s)
+    scores = class_scores(sd, context, patches, num_classes, s).cpu()
     if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
         raise SlimeError("its class scores are not finite" + (", as fp16 overflows: use --dtype bf16 or fp32"
                                                               if sd.dtype == torch.float16 else ""))

@@ -144,7 +144,8 @@ def release_training_step(base, learned, cond, image, mask, s, gen):
     # step 14: patched inference (CFG batch, no grad) only to log a training IoU, at out = 64.
     # threshold 0: with random weights no class reaches 0.2 and the per-class work would be skipped.
     with torch.no_grad():
-        slime.class_scores(base, slime.with_learned(learned, cond), image, K, replace(s, threshold=0.0), gen,
+        ps = replace(s, threshold=0.0)
+        slime.class_scores(base, slime.with_learned(learned, cond), slime.noisy_patches(base, image, ps), K, ps,
                            out=slime.MAP).argmax(0)
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
 

@@ -213,8 +213,8 @@ def test_patched_masking_arithmetic(patch_size, per_side, out, passed):
     # the class maps peak at 0.0162-0.0175: at threshold 0.017 some classes fail in a patch, class 0 is
     # not always the first that passes, and no class passes in the third patch (it adds nothing)
     s = slime.Settings(patch_size=patch_size, patches_per_side=per_side, threshold=0.017)
-    got = slime.class_scores(FakeSD(FakeUNet(calls)), None, torch.rand(3, 512, 512), K, s,
-                             torch.Generator().manual_seed(0), out=out)
+    sd = FakeSD(FakeUNet(calls))
+    got = slime.class_scores(sd, None, slime.noisy_patches(sd, torch.rand(3, 512, 512), s), K, s, out=out)
     want, passed_per_patch = patched_masking_slow(calls, K, s, out)
     assert passed_per_patch == passed  # the cases above really occur
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
@@ -295,3 +295,28 @@ def test_fit_feeds_the_colour_order_it_records(tiny_ckpt, monkeypatch, bgr):
         slime.fit(sd, [(image, torch.ones(512, 512, dtype=torch.long))], 2, s)
     channel = seen[0].flatten(1).mean(1).argmax().item()
     assert channel == (2 if bgr else 0)
+
+
+def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_ckpt):
+    """fit's validation segments the same images with the same seeded noise every time, so KeepTheBest
+    VAE-encodes each validation patch once per fit; its masks and mIoU equal segmenting from scratch."""
+    from conftest import synthetic_scene
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    img, mask = synthetic_scene()
+    image, gt = torch.from_numpy(img).permute(2, 0, 1).float() / 255, torch.from_numpy(mask).long()
+    s = slime.Settings(threshold=0, patch_size=400, patches_per_side=2)
+    cond, _ = slime.prompt_contexts(sd, 3)
+    best = []
+    keeper = slime.KeepTheBest(sd, cond, 3, s, [(image, gt)], lambda c, e, m: best.append(m))
+    encodes, encode = [], sd.vae.encode
+    sd.vae.encode = lambda *a, **k: encodes.append(1) or encode(*a, **k)
+    mious = []
+    for epoch, shift in enumerate((0.0, 0.5)):
+        learned = cond[0, 1:3] + shift
+        keeper.validate(learned, epoch)
+        context = slime.with_learned(learned, cond)
+        fresh = slime.segment(sd, context, image, 3, s, slime.SIZE)
+        assert torch.equal(slime.segment(sd, context, image, 3, s, slime.SIZE, keeper.patches[0]), fresh)
+        mious.append(slime.image_miou(fresh, gt, 3))
+    assert len(encodes) == 4 + 2 * 4  # the keeper's 4 patches once; 4 for each segment from scratch
+    assert best[0] == mious[0] and keeper.best == max(mious)  # the mIoU of the masks made from scratch
