@@ -627,7 +627,8 @@ def check_keys(shapes, modules, ignored, path, dtypes=None):
 
 
 def open_checkpoint(path):
-    check_file(path, ".safetensors checkpoint", "put v2-1_512-ema-pruned.safetensors there (see weights/README.md)")
+    check_file(path, ".safetensors checkpoint", "check the path; weights/README.md says where to download "
+               "v2-1_512-ema-pruned.safetensors")
     if not str(path).endswith(".safetensors"):
         raise SlimeError(f"{path} is not a .safetensors file; slime never unpickles .ckpt files, "
                          "download the .safetensors release instead (see weights/README.md)")
@@ -686,6 +687,7 @@ def file_sha256(path):
             known = json.load(f)
     except (OSError, ValueError):
         known = {}
+    known = known if isinstance(known, dict) else {}  # a damaged cache only costs the hashing
     if key not in known:
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -867,6 +869,9 @@ def read_npy_mask(path):
     if labels.ndim != 2:
         raise SlimeError(f"{path} has shape {tuple(labels.shape)}; a mask must be a 2-D (height, width) array "
                          "of class labels")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):  # before int64 can wrap a uint64
+        raise SlimeError(f"{path} holds values from {labels.min()} to {labels.max()}; class labels are 0..76, "
+                         "and 255 means ignore")
     return labels.astype(np.int64)
 
 
@@ -980,11 +985,7 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
 def load_embeddings(path):
     """emb.pt as fit wrote it, checked against its schema (check_embeddings); never runs pickled code."""
     check_file(path, "emb.pt", f"make one with `python slime.py fit image.png mask.png -o {path}`")
-    try:
-        emb = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SlimeError(f"{path} is not a readable slime emb.pt (corrupt, or not made by slime): "
-                         f"{str(e).splitlines()[0][:200]}") from None
+    emb = safe_load(path, "a slime emb.pt")
     if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         raise SlimeError(f"{path} is a torch file but not a slime emb.pt (no '{EMB_FORMAT}' format tag)")
     check_embeddings(emb, path)
@@ -1015,6 +1016,7 @@ def check_embeddings(emb, path):
         raise refuse(f"its context has shape {tuple(context.shape)} ({context.dtype}), not (1, 77, width)")
     if not torch.isfinite(context).all():
         raise refuse("its context holds nan or inf values")
+    emb["context"], emb["learned"] = context, learned = context.float(), learned.float()  # as fit saves them
     if tuple(learned.shape) != (len(parts) - 1, context.shape[2]) or not torch.equal(learned, context[0, 1:len(parts)]):
         raise refuse(f"its learned vectors {tuple(learned.shape)} are not the {len(parts) - 1} vectors of its "
                      f"{len(parts)} parts that its context holds")
@@ -1036,19 +1038,20 @@ def read_release_folder(folder, parts):
     found = {int(m.group(1)): f for f in os.listdir(folder) if (m := re.fullmatch(r"embedding_(\d+)\.pth", f))}
     if not found:
         raise SlimeError(f"{folder} is a folder without embedding_0.pth ...; give an emb.pt or the release's folder")
-    missing = [f"embedding_{i}.pth" for i in range(max(found) + 1) if i not in found]
+    missing = [f"embedding_{i}.pth" for i in range(min(max(found) + 1, MAX_CLASSES)) if i not in found]
+    if not missing and max(found) >= MAX_CLASSES - 1:
+        raise SlimeError(f"{folder} holds embedding_{max(found)}.pth: more parts than SD's 77 tokens allow")
     if missing:
         raise SlimeError(f"{folder} lacks {', '.join(missing[:4])}; the release writes embedding_0.pth to "
                          f"embedding_{{K-2}}.pth, one per part")
-    try:
-        # weights_only: a downloaded folder must not be able to run code
-        learned = torch.cat([torch.load(os.path.join(folder, found[i]), map_location="cpu", weights_only=True)
-                             .float().reshape(1, -1) for i in range(len(found))])
-    except Exception as e:
-        raise SlimeError(f"{folder}: cannot read its embedding_{{i}}.pth files as tensors ({e})") from None
+    learned = [safe_load(os.path.join(folder, found[i]), "a tensor") for i in range(len(found))]
+    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == learned[0].numel()
+               for v in learned):
+        raise SlimeError(f"{folder}: its embedding_{{i}}.pth files are not one vector each of the same width")
+    learned = torch.cat([v.float().reshape(1, -1) for v in learned])
     if not torch.isfinite(learned).all():
         raise SlimeError(f"{folder}: its embedding_{{i}}.pth vectors hold nan or inf values")
-    parts = parts.split(",") if parts else default_parts(len(found) + 1)
+    parts = part_names(parts, "--parts") if parts else default_parts(len(found) + 1)
     if len(parts) != len(found) + 1:
         raise SlimeError(f"{folder} holds {len(found)} part embeddings, so --parts needs {len(found) + 1} names "
                          f"(background first), not {len(parts)}")
@@ -1058,6 +1061,24 @@ def read_release_folder(folder, parts):
 
 def default_parts(num_classes):  # when no names are given: background, part1, part2, ...
     return ["background"] + [f"part{i}" for i in range(1, num_classes)]
+
+
+def part_names(text, flag):
+    """--parts a,b,c -> ["a", "b", "c"]: names that are not empty and not repeated (each labels a class)."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts) or len(set(parts)) != len(parts):
+        raise SlimeError(f"{flag} {text}: the names must be non-empty and distinct, comma-separated, background first")
+    return parts
+
+
+def safe_load(path, what):
+    """torch.load that never runs pickled code, and says so in one line instead of torch's advice to
+    load with weights_only=False (which would run whatever a downloaded file holds)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise SlimeError(f"{path} cannot be read as {what}: it is damaged, not a torch file, or holds pickled "
+                         "objects that slime never runs") from None
 
 
 # ----------------------------------------------------------------------------- files: outputs, whole or not at all
@@ -1196,9 +1217,9 @@ def file_key(path):
 
 
 def check_plan(reads, writes, guarded=()):
-    """Refuse an output that would destroy an input or another output, or that lands where it must not,
-    then make the output folders and prove them writable. reads: {path: what it is}; writes: [(path,
-    what it is)]; guarded: [(folder, what it is, whether its subfolders count too)]. -> new folders."""
+    """Refuse an output that would destroy an input or another output, or that lands where it must not;
+    reads only. reads: {path: what it is}; writes: [(path, what it is)]; guarded: [(folder, what it is,
+    whether its subfolders count too)]. make_folders follows, once every check has passed."""
     inputs, outputs = {file_key(p): (p, what) for p, what in reads.items()}, {}
     for path, what in writes:
         key, where = file_key(path), os.path.dirname(os.path.realpath(path))
@@ -1216,14 +1237,13 @@ def check_plan(reads, writes, guarded=()):
         if key in outputs:
             raise SlimeError(f"the {outputs[key]} and the {what} would both be {path}; rename one of the inputs")
         outputs[key] = what
-    return make_folders(sorted({os.path.dirname(os.path.abspath(p)) for p, _ in writes}))
 
 
-def make_folders(folders):
-    """Make each folder and prove it writable by creating and removing a temp file there (os.access
+def make_folders(writes):
+    """Make each output folder and prove it writable by creating and removing a temp file there (os.access
     cannot tell: root, network disks, ACLs). -> the folders made, deepest first, to undo on failure."""
     created = []
-    for folder in folders:
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p, _ in writes}):
         missing = folder
         while not os.path.exists(missing):
             created.append(missing)
@@ -1231,7 +1251,7 @@ def make_folders(folders):
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            reason = "a file has that name" if isinstance(e, FileExistsError) else e.strerror
+            reason = "something that is not a folder has that name" if isinstance(e, FileExistsError) else e.strerror
             raise SlimeError(f"{folder}: cannot create the output folder ({reason})") from None
         probe = temp_name(os.path.join(folder, "probe"))
         try:
@@ -1266,7 +1286,8 @@ def lock(path, what):
         os.close(fd)
 
     def release():
-        os.remove(path)
+        if os.path.exists(path):  # someone may have removed it, or the whole folder, meanwhile
+            os.remove(path)
         os.close(fd)
     return release
 
@@ -1332,10 +1353,11 @@ def plan_fit(args, con):
     paths = pair_paths(args.pairs, "fit") + pair_paths(args.val or [], "--val")
     ckpt = checkpoint_path(args)
     check_file(ckpt, ".safetensors checkpoint")
-    created = check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}}, [(args.output, "emb.pt")])
+    check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}}, [(args.output, "emb.pt")])
     if os.path.isfile(args.output) and not is_embeddings(args.output):  # a file fit did not write: the user's
         raise SlimeError(f"{args.output} exists and is not a slime emb.pt; fit would replace it: remove it or "
                          "choose another -o")
+    created = make_folders([(args.output, "emb.pt")])
     folder, name = os.path.split(os.path.abspath(args.output))
     return s, device, ckpt, created, lock(os.path.join(folder, f".{name}.lock"), args.output)
 
@@ -1351,10 +1373,10 @@ def pair_paths(paths, what):
     return paths
 
 
-def read_pairs(paths, palette=None):
+def read_pairs(paths):
     """[img, mask, img, mask, ...] -> ([(image, labels, mask path)], palette), masks checked against images."""
     images = [read_image(p) for p in paths[0::2]]
-    labels, palette = colors_to_labels([read_mask(p) for p in paths[1::2]], palette, paths[1::2])
+    labels, palette = colors_to_labels([read_mask(p) for p in paths[1::2]], None, paths[1::2])
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
         if tuple(m.shape) != tuple(img.shape[1:]):
             raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is "
@@ -1365,9 +1387,10 @@ def read_pairs(paths, palette=None):
 def check_classes(pairs, train, parts, palette, con):
     """The class count, and every mask value within it: -> the part names (background first)."""
     top = max(int(m[m != IGNORE].max(initial=0)) for _, m, _ in pairs)
-    parts = parts.split(",") if parts else default_parts(top + 1)
-    if len(parts) > MAX_CLASSES:
-        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
+    num_classes = len(part_names(parts, "--parts")) if parts else top + 1  # before any list of that length
+    if num_classes > MAX_CLASSES:
+        raise SlimeError(f"{num_classes} classes are more than SD's 77 tokens allow (background + 76 parts)")
+    parts = part_names(parts, "--parts") if parts else default_parts(top + 1)
     for _, m, path in pairs:
         bad = sorted(set(np.unique(m).tolist()) - set(range(len(parts))) - {IGNORE})
         if bad and palette is not None:  # colour masks: more colours than --parts names
@@ -1418,10 +1441,12 @@ def plan_predict(args, con):
     writes = [(j.mask, f"mask of {j.image}") for j in jobs] + [(j.overlay, f"overlay of {j.image}") for j in jobs]
     # masks written into --masks would be scored as ground truth; into an input folder, read as images
     guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
-    guarded += [(folder, "a folder of input images", False) for folder in args.inputs if os.path.isdir(folder)]
-    created = check_plan(reads, writes + [(os.path.join(args.out, "metrics.csv"), "IoU table")], guarded)
-    with work(created, lambda: None):  # only undoes the new folders if what follows refuses
-        check_made_by(jobs, emb, s, ckpt, args)
+    guarded += [(folder, "a folder of input images", False)
+                for folder in {p if os.path.isdir(p) else os.path.dirname(p) or "." for p in args.inputs}]
+    writes.append((os.path.join(args.out, "metrics.csv"), "IoU table"))
+    check_plan(reads, writes, guarded)
+    check_made_by(jobs, emb, s, ckpt, device, args)
+    created = make_folders(writes)  # the plan's only write: after every check
     return emb, s, device, ckpt, jobs, created
 
 
@@ -1472,10 +1497,19 @@ def find_ground_truth(jobs, masks, emb, con):
                        if os.path.isfile(os.path.join(masks, stem + ext))), None)
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
-            continue
-        if file_key(job.gt) == file_key(job.image):  # --masks is the image folder: same stems
+        elif file_key(job.gt) == file_key(job.image):  # --masks is the image folder: same stems
             raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; "
                              "keep the ground-truth masks in a folder of their own")
+    scored = [job for job in jobs if job.gt]
+    if masks and not scored:  # an IoU table of nothing would read as a score of 0
+        raise SlimeError(f"--masks {masks} holds no mask for any of the {count(len(jobs), 'image')} (a mask is "
+                         "found by its image's file stem, e.g. photo.jpg -> photo.png)")
+    if scored and not emb["colors"]:
+        # fit saw label (or VOC) masks: colour ground truth gets ONE colour -> class mapping for the whole
+        # folder, as fit gives its masks; mapped one by one, a class absent from a mask would shift the rest
+        keys = [(job.gt, np.unique(pack_rgb(m))) for job in scored if (m := read_mask(job.gt)).ndim == 3]
+        emb["colors"] = (mask_palette([k for _, k in keys], [n for n, _ in keys])[1] or []) if keys else []
+    for job in scored:
         gt = ground_truth(job, emb)
         with Image.open(job.image) as im:  # the size as shown: EXIF orientations 5-8 swap the sides
             w, h = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size
@@ -1494,25 +1528,35 @@ def ground_truth(job, emb):
     return gt
 
 
-def check_made_by(jobs, emb, s, ckpt, args):
-    """Which images are done (both outputs made by this very emb.pt, settings, checkpoint and image), and
-    a refusal, naming --overwrite, when outputs made by anything else are in the way."""
-    # everything a mask depends on: the vectors (and emb.pt's full context), the parts, every setting, the
-    # weights; each image's bytes are added below. A changed mask always means a changed hash.
-    run = hashlib.sha256(emb["learned"].numpy().tobytes())
-    run.update(json.dumps([emb["parts"], emb.get("context", torch.zeros(0)).sum().item(), asdict(s),
-                           fingerprint(ckpt)]).encode())
+def check_made_by(jobs, emb, s, ckpt, device, args):
+    """Which images are done (both outputs made by this very emb.pt, settings, checkpoint, number format
+    and image), and a refusal when anything else is in the way: files slime did not make, always;
+    outputs of another run, unless --overwrite."""
+    # everything a mask depends on: the vectors and emb.pt's full context, the parts, every setting, the
+    # weights (the file's SHA-256, computed once per file), device and dtype; each image's bytes below
+    run = hashlib.sha256()
+    for tensor in (emb["learned"], emb.get("context", torch.zeros(0))):
+        run.update(tensor.float().numpy().tobytes())
+    run.update(json.dumps([emb["parts"], asdict(s), file_sha256(ckpt), device[0].type, str(device[1])]).encode())
     foreign = []
     for job in jobs:
         h = run.copy()
         with open(job.image, "rb") as f:
             h.update(f.read())
         job.made_by = h.hexdigest()[:16]  # 64 bits: no accidental match in any folder of photos
-        marks = [made_by_of(p) if os.path.exists(p) else "absent" for p in (job.mask, job.overlay)]
-        job.done = marks == [job.made_by] * 2 and not args.overwrite
+        marks = {p: made_by_of(p) if os.path.exists(p) else "absent" for p in (job.mask, job.overlay)}
+        for path, mark in marks.items():
+            if mark is None:  # the user's own file, e.g. a photo named like an output
+                raise SlimeError(f"{path} exists and was not made by slime; predict will not replace it: move it "
+                                 "or choose another -o")
+        job.done = list(marks.values()) == [job.made_by] * 2 and not args.overwrite
         # a pair this configuration left half-done (a kill between the renames) is simply redone
-        if not args.overwrite and any(m not in ("absent", job.made_by) for m in marks):
+        if not args.overwrite and any(m not in ("absent", job.made_by) for m in marks.values()):
             foreign.append(os.path.basename(job.image))
+    metrics = os.path.join(args.out, "metrics.csv")
+    if os.path.isfile(metrics) and not open(metrics, "rb").read(9) == b"part,iou\n":
+        raise SlimeError(f"{metrics} exists and was not written by slime; predict will not replace or remove it: "
+                         "move it or choose another -o")
     if foreign:
         raise SlimeError(f"{args.out} already holds outputs for {count(len(foreign), 'image')} ({', '.join(foreign[:3])}"
                          f"{' ...' if len(foreign) > 3 else ''}) made by another emb.pt, other settings or another "
@@ -1576,8 +1620,8 @@ def cmd_fit(args, con):
     """Plan; read and check the data; load; fit, saving emb.pt at each new best."""
     s, device, ckpt, created, release = plan_fit(args, con)
     with work(created, release):
-        train, palette = read_pairs(args.pairs)
-        val, _ = read_pairs(args.val, palette) if args.val else ([], None)
+        pairs, palette = read_pairs(args.pairs + (args.val or []))  # one colour mapping for all masks
+        train, val = pairs[:len(args.pairs) // 2], pairs[len(args.pairs) // 2:]
         parts = check_classes(train + val, train, args.parts, palette, con)
         if os.path.exists(args.output):
             con.say(f"{args.output} exists; the first validation of this run replaces it")
@@ -1663,15 +1707,18 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
 def report(args, con, parts, per_image, wrote, skipped):
     """The IoU table (with --masks) and the last line: what was written, what was skipped, and why."""
     metrics = os.path.join(args.out, "metrics.csv")
-    if args.masks:
-        per_class, miou = miou_table(per_image, len(parts))
-        rows = [(name, v) for name, v in zip(parts, per_class) if v is not None]
+    per_class, miou = miou_table(per_image, len(parts))
+    rows = [(name, v) for name, v in zip(parts, per_class) if v is not None]
+    if args.masks and rows:
         print(f"{'part':<16} IoU\n" + "".join(f"{name:<16} {v:.4f}\n" for name, v in rows)
               + f"{'mIoU':<16} {miou:.4f}   ({count(len(per_image), 'image')})")
         write_text(metrics, "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n")
-    elif wrote and os.path.exists(metrics):  # it scored masks that this run replaced
-        os.remove(metrics)
-        con.say(f"removed {metrics}: it scored the masks this run replaced (pass --masks to score them)")
+    else:
+        if args.masks:  # every ground-truth pixel is 255: a table would read as a score of 0
+            con.say("nothing was scored: every ground-truth mask is all 'ignore' (255); no IoU table")
+        if wrote and os.path.exists(metrics):  # slime's own (the plan checked): it scored replaced masks
+            os.remove(metrics)
+            con.say(f"removed {metrics}: it scored the masks this run replaced (pass --masks to score them)")
     con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}" + (
         f"; skipped {skipped}, already made by this emb.pt with these settings (--overwrite redoes them)"
         if skipped else ""))

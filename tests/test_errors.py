@@ -150,6 +150,15 @@ def fit_case(d, ckpt, case):
         Image.fromarray(np.zeros((512, 512), np.uint8)).save(mask)
     elif case == "odd number of paths":
         pair = [img]
+    elif case == "empty part name":
+        args += ["--parts", "background,square,disc,"]
+    elif case == "repeated part name":
+        args += ["--parts", "background,disc,disc"]
+    elif case == "huge value in a .npy mask":
+        m = np.array(Image.open(mask)).astype(np.uint64)
+        m[0, 0] = 2 ** 63
+        np.save(d / "m.npy", m)
+        pair[1] = d / "m.npy"
     elif case == "output is a file fit did not write":
         (d / "notes.txt").write_text("my notes")
         args[-1] = d / "notes.txt"
@@ -163,7 +172,7 @@ FIT_CASES = [
     ("output is the checkpoint", "tiny-sd2.safetensors, the checkpoint this run reads"),
     ("output is a symlink to the image", "a.png, the image or mask this run reads"),
     ("output is a hard link to the mask", "a_mask.png, the image or mask this run reads"),
-    ("output below a file", "cannot create the output folder (a file has that name)"),
+    ("output below a file", "cannot create the output folder (something that is not a folder has that name)"),
     ("jpeg mask", "m.jpg is stored lossily (JPEG); compression invents colours and values at every edge"),
     ("jpeg mask named .png", "m2.png is stored lossily (JPEG)"),
     ("lossy webp mask", "m.webp is stored lossily (WEBP)"),
@@ -185,6 +194,9 @@ FIT_CASES = [
     ("background-only mask", "holds only background (class 0); nothing to learn"),
     ("odd number of paths", "fit takes image/mask pairs, but got an odd number of paths (1)"),
     ("output is a file fit did not write", "notes.txt exists and is not a slime emb.pt; fit would replace it"),
+    ("empty part name", "--parts background,square,disc,: the names must be non-empty and distinct"),
+    ("repeated part name", "--parts background,disc,disc: the names must be non-empty and distinct"),
+    ("huge value in a .npy mask", "m.npy holds values from 0 to 9223372036854775808; class labels are 0..76"),
 ]
 
 
@@ -319,6 +331,26 @@ def predict_case(d, ckpt, emb, case):
         args += ["--masks", d / "nowhere"]
     elif case == "an empty image":
         (d / "in" / "b.png").write_bytes(b"")
+    elif case in ("the user's photo where a mask goes", "the user's photo where a mask goes, --overwrite"):
+        (d / "out").mkdir()
+        Image.open(img).save(d / "out" / "a.png")
+        args += ["--overwrite"] if case.endswith("--overwrite") else []
+    elif case == "the user's metrics.csv in the output folder":
+        (d / "out").mkdir()
+        (d / "out" / "metrics.csv").write_text("run,score\n1,0.93\n")
+    elif case == "no ground truth for any image":
+        os.rename(d / "gt" / "a.png", d / "gt" / "other.png")
+        args += ["--masks", d / "gt"]
+    elif case == "release folder with a huge index":
+        (d / "rel").mkdir()
+        torch.save(torch.randn(1, 1, 64), d / "rel" / "embedding_0.pth")
+        torch.save(torch.randn(1, 1, 64), d / "rel" / "embedding_99999999999.pth")
+        args[0] = d / "rel"
+    elif case == "release folder with a pickled object":
+        (d / "rel").mkdir()
+        torch.save(torch.randn(1, 1, 64), d / "rel" / "embedding_0.pth")
+        torch.save({"when": __import__("datetime").datetime(2024, 1, 1)}, d / "rel" / "embedding_1.pth")
+        args[0] = d / "rel"
     return args
 
 
@@ -326,7 +358,7 @@ PREDICT_CASES = [
     ("output is the ground-truth folder", "gt is the ground-truth folder; outputs there would mix with what"),
     ("output inside the ground-truth folder", "pred is the ground-truth folder"),
     ("output is the input folder", "in is a folder of input images; outputs there would mix"),
-    ("output holds an input image", "in/a.png, the image this run reads"),
+    ("output holds an input image", "in is a folder of input images"),
     ("two images, one output name", "would both be"),
     ("an image named like another's overlay", "a_overlay.png and the overlay of"),
     ("output folder is a file", "cannot create the output folder"),
@@ -343,13 +375,20 @@ PREDICT_CASES = [
     ("ground truth with unknown classes", "gt/a.png has class values [9] outside 0..2"),
     ("nan weight", "the tensor model.diffusion_model.out.2.bias holds nan or inf values"),
     ("checkpoint of the other family", "was fitted on an sd2 checkpoint but"),
-    ("corrupt emb.pt", "bad.pt is not a readable slime emb.pt"),
+    ("corrupt emb.pt", "bad.pt cannot be read as a slime emb.pt: it is damaged"),
     ("foreign torch file", "other.pt is a torch file but not a slime emb.pt"),
     ("no emb.pt", "nothing.pt: no such file; make one with"),
     ("device cuda without a GPU", "--device cuda"),
     ("ground truth in the image folder", "the mask found for"),
     ("no ground-truth folder", "--masks"),
     ("an empty image", "b.png is empty (0 bytes)"),
+    ("the user's photo where a mask goes", "out/a.png exists and was not made by slime; predict will not replace it"),
+    ("the user's photo where a mask goes, --overwrite", "out/a.png exists and was not made by slime"),
+    ("the user's metrics.csv in the output folder", "metrics.csv exists and was not written by slime"),
+    ("no ground truth for any image", "holds no mask for any of the 1 image (a mask is found by its image's file stem"),
+    ("release folder with a huge index", "rel lacks embedding_1.pth"),
+    ("release folder with a pickled object", "embedding_1.pth cannot be read as a tensor: it is damaged, not a torch "
+                                             "file, or holds pickled objects that slime never runs"),
 ]
 
 
@@ -409,6 +448,78 @@ def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, 
                        "--ckpt", tiny_ckpt("sd2")]) == 0
     assert "wrote masks and overlays of 1 image to" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_overlay.png"]
+
+
+def test_colour_ground_truth_gets_one_mapping_for_the_folder(tmp_path, tiny_ckpt, emb, capsys):
+    """emb.pt fitted on label masks; the ground truth saved as colour masks, one of which lacks a class. Mapped
+    one by one, that mask's classes would shift; mapped as a folder, the IoU equals the label masks' IoU."""
+    ckpt = tiny_ckpt("sd2")
+    for d in ("in", "gt_labels", "gt_colours"):
+        (tmp_path / d).mkdir()
+    img, mask = synthetic_scene()
+    other = mask[:, ::-1].copy()
+    other[other == 1] = 0  # b's ground truth has no class 1
+    palette = np.array([[0, 0, 0], [0, 0, 255], [255, 0, 0]], np.uint8)
+    for name, image, labels in (("a", img, mask), ("b", img[:, ::-1].copy(), other)):
+        Image.fromarray(image).save(tmp_path / "in" / f"{name}.png")
+        Image.fromarray(labels).save(tmp_path / "gt_labels" / f"{name}.png")
+        Image.fromarray(palette[labels]).save(tmp_path / "gt_colours" / f"{name}.png")
+    tables = []
+    for gt in ("gt_labels", "gt_colours"):
+        assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / f"out_{gt}"), "--ckpt", ckpt,
+                           "--masks", str(tmp_path / gt), "-q"]) == 0
+        tables.append(capsys.readouterr().out)
+    assert tables[0] == tables[1] and "mIoU" in tables[0]
+
+
+def test_an_all_ignore_ground_truth_scores_nothing_instead_of_zero(tmp_path, tiny_ckpt, emb, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "gt").mkdir()
+    Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
+    Image.fromarray(np.full((64, 64), 255, np.uint8)).save(tmp_path / "gt" / "a.png")
+    assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt",
+                       tiny_ckpt("sd2"), "--masks", str(tmp_path / "gt")]) == 0
+    out = capsys.readouterr()
+    assert "mIoU" not in out.out and "nothing was scored: every ground-truth mask is all 'ignore' (255)" in out.err
+    assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_what_made_an_output_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, emb):
+    """The made-by hash changes with the checkpoint's bytes (a same-size, same-header file: a merged LoRA),
+    the dtype and the device, so none of them can pass old masks off as new."""
+    img, _ = scene_files(tmp_path, size=64)
+    ckpt = tiny_ckpt("sd2")
+    raw = bytearray(open(ckpt, "rb").read())
+    raw[len(raw) // 2] ^= 1  # one bit in the middle of the tensor data
+    (tmp_path / "tuned.safetensors").write_bytes(bytes(raw))
+    e, s = slime.load_embeddings(emb), slime.Settings()
+    args = slime.build_parser().parse_args(["predict", str(emb), str(img), "-o", str(tmp_path / "out")])
+
+    def made_by(path, dtype):
+        job = slime.Job(str(img), str(tmp_path / "out" / "a.png"), str(tmp_path / "out" / "a_overlay.png"))
+        slime.check_made_by([job], e, s, str(path), (torch.device("cpu"), dtype), args)
+        return job.made_by
+    base = made_by(ckpt, torch.float32)
+    assert made_by(tmp_path / "tuned.safetensors", torch.float32) != base != made_by(ckpt, torch.bfloat16)
+    assert made_by(ckpt, torch.float32) == base
+
+
+def test_small_mishaps_end_in_one_line(tmp_path, tiny_ckpt, emb, capsys, monkeypatch):
+    # a damaged SHA-256 cache only costs the hashing
+    cache = tmp_path / "xdg" / "slime"
+    cache.mkdir(parents=True)
+    (cache / "sha256.json").write_text("[]")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert slime.main(["info", tiny_ckpt("sd2")]) == 0
+    # a lock file removed under a run (or its whole folder) does not turn the run's end into a traceback
+    release = slime.lock(str(tmp_path / ".x.lock"), "x")
+    os.remove(tmp_path / ".x.lock")
+    release()
+    # an emb.pt saved in bf16 is read as fit saves it, in fp32
+    e = torch.load(emb, weights_only=True)
+    e["context"], e["learned"] = e["context"].bfloat16(), e["learned"].bfloat16()
+    torch.save(e, tmp_path / "bf16.pt")
+    assert slime.load_embeddings(tmp_path / "bf16.pt")["context"].dtype == torch.float32
 
 
 def test_a_stale_iou_table_is_removed_when_its_masks_are_replaced(tmp_path, tiny_ckpt, emb, capsys):
@@ -569,7 +680,7 @@ def test_predict_never_runs_pickled_code(tmp_path, tiny_ckpt):
         pickle.dump({"format": "slime-embeddings/1", "x": Evil()}, f)
     img, _ = scene_files(tmp_path, size=64)
     r = cli("predict", tmp_path / "evil.pt", img, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), cwd=tmp_path)
-    assert_refused(r, "is not a readable slime emb.pt")
+    assert_refused(r, "cannot be read as a slime emb.pt: it is damaged, not a torch file, or holds pickled")
     assert not (tmp_path / "pwned").exists()
 
 
