@@ -140,7 +140,7 @@ def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
     (["fit", "a.png"], "fit takes image/mask pairs, but got an odd number of paths (1)"),
     (["fit", "missing.png", "missing_mask.png"], "missing.png: no such file"),
     (["predict", "nothing.pt", "."], "nothing.pt: no such file; make one with"),
-    (["info", "nothing.safetensors"], "nothing.safetensors: no such file; put v2-1_512-ema-pruned.safetensors"),
+    (["info", "nothing.safetensors"], "nothing.safetensors: no such file; check the path; weights/README.md says"),
     (["info", "model.ckpt"], "model.ckpt is not a .safetensors file; slime never unpickles .ckpt files"),
 ])
 def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message):

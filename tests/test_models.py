@@ -176,7 +176,7 @@ def write_bytes(path, data):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing", r"no such file; put v2-1_512-ema-pruned.safetensors"),
+    ("missing", r"no such file; check the path; weights/README.md says where to download"),
     ("directory", r"is a directory; give the path of a single .safetensors"),
     ("pickle", r"is not a .safetensors file; slime never unpickles .ckpt files"),
     ("truncated", r"cannot be read as .safetensors \(truncated or corrupt download\?\)"),
