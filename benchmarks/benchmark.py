@@ -164,7 +164,7 @@ def rss_kb(field):
 def measure_one(mode, args):
     op, who = mode.split("-")
     device = args.device
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     torch.manual_seed(0)
     sd = build(args.tiny, device, dtype)
     s = slime.Settings()
@@ -230,7 +230,8 @@ def measure_one(mode, args):
 
 # ----------------------------------------------------------------------------- driver and table
 def run_mode(mode, device, args):
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", mode, "--device", device, "--repeats", str(args.repeats)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", mode, "--device", device, "--repeats", str(args.repeats),
+           "--dtype", args.dtype]
     out = subprocess.run(cmd + (["--tiny"] if args.tiny else []), stdout=subprocess.PIPE, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:  # e.g. killed for memory
@@ -254,6 +255,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu, then cuda when available")
     ap.add_argument("--repeats", type=int, help="timed runs after 1 warm-up (default: 2 on cpu, 5 on cuda)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: slime's (fp32 on cpu, bf16 on cuda)")
     ap.add_argument("--only", choices=("fit", "predict"))
     ap.add_argument("--tiny", action="store_true", help="small widths (tests/conftest.py's), to debug the script")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement in this process
@@ -263,8 +265,10 @@ def main():
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ops = [op for op in OPS if args.only is None or (op == "fit") == (args.only == "fit")]
     t_start = time.time()
+    dtype_given = args.dtype
     for device in devices:
         args.repeats = args.repeats or (2 if device == "cpu" else 5)
+        args.dtype = dtype_given or ("fp32" if device == "cpu" else "bf16")
         results = {}
         for op in ops:
             for who in ("slime", "release"):

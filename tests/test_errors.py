@@ -261,6 +261,16 @@ def test_fp16_on_a_cpu_is_named_for_what_it_costs(capsys):
     assert "warning: fp16 on a CPU is about 25x slower than fp32" in capsys.readouterr().err
 
 
+def test_bf16_on_a_cpu_without_bf16_instructions_is_named_for_what_it_costs(capsys, monkeypatch):
+    args = slime.build_parser().parse_args(["fit", "a.png", "m.png", "--device", "cpu", "--dtype", "bf16"])
+    for native, warned in ((False, True), (True, False)):
+        monkeypatch.setattr(slime, "cpu_has_bf16", lambda: native)
+        assert slime.device_and_dtype(args, slime.Console(False)) == (torch.device("cpu"), torch.bfloat16)
+        assert ("this CPU has no bf16 instructions" in capsys.readouterr().err) == warned
+    args = slime.build_parser().parse_args(["fit", "a.png", "m.png", "--device", "cpu"])
+    assert slime.device_and_dtype(args, slime.Console(False))[1] == torch.float32  # the default: the release's
+
+
 # ----------------------------------------------------------------------------- predict: one row per hostile case
 def predict_case(d, ckpt, emb, case):
     """Build the files of one case in d; return the predict arguments."""
@@ -667,7 +677,7 @@ def test_cuda_out_of_memory_says_what_to_try(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(slime, "cmd_fit", oom)
     assert slime.main(["fit", *map(str, scene_files(tmp_path, size=64))]) == 2
     err = capsys.readouterr().err
-    assert "the GPU ran out of memory; try --dtype fp16" in err and "--patches-per-side 1" in err and "--device cpu" in err
+    assert "the GPU ran out of memory; try --dtype bf16" in err and "--patches-per-side 1" in err and "--device cpu" in err
 
 
 class Evil:
