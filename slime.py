@@ -333,10 +333,14 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     """Optimise K-1 text vectors on pairs [(image (3, 512, 512) in [0, 1], mask (512, 512) int64)].
 
     Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): one augmented
-    step per pair per epoch, then a validation that keeps the best vectors. on_best(context (1, 77, D),
-    epoch, mIoU) is called with each new best; progress(step, steps, terms) after each step.
+    step per pair per epoch, then a validation that keeps the best vectors. Masks may be numpy or torch,
+    images and masks of any (equal) size: they are squashed to 512x512 here, as the release does.
+    on_best(context (1, 77, D), epoch, mIoU) is called with each new best (epochs count from 1);
+    progress(event) after each step ({"event": "step", "step", "steps", "epoch", "epochs", and the loss
+    terms}) and each validation ({"event": "validation", "epoch", "miou", "best", "seconds"}).
     Returns the best context.
     """
+    pairs, val_pairs = squashed(pairs), squashed(val_pairs) if val_pairs else None
     gen = torch.Generator(sd.device).manual_seed(s.seed)  # timesteps, VAE samples, noise
     aug_gen = torch.Generator().manual_seed(s.seed)  # augmentations (on the CPU)
     cond, uncond = prompt_contexts(sd, num_classes)
@@ -360,10 +364,26 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             optimizer.step()
             step += 1
             if progress:
-                progress(step, s.epochs * len(pairs), terms)
+                progress(dict(event="step", step=step, steps=s.epochs * len(pairs), epoch=epoch + 1,
+                              epochs=s.epochs, **terms))
         if (epoch + 1) % s.val_every == 0 or epoch == s.epochs - 1:  # the last epoch is always validated
-            keeper.validate(learned.detach(), epoch)
+            t0 = time.time()
+            miou, best = keeper.validate(learned.detach(), epoch + 1)
+            if progress:
+                progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best, seconds=time.time() - t0))
     return keeper.context
+
+
+def squashed(pairs):
+    """[(image (3, H, W), mask (H, W) numpy or torch)] -> the same at 512x512 (image bilinear, mask nearest,
+    as the release's cv2 resizes), masks as int64 tensors."""
+    out = []
+    for image, mask in pairs:
+        mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).long()
+        if tuple(mask.shape) != tuple(image.shape[1:]):
+            raise SlimeError(f"a mask of {tuple(mask.shape)} does not match its image of {tuple(image.shape[1:])}")
+        out.append((resize(image, (SIZE, SIZE), "bilinear"), resize(mask[None], (SIZE, SIZE), "nearest")[0]))
+    return out
 
 
 class KeepTheBest:
@@ -384,10 +404,12 @@ class KeepTheBest:
         miou = sum(image_miou(segment(self.sd, context, image, self.num_classes, self.s, SIZE, patches), gt,
                               self.num_classes) for (image, gt), patches in zip(self.val_pairs, self.patches))
         miou /= len(self.val_pairs)
-        if miou >= self.best:
+        best = miou >= self.best
+        if best:
             self.best, self.context = miou, context
             if self.on_best:
                 self.on_best(context, epoch, miou)
+        return miou, best
 
 
 def diverged(sd, loss, step, terms):
@@ -820,15 +842,18 @@ def read_image(path):
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
 
-def read_mask(path):
+def read_mask(path, colors=False):
     """A mask file (.npy or a lossless image) as (H, W) int64 labels, or as (H, W, 3) uint8 colours for
-    colors_to_labels. Values are kept as they are, so 255 (PASCAL VOC's "ignore") survives."""
+    colors_to_labels. Values are kept as they are, so 255 (PASCAL VOC's "ignore") survives.
+    colors=True reads an indexed (palette) PNG as its colours: a labelmap names colours, not indices."""
     if str(path).lower().endswith(".npy"):
         return read_npy_mask(path)
     im, format = open_image(path, "mask")
     if format == "JPEG" or (format == "WEBP" and not webp_is_lossless(path)):
         raise SlimeError(f"{path} is stored lossily ({format}); compression invents colours and values at every "
                          "edge, which would become classes of their own: save the mask as PNG (or .npy)")
+    if im.mode == "P" and colors:
+        im = im.convert("RGB")
     if im.mode in ("P", "L", "1") + GRAY16:
         return np.asarray(im).astype(np.int64)  # palette indices or gray values are the labels
     if im.mode in ("PA", "LA"):
@@ -886,6 +911,7 @@ def voc_palette(n=256):
 
 
 VOC_PALETTE = voc_palette()
+VOID = (224, 224, 192)  # VOC's colour of index 255, "ignore" (object borders, unlabelled pixels)
 
 
 def pack_rgb(colors):
@@ -932,6 +958,8 @@ def colors_to_labels(masks, palette=None, names=None):
             out.append(mask)
             continue
         labels, found = lookup(k, table_keys)
+        void = ~found & (k == pack_rgb(VOID))  # VOC's void colour means ignore, in any palette without it
+        labels[void], found[void] = IGNORE, True
         if not found.all():
             bad = unpack_rgb(np.unique(k[~found])[:3])
             examples = ", ".join(f"({r}, {g}, {b})" for r, g, b in bad)
@@ -955,8 +983,71 @@ def mask_palette(keys, names):
                     "cause, so save the masks without anti-aliasing or as indexed PNGs")
     if np.isin(present, pack_rgb(VOC_PALETTE)).all():
         return VOC_PALETTE, None  # VOC colours: the VOC index, so (224, 224, 192) -> 255 = ignore
+    present = present[present != pack_rgb(VOID)]  # void is ignore (colors_to_labels), not a class
     table = np.array(unpack_rgb(np.union1d(np.zeros(1, np.int32), present)))  # sorted keys: black first
     return table, table.tolist()
+
+
+# A labelling tool's export names its colours: CVAT's "Segmentation mask 1.1" (and VOC-style tools) write
+# labelmap.txt, one `name:r,g,b:parts:actions` line per label, background first, beside SegmentationClass/.
+LABELMAP_HEADER = "# label:color_rgb:parts:actions"
+
+
+def read_labelmap(path):
+    """labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i."""
+    check_file(path, "labelmap.txt")
+    names, colors = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, _, rest = line.partition(":")
+            rgb = rest.split(":")[0].split(",")
+            try:
+                color = [int(v) for v in rgb]
+            except ValueError:
+                color = []
+            if not name.strip() or len(color) != 3 or not all(0 <= v <= 255 for v in color):
+                raise SlimeError(f"{path}, line {n}: {line[:60]!r} is not `name:r,g,b::` with r, g, b in 0..255")
+            if name.strip() in names or color in colors:
+                raise SlimeError(f"{path}, line {n}: the label {name.strip()!r} or its colour {tuple(color)} is "
+                                 "listed twice; each label needs a name and a colour of its own")
+            names.append(name.strip())
+            colors.append(color)
+    if not 2 <= len(names) <= MAX_CLASSES:
+        raise SlimeError(f"{path} lists {len(names)} labels; slime needs 2 to {MAX_CLASSES} (background first)")
+    return names, colors
+
+
+def find_labelmap(mask_paths, given=None):
+    """The labelmap.txt that names these masks' colours: --labelmap, else one beside the masks, else the
+    export's root above a SegmentationClass/ folder (CVAT's layout). None when there is none."""
+    if given:
+        return given
+    found = set()
+    for mask in mask_paths:
+        folder = os.path.dirname(os.path.abspath(mask))
+        for where in (folder, os.path.dirname(folder) if os.path.basename(folder) == "SegmentationClass" else None):
+            if where and os.path.isfile(os.path.join(where, "labelmap.txt")):
+                found.add(os.path.join(where, "labelmap.txt"))
+                break
+    if len({open(p, "rb").read() for p in found}) > 1:
+        raise SlimeError(f"the masks come with different labelmap.txt files ({', '.join(sorted(found)[:2])}); "
+                         "give the one that names every mask's colours with --labelmap")
+    return min(found) if found else None
+
+
+def labelmap_text(parts, colors):
+    """labelmap.txt in CVAT's format, for the classes `parts` in `colors` (CVAT imports it with the masks)."""
+    return f"{LABELMAP_HEADER}\n# written by slime predict\n" + "".join(
+        f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in zip(parts, colors))
+
+
+def part_colors(emb):
+    """Each part's colour: the one its masks came with (labelmap or colour masks), else VOC's."""
+    return [list(c) for c in emb["colors"][:len(emb["parts"])]] + \
+        VOC_PALETTE[len(emb["colors"]):len(emb["parts"])].tolist()
 
 
 # ----------------------------------------------------------------------------- files: emb.pt
@@ -976,7 +1067,7 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
         "self_layers": list(SELF_LAYERS),
         "colors": [list(map(int, c)) for c in colors or []],  # RGB colour of each class in RGB masks
         "settings": asdict(s),  # plain types only, so weights_only loading can read it
-        "epoch": -1 if epoch is None else int(epoch),
+        "epoch": -1 if epoch is None else int(epoch),  # counted from 1, as the console says it
         "val_miou": -1.0 if miou is None else float(miou),
     }
     commit({path: lambda f: torch.save(payload, f)})
@@ -1146,58 +1237,76 @@ def made_by_of(path):
         return None
 
 
-def mask_image(labels):
-    """(H, W) labels 0..255 -> an indexed PNG image: pixel value = class, shown in VOC colours."""
+def output_palette(colors=()):
+    """The 256-colour palette of masks and overlays: the parts' colours first, VOC's for the rest (255: void)."""
+    palette = VOC_PALETTE.copy()
+    palette[:len(colors)] = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    return palette
+
+
+def mask_image(labels, colors=()):
+    """(H, W) labels 0..255 -> an indexed PNG image: pixel value = class, shown in the parts' colours
+    (`colors`, class order; VOC's for the rest), so a labelling tool reads the classes by colour too."""
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.size and (labels.min() < 0 or labels.max() > 255):
         raise ValueError(f"labels must be a 2-D array of values 0..255, got shape {labels.shape}")
     im = Image.fromarray(labels.astype(np.uint8))
-    im.putpalette(VOC_PALETTE.tobytes())  # an "L" image with a palette becomes "P"
+    im.putpalette(output_palette(colors).tobytes())  # an "L" image with a palette becomes "P"
     return im
 
 
-def overlay_image(image, labels, part_names, band=256):
-    """The image with each non-background class tinted 50% in its VOC colour, white class boundaries,
-    and a legend (swatch + name of each class present) in the top-left corner. Built `band` rows at a
-    time, so a 12000x9000 photo never needs full-size float arrays."""
+def overlay_image(image, labels, part_names, colors=(), band=256):
+    """The image with each non-background class tinted 50% in its colour and striped in black or white
+    (whichever contrasts with that colour, so a dark red part stays visible on a red object), white class
+    boundaries, and a legend of every part in the top-left corner. Built `band` rows at a time, so a
+    12000x9000 photo never needs full-size float arrays."""
     labels = np.asarray(labels)
     if labels.shape != tuple(image.shape[1:]):
         raise ValueError(f"labels of shape {labels.shape} do not match an image of size {tuple(image.shape[1:])}")
+    palette = output_palette(colors).astype(np.float64)
+    stripe = np.where(palette @ [0.299, 0.587, 0.114] > 110, 0.0, 255.0)  # black on light colours, else white
     out, counts = Image.new("RGB", labels.shape[::-1]), np.zeros(256, np.int64)
     for i in range(0, labels.shape[0], band):
-        lab = labels[i:i + band + 1].astype(np.int64)  # one row more: the boundary with the next band
-        counts += np.bincount(lab[:band].ravel() & 255, minlength=256)
+        lab = labels[i:i + band + 1].astype(np.int64) & 255  # one row more: the boundary with the next band
+        counts += np.bincount(lab[:band].ravel(), minlength=256)
         rgb = (image[:, i:i + band].detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
-        # & 255: labels are uint8 at most, but a caller's int64 labels must not index past the palette
-        tinted = np.where((lab[:band] != 0)[..., None], 0.5 * rgb + 0.5 * VOC_PALETTE[lab[:band] & 255], rgb)
+        part = lab[:band] != 0
+        tinted = np.where(part[..., None], 0.5 * rgb + 0.5 * palette[lab[:band]], rgb)
+        y, x = np.mgrid[i:i + len(rgb), :rgb.shape[1]]
+        striped = part & ((x + y) % 12 < 2)  # thin diagonal stripes, 12 px apart
+        tinted[striped] = stripe[lab[:band][striped], None]
         # a boundary pixel differs from its right or its lower neighbour
         edge = np.zeros(lab.shape, bool)
         edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
         edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
         tinted[edge[:band]] = 255
         out.paste(Image.fromarray(np.round(tinted).astype(np.uint8)), (0, i))
-    draw_legend(out, np.flatnonzero(counts), part_names)  # the classes present
+    # every part (absent ones marked), then any class found that is not a part (255: ignore)
+    classes = list(range(len(part_names))) + [c for c in np.flatnonzero(counts) if c >= len(part_names)]
+    draw_legend(out, classes, part_names, palette.astype(np.uint8), counts)
     return out
 
 
-def draw_legend(im, classes, part_names):
-    """A dark box with a colour swatch and the name of each class, sized to the image; PIL clips what falls off."""
+def draw_legend(im, classes, part_names, palette=VOC_PALETTE, counts=None):
+    """A dark box with a colour swatch and the name of each class (", none" where counts says it is
+    absent), sized to the image; PIL clips what falls off."""
     size = max(8, min(32, min(im.size) // 32))  # text height: 8 px on small images, 16 px at 512, at most 32
     try:
         font = ImageFont.load_default(size=size)
     except ImportError:  # PIL built without FreeType: the fixed bitmap font
         font = ImageFont.load_default()
     draw = ImageDraw.Draw(im)
-    names = [part_names[c] if 0 <= c < len(part_names) else "ignore" if c == 255 else f"class {c}"
-             for c in classes]
+    names = [(part_names[c] if 0 <= c < len(part_names) else "ignore" if c == IGNORE else f"class {c}")
+             + (" (none)" if counts is not None and counts[c] == 0 else "") for c in classes]
     pad, line = max(2, size // 4), size + max(2, size // 4)
     width = max(draw.textlength(n, font=font) for n in names)
     draw.rectangle([0, 0, 3 * pad + size + width, pad + line * len(names)], fill=(32, 32, 32))
     for i, (c, name) in enumerate(zip(classes, names)):
         y = pad + i * line
-        swatch = tuple(int(v) for v in VOC_PALETTE[c & 255])
+        swatch = tuple(int(v) for v in palette[c & 255])
         draw.rectangle([pad, y, pad + size - 1, y + size - 1], fill=swatch, outline=(255, 255, 255))
-        draw.text((2 * pad + size, y), name, fill=(255, 255, 255), font=font)
+        absent = counts is not None and counts[c] == 0
+        draw.text((2 * pad + size, y), name, fill=(150, 150, 150) if absent else (255, 255, 255), font=font)
 
 
 # ----------------------------------------------------------------------------- the plan: check everything first
@@ -1365,7 +1474,9 @@ def plan_fit(args, con):
     paths = pair_paths(args.pairs, "fit") + pair_paths(args.val or [], "--val")
     ckpt = checkpoint_path(args)
     check_file(ckpt, ".safetensors checkpoint")
-    check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}}, [(args.output, "emb.pt")])
+    args.labelmap = find_labelmap(paths[1::2], args.labelmap)
+    reads = {ckpt: "checkpoint", **{p: "image or mask" for p in paths}, **({args.labelmap: "labelmap"} if args.labelmap else {})}
+    check_plan(reads, [(args.output, "emb.pt")])
     if os.path.isfile(args.output) and not is_embeddings(args.output):  # a file fit did not write: the user's
         raise SlimeError(f"{args.output} exists and is not a slime emb.pt; fit would replace it: remove it or "
                          "choose another -o")
@@ -1385,27 +1496,33 @@ def pair_paths(paths, what):
     return paths
 
 
-def read_pairs(paths):
-    """[img, mask, img, mask, ...] -> ([(image, labels, mask path)], palette), masks checked against images."""
+def read_pairs(paths, labelmap=None):
+    """[img, mask, img, mask, ...] -> ([(image, labels, mask path)], palette, the labelmap's names or None),
+    masks checked against images. One colour mapping for all the masks: the labelmap's, if any."""
     images = [read_image(p) for p in paths[0::2]]
-    labels, palette = colors_to_labels([read_mask(p) for p in paths[1::2]], None, paths[1::2])
+    names, colors = read_labelmap(labelmap) if labelmap else (None, None)
+    labels, palette = colors_to_labels([read_mask(p, colors=bool(labelmap)) for p in paths[1::2]], colors, paths[1::2])
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
         if tuple(m.shape) != tuple(img.shape[1:]):
             raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is "
                              f"{img.shape[2]}x{img.shape[1]}; a mask must have its image's size")
-    return list(zip(images, labels, paths[1::2])), palette
+    return list(zip(images, labels, paths[1::2])), colors or palette, names
 
 
-def check_classes(pairs, train, parts, palette, con):
-    """The class count, and every mask value within it: -> the part names (background first)."""
+def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
+    """The class count, and every mask value within it: -> the part names (background first).
+    names: the labelmap's, which --parts may repeat but not contradict."""
+    if names and parts and part_names(parts, "--parts") != names:
+        raise SlimeError(f"--parts {parts} differs from the labels of {labelmap} ({','.join(names)}); leave --parts "
+                         "out: the labelmap names the parts")
     top = max(int(m[m != IGNORE].max(initial=0)) for _, m, _ in pairs)
-    num_classes = len(part_names(parts, "--parts")) if parts else top + 1  # before any list of that length
+    num_classes = len(names or (part_names(parts, "--parts") if parts else [])) or top + 1  # before any list of it
     if num_classes > MAX_CLASSES:
         raise SlimeError(f"{num_classes} classes are more than SD's 77 tokens allow (background + 76 parts)")
-    parts = part_names(parts, "--parts") if parts else default_parts(top + 1)
+    parts = names or (part_names(parts, "--parts") if parts else default_parts(top + 1))
     for _, m, path in pairs:
         bad = sorted(set(np.unique(m).tolist()) - set(range(len(parts))) - {IGNORE})
-        if bad and palette is not None:  # colour masks: more colours than --parts names
+        if bad and palette is not None and not names:  # colour masks: more colours than --parts names
             raise SlimeError(f"the colour masks hold {len(palette)} colours (black included) but --parts names "
                              f"{len(parts)} classes; the {len(palette) - len(parts)} unknown colours are usually "
                              "anti-aliased edges, so save the masks without anti-aliasing or as indexed PNGs")
@@ -1414,6 +1531,9 @@ def check_classes(pairs, train, parts, palette, con):
                              f"for the {len(parts)} parts {parts} (255 means ignore)")
     if len(parts) < 2 or top == 0:
         raise SlimeError(f"{pairs[0][2]} holds only background (class 0); nothing to learn")
+    if palette is not None and not names:  # colours sorted by value: say which became which part
+        con.say("mask colours -> parts (a labelmap.txt beside the masks, or --labelmap, would name them): "
+                + ", ".join(f"{tuple(c)} {name}" for c, name in zip(palette, parts)))
     present = set().union(*(np.unique(m).tolist() for _, m, _ in train))
     for c in range(1, len(parts)):
         if c not in present:  # Eq. 4 gives it weight 0 and Eq. 7 a target of 0: its vector learns nothing
@@ -1443,23 +1563,32 @@ def plan_predict(args, con):
     else:
         emb = load_embeddings(args.emb)
     s = settings_from(given(args), "the command line", emb["settings"])
-    jobs = [Job(p, *(os.path.join(args.out, os.path.splitext(os.path.basename(p))[0] + end)
-                     for end in (".png", "_overlay.png"))) for p in list_images(args.inputs, con)]
+    # the output folder is a CVAT "Segmentation mask 1.1" annotation of the images (see README, Labelling tools)
+    jobs = [Job(p, *(os.path.join(args.out, folder, os.path.splitext(os.path.basename(p))[0] + ".png")
+                     for folder in ("SegmentationClass", "overlays"))) for p in list_images(args.inputs, con)]
     ckpt = checkpoint_path(args)
     check_checkpoint_fits(emb, ckpt, args.emb)  # from the header: a wrong file costs no load
-    find_ground_truth(jobs, args.masks, emb, con)
+    labelmap = find_ground_truth(jobs, args.masks, emb, con, args.labelmap)
     reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
-             ckpt: "checkpoint", args.emb: "embeddings"}
+             ckpt: "checkpoint", args.emb: "embeddings", **({labelmap: "labelmap"} if labelmap else {})}
     writes = [(j.mask, f"mask of {j.image}") for j in jobs] + [(j.overlay, f"overlay of {j.image}") for j in jobs]
     # masks written into --masks would be scored as ground truth; into an input folder, read as images
     guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
     guarded += [(folder, "a folder of input images", False)
                 for folder in {p if os.path.isdir(p) else os.path.dirname(p) or "." for p in args.inputs}]
-    writes.append((os.path.join(args.out, "metrics.csv"), "IoU table"))
+    writes += [(os.path.join(args.out, name), what) for name, what in RUN_FILES.items()]
     check_plan(reads, writes, guarded)
     check_made_by(jobs, emb, s, ckpt, device, args)
     created = make_folders(writes)  # the plan's only write: after every check
     return emb, s, device, ckpt, jobs, created
+
+
+# What predict writes once per run beside the masks, and how each begins when slime wrote it: a file
+# that begins otherwise is the user's, and predict neither replaces nor removes it.
+RUN_FILES = {"labelmap.txt": "labelmap", os.path.join("ImageSets", "Segmentation", "default.txt"): "image list",
+             "summary.json": "summary", "metrics.csv": "IoU table"}
+RUN_FILE_START = {"labelmap.txt": LABELMAP_HEADER + "\n# written by slime", "summary.json": '{\n  "written_by": "slime',
+                  "metrics.csv": "part,iou\n"}
 
 
 def list_images(inputs, con):
@@ -1498,9 +1627,10 @@ def check_checkpoint_fits(emb, ckpt, name):
         raise SlimeError(f"{name} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has {width}-wide text")
 
 
-def find_ground_truth(jobs, masks, emb, con):
+def find_ground_truth(jobs, masks, emb, con, labelmap=None):
     """With --masks: each image's ground truth (by file stem), lossless, of the image's size as shown,
-    holding only the parts' classes. Read now, so a bad mask stops the run before any work."""
+    holding only the parts' classes. Read now, so a bad mask stops the run before any work.
+    Returns the labelmap.txt that names the ground truth's colours (find_labelmap), or None."""
     if masks and not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder; give the folder of ground-truth masks")
     for job in jobs if masks else []:
@@ -1516,11 +1646,18 @@ def find_ground_truth(jobs, masks, emb, con):
     if masks and not scored:  # an IoU table of nothing would read as a score of 0
         raise SlimeError(f"--masks {masks} holds no mask for any of the {count(len(jobs), 'image')} (a mask is "
                          "found by its image's file stem, e.g. photo.jpg -> photo.png)")
-    if scored and not emb["colors"]:
+    labelmap = find_labelmap([job.gt for job in scored], labelmap) if scored else None
+    if labelmap:  # a labelling tool's export: its colours, in its order, which must be emb.pt's parts
+        names, emb["gt_colors"] = read_labelmap(labelmap)
+        emb["gt_labelmap"] = True  # indexed masks are read by colour too
+        if names != emb["parts"]:
+            raise SlimeError(f"{labelmap} names the labels {','.join(names)}, but the embeddings' parts are "
+                             f"{','.join(emb['parts'])}; score with the labelmap the embeddings were fitted with")
+    elif scored and not emb["colors"]:
         # fit saw label (or VOC) masks: colour ground truth gets ONE colour -> class mapping for the whole
         # folder, as fit gives its masks; mapped one by one, a class absent from a mask would shift the rest
         keys = [(job.gt, np.unique(pack_rgb(m))) for job in scored if (m := read_mask(job.gt)).ndim == 3]
-        emb["colors"] = (mask_palette([k for _, k in keys], [n for n, _ in keys])[1] or []) if keys else []
+        emb["gt_colors"] = mask_palette([k for _, k in keys], [n for n, _ in keys])[1] if keys else None
     for job in scored:
         gt = ground_truth(job, emb)
         with Image.open(job.image) as im:  # the size as shown: EXIF orientations 5-8 swap the sides
@@ -1532,11 +1669,13 @@ def find_ground_truth(jobs, masks, emb, con):
         if bad:
             raise SlimeError(f"{job.gt} has class values {bad[:8]} outside 0..{len(emb['parts']) - 1} for the "
                              f"parts {emb['parts']} (255 means ignore)")
+    return labelmap
 
 
 def ground_truth(job, emb):
     """A ground-truth mask as labels, its colours mapped as fit mapped the training masks'."""
-    (gt,), _ = colors_to_labels([read_mask(job.gt)], emb["colors"] or None, [job.gt])
+    palette = emb.get("gt_colors") or emb["colors"] or None
+    (gt,), _ = colors_to_labels([read_mask(job.gt, colors=emb.get("gt_labelmap", False))], palette, [job.gt])
     return gt
 
 
@@ -1549,7 +1688,8 @@ def check_made_by(jobs, emb, s, ckpt, device, args):
     run = hashlib.sha256()
     for tensor in (emb["learned"], emb.get("context", torch.zeros(0))):
         run.update(tensor.float().numpy().tobytes())
-    run.update(json.dumps([emb["parts"], asdict(s), file_sha256(ckpt), device[0].type, str(device[1])]).encode())
+    run.update(json.dumps([emb["parts"], part_colors(emb), asdict(s), file_sha256(ckpt), device[0].type,
+                           str(device[1])]).encode())
     foreign = []
     for job in jobs:
         h = run.copy()
@@ -1565,14 +1705,27 @@ def check_made_by(jobs, emb, s, ckpt, device, args):
         # a pair this configuration left half-done (a kill between the renames) is simply redone
         if not args.overwrite and any(m not in ("absent", job.made_by) for m in marks.values()):
             foreign.append(os.path.basename(job.image))
-    metrics = os.path.join(args.out, "metrics.csv")
-    if os.path.isfile(metrics) and not open(metrics, "rb").read(9) == b"part,iou\n":
-        raise SlimeError(f"{metrics} exists and was not written by slime; predict will not replace or remove it: "
-                         "move it or choose another -o")
+    for name in RUN_FILES:
+        path = os.path.join(args.out, name)
+        if os.path.isfile(path) and not run_file_is_slimes(args.out, name):
+            raise SlimeError(f"{path} exists and was not written by slime; predict will not replace or remove it: "
+                             "move it or choose another -o")
     if foreign:
         raise SlimeError(f"{args.out} already holds outputs for {count(len(foreign), 'image')} ({', '.join(foreign[:3])}"
                          f"{' ...' if len(foreign) > 3 else ''}) made by another emb.pt, other settings or another "
                          "version of the image; pass --overwrite to replace them, or choose another -o")
+
+
+def run_file_is_slimes(out, name):
+    """Whether out/name begins as slime writes it; the image list (no room for a mark) goes with the labelmap."""
+    start = RUN_FILE_START.get(name)
+    if start is None:
+        return run_file_is_slimes(out, "labelmap.txt")
+    try:
+        with open(os.path.join(out, name), "rb") as f:
+            return f.read(len(start.encode())) == start.encode()
+    except OSError:
+        return False
 
 
 def given(args):
@@ -1605,15 +1758,16 @@ class Console:
             sys.stderr.write("\n")
             self.open = False
 
-    def progress(self, what, step, total, detail=""):
+    def progress(self, what, step, total, detail="", eta=None, every=10):
+        """One progress line: in place on a terminal; in a log, a whole line at most every `every` s."""
         if self.quiet:
             return
-        elapsed = time.time() - self.t0  # the ETA assumes every step costs the same (validations do not count yet)
-        line = f"{what} {step}/{total}  {detail}  {elapsed:.0f}s elapsed, ETA {elapsed / step * (total - step):.0f}s"
+        elapsed = time.time() - self.t0
+        line = f"{what}  {detail}  {duration(elapsed)} elapsed" + (f", ETA {duration(eta)}" if eta is not None else "")
         if sys.stderr.isatty():
             sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K clears what a longer line left behind
             self.open = True
-        elif time.time() - self.shown >= 10 or step == total:
+        elif time.time() - self.shown >= every or step == total:
             print(line, file=sys.stderr)
             self.shown = time.time()
         sys.stderr.flush()
@@ -1632,24 +1786,60 @@ def cmd_fit(args, con):
     """Plan; read and check the data; load; fit, saving emb.pt at each new best."""
     s, device, ckpt, created, release = plan_fit(args, con)
     with work(created, release):
-        pairs, palette = read_pairs(args.pairs + (args.val or []))  # one colour mapping for all masks
+        pairs, palette, names = read_pairs(args.pairs + (args.val or []), args.labelmap)  # one colour mapping
         train, val = pairs[:len(args.pairs) // 2], pairs[len(args.pairs) // 2:]
-        parts = check_classes(train + val, train, args.parts, palette, con)
+        parts = check_classes(train + val, train, args.parts, palette, con, names, args.labelmap)
         if os.path.exists(args.output):
             con.say(f"{args.output} exists; the first validation of this run replaces it")
         sd = load_for(args, con, ckpt, device)
         con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}, "
-                f"{count(s.epochs, 'epoch')}")
+                f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, "
+                f"{count(validations(s.epochs, s.val_every), 'validation')}")
 
         def on_best(context, epoch, miou):
             save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
-            con.say(f"epoch {epoch + 1}: validation mIoU {miou:.4f}, the best so far: saved {args.output}")
+            con.say(f"epoch {epoch}: validation mIoU {miou:.4f}, the best so far: saved {args.output}")
+        fit(sd, [(i, m) for i, m, _ in train], len(parts), s, [(i, m) for i, m, _ in val] or None, on_best,
+            FitProgress(con, s, len(train)))
 
-        def progress(step, steps, terms):
-            con.progress("step", step, steps, "  ".join(f"{k} {v:.4f}" for k, v in terms.items()))
-        squashed = [(resize(i, (SIZE, SIZE), "bilinear"), resize(torch.from_numpy(m)[None], (SIZE, SIZE), "nearest")[0])
-                    for i, m, _ in train + val]  # as the release: image bilinear, mask nearest
-        fit(sd, squashed[:len(train)], len(parts), s, squashed[len(train):] or None, on_best, progress)
+
+def validations(epochs, every):
+    """How many validations a fit makes: every `every` epochs, and always after the last."""
+    return epochs // every + (epochs % every > 0)
+
+
+class FitProgress:
+    """fit's progress hook for the console: the progress line, with an ETA that counts the validations
+    still to come at the time the last ones took, and an estimate of the whole fit once both are measured."""
+
+    def __init__(self, con, s, steps_per_epoch):
+        self.con, self.s, self.last, self.estimated = con, s, time.time(), False
+        self.steps, self.vals = s.epochs * steps_per_epoch, validations(s.epochs, s.val_every)
+        self.times = {"step": [], "validation": []}  # seconds each took
+
+    def __call__(self, e):
+        now = time.time()
+        self.times[e["event"]].append(now - self.last)
+        self.last = now
+        step_t, val_t = (sum(t) / len(t) if t else None for t in self.times.values())
+        steps_left, vals_left = self.steps - len(self.times["step"]), self.vals - len(self.times["validation"])
+        # before the first validation its cost is unknown: no ETA rather than one that leaves it out
+        eta = steps_left * step_t + vals_left * val_t if val_t is not None or not vals_left else None
+        if e["event"] == "step":
+            terms = "  ".join(f"{k} {e[k]:.4f}" for k in ("ce", "mse", "sd"))
+            self.con.progress(f"epoch {e['epoch']}/{e['epochs']}", e["step"], e["steps"],
+                              f"step {e['step']}/{e['steps']}  {terms}", eta=eta)
+        elif not self.estimated and vals_left:  # once, when a step and a validation have been timed
+            self.estimated = True
+            total = lambda every: self.steps * step_t + validations(self.s.epochs, every) * val_t  # noqa: E731
+            tip = f"; --val-every 10 would make it {duration(total(10))}" if self.s.val_every < 10 else ""
+            self.con.say(f"estimate: {count(self.steps, 'step')} x {step_t:.1f} s + {count(self.vals, 'validation')}"
+                         f" x {val_t:.1f} s = {duration(total(self.s.val_every))}{tip}")
+
+
+def duration(seconds):
+    """12 s, 7.5 min, 3.2 h."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def cmd_predict(args, con):
@@ -1673,29 +1863,33 @@ def cmd_predict(args, con):
         release()
         raise SlimeError(error)
     with work(created, release):
-        per_image, wrote = segment_jobs(args, con, emb, s, device, ckpt, list(enumerate(jobs, 1))[rank::world],
-                                         len(jobs))
-    if world > 1:  # every rank's scores to rank 0, in image order, so it prints what one process would
+        records, wrote = segment_jobs(args, con, emb, s, device, ckpt, list(enumerate(jobs, 1))[rank::world],
+                                      len(jobs))
+    if world > 1:  # every rank's records to rank 0, in image order, so it writes what one process would
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (per_image, wrote))
-        per_image, wrote = sorted(sum((g[0] for g in gathered), [])), sum(g[1] for g in gathered)
+        torch.distributed.all_gather_object(gathered, (records, wrote))
+        records = sorted(sum((g[0] for g in gathered), []), key=lambda r: r["n"])
+        wrote = sum(g[1] for g in gathered)
         torch.distributed.destroy_process_group()
     if rank == 0:
-        report(args, con, emb["parts"], [ious for _, ious in per_image], wrote, len(jobs) - wrote)
+        report(args, con, emb, s, records, wrote, len(jobs) - wrote)
 
 
 def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
-    """[(n, job)]: segment and write the images not done; score each with a ground truth. -> ([(n, IoUs)], written)."""
+    """[(n, job)]: segment and write the images not done; score each with a ground truth.
+    -> ([a summary record per image], how many were written)."""
     sd = load_for(args, con, ckpt, device, text_encoder="context" not in emb)  # a release folder needs it
     context = emb["context"] if "context" in emb else with_learned(emb["learned"], prompt_contexts(sd, len(emb["parts"]))[0])
     if emb.get("fingerprint") not in (sd.fingerprint, None):
         con.say(f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
-    context, parts, per_image, wrote = context.to(sd.device), emb["parts"], [], 0  # fp32: as fit validated
+    context, parts, colors, records, wrote = context.to(sd.device), emb["parts"], part_colors(emb), [], 0
+    todo, t0 = sum(not job.done for _, job in jobs), time.time()
     for n, job in jobs:
-        if job.done:  # its mask is read back, so the IoU table covers every image
+        if job.done:  # its mask is read back, so the IoU table and the summary cover every image
             labels = torch.from_numpy(np.array(Image.open(job.mask)))
         else:
-            con.progress("image", n, total, os.path.basename(job.image))
+            eta = (time.time() - t0) / wrote * (todo - wrote) if wrote else None
+            con.progress(f"image {n}/{total}", n, total, os.path.basename(job.image), eta=eta, every=0)
             image = read_image(job.image)
             if max(image.shape[1:]) > 4 * SIZE:
                 con.say(f"{job.image} is {image.shape[2]}x{image.shape[1]}: segmented at {SIZE}x{SIZE} like every "
@@ -1706,32 +1900,51 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
                 raise SlimeError(f"{job.image}: {e}") from None
             # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
             shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
-            commit({job.mask: png_writer(mask_image(labels.numpy()), job.made_by),  # both, or neither
-                    job.overlay: png_writer(overlay_image(shown, labels.numpy(), parts), job.made_by)})
+            commit({job.mask: png_writer(mask_image(labels.numpy(), colors), job.made_by),  # both, or neither
+                    job.overlay: png_writer(overlay_image(shown, labels.numpy(), parts, colors), job.made_by)})
             wrote += 1
+        area = np.bincount(labels.numpy().ravel(), minlength=len(parts))
+        record = dict(n=n, image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done,
+                      width=labels.shape[1], height=labels.shape[0],
+                      area={name: int(a) for name, a in zip(parts, area)})
         if job.gt:  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
             gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[0]
-            per_image.append((n, iou_per_class(labels, gt, len(parts))))
+            record.update(ground_truth=job.gt, iou={c: v for c, v in iou_per_class(labels, gt, len(parts)).items()})
+        records.append(record)
     con.end()
-    return per_image, wrote
+    return records, wrote
 
 
-def report(args, con, parts, per_image, wrote, skipped):
-    """The IoU table (with --masks) and the last line: what was written, what was skipped, and why."""
-    metrics = os.path.join(args.out, "metrics.csv")
-    per_class, miou = miou_table(per_image, len(parts))
+def report(args, con, emb, s, records, wrote, skipped):
+    """The IoU table (with --masks), the run's files (labelmap, image list, summary, IoU table) and the
+    last line: what was written, what was skipped, and why."""
+    parts, out = emb["parts"], args.out
+    scored = [r["iou"] for r in records if "iou" in r]
+    per_class, miou = miou_table(scored, len(parts))
     rows = [(name, v) for name, v in zip(parts, per_class) if v is not None]
+    summary = {"written_by": "slime predict", "embeddings": args.emb, "settings": asdict(s),
+               "parts": [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, part_colors(emb)))],
+               "images": [{**{k: v for k, v in r.items() if k not in ("n", "iou")},
+                           **({"iou": {parts[c]: v for c, v in r["iou"].items()}} if "iou" in r else {})}
+                          for r in records],
+               "iou": dict(rows) if rows else None, "miou": miou if rows else None}
+    files = {"labelmap.txt": labelmap_text(parts, part_colors(emb)),
+             os.path.join("ImageSets", "Segmentation", "default.txt"):
+                 "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records),
+             "summary.json": json.dumps(summary, indent=2) + "\n"}
+    metrics = os.path.join(out, "metrics.csv")
     if args.masks and rows:
         print(f"{'part':<16} IoU\n" + "".join(f"{name:<16} {v:.4f}\n" for name, v in rows)
-              + f"{'mIoU':<16} {miou:.4f}   ({count(len(per_image), 'image')})")
-        write_text(metrics, "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n")
+              + f"{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
+        files["metrics.csv"] = "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n"
     else:
         if args.masks:  # every ground-truth pixel is 255: a table would read as a score of 0
             con.say("nothing was scored: every ground-truth mask is all 'ignore' (255); no IoU table")
         if wrote and os.path.exists(metrics):  # slime's own (the plan checked): it scored replaced masks
             os.remove(metrics)
             con.say(f"removed {metrics}: it scored the masks this run replaced (pass --masks to score them)")
-    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}" + (
+    commit({os.path.join(out, name): (lambda text: lambda f: f.write(text.encode()))(text) for name, text in files.items()})
+    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {out}" + (
         f"; skipped {skipped}, already made by this emb.pt with these settings (--overwrite redoes them)"
         if skipped else ""))
 
@@ -1793,6 +2006,8 @@ def build_parser():
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
     f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs; default: the training pairs")
     f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
+    f.add_argument("--labelmap", help="labelmap.txt naming the mask colours (CVAT, VOC); default: one beside the "
+                                      "masks, or at the export's root above SegmentationClass/")
     common(f, "fit")
     f.set_defaults(run=cmd_fit)
 
@@ -1805,6 +2020,8 @@ def build_parser():
     p.add_argument("-o", "--out", default="out", help="output folder; default out")
     p.add_argument("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")
     p.add_argument("--overwrite", action="store_true", help="replace outputs made by anything else, and redo all")
+    p.add_argument("--labelmap", help="labelmap.txt naming the colours of --masks; default: one beside them, or "
+                                      "at the export's root above SegmentationClass/")
     common(p, "predict")
     p.set_defaults(run=cmd_predict)
 
@@ -1823,6 +2040,9 @@ def main(argv=None):
     # CPU: fp32 values below 1.2e-38 become 0. exp() of sharply peaked attention underflows into such
     # denormals, which x86 computes slowly: fit took 2.4x as long on a sharp variant of the SD-like test model.
     torch.set_flush_denormal(True)
+    # One thread count in every process, torchrun's ranks included (torchrun sets one thread per rank): CPU
+    # reductions split their sums by thread count, and a mask must not change in a few pixels with it.
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     speak = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 speaks for all
     try:
         args = build_parser().parse_args(argv)

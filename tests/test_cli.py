@@ -61,7 +61,7 @@ def test_fit_then_predict_segments_the_scene_and_a_moved_copy(fitted, tmp_path):
         Image.fromarray(img).save(tmp_path / "in" / f"{name}.png")
         Image.fromarray(mask).save(tmp_path / "gt" / f"{name}.png")
     run("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--masks", tmp_path / "gt", "--ckpt", ckpt)
-    miou = {name: slime.image_miou(torch.from_numpy(np.array(Image.open(tmp_path / "out" / f"{name}.png"))).long(),
+    miou = {name: slime.image_miou(torch.from_numpy(np.array(Image.open(tmp_path / "out" / "SegmentationClass" / f"{name}.png"))).long(),
                                    torch.from_numpy(mask).long(), 3) for name, (_, mask) in scenes.items()}
     assert miou["same"] >= 0.9 and miou["moved"] >= 0.8, miou
 
@@ -96,9 +96,9 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
     gt.mkdir()
     Image.fromarray(mask).save(gt / "scene.png")
     r = run("predict", emb, d / "scene.png", "-o", tmp_path / "out", "--masks", gt, "--ckpt", ckpt)
-    out = Image.open(tmp_path / "out" / "scene.png")
+    out = Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")
     assert out.mode == "P" and out.size == (512, 512) and set(np.unique(np.array(out))) <= {0, 1, 2}
-    assert Image.open(tmp_path / "out" / "scene_overlay.png").size == (512, 512)
+    assert Image.open(tmp_path / "out" / "overlays" / "scene.png").size == (512, 512)
     pred = torch.from_numpy(np.array(out)).long()
     want = np.mean(list(slime.iou_per_class(pred, torch.from_numpy(mask).long(), 3).values()))
     assert miou_of(r.stdout) == pytest.approx(want, abs=1e-4)
@@ -123,7 +123,7 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
     assert torch.equal(slime.segment(sd, context, image, 3, s), in_memory)  # same seed, same masks
     Image.fromarray(img).save(tmp_path / "scene.png")
     run("predict", tmp_path / "emb.pt", tmp_path / "scene.png", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
-    assert np.array_equal(np.array(Image.open(tmp_path / "out" / "scene.png")), in_memory.numpy())
+    assert np.array_equal(np.array(Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")), in_memory.numpy())
 
 
 def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
@@ -168,5 +168,9 @@ def test_torchrun_two_processes_match_one(fitted, tmp_path):
     assert r.stdout == one.stdout and "mIoU" in r.stdout  # rank 0 alone prints the table
     recognised = f"weights: {ckpt}: an SD 2.x checkpoint that is not a known release file (SHA-256 "
     assert recognised in one.stderr and r.stderr.count("weights: ") == 1
-    for i in range(3):
-        assert (tmp_path / "one" / f"s{i}.png").read_bytes() == (tmp_path / "two" / f"s{i}.png").read_bytes()
+    for i in range(3):  # byte-equal masks, each with the background and both parts in it
+        one_mask, two_mask = (tmp_path / d / "SegmentationClass" / f"s{i}.png" for d in ("one", "two"))
+        assert one_mask.read_bytes() == two_mask.read_bytes()
+        assert len(np.unique(np.array(Image.open(one_mask)))) == 3
+    for name in ("metrics.csv", "labelmap.txt", "ImageSets/Segmentation/default.txt"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()

@@ -42,6 +42,21 @@ def listing(folder):
     return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
+RUN_FILES = ["ImageSets/Segmentation/default.txt", "labelmap.txt", "summary.json"]  # predict's, once per run
+
+
+def outputs(out, stems=None):
+    """predict's files under `out` (hidden ones aside), or the ones it writes for these image stems."""
+    if stems is not None:
+        return sorted(RUN_FILES + [f"{d}/{s}.png" for s in stems for d in ("SegmentationClass", "overlays")])
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def images_made(out):
+    """{relative path: mtime} of the masks and overlays under `out`."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+
 @pytest.fixture(scope="module")
 def emb(tmp_path_factory, tiny_ckpt):
     """An emb.pt for the tiny SD2 checkpoint, made without fitting (the initial vectors)."""
@@ -291,8 +306,18 @@ def predict_case(d, ckpt, emb, case):
         args[1], args[-1] = d / "in" / "a.png", d / "in"
     elif case == "two images, one output name":
         Image.open(img).save(d / "in" / "a.jpg")
-    elif case == "an image named like another's overlay":
-        Image.open(img).save(d / "in" / "a_overlay.png")
+    elif case == "the user's labelmap.txt in the output folder":
+        (d / "out").mkdir()
+        (d / "out" / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\ncat:9,9,9::\n")
+    elif case == "the user's image list in the output folder":
+        (d / "out" / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (d / "out" / "ImageSets" / "Segmentation" / "default.txt").write_text("cat1\ncat2\n")
+    elif case == "a labelmap beside the ground truth naming other parts":
+        (d / "gt" / "labelmap.txt").write_text("background:0,0,0::\ncat:9,9,9::\ndog:8,8,8::\n")
+        args += ["--masks", d / "gt"]
+    elif case == "a broken labelmap":
+        (d / "gt" / "labelmap.txt").write_text("background:0,0,0::\ncat:9,9::\n")
+        args += ["--masks", d / "gt"]
     elif case == "output folder is a file":
         (d / "out").write_text("a file")
     elif case in ("emb.pt of another width", "emb.pt with a nan", "emb.pt without parts", "emb.pt with parts "
@@ -342,8 +367,8 @@ def predict_case(d, ckpt, emb, case):
     elif case == "an empty image":
         (d / "in" / "b.png").write_bytes(b"")
     elif case in ("the user's photo where a mask goes", "the user's photo where a mask goes, --overwrite"):
-        (d / "out").mkdir()
-        Image.open(img).save(d / "out" / "a.png")
+        (d / "out" / "SegmentationClass").mkdir(parents=True)
+        Image.open(img).save(d / "out" / "SegmentationClass" / "a.png")
         args += ["--overwrite"] if case.endswith("--overwrite") else []
     elif case == "the user's metrics.csv in the output folder":
         (d / "out").mkdir()
@@ -370,7 +395,11 @@ PREDICT_CASES = [
     ("output is the input folder", "in is a folder of input images; outputs there would mix"),
     ("output holds an input image", "in is a folder of input images"),
     ("two images, one output name", "would both be"),
-    ("an image named like another's overlay", "a_overlay.png and the overlay of"),
+    ("the user's labelmap.txt in the output folder", "out/labelmap.txt exists and was not written by slime"),
+    ("the user's image list in the output folder", "default.txt exists and was not written by slime"),
+    ("a labelmap beside the ground truth naming other parts", "gt/labelmap.txt names the labels background,cat,dog, "
+                                                              "but the embeddings' parts are"),
+    ("a broken labelmap", "labelmap.txt, line 2: 'cat:9,9::' is not `name:r,g,b::` with r, g, b in 0..255"),
     ("output folder is a file", "cannot create the output folder"),
     ("emb.pt of another width", "holds 32-wide vectors but"),
     ("emb.pt with a nan", "odd.pt is not a usable emb.pt: its context holds nan or inf values"),
@@ -392,8 +421,9 @@ PREDICT_CASES = [
     ("ground truth in the image folder", "the mask found for"),
     ("no ground-truth folder", "--masks"),
     ("an empty image", "b.png is empty (0 bytes)"),
-    ("the user's photo where a mask goes", "out/a.png exists and was not made by slime; predict will not replace it"),
-    ("the user's photo where a mask goes, --overwrite", "out/a.png exists and was not made by slime"),
+    ("the user's photo where a mask goes", "out/SegmentationClass/a.png exists and was not made by slime; predict "
+                                           "will not replace it"),
+    ("the user's photo where a mask goes, --overwrite", "out/SegmentationClass/a.png exists and was not made by slime"),
     ("the user's metrics.csv in the output folder", "metrics.csv exists and was not written by slime"),
     ("no ground truth for any image", "holds no mask for any of the 1 image (a mask is found by its image's file stem"),
     ("release folder with a huge index", "rel lacks embedding_1.pth"),
@@ -429,24 +459,24 @@ def test_predict_never_passes_off_old_outputs_as_new(tmp_path, tiny_ckpt, emb, c
         return code, capsys.readouterr().err
     code, err = predict()
     assert code == 0 and err.splitlines()[-1] == f"wrote masks and overlays of 2 images to {out}"
-    assert sorted(os.listdir(out)) == ["p.png", "p_overlay.png", "q.png", "q_overlay.png"]
-    made = {f: (out / f).stat().st_mtime_ns for f in os.listdir(out)}
+    assert outputs(out) == outputs(out, ["p", "q"])
+    made = images_made(out)
     code, err = predict()
     assert code == 0 and err.splitlines()[-1].endswith(
         "wrote masks and overlays of 0 images to " + str(out) + "; skipped 2, already made by this emb.pt with these "
         "settings (--overwrite redoes them)")
-    assert {f: (out / f).stat().st_mtime_ns for f in os.listdir(out)} == made
+    assert images_made(out) == made
     other = make_emb(tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01)))
     code, err = predict(e=other)
     assert code == 2 and "already holds outputs for 2 images (p.png, q.png) made by another emb.pt" in err
-    assert "--overwrite" in err and {f: (out / f).stat().st_mtime_ns for f in os.listdir(out)} == made
+    assert "--overwrite" in err and images_made(out) == made
     assert predict("--threshold", "0.5")[0] == 2  # other settings
     Image.new("RGB", (96, 64), (9, 9, 9)).save(tmp_path / "in" / "q.png")  # the image changed
     code, err = predict()
     assert code == 2 and "outputs for 1 image (q.png)" in err
     code, err = predict("--overwrite")
     assert code == 0 and "wrote masks and overlays of 2 images" in err
-    os.remove(out / "p_overlay.png")  # a pair made by this run, half gone: redone without asking
+    os.remove(out / "overlays" / "p.png")  # a pair made by this run, half gone: redone without asking
     code, err = predict()
     assert code == 0 and "of 1 image to" in err and "skipped 1" in err
 
@@ -457,7 +487,7 @@ def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, 
     assert slime.main(["predict", str(emb), str(img), str(img), str(tmp_path / "alias.png"), "-o", str(tmp_path / "out"),
                        "--ckpt", tiny_ckpt("sd2")]) == 0
     assert "wrote masks and overlays of 1 image to" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_overlay.png"]
+    assert outputs(tmp_path / "out") == outputs(None, ["a"])
 
 
 def test_colour_ground_truth_gets_one_mapping_for_the_folder(tmp_path, tiny_ckpt, emb, capsys):
@@ -506,7 +536,8 @@ def test_what_made_an_output_covers_the_weights_and_the_number_format(tmp_path, 
     args = slime.build_parser().parse_args(["predict", str(emb), str(img), "-o", str(tmp_path / "out")])
 
     def made_by(path, dtype):
-        job = slime.Job(str(img), str(tmp_path / "out" / "a.png"), str(tmp_path / "out" / "a_overlay.png"))
+        job = slime.Job(str(img), str(tmp_path / "out" / "SegmentationClass" / "a.png"),
+                        str(tmp_path / "out" / "overlays" / "a.png"))
         slime.check_made_by([job], e, s, str(path), (torch.device("cpu"), dtype), args)
         return job.made_by
     base = made_by(ckpt, torch.float32)
@@ -559,7 +590,7 @@ def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
     r = cli("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q", preexec_fn=limit)
-    assert_refused(r, "a_overlay.png: cannot be written (File too large); it and the files written with it are "
+    assert_refused(r, "overlays/a.png: cannot be written (File too large); it and the files written with it are "
                       "left as they were")
     assert os.listdir(tmp_path) == ["in"]  # no mask without its overlay, no temp file, no lock, no new folder
 
@@ -575,7 +606,7 @@ def test_a_second_run_into_a_locked_folder_refuses_in_one_line(tmp_path, tiny_ck
         assert_refused(r, "another slime run is writing")
         assert os.listdir(tmp_path / "out") == [".slime.lock"]
     r = cli("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
-    assert r.returncode == 0 and sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_overlay.png"], r.stderr
+    assert r.returncode == 0 and outputs(tmp_path / "out") == outputs(None, ["a"]), r.stderr
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
@@ -601,7 +632,7 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
         assert proc.returncode == 128 + sig and err.strip() == (
             f"slime: interrupted by {how}; finished outputs are kept, nothing is left half-written"), err
         assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mask.png", "emb.pt"]  # no temp file, no lock
-    assert slime.load_embeddings(out)["epoch"] >= 0
+    assert slime.load_embeddings(out)["epoch"] >= 1
 
 
 def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt):
@@ -613,18 +644,18 @@ def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt
             "--ckpt", tiny_ckpt("sd2"), "-q"]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (out / "s0_overlay.png").exists() and time.time() < deadline:
+    while not (out / "overlays" / "s0.png").exists() and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "s5_overlay.png").exists(), "predict finished before it was killed"
+    assert not (out / "overlays" / "s5.png").exists(), "predict finished before it was killed"
     r = subprocess.run(args[:-1], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "skipped" in r.stderr.splitlines()[-1], r.stderr  # the finished ones are kept
-    finished = sorted(f for f in os.listdir(out) if not f.startswith("."))  # a kill mid-write may leave a temp file
-    assert finished == sorted([f"s{i}.png" for i in range(6)] + [f"s{i}_overlay.png" for i in range(6)])
-    for f in finished:
-        Image.open(out / f).load()  # every output complete
+    assert outputs(out) == outputs(None, [f"s{i}" for i in range(6)])  # a kill mid-write may leave a hidden temp file
+    for f in outputs(out):
+        if f.endswith(".png"):
+            Image.open(out / f).load()  # every output complete
 
 
 def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt, capsys, monkeypatch):
@@ -643,7 +674,7 @@ def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt,
     assert "the loss became nan at step 2" in err and "the learning rate is the likely cause (the weights were " \
         "checked finite at load): try a lower --lr; the best emb.pt so far is kept" in err, err
     kept = slime.load_embeddings(tmp_path / "emb.pt")  # epoch 1 was validated before the loss diverged
-    assert kept["epoch"] == 0 and torch.isfinite(kept["context"]).all()
+    assert kept["epoch"] == 1 and torch.isfinite(kept["context"]).all()  # counted from 1, as the console says
 
 
 # ----------------------------------------------------------------------------- inputs that work
@@ -660,7 +691,7 @@ def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "în pùt" / "my imäge ✓.png")
     assert slime.main(["predict", str(emb), str(tmp_path / "în pùt"), "-o", str(tmp_path / "öut put"), "--ckpt",
                        tiny_ckpt("sd2"), "-q"]) == 0
-    assert sorted(os.listdir(tmp_path / "öut put")) == ["my imäge ✓.png", "my imäge ✓_overlay.png"]
+    assert outputs(tmp_path / "öut put") == outputs(None, ["my imäge ✓"])
 
 
 def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, tiny_ckpt, capsys):
@@ -718,7 +749,7 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
     os.replace(tmp_path / "phone_mask.png", tmp_path / "gt" / "phone.png")  # and scores against it in predict
     assert slime.main(["predict", str(tmp_path / "e.pt"), str(tmp_path / "phone.jpg"), "-o", str(tmp_path / "out"),
                        "--masks", str(tmp_path / "gt"), "--ckpt", tiny_ckpt("sd2"), "-q"]) == 0
-    assert Image.open(tmp_path / "out" / "phone.png").size == (32, 64)
+    assert Image.open(tmp_path / "out" / "SegmentationClass" / "phone.png").size == (32, 64)
 
 
 @pytest.mark.skipif(any(f.endswith(".safetensors") for f in os.listdir(os.path.join(ROOT, "weights"))),
@@ -734,8 +765,8 @@ def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny
     Image.fromarray((np.arange(70 * 50) % 65536).reshape(50, 70).astype(np.uint16)).save(tmp_path / "in" / "gray16.png")
     assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt",
                        tiny_ckpt("sd2"), "-q"]) == 0
-    assert Image.open(tmp_path / "out" / "tiny.png").size == (16, 16)
-    assert Image.open(tmp_path / "out" / "gray16.png").size == (70, 50)
+    assert Image.open(tmp_path / "out" / "SegmentationClass" / "tiny.png").size == (16, 16)
+    assert Image.open(tmp_path / "out" / "SegmentationClass" / "gray16.png").size == (70, 50)
 
 
 def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(emb, tmp_path, tiny_ckpt, monkeypatch):
@@ -751,7 +782,8 @@ def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(emb, tmp
     assert r.returncode == 0, r.stderr
     assert "huge.jpg is 12000x9000: segmented at 512x512 like every image" in r.stderr and "Warning" not in r.stderr
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no bomb warning for the test's own check
-    assert Image.open(tmp_path / "out" / "huge.png").size == (w, h) == Image.open(tmp_path / "out" / "huge_overlay.png").size
+    out = tmp_path / "out"
+    assert Image.open(out / "SegmentationClass" / "huge.png").size == (w, h) == Image.open(out / "overlays" / "huge.png").size
     assert int(r.stdout.split()[1]) < 4.5e6  # VmHWM in kB
 
 
@@ -764,7 +796,7 @@ def test_release_embedding_folder(tmp_path, tiny_ckpt, capsys):
     Image.fromarray(synthetic_scene()[0]).resize((96, 64)).save(tmp_path / "img.png")
     base = ["predict", str(rel), str(tmp_path / "img.png"), "--ckpt", tiny_ckpt("sd2"), "-q"]
     assert slime.main(base + ["--parts", "background,square,disc", "-o", str(tmp_path / "out")]) == 0
-    assert Image.open(tmp_path / "out" / "img.png").size == (512, 512)  # the release's output size
+    assert Image.open(tmp_path / "out" / "SegmentationClass" / "img.png").size == (512, 512)  # the release's output size
     assert slime.main(base + ["--parts", "background,square", "-o", str(tmp_path / "o2")]) == 2
     assert "holds 2 part embeddings, so --parts needs 3 names" in capsys.readouterr().err
     os.rename(rel / "embedding_1.pth", rel / "embedding_2.pth")
