@@ -5,6 +5,7 @@ segmentation quality use the tiny SD-like checkpoint of conftest.write_sdlike_ch
 hand-set attention that follows the image's colours, SOT as the attention sink). Plumbing runs use the
 random tiny checkpoint.
 """
+import json
 import os
 import subprocess
 import sys
@@ -34,20 +35,57 @@ def run(*args, ok=True):
     return r
 
 
-def save_pair(folder, name, image, mask):
-    Image.fromarray(image).save(folder / f"{name}.png")
-    Image.fromarray(mask).save(folder / f"{name}_mask.png")
-    return folder / f"{name}.png", folder / f"{name}_mask.png"
+# The parts and colours of a labelling tool's task; not VOC's colours, so only its labelmap.txt can name them
+CVAT_COLORS = {"background": (0, 0, 0), "square": (255, 200, 0), "disc": (0, 180, 255)}
+
+
+def cvat_export(folder, stem, image, labels):
+    """What CVAT exports as "Segmentation mask 1.1" (with images): labelmap.txt, the image list, the class
+    masks in the labelmap's colours, the image. -> (image path, mask path)."""
+    for sub in ("SegmentationClass", "ImageSets/Segmentation", "JPEGImages"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    (folder / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "".join(
+        f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in CVAT_COLORS.items()))
+    (folder / "ImageSets" / "Segmentation" / "default.txt").write_text(stem + "\n")
+    Image.fromarray(np.array(list(CVAT_COLORS.values()), np.uint8)[labels]).save(folder / "SegmentationClass" / f"{stem}.png")
+    Image.fromarray(image).save(folder / "JPEGImages" / f"{stem}.png")
+    return folder / "JPEGImages" / f"{stem}.png", folder / "SegmentationClass" / f"{stem}.png"
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, sdlike_ckpt):
-    """fit on the SD-like checkpoint, through the CLI, on one synthetic scene: (folder, emb.pt, ckpt)."""
+    """fit on the SD-like checkpoint, through the CLI, on one synthetic scene exported as CVAT would (the
+    parts and their colours come from its labelmap.txt): (export folder, emb.pt, ckpt)."""
     d = tmp_path_factory.mktemp("fit")
-    img, mask = save_pair(d, "scene", *synthetic_scene())
+    img, mask = cvat_export(d / "export", "scene", *synthetic_scene())
     emb = d / "emb.pt"
-    run("fit", img, mask, "--parts", "background,square,disc", "--ckpt", sdlike_ckpt, "-o", emb, *SDLIKE)
-    return d, emb, sdlike_ckpt
+    run("fit", img, mask, "--ckpt", sdlike_ckpt, "-o", emb, *SDLIKE)
+    return d / "export", emb, sdlike_ckpt
+
+
+def test_a_cvat_export_round_trips(fitted, tmp_path):
+    """Label one image in CVAT, export it, fit (the fixture), predict another image, and read the output folder
+    back as CVAT's "Segmentation mask 1.1" import does: the labelmap's lines, the image list, each class mask's
+    colours looked up in the labelmap."""
+    _, emb, ckpt = fitted
+    e = torch.load(emb, weights_only=True)
+    assert e["parts"] == list(CVAT_COLORS) and e["colors"] == [list(c) for c in CVAT_COLORS.values()]
+    (tmp_path / "in").mkdir()
+    img, mask = synthetic_scene(shift=40, flip=True, seed=1)
+    Image.fromarray(img).save(tmp_path / "in" / "moved.jpg")
+    run("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", ckpt, "-q")
+    out = tmp_path / "out"
+    labelmap = [line.split(":") for line in (out / "labelmap.txt").read_text().splitlines() if not line.startswith("#")]
+    colors = {tuple(map(int, rgb.split(","))): i for i, (_, rgb, *_) in enumerate(labelmap)}
+    assert [name for name, *_ in labelmap] == list(CVAT_COLORS) and list(colors) == list(CVAT_COLORS.values())
+    assert (out / "ImageSets" / "Segmentation" / "default.txt").read_text() == "moved\n"
+    rgb = np.array(Image.open(out / "SegmentationClass" / "moved.png").convert("RGB")).reshape(-1, 3)
+    labels = np.array([colors[tuple(c)] for c in rgb]).reshape(mask.shape)  # KeyError: a colour CVAT cannot map
+    assert slime.image_miou(torch.from_numpy(labels), torch.from_numpy(mask).long(), 3) >= 0.8
+    summary = json.loads((out / "summary.json").read_text())
+    [record] = summary["images"]
+    assert record["area"] == {name: int((labels == i).sum()) for i, name in enumerate(CVAT_COLORS)}
+    assert [p["color"] for p in summary["parts"]] == [list(c) for c in CVAT_COLORS.values()]
 
 
 def test_fit_then_predict_segments_the_scene_and_a_moved_copy(fitted, tmp_path):
@@ -95,7 +133,7 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
     gt = tmp_path / "gt"
     gt.mkdir()
     Image.fromarray(mask).save(gt / "scene.png")
-    r = run("predict", emb, d / "scene.png", "-o", tmp_path / "out", "--masks", gt, "--ckpt", ckpt)
+    r = run("predict", emb, d / "JPEGImages" / "scene.png", "-o", tmp_path / "out", "--masks", gt, "--ckpt", ckpt)
     out = Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")
     assert out.mode == "P" and out.size == (512, 512) and set(np.unique(np.array(out))) <= {0, 1, 2}
     assert Image.open(tmp_path / "out" / "overlays" / "scene.png").size == (512, 512)
@@ -128,10 +166,10 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
 
 def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
     d, emb, _ = fitted
-    run("fit", d / "scene.png", d / "scene_mask.png", "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"),
-        "--epochs", "1", "-o", tmp_path / "a.pt", *TINY)
-    run("fit", d / "scene.png", d / "scene_mask.png", "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"),
-        "--epochs", "1", "-o", tmp_path / "b.pt", *TINY)
+    pair = d / "JPEGImages" / "scene.png", d / "SegmentationClass" / "scene.png"
+    run("fit", *pair, "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o",
+        tmp_path / "a.pt", *TINY)
+    run("fit", *pair, "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o", tmp_path / "b.pt", *TINY)  # names: labelmap's
     a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     assert torch.equal(a["context"], b["context"])
 
@@ -174,3 +212,21 @@ def test_torchrun_two_processes_match_one(fitted, tmp_path):
         assert len(np.unique(np.array(Image.open(one_mask)))) == 3
     for name in ("metrics.csv", "labelmap.txt", "ImageSets/Segmentation/default.txt"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+
+
+def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
+    """README's Python API block, run unchanged in a folder holding what it names (the tiny checkpoint as
+    weights/v2-1_512-ema-pruned.safetensors, ref.png, ref_mask.png, new.png)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "weights").mkdir()
+    os.symlink(tiny_ckpt("sd2"), tmp_path / "weights" / "v2-1_512-ema-pruned.safetensors")
+    img, mask = synthetic_scene(size=128)
+    Image.fromarray(img).save(tmp_path / "ref.png")
+    Image.fromarray(mask).save(tmp_path / "ref_mask.png")
+    Image.fromarray(synthetic_scene(size=96, shift=20, seed=1)[0]).save(tmp_path / "new.png")
+    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:4] == ["step 1", "step 2", "validation 2", ""]
+    assert Image.open(tmp_path / "new_mask.png").size == (96, 96)

@@ -177,10 +177,22 @@ def fit_case(d, ckpt, case):
     elif case == "output is a file fit did not write":
         (d / "notes.txt").write_text("my notes")
         args[-1] = d / "notes.txt"
+    elif case in ("--parts against the labelmap", "a mask colour the labelmap lacks", "a broken --labelmap"):
+        (d / "labelmap.txt").write_text("background:0,0,0::\nsquare:128,0,0::\ndisc:0,128,0::\n")
+        if case == "--parts against the labelmap":
+            args += ["--parts", "background,disc,square"]
+        elif case == "a mask colour the labelmap lacks":
+            Image.fromarray(np.array([(0, 0, 0), (128, 0, 0), (9, 9, 9)], np.uint8)[np.array(Image.open(mask))]).save(mask)
+        else:
+            (d / "mine.txt").write_text("background:0,0,0::\nsquare:128,0::\n")
+            args += ["--labelmap", d / "mine.txt"]
     return pair + args
 
 
 FIT_CASES = [
+    ("--parts against the labelmap", "--parts background,disc,square differs from the labels of"),
+    ("a mask colour the labelmap lacks", "pixels whose colour is not in the palette (e.g. (9, 9, 9))"),
+    ("a broken --labelmap", "mine.txt, line 2: 'square:128,0::' is not `name:r,g,b::`"),
     ("output is a folder", "emb.pt is a folder, so the emb.pt cannot be written there; give a file path"),
     ("output is the image", "the emb.pt would be written over"),
     ("output is the mask", "a_mask.png, the image or mask this run reads; choose another output path with -o"),

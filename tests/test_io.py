@@ -10,11 +10,14 @@ built here with PIL / numpy; no checkpoint is needed.
     python -m pytest -q tests/test_io.py
 """
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import slime
 
 from slime import (
     VOC_PALETTE, SlimeError, colors_to_labels, commit, mask_image, overlay_image, png_writer, read_image, read_mask,
@@ -280,11 +283,22 @@ def test_write_overlay(tmp_path, h, w):
     assert tuple(out[0, 0]) == (32, 32, 32)
     assert np.array_equal(out[h - 40:h - 2, 2:w // 2 - 2], rgb[h - 40:h - 2, 2:w // 2 - 2])
     assert np.array_equal(out[2:h // 2 - 2, w // 2 + 40:], rgb[2:h // 2 - 2, w // 2 + 40:])
-    # tinted 50% with VOC colour 1 inside the part, white on its boundary
-    inside = out[h // 2 + 2:, w // 2 + 2:].astype(int)
-    expect = np.round(0.5 * rgb[h // 2 + 2:, w // 2 + 2:] + 0.5 * VOC_PALETTE[1]).astype(int)
-    assert np.abs(inside - expect).max() <= 1
+    # tinted 50% with VOC colour 1 inside the part, striped in white (VOC 1 is dark), white on its boundary
+    y, x = np.mgrid[:h, :w]
+    part = (y >= h // 2 + 2) & (x >= w // 2 + 2)
+    stripe = (x + y) % 12 < 2
+    expect = np.round(0.5 * rgb + 0.5 * VOC_PALETTE[1]).astype(int)
+    assert np.abs(out[part & ~stripe].astype(int) - expect[part & ~stripe]).max() <= 1
+    assert (out[part & stripe] == 255).all()
     assert (out[h // 2:, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w // 2:] == 255).all()
+
+
+def test_the_legend_lists_every_part_even_when_absent(tmp_path):
+    """Nothing found: the legend still shows all 4 parts (4 lines of 10 px at this size), not "background" alone."""
+    image = torch.from_numpy(rng_rgb(200, 300)).permute(2, 0, 1).float() / 255
+    parts = ["background", "head", "suit", "flag"]
+    out = np.array(overlay_image(image, np.zeros((200, 300), np.int64), parts))
+    assert (out[:41, 0] == 32).all() and not (out[43:, 0] == 32).all()
 
 
 def test_write_overlay_of_a_tiny_image_clips_the_legend(tmp_path):
@@ -328,3 +342,45 @@ def test_commit_writes_every_file_or_none(tmp_path):
     commit({tmp_path / "a.png": png_writer(Image.new("RGB", (2, 2)), made_by="x"), tmp_path / "b.png": lambda f: f.write(b"new")})
     assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"] and (tmp_path / "b.png").read_bytes() == b"new"
     assert Image.open(tmp_path / "a.png").info["slime"] == "x"  # what made it, read back by predict
+
+
+# ----------------------------------------------------------------------------- labelling tools
+def test_a_labelmap_names_the_colours_in_its_order(tmp_path):
+    """CVAT's labelmap.txt: comments and blank lines skipped, `name:r,g,b:parts:actions`, line i = class i;
+    masks in its colours map to its classes, VOC's void colour to ignore."""
+    (tmp_path / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n\nbackground:0,0,0::\n"
+                                           "head:250,50,50:eye,ear:\nsuit:40,40,200::\n")
+    names, colors = slime.read_labelmap(tmp_path / "labelmap.txt")
+    assert names == ["background", "head", "suit"] and colors == [[0, 0, 0], [250, 50, 50], [40, 40, 200]]
+    rgb = np.array([[[250, 50, 50], [224, 224, 192]], [[0, 0, 0], [40, 40, 200]]], np.uint8)
+    (labels,), _ = colors_to_labels([rgb], colors)
+    assert labels.tolist() == [[1, 255], [0, 2]]
+    assert slime.read_labelmap(tmp_path / "labelmap.txt") == slime.read_labelmap(tmp_path / "labelmap.txt")
+    for text, fragment in [("background:0,0,0::\nhead:0,0,0::\n", "is listed twice"),
+                           ("background:0,0,0::\nhead:1,2,300::\n", "line 2: 'head:1,2,300::' is not `name:r,g,b::`"),
+                           ("background:0,0,0::\n", "lists 1 labels; slime needs 2 to 77")]:
+        (tmp_path / "bad.txt").write_text(text)
+        with pytest.raises(SlimeError, match=re.escape(fragment)):
+            slime.read_labelmap(tmp_path / "bad.txt")
+
+
+def test_the_labelmap_is_found_beside_the_masks_or_at_the_export_root(tmp_path):
+    export = tmp_path / "export"
+    (export / "SegmentationClass").mkdir(parents=True)
+    (export / "labelmap.txt").write_text("background:0,0,0::\na:1,1,1::\n")
+    mask = export / "SegmentationClass" / "x.png"
+    assert slime.find_labelmap([mask]) == str(export / "labelmap.txt")
+    assert slime.find_labelmap([tmp_path / "elsewhere" / "x.png"]) is None
+    assert slime.find_labelmap([mask], "given.txt") == "given.txt"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "labelmap.txt").write_text("background:0,0,0::\nb:2,2,2::\n")
+    with pytest.raises(SlimeError, match="the masks come with different labelmap.txt files"):
+        slime.find_labelmap([mask, tmp_path / "other" / "y.png"])
+
+
+def test_indexed_masks_read_by_colour_when_a_labelmap_names_the_colours(tmp_path):
+    im = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8))
+    im.putpalette([0, 0, 0, 40, 40, 200, 250, 50, 50] + [0] * 759)
+    im.save(tmp_path / "p.png")
+    assert read_mask(tmp_path / "p.png").tolist() == [[0, 1], [2, 1]]  # indices, as before
+    assert read_mask(tmp_path / "p.png", colors=True)[1, 0].tolist() == [250, 50, 50]
