@@ -106,17 +106,18 @@ class Settings:
     min_crop_ratio: float = setting(0.8, number(float, 0.05, 1), "smallest training crop, as a fraction of "
                                     "the side", "fit")
     rotation: float = setting(30.0, number(float, 0, 180), "largest training rotation in degrees", "fit")
-    cycle_parts: bool = setting(True, boolean, "crops favour the background, as the release's do in effect "
-                                "(slime: they cycle through the parts)", "fit", flag="--no-cycle")
+    cycle_parts: bool = setting(True, boolean, "training crops favour the background, as the release's do in "
+                                "effect; default: they cycle through the parts (slime's)", "fit", flag="--no-cycle")
     val_every: int = setting(1, number(int, 1, 100_000), "epochs between validations", "fit")
     patch_size: int = setting(400, number(int, 8, SIZE), "inference patch side, in pixels of the 512 image")
     patches_per_side: int = setting(2, number(int, 1, 16), "inference patches per side")
     threshold: float = setting(0.2, number(float, 0, 1), "cross-attention peak a class needs in a patch "
                                "(calibrated on real SD)")
     test_t: int = setting(100, number(int, 1, 999), "inference timestep")
-    out_size: int = setting(0, out_size, "mask size: 0 = each image's own (slime), 512 = the release's")
-    bgr: bool = setting(False, boolean, "feed BGR, as the release's cv2 did (slime: RGB)", flag="--bgr")
-    seed: int = setting(0, number(int, 0, 2 ** 63 - 1), "seed of every random draw (slime)")
+    out_size: int = setting(0, out_size, "mask side in pixels: 0 = each image's own size (slime's), 512 = "
+                            "512x512 (the release's)")
+    bgr: bool = setting(False, boolean, "feed the model BGR, as the release's cv2 did; default: RGB", flag="--bgr")
+    seed: int = setting(0, number(int, 0, 2 ** 63 - 1), "seed of every random draw")
 
 
 def settings_from(values, source, base=None):
@@ -1532,8 +1533,8 @@ def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
     if len(parts) < 2 or top == 0:
         raise SlimeError(f"{pairs[0][2]} holds only background (class 0); nothing to learn")
     if palette is not None and not names:  # colours sorted by value: say which became which part
-        con.say("mask colours -> parts (a labelmap.txt beside the masks, or --labelmap, would name them): "
-                + ", ".join(f"{tuple(c)} {name}" for c, name in zip(palette, parts)))
+        con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {name}" for c, name in zip(palette, parts))
+                + " (a labelmap.txt beside the masks, or --labelmap, would name them)")
     present = set().union(*(np.unique(m).tolist() for _, m, _ in train))
     for c in range(1, len(parts)):
         if c not in present:  # Eq. 4 gives it weight 0 and Eq. 7 a target of 0: its vector learns nothing
@@ -1999,8 +2000,10 @@ def build_parser():
         add_settings(p, stage)
 
     f = sub.add_parser("fit", help="learn part embeddings from annotated images",
-                       description="Learn one text vector per part from image/mask pairs, e.g. "
-                                   "`python slime.py fit ref.png ref_mask.png --parts background,body,wheel`.")
+                       description="Learn one text vector per part from image/mask pairs and write them to emb.pt "
+                                   "(at each new best validation). Masks: class labels (gray or indexed PNG, .npy; "
+                                   "255 = ignore) or colours, named by a labelmap.txt (CVAT, VOC) when there is one. "
+                                   "Example: `python slime.py fit ref.png ref_mask.png --parts background,body,wheel`.")
     f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="one or more image/mask pairs")
     f.add_argument("--parts", help="comma-separated class names, background first; default background,part1,...")
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
@@ -2012,8 +2015,10 @@ def build_parser():
     f.set_defaults(run=cmd_fit)
 
     p = sub.add_parser("predict", help="segment images with fitted embeddings",
-                       description="Segment images with emb.pt. Settings not given here are the ones fit stored "
-                                   "in emb.pt.")
+                       description="Segment images with emb.pt into a folder CVAT imports as a segmentation-mask "
+                                   "annotation (SegmentationClass/, labelmap.txt, ImageSets/), with overlays/ and "
+                                   "summary.json. Settings not given here are the ones fit stored in emb.pt. "
+                                   "Example: `python slime.py predict emb.pt photos/ -o out/`.")
     p.add_argument("emb", help="emb.pt written by fit, or the release's folder of embedding_{i}.pth")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--parts", help="class names for a release folder, background first; default background,part1,...")
@@ -2026,7 +2031,9 @@ def build_parser():
     p.set_defaults(run=cmd_predict)
 
     i = sub.add_parser("info", help="what a checkpoint is: family, dtype, tensors, SHA-256, known release file",
-                       description="e.g. `python slime.py info weights/v2-1_512-ema-pruned.safetensors`")
+                       description="Read a checkpoint's header (no tensor is loaded) and print its family, dtypes, "
+                                   "tensor count and SHA-256, and whether it is a release file slime knows. "
+                                   "Example: `python slime.py info weights/v2-1_512-ema-pruned.safetensors`.")
     i.add_argument("file", help="a .safetensors checkpoint")
     i.set_defaults(run=cmd_info, quiet=False)
     return ap

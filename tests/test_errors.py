@@ -814,3 +814,37 @@ def test_release_embedding_folder(tmp_path, tiny_ckpt, capsys):
     os.rename(rel / "embedding_1.pth", rel / "embedding_2.pth")
     assert slime.main(base + ["-o", str(tmp_path / "o3")]) == 2
     assert "lacks embedding_1.pth" in capsys.readouterr().err
+
+
+def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
+    """fit on a terminal (a pty): the progress line updates in place (\\r, then \\x1b[K clears what a longer
+    line left), and every notice starts a line of its own, so what the user sees is whole lines only."""
+    import pty
+    img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
+    Image.fromarray(synthetic_scene(size=128)[0]).save(img)
+    colours = np.zeros((128, 128, 3), np.uint8)
+    colours[10:60, 10:60], colours[70:120, 50:110] = (200, 0, 0), (0, 200, 0)
+    Image.fromarray(colours).save(mask)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "slime.py"), "fit", img, mask, "--ckpt",
+                             tiny_ckpt("sd2"), *FAST, "--epochs", "2", "-o", tmp_path / "emb.pt"],
+                            stderr=follower, stdout=follower)
+    os.close(follower)
+    raw = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the pty
+            break
+        if not chunk:
+            break
+        raw += chunk
+    assert proc.wait(timeout=300) == 0, raw
+    shown = [line.split("\r")[-1].replace("\x1b[K", "") for line in raw.decode().replace("\r\n", "\n").split("\n")]
+    starts = ("no GPU found", "weights: ", "loaded sd2", "fitting 2 parts", "mask colours -> parts: (0, 0, 0) "
+              "background, (0, 200, 0) part1, (200, 0, 0) part2", "epoch ", "estimate: ")
+    for line in filter(None, shown):
+        assert line.startswith(starts) and sum(line.count(s.strip()) for s in starts[:-2]) <= 1, shown
+    assert "fitting 2 parts ['part1', 'part2'] on 1 image, 2 epochs of 1 step, 2 validations" in shown
+    assert any(line.startswith("epoch 2/2  step 2/2") and ", ETA " in line for line in shown), shown  # the last validation
+    assert any(line.startswith("estimate: 2 steps x ") and "2 validations x" in line for line in shown), shown
