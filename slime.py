@@ -1017,7 +1017,7 @@ def read_labelmap(path):
             names.append(name.strip())
             colors.append(color)
     if not 2 <= len(names) <= MAX_CLASSES:
-        raise SlimeError(f"{path} lists {len(names)} labels; slime needs 2 to {MAX_CLASSES} (background first)")
+        raise SlimeError(f"{path} lists {count(len(names), 'label')}; slime needs 2 to {MAX_CLASSES} (background first)")
     return names, colors
 
 

@@ -358,7 +358,7 @@ def test_a_labelmap_names_the_colours_in_its_order(tmp_path):
     assert slime.read_labelmap(tmp_path / "labelmap.txt") == slime.read_labelmap(tmp_path / "labelmap.txt")
     for text, fragment in [("background:0,0,0::\nhead:0,0,0::\n", "is listed twice"),
                            ("background:0,0,0::\nhead:1,2,300::\n", "line 2: 'head:1,2,300::' is not `name:r,g,b::`"),
-                           ("background:0,0,0::\n", "lists 1 labels; slime needs 2 to 77")]:
+                           ("background:0,0,0::\n", "lists 1 label; slime needs 2 to 77")]:
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(SlimeError, match=re.escape(fragment)):
             slime.read_labelmap(tmp_path / "bad.txt")
