@@ -1339,8 +1339,8 @@ def check_plan(reads, writes, guarded=()):
         for folder, role, below in guarded:  # a later run would read our outputs as inputs, or score itself
             top = os.path.realpath(folder)
             if where == top or below and where.startswith(top + os.sep):
-                raise SlimeError(f"{os.path.dirname(path) or '.'} is {role}; outputs there would mix with what "
-                                 "this run reads: choose another output folder with -o")
+                raise SlimeError(f"{os.path.dirname(path) or '.'} is {role if where == top else 'inside ' + role}; "
+                                 "outputs there would mix with what this run reads: choose another output folder with -o")
         if key in inputs:
             raise SlimeError(f"the {what} would be written over {inputs[key][0]}, the {inputs[key][1]} this run "
                              "reads; choose another output path with -o")
@@ -1369,7 +1369,7 @@ def make_folders(writes):
             os.remove(probe)
         except OSError as e:
             raise SlimeError(f"{folder}: the output folder is not writable ({e.strerror}); choose another with -o") from None
-    return created
+    return sorted(created, key=len, reverse=True)  # a folder's subfolders before it
 
 
 def lock(path, what):

@@ -402,8 +402,9 @@ def predict_case(d, ckpt, emb, case):
 
 
 PREDICT_CASES = [
-    ("output is the ground-truth folder", "gt is the ground-truth folder; outputs there would mix with what"),
-    ("output inside the ground-truth folder", "pred is the ground-truth folder"),
+    ("output is the ground-truth folder", "gt/SegmentationClass is inside the ground-truth folder; outputs there "
+                                          "would mix with what"),
+    ("output inside the ground-truth folder", "gt/pred/SegmentationClass is inside the ground-truth folder"),
     ("output is the input folder", "in is a folder of input images; outputs there would mix"),
     ("output holds an input image", "in is a folder of input images"),
     ("two images, one output name", "would both be"),
