@@ -1412,9 +1412,14 @@ def work(created, release):
         done = True
     finally:
         release()  # first: the lock file is in the folder
-        for folder in [] if done else created:
-            if os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
+        remove_empty([] if done else created)
+
+
+def remove_empty(folders):
+    """Remove the folders (deepest first) that a refused or failed run made and left empty."""
+    for folder in folders:
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def device_and_dtype(args, con):
@@ -1483,7 +1488,11 @@ def plan_fit(args, con):
                          "choose another -o")
     created = make_folders([(args.output, "emb.pt")])
     folder, name = os.path.split(os.path.abspath(args.output))
-    return s, device, ckpt, created, lock(os.path.join(folder, f".{name}.lock"), args.output)
+    try:
+        return s, device, ckpt, created, lock(os.path.join(folder, f".{name}.lock"), args.output)
+    except SlimeError:
+        remove_empty(created)
+        raise
 
 
 def pair_paths(paths, what):
@@ -1850,7 +1859,7 @@ def cmd_predict(args, con):
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = torch.distributed.get_rank() if world > 1 else 0
     con.quiet = con.quiet or rank > 0  # rank 0 speaks for all
-    error, release = None, lambda: None
+    error, release, created = None, lambda: None, []
     try:  # every rank plans (the same files give the same plan); only rank 0 holds the folder's lock
         emb, s, device, ckpt, jobs, created = plan_predict(args, con)
         release = lock(os.path.join(args.out, ".slime.lock"), args.out) if rank == 0 else release
@@ -1862,6 +1871,7 @@ def cmd_predict(args, con):
         error = next((e for e in errors if e), None)
     if error:
         release()
+        remove_empty(created if rank == 0 else [])  # rank 0 alone: the others' folders are the same ones
         raise SlimeError(error)
     with work(created, release):
         records, wrote = segment_jobs(args, con, emb, s, device, ckpt, list(enumerate(jobs, 1))[rank::world],

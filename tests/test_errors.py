@@ -696,7 +696,7 @@ def test_half_precision_checkpoints_work_through_the_cli(emb, tmp_path):
     for dtype in (torch.float16, torch.bfloat16):
         ckpt = write_tiny_checkpoint(tmp_path / f"{dtype}.safetensors", "sd2", dtype=dtype)
         assert slime.main(["predict", str(emb), str(img), "-o", str(tmp_path / str(dtype)), "--ckpt", ckpt, "-q"]) == 0
-        assert (tmp_path / str(dtype) / "a.png").exists()
+        assert (tmp_path / str(dtype) / "SegmentationClass" / "a.png").exists()
 
 
 def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
