@@ -8,7 +8,8 @@ The file reads top to bottom, the method first:
   settings        every setting with its default (the release's, unless it says slime) and its allowed values
   the method      paper Sec. 4 in the order of Fig. 3: prompt and context, noisy latent, the Eq. 3/5
                   attention maps, the Eq. 6 WAS map, the Eq. 4/7 losses, the Eq. 8 training step, the
-                  training augmentations, fit with validation, patched inference, mIoU
+                  training augmentations, fit with validation, patched inference (and its windows at
+                  the image's own resolution, --window), mIoU
   the checkpoint  an original single-file SD 1.x/2.x .safetensors into unet.py, vae.py and clip_text.py
   files           images, masks, emb.pt, and outputs that are written whole or not at all
   the plan        every path a run reads or writes, and every value, checked before the long work
