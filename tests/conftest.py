@@ -228,7 +228,8 @@ def synthetic_scene(shift=0, flip=False, size=512, seed=0):
 
 def synthetic_photo(h=1536, w=2048, radius=8, seed=0):
     """A big photo in synthetic_scene's colours and its mask: a large striped red rectangle (1) and a plain
-    green disc of `radius` px (2, ~200 px in all), which the squash to 512x512 shrinks below a latent pixel."""
+    green disc of `radius` px (2; 197 px at radius 8), which the squash to 512x512 shrinks below a latent
+    pixel."""
     import numpy as np
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:h, :w]
