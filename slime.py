@@ -8,7 +8,8 @@ The file reads top to bottom, the method first:
   settings        every setting with its default (the release's, unless it says slime) and its allowed values
   the method      paper Sec. 4 in the order of Fig. 3: prompt and context, noisy latent, the Eq. 3/5
                   attention maps, the Eq. 6 WAS map, the Eq. 4/7 losses, the Eq. 8 training step, the
-                  training augmentations, fit with validation, patched inference, mIoU
+                  training augmentations, fit with validation, patched inference (and its windows at
+                  the image's own resolution, --window), mIoU
   the checkpoint  an original single-file SD 1.x/2.x .safetensors into unet.py, vae.py and clip_text.py
   files           images, masks, emb.pt, and outputs that are written whole or not at all
   the plan        every path a run reads or writes, and every value, checked before the long work
@@ -50,6 +51,8 @@ class SlimeError(Exception):
 
 # ----------------------------------------------------------------------------- settings
 SIZE = 512  # the model always sees 512x512 images (a 64x64 latent), as in the release
+MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_mask_size)
+MAX_WINDOW = 16384  # --window: a 16384 px window already shrinks 32x, more than the squash of most photos
 
 
 def number(kind, lo, hi, lo_open=False):
@@ -80,6 +83,14 @@ def out_size(value):
     x = number(int, 0, SIZE)(value)
     if x not in (0, SIZE):
         raise argparse.ArgumentTypeError(f"must be 0 (each image's own size) or {SIZE}, not {value!r}")
+    return x
+
+
+def window_side(value):
+    x = number(int, 0, MAX_WINDOW)(value)
+    if x % MAP:
+        raise argparse.ArgumentTypeError(f"must be 0 (squash to {SIZE}, as the release) or a multiple of {MAP} "
+                                         f"up to {MAX_WINDOW}, not {value!r}")
     return x
 
 
@@ -118,6 +129,11 @@ class Settings:
                             "512x512 (the release's)")
     bgr: bool = setting(False, boolean, "feed the model BGR, as the release's cv2 did; default: RGB", flag="--bgr")
     seed: int = setting(0, number(int, 0, 2 ** 63 - 1), "seed of every random draw")
+    window: int = setting(0, window_side, "native resolution (slime's): the side, in the image's own pixels, "
+                          f"that one {SIZE} window covers, a multiple of {MAP}; fit trains on views at that "
+                          f"scale, predict cuts each image into overlapping windows; 0 = squash to {SIZE}")
+    with_whole: bool = setting(False, boolean, "with --window: the squashed whole image votes too, for the "
+                               "global context of large parts (slime's)", flag="--with-whole")
 
 
 def settings_from(values, source, base=None):
@@ -137,7 +153,19 @@ def settings_from(values, source, base=None):
     if s.t_min > s.t_max:
         raise SlimeError(f"{source}: the training timesteps run from t_min {s.t_min} to t_max {s.t_max}; "
                          "t_min must not exceed t_max")
+    if s.with_whole and not s.window:
+        raise SlimeError(f"{source}: --with-whole adds the squashed image to the windows of --window; give "
+                         "--window too")
+    if s.window and s.out_size:
+        raise SlimeError(f"{source}: --window segments each image at its own resolution, so its masks have the "
+                         f"image's own size; give --out-size 0 with it, not {s.out_size}")
     return s
+
+
+def recorded(s):
+    """The settings as emb.pt and the outputs' made-by hash record them: the native-resolution ones only
+    when on, so an older slime still reads a default emb.pt and outputs made before them still count."""
+    return {k: v for k, v in asdict(s).items() if k not in ("window", "with_whole") or v}
 
 
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
@@ -155,7 +183,6 @@ PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-
 # up_blocks[1].attentions[0,1,2] and up_blocks[2].attentions[0,1] (attn2), up_blocks[3].attentions[0,1,2] (attn1).
 CROSS_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7))  # 16x16, 32x32
 SELF_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in (9, 10, 11))  # 64x64
-MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_mask_size)
 IGNORE = 255  # mask value that no loss and no score looks at (PASCAL VOC's "void")
 
 
@@ -330,8 +357,36 @@ def augment(image, mask, part, s, gen):
     return image, mask
 
 
+def window_crop(x, y0, x0, side, fill=None):
+    """x[..., y0:y0 + side, x0:x0 + side], padded to side x side where it runs past the image: with the
+    edge pixels (fill None: an image) or with fill (a mask)."""
+    x = x[..., y0:y0 + side, x0:x0 + side]
+    pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
+    if not any(pad):
+        return x
+    return F.pad(x[None], pad, mode="replicate")[0] if fill is None else F.pad(x, pad, value=fill)
+
+
+def native_view(image, mask, part, window, gen):
+    """--window (slime): fit's view of a pair at its own resolution, at the scale predict's windows see:
+    a window x window crop holding a random pixel of the favoured part at a random place (any pixel, if
+    the part is absent), resized to 512. augment then zooms and turns it as the release does its images."""
+    ys, xs = (mask == part).nonzero(as_tuple=True)
+    pick = int(torch.randint(0, len(ys), (1,), generator=gen)) if len(ys) else None
+    origin = []
+    for found, n in ((ys, mask.shape[0]), (xs, mask.shape[1])):
+        p = int(found[pick]) if pick is not None else int(torch.randint(0, n, (1,), generator=gen))
+        offset = int(torch.randint(0, window, (1,), generator=gen))  # where in the view that pixel lands
+        origin.append(min(max(p - offset, 0), max(n - window, 0)))  # inside the image where the view fits
+    image = resize(window_crop(image, *origin, window), (SIZE, SIZE), "bilinear")
+    # the padding past a small image is nobody's part: no loss looks at it
+    mask = resize(window_crop(mask, *origin, window, IGNORE)[None], (SIZE, SIZE), "nearest")[0]
+    return image, mask
+
+
 def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
-    """Optimise K-1 text vectors on pairs [(image (3, 512, 512) in [0, 1], mask (512, 512) int64)].
+    """Optimise K-1 text vectors on pairs [(image (3, 512, 512) in [0, 1], mask (512, 512) int64)]; with
+    --window, on pairs at their own resolution, through native_view.
 
     Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): one augmented
     step per pair per epoch, then a validation that keeps the best vectors. Masks may be numpy or torch,
@@ -341,7 +396,7 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     terms}) and each validation ({"event": "validation", "epoch", "miou", "best", "seconds"}).
     Returns the best context.
     """
-    pairs, val_pairs = squashed(pairs), squashed(val_pairs) if val_pairs else None
+    pairs, val_pairs = as_pairs(pairs, s), as_pairs(val_pairs, s) if val_pairs else None
     gen = torch.Generator(sd.device).manual_seed(s.seed)  # timesteps, VAE samples, noise
     aug_gen = torch.Generator().manual_seed(s.seed)  # augmentations (on the CPU)
     cond, uncond = prompt_contexts(sd, num_classes)
@@ -352,7 +407,8 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     for epoch in range(s.epochs):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
-            image, mask = augment(*pairs[i], part, s, aug_gen)
+            image, mask = native_view(*pairs[i], part, s.window, aug_gen) if s.window else pairs[i]
+            image, mask = augment(image, mask, part, s, aug_gen)
             if s.bgr:
                 image = image.flip(0)  # --bgr: the release fed cv2's BGR images (segment flips likewise)
             part = (part + 1) % num_classes if s.cycle_parts else 0  # the part the next crop favours
@@ -375,15 +431,18 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     return keeper.context
 
 
-def squashed(pairs):
-    """[(image (3, H, W), mask (H, W) numpy or torch)] -> the same at 512x512 (image bilinear, mask nearest,
-    as the release's cv2 resizes), masks as int64 tensors."""
+def as_pairs(pairs, s):
+    """[(image (3, H, W), mask (H, W) numpy or torch)] -> masks as int64 tensors, and both squashed to
+    512x512 as the release's cv2 resizes them (image bilinear, mask nearest); with --window kept at their
+    own resolution (native_view cuts fit's views from them)."""
     out = []
     for image, mask in pairs:
         mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).long()
         if tuple(mask.shape) != tuple(image.shape[1:]):
             raise SlimeError(f"a mask of {tuple(mask.shape)} does not match its image of {tuple(image.shape[1:])}")
-        out.append((resize(image, (SIZE, SIZE), "bilinear"), resize(mask[None], (SIZE, SIZE), "nearest")[0]))
+        if not s.window:
+            image, mask = resize(image, (SIZE, SIZE), "bilinear"), resize(mask[None], (SIZE, SIZE), "nearest")[0]
+        out.append((image, mask))
     return out
 
 
@@ -401,7 +460,7 @@ class KeepTheBest:
         context = with_learned(learned, self.cond)
         # the validation images never change: their noisy patches are made once, and the masks are
         # bit-identical to segmenting from scratch (tests/test_method.py)
-        self.patches = self.patches or [noisy_patches(self.sd, image, self.s) for image, _ in self.val_pairs]
+        self.patches = self.patches or [noisy_inputs(self.sd, image, self.s) for image, _ in self.val_pairs]
         miou = sum(image_miou(segment(self.sd, context, image, self.num_classes, self.s, SIZE, patches), gt,
                               self.num_classes) for (image, gt), patches in zip(self.val_pairs, self.patches))
         miou /= len(self.val_pairs)
@@ -457,19 +516,30 @@ def class_scores(sd, context, patches, num_classes, s, out=SIZE):
     the mean of its votes over the patches that saw it there.
     """
     ratio = SIZE // out  # 1 for predict; 8 when the release logged a 64x64 training IoU
-    side = s.patch_size // ratio  # a patch's side in the output grid
-    scores = torch.zeros(num_classes, out, out, device=sd.device)
-    votes = torch.full((num_classes, out, out), 1e-7, device=sd.device)  # the release's 1e-7: no 0/0
+    placed = ((y0 // ratio, x0 // ratio, x_t) for y0, x0, x_t in patches)  # in the output grid
+    scores, votes = vote_sums(sd, context, placed, num_classes, s, (out, out), s.patch_size // ratio)
+    return scores / votes
+
+
+@torch.no_grad()
+def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
+    """The release's accumulation: each patch (y0, x0, x_t) adds its patch_votes to the side x side cells
+    of the grid from (y0, x0). -> (sum of votes, number of votes) per class, (K, *grid) each; the number
+    starts at the release's 1e-7, so no cell divides 0 by 0. progress(n) after each patch."""
+    scores = torch.zeros(num_classes, *grid, device=sd.device)
+    votes = torch.full((num_classes, *grid), 1e-7, device=sd.device)
     t = torch.tensor([s.test_t], device=sd.device)
-    for y0, x0, x_t in patches:
+    for n, (y0, x0, x_t) in enumerate(patches, 1):
         A_ca, A_sa, _ = attention_maps(sd, x_t, t, context, num_classes, log_space=False)
         seen, patch_scores = patch_votes(A_ca, A_sa, s.threshold, side)
+        if progress:
+            progress(n)
         if patch_scores is None:
             continue  # no class was confident anywhere in this patch
-        region = (seen, slice(y0 // ratio, y0 // ratio + side), slice(x0 // ratio, x0 // ratio + side))
+        region = (seen, slice(y0, y0 + side), slice(x0, x0 + side))
         scores[region] += patch_scores
         votes[region] += 1
-    return scores / votes
+    return scores, votes
 
 
 def patch_votes(A_ca, A_sa, threshold, side):
@@ -493,18 +563,85 @@ def patch_votes(A_ca, A_sa, threshold, side):
     return seen, was / shrink[:, None, None] + (floor[seen] - w_min / shrink)[:, None, None]
 
 
-def segment(sd, context, image, num_classes, s, out_size=None, patches=None):
+# Native resolution (--window, slime): the release squashes every image to 512x512, so a part of a few
+# pixels in a big photo falls below one latent pixel. Instead the image is cut, at its own resolution,
+# into overlapping windows of `window` pixels, each resized to 512 and voting as a release patch does.
+def window_layout(h, w, window):
+    """Where the windows of an (h, w) image lie -> (cell, grid (gh, gw), origins [(y0, x0)] rows first).
+
+    Scores live on a grid whose cell is window/64 image pixels: one pixel of a window's 64x64 maps, so a
+    window is 64x64 cells whatever its size, and a 12000x9000 photo needs no full-size float maps. The
+    grid rounds the image up to whole cells and to at least one window; windows past the image are padded
+    (window_crop) and their pixels cropped off the mask."""
+    cell = window // MAP
+    grid = tuple(max(MAP, -(-n // cell)) for n in (h, w))
+    return cell, grid, [(y0, x0) for y0 in axis_origins(grid[0]) for x0 in axis_origins(grid[1])]
+
+
+def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
+    """Evenly spaced origins of windows of `side` cells along n >= side cells, the first and the last flush
+    with the ends, at most `stride` apart: neighbours overlap by at least a quarter, so a part that one
+    window cuts, the next sees whole (the release's patches overlap too)."""
+    count = 1 + -(-(n - side) // stride)
+    return [round(i * (n - side) / (count - 1)) for i in range(count)] if count > 1 else [0]
+
+
+@torch.no_grad()
+def noisy_windows(sd, image, s):
+    """noisy_patches at the image's own resolution: each window of window_layout, resized to 512 and noised
+    at test_t -> (y0, x0, x_t) with y0, x0 in grid cells. A generator: one window in memory at a time."""
+    cell, _, origins = window_layout(*image.shape[1:], s.window)
+    gen = torch.Generator(sd.device).manual_seed(s.seed)  # seeded per image, as noisy_patches
+    t = torch.tensor([s.test_t], device=sd.device)
+    for y0, x0 in origins:
+        x = resize(window_crop(image, y0 * cell, x0 * cell, s.window).to(sd.device), (SIZE, SIZE), "bilinear")
+        yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
+
+
+def noisy_inputs(sd, image, s):
+    """Everything segment noises for an image, for a caller that keeps it: noisy_patches; with --window,
+    (the noisy windows, and the squashed image's noisy_patches with --with-whole, else None)."""
+    if not s.window:
+        return noisy_patches(sd, image, s)
+    return list(noisy_windows(sd, image, s)), noisy_patches(sd, image, s) if s.with_whole else None
+
+
+def native_scores(sd, context, image, num_classes, s, inputs=None, progress=None):
+    """--window: class scores (K, gh, gw) on the window grid, the release's rule over the windows; with
+    --with-whole the squashed image's scores add one vote where that pass voted. -> (scores, cell).
+    progress(n, windows) after each window."""
+    cell, grid, origins = window_layout(*image.shape[1:], s.window)
+    windows, whole = inputs or (noisy_windows(sd, image, s), noisy_patches(sd, image, s) if s.with_whole else None)
+    on_window = progress and (lambda n: progress(n, len(origins)))
+    scores, votes = vote_sums(sd, context, windows, num_classes, s, grid, MAP, on_window)
+    if whole:
+        w_scores, w_votes = vote_sums(sd, context, whole, num_classes, s, (SIZE, SIZE), s.patch_size)
+        voted = (w_votes >= 1).float()  # a class the whole image never voted for must not pull scores to 0
+        h, w = (-(-n // cell) for n in image.shape[1:])  # the cells the image covers
+        scores[:, :h, :w] += resize(w_scores / w_votes * voted, (h, w), "bilinear")
+        votes[:, :h, :w] += resize(voted, (h, w), "bilinear")
+    return scores / votes, cell
+
+
+def segment(sd, context, image, num_classes, s, out_size=None, patches=None, progress=None):
     """image (3, H, W) in [0, 1], any size -> labels (H, W) uint8, or (out_size, out_size).
 
     The model sees the image squashed to 512x512, as in the release. slime then upsamples the class
     SCORES, not the labels, to the image's own size and takes the argmax there (--out-size 512: the
-    release's 512x512 masks). patches: the image's noisy_patches, when the caller keeps them.
+    release's 512x512 masks). patches: the image's noisy_inputs, when the caller keeps them. With
+    --window the scores come from the windows (native_scores) and the labels are (H, W) always;
+    progress(n, windows) after each window.
     """
-    patches = patches or noisy_patches(sd, image, s)
-    scores = class_scores(sd, context, patches, num_classes, s).cpu()
+    if s.window:
+        scores, cell = native_scores(sd, context, image, num_classes, s, patches, progress)
+    else:
+        scores, cell = class_scores(sd, context, patches or noisy_patches(sd, image, s), num_classes, s), None
+    scores = scores.cpu()
     if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
         raise SlimeError("its class scores are not finite" + (", as fp16 overflows: use --dtype bf16 or fp32"
                                                               if sd.dtype == torch.float16 else ""))
+    if s.window:
+        return upsampled_argmax(scores, *image.shape[1:], cell)
     h, w = (out_size or s.out_size,) * 2 if out_size or s.out_size else image.shape[1:]
     return scores.argmax(0).byte() if (h, w) == (SIZE, SIZE) else upsampled_argmax(scores, h, w)
 
@@ -514,10 +651,12 @@ def interpolation_matrix(n_in, n_out):
     return F.interpolate(torch.eye(n_in)[None], size=n_out, mode="linear", align_corners=False)[0].T
 
 
-def upsampled_argmax(scores, h, w, band=256):
+def upsampled_argmax(scores, h, w, cell=None, band=256):
     """argmax over classes of the bilinearly upsampled scores (K, 512, 512) -> (h, w) uint8, `band` rows
-    at a time, so a 12000x9000 photo never holds K full-size float maps at once."""
-    rows, cols = interpolation_matrix(SIZE, h), interpolation_matrix(SIZE, w)
+    at a time, so a 12000x9000 photo never holds K full-size float maps at once. cell: scores on --window's
+    grid, cell x cell pixels each, which may reach past the image's bottom and right edges (cut off)."""
+    (gh, gw), n = scores.shape[1:], cell or 1
+    rows, cols = (interpolation_matrix(g, g * n if cell else m)[:m] for g, m in ((gh, h), (gw, w)))
     scores_w = scores @ cols.T  # (K, 512, w)
     labels = torch.empty(h, w, dtype=torch.uint8)
     for i in range(0, h, band):
@@ -1067,7 +1206,7 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
         "cross_layers": list(CROSS_LAYERS),
         "self_layers": list(SELF_LAYERS),
         "colors": [list(map(int, c)) for c in colors or []],  # RGB colour of each class in RGB masks
-        "settings": asdict(s),  # plain types only, so weights_only loading can read it
+        "settings": recorded(s),  # plain types only, so weights_only loading can read it
         "epoch": -1 if epoch is None else int(epoch),  # counted from 1, as the console says it
         "val_miou": -1.0 if miou is None else float(miou),
     }
@@ -1670,8 +1809,7 @@ def find_ground_truth(jobs, masks, emb, con, labelmap=None):
         emb["gt_colors"] = mask_palette([k for _, k in keys], [n for n, _ in keys])[1] if keys else None
     for job in scored:
         gt = ground_truth(job, emb)
-        with Image.open(job.image) as im:  # the size as shown: EXIF orientations 5-8 swap the sides
-            w, h = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size
+        h, w = shown_size(job.image)
         if gt.shape != (h, w):
             raise SlimeError(f"{job.gt} is {gt.shape[1]}x{gt.shape[0]} but its image {job.image} is {w}x{h}; "
                              "a mask must have its image's size")
@@ -1680,6 +1818,17 @@ def find_ground_truth(jobs, masks, emb, con, labelmap=None):
             raise SlimeError(f"{job.gt} has class values {bad[:8]} outside 0..{len(emb['parts']) - 1} for the "
                              f"parts {emb['parts']} (255 means ignore)")
     return labelmap
+
+
+def shown_size(path):
+    """(height, width) of an image file as shown, from its header: EXIF orientations 5-8 swap the sides."""
+    with Image.open(path) as im:
+        return im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
+
+
+def windows_of(sizes, s):
+    """How many windows --window cuts images of these (height, width) sizes into: their UNet passes."""
+    return sum(len(window_layout(h, w, s.window)[2]) for h, w in sizes)
 
 
 def ground_truth(job, emb):
@@ -1698,7 +1847,7 @@ def check_made_by(jobs, emb, s, ckpt, device, args):
     run = hashlib.sha256()
     for tensor in (emb["learned"], emb.get("context", torch.zeros(0))):
         run.update(tensor.float().numpy().tobytes())
-    run.update(json.dumps([emb["parts"], part_colors(emb), asdict(s), file_sha256(ckpt), device[0].type,
+    run.update(json.dumps([emb["parts"], part_colors(emb), recorded(s), file_sha256(ckpt), device[0].type,
                            str(device[1])]).encode())
     foreign = []
     for job in jobs:
@@ -1809,6 +1958,9 @@ def cmd_fit(args, con):
         def on_best(context, epoch, miou):
             save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
             con.say(f"epoch {epoch}: validation mIoU {miou:.4f}, the best so far: saved {args.output}")
+        if s.window:  # fit takes its views at predict's scale from the pairs as they are (native_view)
+            con.say(f"--window {s.window}: training views of {s.window} px; each validation segments "
+                    f"{count(windows_of([i.shape[1:] for i, _, _ in val or train], s), 'window')}")
         fit(sd, [(i, m) for i, m, _ in train], len(parts), s, [(i, m) for i, m, _ in val] or None, on_best,
             FitProgress(con, s, len(train)))
 
@@ -1894,7 +2046,13 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
     if emb.get("fingerprint") not in (sd.fingerprint, None):
         con.say(f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
     context, parts, colors, records, wrote = context.to(sd.device), emb["parts"], part_colors(emb), [], 0
-    todo, t0 = sum(not job.done for _, job in jobs), time.time()
+    todo_images = [job.image for _, job in jobs if not job.done]
+    todo, t0 = len(todo_images), time.time()
+    if s.window and todo:  # the cost grows with the windows: say so before the work
+        windows, patches = windows_of(map(shown_size, todo_images), s), s.patches_per_side ** 2 * todo
+        con.say(f"--window {s.window}: {count(windows, 'window')} in {count(todo, 'image')}, one UNet pass "
+                f"each{', plus the squashed images' if s.with_whole else ''}; without --window, {patches}: "
+                f"expect about {windows / patches + s.with_whole:.1f}x the time")
     for n, job in jobs:
         if job.done:  # its mask is read back, so the IoU table and the summary cover every image
             labels = torch.from_numpy(np.array(Image.open(job.mask)))
@@ -1902,11 +2060,19 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
             eta = (time.time() - t0) / wrote * (todo - wrote) if wrote else None
             con.progress(f"image {n}/{total}", n, total, os.path.basename(job.image), eta=eta, every=0)
             image = read_image(job.image)
-            if max(image.shape[1:]) > 4 * SIZE:
+            if max(image.shape[1:]) > 4 * SIZE and not s.window:
                 con.say(f"{job.image} is {image.shape[2]}x{image.shape[1]}: segmented at {SIZE}x{SIZE} like every "
                         "image, its class scores upsampled to full size in bands of rows")
+            windows = Console(con.quiet)  # its own clock: the ETA of this image's windows
+            name = os.path.basename(job.image)
+
+            def on_window(i, n):
+                if n > 1:
+                    eta = (time.time() - windows.t0) / i * (n - i)
+                    windows.progress(f"image {job_n}/{total} window {i}/{n}", i, n, name, eta=eta)
+            job_n = n
             try:
-                labels = segment(sd, context, image, len(parts), s)
+                labels = segment(sd, context, image, len(parts), s, progress=on_window)
             except SlimeError as e:
                 raise SlimeError(f"{job.image}: {e}") from None
             # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself

@@ -224,3 +224,23 @@ def synthetic_scene(shift=0, flip=False, size=512, seed=0):
     img[disc & (((yy // 16) + (xx // 16)) % 2 == 0)] *= 0.5  # checkerboard
     mask[disc] = 2
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask
+
+
+def synthetic_photo(h=1536, w=2048, radius=8, seed=0):
+    """A big photo in synthetic_scene's colours and its mask: a large striped red rectangle (1) and a plain
+    green disc of `radius` px (2; 197 px at radius 8), which the squash to 512x512 shrinks below a latent
+    pixel."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    img = np.zeros((h, w, 3), np.float32) + [0.15, 0.2, 0.7]
+    img += rng.normal(0, 0.08, img.shape)
+    mask = np.zeros((h, w), np.uint8)
+    large = (yy > h // 5) & (yy < h * 3 // 4) & (xx > w // 10) & (xx < w // 2)
+    img[large] = [0.9, 0.15, 0.1]
+    img[large & ((yy // 8) % 2 == 0)] *= 0.6  # stripes
+    mask[large] = 1
+    disc = (yy - h * 4 // 5) ** 2 + (xx - w * 3 // 4) ** 2 <= radius ** 2
+    img[disc] = [0.1, 0.85, 0.2]
+    mask[disc] = 2
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask

@@ -5,8 +5,11 @@ Proves that attention_maps (Eq. 3, Eq. 5), was_map (Eq. 6), class_weights and se
 src/slime.py#L90-L152, #L188-L279) define; that training_step's loss on head-averaged log-probabilities
 equals the release's loss on averaged logits (README, Faithfulness: CE input); that class_scores is the release's patched masking (classes below the threshold skipped per
 patch); that segment upsamples scores, not labels; the mIoU averaging; OpenCV's small blur kernels;
-the training step's gradient against finite differences; and that fit trains on the colour order it
-records. The maps come from stand-in UNets (FakeUNet, ScoreUNet) or the tiny random checkpoint.
+the training step's gradient against finite differences; that fit trains on the colour order it
+records; and, for --window, the window layout (covering the image, overlapping, flush with its border,
+small images), the padded crops and fit's views, the banded upsampling of the window grid, and that
+native_scores is the release's rule over the windows. The maps come from stand-in UNets (FakeUNet,
+ScoreUNet) or the tiny random checkpoint.
 
     python -m pytest -q tests/test_method.py
 """
@@ -320,3 +323,86 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
         mious.append(slime.image_miou(fresh, gt, 3))
     assert len(encodes) == 4 + 2 * 4  # the keeper's 4 patches once; 4 for each segment from scratch
     assert best[0] == mious[0] and keeper.best == max(mious)  # the mIoU of the masks made from scratch
+
+
+# ----------------------------------------------------------------------------- native resolution (--window)
+@pytest.mark.parametrize("h, w, window", [(1536, 2048, 512), (1536, 2048, 1024), (1000, 3001, 448), (300, 200, 512),
+                                          (512, 512, 512), (9000, 12000, 768)])
+def test_windows_cover_the_image_overlap_and_end_flush_with_its_border(h, w, window):
+    cell, (gh, gw), origins = slime.window_layout(h, w, window)
+    assert cell * slime.MAP == window
+    # the grid is the image rounded up to whole cells, and at least one window
+    assert (gh, gw) == tuple(max(slime.MAP, -(-n // cell)) for n in (h, w))
+    for axis, n in ((0, gh), (1, gw)):
+        starts = sorted({o[axis] for o in origins})
+        assert starts[0] == 0 and starts[-1] + slime.MAP == n  # flush with both ends of the grid
+        assert all(b - a <= slime.MAP * 3 // 4 for a, b in zip(starts, starts[1:]))  # overlap >= 1/4 window
+    covered = torch.zeros(gh, gw, dtype=torch.bool)
+    for y0, x0 in origins:
+        covered[y0:y0 + slime.MAP, x0:x0 + slime.MAP] = True
+    assert covered.all() and len(origins) == len(set(origins))
+    if max(h, w) <= window:  # an image smaller than a window: one window, padded past the image
+        assert origins == [(0, 0)] and (gh, gw) == (slime.MAP, slime.MAP)
+
+
+def test_window_crops_pad_images_with_their_edge_and_masks_with_ignore():
+    image, mask = torch.rand(3, 5, 7), torch.ones(5, 7, dtype=torch.long)
+    crop = slime.window_crop(image, 2, 3, 8)
+    assert crop.shape == (3, 8, 8) and torch.equal(crop[:, :3, :4], image[:, 2:, 3:])
+    assert torch.equal(crop[:, 3:, :4], image[:, -1:, 3:].expand(3, 5, 4))  # the last row, repeated
+    m = slime.window_crop(mask, 2, 3, 8, slime.IGNORE)
+    assert (m[:3, :4] == 1).all() and (m[3:] == slime.IGNORE).all() and (m[:, 4:] == slime.IGNORE).all()
+    assert slime.window_crop(image, 0, 0, 4).data_ptr() == image.data_ptr()  # inside: a view, no copy
+
+
+def test_native_view_holds_the_favoured_part_at_predicts_scale():
+    mask = torch.zeros(1536, 2048, dtype=torch.long)
+    mask[1200:1214, 1500:1514] = 2  # a 14 px part
+    image = torch.rand(3, 1536, 2048)
+    gen = torch.Generator().manual_seed(0)
+    seen = []
+    for _ in range(20):
+        view, view_mask = slime.native_view(image, mask, 2, 512, gen)
+        assert view.shape == (3, 512, 512) and view_mask.shape == (512, 512)
+        seen.append((view_mask == 2).sum().item())
+    assert min(seen) > 0 and max(seen) == 14 * 14  # some of it always; whole, at scale 1 (window 512), mostly
+    small, small_mask = slime.native_view(torch.rand(3, 100, 60), torch.ones(100, 60, dtype=torch.long), 1, 256, gen)
+    assert small.shape == (3, 512, 512) and (small_mask[:200, :120] == 1).all()  # 2x, as a 256 window
+    assert (small_mask[200:] == slime.IGNORE).all() and (small_mask[:, 120:] == slime.IGNORE).all()
+
+
+@pytest.mark.parametrize("h, w, cell, band", [(1000, 700, 8, 37), (300, 200, 8, 256), (96, 130, 2, 50)])
+def test_window_grid_scores_are_upsampled_band_by_band_and_cut_at_the_border(h, w, cell, band):
+    gh, gw = max(64, -(-h // cell)), max(64, -(-w // cell))
+    scores = torch.rand(3, gh, gw, generator=torch.Generator().manual_seed(h))
+    got = slime.upsampled_argmax(scores, h, w, cell, band=band)
+    assert got.shape == (h, w) and torch.equal(got, slime.upsampled_argmax(scores, h, w, cell))  # bands change nothing
+    full = F.interpolate(scores[None], size=(gh * cell, gw * cell), mode="bilinear", align_corners=False)[0]
+    assert (got.long() != full[:, :h, :w].argmax(0)).float().mean() < 1e-4  # equal up to float ties
+
+
+def test_native_scores_are_the_release_rule_over_the_windows():
+    """Each window votes as a release patch (patch_votes, unchanged) on its 64x64 cells of the grid; where
+    windows overlap, each class's score is the mean of its votes; a class below the threshold in a window
+    does not vote there. With one window the image is that window."""
+    K = 3
+    calls = [random_maps(K, seed) for seed in range(2)]
+    s = slime.Settings(window=512, threshold=0.017)
+    image = torch.rand(3, 512, 896)  # grid 64 x 112 cells: windows at x = 0 and 48 cells, 16 shared
+    got, cell = slime.native_scores(FakeSD(FakeUNet(calls)), None, image, K, s)
+    assert cell == 8 and got.shape == (K, 64, 112)
+    scores, votes = torch.zeros(K, 64, 112), torch.full((K, 64, 112), 1e-7)
+    for x0, maps in zip((0, 48), calls):
+        A_ca, A_sa, _ = slime.attention_maps(FakeSD(FakeUNet([maps])), torch.zeros(1, 4, 64, 64), torch.tensor([100]),
+                                             None, K, log_space=False)
+        seen, v = slime.patch_votes(A_ca, A_sa, s.threshold, 64)
+        scores[seen, :, x0:x0 + 64] += v
+        votes[seen, :, x0:x0 + 64] += 1
+    assert torch.allclose(got, scores / votes, atol=1e-6)
+    # classes 0 and 2 pass in the first window, 1 and 2 in the second (test_patched_masking_arithmetic)
+    assert votes[:, 0, 10].round().tolist() == [1, 0, 1] and votes[:, 0, 50].round().tolist() == [1, 1, 2]
+    # one window on a 512 image: the squash path with one 512 patch, up to where bilinear steps land
+    one = slime.segment(FakeSD(FakeUNet(calls[:1])), None, image[:, :, :512], K, s)
+    squash = slime.segment(FakeSD(FakeUNet(calls[:1])), None, image[:, :, :512], K, slime.Settings(
+        patch_size=512, patches_per_side=1, threshold=0.017))
+    assert (one == squash).float().mean() > 0.97
