@@ -1578,8 +1578,11 @@ def device_and_dtype(args, con):
     # was slower than fp32 (fit step 0.17 s vs 0.13 s) though its masks agree 99.95%; on a CPU without
     # bf16 instructions torch emulates bf16 convolutions, 100x slower or worse
     dtype = args.dtype or "fp32"
+    if args.threads:  # matmuls with few rows (the text context's keys and values) split their sums over
+        torch.set_num_threads(args.threads)  # threads, so the thread count moves the last bits of a result
     if device.type == "cpu" and not args.device:
-        con.say("no GPU found: running on the CPU, which takes minutes per image (see README, Speed)")
+        con.say(f"no GPU found: running on the CPU ({count(torch.get_num_threads(), 'thread')}), which takes "
+                "minutes per image (see README, Speed)")
     if device.type == "cpu" and dtype == "fp16":  # x86 CPUs have no fp16 arithmetic: torch emulates it
         con.say("warning: fp16 on a CPU is about 25x slower than fp32; use --dtype fp32")
     if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
@@ -2059,38 +2062,46 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
         else:
             eta = (time.time() - t0) / wrote * (todo - wrote) if wrote else None
             con.progress(f"image {n}/{total}", n, total, os.path.basename(job.image), eta=eta, every=0)
-            image = read_image(job.image)
-            if max(image.shape[1:]) > 4 * SIZE and not s.window:
-                con.say(f"{job.image} is {image.shape[2]}x{image.shape[1]}: segmented at {SIZE}x{SIZE} like every "
-                        "image, its class scores upsampled to full size in bands of rows")
-            windows = Console(con.quiet)  # its own clock: the ETA of this image's windows
-            name = os.path.basename(job.image)
-
-            def on_window(i, n):
-                if n > 1:
-                    eta = (time.time() - windows.t0) / i * (n - i)
-                    windows.progress(f"image {job_n}/{total} window {i}/{n}", i, n, name, eta=eta)
-            job_n = n
-            try:
-                labels = segment(sd, context, image, len(parts), s, progress=on_window)
-            except SlimeError as e:
-                raise SlimeError(f"{job.image}: {e}") from None
-            # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
-            shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
-            commit({job.mask: png_writer(mask_image(labels.numpy(), colors), job.made_by),  # both, or neither
-                    job.overlay: png_writer(overlay_image(shown, labels.numpy(), parts, colors), job.made_by)})
+            labels = segment_and_write(sd, context, job, s, parts, colors, con, f"image {n}/{total}")
             wrote += 1
-        area = np.bincount(labels.numpy().ravel(), minlength=len(parts))
-        record = dict(n=n, image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done,
-                      width=labels.shape[1], height=labels.shape[0],
-                      area={name: int(a) for name, a in zip(parts, area)})
-        if job.gt:  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
-            gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[0]
-            record.update(ground_truth=job.gt, iou={c: v for c, v in iou_per_class(labels, gt, len(parts)).items()})
-        records.append(record)
+        records.append(image_record(n, job, labels, parts, emb))
     con.end()
     return records, wrote
 
+
+
+def segment_and_write(sd, context, job, s, parts, colors, con, what):
+    """Segment one image (showing its windows' progress, if it has several) and write its mask and its
+    overlay, both or neither. -> labels (H, W)."""
+    image = read_image(job.image)
+    if max(image.shape[1:]) > 4 * SIZE and not s.window:
+        con.say(f"{job.image} is {image.shape[2]}x{image.shape[1]}: segmented at {SIZE}x{SIZE} like every "
+                "image, its class scores upsampled to full size in bands of rows")
+    windows, name = Console(con.quiet), os.path.basename(job.image)  # its own clock: the windows' ETA
+
+    def on_window(i, n):
+        if n > 1:
+            windows.progress(f"{what} window {i}/{n}", i, n, name, eta=(time.time() - windows.t0) / i * (n - i))
+    try:
+        labels = segment(sd, context, image, len(parts), s, progress=on_window)
+    except SlimeError as e:
+        raise SlimeError(f"{job.image}: {e}") from None
+    # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
+    shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
+    commit({job.mask: png_writer(mask_image(labels.numpy(), colors), job.made_by),
+            job.overlay: png_writer(overlay_image(shown, labels.numpy(), parts, colors), job.made_by)})
+    return labels
+
+
+def image_record(n, job, labels, parts, emb):
+    """summary.json's entry for one image: its size, each part's area in pixels, and its IoUs with a ground truth."""
+    area = np.bincount(labels.numpy().ravel(), minlength=len(parts))
+    record = dict(n=n, image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done,
+                  width=labels.shape[1], height=labels.shape[0], area={name: int(a) for name, a in zip(parts, area)})
+    if job.gt:  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
+        gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[0]
+        record.update(ground_truth=job.gt, iou=iou_per_class(labels, gt, len(parts)))
+    return record
 
 def report(args, con, emb, s, records, wrote, skipped):
     """The IoU table (with --masks), the run's files (labelmap, image list, summary, IoU table) and the
@@ -2172,6 +2183,9 @@ def build_parser():
         p.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
         p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="number format (default: fp32, as the release; bf16 or fp16 save GPU memory)")
+        p.add_argument("--threads", type=number(int, 1, 1024), help="CPU threads per process; default: torch's, all "
+                       "cores (torchrun: 1 per rank). Sums split over threads round differently: give one process "
+                       "and torchrun the same --threads for byte-identical masks")
         p.add_argument("-q", "--quiet", action="store_true", help="print only errors (and predict's IoU table)")
         add_settings(p, stage)
 

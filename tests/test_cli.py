@@ -191,7 +191,8 @@ def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message)
 
 
 def test_torchrun_two_processes_match_one(fitted, tmp_path):
-    """torchrun shards the images across ranks (gloo on CPU); masks and the printed table are identical."""
+    """torchrun shards the images across ranks (gloo on CPU); with the same --threads (torchrun's default is
+    1 per rank) the masks, several parts each, and the printed table are byte-identical to one process's."""
     _, emb, ckpt = fitted
     (tmp_path / "in").mkdir()
     (tmp_path / "gt").mkdir()
@@ -199,10 +200,11 @@ def test_torchrun_two_processes_match_one(fitted, tmp_path):
         img, mask = synthetic_scene(shift=10 * i, seed=i)
         Image.fromarray(img).resize((128, 128)).save(tmp_path / "in" / f"s{i}.png")
         Image.fromarray(mask).resize((128, 128), Image.NEAREST).save(tmp_path / "gt" / f"s{i}.png")
-    one = run("predict", emb, tmp_path / "in", "-o", tmp_path / "one", "--masks", tmp_path / "gt", "--ckpt", ckpt)
+    one = run("predict", emb, tmp_path / "in", "-o", tmp_path / "one", "--masks", tmp_path / "gt", "--ckpt", ckpt,
+              "--threads", "1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
                         os.path.join(ROOT, "slime.py"), "predict", str(emb), str(tmp_path / "in"), "-o",
-                        str(tmp_path / "two"), "--masks", str(tmp_path / "gt"), "--ckpt", ckpt],
+                        str(tmp_path / "two"), "--masks", str(tmp_path / "gt"), "--ckpt", ckpt, "--threads", "1"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout == one.stdout and "mIoU" in r.stdout  # rank 0 alone prints the table
@@ -211,6 +213,7 @@ def test_torchrun_two_processes_match_one(fitted, tmp_path):
     for i in range(3):
         one_mask, two_mask = (tmp_path / d / "SegmentationClass" / f"s{i}.png" for d in ("one", "two"))
         assert one_mask.read_bytes() == two_mask.read_bytes()
+        assert len(np.unique(np.array(Image.open(one_mask)))) >= 3  # not all background: the parts were found
     for name in ("metrics.csv", "labelmap.txt", "ImageSets/Segmentation/default.txt"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
 
@@ -232,20 +235,21 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
     assert r.stdout.split("\n")[:4] == ["step 1", "step 2", "validation 2", ""]
     assert Image.open(tmp_path / "new_mask.png").size == (96, 96)
 
-# --window, the evidence of README "Small parts in big photos": the side, in the photo's pixels, of one window
-WINDOW = 256
+# --window, the evidence of README "Small parts in big photos" (all its rows: benchmarks/window_evidence.py).
+# CI checks the 32 px disc at --window 512 (20 windows, about 30 s); the 16 px disc needs --window 256 (88
+# windows, about 150 s: too long for the suite), and there reaches 0.50, short of the issue's 0.7 target.
+WINDOW, RADIUS = 512, 16
 
 
 def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(fitted, tmp_path):
-    """A 2048x1536 photo with a large part and a 16 px disc, which the squash to 512 shrinks to half a latent
-    pixel. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt, finds it and keeps
-    the large part (within 0.05). Measured: disc 0.50, short of the issue's 0.7 target (README: stray disc
-    pixels in windows without it). The mechanism, on the SD-like test model: not real photos. 88 windows:
-    the slowest test of the suite (README, Small parts in big photos)."""
+    """A 2048x1536 photo with a large part and a 32 px disc, which the squash to 512 shrinks to one latent
+    pixel. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt, finds it (measured
+    0.68) and keeps the large part (within 0.05; measured 0.92 -> 0.98). The mechanism, on the SD-like test
+    model: not real photos."""
     d, emb, ckpt = fitted
     for folder in ("in", "gt"):
         (tmp_path / folder).mkdir()
-    img, mask = synthetic_photo()
+    img, mask = synthetic_photo(radius=RADIUS)
     Image.fromarray(img).save(tmp_path / "in" / "photo.png")
     Image.fromarray(mask).save(tmp_path / "gt" / "photo.png")
     native = tmp_path / "native.pt"  # the scene's vectors, with --window recorded as fit records it
@@ -261,10 +265,10 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
         iou[name] = dict(line.split(",") for line in (tmp_path / name / "metrics.csv").read_text().splitlines()[1:])
     print({name: (v, f"{seconds[name]:.0f} s") for name, v in iou.items()})  # pytest -s shows the evidence
     squash, native = ({k: float(v) for k, v in iou[name].items()} for name in ("squash", "native"))
-    assert squash["disc"] < 0.1 and native["disc"] >= 0.45, iou
+    assert squash["disc"] < 0.1 and native["disc"] >= 0.6, iou
     assert native["square"] >= squash["square"] - 0.05, iou
     # predict said what --window costs before the work, from emb.pt's setting alone
-    assert f"--window {WINDOW}: 88 windows in 1 image, one UNet pass each; without --window, 1:" in stderr["native"]
+    assert f"--window {WINDOW}: 20 windows in 1 image, one UNet pass each; without --window, 1:" in stderr["native"]
     assert "--window" not in stderr["squash"]
     assert Image.open(tmp_path / "native" / "SegmentationClass" / "photo.png").size == (2048, 1536)
 

@@ -257,6 +257,7 @@ OPTION_CASES = [
     (["--t-min", "100", "--t-max", "5"], "the training timesteps run from t_min 100 to t_max 5"),
     (["--preset", "coco"], "argument --preset: invalid choice: 'coco'"),
     (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
+    (["--threads", "0"], "argument --threads: must be an integer in [1, 1024], not '0'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--device", "banana"], "--device banana: not a device torch knows"),
     (["--device", "cuda:7"], "--device cuda:7: this machine has"),
