@@ -3,6 +3,7 @@
     python benchmarks/benchmark.py                 # full size, random weights: CPU, and CUDA when present
     python benchmarks/benchmark.py --tiny          # small widths, to check the script (minutes on 2 cores)
     python benchmarks/benchmark.py --device cpu --only fit --repeats 2
+    python benchmarks/benchmark.py --device cpu --dtype fp32,bf16 --no-release   # formats side by side
 
 Run from anywhere (it finds slime.py one folder up). Not a test: pytest does not collect it, and a full
 run takes about 16 minutes on 2 CPU cores.
@@ -47,8 +48,10 @@ import unet as unet_mod  # noqa: E402
 import vae as vae_mod  # noqa: E402
 
 K = 6  # PASCAL-Part car: background body light plate wheel window
-OPS = {"fit": "fit step", "p400x2": "predict 400x2", "p512x1": "predict 512x1"}  # mode prefix -> table row
-PATCHES = {"p400x2": (400, 2), "p512x1": (512, 1)}  # slime's default patches; the PASCAL preset's
+OPS = {"fit": "fit step", "val": "validation inside fit, 400x2 (patches kept)", "p400x2": "predict 400x2",
+       "p512x1": "predict 512x1"}  # mode prefix -> table row
+PATCHES = {"val": (400, 2), "p400x2": (400, 2), "p512x1": (512, 1)}  # slime's default patches; the PASCAL preset's
+EPOCHS = 200  # the release's default 1-shot fit: 200 epochs of 1 step, each followed by a validation
 
 
 # ----------------------------------------------------------------------------- models with random weights
@@ -195,8 +198,12 @@ def measure_one(mode, args):
         ps = replace(s, patch_size=size, patches_per_side=per_side, threshold=0.0)
         context = slime.with_learned(cond[0, 1:K], cond)
 
+        model = sd if who == "slime" else base
+        # validation inside fit segments the same image every epoch from noisy patches made once (KeepTheBest)
+        kept = slime.noisy_inputs(model, image, ps) if op == "val" and who == "slime" else None  # the release: not
+
         def run():
-            slime.segment(sd if who == "slime" else base, context, image, K, ps)
+            slime.segment(model, context, image, K, ps, patches=kept)
     sync(device)
     if device == "cuda":
         before = torch.cuda.memory_allocated()
@@ -229,9 +236,9 @@ def measure_one(mode, args):
 
 
 # ----------------------------------------------------------------------------- driver and table
-def run_mode(mode, device, args):
+def run_mode(mode, device, dtype, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--one", mode, "--device", device, "--repeats", str(args.repeats),
-           "--dtype", args.dtype]
+           "--dtype", dtype]
     out = subprocess.run(cmd + (["--tiny"] if args.tiny else []), stdout=subprocess.PIPE, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:  # e.g. killed for memory
@@ -255,40 +262,61 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu, then cuda when available")
     ap.add_argument("--repeats", type=int, help="timed runs after 1 warm-up (default: 2 on cpu, 5 on cuda)")
-    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: slime's (fp32 on cpu, bf16 on cuda)")
+    ap.add_argument("--dtype", default="fp32", help="slime's number format(s), comma-separated, e.g. fp32,bf16 "
+                                                   "(each measured side by side); default fp32, slime's default")
+    ap.add_argument("--no-release", action="store_true", help="skip the release-style baseline (always fp32)")
     ap.add_argument("--only", choices=("fit", "predict"))
     ap.add_argument("--tiny", action="store_true", help="small widths (tests/conftest.py's), to debug the script")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement in this process
     args = ap.parse_args()
     if args.one:
         return measure_one(args.one, args)
+    dtypes = args.dtype.split(",")
+    if not set(dtypes) <= {"fp32", "bf16", "fp16"}:
+        ap.error(f"--dtype: fp32, bf16 or fp16, comma-separated, not {args.dtype!r}")
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    ops = [op for op in OPS if args.only is None or (op == "fit") == (args.only == "fit")]
+    ops = [op for op in OPS if args.only is None or (op in ("fit", "val")) == (args.only == "fit")]
+    who = [(d, "slime") for d in dtypes] + ([] if args.no_release else [("fp32", "release")])
     t_start = time.time()
-    dtype_given = args.dtype
     for device in devices:
         args.repeats = args.repeats or (2 if device == "cpu" else 5)
-        args.dtype = dtype_given or ("fp32" if device == "cpu" else "bf16")
         results = {}
         for op in ops:
-            for who in ("slime", "release"):
-                print(f"measuring {op}-{who} on {device} ...", file=sys.stderr, flush=True)
-                results[op, who] = run_mode(f"{op}-{who}", device, args)
-        dtype = next((r["dtype"] for r in results.values() if "dtype" in r), "?")
-        print(f"\n{machine(device, dtype)}; {'TINY widths' if args.tiny else 'full SD 2.1-base'}, random weights, "
-              f"K={K}, 512x512 image, median of {args.repeats} after 1 warm-up\n")
-        print("| operation | slime s | release-style baseline s | speed-up | slime peak: working (total) "
-              "| baseline peak: working (total) |")
-        print("|---|---|---|---|---|---|")
-        for op in ops:
-            a, b = results[op, "slime"], results[op, "release"]
-            ratio = f"{b['median'] / a['median']:.2f}x" if "median" in a and "median" in b else "-"
-            secs = [f"{r['median']:.2f}" if "median" in r else f"failed ({r['error']})" for r in (a, b)]
-            print(f"| {OPS[op]} | {secs[0]} | {secs[1]} | {ratio} | {gb(a)} | {gb(b)} |")
+            for dtype, w in who:
+                print(f"measuring {op}-{w} {dtype} on {device} ...", file=sys.stderr, flush=True)
+                results[op, dtype, w] = run_mode(f"{op}-{w}", device, dtype, args)
+        print(f"\n{machine(device, ', '.join(dtypes))}; {'TINY widths' if args.tiny else 'full SD 2.1-base'}, random "
+              f"weights, K={K}, 512x512 image, median of {args.repeats} after 1 warm-up\n")
+        table(ops, who, results)
         print("\nthreshold 0 in every patched inference (random weights never reach 0.2, which would skip the "
               "per-class work); baseline fit step = CFG batch with grad + per-step logging inference (400x2, "
-              "out 64); VAE attention not materialised in the baseline")
+              "out 64); baseline validation = from scratch (the release kept no patches); VAE attention not "
+              "materialised in the baseline")
     print(f"\nwall time {time.time() - t_start:.0f} s", flush=True)
+
+
+def table(ops, who, results):
+    """One row per operation, one time and one peak memory per (dtype, who); the speed-ups against the first
+    column; then the rows a user plans with: one fit epoch (step + validation) and the release's default
+    1-shot fit (200 of them), projected from the measured rows."""
+    names = [f"{w} {d}" if w == "slime" else "release-style fp32" for d, w in who]
+    print("| operation | " + " | ".join(f"{n} s" for n in names) + " | " +
+          " | ".join(f"{n} time / {names[0]}" for n in names[1:]) + " | " + " | ".join(f"{n} peak" for n in names) + " |")
+    print("|---" * (1 + 2 * len(names) + len(names) - 1) + "|")
+    seconds = {}
+    for op in ops:
+        rs = [results[op, d, w] for d, w in who]
+        seconds[op] = [r.get("median") for r in rs]
+        cells = [f"{r['median']:.2f}" if "median" in r else f"failed ({r['error']})" for r in rs]
+        ratios = [f"{b / seconds[op][0]:.2f}x" if b and seconds[op][0] else "-" for b in seconds[op][1:]]
+        print(f"| {OPS[op]} | " + " | ".join(cells + ratios + [gb(r) for r in rs]) + " |")
+    if "fit" in seconds and "val" in seconds:
+        for label, n in (("one fit epoch (step + validation)", 1), (f"1-shot fit, release defaults ({EPOCHS} "
+                                                                    "epochs), projected", EPOCHS)):
+            total = [a + b if a and b else None for a, b in zip(seconds["fit"], seconds["val"])]
+            cells = [(f"{n * t:.1f}" if n == 1 else f"{n * t / 60:.0f} min") if t else "-" for t in total]
+            ratios = [f"{b / total[0]:.2f}x" if b and total[0] else "-" for b in total[1:]]
+            print(f"| {label} | " + " | ".join(cells + ratios + ["-"] * len(total)) + " |")
 
 
 if __name__ == "__main__":
