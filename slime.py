@@ -74,6 +74,7 @@ def number(kind, lo, hi, lo_open=False):
 
 
 def boolean(value):
+    # not bool(value): bool("false") is True, and an emb.pt setting edited to 1 must not pass for a switch
     if type(value) is not bool:
         raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
     return value
@@ -81,6 +82,8 @@ def boolean(value):
 
 def out_size(value):
     x = number(int, 0, SIZE)(value)
+    # 512 is the release's test_mask_size (release/src/arguments.py#L91), 0 each image's own size (slime's); any
+    # other side would be neither the release's masks nor the image's
     if x not in (0, SIZE):
         raise argparse.ArgumentTypeError(f"must be 0 (each image's own size) or {SIZE}, not {value!r}")
     return x
@@ -88,6 +91,7 @@ def out_size(value):
 
 def window_side(value):
     x = number(int, 0, MAX_WINDOW)(value)
+    # a window of N px gives N/64 image pixels to each cell of its 64x64 maps (window_layout): no fractional cells
     if x % MAP:
         raise argparse.ArgumentTypeError(f"must be 0 (squash to {SIZE}, as the release) or a multiple of {MAP} "
                                          f"up to {MAX_WINDOW}, not {value!r}")
@@ -149,13 +153,17 @@ def settings_from(values, source, base=None):
             checked[name] = known[name].metadata["check"](value)
         except argparse.ArgumentTypeError as e:
             raise SlimeError(f"{source}: the setting {name} {e}") from None
+    # only what was given replaces the base: a flag left out keeps emb.pt's (or the preset's) value, so predict
+    # segments as fit validated
     s = replace(base or Settings(), **checked)
+    # checked in the plan: randint(t_min, t_max + 1) would otherwise fail at fit's first step, after the load
     if s.t_min > s.t_max:
         raise SlimeError(f"{source}: the training timesteps run from t_min {s.t_min} to t_max {s.t_max}; "
                          "t_min must not exceed t_max")
     if s.with_whole and not s.window:
         raise SlimeError(f"{source}: --with-whole adds the squashed image to the windows of --window; give "
                          "--window too")
+    # segment ignores out_size on the window path: refused rather than quietly not applied
     if s.window and s.out_size:
         raise SlimeError(f"{source}: --window segments each image at its own resolution, so its masks have the "
                          f"image's own size; give --out-size 0 with it, not {s.out_size}")
@@ -194,6 +202,8 @@ def prompt_contexts(sd, num_classes):
     the background and is never learned: SD's cross-attention parks on it wherever no word fits.
     """
     with torch.no_grad():
+        # K words though only K-1 vectors are learned, as the release's prompt (release/src/slime.py#L70): position K
+        # keeps a plain "part"; "" is the unconditional prompt of the SD loss's guidance (#L73-L76)
         tokens = sd.tokenize([" ".join(["part"] * num_classes), ""]).to(sd.device)
         cond, uncond = sd.text_encoder(tokens).float().split(1)  # fp32: Adam updates the vectors in place
     return cond, uncond
@@ -213,6 +223,7 @@ def noisy_latent(sd, images, t, gen):
     """
     with torch.no_grad():
         z = sd.vae.encode(images, sample=True, generator=gen)  # the VAE is frozen: no graph needed
+    # drawn after the VAE's sample from the same generator: the order of the draws is part of what --seed repeats
     noise = torch.randn(z.shape, generator=gen, device=z.device)
     a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)  # the fraction of the signal's variance left at step t
     return a.sqrt() * z + (1 - a).sqrt() * noise, noise
@@ -234,7 +245,10 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
         m = maps[name][0, :, :num_classes]  # (N pixels, K): the K tokens' columns
         side = int(m.shape[0] ** 0.5)  # 16 or 32: the layer's own grid
         m = m.T.reshape(1, num_classes, side, side)
+        # bilinear, align_corners False, as the release's F.interpolate (release/src/stable_difusion.py#L201-L214)
         resized.append(F.interpolate(m, size=(MAP, MAP), mode="bilinear", align_corners=False)[0])
+    # every layer weighs the same, 16x16 or 32x32, as the release's mean over its stacked layers
+    # (release/src/stable_difusion.py#L250-L256)
     A_ca = sum(resized) / len(resized)
     A_sa = sum(maps[name][0] for name in SELF_LAYERS) / len(SELF_LAYERS)  # row q: P(query q -> key j)
     return A_ca, A_sa, eps
@@ -246,6 +260,8 @@ def was_map(P, A_sa):
     Each class's cross-attention P (K', 64, 64) spreads along the self-attention: a pixel scores high
     when the pixels it attends to are the class's. One (K', 4096) x (4096, 4096) matmul.
     """
+    # A_sa.T puts the keys j on the rows, so the matmul sums over j as Eq. 6 does. The release forms the same sum
+    # as a broadcast product of K x 4096 x 4096 values (release/src/slime.py#L130-L133)
     return (P.flatten(1) @ A_sa.T).view(P.shape)
 
 
@@ -255,6 +271,8 @@ def class_weights(mask, num_classes):
     n = torch.bincount(mask[mask != IGNORE].flatten(), minlength=num_classes)[:num_classes].float()
     n[0] = 0  # so n.sum() counts the foreground only
     w = torch.where(n > 0, n.sum() / (n + 1e-6), torch.zeros_like(n))  # 1e-6: the release's
+    # a part's weight #foreground / #part is >= 1 (up to the 1e-6), so the background, often most of the pixels,
+    # weighs no more than any part
     w[0] = 1
     return w
 
@@ -262,6 +280,7 @@ def class_weights(mask, num_classes):
 def segmentation_losses(A_ca, A_sa, mask, num_classes):
     """Eq. 4 and Eq. 7 on a (64, 64) mask: the weighted cross-entropy of A_ca, and the squared error of
     the WAS maps against the one-hot mask (release/src/slime.py#L121-L143)."""
+    # ignore_index: 255 pixels (VOC's void, the padding of --window views) count as neither right nor wrong
     loss_ce = F.cross_entropy(A_ca[None], mask[None], weight=class_weights(mask, num_classes), ignore_index=IGNORE)
     # softmax over the K classes. The release takes it of the averaged raw logits; here A_ca holds averaged
     # log-probabilities over all 77 tokens, which differ from those logits by a per-pixel constant: same softmax
@@ -279,10 +298,12 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     """Fig. 3: encode, add noise, UNet, maps, losses. image (3, 512, 512), mask (64, 64) -> (loss, terms)."""
     num_classes = len(learned) + 1
     # small t: the image is barely noised, so the attention still follows it, yet differs from step to step
+    # t_max + 1: inclusive, as the release draws it (release/src/stable_difusion.py#L297)
     t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = noisy_latent(sd, image[None], t, gen)
     A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, with_learned(learned, cond), num_classes, log_space=True)
     loss_ce, loss_mse = segmentation_losses(A_ca, A_sa, mask, num_classes)  # Eq. 4, Eq. 7
+    # a tensor even when skipped: the terms' .item() and Eq. 8 need no case of their own for beta = 0
     loss_sd = torch.zeros(())
     if s.beta:  # beta = 0 skips a whole UNet pass
         # SD's own loss with guidance 100 keeps the vectors where SD can use them (release/src/
@@ -291,6 +312,7 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
         with torch.no_grad():
             eps_uncond = sd.unet(x_t, t, uncond)[0]
         eps = eps_uncond + s.guidance * (eps_cond - eps_uncond)
+        # against the noise actually added: the eps-prediction objective SD 2.1-base was trained with
         loss_sd = F.mse_loss(eps, noise)
     loss = loss_ce + s.alpha * loss_mse + s.beta * loss_sd  # Eq. 8
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
@@ -301,6 +323,7 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
 def resize(x, size, mode):
     """(C, H, W) -> (C, *size). Bilinear without antialiasing (cv2.INTER_LINEAR), or nearest (INTER_NEAREST)."""
     if mode == "nearest":
+        # interpolate takes no integer tensors: through float and back (labels up to 255 are exact in float32)
         return F.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
@@ -308,6 +331,7 @@ def resize(x, size, mode):
 def gaussian_blur(image, k):
     """cv2.GaussianBlur(k, sigma=0) with reflect-101 borders. For k <= 7 and sigma 0, OpenCV's
     getGaussianKernel takes fixed binomial kernels, not the 0.3((k-1)/2-1)+0.8 sigma rule."""
+    # only 3 and 5 occur: augment draws k <= 5 and skips k = 1 (no blur)
     g = torch.tensor({3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype)
     g = g / g.sum()
     pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")  # torch's "reflect" is OpenCV's REFLECT_101
@@ -331,10 +355,13 @@ def part_crop(mask, part, min_ratio, gen, tries=1000):
     accepted when it keeps more than 30% of that part's pixels (always, if the part is absent)."""
     total = (mask == part).sum()
     for _ in range(tries):  # the release loops until accepted; a cap keeps a 1-pixel part from hanging
+        # int(): the release truncates the side too (release/src/utils.py#L38)
         side = int((min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE)
+        # a full-size crop draws no origin, as release/src/utils.py#L39-L44
         y0, x0 = (torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist() if side != SIZE else (0, 0))
         if total == 0 or (mask[y0:y0 + side, x0:x0 + side] == part).sum() / total > 0.3:
             return y0, x0, side
+    # after `tries` refusals, the whole image: it keeps all of the part, so the release's loop would accept it too
     return 0, 0, SIZE
 
 
@@ -345,6 +372,7 @@ def augment(image, mask, part, s, gen):
     if rand() < 0.5:
         image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep their up and down
     if rand() < 0.5:
+        # the release's A.GaussianBlur(blur_limit=(1, 5)) (release/src/dataset.py#L35)
         k = int(torch.randint(1, 6, (1,), generator=gen))
         k += 1 - k % 2  # albumentations maps an even kernel to the next odd one: k in {1: 20%, 3: 40%, 5: 40%}
         image = gaussian_blur(image, k) if k > 1 else image
@@ -352,7 +380,10 @@ def augment(image, mask, part, s, gen):
     image = resize(image[:, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "bilinear")  # a zoom: parts look larger
     mask = resize(mask[None, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "nearest")[0]  # nearest: no mixed labels
     if rand() < 0.5:
+        # uniform in [-rotation, rotation], A.Rotate's limit (release/src/dataset.py#L38-L50; celeba's 10 is its preset)
         angle = (2 * rand() - 1) * s.rotation
+        # the corners the turn brings in are 0 in both: black pixels, and background labels, not ignore (the release's
+        # mask_value=0)
         image, mask = rotate(image, angle, "bilinear"), rotate(mask[None], angle, "nearest")[0]
     return image, mask
 
@@ -364,6 +395,8 @@ def window_crop(x, y0, x0, side, fill=None):
     pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
     if not any(pad):
         return x
+    # an image is padded with its edge pixels, not black, which would add an edge the photo does not have; a mask
+    # with `fill` (IGNORE from native_view), so no loss reads the padding
     return F.pad(x[None], pad, mode="replicate")[0] if fill is None else F.pad(x, pad, value=fill)
 
 
@@ -374,6 +407,7 @@ def native_view(image, mask, part, window, gen):
     ys, xs = (mask == part).nonzero(as_tuple=True)
     pick = int(torch.randint(0, len(ys), (1,), generator=gen)) if len(ys) else None
     origin = []
+    # origin <= p < origin + window whatever the clamps below do: the favoured part is in every view
     for found, n in ((ys, mask.shape[0]), (xs, mask.shape[1])):
         p = int(found[pick]) if pick is not None else int(torch.randint(0, n, (1,), generator=gen))
         offset = int(torch.randint(0, window, (1,), generator=gen))  # where in the view that pixel lands
@@ -398,10 +432,13 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     """
     pairs, val_pairs = as_pairs(pairs, s), as_pairs(val_pairs, s) if val_pairs else None
     gen = torch.Generator(sd.device).manual_seed(s.seed)  # timesteps, VAE samples, noise
+    # a CPU stream of its own: the pairs stay on the CPU, gen lives on sd.device, and a CUDA generator cannot drive
+    # CPU draws; so the views are the same on any device
     aug_gen = torch.Generator().manual_seed(s.seed)  # augmentations (on the CPU)
     cond, uncond = prompt_contexts(sd, num_classes)
     learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
     optimizer = torch.optim.Adam([learned], lr=s.lr)  # the only parameters: SD itself stays frozen
+    # without --val the training pairs themselves, unaugmented, choose the best epoch
     keeper = KeepTheBest(sd, cond, num_classes, s, val_pairs or pairs, on_best)
     part, step = 0, 0
     for epoch in range(s.epochs):
@@ -411,9 +448,13 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             image, mask = augment(image, mask, part, s, aug_gen)
             if s.bgr:
                 image = image.flip(0)  # --bgr: the release fed cv2's BGR images (segment flips likewise)
+            # the release's counter (release/src/dataset.py#L89-L90) lives in 8 DataLoader workers that start each
+            # epoch from a fresh copy at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
             part = (part + 1) % num_classes if s.cycle_parts else 0  # the part the next crop favours
+            # the release's nearest resize to train_mask_size 64 (release/src/dataset.py#L84-L88)
             mask = resize(mask[None], (MAP, MAP), "nearest")[0]  # takes pixel (8i, 8j)
             loss, terms = training_step(sd, learned, cond, uncond, image.to(sd.device), mask.to(sd.device), s, gen)
+            # before backward: one nan step would make Adam's moments nan, and every later vector with them
             if not torch.isfinite(loss):
                 raise SlimeError(diverged(sd, loss, step + 1, terms))
             optimizer.zero_grad()
@@ -437,6 +478,7 @@ def as_pairs(pairs, s):
     own resolution (native_view cuts fit's views from them)."""
     out = []
     for image, mask in pairs:
+        # int64 whatever the file stored: cross_entropy's target type
         mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).long()
         if tuple(mask.shape) != tuple(image.shape[1:]):
             raise SlimeError(f"a mask of {tuple(mask.shape)} does not match its image of {tuple(image.shape[1:])}")
@@ -454,6 +496,8 @@ class KeepTheBest:
     def __init__(self, sd, cond, num_classes, s, val_pairs, on_best):
         self.sd, self.cond, self.num_classes, self.s, self.val_pairs, self.on_best = \
             sd, cond, num_classes, s, val_pairs, on_best
+        # 0.0 with >=: the first validation always saves, so a fit that reaches one leaves an emb.pt; the release
+        # also starts at 0 (release/src/slime.py#L28)
         self.best, self.context, self.patches = 0.0, cond, None
 
     def validate(self, learned, epoch):
@@ -461,6 +505,8 @@ class KeepTheBest:
         # the validation images never change: their noisy patches are made once, and the masks are
         # bit-identical to segmenting from scratch (tests/test_method.py)
         self.patches = self.patches or [noisy_inputs(self.sd, image, self.s) for image, _ in self.val_pairs]
+        # at SIZE: the release validates at test_mask_size 512 (release/src/arguments.py#L91), against masks squashed
+        # as as_pairs squashed them; with --window segment ignores it, and both are at the image's own size
         miou = sum(image_miou(segment(self.sd, context, image, self.num_classes, self.s, SIZE, patches), gt,
                               self.num_classes) for (image, gt), patches in zip(self.val_pairs, self.patches))
         miou /= len(self.val_pairs)
@@ -483,6 +529,8 @@ def diverged(sd, loss, step, terms):
 
 def patch_origins(patch_size, per_side):
     """Top-left corners of the inference patches, rows first (release/src/utils.py#L14-L31)."""
+    # floor division, as release/src/utils.py#L19-L20: when per_side - 1 does not divide 512 - patch_size, the last
+    # patch stops short of the border, and the pixels past it get no vote (score 0 for every class)
     step = (SIZE - patch_size) // (per_side - 1) if per_side > 1 else 0
     return [(i * step, j * step) for i in range(per_side) for j in range(per_side)]
 
@@ -538,6 +586,8 @@ def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
             continue  # no class was confident anywhere in this patch
         region = (seen, slice(y0, y0 + side), slice(x0, x0 + side))
         scores[region] += patch_scores
+        # counted per class, as the release's aux_attention_map (release/src/slime.py#L271-L275): a class that one
+        # of two overlapping patches saw is not halved where the other did not see it
         votes[region] += 1
     return scores, votes
 
@@ -545,6 +595,8 @@ def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
 def patch_votes(A_ca, A_sa, threshold, side):
     """One patch's vote: the classes it saw, and their WAS maps on their cross-attention's scale, (side, side)."""
     cross = A_ca.flatten(1)  # (K, 4096)
+    # on the 64x64 maps, before any resize: the threshold and the rescale use the release's values
+    # (release/src/slime.py#L233-L237)
     peak, floor = cross.max(1).values, cross.min(1).values
     seen = (peak >= threshold).nonzero()[:, 0]  # a class votes only where its cross-attention is confident
     if len(seen) == 0:
@@ -554,6 +606,7 @@ def patch_votes(A_ca, A_sa, threshold, side):
     # its cross-attention covers the whole image, and its full WAS map would swallow the parts.
     cross[0] = torch.where(cross[0] > cross[0].mean(), cross[0], 0)
     was = was_map(cross.view(-1, MAP, MAP), A_sa)  # Eq. 6
+    # to the patch's footprint in the output grid: patch_size pixels of the 512 image, or 64 cells of --window's grid
     was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[0]
     # Min-max rescale each WAS map onto its class's cross-attention range [floor, peak]: WAS maps of
     # different classes live on different scales, and the argmax should compare the classes' confidences
@@ -574,6 +627,7 @@ def window_layout(h, w, window):
     grid rounds the image up to whole cells and to at least one window; windows past the image are padded
     (window_crop) and their pixels cropped off the mask."""
     cell = window // MAP
+    # ceil: a last partial cell still gets scores; max(MAP, ...): an image smaller than a window still fills one
     grid = tuple(max(MAP, -(-n // cell)) for n in (h, w))
     return cell, grid, [(y0, x0) for y0 in axis_origins(grid[0]) for x0 in axis_origins(grid[1])]
 
@@ -582,6 +636,7 @@ def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
     """Evenly spaced origins of windows of `side` cells along n >= side cells, the first and the last flush
     with the ends, at most `stride` apart: neighbours overlap by at least a quarter, so a part that one
     window cuts, the next sees whole (the release's patches overlap too)."""
+    # the fewest windows that keep neighbours at most `stride` apart: each extra window is one more UNet pass
     count = 1 + -(-(n - side) // stride)
     return [round(i * (n - side) / (count - 1)) for i in range(count)] if count > 1 else [0]
 
@@ -594,6 +649,7 @@ def noisy_windows(sd, image, s):
     gen = torch.Generator(sd.device).manual_seed(s.seed)  # seeded per image, as noisy_patches
     t = torch.tensor([s.test_t], device=sd.device)
     for y0, x0 in origins:
+        # cut at the image's own resolution where the image lies: only one window's pixels go to the device at a time
         x = resize(window_crop(image, y0 * cell, x0 * cell, s.window).to(sd.device), (SIZE, SIZE), "bilinear")
         yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
 
@@ -618,6 +674,7 @@ def native_scores(sd, context, image, num_classes, s, inputs=None, progress=None
         w_scores, w_votes = vote_sums(sd, context, whole, num_classes, s, (SIZE, SIZE), s.patch_size)
         voted = (w_votes >= 1).float()  # a class the whole image never voted for must not pull scores to 0
         h, w = (-(-n // cell) for n in image.shape[1:])  # the cells the image covers
+        # the whole image's 512x512 scores stretched over the cells the image covers, not the padded ones past it
         scores[:, :h, :w] += resize(w_scores / w_votes * voted, (h, w), "bilinear")
         votes[:, :h, :w] += resize(voted, (h, w), "bilinear")
     return scores / votes, cell
@@ -636,6 +693,7 @@ def segment(sd, context, image, num_classes, s, out_size=None, patches=None, pro
         scores, cell = native_scores(sd, context, image, num_classes, s, patches, progress)
     else:
         scores, cell = class_scores(sd, context, patches or noisy_patches(sd, image, s), num_classes, s), None
+    # upsampled_argmax builds its interpolation matrices on the CPU, and the labels go to files from there
     scores = scores.cpu()
     if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
         raise SlimeError("its class scores are not finite" + (", as fp16 overflows: use --dtype bf16 or fp32"
@@ -643,11 +701,14 @@ def segment(sd, context, image, num_classes, s, out_size=None, patches=None, pro
     if s.window:
         return upsampled_argmax(scores, *image.shape[1:], cell)
     h, w = (out_size or s.out_size,) * 2 if out_size or s.out_size else image.shape[1:]
+    # at 512 the scores already have the output size: the argmax directly, as release/src/slime.py#L277-L278
     return scores.argmax(0).byte() if (h, w) == (SIZE, SIZE) else upsampled_argmax(scores, h, w)
 
 
 def interpolation_matrix(n_in, n_out):
     """(n_out, n_in) matrix M with M @ v == F.interpolate(v, n_out, mode="linear", align_corners=False)."""
+    # bilinear is separable: a matrix per axis gives F.interpolate's result as two matmuls, and lets upsampled_argmax
+    # work a band of rows at a time
     return F.interpolate(torch.eye(n_in)[None], size=n_out, mode="linear", align_corners=False)[0].T
 
 
@@ -656,7 +717,10 @@ def upsampled_argmax(scores, h, w, cell=None, band=256):
     at a time, so a 12000x9000 photo never holds K full-size float maps at once. cell: scores on --window's
     grid, cell x cell pixels each, which may reach past the image's bottom and right edges (cut off)."""
     (gh, gw), n = scores.shape[1:], cell or 1
+    # with cell, the grid is upsampled to g * cell pixels (its padded extent) and cut to the image, so each cell is
+    # exactly the cell x cell pixels its windows saw; without, the 512x512 scores stretch to (h, w)
     rows, cols = (interpolation_matrix(g, g * n if cell else m)[:m] for g, m in ((gh, h), (gw, w)))
+    # columns first, at the grid's few rows: (K, rows, w) is small, and (K, h, w) never exists
     scores_w = scores @ cols.T  # (K, 512, w)
     labels = torch.empty(h, w, dtype=torch.uint8)
     for i in range(0, h, band):
@@ -680,6 +744,7 @@ def iou_per_class(pred, gt, num_classes):
 def image_miou(pred, gt, num_classes):
     """The mean IoU over the classes present in this image's ground truth (release/src/slime.py#L300-L320)."""
     ious = iou_per_class(pred, gt, num_classes)
+    # an all-ignore ground truth has no class: it scores 0 rather than dividing by zero
     return sum(ious.values()) / max(len(ious), 1)
 
 
@@ -697,6 +762,8 @@ def miou_table(per_image, num_classes):
 
 
 # ----------------------------------------------------------------------------- the checkpoint
+# The prefixes of the original (ldm) single-file checkpoints. Each module copies the names below its prefix, so
+# loading strips the prefix and assigns, with no table of names to keep (README, "How the modules map").
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
@@ -713,6 +780,7 @@ IGNORED_KEYS = (
     r"cond_stage_model\.model\.transformer\.resblocks\.{last}\.",  # SD2: last text block (penultimate output)
     r"cond_stage_model\.model\.(text_projection|logit_scale)$",  # SD2: CLIP's contrastive head
 )
+# the storage formats a weight may have; integer or bool tensors mean a damaged or foreign file (check_keys)
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -725,12 +793,15 @@ def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
 
 
 def detect_family(keys, path):
+    # SDXL first: it has a UNet under the same prefix, and would otherwise be reported as lacking a known text encoder
     if any(k.startswith("conditioner.embedders.") for k in keys):
         raise SlimeError(f"{path} is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file "
                          "(e.g. v2-1_512-ema-pruned.safetensors)")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise SlimeError(f"{path} holds no {UNET_PREFIX}* tensors, so it is not a full Stable Diffusion checkpoint "
                          "(a LoRA, VAE or embedding file?); use v2-1_512-ema-pruned.safetensors or v1-5-pruned-emaonly.safetensors")
+    # the text encoder's names tell the family (SD1: Hugging Face CLIP, SD2: OpenCLIP). The UNet's names are the
+    # same in both, and no header field names the model, so names are what every such file reliably holds
     for family, prefix in TEXT_PREFIX.items():
         if any(k.startswith(prefix) for k in keys):
             return family
@@ -762,6 +833,8 @@ def build_models(shapes, path="checkpoint"):
     if family == "sd1":
         text_cfg = TextConfig.sd15(width=width(text + "embeddings.token_embedding.weight", 1), layers=stored)
     else:
+        # SD2 conditions on the penultimate layer (ldm's FrozenOpenCLIPEmbedder, layer "penultimate"): the last block
+        # is never built, and its tensors are on the ignore list ({last} below)
         text_cfg = TextConfig.sd21(width=width(text + "token_embedding.weight", 1), layers=stored - 1)
     with torch.device("meta"):  # shapes without memory: the weights are assigned as they are read
         modules = {UNET_PREFIX: UNetModel(unet_cfg), VAE_PREFIX: AutoencoderKL(vae_cfg),
@@ -773,9 +846,12 @@ def build_models(shapes, path="checkpoint"):
 def check_keys(shapes, modules, ignored, path, dtypes=None):
     """Every tensor a module needs is in the file with its shape, in a floating-point format; every other
     tensor is on the ignore list."""
+    # run on the header alone (read_header): info and predict's plan refuse a wrong file before a tensor is read,
+    # and load_state_dict(strict=True) later finds nothing to complain about
     wanted = {prefix + k: tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
     missing = sorted(set(wanted) - set(shapes))
     unexpected = sorted(k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored))
+    # the shapes are the real test of the architecture: build_models read only a few widths from the file
     wrong = sorted(k for k in wanted if k in shapes and tuple(shapes[k]) != wanted[k])
     for what, keys in (("lacks", missing), ("has unexpected", unexpected), ("has wrongly shaped", wrong)):
         if keys:
@@ -791,6 +867,7 @@ def check_keys(shapes, modules, ignored, path, dtypes=None):
 def open_checkpoint(path):
     check_file(path, ".safetensors checkpoint", "check the path; weights/README.md says where to download "
                "v2-1_512-ema-pruned.safetensors")
+    # .ckpt files are pickles, and unpickling runs whatever code the file holds; safetensors is names, shapes, bytes
     if not str(path).endswith(".safetensors"):
         raise SlimeError(f"{path} is not a .safetensors file; slime never unpickles .ckpt files, "
                          "download the .safetensors release instead (see weights/README.md)")
@@ -815,11 +892,13 @@ def read_header(path):
 def fingerprint(path, sample=1 << 20):
     """A cheap identity of the weights: SHA-256 of the safetensors header (every name, dtype, shape and
     offset) and of the first and last MiB of tensor data. Not the file's SHA-256 (that reads 5 GB)."""
+    # cheap enough for every load; the file's full SHA-256 is for a line someone reads and predict's made-by hash
     h = hashlib.sha256()
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
         h.update(f.read(n))
         h.update(f.read(sample))
+        # max(): with under 2 MiB of tensor data (the tests' files) the samples overlap instead of reading past the end
         f.seek(max(8 + n, os.path.getsize(path) - sample))
         h.update(f.read(sample))
     return h.hexdigest()[:16]
@@ -842,6 +921,7 @@ KNOWN_FILES = {
 def file_sha256(path):
     """The file's SHA-256 (5 GB take ~4 s), remembered per path, size and mtime in ~/.cache/slime/sha256.json."""
     st = os.stat(path)
+    # path, size and mtime: a re-download or an edit changes size or mtime, so a stale hash is never reused
     key = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slime", "sha256.json")
     try:
@@ -853,6 +933,7 @@ def file_sha256(path):
     if key not in known:
         h = hashlib.sha256()
         with open(path, "rb") as f:
+            # 16 MiB at a time: the 5 GB file is never in memory
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
         known[key] = h.hexdigest()
@@ -902,6 +983,8 @@ def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
     family, modules, _, _ = read_header(path)
     with open_checkpoint(path) as f:
         for prefix, module in list(modules.items())[:3 if text_encoder else 2]:  # UNet, VAE, text encoder
+            # cast per tensor as read: the file is never in memory whole, nor in two formats at once; assign=True puts
+            # these tensors in place of the meta ones instead of copying them into allocated memory
             state = {k: finite(f.get_tensor(prefix + k), prefix + k, path).to(device=device, dtype=dtype)
                      for k in module.state_dict()}
             module.load_state_dict(state, strict=True, assign=True)
@@ -955,6 +1038,7 @@ def open_image(path, what):
             im.load()  # decode now, so a truncated file fails here and not later
             # by what the file IS, not by its name: a JPEG saved as .png is still JPEG (MPO: a phone's JPEG)
             lossy = im.format in ("JPEG", "MPO", "JPEG2000") or im.info.get("compression") in ("jpeg", "tiff_jpeg")
+            # as shown: phones store photos sideways with an EXIF rotation, and masks are drawn on the image as shown
             return ImageOps.exif_transpose(im), "JPEG" if lossy else im.format
     except UnidentifiedImageError:
         raise SlimeError(f"{path} is not an image file PIL can read; give a PNG or JPEG {what}") from None
@@ -994,6 +1078,7 @@ def read_mask(path, colors=False):
                          "edge, which would become classes of their own: save the mask as PNG (or .npy)")
     if im.mode == "P" and colors:
         im = im.convert("RGB")
+    # without a labelmap an index or gray value is the class: VOC's SegmentationClass PNGs are indexed that way
     if im.mode in ("P", "L", "1") + GRAY16:
         return np.asarray(im).astype(np.int64)  # palette indices or gray values are the labels
     if im.mode in ("PA", "LA"):
@@ -1090,6 +1175,8 @@ def colors_to_labels(masks, palette=None, names=None):
                              "one per class in class order")
         used = table.tolist()
     else:
+        # from ALL the masks at once: mapped mask by mask, a part absent from one mask would shift the classes of
+        # the rest
         table, used = mask_palette(keys, names)
     table_keys = pack_rgb(table)
     out = []
@@ -1100,6 +1187,7 @@ def colors_to_labels(masks, palette=None, names=None):
         labels, found = lookup(k, table_keys)
         void = ~found & (k == pack_rgb(VOID))  # VOC's void colour means ignore, in any palette without it
         labels[void], found[void] = IGNORE, True
+        # refused, not guessed: a colour outside the palette is most often an anti-aliased edge, which no class owns
         if not found.all():
             bad = unpack_rgb(np.unique(k[~found])[:3])
             examples = ", ".join(f"({r}, {g}, {b})" for r, g, b in bad)
@@ -1124,6 +1212,7 @@ def mask_palette(keys, names):
     if np.isin(present, pack_rgb(VOC_PALETTE)).all():
         return VOC_PALETTE, None  # VOC colours: the VOC index, so (224, 224, 192) -> 255 = ignore
     present = present[present != pack_rgb(VOID)]  # void is ignore (colors_to_labels), not a class
+    # black added even where absent, so it is class 0, the background, as in VOC's palette
     table = np.array(unpack_rgb(np.union1d(np.zeros(1, np.int32), present)))  # sorted keys: black first
     return table, table.tolist()
 
@@ -1150,6 +1239,7 @@ def read_labelmap(path):
                 color = []
             if not name.strip() or len(color) != 3 or not all(0 <= v <= 255 for v in color):
                 raise SlimeError(f"{path}, line {n}: {line[:60]!r} is not `name:r,g,b::` with r, g, b in 0..255")
+            # two labels of one colour could not be told apart in a mask, nor two of one name in emb.pt's parts
             if name.strip() in names or color in colors:
                 raise SlimeError(f"{path}, line {n}: the label {name.strip()!r} or its colour {tuple(color)} is "
                                  "listed twice; each label needs a name and a colour of its own")
@@ -1172,6 +1262,7 @@ def find_labelmap(mask_paths, given=None):
             if where and os.path.isfile(os.path.join(where, "labelmap.txt")):
                 found.add(os.path.join(where, "labelmap.txt"))
                 break
+    # compared by content: the same labelmap copied beside the training and the validation masks is no conflict
     if len({open(p, "rb").read() for p in found}) > 1:
         raise SlimeError(f"the masks come with different labelmap.txt files ({', '.join(sorted(found)[:2])}); "
                          "give the one that names every mask's colours with --labelmap")
@@ -1180,6 +1271,7 @@ def find_labelmap(mask_paths, given=None):
 
 def labelmap_text(parts, colors):
     """labelmap.txt in CVAT's format, for the classes `parts` in `colors` (CVAT imports it with the masks)."""
+    # CVAT's header line, then slime's: run_file_is_slimes knows a labelmap slime wrote by that beginning
     return f"{LABELMAP_HEADER}\n# written by slime predict\n" + "".join(
         f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in zip(parts, colors))
 
@@ -1191,11 +1283,14 @@ def part_colors(emb):
 
 
 # ----------------------------------------------------------------------------- files: emb.pt
+# the tag fit writes and load_embeddings and is_embeddings look for: a file without it is neither read by
+# predict nor replaced by fit
 EMB_FORMAT = "slime-embeddings/1"
 
 
 def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=None):
     """One self-describing file, written whole or not at all; loads with torch.load(weights_only=True)."""
+    # plain CPU float32 whatever --dtype and --device: a predict on another machine or in another format reads it
     payload = {
         "format": EMB_FORMAT,
         "learned": context[0, 1:len(parts)].detach().float().cpu(),  # the K-1 optimised vectors
@@ -1210,6 +1305,7 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
         "epoch": -1 if epoch is None else int(epoch),  # counted from 1, as the console says it
         "val_miou": -1.0 if miou is None else float(miou),
     }
+    # through commit: a kill during the save leaves the previous best emb.pt, never a truncated one
     commit({path: lambda f: torch.save(payload, f)})
 
 
@@ -1225,6 +1321,7 @@ def load_embeddings(path):
 
 def is_embeddings(path):
     """Whether `path` is a file fit wrote (so another fit may replace it)."""
+    # weights_only: asking what a file is must not run it; an unreadable file is not ours, so fit will not replace it
     try:
         return torch.load(path, map_location="cpu", weights_only=True).get("format") == EMB_FORMAT
     except Exception:
@@ -1248,6 +1345,7 @@ def check_embeddings(emb, path):
     if not torch.isfinite(context).all():
         raise refuse("its context holds nan or inf values")
     emb["context"], emb["learned"] = context, learned = context.float(), learned.float()  # as fit saves them
+    # predict reads the context: learned must agree with it, or the file would say one thing and segment with another
     if tuple(learned.shape) != (len(parts) - 1, context.shape[2]) or not torch.equal(learned, context[0, 1:len(parts)]):
         raise refuse(f"its learned vectors {tuple(learned.shape)} are not the {len(parts) - 1} vectors of its "
                      f"{len(parts)} parts that its context holds")
@@ -1259,6 +1357,7 @@ def check_embeddings(emb, path):
     if not all(isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
                for c in emb["colors"]):
         raise refuse("its colors are not [r, g, b] lists of 0..255")
+    # the same checks as a typed flag: an edited emb.pt cannot carry a setting the command line would refuse
     emb["settings"] = settings_from(emb["settings"], path)
 
 
@@ -1269,6 +1368,7 @@ def read_release_folder(folder, parts):
     found = {int(m.group(1)): f for f in os.listdir(folder) if (m := re.fullmatch(r"embedding_(\d+)\.pth", f))}
     if not found:
         raise SlimeError(f"{folder} is a folder without embedding_0.pth ...; give an emb.pt or the release's folder")
+    # capped at 77: a stray embedding_99999.pth must not list 99999 missing names
     missing = [f"embedding_{i}.pth" for i in range(min(max(found) + 1, MAX_CLASSES)) if i not in found]
     if not missing and max(found) >= MAX_CLASSES - 1:
         raise SlimeError(f"{folder} holds embedding_{max(found)}.pth: more parts than SD's 77 tokens allow")
@@ -1286,6 +1386,8 @@ def read_release_folder(folder, parts):
     if len(parts) != len(found) + 1:
         raise SlimeError(f"{folder} holds {len(found)} part embeddings, so --parts needs {len(found) + 1} names "
                          f"(background first), not {len(parts)}")
+    # sd2: the release fits SD 2.1-base only (release/src/slime.py#L31-L34); fingerprint None: the weights it used
+    # are not known here, so predict warns of no mismatch
     return {"learned": learned, "parts": parts, "family": "sd2", "fingerprint": None, "colors": [],
             "settings": Settings(bgr=True, out_size=SIZE)}
 
@@ -1316,6 +1418,8 @@ def safe_load(path, what):
 def temp_name(path):
     """A temp file beside `path` (so the final rename cannot cross disks), unique to this process."""
     folder, name = os.path.split(str(path))
+    # dot-prefixed: list_images skips hidden files, so a leftover temp file is never read as an image; the pid and
+    # a random suffix keep two runs or ranks from sharing one
     return os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
@@ -1342,6 +1446,7 @@ def commit(writers):
             with open(temps[path], "wb") as f:
                 write(f)
             sync(temps[path])  # on disk before the rename, or a power cut could leave an empty file
+        # renames only after every file is written: a mask and its overlay appear together or not at all
         for path in writers:
             current = path
             os.replace(temps[path], path)  # atomic within a folder: readers see the old file or the new
@@ -1362,6 +1467,7 @@ def write_text(path, text):
 
 def png_writer(im, made_by=None):
     """A commit() writer of `im` as PNG, with what made it in a text chunk (predict reads it back)."""
+    # the made-by hash rides in the PNG itself: a copied or moved output still says what made it
     info = PngImagePlugin.PngInfo()
     if made_by:
         info.add_text("slime", made_by)
@@ -1404,6 +1510,7 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
     if labels.shape != tuple(image.shape[1:]):
         raise ValueError(f"labels of shape {labels.shape} do not match an image of size {tuple(image.shape[1:])}")
     palette = output_palette(colors).astype(np.float64)
+    # luma with BT.601's weights (PIL's own conversion to L)
     stripe = np.where(palette @ [0.299, 0.587, 0.114] > 110, 0.0, 255.0)  # black on light colours, else white
     out, counts = Image.new("RGB", labels.shape[::-1]), np.zeros(256, np.int64)
     for i in range(0, labels.shape[0], band):
@@ -1458,6 +1565,7 @@ def file_key(path):
     """What identifies a file: its inode where it exists (so symlinks, hard links and case-insensitive
     disks are seen through), else its resolved path."""
     real = os.path.realpath(path)
+    # an output not yet written has no inode: its resolved path, case-folded where normcase folds case (Windows)
     try:
         st = os.stat(real)
         return st.st_dev, st.st_ino
@@ -1477,6 +1585,7 @@ def check_plan(reads, writes, guarded=()):
                              f"such as {os.path.join(path, 'emb.pt')}")
         for folder, role, below in guarded:  # a later run would read our outputs as inputs, or score itself
             top = os.path.realpath(folder)
+            # + os.sep: out2/ is not inside out/
             if where == top or below and where.startswith(top + os.sep):
                 raise SlimeError(f"{os.path.dirname(path) or '.'} is {role if where == top else 'inside ' + role}; "
                                  "outputs there would mix with what this run reads: choose another output folder with -o")
@@ -1493,6 +1602,7 @@ def make_folders(writes):
     cannot tell: root, network disks, ACLs). -> the folders made, deepest first, to undo on failure."""
     created = []
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p, _ in writes}):
+        # note the folders this run makes, so that a refused run removes them again (work, remove_empty)
         missing = folder
         while not os.path.exists(missing):
             created.append(missing)
@@ -1522,6 +1632,8 @@ def lock(path, what):
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            # flock, not a pid file: the OS drops it when the holder dies, kill -9 included, so no stale lock needs
+            # clearing; LOCK_NB: a second run refuses at once instead of waiting hours behind a fit
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
@@ -1607,6 +1719,7 @@ def checkpoint_path(args):
     if not found:
         raise SlimeError(f"{folder} holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there "
                          "(see weights/README.md) or pass --ckpt")
+    # no guess between two files: fit and predict could each pick another one
     if len(found) > 1:
         raise SlimeError(f"{folder} holds {len(found)} checkpoints ({', '.join(found)}); choose one with --ckpt")
     return os.path.join(folder, found[0])
@@ -1616,7 +1729,9 @@ def plan_fit(args, con):
     """Options, paths and the output of a fit, checked: -> (settings, device, checkpoint, new folders, release)."""
     preset = dict(PRESETS.get(args.preset, {}))
     args.parts = args.parts or preset.get("parts")  # explicit flags win over a preset
+    # parts is no Setting: it goes through --parts, not settings_from
     preset.pop("parts", None)
+    # flags over the preset over the defaults: given() holds only the flags typed
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
     device = device_and_dtype(args, con)
     paths = pair_paths(args.pairs, "fit") + pair_paths(args.val or [], "--val")
@@ -1628,7 +1743,9 @@ def plan_fit(args, con):
     if os.path.isfile(args.output) and not is_embeddings(args.output):  # a file fit did not write: the user's
         raise SlimeError(f"{args.output} exists and is not a slime emb.pt; fit would replace it: remove it or "
                          "choose another -o")
+    # the plan's only write, after every check: a refused fit leaves nothing behind
     created = make_folders([(args.output, "emb.pt")])
+    # the lock beside emb.pt and named after it: two fits into one folder with different -o may run side by side
     folder, name = os.path.split(os.path.abspath(args.output))
     try:
         return s, device, ckpt, created, lock(os.path.join(folder, f".{name}.lock"), args.output)
@@ -1667,6 +1784,7 @@ def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
     if names and parts and part_names(parts, "--parts") != names:
         raise SlimeError(f"--parts {parts} differs from the labels of {labelmap} ({','.join(names)}); leave --parts "
                          "out: the labelmap names the parts")
+    # IGNORE is no class: a mask of 0 and 255 alone holds only background
     top = max(int(m[m != IGNORE].max(initial=0)) for _, m, _ in pairs)
     num_classes = len(names or (part_names(parts, "--parts") if parts else [])) or top + 1  # before any list of it
     if num_classes > MAX_CLASSES:
@@ -1728,6 +1846,7 @@ def plan_predict(args, con):
     guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
     guarded += [(folder, "a folder of input images", False)
                 for folder in {p if os.path.isdir(p) else os.path.dirname(p) or "." for p in args.inputs}]
+    # the run's own files pass the same checks as the masks: a summary.json onto an input is refused too
     writes += [(os.path.join(args.out, name), what) for name, what in RUN_FILES.items()]
     check_plan(reads, writes, guarded)
     check_made_by(jobs, emb, s, ckpt, device, args)
@@ -1775,6 +1894,7 @@ def check_checkpoint_fits(emb, ckpt, name):
     if emb["family"] != family:
         raise SlimeError(f"{name} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
                          "predict with the checkpoint the embeddings were fitted on")
+    # a width mismatch would otherwise fail inside the first UNet pass, after the load
     if emb["learned"].shape[1] != width:
         raise SlimeError(f"{name} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has {width}-wide text")
 
@@ -1825,6 +1945,7 @@ def find_ground_truth(jobs, masks, emb, con, labelmap=None):
 
 def shown_size(path):
     """(height, width) of an image file as shown, from its header: EXIF orientations 5-8 swap the sides."""
+    # the header only: the plan checks every ground truth's size without decoding a folder of photos
     with Image.open(path) as im:
         return im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
 
@@ -1850,11 +1971,13 @@ def check_made_by(jobs, emb, s, ckpt, device, args):
     run = hashlib.sha256()
     for tensor in (emb["learned"], emb.get("context", torch.zeros(0))):
         run.update(tensor.float().numpy().tobytes())
+    # device type and dtype too: they move near-tie pixels, so masks made with others are not this run's
     run.update(json.dumps([emb["parts"], part_colors(emb), recorded(s), file_sha256(ckpt), device[0].type,
                            str(device[1])]).encode())
     foreign = []
     for job in jobs:
         h = run.copy()
+        # the image's bytes, not its name or mtime: an edited photo is redone, a copied one is not
         with open(job.image, "rb") as f:
             h.update(f.read())
         job.made_by = h.hexdigest()[:16]  # 64 bits: no accidental match in any folder of photos
@@ -1950,6 +2073,7 @@ def cmd_fit(args, con):
     with work(created, release):
         pairs, palette, names = read_pairs(args.pairs + (args.val or []), args.labelmap)  # one colour mapping
         train, val = pairs[:len(args.pairs) // 2], pairs[len(args.pairs) // 2:]
+        # after reading, before loading: a bad mask costs seconds, not the checkpoint's load
         parts = check_classes(train + val, train, args.parts, palette, con, names, args.labelmap)
         if os.path.exists(args.output):
             con.say(f"{args.output} exists; the first validation of this run replaces it")
@@ -2029,6 +2153,7 @@ def cmd_predict(args, con):
         remove_empty(created if rank == 0 else [])  # rank 0 alone: the others' folders are the same ones
         raise SlimeError(error)
     with work(created, release):
+        # round robin: each rank takes every world-th image; n keeps the order rank 0 reports in
         records, wrote = segment_jobs(args, con, emb, s, device, ckpt, list(enumerate(jobs, 1))[rank::world],
                                       len(jobs))
     if world > 1:  # every rank's records to rank 0, in image order, so it writes what one process would
@@ -2046,6 +2171,7 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
     -> ([a summary record per image], how many were written)."""
     sd = load_for(args, con, ckpt, device, text_encoder="context" not in emb)  # a release folder needs it
     context = emb["context"] if "context" in emb else with_learned(emb["learned"], prompt_contexts(sd, len(emb["parts"]))[0])
+    # a warning, not a refusal: the plan checked family and width, so the vectors fit; only the masks may differ
     if emb.get("fingerprint") not in (sd.fingerprint, None):
         con.say(f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
     context, parts, colors, records, wrote = context.to(sd.device), emb["parts"], part_colors(emb), [], 0
@@ -2088,6 +2214,7 @@ def segment_and_write(sd, context, job, s, parts, colors, con, what):
         raise SlimeError(f"{job.image}: {e}") from None
     # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
     shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
+    # both or neither: check_made_by counts an image done only when its mask and overlay carry the same hash
     commit({job.mask: png_writer(mask_image(labels.numpy(), colors), job.made_by),
             job.overlay: png_writer(overlay_image(shown, labels.numpy(), parts, colors), job.made_by)})
     return labels
@@ -2122,6 +2249,7 @@ def report(args, con, emb, s, records, wrote, skipped):
              "summary.json": json.dumps(summary, indent=2) + "\n"}
     metrics = os.path.join(out, "metrics.csv")
     if args.masks and rows:
+        # on stdout, unlike every notice on stderr: the table is the result, and -q keeps it
         print(f"{'part':<16} IoU\n" + "".join(f"{name:<16} {v:.4f}\n" for name, v in rows)
               + f"{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
         files["metrics.csv"] = "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n"
@@ -2131,6 +2259,7 @@ def report(args, con, emb, s, records, wrote, skipped):
         if wrote and os.path.exists(metrics):  # slime's own (the plan checked): it scored replaced masks
             os.remove(metrics)
             con.say(f"removed {metrics}: it scored the masks this run replaced (pass --masks to score them)")
+    # (lambda text: ...)(text) binds each file's text now: a bare lambda in the comprehension would see the last one
     commit({os.path.join(out, name): (lambda text: lambda f: f.write(text.encode()))(text) for name, text in files.items()})
     con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {out}" + (
         f"; skipped {skipped}, already made by this emb.pt with these settings (--overwrite redoes them)"
@@ -2169,8 +2298,10 @@ def add_settings(p, stage):
         default = f"emb.pt's (fit's default: {f.default})" if stage == "predict" else f.default
         flag = m["flag"] or "--" + f.name.replace("_", "-")
         if m["check"] is boolean:
+            # a switch flips the default; left out it is None, so given() leaves emb.pt's value in place
             p.add_argument(flag, dest=f.name, action="store_const", const=not f.default, help=m["help"])
         else:
+            # type=the setting's check: a typed value meets the same parser as emb.pt's (settings_from)
             p.add_argument(flag, dest=f.name, type=m["check"], metavar=f.name.upper(),
                            help=f"{m['help']}; default {default}")
 
@@ -2225,6 +2356,7 @@ def build_parser():
                                    "tensor count and SHA-256, and whether it is a release file slime knows. "
                                    "Example: `python slime.py info weights/v2-1_512-ema-pruned.safetensors`.")
     i.add_argument("file", help="a .safetensors checkpoint")
+    # info has no -q, but main's Console reads the attribute
     i.set_defaults(run=cmd_info, quiet=False)
     return ap
 
@@ -2249,6 +2381,7 @@ def main(argv=None):
         print(f"\nslime: interrupted by {signal.Signals(signum).name}; finished outputs are kept, nothing is "
               "left half-written", file=sys.stderr) if speak else None
         return 128 + signum
+    # not a SlimeError: it arises deep in torch, and one line with the remedies serves better than its traceback
     except torch.cuda.OutOfMemoryError:
         print("slime: error: the GPU ran out of memory; try --dtype bf16, fewer or smaller patches "
               "(--patches-per-side 1 --patch-size 512), or --device cpu", file=sys.stderr)
@@ -2257,6 +2390,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # only when run as a program: importing slime leaves the caller's signal handlers alone
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), interrupt)
