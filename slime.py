@@ -444,15 +444,10 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     for epoch in range(s.epochs):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
-            image, mask = native_view(*pairs[i], part, s.window, aug_gen) if s.window else pairs[i]
-            image, mask = augment(image, mask, part, s, aug_gen)
-            if s.bgr:
-                image = image.flip(0)  # --bgr: the release fed cv2's BGR images (segment flips likewise)
+            image, mask = training_view(*pairs[i], part, s, aug_gen)
             # the release's counter (release/src/dataset.py#L89-L90) lives in 8 DataLoader workers that start each
             # epoch from a fresh copy at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
             part = (part + 1) % num_classes if s.cycle_parts else 0  # the part the next crop favours
-            # the release's nearest resize to train_mask_size 64 (release/src/dataset.py#L84-L88)
-            mask = resize(mask[None], (MAP, MAP), "nearest")[0]  # takes pixel (8i, 8j)
             loss, terms = training_step(sd, learned, cond, uncond, image.to(sd.device), mask.to(sd.device), s, gen)
             # before backward: one nan step would make Adam's moments nan, and every later vector with them
             if not torch.isfinite(loss):
@@ -470,6 +465,17 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             if progress:
                 progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best, seconds=time.time() - t0))
     return keeper.context
+
+
+def training_view(image, mask, part, s, gen):
+    """What one training step sees of a pair: (--window: a view at the image's own scale, native_view), the
+    release's augmentations favouring `part`, -> image (3, 512, 512), mask (64, 64)."""
+    image, mask = native_view(image, mask, part, s.window, gen) if s.window else (image, mask)
+    image, mask = augment(image, mask, part, s, gen)
+    if s.bgr:
+        image = image.flip(0)  # --bgr: the release fed cv2's BGR images (segment flips likewise)
+    # the release's nearest resize to train_mask_size 64 (release/src/dataset.py#L84-L88): takes pixel (8i, 8j)
+    return image, resize(mask[None], (MAP, MAP), "nearest")[0]
 
 
 def as_pairs(pairs, s):
