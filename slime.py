@@ -1162,12 +1162,13 @@ def lookup(keys, table):
     return order[pos], table[order][pos] == keys
 
 
-def colors_to_labels(masks, palette=None, names=None):
+def colors_to_labels(masks, palette=None, names=None, source="the palette"):
     """Turn colour masks into label masks with ONE colour -> class mapping shared by all of them.
 
     The mapping is `palette` (a list of [r, g, b], index = class) if given; else PASCAL VOC's when every
     colour is a VOC colour; else black -> 0 and the other colours, sorted by (r, g, b), -> 1, 2, ...
-    Label masks pass through. `names` (the mask paths) only go into error messages.
+    Label masks pass through. `names` (the mask paths) and `source` (where the palette came from, e.g. a
+    labelmap.txt) only go into error messages.
     Returns (label masks, the palette as a list of [r, g, b]; None for VOC or when no mask had colours).
     """
     names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
@@ -1197,8 +1198,8 @@ def colors_to_labels(masks, palette=None, names=None):
         if not found.all():
             bad = unpack_rgb(np.unique(k[~found])[:3])
             examples = ", ".join(f"({r}, {g}, {b})" for r, g, b in bad)
-            raise SlimeError(f"{name} has {int((~found).sum())} pixels whose colour is not in the palette "
-                             f"(e.g. {examples}); add those colours to the palette or repaint the mask "
+            raise SlimeError(f"{name} has {int((~found).sum())} pixels whose colour is not in {source} "
+                             f"(e.g. {examples}); add those colours to {source} or repaint the mask "
                              "without anti-aliasing")
         out.append(labels.astype(np.int64))
     return out, used
@@ -1776,7 +1777,8 @@ def read_pairs(paths, labelmap=None):
     masks checked against images. One colour mapping for all the masks: the labelmap's, if any."""
     images = [read_image(p) for p in paths[0::2]]
     names, colors = read_labelmap(labelmap) if labelmap else (None, None)
-    labels, palette = colors_to_labels([read_mask(p, colors=bool(labelmap)) for p in paths[1::2]], colors, paths[1::2])
+    labels, palette = colors_to_labels([read_mask(p, colors=bool(labelmap)) for p in paths[1::2]], colors, paths[1::2],
+                                       str(labelmap) if labelmap else "the palette")
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
         if tuple(m.shape) != tuple(img.shape[1:]):
             raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is "

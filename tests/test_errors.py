@@ -191,7 +191,8 @@ def fit_case(d, ckpt, case):
 
 FIT_CASES = [
     ("--parts against the labelmap", "--parts background,disc,square differs from the labels of"),
-    ("a mask colour the labelmap lacks", "pixels whose colour is not in the palette (e.g. (9, 9, 9))"),
+    ("a mask colour the labelmap lacks", "pixels whose colour is not in {d}/labelmap.txt (e.g. (9, 9, 9)); add "
+                                         "those colours to {d}/labelmap.txt or repaint"),
     ("a broken --labelmap", "mine.txt, line 2: 'square:128,0::' is not `name:r,g,b::`"),
     ("output is a folder", "emb.pt is a folder, so the emb.pt cannot be written there; give a file path"),
     ("output is the image", "the emb.pt would be written over"),
@@ -233,6 +234,7 @@ def test_fit_refuses_hostile_input_leaving_the_folder_as_it_was(tmp_path, tiny_c
     before = listing(tmp_path)
     assert slime.main(["fit", *map(str, args), *FAST, "-q"]) == 2
     err = capsys.readouterr().err
+    fragment = fragment.replace("{d}", str(tmp_path))  # the case's folder, where a message names a file in it
     assert fragment in err and err.startswith("slime: error: ") and err.count("\n") == 1, err
     assert listing(tmp_path) == before  # no emb.pt, no temp file, no lock file, nothing touched
 
