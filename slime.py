@@ -1468,8 +1468,13 @@ def commit(writers):
                 os.remove(tmp)
 
 
+def text_writer(text):
+    """A commit() writer of `text` as UTF-8."""
+    return lambda f: f.write(text.encode())
+
+
 def write_text(path, text):
-    commit({path: lambda f: f.write(text.encode())})
+    commit({path: text_writer(text)})
 
 
 def png_writer(im, made_by=None):
@@ -2267,8 +2272,7 @@ def report(args, con, emb, s, records, wrote, skipped):
         if wrote and os.path.exists(metrics):  # slime's own (the plan checked): it scored replaced masks
             os.remove(metrics)
             con.say(f"removed {metrics}: it scored the masks this run replaced (pass --masks to score them)")
-    # (lambda text: ...)(text) binds each file's text now: a bare lambda in the comprehension would see the last one
-    commit({os.path.join(out, name): (lambda text: lambda f: f.write(text.encode()))(text) for name, text in files.items()})
+    commit({os.path.join(out, name): text_writer(text) for name, text in files.items()})  # all of them, or none
     con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {out}" + (
         f"; skipped {skipped}, already made by this emb.pt with these settings (--overwrite redoes them)"
         if skipped else ""))
