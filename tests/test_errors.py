@@ -301,6 +301,19 @@ def test_bf16_on_a_cpu_without_bf16_instructions_is_named_for_what_it_costs(caps
     assert slime.device_and_dtype(args, slime.Console(False))[1] == torch.float32  # the default: the release's
 
 
+def test_threads_sets_the_count_and_the_first_line_says_it(capsys):
+    """--threads is what makes one process and torchrun agree (tests/test_cli.py): it must reach torch."""
+    before = torch.get_num_threads()
+    try:
+        args = slime.build_parser().parse_args(["predict", "emb.pt", "in", "--threads", "1"])
+        slime.device_and_dtype(args, slime.Console(False))
+        assert torch.get_num_threads() == 1
+        if not torch.cuda.is_available():
+            assert "no GPU found: running on the CPU (1 thread)" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 # ----------------------------------------------------------------------------- predict: one row per hostile case
 def predict_case(d, ckpt, emb, case):
     """Build the files of one case in d; return the predict arguments."""
