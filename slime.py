@@ -1686,7 +1686,7 @@ def remove_empty(folders):
 
 
 def device_and_dtype(args, con):
-    """--device and --dtype, checked against what this machine has: -> (torch.device, torch.dtype)."""
+    """--device and --dtype, checked against what this machine has, and --threads: -> (torch.device, torch.dtype)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: one GPU per rank
     name = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     try:
@@ -1702,8 +1702,8 @@ def device_and_dtype(args, con):
     # was slower than fp32 (fit step 0.17 s vs 0.13 s) though its masks agree 99.95%; on a CPU without
     # bf16 instructions torch emulates bf16 convolutions, 100x slower or worse
     dtype = args.dtype or "fp32"
-    if args.threads:  # matmuls with few rows (the text context's keys and values) split their sums over
-        torch.set_num_threads(args.threads)  # threads, so the thread count moves the last bits of a result
+    if args.threads:  # matmuls with few rows (the context's keys and values) and a VAE 1x1 conv split their sums
+        torch.set_num_threads(args.threads)  # over threads: the count moves a result's last bits (README, torchrun)
     if device.type == "cpu" and not args.device:
         con.say(f"no GPU found: running on the CPU ({count(torch.get_num_threads(), 'thread')}), which takes "
                 "minutes per image (see README, Speed)")
@@ -2139,6 +2139,11 @@ class FitProgress:
                          f" x {val_t:.1f} s = {duration(total(self.s.val_every))}{tip}")
 
 
+def time_left(t0, done, total):
+    """Seconds until `total` items are done, at the pace of the `done` ones since t0; None before the first."""
+    return (time.time() - t0) / done * (total - done) if done else None
+
+
 def duration(seconds):
     """12 s, 7.5 min, 3.2 h."""
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
@@ -2199,8 +2204,8 @@ def segment_jobs(args, con, emb, s, device, ckpt, jobs, total):
         if job.done:  # its mask is read back, so the IoU table and the summary cover every image
             labels = torch.from_numpy(np.array(Image.open(job.mask)))
         else:
-            eta = (time.time() - t0) / wrote * (todo - wrote) if wrote else None
-            con.progress(f"image {n}/{total}", n, total, os.path.basename(job.image), eta=eta, every=0)
+            con.progress(f"image {n}/{total}", n, total, os.path.basename(job.image), eta=time_left(t0, wrote, todo),
+                         every=0)
             labels = segment_and_write(sd, context, job, s, parts, colors, con, f"image {n}/{total}")
             wrote += 1
         records.append(image_record(n, job, labels, parts, emb))
@@ -2220,7 +2225,7 @@ def segment_and_write(sd, context, job, s, parts, colors, con, what):
 
     def on_window(i, n):
         if n > 1:
-            windows.progress(f"{what} window {i}/{n}", i, n, name, eta=(time.time() - windows.t0) / i * (n - i))
+            windows.progress(f"{what} window {i}/{n}", i, n, name, eta=time_left(windows.t0, i, n))
     try:
         labels = segment(sd, context, image, len(parts), s, progress=on_window)
     except SlimeError as e:
