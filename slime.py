@@ -241,16 +241,14 @@ def augment(image, mask, part, s, gen):
     return image, mask
 
 def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
-    """Optimise K-1 text vectors on pairs [(image (3, H, W) in [0, 1], mask (H, W) class labels, numpy or
-    torch)], Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): one
-    augmented step per pair per epoch, then a validation that keeps the best vectors. Returns the best
-    context (1, 77, D). on_best(context, epoch, mIoU) is called with each new best (epochs count from 1);
-    progress(event) after each step, before and after each validation (README, "Python API")."""
+    """Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): learn K-1 text
+    vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], then keep the best -> context (1, 77, D)."""
+    # on_best(context, epoch, mIoU) at each new best; progress(event) after each step, around each validation
+    on_best, progress = on_best or (lambda *a: None), progress or (lambda e: None)
     pairs = as_pairs(pairs, num_classes, s)
     val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs  # without --val: the training pairs
-    gen = torch.Generator(sd.device).manual_seed(s.seed)  # timesteps, VAE samples, noise
-    # the augmentations draw from a CPU stream of their own, so the views are the same on any device
-    aug_gen = torch.Generator().manual_seed(s.seed)
+    # timesteps, VAE samples and noise on the device; the augmentations on a CPU stream, the same on any device
+    gen, aug_gen = torch.Generator(sd.device).manual_seed(s.seed), torch.Generator().manual_seed(s.seed)
     cond, uncond = prompt_contexts(sd, num_classes)
     learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
     optimizer = torch.optim.Adam([learned], lr=s.lr)  # the only parameters: SD itself stays frozen
@@ -270,22 +268,19 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             optimizer.zero_grad()
             loss.backward()  # through the frozen UNet into the K-1 vectors only
             optimizer.step()
-            if progress:
-                progress(dict(event="step", step=step, steps=s.epochs * len(pairs), epoch=epoch + 1, **terms))
-        if (epoch + 1) % s.val_every == 0 or epoch == s.epochs - 1:  # the last epoch is always validated
-            if progress:
-                progress(dict(event="validating", epoch=epoch + 1))
-            t0, context = time.time(), with_learned(learned.detach(), cond)
-            # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
-            val_inputs = val_inputs or [noisy_inputs(sd, image, s) for image, _ in val_pairs]
-            miou = validation_miou(sd, context, val_pairs, val_inputs, num_classes, s)
-            if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
-                best, best_context = miou, context
-                if on_best:
-                    on_best(context, epoch + 1, miou)
-            if progress:
-                progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best_context is context,
-                              seconds=time.time() - t0))
+            progress(dict(event="step", step=step, steps=s.epochs * len(pairs), epoch=epoch + 1, **terms))
+        if (epoch + 1) % s.val_every and epoch < s.epochs - 1:  # the last epoch is always validated
+            continue
+        progress(dict(event="validating", epoch=epoch + 1))
+        t0, context = time.time(), with_learned(learned.detach(), cond)
+        # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
+        val_inputs = val_inputs or [noisy_inputs(sd, image, s) for image, _ in val_pairs]
+        miou = validation_miou(sd, context, val_pairs, val_inputs, num_classes, s)
+        if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
+            best, best_context = miou, context
+            on_best(context, epoch + 1, miou)
+        progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best_context is context,
+                      seconds=time.time() - t0))
     return best_context
 
 def validation_miou(sd, context, val_pairs, val_inputs, num_classes, s):
@@ -1085,8 +1080,7 @@ def draw_legend(im, names, colors, present):
 # A run first makes a plan: every option, every path it reads and writes, every value, checked before any
 # model is loaded, so that a mistake costs seconds, not a fit. Then it works, and commits each output whole.
 def check_setting(f, value):
-    """A value for the Settings field f (text from the command line, or emb.pt's) -> the value, checked
-    against the field's range; else ArgumentTypeError saying what is allowed. nan and inf never pass."""
+    """A value for the Settings field f, typed or emb.pt's -> the value, or ArgumentTypeError saying what is allowed."""
     kind, (lo, hi), step = type(f.default), f.metadata["range"], f.metadata["step"]
     if kind is bool:  # not bool(value): bool("false") is True, and an emb.pt switch edited to 1 must not pass
         if type(value) is not bool:
@@ -1096,7 +1090,7 @@ def check_setting(f, value):
         x = kind(value) if isinstance(value, str) or (kind is float and type(value) is int) else value
     except ValueError:
         x = None
-    # type() and not isinstance(): True is an int to Python, but not a number of epochs
+    # type() and not isinstance(): True is an int to Python, but not a number of epochs; nan and inf never pass
     if type(x) is not kind or not math.isfinite(x) or not lo <= x <= hi or step and x % step:
         what = f"a multiple of {step}" if step else "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"must be {what} in [{lo}, {hi}], not {value!r}")
@@ -1105,10 +1099,9 @@ def check_setting(f, value):
 def settings_from(values, source, base=None):
     """Settings from {name: value} (emb.pt's, a preset's, or the flags given) over `base`, each value checked."""
     known = {f.name: f for f in fields(Settings)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise SlimeError(f"{source} has settings this slime does not know ({', '.join(unknown)}): it was made "
-                         "by a newer slime, so update slime rather than guess what they mean")
+    if set(values) - set(known):
+        raise SlimeError(f"{source} has settings this slime does not know ({', '.join(sorted(set(values) - set(known)))}"
+                         "): it was made by a newer slime, so update slime rather than guess what they mean")
     checked = {}
     for name, value in values.items():
         try:
@@ -1125,8 +1118,7 @@ def settings_from(values, source, base=None):
     return s
 
 def file_id(path):
-    """What identifies a file: os.path.samefile's test (device and inode) where it exists, so links are seen
-    through; else its resolved path."""
+    """os.path.samefile's test as a key (device and inode) where the file exists, else its resolved path."""
     try:
         st = os.stat(path)
         return st.st_dev, st.st_ino
@@ -1155,15 +1147,13 @@ def check_plan(reads, writes, guarded=()):
         outputs[key] = what
 
 def make_folders(paths):
-    """Make the folders of these output paths and prove each writable with a temp file (os.access cannot
-    tell: root, network disks, ACLs). -> the folders made, deepest first, for remove_empty to undo."""
+    """Make the output paths' folders and prove each writable with a temp file (os.access cannot tell: root,
+    network disks, ACLs). -> the folders made, for remove_empty to undo."""
     created = []
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
-        missing = folder
+        missing, probe = folder, os.path.join(folder, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
         while not os.path.exists(missing):
-            created.insert(0, missing)
-            missing = os.path.dirname(missing)
-        probe = os.path.join(folder, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
+            created, missing = created + [missing], os.path.dirname(missing)
         try:
             os.makedirs(folder, exist_ok=True)
             open(probe, "wb").close()
@@ -1175,53 +1165,10 @@ def make_folders(paths):
     return created
 
 def remove_empty(folders):
-    """Remove the folders (deepest first) that a refused or failed run made and left empty."""
+    """Remove the folders that a refused or failed run made and left empty, deepest first."""
     for folder in sorted(folders, key=len, reverse=True):
         if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
-
-RECORD = "slime-run.jsonl"
-
-class Record:
-    """The run record of an output folder, JSON lines appended and never rewritten. A "run" line names
-    what makes the masks (run_hash); each later line names an image (its size and mtime) and the files
-    written for it with their SHA-256, appended before they are renamed into place. A file at an output
-    path is slime's exactly when some line lists it with its hash: any other is the user's."""
-
-    def __init__(self, out):
-        self.path, lines = os.path.join(out, RECORD), []
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        lines.append(json.loads(line))
-                    except ValueError:  # empty, or cut short by a kill (each append starts on a new line)
-                        pass
-            lines = [x for x in lines if isinstance(x, dict) and isinstance(x.get("files", {}), dict)]
-            if not lines or "run" not in lines[0]:
-                raise SlimeError(f"{self.path} exists and was not written by slime; predict will not replace it: "
-                                 "move it or choose another -o")
-        self.known = {(p, h) for x in lines for p, h in x.get("files", {}).items()}
-        last = max((i for i, x in enumerate(lines) if "run" in x), default=None)
-        self.run = lines[last]["run"] if last is not None else None
-        self.images = {x["image"]: x for x in lines[last:] if "image" in x} if last is not None else {}
-        self.header = None  # this run's line, appended with its first files
-
-    def add(self, out, files, **what):
-        """Note {path: bytes} about to be committed (and what they are) in the record, flushed to disk."""
-        entry = {**what, "files": {os.path.relpath(p, out): hashlib.sha256(b).hexdigest() for p, b in files.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join("\n" + json.dumps(x) for x in (self.header, entry) if x))
-            f.flush()
-            os.fsync(f.fileno())
-        self.header = None
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 def device_and_dtype(args, con):
     """--device and --dtype, checked against what this machine has, and --threads -> (device, dtype)."""
@@ -1235,13 +1182,13 @@ def device_and_dtype(args, con):
                          "can use; leave --device out to run on the CPU")
     if device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
         raise SlimeError(f"--device {name}: not available on this machine; leave --device out to run on the CPU")
-    # fp32 everywhere, as the release computes: bf16 was slower on the GPU and CPUs we measured (benchmarks/README.md)
-    dtype = args.dtype or "fp32"
     if args.threads:  # small-row matmuls split their sums over threads: the count moves a result's last bits
         torch.set_num_threads(args.threads)
     if device.type == "cpu" and not args.device:
         con.say(f"no GPU found: running on the CPU ({count(torch.get_num_threads(), 'thread')}), which takes "
                 "minutes per image (see README, Speed)")
+    # fp32 everywhere, as the release computes: bf16 was slower on the GPU and CPUs we measured (benchmarks/README.md)
+    dtype = args.dtype or "fp32"
     if device.type == "cpu" and dtype == "fp16":  # x86 CPUs have no fp16 arithmetic: torch emulates it
         con.say("warning: fp16 on a CPU is about 25x slower than fp32; use --dtype fp32")
     if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
@@ -1249,24 +1196,20 @@ def device_and_dtype(args, con):
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 def cpu_has_bf16():
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX); without, torch emulates it."""
-    try:
+    try:  # whether oneDNN runs bf16 natively (AVX512-BF16 or AMX); a private probe: assume the worst without it
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private probe: assume the worst if this torch lacks it
+    except (AttributeError, RuntimeError):
         return False
 
 def checkpoint_path(args):
-    """--ckpt, or the one .safetensors file in weights/."""
+    """--ckpt, or the one .safetensors file in weights/ (no guess between two: fit and predict could differ)."""
     folder = os.path.join(HERE, "weights")
     found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
-    if args.ckpt:
-        return args.ckpt
-    if not found:
-        raise SlimeError(f"{folder} holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there "
+    if not args.ckpt and len(found) != 1:
+        raise SlimeError(f"{folder} holds {len(found)} checkpoints ({', '.join(found)}); choose one with --ckpt" if found
+                         else f"{folder} holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there "
                          "(see weights/README.md) or pass --ckpt")
-    if len(found) > 1:  # no guess between two files: fit and predict could each pick another one
-        raise SlimeError(f"{folder} holds {len(found)} checkpoints ({', '.join(found)}); choose one with --ckpt")
-    return os.path.join(folder, found[0])
+    return args.ckpt or os.path.join(folder, found[0])
 
 def plan_fit(args, con):
     """Options, paths and the output of a fit, checked: -> (settings, device, checkpoint, new folders)."""
@@ -1274,13 +1217,17 @@ def plan_fit(args, con):
     preset_parts = preset.pop("parts", None)  # parts is no Setting: it goes through --parts
     args.parts = args.parts or preset_parts  # explicit flags win over a preset
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
-    device = device_and_dtype(args, con)
-    paths = pair_paths(args.pairs, "fit") + pair_paths(args.val or [], "--val")
-    ckpt = checkpoint_path(args)
+    device, ckpt, paths = device_and_dtype(args, con), checkpoint_path(args), args.pairs + (args.val or [])
+    for what, given_paths in (("fit", args.pairs), ("--val", args.val or [])):
+        if len(given_paths) % 2:
+            raise SlimeError(f"{what} takes image/mask pairs, but got an odd number of paths ({len(given_paths)}): "
+                             f"{given_paths[-1]} has no partner")
+    for n, path in enumerate(paths):
+        check_file(path, "mask" if n % 2 else "image")
     check_file(ckpt, ".safetensors checkpoint")
     args.labelmap = find_labelmap(paths[1::2], args.labelmap)
-    reads = {ckpt: "checkpoint", **{p: "image or mask" for p in paths}, **({args.labelmap: "labelmap"} if args.labelmap else {})}
-    check_plan(reads, [(args.output, "emb.pt")])
+    check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}, **({args.labelmap: "labelmap"} if
+               args.labelmap else {})}, [(args.output, "emb.pt")])
     if os.path.isfile(args.output):  # hours of work: replaced only when asked, and never a file fit did not write
         try:  # weights_only: asking what a file is must not run it
             ours = torch.load(args.output, map_location="cpu", weights_only=True).get("format") == EMB_FORMAT
@@ -1294,16 +1241,6 @@ def plan_fit(args, con):
                              "(at this fit's first validation), or choose another -o")
     return s, device, ckpt, make_folders([args.output])
 
-def pair_paths(paths, what):
-    """[img, mask, img, mask, ...], checked to be pairs of files."""
-    if len(paths) % 2:
-        raise SlimeError(f"{what} takes image/mask pairs, but got an odd number of paths ({len(paths)}): "
-                         f"{paths[-1]} has no partner")
-    for image, mask in zip(paths[0::2], paths[1::2]):
-        check_file(image, "image")
-        check_file(mask, "mask")
-    return paths
-
 def read_pairs(paths, labelmap=None):
     """[img, mask, ...] -> ([(image, labels, mask path)], palette, the labelmap's names or None), with ONE
     colour mapping for all the masks (the labelmap's, if any)."""
@@ -1313,13 +1250,12 @@ def read_pairs(paths, labelmap=None):
                                        str(labelmap) if labelmap else "the palette")
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
         if tuple(m.shape) != tuple(img.shape[1:]):
-            raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is "
-                             f"{img.shape[2]}x{img.shape[1]}; a mask must have its image's size")
+            raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is {img.shape[2]}x{img.shape[1]}; "
+                             "a mask must have its image's size")
     return list(zip(images, labels, paths[1::2])), colors or palette, names
 
 def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
-    """The class count, and every mask value within it: -> the part names (background first).
-    names: the labelmap's, which --parts may repeat but not contradict."""
+    """The part names (background first), every mask value checked against them; names: the labelmap's."""
     if names and parts and part_names(parts, "--parts") != names:
         raise SlimeError(f"--parts {parts} differs from the labels of {labelmap} ({','.join(names)}); leave --parts "
                          "out: the labelmap names the parts")
@@ -1342,9 +1278,8 @@ def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
         con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {name}" for c, name in zip(palette, parts))
                 + " (a labelmap.txt beside the masks, or --labelmap, would name them)")
     present = set().union(*(np.unique(m).tolist() for _, m, _ in train))
-    for c in range(1, len(parts)):
-        if c not in present:  # Eq. 4 gives it weight 0 and Eq. 7 a target of 0: its vector learns nothing
-            con.say(f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
+    for c in sorted(set(range(1, len(parts))) - present):  # Eq. 4 weighs it 0 and Eq. 7 targets 0: nothing to learn
+        con.say(f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
     return parts
 
 @dataclass
@@ -1356,115 +1291,75 @@ class Job:
     gt: str = None
     done: bool = False
 
-# what predict writes once per run beside the masks (a CVAT "Segmentation mask 1.1" annotation, with its summary)
-RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json", "metrics.csv")
+# what predict writes once per run beside the masks (a CVAT "Segmentation mask 1.1" annotation, and its summary)
+RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
 
 def plan_predict(args, con):
     """Options, embeddings, paths and outputs of a predict, checked, and which images are done already:
     -> (emb, settings, device, checkpoint, jobs, record, new folders)."""
     device = device_and_dtype(args, con)
-    if os.path.isdir(args.emb):
-        emb = read_release_folder(args.emb, args.parts)
-    elif args.parts:  # emb.pt names its parts; silently ignoring the flag would mislabel them
+    if args.parts and not os.path.isdir(args.emb):  # emb.pt names its parts: ignoring the flag would mislabel them
         raise SlimeError(f"--parts names the parts of the release's embedding folder; {args.emb} names its own")
-    else:
-        emb = load_embeddings(args.emb)
+    emb = read_release_folder(args.emb, args.parts) if os.path.isdir(args.emb) else load_embeddings(args.emb)
     s = settings_from(given(args), "the command line", emb["settings"])
     jobs = [Job(p, *(os.path.join(args.out, folder, os.path.splitext(os.path.basename(p))[0] + ".png")
                      for folder in ("SegmentationClass", "overlays"))) for p in list_images(args.inputs, con)]
     ckpt = checkpoint_path(args)
-    check_checkpoint_fits(emb, ckpt, args.emb)  # from the header: a wrong file costs no load
+    family, modules, _ = read_header(ckpt)  # a wrong checkpoint costs no load
+    if emb["family"] != family:
+        raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
+                         "predict with the checkpoint the embeddings were fitted on")
+    if emb["learned"].shape[1] != modules[UNET_PREFIX].cfg.context_dim:
+        raise SlimeError(f"{args.emb} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has "
+                         f"{modules[UNET_PREFIX].cfg.context_dim}-wide text")
     labelmap = find_ground_truth(jobs, args.masks, emb, con, args.labelmap)
     reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
              ckpt: "checkpoint", args.emb: "embeddings", **({labelmap: "labelmap"} if labelmap else {})}
-    writes = [(j.mask, f"mask of {j.image}") for j in jobs] + [(j.overlay, f"overlay of {j.image}") for j in jobs]
+    writes = [(p, f"{what} of {j.image}") for j in jobs for p, what in ((j.mask, "mask"), (j.overlay, "overlay"))]
     writes += [(os.path.join(args.out, name), name) for name in RUN_FILES + (RECORD,)]
     # masks written into --masks would be scored as ground truth; into an input folder, read as images
     guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
-    guarded += [(folder, "a folder of input images", False)
-                for folder in {p if os.path.isdir(p) else os.path.dirname(p) or "." for p in args.inputs}]
+    guarded += [(p if os.path.isdir(p) else os.path.dirname(p) or ".", "a folder of input images", False)
+                for p in args.inputs]
     check_plan(reads, writes, guarded)
     record = Record(args.out)
     check_outputs(jobs, record, run_hash(emb, s, ckpt, device), args)
     return emb, s, device, ckpt, jobs, record, make_folders(p for p, _ in writes)  # the only write: after every check
 
-def run_hash(emb, s, ckpt, device):
-    """What makes the masks: the embeddings, parts, colours, settings, the weights (their cheap
-    fingerprint), device type and dtype (they move near-tie pixels)."""
-    h = hashlib.sha256(emb["context" if "context" in emb else "learned"].numpy().tobytes())
-    h.update(json.dumps([emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type,
-                         str(device[1])]).encode())
-    return h.hexdigest()[:16]
-
-def check_outputs(jobs, record, run, args):
-    """Which images are done (both outputs listed by this very run, for the image as it is now), and a
-    refusal when anything else is in the way: a file slime did not write, or that was changed since,
-    always; outputs of another run, unless --overwrite."""
-    paths = [p for job in jobs for p in (job.mask, job.overlay)] + [os.path.join(args.out, n) for n in RUN_FILES]
-    found = {os.path.relpath(p, args.out): sha256_file(p) for p in paths if os.path.isfile(p)}
-    for rel, digest in found.items():
-        if (rel, digest) not in record.known:
-            raise SlimeError(f"{os.path.join(args.out, rel)} exists and was not written by slime, or was changed since; "
-                             "predict will not replace it: move it or choose another -o")
-    same = record.run == run and not args.overwrite
-    if not same and not args.overwrite and any(os.path.isfile(p) for job in jobs for p in (job.mask, job.overlay)):
-        raise SlimeError(f"{args.out} already holds outputs made by another emb.pt, other settings, another checkpoint "
-                         "or number format; pass --overwrite to replace them, or choose another -o")
-    for job in jobs:
-        line = record.images.get(os.path.abspath(job.image)) if same else None
-        job.done = bool(line) and line.get("stamp") == stamp(job.image) and all(
-            found.get(rel) == digest for rel, digest in line["files"].items())
-    record.header = None if same else {"run": run, "embeddings": os.path.abspath(args.emb)}
-
 def list_images(inputs, con):
-    """Folders and files -> image paths (sorted per folder, each file once, each checked not to be empty);
-    non-image files in folders are named and skipped."""
+    """Folders and files -> image paths (sorted per folder, each file once); other files in folders are skipped."""
     found, skipped = {}, []
     for p in inputs:
-        if os.path.isdir(p):
-            for f in sorted(os.listdir(p)):
-                full = os.path.join(p, f)
-                if os.path.isfile(full) and not f.startswith("."):  # hidden: .DS_Store, temp files
-                    found.setdefault(file_id(full), full) if f.lower().endswith(IMAGE_EXTS) else skipped.append(full)
-        elif os.path.isfile(p):
-            found.setdefault(file_id(p), p)  # the same image named twice is segmented once
-        else:
+        if not os.path.exists(p):
             raise SlimeError(f"{p}: no such file or folder")
-    names = ", ".join(os.path.basename(f) for f in skipped[:5])
+        for full in sorted(os.path.join(p, f) for f in os.listdir(p)) if os.path.isdir(p) else [p]:
+            name = os.path.basename(full)
+            if os.path.isfile(full) and not name.startswith("."):  # hidden: .DS_Store, temp files
+                if full != p and not name.lower().endswith(IMAGE_EXTS):
+                    skipped.append(name)
+                else:
+                    check_file(full, "image")
+                    found.setdefault(file_id(full), full)  # the same image named twice is segmented once
+    names = ", ".join(skipped[:5])
     if not found:
-        raise SlimeError(f"{', '.join(inputs)} holds no images ({', '.join(IMAGE_EXTS)})"
-                         + (f"; skipped {names}" if skipped else ""))
+        raise SlimeError(f"{', '.join(inputs)} holds no images ({', '.join(IMAGE_EXTS)})" + (f"; skipped {names}" if skipped else ""))
     if skipped:
         con.say(f"skipped {count(len(skipped), 'non-image file')}: {names}")
-    for path in found.values():
-        check_file(path, "image")
     return list(found.values())
 
-def check_checkpoint_fits(emb, ckpt, name):
-    """The checkpoint (from its header alone) is of the embeddings' family and text width."""
-    family, modules, _ = read_header(ckpt)
-    width = modules[UNET_PREFIX].cfg.context_dim
-    if emb["family"] != family:
-        raise SlimeError(f"{name} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
-                         "predict with the checkpoint the embeddings were fitted on")
-    if emb["learned"].shape[1] != width:  # it would otherwise fail inside the first UNet pass, after the load
-        raise SlimeError(f"{name} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has {width}-wide text")
-
 def find_ground_truth(jobs, masks, emb, con, labelmap=None):
-    """With --masks: each image's ground truth (by file stem), lossless, of the image's size as shown,
-    holding only the parts' classes; read now, so a bad mask stops the run before any work. -> the
-    labelmap.txt that names the ground truth's colours, or None."""
+    """With --masks: each image's ground truth (by file stem), read now, so a bad mask stops the run before
+    any work. -> the labelmap.txt that names the ground truth's colours, or None."""
     if masks and not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder; give the folder of ground-truth masks")
     for job in jobs if masks else []:
         stem = os.path.splitext(os.path.basename(job.mask))[0]
-        job.gt = next((os.path.join(masks, stem + ext) for ext in MASK_EXTS
-                       if os.path.isfile(os.path.join(masks, stem + ext))), None)
+        job.gt = next((p for p in (os.path.join(masks, stem + e) for e in MASK_EXTS) if os.path.isfile(p)), None)
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
         elif file_id(job.gt) == file_id(job.image):  # --masks is the image folder: same stems
-            raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; "
-                             "keep the ground-truth masks in a folder of their own")
+            raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; keep the "
+                             "ground-truth masks in a folder of their own")
     scored = [job for job in jobs if job.gt]
     if masks and not scored:  # an IoU table of nothing would read as a score of 0
         raise SlimeError(f"--masks {masks} holds no mask for any of the {count(len(jobs), 'image')} (a mask is "
@@ -1472,14 +1367,9 @@ def find_ground_truth(jobs, masks, emb, con, labelmap=None):
     labelmap = find_labelmap([job.gt for job in scored], labelmap) if scored else None
     if labelmap:  # a labelling tool's export: its colours, in its order, which must be emb.pt's parts
         names, emb["gt_colors"] = read_labelmap(labelmap)
-        emb["gt_labelmap"] = True  # indexed masks are read by colour too
         if names != emb["parts"]:
             raise SlimeError(f"{labelmap} names the labels {','.join(names)}, but the embeddings' parts are "
                              f"{','.join(emb['parts'])}; score with the labelmap the embeddings were fitted with")
-    elif scored and not emb["colors"]:
-        # fit saw label (or VOC) masks: colour ground truth gets ONE colour -> class mapping for the whole folder
-        keys = [(job.gt, np.unique(pack_rgb(m))) for job in scored if (m := read_mask(job.gt)).ndim == 3]
-        emb["gt_colors"] = mask_palette([k for _, k in keys], [n for n, _ in keys])[1] if keys else None
     for job in scored:
         gt, (h, w) = ground_truth(job, emb), shown_size(job.image)
         if gt.shape != (h, w):
@@ -1491,21 +1381,93 @@ def find_ground_truth(jobs, masks, emb, con, labelmap=None):
                              f"parts {emb['parts']} (255 means ignore)")
     return labelmap
 
-def shown_size(path):
-    """(height, width) of an image file as shown, from its header: EXIF orientations 5-8 swap the sides."""
+def ground_truth(job, emb):
+    """A ground-truth mask as labels: colours mapped by its labelmap, else as predict colours the parts."""
+    (gt,), _ = colors_to_labels([read_mask(job.gt, colors="gt_colors" in emb)], emb.get("gt_colors") or
+                                part_colors(emb), [job.gt])
+    return gt
+
+def shown_size(path):  # (height, width) as shown, from the header: EXIF orientations 5-8 swap the sides
     with Image.open(path) as im:
         return im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
 
-def ground_truth(job, emb):
-    """A ground-truth mask as labels, its colours mapped as fit mapped the training masks'."""
-    palette = emb.get("gt_colors") or emb["colors"] or None
-    (gt,), _ = colors_to_labels([read_mask(job.gt, colors=emb.get("gt_labelmap", False))], palette, [job.gt])
-    return gt
-
 def part_colors(emb):
     """Each part's colour: the one its masks came with (labelmap or colour masks), else VOC's."""
-    return [list(c) for c in emb["colors"][:len(emb["parts"])]] + \
-        VOC_PALETTE[len(emb["colors"]):len(emb["parts"])].tolist()
+    return [list(c) for c in emb["colors"][:len(emb["parts"])]] + VOC_PALETTE[len(emb["colors"]):len(emb["parts"])].tolist()
+
+RECORD = "slime-run.jsonl"
+
+class Record:
+    """The run record of an output folder: JSON lines, appended, never rewritten. A "run" line names what
+    makes the masks (run_hash); each later line lists files with their SHA-256 (and the image they show),
+    appended before they are renamed into place. A file at an output path is slime's exactly when some
+    line lists it with its hash; any other is the user's, and is never replaced."""
+
+    def __init__(self, out):
+        self.path, lines = os.path.join(out, RECORD), []
+        if os.path.exists(self.path):
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        lines.append(json.loads(line))
+                    except ValueError:  # empty, or cut short by a kill (each append starts on a new line)
+                        pass
+            lines = [x for x in lines if isinstance(x, dict) and isinstance(x.get("files", {}), dict)]
+            if not lines or "run" not in lines[0]:
+                raise SlimeError(f"{self.path} exists and was not written by slime; predict will not replace it: "
+                                 "move it or choose another -o")
+        self.known = {(p, h) for x in lines for p, h in x.get("files", {}).items()}
+        last = max([i for i, x in enumerate(lines) if "run" in x], default=len(lines))
+        self.run = lines[last]["run"] if lines else None  # the last run's, and the images it wrote
+        self.images, self.header = {x["image"]: x for x in lines[last:] if "image" in x}, None
+
+    def add(self, out, files, **what):
+        """List {path: bytes} about to be committed (and what they are) in the record, flushed to disk."""
+        entry = {**what, "files": {os.path.relpath(p, out): hashlib.sha256(b).hexdigest() for p, b in files.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join("\n" + json.dumps(x) for x in (self.header, entry) if x))
+            f.flush()
+            os.fsync(f.fileno())
+        self.header = None  # this run's line goes before its first files
+
+def run_hash(emb, s, ckpt, device):
+    """What makes the masks: embeddings, parts, colours, settings, the weights' fingerprint, device type and
+    dtype (they move near-tie pixels)."""
+    h = hashlib.sha256(emb["context" if "context" in emb else "learned"].numpy().tobytes())
+    h.update(json.dumps([emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type,
+                         str(device[1])]).encode())
+    return h.hexdigest()[:16]
+
+def check_outputs(jobs, record, run, args):
+    """Which images are done (their files listed by this very run, for the image as it is now), and a refusal
+    when anything else is in the way: a file slime did not write or that was changed since, always; outputs
+    of another run, unless --overwrite."""
+    paths = [p for job in jobs for p in (job.mask, job.overlay)] + [os.path.join(args.out, n) for n in RUN_FILES]
+    found = {os.path.relpath(p, args.out): sha256_file(p) for p in paths if os.path.isfile(p)}
+    for rel, digest in found.items():
+        if (rel, digest) not in record.known:
+            raise SlimeError(f"{os.path.join(args.out, rel)} exists and was not written by slime, or was changed "
+                             "since; predict will not replace it: move it or choose another -o")
+    same = record.run == run and not args.overwrite
+    if not same and not args.overwrite and any(os.path.isfile(p) for j in jobs for p in (j.mask, j.overlay)):
+        raise SlimeError(f"{args.out} already holds outputs made by another emb.pt, other settings, another "
+                         "checkpoint or number format; pass --overwrite to replace them, or choose another -o")
+    for job in jobs:
+        line = record.images.get(os.path.abspath(job.image)) if same else None
+        job.done = bool(line) and line.get("stamp") == stamp(job.image) and all(
+            found.get(rel) == digest for rel, digest in line["files"].items())
+    record.header = None if same else {"run": run, "embeddings": os.path.abspath(args.emb)}
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+def stamp(path):  # an edited image is redone: its size or mtime changed
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
 
 def given(args):
     """The settings given on the command line ({} for the ones left out)."""
@@ -1514,56 +1476,45 @@ def given(args):
 def count(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
-def stamp(path):  # an edited image is redone: its size or mtime changed
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
-
 
 # ----------------------------------------------------------------------------- command line
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
-    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6,
-                       patch_size=512, patches_per_side=1),
-    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8,
-                         patch_size=512, patches_per_side=1),
-    "celeba": dict(parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6,
-                   rotation=10.0),
+    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, patch_size=512,
+                       patches_per_side=1),
+    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8, patch_size=512,
+                         patches_per_side=1),
+    "celeba": dict(parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6, rotation=10.0),
 }
 
 class Console:
-    """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA.
-    On a terminal it updates in place (a notice first ends it); in a log it prints at most every 10 s."""
+    """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA; in
+    place on a terminal (a notice first ends it), in a log at each new stage and at most every 10 s."""
 
     def __init__(self, quiet):
         self.quiet, self.open, self.shown, self.t0 = quiet, False, 0.0, time.time()
 
     def say(self, msg):
         if not self.quiet:
-            self.end()
-            print(msg, file=sys.stderr, flush=True)
-
-    def end(self):
-        if self.open:
-            sys.stderr.write("\n")
+            print(("\n" if self.open else "") + msg, file=sys.stderr, flush=True)
             self.open = False
 
     def progress(self, text, eta=None, force=False):
-        if self.quiet:
-            return
         line = f"{text}  {duration(time.time() - self.t0)} elapsed" + (f", ETA {duration(eta)}" if eta else "")
-        if sys.stderr.isatty():
-            sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K clears what a longer line left behind
+        if not self.quiet and sys.stderr.isatty():  # \x1b[K clears what a longer line left behind
+            print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
             self.open = True
-        elif force or time.time() - self.shown >= 10:
-            print(line, file=sys.stderr)
+        elif not self.quiet and (force or time.time() - self.shown >= 10):
+            print(line, file=sys.stderr, flush=True)
             self.shown = time.time()
-        sys.stderr.flush()
 
-def duration(seconds):
-    """12 s, 7.5 min, 3.2 h."""
+def duration(seconds):  # 12 s, 7.5 min, 3.2 h
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
-def load_for(args, con, ckpt, device, text_encoder=True):
+def time_left(t0, done, total):  # seconds until `total` are done at the pace of the `done` ones since t0
+    return (time.time() - t0) / done * (total - done) if done else None
+
+def load_for(con, ckpt, device, text_encoder=True):
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, device=device[0], dtype=device[1], text_encoder=text_encoder)
     con.say(f"loaded {sd.family} on {device[0]} ({str(device[1])[6:]})")
@@ -1576,80 +1527,68 @@ def cmd_fit(args, con):
         pairs, palette, names = read_pairs(args.pairs + (args.val or []), args.labelmap)  # one colour mapping
         train, val = pairs[:len(args.pairs) // 2], pairs[len(args.pairs) // 2:]
         parts = check_classes(train + val, train, args.parts, palette, con, names, args.labelmap)  # before the load
-        sd, best = load_for(args, con, ckpt, device), {}
+        sd, best, progress = load_for(con, ckpt, device), {}, FitProgress(con, s, len(train))
         con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: "
-                f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {count(validations(s), 'validation')}")
+                f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {count(progress.vals, 'validation')}")
 
         def on_best(context, epoch, miou):
             save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
             best.update(epoch=epoch, miou=miou)
-        fit(sd, [(i, m) for i, m, _ in train], len(parts), s, [(i, m) for i, m, _ in val] or None, on_best,
-            FitProgress(con, s, len(train)))
+        fit(sd, [(i, m) for i, m, _ in train], len(parts), s, [(i, m) for i, m, _ in val] or None, on_best, progress)
     except BaseException:
         remove_empty(created)  # a refused or failed fit leaves no folder it made (emb.pt's, if saved, stays)
         raise
     con.say(f"fit finished: {args.output} holds the vectors of epoch {best['epoch']} (validation mIoU "
             f"{best['miou']:.4f}); next: python slime.py predict {args.output} IMAGES/ -o out/")
 
-def validations(s):
-    """How many validations a fit makes: every val_every epochs, and always after the last."""
-    return s.epochs // s.val_every + (s.epochs % s.val_every > 0)
-
 class FitProgress:
-    """fit's progress hook: the stage (step or validation) on the progress line, with an ETA from steady-state
-    times: the last steps, and the last validation (the first one also encodes the validation patches)."""
+    """fit's progress hook: the stage, with an ETA from steady-state times, the last steps and the last
+    validation (the first validation also encodes the validation patches, once per fit)."""
 
     def __init__(self, con, s, steps_per_epoch):
         self.con, self.s, self.last, self.steps, self.val_t = con, s, time.time(), [], None
-        self.total, self.vals = s.epochs * steps_per_epoch, validations(s)
+        self.total, self.vals = s.epochs * steps_per_epoch, s.epochs // s.val_every + (s.epochs % s.val_every > 0)
 
     def __call__(self, e):
-        now = time.time()
         if e["event"] == "step":
-            self.steps.append(now - self.last)
+            self.steps.append(time.time() - self.last)
             what = f"step {e['step']}/{self.total}  ce {e['ce']:.4f}  mse {e['mse']:.4f}  sd {e['sd']:.4f}"
-        elif e["event"] == "validating":
-            what = "validating"
-        else:
+        elif e["event"] == "validation":
             self.val_t, self.vals = e["seconds"], self.vals - 1
             what = f"validation mIoU {e['miou']:.4f}" + (", the best so far: saved" if e["best"] else "")
-        self.last, recent = now, self.steps[-5:]
+        self.last, recent = time.time(), self.steps[-5:]
         # before the first validation its cost is unknown: no ETA rather than one that leaves it out
-        eta = (None if self.val_t is None and self.vals else
-               (self.total - len(self.steps)) * sum(recent) / len(recent) + self.vals * (self.val_t or 0))
-        self.con.progress(f"epoch {e['epoch']}/{self.s.epochs}  {what}", eta, force=e["event"] != "step")
+        eta = None if self.val_t is None and self.vals else (self.total - len(self.steps)) * sum(recent) / len(
+            recent) + self.vals * (self.val_t or 0)
+        self.con.progress(f"epoch {e['epoch']}/{self.s.epochs}  {what if e['event'] != 'validating' else 'validating'}",
+                          eta, force=e["event"] != "step")
 
 def cmd_predict(args, con):
     """Plan; load; segment and write each image not done yet; report."""
     emb, s, device, ckpt, jobs, record, created = plan_predict(args, con)
     try:
-        sd = load_for(args, con, ckpt, device, text_encoder="context" not in emb)  # a release folder needs it
-        context = emb["context"] if "context" in emb else with_learned(emb["learned"], prompt_contexts(sd, len(emb["parts"]))[0])
+        sd = load_for(con, ckpt, device, text_encoder="context" not in emb)  # a release folder needs it
+        context = emb["context"] if "context" in emb else with_learned(emb["learned"], prompt_contexts(
+            sd, len(emb["parts"]))[0])
         if emb.get("fingerprint") not in (sd.fingerprint, None):  # family and width agree: only the masks may differ
             con.say(f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
         todo, t0, records = [j for j in jobs if not j.done], time.time(), []
         if s.window and todo:  # the cost grows with the windows: say so before the work
             windows = sum(len(window_layout(*shown_size(j.image), s.window)[2]) for j in todo)
-            con.say(f"--window {s.window}: {count(windows, 'window')} in {count(len(todo), 'image')}, one UNet pass "
-                    f"each; without --window, {s.patches_per_side ** 2 * len(todo)}")
+            con.say(f"--window {s.window}: {count(windows, 'window')} in {count(len(todo), 'image')}, one UNet "
+                    f"pass each; without --window, {s.patches_per_side ** 2 * len(todo)}")
         for n, job in enumerate(jobs, 1):
             if job.done:  # read back, so the IoU table and the summary cover every image
                 labels = torch.from_numpy(np.array(Image.open(job.mask)))
             else:
-                done = len(records) - sum(j.done for j in jobs[:n - 1])
                 what = f"image {n}/{len(jobs)}"
-                con.progress(f"{what}  {os.path.basename(job.image)}", time_left(t0, done, len(todo)), force=True)
+                con.progress(f"{what}  {os.path.basename(job.image)}", time_left(t0, todo.index(job), len(todo)), True)
                 labels = segment_and_write(sd, context.to(sd.device), job, s, emb, record, args.out, con, what)
-            records.append(image_record(n, job, labels, emb))
-        con.end()
+            records.append(image_record(job, labels, emb))
         report(args, con, emb, s, records, record, len(todo))
     except BaseException:
         remove_empty(created)
         raise
-
-def time_left(t0, done, total):
-    """Seconds until `total` items are done, at the pace of the `done` ones since t0; None before the first."""
-    return (time.time() - t0) / done * (total - done) if done else None
 
 def segment_and_write(sd, context, job, s, emb, record, out, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
@@ -1664,14 +1603,13 @@ def segment_and_write(sd, context, job, s, emb, record, out, con, what):
         raise SlimeError(f"{job.image}: {e}") from None
     # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
     shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
-    colors = part_colors(emb)
-    files = {job.mask: png(mask_image(labels.numpy(), colors)),
-             job.overlay: png(overlay_image(shown, labels.numpy(), emb["parts"], colors))}
+    files = {job.mask: png(mask_image(labels.numpy(), part_colors(emb))),
+             job.overlay: png(overlay_image(shown, labels.numpy(), emb["parts"], part_colors(emb)))}
     record.add(out, files, image=os.path.abspath(job.image), stamp=stamp(job.image))  # listed, then renamed
     commit(files)
     return labels
 
-def image_record(n, job, labels, emb):
+def image_record(job, labels, emb):
     """summary.json's entry for one image: its size, each part's area in pixels, its IoUs with a ground truth."""
     parts, area = emb["parts"], np.bincount(labels.numpy().ravel(), minlength=len(emb["parts"]))
     record = dict(image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done,
@@ -1682,42 +1620,29 @@ def image_record(n, job, labels, emb):
     return record
 
 def report(args, con, emb, s, records, record, wrote):
-    """The IoU table (with --masks), the run's files (labelmap, image list, summary, IoU table) and the
+    """The IoU table (with --masks), the run's files (CVAT's labelmap and image list, summary.json) and the
     last line: what was written, what was skipped, and why."""
-    parts, out = emb["parts"], args.out
+    parts, colors = emb["parts"], part_colors(emb)
     scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in records if "iou" in r]
     per_class, miou = miou_table(scored, len(parts))
     rows = [(name, v) for name, v in zip(parts, per_class) if v is not None]
-    summary = {"written_by": "slime predict", "embeddings": args.emb, "settings": asdict(s),
-               "parts": [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, part_colors(emb)))],
-               "images": records, "iou": dict(rows) if rows else None, "miou": miou if rows else None}
-    files = {"labelmap.txt": LABELMAP_HEADER + "\n# written by slime predict\n" + "".join(
-                 f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in zip(parts, part_colors(emb))),
-             RUN_FILES[1]: "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records),
-             "summary.json": json.dumps(summary, indent=2) + "\n"}
     if rows:  # on stdout, unlike every notice: the table is the result, and -q keeps it
         print(f"{'part':<16} IoU\n" + "".join(f"{name:<16} {v:.4f}\n" for name, v in rows)
               + f"{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
-        files["metrics.csv"] = "part,iou\n" + "".join(f"{n},{v:.6f}\n" for n, v in rows) + f"mIoU,{miou:.6f}\n"
     elif args.masks:  # every ground-truth pixel is 255: a table would read as a score of 0
         con.say("nothing was scored: every ground-truth mask is all 'ignore' (255); no IoU table")
-    metrics = os.path.join(out, "metrics.csv")
-    if not rows and wrote and os.path.exists(metrics):  # slime's own (the plan checked): it scored replaced masks
-        os.remove(metrics)
-        con.say(f"removed {metrics}: it scored the masks this run replaced (pass --masks to score them)")
-    files = {os.path.join(out, name): text.encode() for name, text in files.items()}
-    record.add(out, files)
+    summary = {"written_by": "slime predict", "embeddings": args.emb, "settings": asdict(s), "images": records,
+               "parts": [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))],
+               "iou": dict(rows) if rows else None, "miou": miou if rows else None}
+    files = {"labelmap.txt": LABELMAP_HEADER + "\n" + "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors)),
+             RUN_FILES[1]: "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records),
+             "summary.json": json.dumps(summary, indent=2) + "\n"}
+    files = {os.path.join(args.out, name): text.encode() for name, text in files.items()}
+    record.add(args.out, files)
     commit(files)
-    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {out}" + (
+    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}" + (
         f"; skipped {len(records) - wrote}, already made by this emb.pt with these settings (--overwrite redoes them)"
         if len(records) > wrote else ""))
-
-def cmd_info(args, con):
-    """What a checkpoint is, from its header alone (no tensor is read)."""
-    family, modules, dtypes = read_header(args.file)
-    print(f"{args.file}: Stable Diffusion {family[-1]}.x ({family}), {len(dtypes)} tensors stored as "
-          f"{', '.join(sorted(set(dtypes.values())))}; slime loads {sum(len(m.state_dict()) for m in modules.values())} "
-          "of them (no VAE decoder); check the download with sha256sum against README's table")
 
 class Parser(argparse.ArgumentParser):
     """argparse, with its mistakes ending like every other, in one line `slime: error: ...` and exit
@@ -1729,26 +1654,43 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise SlimeError(f"{self.prog}: {message}")
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args=None, namespace=None):  # a subcommand's unknown flags: named by its parser
         namespace, extra = super().parse_known_args(args, namespace)
-        flags = [o for a in self._actions for o in a.option_strings]
-        for arg in (a for a in extra if a.startswith("-")):  # a subcommand's own flags: named by its parser
-            near = difflib.get_close_matches(arg.split("=")[0].replace("_", "-"), flags, n=1, cutoff=0.6)
+        for arg in (a for a in extra if a.startswith("-")):
+            flags = [o for a in self._actions for o in a.option_strings]
+            near = difflib.get_close_matches(arg.split("=")[0].replace("_", "-"), flags, n=1)
             self.error(f"unrecognized argument {arg}" + (f"; did you mean {near[0]}?" if near else ""))
         return namespace, extra
 
 def build_parser():
     ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-
-    def common(p, stage):
+    f = sub.add_parser("fit", help="learn part embeddings from annotated images", description="Learn one text "
+                       "vector per part from image/mask pairs into emb.pt. Masks: labels (gray or indexed PNG, .npy; "
+                       "255 = ignore) or colours, named by a labelmap.txt (CVAT) if there is one.")
+    f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="one or more image/mask pairs")
+    f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
+    f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs; default: the training pairs")
+    f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
+    p = sub.add_parser("predict", help="segment images with fitted embeddings", description="Segment images "
+                       "with emb.pt into a folder CVAT imports as a segmentation-mask annotation, with overlays/, "
+                       "summary.json and the run record. Settings not given are emb.pt's.")
+    p.add_argument("emb", help="emb.pt written by fit, or the release's folder of embedding_{i}.pth")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("-o", "--out", default="out", help="output folder; default out")
+    p.add_argument("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")
+    for stage, p in (("fit", f), ("predict", p)):
+        p.add_argument("--parts", help="class names, background first (predict: for a release folder); default "
+                       "the labelmap's, else background,part1,...")
+        p.add_argument("--labelmap", help="labelmap.txt naming the colours of the masks; default: one beside "
+                       "them, or above their SegmentationClass/")
         p.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
         p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="number format; default fp32, as the release")
-        p.add_argument("--threads", type=lambda v: check_setting(setting(1, 1, 1024), v),
-                       help="CPU threads; default: torch's, all cores")
-        p.add_argument("--overwrite", action="store_true", help="fit: replace an emb.pt; predict: replace outputs "
-                       "made by another run, and redo all (never a file slime did not write)")
+        p.add_argument("--threads", type=lambda v: check_setting(setting(1, 1, 1024), v), help="CPU threads; "
+                       "default: torch's, all cores")
+        p.add_argument("--overwrite", action="store_true", help="fit: replace an emb.pt; predict: replace the "
+                       "outputs of another run, and redo all (never a file slime did not write)")
         p.add_argument("-q", "--quiet", action="store_true", help="print only errors (and predict's IoU table)")
         for f in fields(Settings):  # one flag per setting: its default, range and help from the field
             m = f.metadata
@@ -1760,40 +1702,7 @@ def build_parser():
                 default = f"emb.pt's (fit's default: {f.default})" if stage == "predict" else f.default
                 p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
                                type=lambda v, f=f: check_setting(f, v), help=f"{m['help']}; default {default}")
-
-    f = sub.add_parser("fit", help="learn part embeddings from annotated images",
-                       description="Learn one text vector per part from image/mask pairs and write them to emb.pt "
-                                   "(at each new best validation). Masks: class labels (gray or indexed PNG, .npy; "
-                                   "255 = ignore) or colours, named by a labelmap.txt (CVAT, VOC) when there is one. "
-                                   "Example: `python slime.py fit ref.png ref_mask.png --parts background,body,wheel`.")
-    f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="one or more image/mask pairs")
-    f.add_argument("--parts", help="comma-separated class names, background first; default background,part1,...")
-    f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
-    f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs; default: the training pairs")
-    f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
-    f.add_argument("--labelmap", help="labelmap.txt naming the mask colours; default: one beside the masks, or at "
-                                      "the export's root above SegmentationClass/")
-    common(f, "fit")
-    f.set_defaults(run=cmd_fit)
-
-    p = sub.add_parser("predict", help="segment images with fitted embeddings",
-                       description="Segment images with emb.pt into a folder CVAT imports as a segmentation-mask "
-                                   "annotation (SegmentationClass/, labelmap.txt, ImageSets/), with overlays/, "
-                                   "summary.json and the run record slime-run.jsonl. Settings not given here are "
-                                   "the ones fit stored in emb.pt. Example: `python slime.py predict emb.pt photos/ -o out/`.")
-    p.add_argument("emb", help="emb.pt written by fit, or the release's folder of embedding_{i}.pth")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders")
-    p.add_argument("--parts", help="class names for a release folder, background first; default background,part1,...")
-    p.add_argument("-o", "--out", default="out", help="output folder; default out")
-    p.add_argument("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")
-    p.add_argument("--labelmap", help="labelmap.txt naming the colours of --masks; default: one beside them, or "
-                                      "at the export's root above SegmentationClass/")
-    common(p, "predict")
-    p.set_defaults(run=cmd_predict)
-
-    i = sub.add_parser("info", help="what a checkpoint is: family, dtypes, tensor count (header only)")
-    i.add_argument("file", help="a .safetensors checkpoint")
-    i.set_defaults(run=cmd_info, quiet=False)
+        p.set_defaults(run=cmd_fit if stage == "fit" else cmd_predict)
     return ap
 
 def interrupt(signum, frame):
@@ -1806,6 +1715,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         args.run(args, Console(args.quiet))
+        return 0
     except SlimeError as e:
         print(f"slime: error: {e}", file=sys.stderr)
         return 2
@@ -1818,10 +1728,8 @@ def main(argv=None):
         print("slime: error: the GPU ran out of memory; try --dtype bf16, fewer or smaller patches "
               "(--patches-per-side 1 --patch-size 512), or --device cpu", file=sys.stderr)
         return 2
-    return 0
 
 if __name__ == "__main__":
     for name in ("SIGTERM", "SIGHUP"):  # only when run as a program: importing slime leaves them alone
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), interrupt)
+        signal.signal(getattr(signal, name, signal.SIGTERM), interrupt)
     sys.exit(main())
