@@ -110,14 +110,11 @@ def noisy_latent(sd, images, t, gen):
     return a.sqrt() * z + (1 - a).sqrt() * noise, noise
 
 def attention_maps(sd, x_t, t, context, num_classes, log_space):
-    """One UNet pass -> (A_ca (K, 64, 64), Eq. 3; A_sa (4096 queries, 4096 keys), Eq. 5; eps).
-
-    A_ca: the cross-attention of tokens 0..K-1 (after the softmax over all 77), each layer bilinearly
-    resized to 64x64, averaged over heads and layers (release/src/stable_difusion.py#L155-L264).
-    log_space=True (training) averages log-probabilities, the input of the Eq. 4 cross-entropy; False
-    (inference) averages probabilities. A_sa: the 64x64 layers' self-attention, averaged.
-    """
-    # only these 8 of the UNet's 32 attention layers materialise their maps; the rest take the fast path
+    """One UNet pass -> (A_ca (K, 64, 64), Eq. 3; A_sa (4096 queries, 4096 keys), Eq. 5; eps). A_ca averages
+    tokens 0..K-1's cross-attention (after the softmax over all 77) over heads and layers, each resized to 64x64
+    (release/src/stable_difusion.py#L155-L264); A_sa averages the 64x64 layers' self-attention."""
+    # only these 8 of the UNet's 32 attention layers materialise their maps; the rest take the fast path.
+    # log_space (training): log-probabilities, the input of Eq. 4's cross-entropy; inference: probabilities
     eps, maps = sd.unet(x_t, t, context, attn_layers=SELF_LAYERS + (() if log_space else CROSS_LAYERS),
                         log_attn_layers=CROSS_LAYERS if log_space else ())
     resized = []
@@ -397,13 +394,10 @@ def patch_votes(A_ca, A_sa, threshold, side):
     return seen, was / shrink[:, None, None] + (floor[seen] - w_min / shrink)[:, None, None]
 
 def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, progress=None):
-    """image (3, H, W) in [0, 1], any size -> labels (H, W) uint8, or (out_size, out_size).
-
-    The model sees the image squashed to 512x512, as in the release; slime then upsamples the class
-    SCORES, not the labels, to the image's own size and takes the argmax there (--out-size 512: the
-    release's masks). inputs: the image's noisy_inputs, when the caller keeps them. With --window the
-    scores come from windows at the image's own resolution (native_scores); progress(n, windows).
-    """
+    """image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size). inputs: its noisy_inputs,
+    when the caller keeps them; progress(n, windows) after each --window window."""
+    # The model sees the image squashed to 512x512, as in the release; slime upsamples the class SCORES, not
+    # the labels, to the image's own size and takes the argmax there (--out-size 512: the release's masks)
     if s.window:
         scores, cell = native_scores(sd, context, image, num_classes, s, inputs, progress)
     else:
@@ -637,16 +631,8 @@ class StableDiffusion:
 
     def __init__(self, family, unet, vae, text_encoder, path):
         self.family, self.unet, self.vae, self.text_encoder, self.path = family, unet, vae, text_encoder, path
-        self.alphas_cumprod = alphas_cumprod().to(self.device)
-        self.fingerprint = fingerprint(path)
-
-    @property
-    def device(self):
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.unet.parameters()).dtype
+        self.device, self.dtype = unet.out[2].weight.device, unet.out[2].weight.dtype
+        self.alphas_cumprod, self.fingerprint = alphas_cumprod().to(self.device), fingerprint(path)
 
     def tokenize(self, texts):  # SD1's HF tokenizer pads with <|endoftext|>, SD2's open_clip.tokenize with 0
         return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)
@@ -905,63 +891,54 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
     commit({path: buffer.getvalue()})  # a kill during the save leaves the previous best emb.pt
 
 def load_embeddings(path):
-    """emb.pt as fit wrote it, checked against its schema (every key predict reads, shapes consistent with
-    `parts`, finite values, the layers slime reads, the settings in range); never runs pickled code."""
+    """emb.pt as fit wrote it, checked (every key predict reads, shapes that agree, finite values, the layers
+    slime reads, settings in range), so an edited or damaged file is one line; never runs pickled code."""
     check_file(path, "emb.pt", f"check the path, or make one with `python slime.py fit image.png mask.png -o {path}`")
     emb = safe_load(path, "a slime emb.pt")
     if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         raise SlimeError(f"{path} is a torch file but not a slime emb.pt (no '{EMB_FORMAT}' format tag)")
-    bad = embeddings_problem(emb)
+    kinds = dict(context=torch.Tensor, learned=torch.Tensor, parts=list, family=str, colors=list, settings=dict,
+                 cross_layers=list, self_layers=list)
+    bad = next((f"its {k!r} is {type(emb.get(k)).__name__}, not {v.__name__}" for k, v in kinds.items()
+                if not isinstance(emb.get(k), v)), None)
+    parts, context, learned = emb.get("parts"), emb.get("context"), emb.get("learned")
+    checks = [  # (fine?, what is wrong), in order; each only read when the ones before it passed
+        (lambda: 2 <= len(parts) <= MAX_CLASSES and all(isinstance(p, str) and p for p in parts),
+         lambda: f"its parts {parts[:4]} are not 2 to {MAX_CLASSES} names"),
+        (lambda: context.ndim == 3 and context.shape[:2] == (1, 77) and context.is_floating_point(),
+         lambda: f"its context has shape {tuple(context.shape)} ({context.dtype}), not (1, 77, width)"),
+        (lambda: torch.isfinite(context).all(), lambda: "its context holds nan or inf values"),
+        # predict reads the context: learned must agree, or the file would say one thing and segment with another
+        (lambda: learned.shape == (len(parts) - 1, context.shape[2]) and torch.equal(
+            learned.float(), context[0, 1:len(parts)].float()), lambda: f"its learned vectors {tuple(learned.shape)} "
+         f"are not the {len(parts) - 1} vectors of its {len(parts)} parts that its context holds"),
+        (lambda: emb["family"] in TEXT_PREFIX, lambda: f"its family {emb['family']!r} is neither sd1 nor sd2"),
+        (lambda: (tuple(emb["cross_layers"]), tuple(emb["self_layers"])) == (CROSS_LAYERS, SELF_LAYERS),
+         lambda: "it was fitted on other attention layers than the ones this slime reads"),
+        (lambda: all(isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
+                     for c in emb["colors"]), lambda: "its colors are not [r, g, b] lists of 0..255")]
+    bad = bad or next((what() for fine, what in checks if not fine()), None)
     if bad:
         raise SlimeError(f"{path} is not a usable emb.pt: {bad}")
-    emb["context"], emb["learned"] = emb["context"].float(), emb["learned"].float()
+    emb["context"], emb["learned"] = context.float(), learned.float()
     emb["settings"] = settings_from(emb["settings"], path)  # the same checks as typed flags
     return emb
 
-def embeddings_problem(emb):
-    """What makes an emb.pt unusable, in a few words; None when nothing does."""
-    kinds = dict(context=torch.Tensor, learned=torch.Tensor, parts=list, family=str, colors=list, settings=dict,
-                 cross_layers=list, self_layers=list)
-    for key, kind in kinds.items():
-        if not isinstance(emb.get(key), kind):
-            return f"its {key!r} is {type(emb.get(key)).__name__}, not {kind.__name__}"
-    parts, context, learned = emb["parts"], emb["context"], emb["learned"]
-    if not 2 <= len(parts) <= MAX_CLASSES or not all(isinstance(p, str) and p for p in parts):
-        return f"its parts {parts[:4]} are not 2 to {MAX_CLASSES} names"
-    if context.ndim != 3 or context.shape[:2] != (1, 77) or not context.is_floating_point():
-        return f"its context has shape {tuple(context.shape)} ({context.dtype}), not (1, 77, width)"
-    if not torch.isfinite(context).all():
-        return "its context holds nan or inf values"
-    # predict reads the context: learned must agree with it, or the file would say one thing and segment with another
-    if tuple(learned.shape) != (len(parts) - 1, context.shape[2]) or not torch.equal(
-            learned.float(), context[0, 1:len(parts)].float()):
-        return (f"its learned vectors {tuple(learned.shape)} are not the {len(parts) - 1} vectors of its "
-                f"{len(parts)} parts that its context holds")
-    if emb["family"] not in TEXT_PREFIX:
-        return f"its family {emb['family']!r} is neither sd1 nor sd2"
-    if tuple(emb["cross_layers"]) != CROSS_LAYERS or tuple(emb["self_layers"]) != SELF_LAYERS:
-        return "it was fitted on other attention layers than the ones this slime reads"
-    if not all(isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
-               for c in emb["colors"]):
-        return "its colors are not [r, g, b] lists of 0..255"
-
 def read_release_folder(folder, parts):
     """The authors' folder of embedding_0.pth ... embedding_{K-2}.pth, one (1, 1, 1024) vector per part
-    (release/src/slime.py#L322-L357), fitted with SD 2.1-base on BGR images at 512x512, so those are its
-    defaults. -> an emb.pt-like dict whose context predict completes with the text encoder."""
+    (release/src/slime.py#L322-L357), fitted with SD 2.1-base on BGR images at 512x512: its defaults."""
     names = [f"embedding_{i}.pth" for i in range(MAX_CLASSES - 1)]
     found = [n for n in names if os.path.isfile(os.path.join(folder, n))]
-    if not found or found != names[:len(found)]:
-        raise SlimeError(f"{folder} is a folder but not the release's embedding_0.pth ... embedding_{{K-2}}.pth "
-                         f"(it lacks {next(n for n in names if n not in found)}); give an emb.pt or that folder")
-    learned = [safe_load(os.path.join(folder, n), "a tensor") for n in found]
-    if not all(isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == learned[0].numel()
-               and torch.isfinite(v).all() for v in learned):
-        raise SlimeError(f"{folder}: its embedding_{{i}}.pth files are not finite vectors of one width")
+    learned = [safe_load(os.path.join(folder, n), "a tensor") for n in found if found == names[:len(found)]]
+    if not learned or not all(isinstance(v, torch.Tensor) and v.is_floating_point() and torch.isfinite(v).all()
+                              and v.numel() == learned[0].numel() for v in learned):
+        raise SlimeError(f"{folder} is a folder but not the release's embedding_0.pth ... embedding_{{K-2}}.pth, "
+                         "finite vectors of one width; give an emb.pt or that folder")
     parts = part_names(parts, "--parts") if parts else ["background"] + [f"part{i}" for i in range(1, len(found) + 1)]
     if len(parts) != len(found) + 1:
         raise SlimeError(f"{folder} holds {len(found)} part embeddings, so --parts needs {len(found) + 1} names "
                          f"(background first), not {len(parts)}")
+    # no context: predict completes it with the text encoder
     return {"learned": torch.cat([v.float().reshape(1, -1) for v in learned]), "parts": parts, "family": "sd2",
             "fingerprint": None, "colors": [], "settings": Settings(bgr=True, out_size=SIZE)}
 
@@ -988,9 +965,8 @@ def commit(files):
     rename cannot cross disks; hidden, so no run reads it as an image) and is flushed to disk; only when
     all are written are they renamed onto their targets. A full disk, an error or an interrupt (Ctrl-C,
     SIGTERM and SIGHUP arrive as KeyboardInterrupt) leaves every target as it was."""
-    temps = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-             for p in files}
-    current = None
+    temps, current = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}-"
+                                      f"{secrets.token_hex(4)}.tmp") for p in files}, None
     try:
         for path, data in files.items():
             current = path
@@ -1001,10 +977,6 @@ def commit(files):
         for path in files:
             current = path
             os.replace(temps[path], path)  # atomic within a folder: readers see the old file or the new
-        for folder in {os.path.dirname(os.path.abspath(p)) for p in files} if os.name == "posix" else ():
-            fd = os.open(folder, os.O_RDONLY)  # the renames themselves, flushed
-            os.fsync(fd)
-            os.close(fd)
     except OSError as e:
         raise SlimeError(f"{current}: cannot be written ({e.strerror or e}); it and the files written with it "
                          "are left as they were") from None
@@ -1312,9 +1284,9 @@ def plan_predict(args, con):
     if emb["learned"].shape[1] != modules[UNET_PREFIX].cfg.context_dim:
         raise SlimeError(f"{args.emb} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has "
                          f"{modules[UNET_PREFIX].cfg.context_dim}-wide text")
-    labelmap = find_ground_truth(jobs, args.masks, emb, con, args.labelmap)
+    find_ground_truth(jobs, args.masks, emb, con)
     reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
-             ckpt: "checkpoint", args.emb: "embeddings", **({labelmap: "labelmap"} if labelmap else {})}
+             ckpt: "checkpoint", args.emb: "embeddings"}
     writes = [(p, f"{what} of {j.image}") for j in jobs for p, what in ((j.mask, "mask"), (j.overlay, "overlay"))]
     writes += [(os.path.join(args.out, name), name) for name in RUN_FILES + (RECORD,)]
     # masks written into --masks would be scored as ground truth; into an input folder, read as images
@@ -1334,22 +1306,21 @@ def list_images(inputs, con):
             raise SlimeError(f"{p}: no such file or folder")
         for full in sorted(os.path.join(p, f) for f in os.listdir(p)) if os.path.isdir(p) else [p]:
             name = os.path.basename(full)
-            if os.path.isfile(full) and not name.startswith("."):  # hidden: .DS_Store, temp files
-                if full != p and not name.lower().endswith(IMAGE_EXTS):
-                    skipped.append(name)
-                else:
-                    check_file(full, "image")
-                    found.setdefault(file_id(full), full)  # the same image named twice is segmented once
-    names = ", ".join(skipped[:5])
+            if full == p or os.path.isfile(full) and not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):
+                check_file(full, "image")
+                found.setdefault(file_id(full), full)  # the same image named twice is segmented once
+            elif os.path.isfile(full) and not name.startswith("."):  # hidden: .DS_Store, temp files
+                skipped.append(name)
     if not found:
-        raise SlimeError(f"{', '.join(inputs)} holds no images ({', '.join(IMAGE_EXTS)})" + (f"; skipped {names}" if skipped else ""))
+        raise SlimeError(f"{', '.join(inputs)} holds no images ({', '.join(IMAGE_EXTS)})"
+                         + (f"; skipped {', '.join(skipped[:5])}" if skipped else ""))
     if skipped:
-        con.say(f"skipped {count(len(skipped), 'non-image file')}: {names}")
+        con.say(f"skipped {count(len(skipped), 'non-image file')}: {', '.join(skipped[:5])}")
     return list(found.values())
 
-def find_ground_truth(jobs, masks, emb, con, labelmap=None):
+def find_ground_truth(jobs, masks, emb, con):
     """With --masks: each image's ground truth (by file stem), read now, so a bad mask stops the run before
-    any work. -> the labelmap.txt that names the ground truth's colours, or None."""
+    any work; colour masks in the parts' colours (emb.pt's, else VOC's), as predict writes them."""
     if masks and not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder; give the folder of ground-truth masks")
     for job in jobs if masks else []:
@@ -1357,20 +1328,10 @@ def find_ground_truth(jobs, masks, emb, con, labelmap=None):
         job.gt = next((p for p in (os.path.join(masks, stem + e) for e in MASK_EXTS) if os.path.isfile(p)), None)
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
-        elif file_id(job.gt) == file_id(job.image):  # --masks is the image folder: same stems
+            continue
+        if file_id(job.gt) == file_id(job.image):  # --masks is the image folder: same stems
             raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; keep the "
                              "ground-truth masks in a folder of their own")
-    scored = [job for job in jobs if job.gt]
-    if masks and not scored:  # an IoU table of nothing would read as a score of 0
-        raise SlimeError(f"--masks {masks} holds no mask for any of the {count(len(jobs), 'image')} (a mask is "
-                         "found by its image's file stem, e.g. photo.jpg -> photo.png)")
-    labelmap = find_labelmap([job.gt for job in scored], labelmap) if scored else None
-    if labelmap:  # a labelling tool's export: its colours, in its order, which must be emb.pt's parts
-        names, emb["gt_colors"] = read_labelmap(labelmap)
-        if names != emb["parts"]:
-            raise SlimeError(f"{labelmap} names the labels {','.join(names)}, but the embeddings' parts are "
-                             f"{','.join(emb['parts'])}; score with the labelmap the embeddings were fitted with")
-    for job in scored:
         gt, (h, w) = ground_truth(job, emb), shown_size(job.image)
         if gt.shape != (h, w):
             raise SlimeError(f"{job.gt} is {gt.shape[1]}x{gt.shape[0]} but its image {job.image} is {w}x{h}; "
@@ -1379,12 +1340,13 @@ def find_ground_truth(jobs, masks, emb, con, labelmap=None):
         if bad:
             raise SlimeError(f"{job.gt} has class values {bad[:8]} outside 0..{len(emb['parts']) - 1} for the "
                              f"parts {emb['parts']} (255 means ignore)")
-    return labelmap
+    if masks and not any(job.gt for job in jobs):  # an IoU table of nothing would read as a score of 0
+        raise SlimeError(f"--masks {masks} holds no mask for any of the {count(len(jobs), 'image')} (a mask is "
+                         "found by its image's file stem, e.g. photo.jpg -> photo.png)")
 
 def ground_truth(job, emb):
-    """A ground-truth mask as labels: colours mapped by its labelmap, else as predict colours the parts."""
-    (gt,), _ = colors_to_labels([read_mask(job.gt, colors="gt_colors" in emb)], emb.get("gt_colors") or
-                                part_colors(emb), [job.gt])
+    """A ground-truth mask as labels: label masks as they are, colours in the parts' colours."""
+    (gt,), _ = colors_to_labels([read_mask(job.gt)], part_colors(emb), [job.gt])
     return gt
 
 def shown_size(path):  # (height, width) as shown, from the header: EXIF orientations 5-8 swap the sides
@@ -1672,6 +1634,8 @@ def build_parser():
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
     f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs; default: the training pairs")
     f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
+    f.add_argument("--labelmap", help="labelmap.txt naming the mask colours; default: one beside the masks, or "
+                   "above their SegmentationClass/")
     p = sub.add_parser("predict", help="segment images with fitted embeddings", description="Segment images "
                        "with emb.pt into a folder CVAT imports as a segmentation-mask annotation, with overlays/, "
                        "summary.json and the run record. Settings not given are emb.pt's.")
@@ -1682,8 +1646,6 @@ def build_parser():
     for stage, p in (("fit", f), ("predict", p)):
         p.add_argument("--parts", help="class names, background first (predict: for a release folder); default "
                        "the labelmap's, else background,part1,...")
-        p.add_argument("--labelmap", help="labelmap.txt naming the colours of the masks; default: one beside "
-                       "them, or above their SegmentationClass/")
         p.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
         p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="number format; default fp32, as the release")
