@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -45,14 +46,13 @@ SIZE = 512  # the model always sees 512x512 images (a 64x64 latent), as in the r
 MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_mask_size)
 
 def setting(default, lo=None, hi=None, help="", fit=False, step=None, flag=None):
-    """A field of Settings: its default, range (and step) and --help text in one place. fit=True: training
-    only (predict reads the rest from emb.pt). The ranges keep a run meaningful, not merely running."""
+    """A field of Settings: default, range (and step), --help text; fit=True: training only."""
     return field(default=default, metadata=dict(range=(lo, hi), step=step, help=help, fit=fit, flag=flag))
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of a run. The defaults are the release's (release/src/arguments.py#L65-L91) unless
-    the help says slime's. fit stores them all in emb.pt, so predict segments as fit validated."""
+    """Every setting of a run, the release's defaults (release/src/arguments.py#L65-L91) unless the help
+    says slime's. fit stores them all in emb.pt, so predict segments as fit validated."""
     epochs: int = setting(200, 1, 100_000, "training epochs, one step per image each", fit=True)
     lr: float = setting(0.1, 1e-6, 100.0, "Adam's learning rate, no schedule", fit=True)
     t_min: int = setting(5, 1, 999, "smallest training timestep", fit=True)
@@ -332,9 +332,8 @@ def patch_origins(patch_size, per_side):
 
 @torch.no_grad()
 def noisy_patches(sd, image, s):
-    """Sec. 4.2's inputs (release/src/slime.py#L188-L229): image (3, H, W) squashed to 512x512 as in the
-    release, cut into the patches, each resized to 512 and noised at test_t -> [(y0, x0, x_t)]. Seeded
-    per image, so an image gets the same patches in any order."""
+    """Sec. 4.2's inputs (release/src/slime.py#L188-L229): the image squashed to 512x512, cut into the
+    patches, each resized to 512 and noised at test_t -> [(y0, x0, x_t)]; seeded per image."""
     x = resize(image.to(sd.device), (SIZE, SIZE), "bilinear")
     if s.bgr:
         x = x.flip(0)  # the release fed cv2's BGR channel order
@@ -353,9 +352,8 @@ def noisy_inputs(sd, image, s):
 
 @torch.no_grad()
 def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
-    """The release's accumulation (release/src/slime.py#L188-L279): each patch (y0, x0, x_t) adds its
-    patch_votes to the side x side cells of the grid from (y0, x0). -> (sum of votes, number of votes)
-    per class, (K, *grid) each; the number starts at the release's 1e-7, so no cell divides 0 by 0."""
+    """The release's accumulation (release/src/slime.py#L188-L279): each patch adds its votes to the side x
+    side cells from (y0, x0) -> (sum of votes, number of votes), (K, *grid) each."""
     scores = torch.zeros(num_classes, *grid, device=sd.device)
     votes = torch.full((num_classes, *grid), 1e-7, device=sd.device)
     t = torch.tensor([s.test_t], device=sd.device)
@@ -375,7 +373,8 @@ def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
 
 def patch_votes(A_ca, A_sa, threshold, side):
     """One patch's vote: the classes it saw, and their WAS maps on their cross-attention's scale, (side, side)."""
-    cross = A_ca.flatten(1)  # (K, 4096); the threshold and the rescale use the 64x64 maps (release/src/slime.py#L233-L237)
+    # the threshold and the rescale use the 64x64 maps (release/src/slime.py#L233-L237)
+    cross = A_ca.flatten(1)  # (K, 4096)
     peak, floor = cross.max(1).values, cross.min(1).values
     seen = (peak >= threshold).nonzero()[:, 0]  # a class votes only where its cross-attention is confident
     if len(seen) == 0:
@@ -415,9 +414,8 @@ def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, prog
     return scores.argmax(0).byte() if (h, w) == (SIZE, SIZE) else upsampled_argmax(scores, h, w)
 
 def upsampled_argmax(scores, h, w, cell=None, band=256):
-    """argmax over classes of the bilinearly upsampled scores (K, gh, gw) -> (h, w) uint8, `band` rows at a
-    time, so a 12000x9000 photo never holds K full-size float maps. cell: scores on --window's grid, cell x
-    cell pixels each, which may reach past the image's bottom and right edges (cut off)."""
+    """argmax over classes of the bilinearly upsampled scores (K, gh, gw) -> (h, w) uint8, `band` rows at
+    a time, so a 12000x9000 photo never holds K full-size maps. cell: --window's grid."""
     (gh, gw), n = scores.shape[1:], cell or 1
     # bilinear is separable: one matrix per axis. With cell, the grid is upsampled to g * cell pixels (its
     # padded extent) and cut to the image; without, the 512x512 scores stretch to (h, w)
@@ -489,8 +487,7 @@ def native_view(image, mask, part, window, gen):
 
 def window_layout(h, w, window):
     """Where the windows of an (h, w) image lie -> (cell, grid (gh, gw), origins [(y0, x0)] rows first).
-    Scores live on a grid whose cell is window/64 image pixels (one pixel of a window's 64x64 maps); the
-    grid rounds the image up to whole cells and to at least one window."""
+    The scores' grid has cells of window/64 pixels (a pixel of a window's maps) and covers >= a window."""
     cell = window // MAP
     grid = tuple(max(MAP, -(-n // cell)) for n in (h, w))
     return cell, grid, [(y0, x0) for y0 in axis_origins(grid[0]) for x0 in axis_origins(grid[1])]
@@ -541,16 +538,14 @@ IGNORED_KEYS = (
 )
 
 def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
-    """ldm's "linear" schedule (diffusers: scaled_linear), in float64 as ldm computes it, stored float32.
-    https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/util.py
-    """
+    """ldm's "linear" schedule (diffusers: scaled_linear), in float64 as ldm computes it, stored float32:
+    https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/util.py"""
     betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
 
 def build_models(shapes, path="checkpoint"):
-    """{key: shape} of a checkpoint -> (family, {prefix: module on the meta device}, ignore patterns). The
-    family comes from the text encoder's names (the UNet's are the same in both, and no header field names
-    the model); only widths come from the shapes, so the tests' tiny checkpoints load through the same code."""
+    """{key: shape} of a checkpoint -> (family, {prefix: module on the meta device}, ignore patterns).
+    The family comes from the text encoder's names; only widths come from the shapes."""
     if any(k.startswith("conditioner.embedders.") for k in shapes):  # SDXL has a UNet under the same prefix
         raise SlimeError(f"{path} is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file "
                          "(e.g. v2-1_512-ema-pruned.safetensors)")
@@ -584,9 +579,8 @@ def build_models(shapes, path="checkpoint"):
     return family, modules, [re.compile(p.replace("{last}", str(stored - 1))) for p in IGNORED_KEYS]
 
 def read_header(path):
-    """What a checkpoint is, from its header alone: (family, modules on the meta device, {name: dtype}).
-    Every tensor a module needs must be there with its shape, in a floating-point format; every other
-    tensor must be on the ignore list. So a wrong file is refused before a tensor is read."""
+    """What a checkpoint is, from its header alone: (family, modules on the meta device, {name: dtype}),
+    every tensor name, shape and format checked, so a wrong file is refused before a tensor is read."""
     check_file(path, ".safetensors checkpoint", "check the path; weights/README.md says where to download "
                "v2-1_512-ema-pruned.safetensors")
     # .ckpt files are pickles, and unpickling runs whatever code the file holds; safetensors is names, shapes, bytes
@@ -638,10 +632,8 @@ class StableDiffusion:
         return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)
 
 def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
-    """Load an original single-file SD 1.x / 2.x checkpoint (.safetensors; fp32, fp16 or bf16 storage).
-    The modules are built on the meta device and each tensor is read once, checked finite, cast and
-    assigned, so only the weights slime keeps are ever materialised (never the VAE decoder).
-    text_encoder=False skips the text encoder (predict reads its context from emb.pt)."""
+    """An original single-file SD 1.x / 2.x checkpoint (.safetensors; fp32, fp16 or bf16 storage), each
+    tensor read once, checked, cast and assigned; text_encoder=False when emb.pt holds the context."""
     family, modules, _ = read_header(path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for prefix, module in list(modules.items())[:3 if text_encoder else 2]:  # UNet, VAE, text encoder
@@ -654,9 +646,7 @@ def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
     return StableDiffusion(family, unet, vae, text if text_encoder else None, str(path))
 
 def finite(tensor, name, path):
-    """The tensor, if every value is finite; else one sentence naming it (one nan weight makes every map
-    nan, and argmax of nan scores is an all-background mask). A float32 sum is finite exactly when no value
-    is nan or inf, an overflow being settled by the exact test: 0.30 s for SD 2.1-base, torch.isfinite 3.9 s."""
+    """The tensor, if every value is finite; else one sentence naming it."""
     if not math.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
         raise SlimeError(f"{path}: the tensor {name} holds nan or inf values, so every result would be wrong; "
                          "the file is damaged: download it again")
@@ -717,9 +707,8 @@ def read_image(path):
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
 def read_mask(path, colors=False):
-    """A mask file (.npy or a lossless image) as (H, W) int64 labels, or as (H, W, 3) uint8 colours for
-    colors_to_labels; 255 (VOC's "ignore") survives. colors=True reads an indexed PNG as its colours (a
-    labelmap names colours, not indices)."""
+    """A mask file (.npy or a lossless image) as (H, W) int64 labels (255, VOC's "ignore", kept), or as
+    (H, W, 3) colours; colors=True reads an indexed PNG as its colours (a labelmap names colours)."""
     if str(path).lower().endswith(".npy"):
         return read_npy_mask(path)
     im, lossy = open_image(path, "mask")
@@ -774,11 +763,9 @@ def pack_rgb(colors):
     return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
 
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
-    """Turn colour masks into label masks with ONE colour -> class mapping shared by all of them: `palette`
-    ([r, g, b] per class, in class order) if given; else PASCAL VOC's when every colour is a VOC colour;
-    else black -> 0 and the other colours, sorted by (r, g, b), -> 1, 2, ... Label masks pass through.
-    names (the mask paths) and source (where the palette came from) go into error messages.
-    Returns (label masks, the palette as [[r, g, b]]; None for VOC or when no mask had colours)."""
+    """Colour masks -> label masks with ONE colour -> class mapping for all: `palette` ([r, g, b] per class)
+    if given, else VOC's when every colour is VOC's, else black -> 0 and the rest, sorted, -> 1, 2, ...
+    -> (label masks, the palette, None for VOC or no colours); names and source go into errors."""
     names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
     keys = [pack_rgb(m) if m.ndim == 3 else None for m in masks]  # None: a label mask
     if all(k is None for k in keys):
@@ -859,8 +846,8 @@ def read_labelmap(path):
     return names, colors
 
 def find_labelmap(mask_paths, given=None):
-    """The labelmap.txt that names these masks' colours: --labelmap, else one beside the masks, else the
-    export's root above a SegmentationClass/ folder (CVAT's layout). None when there is none."""
+    """The labelmap.txt naming these masks' colours: --labelmap, else one beside them or above their
+    SegmentationClass/ (CVAT's export); None when there is none."""
     found = set()
     for folder in {os.path.dirname(os.path.abspath(m)) for m in mask_paths} if not given else ():
         up = os.path.dirname(folder) if os.path.basename(folder) == "SegmentationClass" else folder
@@ -891,8 +878,7 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
     commit({path: buffer.getvalue()})  # a kill during the save leaves the previous best emb.pt
 
 def load_embeddings(path):
-    """emb.pt as fit wrote it, checked (every key predict reads, shapes that agree, finite values, the layers
-    slime reads, settings in range), so an edited or damaged file is one line; never runs pickled code."""
+    """emb.pt as fit wrote it, checked, so an edited or damaged file ends in one line; never unpickles code."""
     check_file(path, "emb.pt", f"check the path, or make one with `python slime.py fit image.png mask.png -o {path}`")
     emb = safe_load(path, "a slime emb.pt")
     if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
@@ -924,24 +910,6 @@ def load_embeddings(path):
     emb["settings"] = settings_from(emb["settings"], path)  # the same checks as typed flags
     return emb
 
-def read_release_folder(folder, parts):
-    """The authors' folder of embedding_0.pth ... embedding_{K-2}.pth, one (1, 1, 1024) vector per part
-    (release/src/slime.py#L322-L357), fitted with SD 2.1-base on BGR images at 512x512: its defaults."""
-    names = [f"embedding_{i}.pth" for i in range(MAX_CLASSES - 1)]
-    found = [n for n in names if os.path.isfile(os.path.join(folder, n))]
-    learned = [safe_load(os.path.join(folder, n), "a tensor") for n in found if found == names[:len(found)]]
-    if not learned or not all(isinstance(v, torch.Tensor) and v.is_floating_point() and torch.isfinite(v).all()
-                              and v.numel() == learned[0].numel() for v in learned):
-        raise SlimeError(f"{folder} is a folder but not the release's embedding_0.pth ... embedding_{{K-2}}.pth, "
-                         "finite vectors of one width; give an emb.pt or that folder")
-    parts = part_names(parts, "--parts") if parts else ["background"] + [f"part{i}" for i in range(1, len(found) + 1)]
-    if len(parts) != len(found) + 1:
-        raise SlimeError(f"{folder} holds {len(found)} part embeddings, so --parts needs {len(found) + 1} names "
-                         f"(background first), not {len(parts)}")
-    # no context: predict completes it with the text encoder
-    return {"learned": torch.cat([v.float().reshape(1, -1) for v in learned]), "parts": parts, "family": "sd2",
-            "fingerprint": None, "colors": [], "settings": Settings(bgr=True, out_size=SIZE)}
-
 def part_names(text, flag):
     """--parts a,b,c -> ["a", "b", "c"]: names that are not empty and not repeated (each labels a class)."""
     parts = [p.strip() for p in text.split(",")]
@@ -950,8 +918,7 @@ def part_names(text, flag):
     return parts
 
 def safe_load(path, what):
-    """torch.load that never runs pickled code, and says so in one line (torch's own advice would be to
-    load with weights_only=False, which runs whatever a downloaded file holds)."""
+    """torch.load that never runs pickled code, and says so in one line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -961,10 +928,9 @@ def safe_load(path, what):
 
 # ----------------------------------------------------------------------------- files: outputs, whole or not at all
 def commit(files):
-    """Write {path: bytes} whole or not at all: each goes to a temp file of its own beside its target (the
-    rename cannot cross disks; hidden, so no run reads it as an image) and is flushed to disk; only when
-    all are written are they renamed onto their targets. A full disk, an error or an interrupt (Ctrl-C,
-    SIGTERM and SIGHUP arrive as KeyboardInterrupt) leaves every target as it was."""
+    """Write {path: bytes} whole or not at all: each to a temp file beside its target (hidden, never read as an
+    image), flushed; only when all are written are they renamed into place. A full disk, an error or an
+    interrupt (Ctrl-C, SIGTERM, SIGHUP arrive as KeyboardInterrupt) leaves every target as it was."""
     temps, current = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}-"
                                       f"{secrets.token_hex(4)}.tmp") for p in files}, None
     try:
@@ -997,16 +963,14 @@ def output_palette(colors=()):
     return palette
 
 def mask_image(labels, colors=()):
-    """(H, W) labels 0..255 -> an indexed PNG image: pixel value = class, shown in the parts' colours
-    (`colors`, class order; VOC's for the rest), so a labelling tool reads the classes by colour too."""
+    """(H, W) labels -> an indexed PNG image: pixel value = class, shown in the parts' colours."""
     im = Image.fromarray(np.asarray(labels).astype(np.uint8))
     im.putpalette(output_palette(colors).tobytes())  # an "L" image with a palette becomes "P"
     return im
 
 def overlay_image(image, labels, part_names, colors=(), band=256):
-    """The image with each part tinted 50% in its colour and striped in black or white (whichever contrasts
-    with that colour), white class boundaries, and a legend of every part. Built `band` rows at a time,
-    so a 12000x9000 photo never needs full-size float arrays."""
+    """The image with each part tinted and striped in its colour, white boundaries and a legend; built
+    `band` rows at a time, so a 12000x9000 photo never needs full-size float arrays."""
     labels = np.asarray(labels)
     palette = output_palette(colors).astype(np.float64)
     stripe = np.where(palette @ [0.299, 0.587, 0.114] > 110, 0.0, 255.0)  # BT.601 luma: black on light colours
@@ -1070,11 +1034,10 @@ def check_setting(f, value):
 
 def settings_from(values, source, base=None):
     """Settings from {name: value} (emb.pt's, a preset's, or the flags given) over `base`, each value checked."""
-    known = {f.name: f for f in fields(Settings)}
+    known, checked = {f.name: f for f in fields(Settings)}, {}
     if set(values) - set(known):
         raise SlimeError(f"{source} has settings this slime does not know ({', '.join(sorted(set(values) - set(known)))}"
                          "): it was made by a newer slime, so update slime rather than guess what they mean")
-    checked = {}
     for name, value in values.items():
         try:
             checked[name] = check_setting(known[name], value)
@@ -1098,8 +1061,8 @@ def file_id(path):
         return os.path.realpath(path)
 
 def check_plan(reads, writes, guarded=()):
-    """Refuse an output that would destroy an input or another output, or that lands where it must not.
-    reads: {path: what}; writes: [(path, what)]; guarded: [(folder, what, whether its subfolders count)]."""
+    """Refuse an output that would destroy an input or another output, or lands where it must not: reads
+    {path: what}, writes [(path, what)], guarded [(folder, what, whether its subfolders count)]."""
     inputs, outputs = {file_id(p): (p, what) for p, what in reads.items()}, {}
     for path, what in writes:
         key, where = file_id(path), os.path.dirname(os.path.realpath(path))
@@ -1119,8 +1082,8 @@ def check_plan(reads, writes, guarded=()):
         outputs[key] = what
 
 def make_folders(paths):
-    """Make the output paths' folders and prove each writable with a temp file (os.access cannot tell: root,
-    network disks, ACLs). -> the folders made, for remove_empty to undo."""
+    """Make the outputs' folders, each proven writable by a temp file (os.access cannot tell: root,
+    network disks); the plan's only write. -> the folders made, for remove_empty to undo."""
     created = []
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
         missing, probe = folder, os.path.join(folder, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
@@ -1161,10 +1124,9 @@ def device_and_dtype(args, con):
                 "minutes per image (see README, Speed)")
     # fp32 everywhere, as the release computes: bf16 was slower on the GPU and CPUs we measured (benchmarks/README.md)
     dtype = args.dtype or "fp32"
-    if device.type == "cpu" and dtype == "fp16":  # x86 CPUs have no fp16 arithmetic: torch emulates it
-        con.say("warning: fp16 on a CPU is about 25x slower than fp32; use --dtype fp32")
-    if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
-        con.say("warning: this CPU has no bf16 instructions, so bf16 runs 100x slower or worse; use --dtype fp32")
+    if device.type == "cpu" and dtype != "fp32" and (dtype == "fp16" or not cpu_has_bf16()):
+        con.say(f"warning: this CPU has no {dtype} instructions, so {dtype} runs 25x to 100x slower than fp32; "
+                "use --dtype fp32")
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 def cpu_has_bf16():
@@ -1173,49 +1135,46 @@ def cpu_has_bf16():
     except (AttributeError, RuntimeError):
         return False
 
-def checkpoint_path(args):
-    """--ckpt, or the one .safetensors file in weights/ (no guess between two: fit and predict could differ)."""
+def checkpoint(args):
+    """--ckpt, or the one .safetensors file in weights/, checked from its header -> (path, family, modules)."""
     folder = os.path.join(HERE, "weights")
     found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
     if not args.ckpt and len(found) != 1:
         raise SlimeError(f"{folder} holds {len(found)} checkpoints ({', '.join(found)}); choose one with --ckpt" if found
                          else f"{folder} holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there "
                          "(see weights/README.md) or pass --ckpt")
-    return args.ckpt or os.path.join(folder, found[0])
+    path = args.ckpt or os.path.join(folder, found[0])
+    return (path, *read_header(path)[:2])
 
 def plan_fit(args, con):
     """Options, paths and the output of a fit, checked: -> (settings, device, checkpoint, new folders)."""
     preset = dict(PRESETS.get(args.preset, {}))
-    preset_parts = preset.pop("parts", None)  # parts is no Setting: it goes through --parts
-    args.parts = args.parts or preset_parts  # explicit flags win over a preset
+    args.parts = args.parts or preset.pop("parts", None)  # explicit flags win over a preset
+    preset.pop("parts", None)  # parts is no Setting: it goes through --parts
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
-    device, ckpt, paths = device_and_dtype(args, con), checkpoint_path(args), args.pairs + (args.val or [])
-    for what, given_paths in (("fit", args.pairs), ("--val", args.val or [])):
-        if len(given_paths) % 2:
-            raise SlimeError(f"{what} takes image/mask pairs, but got an odd number of paths ({len(given_paths)}): "
-                             f"{given_paths[-1]} has no partner")
+    device, paths = device_and_dtype(args, con), args.pairs + (args.val or [])
+    for what, pairs in (("fit", args.pairs), ("--val", args.val or [])):
+        if len(pairs) % 2:
+            raise SlimeError(f"{what} takes image/mask pairs, but got an odd number of paths ({len(pairs)}): "
+                             f"{pairs[-1]} has no partner")
     for n, path in enumerate(paths):
         check_file(path, "mask" if n % 2 else "image")
-    check_file(ckpt, ".safetensors checkpoint")
-    args.labelmap = find_labelmap(paths[1::2], args.labelmap)
-    check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}, **({args.labelmap: "labelmap"} if
-               args.labelmap else {})}, [(args.output, "emb.pt")])
+    ckpt, args.labelmap = checkpoint(args)[0], find_labelmap(paths[1::2], args.labelmap)
+    reads = {ckpt: "checkpoint", **{p: "image or mask" for p in paths}, args.labelmap: "labelmap"}
     if os.path.isfile(args.output):  # hours of work: replaced only when asked, and never a file fit did not write
         try:  # weights_only: asking what a file is must not run it
             ours = torch.load(args.output, map_location="cpu", weights_only=True).get("format") == EMB_FORMAT
         except Exception:
             ours = False
-        if not ours:
-            raise SlimeError(f"{args.output} exists and is not a slime emb.pt; fit would replace it: remove it or "
-                             "choose another -o")
-        if not args.overwrite:
-            raise SlimeError(f"{args.output} already holds fitted embeddings; pass --overwrite to replace them "
-                             "(at this fit's first validation), or choose another -o")
+        if not ours or not args.overwrite:
+            raise SlimeError(f"{args.output} already holds fitted embeddings; pass --overwrite to replace them (at "
+                             "this fit's first validation), or choose another -o" if ours else f"{args.output} exists "
+                             "and is not a slime emb.pt; fit would replace it: remove it or choose another -o")
+    check_plan({p: what for p, what in reads.items() if p}, [(args.output, "emb.pt")])
     return s, device, ckpt, make_folders([args.output])
 
 def read_pairs(paths, labelmap=None):
-    """[img, mask, ...] -> ([(image, labels, mask path)], palette, the labelmap's names or None), with ONE
-    colour mapping for all the masks (the labelmap's, if any)."""
+    """[img, mask, ...] -> ([(image, labels, mask path)], palette, the labelmap's names), ONE colour mapping."""
     images = [read_image(p) for p in paths[0::2]]
     names, colors = read_labelmap(labelmap) if labelmap else (None, None)
     labels, palette = colors_to_labels([read_mask(p, colors=bool(labelmap)) for p in paths[1::2]], colors, paths[1::2],
@@ -1254,30 +1213,18 @@ def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
         con.say(f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
     return parts
 
-@dataclass
-class Job:
-    """One image of a predict run: where it is, where its outputs go, its ground truth, whether it is done."""
-    image: str
-    mask: str
-    overlay: str
-    gt: str = None
-    done: bool = False
-
 # what predict writes once per run beside the masks (a CVAT "Segmentation mask 1.1" annotation, and its summary)
 RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
+RECORD = "slime-run.jsonl"
 
 def plan_predict(args, con):
-    """Options, embeddings, paths and outputs of a predict, checked, and which images are done already:
-    -> (emb, settings, device, checkpoint, jobs, record, new folders)."""
+    """Everything a predict reads and writes, checked, and which images are done already."""
     device = device_and_dtype(args, con)
-    if args.parts and not os.path.isdir(args.emb):  # emb.pt names its parts: ignoring the flag would mislabel them
-        raise SlimeError(f"--parts names the parts of the release's embedding folder; {args.emb} names its own")
-    emb = read_release_folder(args.emb, args.parts) if os.path.isdir(args.emb) else load_embeddings(args.emb)
-    s = settings_from(given(args), "the command line", emb["settings"])
-    jobs = [Job(p, *(os.path.join(args.out, folder, os.path.splitext(os.path.basename(p))[0] + ".png")
-                     for folder in ("SegmentationClass", "overlays"))) for p in list_images(args.inputs, con)]
-    ckpt = checkpoint_path(args)
-    family, modules, _ = read_header(ckpt)  # a wrong checkpoint costs no load
+    emb = load_embeddings(args.emb)
+    s, (ckpt, family, modules) = settings_from(given(args), "the command line", emb["settings"]), checkpoint(args)
+    jobs = [SimpleNamespace(image=p, gt=None, done=False, **{k: os.path.join(args.out, folder, os.path.splitext(
+        os.path.basename(p))[0] + ".png") for k, folder in (("mask", "SegmentationClass"), ("overlay", "overlays"))})
+            for p in list_images(args.inputs, con)]
     if emb["family"] != family:
         raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
                          "predict with the checkpoint the embeddings were fitted on")
@@ -1288,15 +1235,15 @@ def plan_predict(args, con):
     reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
              ckpt: "checkpoint", args.emb: "embeddings"}
     writes = [(p, f"{what} of {j.image}") for j in jobs for p, what in ((j.mask, "mask"), (j.overlay, "overlay"))]
-    writes += [(os.path.join(args.out, name), name) for name in RUN_FILES + (RECORD,)]
     # masks written into --masks would be scored as ground truth; into an input folder, read as images
     guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
     guarded += [(p if os.path.isdir(p) else os.path.dirname(p) or ".", "a folder of input images", False)
                 for p in args.inputs]
+    writes += [(os.path.join(args.out, name), name) for name in RUN_FILES + (RECORD,)]
     check_plan(reads, writes, guarded)
     record = Record(args.out)
     check_outputs(jobs, record, run_hash(emb, s, ckpt, device), args)
-    return emb, s, device, ckpt, jobs, record, make_folders(p for p, _ in writes)  # the only write: after every check
+    return emb, s, device, ckpt, jobs, record, make_folders(p for p, _ in writes)
 
 def list_images(inputs, con):
     """Folders and files -> image paths (sorted per folder, each file once); other files in folders are skipped."""
@@ -1319,8 +1266,7 @@ def list_images(inputs, con):
     return list(found.values())
 
 def find_ground_truth(jobs, masks, emb, con):
-    """With --masks: each image's ground truth (by file stem), read now, so a bad mask stops the run before
-    any work; colour masks in the parts' colours (emb.pt's, else VOC's), as predict writes them."""
+    """With --masks: each image's ground truth (by file stem), read and checked before any work."""
     if masks and not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder; give the folder of ground-truth masks")
     for job in jobs if masks else []:
@@ -1360,10 +1306,9 @@ def part_colors(emb):
 RECORD = "slime-run.jsonl"
 
 class Record:
-    """The run record of an output folder: JSON lines, appended, never rewritten. A "run" line names what
-    makes the masks (run_hash); each later line lists files with their SHA-256 (and the image they show),
-    appended before they are renamed into place. A file at an output path is slime's exactly when some
-    line lists it with its hash; any other is the user's, and is never replaced."""
+    """The run record of an output folder: JSON lines, appended, never rewritten. A "run" line says what makes
+    the masks (run_hash); each later line lists files with their SHA-256, before they are renamed into place.
+    A file at an output path is slime's exactly when a line lists it so; any other is the user's, never replaced."""
 
     def __init__(self, out):
         self.path, lines = os.path.join(out, RECORD), []
@@ -1393,17 +1338,15 @@ class Record:
         self.header = None  # this run's line goes before its first files
 
 def run_hash(emb, s, ckpt, device):
-    """What makes the masks: embeddings, parts, colours, settings, the weights' fingerprint, device type and
-    dtype (they move near-tie pixels)."""
-    h = hashlib.sha256(emb["context" if "context" in emb else "learned"].numpy().tobytes())
+    """What makes the masks: embeddings, parts, colours, settings, weights, device type and dtype."""
+    h = hashlib.sha256(emb["context"].numpy().tobytes())
     h.update(json.dumps([emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type,
                          str(device[1])]).encode())
     return h.hexdigest()[:16]
 
 def check_outputs(jobs, record, run, args):
-    """Which images are done (their files listed by this very run, for the image as it is now), and a refusal
-    when anything else is in the way: a file slime did not write or that was changed since, always; outputs
-    of another run, unless --overwrite."""
+    """Which images are done (listed by this very run, for the image as it is now); refuse a file slime did
+    not write or that was changed since, always, and another run's outputs unless --overwrite."""
     paths = [p for job in jobs for p in (job.mask, job.overlay)] + [os.path.join(args.out, n) for n in RUN_FILES]
     found = {os.path.relpath(p, args.out): sha256_file(p) for p in paths if os.path.isfile(p)}
     for rel, digest in found.items():
@@ -1450,8 +1393,7 @@ PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-
 }
 
 class Console:
-    """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA; in
-    place on a terminal (a notice first ends it), in a log at each new stage and at most every 10 s."""
+    """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA."""
 
     def __init__(self, quiet):
         self.quiet, self.open, self.shown, self.t0 = quiet, False, 0.0, time.time()
@@ -1504,8 +1446,8 @@ def cmd_fit(args, con):
             f"{best['miou']:.4f}); next: python slime.py predict {args.output} IMAGES/ -o out/")
 
 class FitProgress:
-    """fit's progress hook: the stage, with an ETA from steady-state times, the last steps and the last
-    validation (the first validation also encodes the validation patches, once per fit)."""
+    """fit's progress line: the stage, and an ETA from steady-state times (the last steps, the last
+    validation: the first one also encodes the validation patches, once per fit)."""
 
     def __init__(self, con, s, steps_per_epoch):
         self.con, self.s, self.last, self.steps, self.val_t = con, s, time.time(), [], None
@@ -1529,23 +1471,15 @@ def cmd_predict(args, con):
     """Plan; load; segment and write each image not done yet; report."""
     emb, s, device, ckpt, jobs, record, created = plan_predict(args, con)
     try:
-        sd = load_for(con, ckpt, device, text_encoder="context" not in emb)  # a release folder needs it
-        context = emb["context"] if "context" in emb else with_learned(emb["learned"], prompt_contexts(
-            sd, len(emb["parts"]))[0])
-        if emb.get("fingerprint") not in (sd.fingerprint, None):  # family and width agree: only the masks may differ
-            con.say(f"warning: {args.emb} was fitted on other weights of the same family ({emb['fingerprint']})")
+        sd = load_for(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
         todo, t0, records = [j for j in jobs if not j.done], time.time(), []
-        if s.window and todo:  # the cost grows with the windows: say so before the work
-            windows = sum(len(window_layout(*shown_size(j.image), s.window)[2]) for j in todo)
-            con.say(f"--window {s.window}: {count(windows, 'window')} in {count(len(todo), 'image')}, one UNet "
-                    f"pass each; without --window, {s.patches_per_side ** 2 * len(todo)}")
         for n, job in enumerate(jobs, 1):
             if job.done:  # read back, so the IoU table and the summary cover every image
                 labels = torch.from_numpy(np.array(Image.open(job.mask)))
             else:
                 what = f"image {n}/{len(jobs)}"
                 con.progress(f"{what}  {os.path.basename(job.image)}", time_left(t0, todo.index(job), len(todo)), True)
-                labels = segment_and_write(sd, context.to(sd.device), job, s, emb, record, args.out, con, what)
+                labels = segment_and_write(sd, emb["context"].to(sd.device), job, s, emb, record, args.out, con, what)
             records.append(image_record(job, labels, emb))
         report(args, con, emb, s, records, record, len(todo))
     except BaseException:
@@ -1582,8 +1516,7 @@ def image_record(job, labels, emb):
     return record
 
 def report(args, con, emb, s, records, record, wrote):
-    """The IoU table (with --masks), the run's files (CVAT's labelmap and image list, summary.json) and the
-    last line: what was written, what was skipped, and why."""
+    """The IoU table (with --masks), the run's files and the last line: what was written, what skipped, why."""
     parts, colors = emb["parts"], part_colors(emb)
     scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in records if "iou" in r]
     per_class, miou = miou_table(scored, len(parts))
@@ -1607,8 +1540,8 @@ def report(args, con, emb, s, records, record, wrote):
         if len(records) > wrote else ""))
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with its mistakes ending like every other, in one line `slime: error: ...` and exit
-    status 2; no abbreviations (--epoch is not --epochs), and a misspelt flag gets the closest one."""
+    """argparse whose mistakes end in one line `slime: error: ...`, exit status 2; no abbreviations (--epoch
+    is not --epochs), and a misspelt flag gets the closest one."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, allow_abbrev=False, **kw)
@@ -1639,13 +1572,12 @@ def build_parser():
     p = sub.add_parser("predict", help="segment images with fitted embeddings", description="Segment images "
                        "with emb.pt into a folder CVAT imports as a segmentation-mask annotation, with overlays/, "
                        "summary.json and the run record. Settings not given are emb.pt's.")
-    p.add_argument("emb", help="emb.pt written by fit, or the release's folder of embedding_{i}.pth")
+    p.add_argument("emb", help="emb.pt written by fit")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--out", default="out", help="output folder; default out")
     p.add_argument("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")
+    f.add_argument("--parts", help="class names, background first; default the labelmap's, else background,part1,...")
     for stage, p in (("fit", f), ("predict", p)):
-        p.add_argument("--parts", help="class names, background first (predict: for a release folder); default "
-                       "the labelmap's, else background,part1,...")
         p.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
         p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="number format; default fp32, as the release")
