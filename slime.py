@@ -735,15 +735,12 @@ def read_npy_mask(path):
     except Exception as e:  # object arrays, truncated files, not a .npy at all
         raise SlimeError(f"{path} cannot be read as a .npy array ({' '.join(str(e).split())}); save the mask with "
                          "numpy.save") from None
-    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "biu":
-        raise SlimeError(f"{path} holds {getattr(labels, 'dtype', type(labels).__name__)} values; "
-                         "save integer class labels instead (e.g. numpy.save(path, mask.astype(numpy.uint8)))")
-    if labels.ndim != 2:
-        raise SlimeError(f"{path} has shape {tuple(labels.shape)}; a mask must be a 2-D (height, width) array "
-                         "of class labels")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):  # before int64 can wrap a uint64
-        raise SlimeError(f"{path} holds values from {labels.min()} to {labels.max()}; class labels are 0..76, "
-                         "and 255 means ignore")
+    bad = (f"holds {labels.dtype} values" if labels.dtype.kind not in "biu" else f"has shape {labels.shape}"
+           if labels.ndim != 2 else f"holds values from {labels.min()} to {labels.max()}"  # before int64 can wrap
+           if labels.size and (labels.min() < 0 or labels.max() > 255) else None)
+    if bad:
+        raise SlimeError(f"{path} {bad}; a mask is a 2-D (height, width) array of integer class labels 0..76 (255: "
+                         "ignore), e.g. numpy.save(path, mask.astype(numpy.uint8))")
     return labels.astype(np.int64)
 
 def voc_palette(n=256):
@@ -826,23 +823,17 @@ def read_labelmap(path):
     names, colors = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+            if not line.strip() or line.startswith("#"):
                 continue
-            name, _, rest = line.partition(":")
-            try:
-                color = [int(v) for v in rest.split(":")[0].split(",")]
-            except ValueError:
-                color = []
-            if not name.strip() or len(color) != 3 or not all(0 <= v <= 255 for v in color):
-                raise SlimeError(f"{path}, line {n}: {line[:60]!r} is not `name:r,g,b::` with r, g, b in 0..255")
-            if name.strip() in names or color in colors:  # two labels of one colour could not be told apart
-                raise SlimeError(f"{path}, line {n}: the label {name.strip()!r} or its colour {tuple(color)} is "
-                                 "listed twice; each label needs a name and a colour of its own")
-            names.append(name.strip())
-            colors.append(color)
-    if not 2 <= len(names) <= MAX_CLASSES:
-        raise SlimeError(f"{path} lists {count(len(names), 'label')}; slime needs 2 to {MAX_CLASSES} (background first)")
+            m = re.fullmatch(r"([^:]+):(\d+),(\d+),(\d+)(:.*)?", line.strip())
+            if not m or m[1].strip() in names or max(map(int, m.groups()[1:4])) > 255:
+                raise SlimeError(f"{path}, line {n}: {line.strip()[:60]!r} is not `name:r,g,b::` with r, g, b in "
+                                 "0..255 and a name of its own")
+            names.append(m[1].strip())
+            colors.append([int(v) for v in m.groups()[1:4]])
+    if not 2 <= len(names) <= MAX_CLASSES or len({tuple(c) for c in colors}) < len(colors):
+        raise SlimeError(f"{path} lists {count(len(names), 'label')}; slime needs 2 to {MAX_CLASSES} (background "
+                         "first), each of a colour of its own")
     return names, colors
 
 def find_labelmap(mask_paths, given=None):
@@ -883,32 +874,26 @@ def load_embeddings(path):
     emb = safe_load(path, "a slime emb.pt")
     if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         raise SlimeError(f"{path} is a torch file but not a slime emb.pt (no '{EMB_FORMAT}' format tag)")
-    kinds = dict(context=torch.Tensor, learned=torch.Tensor, parts=list, family=str, colors=list, settings=dict,
-                 cross_layers=list, self_layers=list)
-    bad = next((f"its {k!r} is {type(emb.get(k)).__name__}, not {v.__name__}" for k, v in kinds.items()
-                if not isinstance(emb.get(k), v)), None)
-    parts, context, learned = emb.get("parts"), emb.get("context"), emb.get("learned")
-    checks = [  # (fine?, what is wrong), in order; each only read when the ones before it passed
-        (lambda: 2 <= len(parts) <= MAX_CLASSES and all(isinstance(p, str) and p for p in parts),
-         lambda: f"its parts {parts[:4]} are not 2 to {MAX_CLASSES} names"),
-        (lambda: context.ndim == 3 and context.shape[:2] == (1, 77) and context.is_floating_point(),
-         lambda: f"its context has shape {tuple(context.shape)} ({context.dtype}), not (1, 77, width)"),
-        (lambda: torch.isfinite(context).all(), lambda: "its context holds nan or inf values"),
-        # predict reads the context: learned must agree, or the file would say one thing and segment with another
-        (lambda: learned.shape == (len(parts) - 1, context.shape[2]) and torch.equal(
-            learned.float(), context[0, 1:len(parts)].float()), lambda: f"its learned vectors {tuple(learned.shape)} "
-         f"are not the {len(parts) - 1} vectors of its {len(parts)} parts that its context holds"),
-        (lambda: emb["family"] in TEXT_PREFIX, lambda: f"its family {emb['family']!r} is neither sd1 nor sd2"),
-        (lambda: (tuple(emb["cross_layers"]), tuple(emb["self_layers"])) == (CROSS_LAYERS, SELF_LAYERS),
-         lambda: "it was fitted on other attention layers than the ones this slime reads"),
-        (lambda: all(isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
-                     for c in emb["colors"]), lambda: "its colors are not [r, g, b] lists of 0..255")]
-    bad = bad or next((what() for fine, what in checks if not fine()), None)
-    if bad:
-        raise SlimeError(f"{path} is not a usable emb.pt: {bad}")
-    emb["context"], emb["learned"] = context.float(), learned.float()
-    emb["settings"] = settings_from(emb["settings"], path)  # the same checks as typed flags
-    return emb
+    parts, context, colors = emb.get("parts"), emb.get("context"), emb.get("colors")
+    if not isinstance(parts, list) or not 2 <= len(parts) <= MAX_CLASSES or not all(isinstance(p, str) and p for p in parts):
+        bad = f"its parts {str(parts)[:60]} are not 2 to {MAX_CLASSES} names"
+    elif not isinstance(context, torch.Tensor) or context.shape[:2] != (1, 77) or not context.is_floating_point():
+        bad = "its context is not a (1, 77, width) floating-point tensor"
+    elif not torch.isfinite(context).all():  # predict segments with the context (the vectors and the prompt's rest)
+        bad = "its context holds nan or inf values"
+    elif emb.get("family") not in TEXT_PREFIX:
+        bad = f"its family {emb.get('family')!r} is neither sd1 nor sd2"
+    elif (emb.get("cross_layers"), emb.get("self_layers")) != (list(CROSS_LAYERS), list(SELF_LAYERS)):
+        bad = "it was fitted on other attention layers than the ones this slime reads"
+    elif not isinstance(colors, list) or not all(isinstance(c, list) and len(c) == 3 and all(
+            type(v) is int and 0 <= v <= 255 for v in c) for c in colors):
+        bad = "its colors are not [r, g, b] lists of 0..255"
+    elif not isinstance(emb.get("settings"), dict):
+        bad = "its settings are not a dictionary"
+    else:
+        emb["context"], emb["settings"] = context.float(), settings_from(emb["settings"], path)  # as typed flags
+        return emb
+    raise SlimeError(f"{path} is not a usable emb.pt: {bad}")
 
 def part_names(text, flag):
     """--parts a,b,c -> ["a", "b", "c"]: names that are not empty and not repeated (each labels a class)."""
@@ -969,10 +954,9 @@ def mask_image(labels, colors=()):
     return im
 
 def overlay_image(image, labels, part_names, colors=(), band=256):
-    """The image with each part tinted and striped in its colour, white boundaries and a legend; built
-    `band` rows at a time, so a 12000x9000 photo never needs full-size float arrays."""
-    labels = np.asarray(labels)
-    palette = output_palette(colors).astype(np.float64)
+    """The image with each part tinted and striped in its colour, white boundaries and a legend of the parts;
+    built `band` rows at a time, so a 12000x9000 photo never needs full-size float arrays."""
+    labels, palette = np.asarray(labels), output_palette(colors).astype(np.float64)
     stripe = np.where(palette @ [0.299, 0.587, 0.114] > 110, 0.0, 255.0)  # BT.601 luma: black on light colours
     out, counts = Image.new("RGB", labels.shape[::-1]), np.zeros(256, np.int64)
     for i in range(0, labels.shape[0], band):
@@ -989,27 +973,16 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
         edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
         tinted[edge[:band]] = 255
         out.paste(Image.fromarray(np.round(tinted).astype(np.uint8)), (0, i))
-    # the legend: every part (absent ones marked), then any class found that is not a part (255: ignore)
-    classes = list(range(len(part_names))) + [c for c in np.flatnonzero(counts) if c >= len(part_names)]
-    names = [(part_names[c] if c < len(part_names) else "ignore" if c == IGNORE else f"class {c}")
-             + (" (none)" if counts[c] == 0 else "") for c in classes]
-    draw_legend(out, names, [tuple(int(v) for v in palette[c]) for c in classes], [counts[c] > 0 for c in classes])
-    return out
-
-def draw_legend(im, names, colors, present):
-    """A dark box in the top-left corner with a swatch and a name per class, its text sized to the image."""
-    size = max(8, min(32, min(im.size) // 32))  # text height: 8 px on small images, 16 px at 512, at most 32
-    try:
-        font = ImageFont.load_default(size=size)
-    except ImportError:  # PIL built without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
-    draw, pad = ImageDraw.Draw(im), max(2, size // 4)
+    size = max(8, min(32, min(out.size) // 32))  # the legend: text 8 px on small images, 16 px at 512, at most 32
+    font, draw, pad = ImageFont.load_default(size=size), ImageDraw.Draw(out), max(2, size // 4)
+    names = [name + ("" if counts[c] else " (none)") for c, name in enumerate(part_names)]
     draw.rectangle([0, 0, 3 * pad + size + max(draw.textlength(n, font=font) for n in names),
                     pad + (size + pad) * len(names)], fill=(32, 32, 32))
-    for i, (name, color, shown) in enumerate(zip(names, colors, present)):
-        y = pad + i * (size + pad)
-        draw.rectangle([pad, y, pad + size - 1, y + size - 1], fill=color, outline=(255, 255, 255))
-        draw.text((2 * pad + size, y), name, fill=(255, 255, 255) if shown else (150, 150, 150), font=font)
+    for c, name in enumerate(names):
+        y = pad + c * (size + pad)
+        draw.rectangle([pad, y, pad + size - 1, y + size - 1], fill=tuple(map(int, palette[c])), outline=(255,) * 3)
+        draw.text((2 * pad + size, y), name, fill=(255,) * 3 if counts[c] else (150,) * 3, font=font)
+    return out
 
 
 # ----------------------------------------------------------------------------- the plan, and the run record
@@ -1112,11 +1085,10 @@ def device_and_dtype(args, con):
         device = torch.device(name)
     except RuntimeError:
         raise SlimeError(f"--device {name}: not a device torch knows; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SlimeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) that torch "
-                         "can use; leave --device out to run on the CPU")
-    if device.type == "mps" and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps"):
-        raise SlimeError(f"--device {name}: not available on this machine; leave --device out to run on the CPU")
+    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() or device.type == "mps"
+            and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps")):
+        raise SlimeError(f"--device {name}: not available on this machine ({torch.cuda.device_count()} CUDA GPUs "
+                         "that torch can use); leave --device out to run on the CPU")
     if args.threads:  # small-row matmuls split their sums over threads: the count moves a result's last bits
         torch.set_num_threads(args.threads)
     if device.type == "cpu" and not args.device:
@@ -1228,8 +1200,8 @@ def plan_predict(args, con):
     if emb["family"] != family:
         raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
                          "predict with the checkpoint the embeddings were fitted on")
-    if emb["learned"].shape[1] != modules[UNET_PREFIX].cfg.context_dim:
-        raise SlimeError(f"{args.emb} holds {emb['learned'].shape[1]}-wide vectors but {ckpt} has "
+    if emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
+        raise SlimeError(f"{args.emb} holds {emb['context'].shape[2]}-wide vectors but {ckpt} has "
                          f"{modules[UNET_PREFIX].cfg.context_dim}-wide text")
     find_ground_truth(jobs, args.masks, emb, con)
     reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
@@ -1608,12 +1580,10 @@ def main(argv=None):
     torch.set_flush_denormal(True)
     try:
         args = build_parser().parse_args(argv)
-        args.run(args, Console(args.quiet))
-        return 0
+        return args.run(args, Console(args.quiet)) or 0
     except SlimeError as e:
         print(f"slime: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
         signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
         print(f"\nslime: interrupted by {signal.Signals(signum).name}; finished outputs are kept, nothing is "
               "left half-written", file=sys.stderr)
@@ -1621,7 +1591,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:  # deep in torch: one line with the remedies serves better than its traceback
         print("slime: error: the GPU ran out of memory; try --dtype bf16, fewer or smaller patches "
               "(--patches-per-side 1 --patch-size 512), or --device cpu", file=sys.stderr)
-        return 2
+    return 2
 
 if __name__ == "__main__":
     for name in ("SIGTERM", "SIGHUP"):  # only when run as a program: importing slime leaves them alone
