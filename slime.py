@@ -239,12 +239,12 @@ def augment(image, mask, part, s, gen):
 
 def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     """Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): learn K-1 text
-    vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], then keep the best -> context (1, 77, D)."""
-    # on_best(context, epoch, mIoU) at each new best; progress(event) after each step, around each validation
+    vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], keep the best -> context (1, 77, D).
+    on_best(context, epoch, mIoU) at each new best; progress(event) after each step, around each validation."""
     on_best, progress = on_best or (lambda *a: None), progress or (lambda e: None)
     pairs = as_pairs(pairs, num_classes, s)
     val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs  # without --val: the training pairs
-    # timesteps, VAE samples and noise on the device; the augmentations on a CPU stream, the same on any device
+    # timesteps, VAE samples, noise on the device; the augmentations on a CPU stream, the same on any device
     gen, aug_gen = torch.Generator(sd.device).manual_seed(s.seed), torch.Generator().manual_seed(s.seed)
     cond, uncond = prompt_contexts(sd, num_classes)
     learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
@@ -255,9 +255,9 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
             image, mask = training_view(*pairs[i], part, s, aug_gen)
-            # the release's counter (release/src/dataset.py#L89-L90) lives in 8 DataLoader workers that start each
-            # epoch from a fresh copy at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
-            part = (part + 1) % num_classes if s.cycle_parts else 0  # the part the next crop favours
+            # the part the next crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8 workers
+            # that restart each epoch at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
+            part = (part + 1) % num_classes if s.cycle_parts else 0
             loss, terms = training_step(sd, learned, cond, uncond, image.to(sd.device), mask.to(sd.device), s, gen)
             step += 1
             if not torch.isfinite(loss):  # before backward: one nan step would make Adam's moments nan
@@ -546,16 +546,13 @@ def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
 def build_models(shapes, path="checkpoint"):
     """{key: shape} of a checkpoint -> (family, {prefix: module on the meta device}, ignore patterns).
     The family comes from the text encoder's names; only widths come from the shapes."""
-    if any(k.startswith("conditioner.embedders.") for k in shapes):  # SDXL has a UNet under the same prefix
-        raise SlimeError(f"{path} is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file "
-                         "(e.g. v2-1_512-ema-pruned.safetensors)")
-    if not any(k.startswith(UNET_PREFIX) for k in shapes):
-        raise SlimeError(f"{path} holds no {UNET_PREFIX}* tensors, so it is not a full Stable Diffusion checkpoint "
-                         "(a LoRA, VAE or embedding file?); use v2-1_512-ema-pruned.safetensors or v1-5-pruned-emaonly.safetensors")
     family = next((f for f, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in shapes)), None)
-    if not family:
-        raise SlimeError(f"{path} has a UNet but no text encoder that slime knows "
-                         f"({' or '.join(TEXT_PREFIX.values())}); is it a Stable Diffusion 1.x/2.x file?")
+    unet, sdxl = any(k.startswith(UNET_PREFIX) for k in shapes), any(k.startswith("conditioner.") for k in shapes)
+    if sdxl or not unet or not family:  # SDXL has a UNet under the same prefix, and text encoders of its own
+        what = ("an SDXL checkpoint" if sdxl else "a UNet without a text encoder slime knows" if unet else
+                f"no full SD checkpoint (no {UNET_PREFIX}* tensors: a LoRA, VAE or embedding?)")
+        raise SlimeError(f"{path} is {what}; slime needs a Stable Diffusion 1.x or 2.x file such as "
+                         "v2-1_512-ema-pruned.safetensors")
     text = TEXT_PREFIX[family]
 
     def width(key, dim):
