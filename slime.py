@@ -40,7 +40,6 @@ from vae import AutoencoderKL, VAEConfig
 class SlimeError(Exception):
     """A mistake the user can fix; its message is one sentence, printed without a traceback."""
 
-
 # ----------------------------------------------------------------------------- settings
 SIZE = 512  # the model always sees 512x512 images (a 64x64 latent), as in the release
 MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_mask_size)
@@ -51,8 +50,7 @@ def setting(default, lo=None, hi=None, help="", fit=False, step=None, flag=None)
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of a run, the release's defaults (release/src/arguments.py#L65-L91) unless the help
-    says slime's. fit stores them all in emb.pt, so predict segments as fit validated."""
+    """Every setting of a run: the release's defaults (release/src/arguments.py#L65-L91) unless marked slime's."""
     epochs: int = setting(200, 1, 100_000, "training epochs, one step per image each", fit=True)
     lr: float = setting(0.1, 1e-6, 100.0, "Adam's learning rate, no schedule", fit=True)
     t_min: int = setting(5, 1, 999, "smallest training timestep", fit=True)
@@ -75,7 +73,6 @@ class Settings:
     seed: int = setting(0, 0, 2 ** 63 - 1, "seed of every random draw")
     window: int = setting(0, 0, 16384, f"native resolution (slime's): the side, in the image's own pixels, that one "
                           f"{SIZE} window covers; 0 = squash the image to {SIZE} (the release's)", step=MAP)
-
 
 # ----------------------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
 # The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths. In its diffusers names:
@@ -130,15 +127,13 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
     return A_ca, A_sa, eps
 
 def was_map(P, A_sa):
-    """Eq. 6, the Weighted Accumulated Self-attention map: S_WAS[k, q] = sum_j P[k, j] * A_sa[q, j]: each
-    class's cross-attention P (K', 64, 64) spread along the self-attention."""
+    """Eq. 6, the Weighted Accumulated Self-attention map: S_WAS[k, q] = sum_j P[k, j] * A_sa[q, j]."""
     # A_sa.T puts the keys j on the rows, so one matmul sums over j; the release forms the same sum as a broadcast
     # product of K x 4096 x 4096 values (release/src/slime.py#L130-L133)
     return (P.flatten(1) @ A_sa.T).view(P.shape)
 
 def class_weights(mask, num_classes):
-    """Eq. 4's weights (release/src/slime.py#L90-L95): #foreground / #pixels of a part, so small parts
-    count as much as large ones; 0 for a part absent from the mask; 1 for the background."""
+    """Eq. 4's weights (release/src/slime.py#L90-L95): #foreground / #pixels of a part; absent 0, background 1."""
     n = torch.bincount(mask[mask != IGNORE].flatten(), minlength=num_classes)[:num_classes].float()
     n[0] = 0  # so n.sum() counts the foreground only
     w = torch.where(n > 0, n.sum() / (n + 1e-6), torch.zeros_like(n))  # 1e-6: the release's
@@ -189,8 +184,7 @@ def resize(x, size, mode):
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 def gaussian_blur(image, k):
-    """cv2.GaussianBlur(k, sigma=0) with reflect-101 borders. For k <= 7 and sigma 0, OpenCV's
-    getGaussianKernel takes fixed binomial kernels, not the 0.3((k-1)/2-1)+0.8 sigma rule."""
+    """cv2.GaussianBlur(k, sigma=0), reflect-101 borders: for k <= 7 OpenCV takes fixed binomial kernels."""
     g = torch.tensor({3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype)  # augment draws k in {3, 5}
     g = g / g.sum()
     pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")  # torch's "reflect" is OpenCV's REFLECT_101
@@ -219,8 +213,7 @@ def part_crop(mask, part, min_ratio, gen, tries=1000):
     return 0, 0, SIZE  # the whole image keeps all of the part: the release's loop would accept it too
 
 def augment(image, mask, part, s, gen):
-    """image (3, 512, 512), mask (512, 512) -> the same, as the release's train transforms: flip (p .5),
-    blur (p .5), the part-aware crop resized back to 512, rotation (p .5)."""
+    """The release's train transforms on (3, 512, 512) and (512, 512): flip, blur, the part-aware crop, rotation."""
     rand = lambda: torch.rand(1, generator=gen).item()  # noqa: E731
     if rand() < 0.5:
         image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep their up and down
@@ -281,8 +274,7 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     return best_context
 
 def validation_miou(sd, context, val_pairs, val_inputs, num_classes, s):
-    """The mean image mIoU of the validation pairs segmented as predict would, at the release's
-    test_mask_size 512 (release/src/arguments.py#L91)."""
+    """The mean image mIoU of the validation pairs, segmented as predict does, at the release's 512."""
     return sum(image_miou(segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes)
                for (image, gt), inputs in zip(val_pairs, val_inputs)) / len(val_pairs)
 
@@ -294,8 +286,7 @@ def diverged(sd, loss, step, terms):
     return f"the loss became {loss.item()} at step {step} ({terms}); {why}; the best emb.pt so far is kept"
 
 def training_view(image, mask, part, s, gen):
-    """What one training step sees of a pair: (--window: a view at the image's own scale, native_view), the
-    release's augmentations favouring `part`, -> image (3, 512, 512), mask (64, 64)."""
+    """What one step sees of a pair: (--window: a view at its own scale,) the release's augmentations."""
     image, mask = native_view(image, mask, part, s.window, gen) if s.window else (image, mask)
     image, mask = augment(image, mask, part, s, gen)
     if s.bgr:
@@ -304,8 +295,8 @@ def training_view(image, mask, part, s, gen):
     return image, resize(mask[None], (MAP, MAP), "nearest")[0]
 
 def as_pairs(pairs, num_classes, s):
-    """[(image, mask)] -> masks as int64 tensors, checked; both squashed to 512x512 as the release's cv2
-    resizes them (image bilinear, mask nearest), or with --window kept at their own resolution."""
+    """[(image, mask)] -> int64 masks, checked, both squashed to 512x512 as the release's cv2 resizes them
+    (image bilinear, mask nearest), or with --window kept at their own resolution."""
     out = []
     for n, (image, mask) in enumerate(pairs, 1):
         mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).long()
@@ -440,14 +431,13 @@ def iou_per_class(pred, gt, num_classes):
             for c in gt.unique().tolist() if c < num_classes}
 
 def image_miou(pred, gt, num_classes):
-    """The mean IoU over the classes present in this image's ground truth (release/src/slime.py#L300-L320);
-    0 for an all-ignore ground truth."""
+    """The mean IoU over the classes in this image's ground truth (release/src/slime.py#L300-L320)."""
     ious = iou_per_class(pred, gt, num_classes)
     return sum(ious.values()) / max(len(ious), 1)
 
 def miou_table(per_image, num_classes):
-    """per_image: [{class: IoU}] -> (per-class IoU, mIoU) as the release reports a test set: a class's IoU
-    is the mean over the images that contain it; the mIoU is the mean over classes seen in any image."""
+    """[{class: IoU}] -> (per-class IoU, mIoU) as the release reports a test set: a class's IoU is the mean
+    over the images that contain it; the mIoU is the mean over classes seen in any image."""
     sums, counts = [0.0] * num_classes, [0] * num_classes
     for ious in per_image:
         for c, v in ious.items():
@@ -457,14 +447,12 @@ def miou_table(per_image, num_classes):
     seen = [v for v in per_class if v is not None]
     return per_class, sum(seen) / max(len(seen), 1)
 
-
 # ----------------------------------------------------------------------------- native resolution (--window, slime's)
 # The release squashes every image to 512x512, so a part of a few pixels in a big photo falls below one
 # latent pixel. --window N cuts the image, at its own resolution, into overlapping N x N windows, each
 # resized to 512 and voting as a release patch does; fit trains on views at the same scale.
 def window_crop(x, y0, x0, side, fill=None):
-    """x[..., y0:y0 + side, x0:x0 + side], padded to side x side past the image's edge: with the edge pixels
-    (fill None: an image, where black would add an edge the photo does not have) or with fill (a mask)."""
+    """x[..., y0:y0 + side, x0:x0 + side], padded past the edge with its edge pixels (an image) or fill."""
     x = x[..., y0:y0 + side, x0:x0 + side]
     pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
     if not any(pad):
@@ -472,8 +460,7 @@ def window_crop(x, y0, x0, side, fill=None):
     return F.pad(x[None], pad, mode="replicate")[0] if fill is None else F.pad(x, pad, value=fill)
 
 def native_view(image, mask, part, window, gen):
-    """fit's view of a pair at predict's scale: a window x window crop holding a random pixel of the
-    favoured part at a random place (any pixel, if the part is absent), resized to 512."""
+    """fit's view at predict's scale: a window x window crop holding a random pixel of the favoured part."""
     ys, xs = (mask == part).nonzero(as_tuple=True)
     pick = int(torch.randint(0, len(ys), (1,), generator=gen)) if len(ys) else None
     origin = []
@@ -493,15 +480,13 @@ def window_layout(h, w, window):
     return cell, grid, [(y0, x0) for y0 in axis_origins(grid[0]) for x0 in axis_origins(grid[1])]
 
 def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
-    """The fewest windows of `side` cells along n >= side cells, the first and the last flush with the ends,
-    at most `stride` apart: neighbours overlap by a quarter, so a part one window cuts, the next sees whole."""
+    """The fewest windows along n cells, first and last flush with the ends, at most `stride` apart."""
     count = 1 + -(-(n - side) // stride)
     return [round(i * (n - side) / (count - 1)) for i in range(count)] if count > 1 else [0]
 
 @torch.no_grad()
 def noisy_windows(sd, image, s):
-    """noisy_patches at the image's own resolution: each window, resized to 512 and noised at test_t ->
-    (y0, x0, x_t), y0 and x0 in grid cells. A generator: one window on the device at a time."""
+    """noisy_patches at the image's own resolution: each window resized to 512 and noised -> (y0, x0, x_t)."""
     cell, _, origins = window_layout(*image.shape[1:], s.window)
     gen = torch.Generator(sd.device).manual_seed(s.seed)  # seeded per image, as noisy_patches
     t = torch.tensor([s.test_t], device=sd.device)
@@ -510,13 +495,11 @@ def noisy_windows(sd, image, s):
         yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
 
 def native_scores(sd, context, image, num_classes, s, windows=None, progress=None):
-    """Class scores (K, gh, gw) on the window grid, by the release's rule over the windows -> (scores, cell);
-    progress(n, windows) after each window."""
+    """Class scores (K, gh, gw) by the release's rule over the windows -> (scores, cell)."""
     cell, grid, origins = window_layout(*image.shape[1:], s.window)
     on_window = progress and (lambda n: progress(n, len(origins)))
     scores, votes = vote_sums(sd, context, windows or noisy_windows(sd, image, s), num_classes, s, grid, MAP, on_window)
     return scores / votes, cell
-
 
 # ----------------------------------------------------------------------------- the checkpoint
 # The prefixes of the original (ldm) single-file checkpoints. Each module copies the names below its prefix,
@@ -607,8 +590,7 @@ def read_header(path):
     return family, modules, dtypes
 
 def fingerprint(path, sample=1 << 20):
-    """A cheap identity of the weights: SHA-256 of the safetensors header (every name, dtype, shape and
-    offset) and of the first and last MiB of tensor data, not of the whole 5 GB."""
+    """A cheap identity of the weights: SHA-256 of the header and of the first and last MiB of data."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
@@ -648,7 +630,6 @@ def finite(tensor, name, path):
         raise SlimeError(f"{path}: the tensor {name} holds nan or inf values, so every result would be wrong; "
                          "the file is damaged: download it again")
     return tensor
-
 
 # ----------------------------------------------------------------------------- files: images and masks
 MAX_CLASSES = 77  # one text token per class: <start-of-text> (background) + up to 76 parts
@@ -847,7 +828,6 @@ def find_labelmap(mask_paths, given=None):
                          "give the one that names every mask's colours with --labelmap")
     return given or min(found, default=None)
 
-
 # ----------------------------------------------------------------------------- files: emb.pt
 EMB_FORMAT = "slime-embeddings/1"  # the tag of an emb.pt: predict reads no other torch file, fit replaces no other
 
@@ -906,7 +886,6 @@ def safe_load(path, what):
     except Exception:
         raise SlimeError(f"{path} cannot be read as {what}: it is damaged, not a torch file, or holds pickled "
                          "objects that slime never runs") from None
-
 
 # ----------------------------------------------------------------------------- files: outputs, whole or not at all
 def commit(files):
@@ -981,7 +960,6 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
         draw.text((2 * pad + size, y), name, fill=(255,) * 3 if counts[c] else (150,) * 3, font=font)
     return out
 
-
 # ----------------------------------------------------------------------------- the plan, and the run record
 # A run first makes a plan: every option, every path it reads and writes, every value, checked before any
 # model is loaded, so that a mistake costs seconds, not a fit. Then it works, and commits each output whole.
@@ -1030,20 +1008,14 @@ def file_id(path):
     except OSError:
         return os.path.realpath(path)
 
-def check_plan(reads, writes, guarded=()):
-    """Refuse an output that would destroy an input or another output, or lands where it must not: reads
-    {path: what}, writes [(path, what)], guarded [(folder, what, whether its subfolders count)]."""
+def check_plan(reads, writes):
+    """Refuse an output that would destroy an input or another output: reads {path: what}, writes [(path, what)]."""
     inputs, outputs = {file_id(p): (p, what) for p, what in reads.items()}, {}
     for path, what in writes:
-        key, where = file_id(path), os.path.dirname(os.path.realpath(path))
+        key = file_id(path)
         if os.path.isdir(path):
             raise SlimeError(f"{path} is a folder, so the {what} cannot be written there; give a file path "
                              f"such as {os.path.join(path, 'emb.pt')}")
-        for folder, role, below in guarded:  # a later run would read our outputs as inputs, or score itself
-            top = os.path.realpath(folder)
-            if where == top or below and where.startswith(top + os.sep):  # + os.sep: out2/ is not inside out/
-                raise SlimeError(f"{os.path.dirname(path) or '.'} is {role if where == top else 'inside ' + role}; "
-                                 "outputs there would mix with what this run reads: choose another output folder with -o")
         if key in inputs:
             raise SlimeError(f"the {what} would be written over {inputs[key][0]}, the {inputs[key][1]} this run "
                              "reads; choose another output path with -o")
@@ -1118,9 +1090,9 @@ def checkpoint(args):
 def plan_fit(args, con):
     """Options, paths and the output of a fit, checked: -> (settings, device, checkpoint, new folders)."""
     preset = dict(PRESETS.get(args.preset, {}))
-    args.parts = args.parts or preset.pop("parts", None)  # explicit flags win over a preset
-    preset.pop("parts", None)  # parts is no Setting: it goes through --parts
-    s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
+    args.parts = args.parts or preset.get("parts")  # explicit flags win over a preset; parts is no Setting
+    s = settings_from(given(args), "the command line", settings_from(
+        {k: v for k, v in preset.items() if k != "parts"}, f"--preset {args.preset}"))
     device, paths = device_and_dtype(args, con), args.pairs + (args.val or [])
     for what, pairs in (("fit", args.pairs), ("--val", args.val or [])):
         if len(pairs) % 2:
@@ -1129,7 +1101,8 @@ def plan_fit(args, con):
     for n, path in enumerate(paths):
         check_file(path, "mask" if n % 2 else "image")
     ckpt, args.labelmap = checkpoint(args)[0], find_labelmap(paths[1::2], args.labelmap)
-    reads = {ckpt: "checkpoint", **{p: "image or mask" for p in paths}, args.labelmap: "labelmap"}
+    check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}, **({args.labelmap: "labelmap"} if
+               args.labelmap else {})}, [(args.output, "emb.pt")])
     if os.path.isfile(args.output):  # hours of work: replaced only when asked, and never a file fit did not write
         try:  # weights_only: asking what a file is must not run it
             ours = torch.load(args.output, map_location="cpu", weights_only=True).get("format") == EMB_FORMAT
@@ -1139,7 +1112,6 @@ def plan_fit(args, con):
             raise SlimeError(f"{args.output} already holds fitted embeddings; pass --overwrite to replace them (at "
                              "this fit's first validation), or choose another -o" if ours else f"{args.output} exists "
                              "and is not a slime emb.pt; fit would replace it: remove it or choose another -o")
-    check_plan({p: what for p, what in reads.items() if p}, [(args.output, "emb.pt")])
     return s, device, ckpt, make_folders([args.output])
 
 def read_pairs(paths, labelmap=None):
@@ -1188,8 +1160,7 @@ RECORD = "slime-run.jsonl"
 
 def plan_predict(args, con):
     """Everything a predict reads and writes, checked, and which images are done already."""
-    device = device_and_dtype(args, con)
-    emb = load_embeddings(args.emb)
+    device, emb = device_and_dtype(args, con), load_embeddings(args.emb)
     s, (ckpt, family, modules) = settings_from(given(args), "the command line", emb["settings"]), checkpoint(args)
     jobs = [SimpleNamespace(image=p, gt=None, done=False, **{k: os.path.join(args.out, folder, os.path.splitext(
         os.path.basename(p))[0] + ".png") for k, folder in (("mask", "SegmentationClass"), ("overlay", "overlays"))})
@@ -1201,15 +1172,10 @@ def plan_predict(args, con):
         raise SlimeError(f"{args.emb} holds {emb['context'].shape[2]}-wide vectors but {ckpt} has "
                          f"{modules[UNET_PREFIX].cfg.context_dim}-wide text")
     find_ground_truth(jobs, args.masks, emb, con)
-    reads = {**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
-             ckpt: "checkpoint", args.emb: "embeddings"}
     writes = [(p, f"{what} of {j.image}") for j in jobs for p, what in ((j.mask, "mask"), (j.overlay, "overlay"))]
-    # masks written into --masks would be scored as ground truth; into an input folder, read as images
-    guarded = [(args.masks, "the ground-truth folder", True)] if args.masks else []
-    guarded += [(p if os.path.isdir(p) else os.path.dirname(p) or ".", "a folder of input images", False)
-                for p in args.inputs]
     writes += [(os.path.join(args.out, name), name) for name in RUN_FILES + (RECORD,)]
-    check_plan(reads, writes, guarded)
+    check_plan({**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
+                ckpt: "checkpoint", args.emb: "embeddings"}, writes)
     record = Record(args.out)
     check_outputs(jobs, record, run_hash(emb, s, ckpt, device), args)
     return emb, s, device, ckpt, jobs, record, make_folders(p for p, _ in writes)
@@ -1349,7 +1315,6 @@ def given(args):
 
 def count(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
 
 # ----------------------------------------------------------------------------- command line
 HERE = os.path.dirname(os.path.abspath(__file__))
