@@ -323,19 +323,19 @@ def patch_origins(patch_size, per_side):
 
 @torch.no_grad()
 def noisy_patches(sd, image, s):
-    """Sec. 4.2's inputs (release/src/slime.py#L188-L229): the image squashed to 512x512, cut into the
-    patches, each resized to 512 and noised at test_t -> [(y0, x0, x_t)]; seeded per image."""
-    x = resize(image.to(sd.device), (SIZE, SIZE), "bilinear")
-    if s.bgr:
-        x = x.flip(0)  # the release fed cv2's BGR channel order
-    gen = torch.Generator(sd.device).manual_seed(s.seed)
-    t = torch.tensor([s.test_t], device=sd.device)
-    patches = []
-    for y0, x0 in patch_origins(s.patch_size, s.patches_per_side):
-        # each patch is zoomed to 512, so SD sees its parts larger than in the whole image
-        patch = resize(x[:, y0:y0 + s.patch_size, x0:x0 + s.patch_size], (SIZE, SIZE), "bilinear")
-        patches.append((y0, x0, noisy_latent(sd, patch[None], t, gen)[0]))
-    return patches
+    """Sec. 4.2's inputs (release/src/slime.py#L188-L229): the image squashed to 512x512 and cut into the
+    patches -> [(y0, x0, x_t)]."""
+    x, side = resize(image.to(sd.device), (SIZE, SIZE), "bilinear"), s.patch_size
+    return list(noised(sd, s, ((y0, x0, x[:, y0:y0 + side, x0:x0 + side]) for y0, x0 in
+                               patch_origins(side, s.patches_per_side))))
+
+def noised(sd, s, views):
+    """(y0, x0, crop) -> (y0, x0, x_t): each crop zoomed to 512 (SD sees its parts larger), in the release's BGR
+    order with --bgr, noised at test_t. Seeded per image, so an image gets the same noise in any order."""
+    gen, t = torch.Generator(sd.device).manual_seed(s.seed), torch.tensor([s.test_t], device=sd.device)
+    for y0, x0, crop in views:
+        x = resize(crop.to(sd.device), (SIZE, SIZE), "bilinear")
+        yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
 
 def noisy_inputs(sd, image, s):
     """What segment noises for an image, for a caller that keeps it: the patches, or the windows."""
@@ -486,13 +486,9 @@ def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
 
 @torch.no_grad()
 def noisy_windows(sd, image, s):
-    """noisy_patches at the image's own resolution: each window resized to 512 and noised -> (y0, x0, x_t)."""
+    """noisy_patches at the image's own resolution: the windows, one on the device at a time -> (y0, x0, x_t)."""
     cell, _, origins = window_layout(*image.shape[1:], s.window)
-    gen = torch.Generator(sd.device).manual_seed(s.seed)  # seeded per image, as noisy_patches
-    t = torch.tensor([s.test_t], device=sd.device)
-    for y0, x0 in origins:
-        x = resize(window_crop(image, y0 * cell, x0 * cell, s.window).to(sd.device), (SIZE, SIZE), "bilinear")
-        yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
+    yield from noised(sd, s, ((y0, x0, window_crop(image, y0 * cell, x0 * cell, s.window)) for y0, x0 in origins))
 
 def native_scores(sd, context, image, num_classes, s, windows=None, progress=None):
     """Class scores (K, gh, gw) by the release's rule over the windows -> (scores, cell)."""
@@ -1156,7 +1152,6 @@ def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
 
 # what predict writes once per run beside the masks (a CVAT "Segmentation mask 1.1" annotation, and its summary)
 RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
-RECORD = "slime-run.jsonl"
 
 def plan_predict(args, con):
     """Everything a predict reads and writes, checked, and which images are done already."""
@@ -1246,7 +1241,7 @@ class Record:
     A file at an output path is slime's exactly when a line lists it so; any other is the user's, never replaced."""
 
     def __init__(self, out):
-        self.path, lines = os.path.join(out, RECORD), []
+        self.path, self.header, lines = os.path.join(out, RECORD), None, []
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -1259,18 +1254,18 @@ class Record:
                 raise SlimeError(f"{self.path} exists and was not written by slime; predict will not replace it: "
                                  "move it or choose another -o")
         self.known = {(p, h) for x in lines for p, h in x.get("files", {}).items()}
-        last = max([i for i, x in enumerate(lines) if "run" in x], default=len(lines))
+        last = max([i for i, x in enumerate(lines) if "run" in x], default=0)
         self.run = lines[last]["run"] if lines else None  # the last run's, and the images it wrote
-        self.images, self.header = {x["image"]: x for x in lines[last:] if "image" in x}, None
+        self.images = {x["image"]: x for x in lines[last:] if "image" in x}
 
     def add(self, out, files, **what):
-        """List {path: bytes} about to be committed (and what they are) in the record, flushed to disk."""
+        """List {path: bytes} about to be committed (and what they are), flushed to disk; this run's line first."""
         entry = {**what, "files": {os.path.relpath(p, out): hashlib.sha256(b).hexdigest() for p, b in files.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join("\n" + json.dumps(x) for x in (self.header, entry) if x))
             f.flush()
             os.fsync(f.fileno())
-        self.header = None  # this run's line goes before its first files
+        self.header = None
 
 def run_hash(emb, s, ckpt, device):
     """What makes the masks: embeddings, parts, colours, settings, weights, device type and dtype."""
@@ -1284,19 +1279,18 @@ def check_outputs(jobs, record, run, args):
     not write or that was changed since, always, and another run's outputs unless --overwrite."""
     paths = [p for job in jobs for p in (job.mask, job.overlay)] + [os.path.join(args.out, n) for n in RUN_FILES]
     found = {os.path.relpath(p, args.out): sha256_file(p) for p in paths if os.path.isfile(p)}
-    for rel, digest in found.items():
-        if (rel, digest) not in record.known:
-            raise SlimeError(f"{os.path.join(args.out, rel)} exists and was not written by slime, or was changed "
-                             "since; predict will not replace it: move it or choose another -o")
-    same = record.run == run and not args.overwrite
-    if not same and not args.overwrite and any(os.path.isfile(p) for j in jobs for p in (j.mask, j.overlay)):
+    for rel in (rel for rel, digest in found.items() if (rel, digest) not in record.known):
+        raise SlimeError(f"{os.path.join(args.out, rel)} exists and was not written by slime, or was changed "
+                         "since; predict will not replace it: move it or choose another -o")
+    if record.run != run and not args.overwrite and any(os.path.isfile(p) for j in jobs for p in (j.mask, j.overlay)):
         raise SlimeError(f"{args.out} already holds outputs made by another emb.pt, other settings, another "
                          "checkpoint or number format; pass --overwrite to replace them, or choose another -o")
     for job in jobs:
-        line = record.images.get(os.path.abspath(job.image)) if same else None
+        line = record.images.get(os.path.abspath(job.image)) if record.run == run and not args.overwrite else None
         job.done = bool(line) and line.get("stamp") == stamp(job.image) and all(
             found.get(rel) == digest for rel, digest in line["files"].items())
-    record.header = None if same else {"run": run, "embeddings": os.path.abspath(args.emb)}
+    if record.run != run or args.overwrite:
+        record.header = {"run": run, "embeddings": os.path.abspath(args.emb)}
 
 def sha256_file(path):
     h = hashlib.sha256()
