@@ -734,58 +734,42 @@ def pack_rgb(colors):
     return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
 
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
-    """Colour masks -> label masks with ONE colour -> class mapping for all: `palette` ([r, g, b] per class)
-    if given, else VOC's when every colour is VOC's, else black -> 0 and the rest, sorted, -> 1, 2, ...
-    -> (label masks, the palette, None for VOC or no colours); names and source go into errors."""
+    """Colour masks -> label masks with ONE colour -> class mapping for all: `palette` ([r, g, b] per class) if
+    given, else black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore).
+    -> (label masks, the palette, or None when no mask had colours); names and source go into errors."""
     names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
-    keys = [pack_rgb(m) if m.ndim == 3 else None for m in masks]  # None: a label mask
+    keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]  # None: labels
     if all(k is None for k in keys):
         return list(masks), None
     if palette is None:  # from ALL the masks at once: mapped one by one, a part absent from one would shift the rest
-        table, palette = mask_palette(keys, names)
-    else:
-        table = np.asarray(palette, dtype=np.int64).reshape(-1, 3)
-    order = np.argsort(pack_rgb(table), kind="stable")  # a binary search per pixel, not a dict lookup per pixel
-    sorted_keys, out = pack_rgb(table)[order], []
+        present = np.zeros(0, np.int32)
+        for name, k in ((n, k[0]) for n, k in zip(names, keys) if k is not None):  # counted as the colours add up
+            if len(k) > 1000:  # thousands of colours in one file: a photo or a rendering, not a drawn mask
+                raise SlimeError(f"{name} holds {len(k):,} distinct colours, so it is a photo, not a mask: give each "
+                                 "image first and its mask second (fit IMAGE MASK), and only masks in a --masks folder")
+            present = np.union1d(present, k[k != pack_rgb(VOID)])  # void is ignore, not a class
+            if len(present) > MAX_CLASSES:
+                raise SlimeError(f"{name} brings the number of distinct mask colours to {len(present)}, more classes "
+                                 f"than SD's {MAX_CLASSES} text tokens allow; anti-aliased edges (a smooth brush) are "
+                                 "the usual cause, so save the masks without anti-aliasing or as indexed PNGs")
+        keys_sorted = np.union1d(np.zeros(1, np.int32), present)  # black first even where absent: the background
+        palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in keys_sorted]
+    table = {k: i for i, k in enumerate(pack_rgb(np.array(palette)).tolist())}
+    table.setdefault(int(pack_rgb(VOID)), IGNORE)  # VOC's void colour means ignore, in any palette without it
+    out = []
     for name, mask, k in zip(names, masks, keys):
         if k is None:
             out.append(mask)
             continue
-        pos = np.clip(np.searchsorted(sorted_keys, k), 0, len(table) - 1)
-        labels, found = order[pos], sorted_keys[pos] == k
-        void = ~found & (k == pack_rgb(VOID))  # VOC's void colour means ignore, in any palette without it
-        labels[void], found[void] = IGNORE, True
-        if not found.all():  # refused, not guessed: a colour outside the palette is most often an anti-aliased edge
-            examples = ", ".join(str(tuple(c)) for c in table_colors(np.unique(k[~found])[:3]))
-            raise SlimeError(f"{name} has {int((~found).sum())} pixels whose colour is not in {source} "
-                             f"(e.g. {examples}); add those colours to {source} or repaint the mask without anti-aliasing")
-        out.append(labels.astype(np.int64))
+        colours, inverse = k[0].tolist(), k[1].reshape(mask.shape[:2])
+        unknown = [c for c in colours if c not in table]  # refused, not guessed: most often an anti-aliased edge
+        if unknown:
+            examples = ", ".join(str((c >> 16, (c >> 8) & 255, c & 255)) for c in unknown[:3])
+            raise SlimeError(f"{name} has {int(np.isin(k[1], [colours.index(c) for c in unknown]).sum())} pixels "
+                             f"whose colour is not in {source} (e.g. {examples}); add those colours to {source} or "
+                             "repaint the mask without anti-aliasing")
+        out.append(np.array([table[c] for c in colours], np.int64)[inverse])
     return out, palette
-
-def table_colors(keys):
-    return [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in keys]
-
-def mask_palette(keys, names):
-    """The colour table of colour masks that came without one: (table, palette to record, or None for VOC)."""
-    present = np.zeros(0, np.int32)
-    for name, k in zip(names, keys):  # the class count is checked as the colours accumulate
-        if k is None:
-            continue
-        own = np.unique(k)
-        if len(own) > 1000:  # thousands of colours in one file: a photo or a rendering, not a drawn mask
-            raise SlimeError(f"{name} holds {len(own):,} distinct colours, so it is a photo, not a mask: give each "
-                             "image first and its mask second (fit IMAGE MASK), and only masks in a --masks folder")
-        present = np.union1d(present, own)
-        if len(present) > MAX_CLASSES:
-            raise SlimeError(f"{name} brings the number of distinct mask colours to {len(present)}, more classes "
-                             f"than SD's {MAX_CLASSES} text tokens allow; anti-aliased edges (a smooth brush) are the "
-                             "usual cause, so save the masks without anti-aliasing or as indexed PNGs")
-    if np.isin(present, pack_rgb(VOC_PALETTE)).all():
-        return VOC_PALETTE, None  # VOC colours: the VOC index, so (224, 224, 192) -> 255 = ignore
-    present = present[present != pack_rgb(VOID)]  # void is ignore (colors_to_labels), not a class
-    # black added even where absent, so it is class 0, the background, as in VOC's palette
-    table = table_colors(np.union1d(np.zeros(1, np.int32), present))  # sorted keys: black first
-    return np.array(table), table
 
 # A labelling tool's export names its colours: CVAT's "Segmentation mask 1.1" (and VOC-style tools) write
 # labelmap.txt, one `name:r,g,b:parts:actions` line per label, background first, beside SegmentationClass/.
@@ -1110,45 +1094,42 @@ def plan_fit(args, con):
                              "and is not a slime emb.pt; fit would replace it: remove it or choose another -o")
     return s, device, ckpt, make_folders([args.output])
 
-def read_pairs(paths, labelmap=None):
-    """[img, mask, ...] -> ([(image, labels, mask path)], palette, the labelmap's names), ONE colour mapping."""
+def read_pairs(args, con):
+    """fit's images and masks -> (train, val pairs [(image, labels)], part names, palette): ONE colour mapping
+    for all the masks (the labelmap's, if any), every size and value checked against the parts."""
+    paths, names, colors = args.pairs + (args.val or []), *(read_labelmap(args.labelmap) if args.labelmap else (None, None))
     images = [read_image(p) for p in paths[0::2]]
-    names, colors = read_labelmap(labelmap) if labelmap else (None, None)
-    labels, palette = colors_to_labels([read_mask(p, colors=bool(labelmap)) for p in paths[1::2]], colors, paths[1::2],
-                                       str(labelmap) if labelmap else "the palette")
+    labels, palette = colors_to_labels([read_mask(p, colors=bool(names)) for p in paths[1::2]], colors, paths[1::2],
+                                       str(args.labelmap) if names else "the palette")
+    if names and args.parts and part_names(args.parts, "--parts") != names:
+        raise SlimeError(f"--parts {args.parts} differs from the labels of {args.labelmap} ({','.join(names)}); leave "
+                         "--parts out: the labelmap names the parts")
+    top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
+    parts = names or (part_names(args.parts, "--parts") if args.parts else
+                      ["background"] + [f"part{i}" for i in range(1, top + 1)])
+    if len(parts) > MAX_CLASSES:
+        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
+        bad = sorted(set(np.unique(m).tolist()) - set(range(len(parts))) - {IGNORE})
         if tuple(m.shape) != tuple(img.shape[1:]):
             raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is {img.shape[2]}x{img.shape[1]}; "
                              "a mask must have its image's size")
-    return list(zip(images, labels, paths[1::2])), colors or palette, names
-
-def check_classes(pairs, train, parts, palette, con, names=None, labelmap=None):
-    """The part names (background first), every mask value checked against them; names: the labelmap's."""
-    if names and parts and part_names(parts, "--parts") != names:
-        raise SlimeError(f"--parts {parts} differs from the labels of {labelmap} ({','.join(names)}); leave --parts "
-                         "out: the labelmap names the parts")
-    top = max(int(m[m != IGNORE].max(initial=0)) for _, m, _ in pairs)  # IGNORE is no class
-    parts = names or (part_names(parts, "--parts") if parts else ["background"] + [f"part{i}" for i in range(1, top + 1)])
-    if len(parts) > MAX_CLASSES:
-        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
-    for _, m, path in pairs:
-        bad = sorted(set(np.unique(m).tolist()) - set(range(len(parts))) - {IGNORE})
         if bad and palette is not None and not names:  # colour masks: more colours than --parts names
             raise SlimeError(f"the colour masks hold {len(palette)} colours (black included) but --parts names "
                              f"{len(parts)} classes; the {len(palette) - len(parts)} unknown colours are usually "
                              "anti-aliased edges, so save the masks without anti-aliasing or as indexed PNGs")
         if bad:
-            raise SlimeError(f"{path} has class values {bad[:8]} outside 0..{len(parts) - 1} "
-                             f"for the {len(parts)} parts {parts} (255 means ignore)")
+            raise SlimeError(f"{mp} has class values {bad[:8]} outside 0..{len(parts) - 1} for the {len(parts)} parts "
+                             f"{parts} (255 means ignore)")
     if len(parts) < 2 or top == 0:
-        raise SlimeError(f"{pairs[0][2]} holds only background (class 0); nothing to learn")
+        raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
     if palette is not None and not names:  # colours sorted by value: say which became which part
         con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {name}" for c, name in zip(palette, parts))
                 + " (a labelmap.txt beside the masks, or --labelmap, would name them)")
-    present = set().union(*(np.unique(m).tolist() for _, m, _ in train))
-    for c in sorted(set(range(1, len(parts))) - present):  # Eq. 4 weighs it 0 and Eq. 7 targets 0: nothing to learn
-        con.say(f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
-    return parts
+    n = len(args.pairs) // 2
+    for c in sorted(set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))):
+        con.say(f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")  # Eq. 4: 0
+    return list(zip(images[:n], labels[:n])), list(zip(images[n:], labels[n:])), parts, colors or palette
 
 # what predict writes once per run beside the masks (a CVAT "Segmentation mask 1.1" annotation, and its summary)
 RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
@@ -1356,44 +1337,42 @@ def cmd_fit(args, con):
     """Plan; read and check the data; load; fit, saving emb.pt at each new best."""
     s, device, ckpt, created = plan_fit(args, con)
     try:
-        pairs, palette, names = read_pairs(args.pairs + (args.val or []), args.labelmap)  # one colour mapping
-        train, val = pairs[:len(args.pairs) // 2], pairs[len(args.pairs) // 2:]
-        parts = check_classes(train + val, train, args.parts, palette, con, names, args.labelmap)  # before the load
-        sd, best, progress = load_for(con, ckpt, device), {}, FitProgress(con, s, len(train))
+        train, val, parts, palette = read_pairs(args, con)  # before the load: a bad mask costs seconds
+        sd, best, progress = load_for(con, ckpt, device), {}, fit_progress(con, s, len(train))
         con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: "
                 f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {count(progress.vals, 'validation')}")
 
         def on_best(context, epoch, miou):
             save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
             best.update(epoch=epoch, miou=miou)
-        fit(sd, [(i, m) for i, m, _ in train], len(parts), s, [(i, m) for i, m, _ in val] or None, on_best, progress)
+        fit(sd, train, len(parts), s, val or None, on_best, progress)
     except BaseException:
         remove_empty(created)  # a refused or failed fit leaves no folder it made (emb.pt's, if saved, stays)
         raise
     con.say(f"fit finished: {args.output} holds the vectors of epoch {best['epoch']} (validation mIoU "
             f"{best['miou']:.4f}); next: python slime.py predict {args.output} IMAGES/ -o out/")
 
-class FitProgress:
+def fit_progress(con, s, steps_per_epoch):
     """fit's progress line: the stage, and an ETA from steady-state times (the last steps, the last
     validation: the first one also encodes the validation patches, once per fit)."""
+    state = SimpleNamespace(last=time.time(), steps=[], val_t=None, total=s.epochs * steps_per_epoch,
+                            vals=s.epochs // s.val_every + (s.epochs % s.val_every > 0))
 
-    def __init__(self, con, s, steps_per_epoch):
-        self.con, self.s, self.last, self.steps, self.val_t = con, s, time.time(), [], None
-        self.total, self.vals = s.epochs * steps_per_epoch, s.epochs // s.val_every + (s.epochs % s.val_every > 0)
-
-    def __call__(self, e):
+    def progress(e):
+        what = "validating"
         if e["event"] == "step":
-            self.steps.append(time.time() - self.last)
-            what = f"step {e['step']}/{self.total}  ce {e['ce']:.4f}  mse {e['mse']:.4f}  sd {e['sd']:.4f}"
+            state.steps.append(time.time() - state.last)
+            what = f"step {e['step']}/{state.total}  ce {e['ce']:.4f}  mse {e['mse']:.4f}  sd {e['sd']:.4f}"
         elif e["event"] == "validation":
-            self.val_t, self.vals = e["seconds"], self.vals - 1
+            state.val_t, state.vals = e["seconds"], state.vals - 1
             what = f"validation mIoU {e['miou']:.4f}" + (", the best so far: saved" if e["best"] else "")
-        self.last, recent = time.time(), self.steps[-5:]
+        state.last, recent = time.time(), state.steps[-5:]
         # before the first validation its cost is unknown: no ETA rather than one that leaves it out
-        eta = None if self.val_t is None and self.vals else (self.total - len(self.steps)) * sum(recent) / len(
-            recent) + self.vals * (self.val_t or 0)
-        self.con.progress(f"epoch {e['epoch']}/{self.s.epochs}  {what if e['event'] != 'validating' else 'validating'}",
-                          eta, force=e["event"] != "step")
+        eta = None if state.val_t is None and state.vals else (state.total - len(state.steps)) * sum(recent) / len(
+            recent) + state.vals * (state.val_t or 0)
+        con.progress(f"epoch {e['epoch']}/{s.epochs}  {what}", eta, force=e["event"] != "step")
+    progress.vals = state.vals
+    return progress
 
 def cmd_predict(args, con):
     """Plan; load; segment and write each image not done yet; report."""
@@ -1471,9 +1450,6 @@ class Parser(argparse.ArgumentParser):
     """argparse whose mistakes end in one line `slime: error: ...`, exit status 2; no abbreviations (--epoch
     is not --epochs), and a misspelt flag gets the closest one."""
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, allow_abbrev=False, **kw)
-
     def error(self, message):
         raise SlimeError(f"{self.prog}: {message}")
 
@@ -1486,9 +1462,9 @@ class Parser(argparse.ArgumentParser):
         return namespace, extra
 
 def build_parser():
-    ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", help="learn part embeddings from annotated images", description="Learn one text "
+    f = sub.add_parser("fit", allow_abbrev=False, help="learn part embeddings from annotated images", description="Learn one text "
                        "vector per part from image/mask pairs into emb.pt. Masks: labels (gray or indexed PNG, .npy; "
                        "255 = ignore) or colours, named by a labelmap.txt (CVAT) if there is one.")
     f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="one or more image/mask pairs")
@@ -1497,7 +1473,7 @@ def build_parser():
     f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
     f.add_argument("--labelmap", help="labelmap.txt naming the mask colours; default: one beside the masks, or "
                    "above their SegmentationClass/")
-    p = sub.add_parser("predict", help="segment images with fitted embeddings", description="Segment images "
+    p = sub.add_parser("predict", allow_abbrev=False, help="segment images with fitted embeddings", description="Segment images "
                        "with emb.pt into a folder CVAT imports as a segmentation-mask annotation, with overlays/, "
                        "summary.json and the run record. Settings not given are emb.pt's.")
     p.add_argument("emb", help="emb.pt written by fit")
@@ -1514,16 +1490,16 @@ def build_parser():
         p.add_argument("--overwrite", action="store_true", help="fit: replace an emb.pt; predict: replace the "
                        "outputs of another run, and redo all (never a file slime did not write)")
         p.add_argument("-q", "--quiet", action="store_true", help="print only errors (and predict's IoU table)")
-        for f in fields(Settings):  # one flag per setting: its default, range and help from the field
-            m = f.metadata
+        for fld in fields(Settings):  # one flag per setting: its default, range and help from the field
+            m = fld.metadata
             if stage == "predict" and m["fit"]:
                 continue
-            if type(f.default) is bool:  # a switch flips the default; left out it is None, so emb.pt's stays
-                p.add_argument(m["flag"], dest=f.name, action="store_const", const=not f.default, help=m["help"])
+            if type(fld.default) is bool:  # a switch flips the default; left out it is None, so emb.pt's stays
+                p.add_argument(m["flag"], dest=fld.name, action="store_const", const=not fld.default, help=m["help"])
             else:  # type: the same check as emb.pt's values (settings_from)
-                default = f"emb.pt's (fit's default: {f.default})" if stage == "predict" else f.default
-                p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, metavar=f.name.upper(),
-                               type=lambda v, f=f: check_setting(f, v), help=f"{m['help']}; default {default}")
+                default = f"emb.pt's (fit's default: {fld.default})" if stage == "predict" else fld.default
+                p.add_argument("--" + fld.name.replace("_", "-"), dest=fld.name, metavar=fld.name.upper(),
+                               type=lambda v, fld=fld: check_setting(fld, v), help=f"{m['help']}; default {default}")
         p.set_defaults(run=cmd_fit if stage == "fit" else cmd_predict)
     return ap
 
