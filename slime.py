@@ -67,12 +67,10 @@ class Settings:
     patches_per_side: int = setting(2, 1, 16, "inference patches per side")
     threshold: float = setting(0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (calibrated on real SD)")
     test_t: int = setting(100, 1, 999, "inference timestep")
-    out_size: int = setting(0, 0, SIZE, f"mask side: 0 = each image's own size (slime's), {SIZE} = the release's",
-                            step=SIZE)
+    out_size: int = setting(0, 0, SIZE, "mask side: 0 = each image's own (slime's), 512 = the release's", step=SIZE)
     bgr: bool = setting(False, help="feed the model BGR, as the release's cv2 did; default: RGB", flag="--bgr")
     seed: int = setting(0, 0, 2 ** 63 - 1, "seed of every random draw")
-    window: int = setting(0, 0, 16384, f"native resolution (slime's): the side, in the image's own pixels, that one "
-                          f"{SIZE} window covers; 0 = squash the image to {SIZE} (the release's)", step=MAP)
+    window: int = setting(0, 0, 16384, "native resolution (slime's): image pixels per 512 window; 0 = squash", step=MAP)
 
 # ----------------------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
 # The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths. In its diffusers names:
@@ -243,7 +241,7 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
     optimizer = torch.optim.Adam([learned], lr=s.lr)  # the only parameters: SD itself stays frozen
     # best 0.0 with >=: the first validation always saves, as the release's (release/src/slime.py#L28)
-    best, best_context, val_inputs, part, step = 0.0, cond, None, 0, 0
+    best, best_context, val_inputs, part, step = 0.0, cond, [], 0, 0
     for epoch in range(s.epochs):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
@@ -263,8 +261,6 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             continue
         progress(dict(event="validating", epoch=epoch + 1))
         t0, context = time.time(), with_learned(learned.detach(), cond)
-        # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
-        val_inputs = val_inputs or [noisy_inputs(sd, image, s) for image, _ in val_pairs]
         miou = validation_miou(sd, context, val_pairs, val_inputs, num_classes, s)
         if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
             best, best_context = miou, context
@@ -275,6 +271,9 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
 
 def validation_miou(sd, context, val_pairs, val_inputs, num_classes, s):
     """The mean image mIoU of the validation pairs, segmented as predict does, at the release's 512."""
+    # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
+    val_inputs[:] = val_inputs or [list(noisy_windows(sd, image, s)) if s.window else noisy_patches(sd, image, s)
+                                   for image, _ in val_pairs]
     return sum(image_miou(segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes)
                for (image, gt), inputs in zip(val_pairs, val_inputs)) / len(val_pairs)
 
@@ -337,10 +336,6 @@ def noised(sd, s, views):
         x = resize(crop.to(sd.device), (SIZE, SIZE), "bilinear")
         yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
 
-def noisy_inputs(sd, image, s):
-    """What segment noises for an image, for a caller that keeps it: the patches, or the windows."""
-    return list(noisy_windows(sd, image, s)) if s.window else noisy_patches(sd, image, s)
-
 @torch.no_grad()
 def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
     """The release's accumulation (release/src/slime.py#L188-L279): each patch adds its votes to the side x
@@ -384,7 +379,7 @@ def patch_votes(A_ca, A_sa, threshold, side):
     return seen, was / shrink[:, None, None] + (floor[seen] - w_min / shrink)[:, None, None]
 
 def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, progress=None):
-    """image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size). inputs: its noisy_inputs,
+    """image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size). inputs: its noisy patches,
     when the caller keeps them; progress(n, windows) after each --window window."""
     # The model sees the image squashed to 512x512, as in the release; slime upsamples the class SCORES, not
     # the labels, to the image's own size and takes the argmax there (--out-size 512: the release's masks)
@@ -507,9 +502,7 @@ TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_s
 # an error, as is anything a module needs that the file lacks.
 IGNORED_KEYS = (
     r"first_stage_model\.(decoder|post_quant_conv)\.",  # the VAE decoder: SLiMe never decodes latents
-    r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod"
-    r"|log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance"
-    r"|posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2)$",  # schedule: recomputed below
+    r"(betas|\w*alphas_cumprod\w*|posterior_\w+)$",  # the 12 schedule buffers (betas, ...): recomputed below
     r"model_ema\.",  # LitEma's decay / num_updates scalars left in the pruned EMA-only files
     r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$",  # SD1: an arange(77)
     r"cond_stage_model\.model\.transformer\.resblocks\.{last}\.",  # SD2: last text block (penultimate output)
@@ -572,8 +565,8 @@ def read_header(path):
     family, modules, ignored = build_models(shapes, path)
     wanted = {prefix + k: tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
     # the shapes are the real test of the architecture: build_models read only a few widths from the file
-    for what, keys in (("lacks", sorted(set(wanted) - set(shapes))),
-                       ("has unexpected", sorted(k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored))),
+    unexpected = sorted(k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored))
+    for what, keys in (("lacks", sorted(set(wanted) - set(shapes))), ("has unexpected", unexpected),
                        ("has wrongly shaped", sorted(k for k in wanted if k in shapes and shapes[k] != wanted[k]))):
         if keys:
             raise SlimeError(f"{path} {what} tensors for a {'/'.join(modules)} checkpoint: "
@@ -620,8 +613,7 @@ def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
     unet, vae, text = modules.values()
     return StableDiffusion(family, unet, vae, text if text_encoder else None, str(path))
 
-def finite(tensor, name, path):
-    """The tensor, if every value is finite; else one sentence naming it."""
+def finite(tensor, name, path):  # the tensor, if every value is finite; else one sentence naming it
     if not math.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
         raise SlimeError(f"{path}: the tensor {name} holds nan or inf values, so every result would be wrong; "
                          "the file is damaged: download it again")
@@ -667,8 +659,7 @@ def open_image(path, what):
         raise SlimeError(f"{path} is truncated or corrupt ({' '.join(str(e).split())}); re-export or re-download "
                          f"the {what}") from None
 
-def read_image(path):
-    """An image file as a (3, H, W) float32 RGB tensor in [0, 1]; any alpha channel is dropped."""
+def read_image(path):  # an image file as a (3, H, W) float32 RGB tensor in [0, 1]; any alpha channel is dropped
     im, _ = open_image(path, "image")
     if im.mode in GRAY16 + ("F",):  # 16-bit gray: full scale is 65535; float TIFFs are taken as 0..1
         gray = np.asarray(im, dtype=np.float32) / (1 if im.mode == "F" else 65535)
@@ -701,8 +692,7 @@ def read_mask(path, colors=False):
         return rgb[..., 0].astype(np.int64)  # a gray mask saved as RGB
     return np.ascontiguousarray(rgb)
 
-def read_npy_mask(path):
-    """A 2-D integer (or bool) .npy label array, the release's format; never unpickles."""
+def read_npy_mask(path):  # a 2-D integer (or bool) .npy label array, the release's format; never unpickles
     check_file(path, "mask")
     try:
         labels = np.load(path, allow_pickle=False)
@@ -728,8 +718,7 @@ def voc_palette(n=256):
 VOC_PALETTE = voc_palette()
 VOID = (224, 224, 192)  # VOC's colour of index 255, "ignore" (object borders, unlabelled pixels)
 
-def pack_rgb(colors):
-    """(..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare and sort as single numbers."""
+def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare and sort as single numbers
     c = np.asarray(colors).astype(np.int32)
     return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
 
@@ -775,8 +764,7 @@ def colors_to_labels(masks, palette=None, names=None, source="the palette"):
 # labelmap.txt, one `name:r,g,b:parts:actions` line per label, background first, beside SegmentationClass/.
 LABELMAP_HEADER = "# label:color_rgb:parts:actions"
 
-def read_labelmap(path):
-    """labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i."""
+def read_labelmap(path):  # labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i
     check_file(path, "labelmap.txt")
     names, colors = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -859,8 +847,7 @@ def part_names(text, flag):
         raise SlimeError(f"{flag} {text}: the names must be non-empty and distinct, comma-separated, background first")
     return parts
 
-def safe_load(path, what):
-    """torch.load that never runs pickled code, and says so in one line."""
+def safe_load(path, what):  # torch.load that never runs pickled code, and says so in one line
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -980,8 +967,7 @@ def settings_from(values, source, base=None):
                          f"image's own size; give --out-size 0 with it, not {s.out_size}")
     return s
 
-def file_id(path):
-    """os.path.samefile's test as a key (device and inode) where the file exists, else its resolved path."""
+def file_id(path):  # os.path.samefile's test as a key (device and inode) where the file exists, else its resolved path
     try:
         st = os.stat(path)
         return st.st_dev, st.st_ino
@@ -1021,8 +1007,7 @@ def make_folders(paths):
             raise SlimeError(f"{folder}: cannot write there ({reason}); choose another output folder with -o") from None
     return created
 
-def remove_empty(folders):
-    """Remove the folders that a refused or failed run made and left empty, deepest first."""
+def remove_empty(folders):  # remove the folders that a refused or failed run made and left empty, deepest first
     for folder in sorted(folders, key=len, reverse=True):
         if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
@@ -1038,8 +1023,6 @@ def device_and_dtype(args, con):
             and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps")):
         raise SlimeError(f"--device {name}: not available on this machine ({torch.cuda.device_count()} CUDA GPUs "
                          "that torch can use); leave --device out to run on the CPU")
-    if args.threads:  # small-row matmuls split their sums over threads: the count moves a result's last bits
-        torch.set_num_threads(args.threads)
     if device.type == "cpu" and not args.device:
         con.say(f"no GPU found: running on the CPU ({count(torch.get_num_threads(), 'thread')}), which takes "
                 "minutes per image (see README, Speed)")
@@ -1134,8 +1117,7 @@ def read_pairs(args, con):
 # what predict writes once per run beside the masks (a CVAT "Segmentation mask 1.1" annotation, and its summary)
 RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
 
-def plan_predict(args, con):
-    """Everything a predict reads and writes, checked, and which images are done already."""
+def plan_predict(args, con):  # everything a predict reads and writes, checked, and which images are done already
     device, emb = device_and_dtype(args, con), load_embeddings(args.emb)
     s, (ckpt, family, modules) = settings_from(given(args), "the command line", emb["settings"]), checkpoint(args)
     jobs = [SimpleNamespace(image=p, gt=None, done=False, **{k: os.path.join(args.out, folder, os.path.splitext(
@@ -1189,7 +1171,9 @@ def find_ground_truth(jobs, masks, emb, con):
         if file_id(job.gt) == file_id(job.image):  # --masks is the image folder: same stems
             raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; keep the "
                              "ground-truth masks in a folder of their own")
-        gt, (h, w) = ground_truth(job, emb), shown_size(job.image)
+        with Image.open(job.image) as im:  # its size as shown, from the header: EXIF orientations 5-8 swap the sides
+            h, w = im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
+        gt = ground_truth(job, emb)
         if gt.shape != (h, w):
             raise SlimeError(f"{job.gt} is {gt.shape[1]}x{gt.shape[0]} but its image {job.image} is {w}x{h}; "
                              "a mask must have its image's size")
@@ -1201,17 +1185,11 @@ def find_ground_truth(jobs, masks, emb, con):
         raise SlimeError(f"--masks {masks} holds no mask for any of the {count(len(jobs), 'image')} (a mask is "
                          "found by its image's file stem, e.g. photo.jpg -> photo.png)")
 
-def ground_truth(job, emb):
-    """A ground-truth mask as labels: label masks as they are, colours in the parts' colours."""
+def ground_truth(job, emb):  # ground truth as labels: label masks as they are, colours in the parts' colours
     (gt,), _ = colors_to_labels([read_mask(job.gt)], part_colors(emb), [job.gt])
     return gt
 
-def shown_size(path):  # (height, width) as shown, from the header: EXIF orientations 5-8 swap the sides
-    with Image.open(path) as im:
-        return im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
-
-def part_colors(emb):
-    """Each part's colour: the one its masks came with (labelmap or colour masks), else VOC's."""
+def part_colors(emb):  # each part's colour: the one its masks came with (labelmap or colour masks), else VOC's
     return [list(c) for c in emb["colors"][:len(emb["parts"])]] + VOC_PALETTE[len(emb["colors"]):len(emb["parts"])].tolist()
 
 RECORD = "slime-run.jsonl"
@@ -1284,8 +1262,7 @@ def stamp(path):  # an edited image is redone: its size or mtime changed
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
 
-def given(args):
-    """The settings given on the command line ({} for the ones left out)."""
+def given(args):  # the settings given on the command line ({} for the ones left out)
     return {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
 
 def count(n, noun):
@@ -1333,8 +1310,7 @@ def load_for(con, ckpt, device, text_encoder=True):
     con.say(f"loaded {sd.family} on {device[0]} ({str(device[1])[6:]})")
     return sd
 
-def cmd_fit(args, con):
-    """Plan; read and check the data; load; fit, saving emb.pt at each new best."""
+def cmd_fit(args, con):  # plan; read and check the data; load; fit, saving emb.pt at each new best
     s, device, ckpt, created = plan_fit(args, con)
     try:
         train, val, parts, palette = read_pairs(args, con)  # before the load: a bad mask costs seconds
@@ -1374,19 +1350,17 @@ def fit_progress(con, s, steps_per_epoch):
     progress.vals = state.vals
     return progress
 
-def cmd_predict(args, con):
-    """Plan; load; segment and write each image not done yet; report."""
+def cmd_predict(args, con):  # plan; load; segment and write each image not done yet; report
     emb, s, device, ckpt, jobs, record, created = plan_predict(args, con)
     try:
         sd = load_for(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
         todo, t0, records = [j for j in jobs if not j.done], time.time(), []
         for n, job in enumerate(jobs, 1):
-            if job.done:  # read back, so the IoU table and the summary cover every image
-                labels = torch.from_numpy(np.array(Image.open(job.mask)))
-            else:
-                what = f"image {n}/{len(jobs)}"
-                con.progress(f"{what}  {os.path.basename(job.image)}", time_left(t0, todo.index(job), len(todo)), True)
-                labels = segment_and_write(sd, emb["context"].to(sd.device), job, s, emb, record, args.out, con, what)
+            what = f"image {n}/{len(jobs)}  {os.path.basename(job.image)}"
+            con.progress(what, time_left(t0, todo.index(job), len(todo)) if job in todo else None, not job.done)
+            # a done image's mask is read back, so the IoU table and the summary cover every image
+            labels = (torch.from_numpy(np.array(Image.open(job.mask))) if job.done else
+                      segment_and_write(sd, emb["context"].to(sd.device), job, s, emb, record, args.out, con, what))
             records.append(image_record(job, labels, emb))
         report(args, con, emb, s, records, record, len(todo))
     except BaseException:
@@ -1396,12 +1370,9 @@ def cmd_predict(args, con):
 def segment_and_write(sd, context, job, s, emb, record, out, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
     image, t0 = read_image(job.image), time.time()
-
-    def on_window(i, n):
-        if n > 1:
-            con.progress(f"{what} window {i}/{n}  {os.path.basename(job.image)}", time_left(t0, i, n))
     try:
-        labels = segment(sd, context, image, len(emb["parts"]), s, progress=on_window)
+        labels = segment(sd, context, image, len(emb["parts"]), s, progress=lambda i, n: con.progress(
+            f"{what}  window {i}/{n}", time_left(t0, i, n)))
     except SlimeError as e:
         raise SlimeError(f"{job.image}: {e}") from None
     # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
@@ -1464,18 +1435,18 @@ class Parser(argparse.ArgumentParser):
 def build_parser():
     ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", allow_abbrev=False, help="learn part embeddings from annotated images", description="Learn one text "
-                       "vector per part from image/mask pairs into emb.pt. Masks: labels (gray or indexed PNG, .npy; "
-                       "255 = ignore) or colours, named by a labelmap.txt (CVAT) if there is one.")
+    f = sub.add_parser("fit", allow_abbrev=False, help="learn part embeddings from annotated images",
+                       description="Learn one text vector per part from image/mask pairs into emb.pt. Masks: labels "
+                       "(gray or indexed PNG, .npy; 255 = ignore) or colours, named by a labelmap.txt if there is one.")
     f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="one or more image/mask pairs")
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
     f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs; default: the training pairs")
     f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
     f.add_argument("--labelmap", help="labelmap.txt naming the mask colours; default: one beside the masks, or "
                    "above their SegmentationClass/")
-    p = sub.add_parser("predict", allow_abbrev=False, help="segment images with fitted embeddings", description="Segment images "
-                       "with emb.pt into a folder CVAT imports as a segmentation-mask annotation, with overlays/, "
-                       "summary.json and the run record. Settings not given are emb.pt's.")
+    p = sub.add_parser("predict", allow_abbrev=False, help="segment images with fitted embeddings",
+                       description="Segment images with emb.pt into a folder CVAT imports as a segmentation-mask "
+                       "annotation, with overlays/, summary.json and the run record. Settings not given are emb.pt's.")
     p.add_argument("emb", help="emb.pt written by fit")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--out", default="out", help="output folder; default out")
@@ -1485,8 +1456,6 @@ def build_parser():
         p.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
         p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="number format; default fp32, as the release")
-        p.add_argument("--threads", type=lambda v: check_setting(setting(1, 1, 1024), v), help="CPU threads; "
-                       "default: torch's, all cores")
         p.add_argument("--overwrite", action="store_true", help="fit: replace an emb.pt; predict: replace the "
                        "outputs of another run, and redo all (never a file slime did not write)")
         p.add_argument("-q", "--quiet", action="store_true", help="print only errors (and predict's IoU table)")
