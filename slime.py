@@ -60,8 +60,8 @@ class Settings:
     guidance: float = setting(100.0, 0.0, 1e6, "classifier-free guidance inside the SD loss", fit=True)
     min_crop_ratio: float = setting(0.8, 0.05, 1.0, "smallest training crop, a fraction of the side", fit=True)
     rotation: float = setting(30.0, 0.0, 180.0, "largest training rotation in degrees", fit=True)
-    cycle_parts: bool = setting(True, help="training crops favour the background, as the release's do in effect; "
-                                "default: they cycle through the parts (slime's)", fit=True, flag="--no-cycle")
+    cycle_parts: bool = setting(True, help="crops favour the background, as the release's do in effect (default: "
+                                "they cycle through the parts, slime's)", fit=True, flag="--no-cycle")
     val_every: int = setting(1, 1, 100_000, "epochs between validations (and after the last)", fit=True)
     patch_size: int = setting(400, 8, SIZE, "inference patch side, in pixels of the 512 image")
     patches_per_side: int = setting(2, 1, 16, "inference patches per side")
@@ -320,7 +320,6 @@ def patch_origins(patch_size, per_side):
     step = (SIZE - patch_size) // (per_side - 1) if per_side > 1 else 0
     return [(i * step, j * step) for i in range(per_side) for j in range(per_side)]
 
-@torch.no_grad()
 def noisy_patches(sd, image, s):
     """Sec. 4.2's inputs (release/src/slime.py#L188-L229): the image squashed to 512x512 and cut into the
     patches -> [(y0, x0, x_t)]."""
@@ -479,7 +478,6 @@ def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
     count = 1 + -(-(n - side) // stride)
     return [round(i * (n - side) / (count - 1)) for i in range(count)] if count > 1 else [0]
 
-@torch.no_grad()
 def noisy_windows(sd, image, s):
     """noisy_patches at the image's own resolution: the windows, one on the device at a time -> (y0, x0, x_t)."""
     cell, _, origins = window_layout(*image.shape[1:], s.window)
@@ -652,12 +650,10 @@ def open_image(path, what):
             return ImageOps.exif_transpose(im), lossy and im.format
     except UnidentifiedImageError:
         raise SlimeError(f"{path} is not an image file PIL can read; give a PNG or JPEG {what}") from None
-    except Image.DecompressionBombError:
-        raise SlimeError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to be read "
-                         f"safely; downscale the {what} first") from None
-    except Exception as e:  # "image file is truncated", broken data stream, bad EXIF, ...
-        raise SlimeError(f"{path} is truncated or corrupt ({' '.join(str(e).split())}); re-export or re-download "
-                         f"the {what}") from None
+    except Exception as e:  # "image file is truncated", broken data stream, bad EXIF, too many pixels
+        raise SlimeError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to be read safely; "
+                         f"downscale the {what} first" if isinstance(e, Image.DecompressionBombError) else f"{path} is "
+                         f"truncated or corrupt ({' '.join(str(e).split())}); re-export or re-download the {what}") from None
 
 def read_image(path):  # an image file as a (3, H, W) float32 RGB tensor in [0, 1]; any alpha channel is dropped
     im, _ = open_image(path, "image")
@@ -826,6 +822,9 @@ def load_embeddings(path):
         bad = "its context is not a (1, 77, width) floating-point tensor"
     elif not torch.isfinite(context).all():  # predict segments with the context (the vectors and the prompt's rest)
         bad = "its context holds nan or inf values"
+    elif not isinstance(emb.get("learned"), torch.Tensor) or not torch.equal(  # as fit saves them, both
+            emb["learned"].float(), context[0, 1:len(parts)].float()):
+        bad = f"its learned vectors are not the {len(parts) - 1} vectors of its {len(parts)} parts that its context holds"
     elif emb.get("family") not in TEXT_PREFIX:
         bad = f"its family {emb.get('family')!r} is neither sd1 nor sd2"
     elif (emb.get("cross_layers"), emb.get("self_layers")) != (list(CROSS_LAYERS), list(SELF_LAYERS)):
@@ -855,7 +854,7 @@ def safe_load(path, what):  # torch.load that never runs pickled code, and says 
                          "objects that slime never runs") from None
 
 # ----------------------------------------------------------------------------- files: outputs, whole or not at all
-def commit(files):
+def commit(files, before_rename=lambda: None):
     """Write {path: bytes} whole or not at all: each to a temp file beside its target (hidden, never read as an
     image), flushed; only when all are written are they renamed into place. A full disk, an error or an
     interrupt (Ctrl-C, SIGTERM, SIGHUP arrive as KeyboardInterrupt) leaves every target as it was."""
@@ -868,6 +867,7 @@ def commit(files):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave an empty file
+        before_rename()  # predict's run record lists the files before they appear
         for path in files:
             current = path
             os.replace(temps[path], path)  # atomic within a folder: readers see the old file or the new
@@ -897,20 +897,15 @@ def mask_image(labels, colors=()):
     return im
 
 def overlay_image(image, labels, part_names, colors=(), band=256):
-    """The image with each part tinted and striped in its colour, white boundaries and a legend of the parts;
+    """The image with each part tinted half in its colour, white boundaries and a legend of the parts;
     built `band` rows at a time, so a 12000x9000 photo never needs full-size float arrays."""
     labels, palette = np.asarray(labels), output_palette(colors).astype(np.float64)
-    stripe = np.where(palette @ [0.299, 0.587, 0.114] > 110, 0.0, 255.0)  # BT.601 luma: black on light colours
     out, counts = Image.new("RGB", labels.shape[::-1]), np.zeros(256, np.int64)
     for i in range(0, labels.shape[0], band):
         lab = labels[i:i + band + 1].astype(np.int64) & 255  # one row more: the boundary with the next band
         counts += np.bincount(lab[:band].ravel(), minlength=256)
         rgb = (image[:, i:i + band].detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
-        part = lab[:band] != 0
-        tinted = np.where(part[..., None], 0.5 * rgb + 0.5 * palette[lab[:band]], rgb)
-        y, x = np.mgrid[i:i + len(rgb), :rgb.shape[1]]
-        striped = part & ((x + y) % 12 < 2)  # thin diagonal stripes, 12 px apart
-        tinted[striped] = stripe[lab[:band][striped], None]
+        tinted = np.where((lab[:band] != 0)[..., None], 0.5 * rgb + 0.5 * palette[lab[:band]], rgb)
         edge = np.zeros(lab.shape, bool)  # a boundary pixel differs from its right or its lower neighbour
         edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
         edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
@@ -1090,20 +1085,21 @@ def read_pairs(args, con):
     top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
     parts = names or (part_names(args.parts, "--parts") if args.parts else
                       ["background"] + [f"part{i}" for i in range(1, top + 1)])
-    if len(parts) > MAX_CLASSES:
-        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
-        bad = sorted(set(np.unique(m).tolist()) - set(range(len(parts))) - {IGNORE})
+        values = np.unique(m).tolist()
+        bad = sorted(set(values) - set(range(len(parts))) - {IGNORE})
         if tuple(m.shape) != tuple(img.shape[1:]):
             raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is {img.shape[2]}x{img.shape[1]}; "
                              "a mask must have its image's size")
-        if bad and palette is not None and not names:  # colour masks: more colours than --parts names
-            raise SlimeError(f"the colour masks hold {len(palette)} colours (black included) but --parts names "
-                             f"{len(parts)} classes; the {len(palette) - len(parts)} unknown colours are usually "
-                             "anti-aliased edges, so save the masks without anti-aliasing or as indexed PNGs")
-        if bad:
+        if len(values) > MAX_CLASSES + 1:  # more values than SD has tokens: a gray photo, not a drawn mask
+            raise SlimeError(f"{mp} holds {len(values)} distinct values, so it is a photo, not a mask: give each "
+                             "image first and its mask second (fit IMAGE MASK)")
+        if bad:  # colour masks: more colours than --parts names, usually anti-aliased edges
             raise SlimeError(f"{mp} has class values {bad[:8]} outside 0..{len(parts) - 1} for the {len(parts)} parts "
-                             f"{parts} (255 means ignore)")
+                             f"{parts} (255 means ignore)" + ("; its extra colours are usually anti-aliased edges: save "
+                             "the masks without anti-aliasing or as indexed PNGs" if palette is not None and not names else ""))
+    if len(parts) > MAX_CLASSES:
+        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
     if len(parts) < 2 or top == 0:
         raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
     if palette is not None and not names:  # colours sorted by value: say which became which part
@@ -1119,10 +1115,11 @@ RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.
 
 def plan_predict(args, con):  # everything a predict reads and writes, checked, and which images are done already
     device, emb = device_and_dtype(args, con), load_embeddings(args.emb)
-    s, (ckpt, family, modules) = settings_from(given(args), "the command line", emb["settings"]), checkpoint(args)
+    s = settings_from(given(args), "the command line", emb["settings"])
     jobs = [SimpleNamespace(image=p, gt=None, done=False, **{k: os.path.join(args.out, folder, os.path.splitext(
         os.path.basename(p))[0] + ".png") for k, folder in (("mask", "SegmentationClass"), ("overlay", "overlays"))})
             for p in list_images(args.inputs, con)]
+    ckpt, family, modules = checkpoint(args)
     if emb["family"] != family:
         raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
                          "predict with the checkpoint the embeddings were fitted on")
@@ -1217,8 +1214,7 @@ class Record:
         self.run = lines[last]["run"] if lines else None  # the last run's, and the images it wrote
         self.images = {x["image"]: x for x in lines[last:] if "image" in x}
 
-    def add(self, out, files, **what):
-        """List {path: bytes} about to be committed (and what they are), flushed to disk; this run's line first."""
+    def add(self, out, files, **what):  # list {path: bytes} about to be committed, flushed; this run's line first
         entry = {**what, "files": {os.path.relpath(p, out): hashlib.sha256(b).hexdigest() for p, b in files.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join("\n" + json.dumps(x) for x in (self.header, entry) if x))
@@ -1354,15 +1350,16 @@ def cmd_predict(args, con):  # plan; load; segment and write each image not done
     emb, s, device, ckpt, jobs, record, created = plan_predict(args, con)
     try:
         sd = load_for(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
-        todo, t0, records = [j for j in jobs if not j.done], time.time(), []
+        todo, wrote, t0, records = sum(not j.done for j in jobs), 0, time.time(), []
         for n, job in enumerate(jobs, 1):
             what = f"image {n}/{len(jobs)}  {os.path.basename(job.image)}"
-            con.progress(what, time_left(t0, todo.index(job), len(todo)) if job in todo else None, not job.done)
+            con.progress(what, None if job.done else time_left(t0, wrote, todo), not job.done)
             # a done image's mask is read back, so the IoU table and the summary cover every image
             labels = (torch.from_numpy(np.array(Image.open(job.mask))) if job.done else
                       segment_and_write(sd, emb["context"].to(sd.device), job, s, emb, record, args.out, con, what))
             records.append(image_record(job, labels, emb))
-        report(args, con, emb, s, records, record, len(todo))
+            wrote += not job.done
+        report(args, con, emb, s, records, record, wrote)
     except BaseException:
         remove_empty(created)
         raise
@@ -1372,15 +1369,14 @@ def segment_and_write(sd, context, job, s, emb, record, out, con, what):
     image, t0 = read_image(job.image), time.time()
     try:
         labels = segment(sd, context, image, len(emb["parts"]), s, progress=lambda i, n: con.progress(
-            f"{what}  window {i}/{n}", time_left(t0, i, n)))
+            f"{what}  window {i}/{n}", time_left(t0, i, n), force=i == n))
     except SlimeError as e:
         raise SlimeError(f"{job.image}: {e}") from None
     # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
     shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
     files = {job.mask: png(mask_image(labels.numpy(), part_colors(emb))),
              job.overlay: png(overlay_image(shown, labels.numpy(), emb["parts"], part_colors(emb)))}
-    record.add(out, files, image=os.path.abspath(job.image), stamp=stamp(job.image))  # listed, then renamed
-    commit(files)
+    commit(files, lambda: record.add(out, files, image=os.path.abspath(job.image), stamp=stamp(job.image)))
     return labels
 
 def image_record(job, labels, emb):
@@ -1411,8 +1407,12 @@ def report(args, con, emb, s, records, record, wrote):
              RUN_FILES[1]: "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records),
              "summary.json": json.dumps(summary, indent=2) + "\n"}
     files = {os.path.join(args.out, name): text.encode() for name, text in files.items()}
-    record.add(args.out, files)
-    commit(files)
+    commit(files, lambda: record.add(args.out, files))
+    empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background
+    if empty:
+        con.say(f"warning: {empty} of {count(len(records), 'image')} got no part at all: no part's cross-attention "
+                f"reached --threshold {s.threshold} in any patch; the images may be unlike the annotated ones, or the "
+                "weights not the ones fit used (a lower --threshold lets weaker parts vote)")
     con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}" + (
         f"; skipped {len(records) - wrote}, already made by this emb.pt with these settings (--overwrite redoes them)"
         if len(records) > wrote else ""))

@@ -20,7 +20,7 @@ release = a BASELINE built here from slime's own functions, computing as the rel
           Faithfulness; aliasgharkhani/SLiMe at 9de06f1, src/slime.py and src/stable_difusion.py): a CFG batch of 2 [uncond; cond] in every UNet call,
           with grad through both halves in training; the attention probabilities of EVERY UNet attention
           layer materialised (no SDPA fast path); and, in every training step, the patched inference
-          (class_scores at out=64, CFG batch) that the release ran only to log a training IoU.
+          (the patch votes at out=64, CFG batch) that the release ran only to log a training IoU.
 Every patched inference uses threshold 0: with random weights no class reaches 0.2, and a class
 that does not pass skips its per-class work, which would flatter both sides.
 """
@@ -61,6 +61,7 @@ class RandomSD(slime.StableDiffusion):
     def __init__(self, unet, vae, text_encoder, device):
         self.family, self.path, self.fingerprint = "sd2", None, "random-weights"
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.device, self.dtype = torch.device(device), next(unet.parameters()).dtype
         self.alphas_cumprod = slime.alphas_cumprod().to(device)
 
 
@@ -148,8 +149,11 @@ def release_training_step(base, learned, cond, image, mask, s, gen):
     # threshold 0: with random weights no class reaches 0.2 and the per-class work would be skipped.
     with torch.no_grad():
         ps = replace(s, threshold=0.0)
-        slime.class_scores(base, slime.with_learned(learned, cond), slime.noisy_patches(base, image, ps), K, ps,
-                           out=slime.MAP).argmax(0)
+        ratio = slime.SIZE // slime.MAP  # the release's output grid of 64: each patch on its 8x smaller footprint
+        patches = [(y0 // ratio, x0 // ratio, x_t) for y0, x0, x_t in slime.noisy_patches(base, image, ps)]
+        scores, votes = slime.vote_sums(base, slime.with_learned(learned, cond), patches, K, ps, (slime.MAP,) * 2,
+                                        ps.patch_size // ratio)
+        (scores / votes).argmax(0)
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
 
 
@@ -199,11 +203,11 @@ def measure_one(mode, args):
         context = slime.with_learned(cond[0, 1:K], cond)
 
         model = sd if who == "slime" else base
-        # validation inside fit segments the same image every epoch from noisy patches made once (KeepTheBest)
-        kept = slime.noisy_inputs(model, image, ps) if op == "val" and who == "slime" else None  # the release: not
+        # validation inside fit segments the same image every epoch from noisy patches made once per fit
+        kept = slime.noisy_patches(model, image, ps) if op == "val" and who == "slime" else None  # the release: not
 
         def run():
-            slime.segment(model, context, image, K, ps, patches=kept)
+            slime.segment(model, context, image, K, ps, inputs=kept)
     sync(device)
     if device == "cuda":
         before = torch.cuda.memory_allocated()

@@ -11,9 +11,10 @@ rectangle and a plain disc) is segmented with and without --window.
 Part 2 (not with --quick): fit on the photo itself (16 px disc), 40 epochs, validated on a 640x512 crop
 holding the disc, once squashed as the release and once with --window 256 (views at the photo's own
 scale); each emb.pt then segments the photo and a copy with other noise (seed 1) the way it was fitted.
-The IoUs are read back from each run's metrics.csv. Not a test: pytest does not collect it.
+The IoUs are read back from each run's summary.json. Not a test: pytest does not collect it.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def predict(run, emb, ckpt, radius, seed, window, row):
     r = slime("predict", emb, os.path.join(run, "in"), "-o", os.path.join(run, "out"), "--masks",
               os.path.join(run, "gt"), "--ckpt", ckpt, "--window", window)
     seconds = time.time() - t0
-    iou = dict(line.split(",") for line in open(os.path.join(run, "out", "metrics.csv")).read().splitlines()[1:])
+    iou = json.load(open(os.path.join(run, "out", "summary.json")))["iou"]
     said = [line for line in r.stderr.splitlines() if line.startswith("--window")]
     passes = said[0].split(": ")[1].split(" window")[0] if said else "1"
     print(f"| {row} | {passes} | {float(iou['square']):.4f} | {float(iou['disc']):.4f} | {seconds:.1f} s |", flush=True)

@@ -83,12 +83,6 @@ def write_tiny_checkpoint(path, family, seed=0, dtype=torch.float32):
     return str(path)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory):
-    """slime remembers checkpoint SHA-256s in $XDG_CACHE_HOME; keep the tests' out of the user's cache."""
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
-
-
 def write_sdlike_checkpoint(path, seed=0):
     """A tiny SD 2 checkpoint (real layout, tiny widths) whose attention behaves like real SD's.
 

@@ -208,7 +208,7 @@ def patched_masking_slow(calls, K, s, out):
 
 @pytest.mark.parametrize("patch_size, per_side, out, passed", [
     (400, 2, 512, [[0, 2], [1, 2], [], [1]]),
-    (512, 1, 64, [[0, 2]]),
+    (512, 1, 512, [[0, 2]]),
 ])
 def test_patched_masking_arithmetic(patch_size, per_side, out, passed):
     K = 3
@@ -217,7 +217,9 @@ def test_patched_masking_arithmetic(patch_size, per_side, out, passed):
     # not always the first that passes, and no class passes in the third patch (it adds nothing)
     s = slime.Settings(patch_size=patch_size, patches_per_side=per_side, threshold=0.017)
     sd = FakeSD(FakeUNet(calls))
-    got = slime.class_scores(sd, None, slime.noisy_patches(sd, torch.rand(3, 512, 512), s), K, s, out=out)
+    scores, votes = slime.vote_sums(sd, None, slime.noisy_patches(sd, torch.rand(3, 512, 512), s), K, s, (out, out),
+                                    patch_size)
+    got = scores / votes
     want, passed_per_patch = patched_masking_slow(calls, K, s, out)
     assert passed_per_patch == passed  # the cases above really occur
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
@@ -228,7 +230,7 @@ def test_segment_upsamples_scores_not_labels(monkeypatch, h, w, band):
     """Labels at the image's size are the argmax of the class scores upsampled bilinearly to that size,
     computed band by band of rows."""
     scores = torch.rand(4, 512, 512, generator=torch.Generator().manual_seed(h))
-    monkeypatch.setattr(slime, "class_scores", lambda *a, **k: scores)
+    monkeypatch.setattr(slime, "vote_sums", lambda *a, **k: (scores, torch.ones(())))
     got = slime.segment(FakeSD(FakeUNet([{}])), None, torch.rand(3, h, w), 4, slime.Settings())
     assert torch.equal(slime.upsampled_argmax(scores, h, w, band=band), got)  # bands change nothing
     want = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
@@ -301,28 +303,23 @@ def test_fit_feeds_the_colour_order_it_records(tiny_ckpt, monkeypatch, bgr):
 
 
 def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_ckpt):
-    """fit's validation segments the same images with the same seeded noise every time, so KeepTheBest
-    VAE-encodes each validation patch once per fit; its masks and mIoU equal segmenting from scratch."""
+    """fit's validation segments the same images with the same seeded noise every time, so it VAE-encodes
+    each validation patch once per fit; its masks and mIoU equal segmenting from scratch."""
     from conftest import synthetic_scene
     sd = slime.load_models(tiny_ckpt("sd2"))
     img, mask = synthetic_scene()
     image, gt = torch.from_numpy(img).permute(2, 0, 1).float() / 255, torch.from_numpy(mask).long()
-    s = slime.Settings(threshold=0, patch_size=400, patches_per_side=2)
+    s = slime.Settings(threshold=0, patch_size=512, patches_per_side=1)
     cond, _ = slime.prompt_contexts(sd, 3)
-    best = []
-    keeper = slime.KeepTheBest(sd, cond, 3, s, [(image, gt)], lambda c, e, m: best.append(m))
-    encodes, encode = [], sd.vae.encode
+    encodes, encode, kept = [], sd.vae.encode, []
     sd.vae.encode = lambda *a, **k: encodes.append(1) or encode(*a, **k)
-    mious = []
-    for epoch, shift in enumerate((0.0, 0.5)):
-        learned = cond[0, 1:3] + shift
-        keeper.validate(learned, epoch)
-        context = slime.with_learned(learned, cond)
+    for shift in (0.0, 0.5):
+        context = slime.with_learned(cond[0, 1:3] + shift, cond)
+        miou = slime.validation_miou(sd, context, [(image, gt)], kept, 3, s)
         fresh = slime.segment(sd, context, image, 3, s, slime.SIZE)
-        assert torch.equal(slime.segment(sd, context, image, 3, s, slime.SIZE, keeper.patches[0]), fresh)
-        mious.append(slime.image_miou(fresh, gt, 3))
-    assert len(encodes) == 4 + 2 * 4  # the keeper's 4 patches once; 4 for each segment from scratch
-    assert best[0] == mious[0] and keeper.best == max(mious)  # the mIoU of the masks made from scratch
+        assert torch.equal(slime.segment(sd, context, image, 3, s, slime.SIZE, kept[0]), fresh)
+        assert miou == slime.image_miou(fresh, gt, 3)  # the mIoU of the masks made from scratch
+    assert len(encodes) == 1 + 2  # the validation's patch once; one for each segment from scratch
 
 
 # ----------------------------------------------------------------------------- native resolution (--window)

@@ -11,11 +11,7 @@ conftest.py attends like real SD.
 
     python -m pytest -q tests/test_models.py
 """
-import argparse
-import hashlib
-import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -39,12 +35,13 @@ SLIME_LAYERS = ["output_blocks.%d.1.transformer_blocks.0.attn2" % i for i in (3,
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_real_layout_maps_onto_the_models(family):
-    """Every tensor of the real release file has a module slot of its shape, or is on the ignore list."""
+def test_real_layout_maps_onto_the_models(tmp_path, family):
+    """Every tensor of the real release file has a module slot of its shape, or is on the ignore list:
+    read_header (which refuses missing, unexpected and mis-shaped tensors) accepts the real header."""
     shapes = real_layout(family)
-    got_family, modules, ignored = slime.build_models(shapes, "layout")
+    got_family, modules, _ = slime.read_header(write_layout_only(tmp_path / "real.safetensors", family))
     assert got_family == family
-    slime.check_keys(shapes, modules, ignored, "layout")  # raises on missing / unexpected / mis-shaped
+    _, _, ignored = slime.build_models(shapes, "layout")
     used = {p + k for p, m in modules.items() for k in m.state_dict()}
     skipped = {k for k in shapes if any(p.match(k) for p in ignored)}
     assert used | skipped == set(shapes) and not used & skipped
@@ -181,8 +178,10 @@ def write_bytes(path, data):
     ("pickle", r"is not a .safetensors file; slime never unpickles .ckpt files"),
     ("truncated", r"cannot be read as .safetensors \(truncated or corrupt download\?\)"),
     ("garbage", r"cannot be read as .safetensors"),
-    ("lora", r"holds no model.diffusion_model.\* tensors, so it is not a full Stable Diffusion checkpoint"),
+    ("lora", r"is no full SD checkpoint \(no model.diffusion_model.\* tensors: a LoRA, VAE or embedding\?\); slime "
+             "needs a Stable Diffusion 1.x or 2.x file such as v2-1_512-ema-pruned.safetensors"),
     ("sdxl", r"is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file"),
+    ("notext", r"is a UNet without a text encoder slime knows; slime needs a Stable Diffusion 1.x or 2.x file"),
     ("incomplete", r"lacks tensors for a .* checkpoint: model.diffusion_model.out.2.bias"),
 ])
 def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, message):
@@ -198,6 +197,8 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
         "sdxl": lambda: (save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2),
                                     "model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "x.safetensors"),
                          str(tmp_path / "x.safetensors"))[1],
+        "notext": lambda: (save_file({"model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "u.safetensors"),
+                           str(tmp_path / "u.safetensors"))[1],
         "incomplete": lambda: _without(tmp_path, tiny_ckpt("sd1"), "model.diffusion_model.out.2.bias"),
     }[case]()
     with pytest.raises(slime.SlimeError, match=message) as e:
@@ -222,50 +223,17 @@ def test_unexpected_tensor_is_named(tmp_path, tiny_ckpt):
         slime.load_models(tmp_path / "extra.safetensors")
 
 
-def test_info_reads_only_the_header_of_a_full_size_file(tmp_path):
-    """`slime.py info` on a 2.6 GB file in the real SD 2.1-base layout (fp16, a sparse hole of zeros):
-    family, dtype, counts and the file's SHA-256, without reading the tensors into memory."""
+def test_the_plan_reads_only_the_header_of_a_full_size_file(tmp_path):
+    """A 2.6 GB file in the real SD 2.1-base layout (fp16, a sparse hole of zeros): read_header checks every
+    name, shape and format, and fingerprint identifies the weights, without reading the tensors into memory."""
     path = write_layout_only(tmp_path / "v2-1_512-fp16.safetensors", "sd2")
-    code = "import sys, slime; rc = slime.main(['info', sys.argv[1]]); print(peak_memory()); sys.exit(rc)"
-    code = PEAK_MEMORY + code
+    code = PEAK_MEMORY + ("import sys, slime; f, m, d = slime.read_header(sys.argv[1]); "
+                          "print(f, len(d), sorted(set(d.values())), slime.fingerprint(sys.argv[1])); print(peak_memory())")
     r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    lines = dict(line.split(None, 1) for line in r.stdout.splitlines())
-    assert lines["family"].startswith("sd2 (Stable Diffusion 2.x; OpenCLIP ViT-H/14 text encoder, context width 1024)")
-    assert lines["tensors"].startswith("1242 (F16), ") and "slime loads 1074, does not need the other 168" in lines["tensors"]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    assert lines["sha256"] == h.hexdigest()
-    assert lines["known"].startswith("no: not a release file")
-    assert int(lines["VmHWM:"].split()[0]) < 1.5e6  # kB; the file is 2.6 GB, reading its tensors would show
-
-
-def test_known_release_files_are_named_and_hashes_remembered(tmp_path, tiny_ckpt, monkeypatch, capsys):
-    path = tiny_ckpt("sd1")
-    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    assert digest not in slime.KNOWN_FILES
-    assert "not a known release file (SHA-256 " + digest[:12] in slime.known_file(path, "sd1")
-    monkeypatch.setitem(slime.KNOWN_FILES, digest, "v1-5-pruned-emaonly.safetensors (SD 1.5)")
-    assert slime.known_file(path, "sd1") == "v1-5-pruned-emaonly.safetensors (SD 1.5)"
-    assert slime.main(["info", path]) == 0
-    assert "known     v1-5-pruned-emaonly.safetensors (SD 1.5)" in capsys.readouterr().out
-    # the digest is remembered per path, size and mtime: a changed file is hashed again
-    hashes, sha256 = [], hashlib.sha256
-    monkeypatch.setattr(slime.hashlib, "sha256", lambda *a: hashes.append(a) or sha256(*a))
-    assert slime.file_sha256(path) == digest and hashes == []
-    copy = tmp_path / "copy.safetensors"
-    copy.write_bytes(open(path, "rb").read())
-    assert slime.file_sha256(str(copy)) == digest and len(hashes) == 1
-    # with -q nobody reads the weights line, so a new file is loaded without being hashed
-    other = tmp_path / "other.safetensors"
-    other.write_bytes(open(path, "rb").read())
-    args = argparse.Namespace(quiet=True, device="cpu", dtype=None, ckpt=str(other))
-    assert slime.load_for(args, slime.Console(True), str(other), (torch.device("cpu"), torch.float32),
-                          text_encoder=False).family == "sd1"
-    cache = os.path.join(os.environ["XDG_CACHE_HOME"], "slime", "sha256.json")
-    assert not [k for k in json.load(open(cache)) if k.startswith(os.path.realpath(other))]
+    family, count, dtypes, digest = r.stdout.splitlines()[0].split(" ", 3)
+    assert (family, count, dtypes) == ("sd2", "1242", "['F16']") and len(digest) == 16
+    assert int(r.stdout.splitlines()[1].split()[1]) < 1.5e6  # kB; the file is 2.6 GB, reading its tensors would show
 
 
 def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
