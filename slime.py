@@ -578,13 +578,11 @@ def read_header(path):
 
 def fingerprint(path, sample=1 << 20):
     """A cheap identity of the weights: SHA-256 of the header and of the first and last MiB of data."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
-        h.update(f.read(n) + f.read(sample))
+        head = f.read(n + sample)
         f.seek(max(8 + n, os.path.getsize(path) - sample))  # max(): small files overlap instead of reading past the end
-        h.update(f.read(sample))
-    return h.hexdigest()[:16]
+        return hashlib.sha256(head + f.read(sample)).hexdigest()[:16]
 
 class StableDiffusion:
     """What `load_models` returns: the three frozen networks, the tokenizer and the noise schedule."""
@@ -886,9 +884,7 @@ def png(im):
 
 def output_palette(colors=()):
     """The 256-colour palette of masks and overlays: the parts' colours first, VOC's for the rest (255: void)."""
-    palette = VOC_PALETTE.copy()
-    palette[:len(colors)] = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
-    return palette
+    return np.concatenate([np.asarray(colors, dtype=np.uint8).reshape(-1, 3), VOC_PALETTE[len(colors):]])
 
 def mask_image(labels, colors=()):
     """(H, W) labels -> an indexed PNG image: pixel value = class, shown in the parts' colours."""
@@ -911,8 +907,11 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
         edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
         tinted[edge[:band]] = 255
         out.paste(Image.fromarray(np.round(tinted).astype(np.uint8)), (0, i))
-    size = max(8, min(32, min(out.size) // 32))  # the legend: text 8 px on small images, 16 px at 512, at most 32
+    # the legend: text 16 px at 512, at most 32, in at most a third of the image's height, else no legend
+    size = max(6, min(32, min(out.size) // 32, out.height // (4 * len(part_names))))
     font, draw, pad = ImageFont.load_default(size=size), ImageDraw.Draw(out), max(2, size // 4)
+    if pad + (size + pad) * len(part_names) > out.height // 3:
+        return out
     names = [name + ("" if counts[c] else " (none)") for c, name in enumerate(part_names)]
     draw.rectangle([0, 0, 3 * pad + size + max(draw.textlength(n, font=font) for n in names),
                     pad + (size + pad) * len(names)], fill=(32, 32, 32))

@@ -6,11 +6,14 @@ hand-set attention that follows the image's colours, SOT as the attention sink).
 random tiny checkpoint. --window (native resolution): the README's evidence on a 2048x1536 synthetic
 photo, fit's full-resolution views and emb.pt's record of the flag, and its one-line refusals.
 """
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -31,10 +34,13 @@ SDLIKE = ["--epochs", "10", "--lr", "0.3", "--val-every", "5", "--beta", "0", "-
 
 
 def run(*args, ok=True):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)],
-                       capture_output=True, text=True, timeout=900)
-    assert (r.returncode == 0) == ok, r.stderr
-    return r
+    """slime's command line, in this process (each `python slime.py` costs an interpreter start; the fixture
+    below and the tests of signals, kills and a full disk run it as a program) -> its stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = slime.main([str(a) for a in args])
+    assert (code == 0) == ok, err.getvalue()
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
 
 
 # The parts and colours of a labelling tool's task; not VOC's colours, so only its labelmap.txt can name them
@@ -61,7 +67,9 @@ def fitted(tmp_path_factory, sdlike_ckpt):
     d = tmp_path_factory.mktemp("fit")
     img, mask = cvat_export(d / "export", "scene", *synthetic_scene())
     emb = d / "emb.pt"
-    run("fit", img, mask, "--ckpt", sdlike_ckpt, "-o", emb, *SDLIKE)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), "fit", str(img), str(mask), "--ckpt",
+                        sdlike_ckpt, "-o", str(emb), *SDLIKE], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
     return d / "export", emb, sdlike_ckpt
 
 
@@ -168,10 +176,11 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
 
 def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
     d, emb, _ = fitted
-    pair = d / "JPEGImages" / "scene.png", d / "SegmentationClass" / "scene.png"
-    run("fit", *pair, "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o",
-        tmp_path / "a.pt", *TINY)
-    run("fit", *pair, "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o", tmp_path / "b.pt", *TINY)  # names: labelmap's
+    pair = [str(d / "JPEGImages" / "scene.png"), str(d / "SegmentationClass" / "scene.png")]
+    assert slime.main(["fit", *pair, "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"), "--epochs", "1",
+                       "-o", str(tmp_path / "a.pt"), *TINY]) == 0
+    assert slime.main(["fit", *pair, "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o", str(tmp_path / "b.pt"),
+                       *TINY]) == 0  # the names: the labelmap's
     a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     assert torch.equal(a["context"], b["context"])
 
@@ -193,21 +202,20 @@ def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message)
 
 
 def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
-    """README's Python API block, run unchanged in a folder holding what it names (the tiny checkpoint as
-    weights/v2-1_512-ema-pruned.safetensors, ref.png, ref_mask.png, new.png)."""
+    """README's Python API block, run unchanged in a folder holding what it names: the tiny checkpoint as
+    weights/v2-1_512-ema-pruned.safetensors, and examples/ as shipped (a 6-class indexed mask)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = readme.split("## emb.pt and the Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "weights").mkdir()
     os.symlink(tiny_ckpt("sd2"), tmp_path / "weights" / "v2-1_512-ema-pruned.safetensors")
-    img, mask = synthetic_scene(size=128)
-    Image.fromarray(img).save(tmp_path / "ref.png")
-    Image.fromarray(mask).save(tmp_path / "ref_mask.png")
-    Image.fromarray(synthetic_scene(size=96, shift=20, seed=1)[0]).save(tmp_path / "new.png")
+    os.symlink(os.path.join(ROOT, "examples"), tmp_path / "examples")
     r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:4] == ["step 1", "step 2", "validation 2", ""]
-    assert Image.open(tmp_path / "new_mask.png").size == (96, 96)
+    assert r.stdout.split("\n") == ["step 1", "step 2", "validating 2", "validation 2", ""]
+    labels = np.array(Image.open(tmp_path / "astronaut_labels.png"))
+    assert labels.shape == (512, 512) and labels.max() <= 5
+
 
 # --window, the evidence of README "Small parts in big photos" (all its rows: benchmarks/window_evidence.py).
 # CI checks the 32 px disc at --window 512 (20 windows, about 30 s); the 16 px disc needs --window 256 (88
@@ -216,7 +224,7 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
 WINDOW, RADIUS = 512, 16
 
 
-def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(fitted, tmp_path):
+def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(fitted, tmp_path, capsys):
     """A 2048x1536 photo with a large part and a 32 px disc, which the squash to 512 shrinks to one latent
     pixel. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt, finds it (measured
     0.68) and keeps the large part (within 0.05; measured 0.92 -> 0.98). The mechanism, on the SD-like test
@@ -234,8 +242,9 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     iou, stderr, seconds = {}, {}, {}
     for name, embeddings in (("squash", emb), ("native", native)):
         t0 = time.time()
-        stderr[name] = run("predict", embeddings, tmp_path / "in", "-o", tmp_path / name, "--masks", tmp_path / "gt",
-                           "--ckpt", ckpt).stderr
+        assert slime.main(["predict", str(embeddings), str(tmp_path / "in"), "-o", str(tmp_path / name), "--masks",
+                           str(tmp_path / "gt"), "--ckpt", ckpt]) == 0
+        stderr[name] = capsys.readouterr().err
         seconds[name] = time.time() - t0
         iou[name] = json.loads((tmp_path / name / "summary.json").read_text())["iou"]
     print({name: (v, f"{seconds[name]:.0f} s") for name, v in iou.items()})  # pytest -s shows the evidence
@@ -243,7 +252,7 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     assert squash["disc"] < 0.1 and native["disc"] >= 0.6, iou
     assert native["square"] >= squash["square"] - 0.05, iou
     # predict showed each window's progress, from emb.pt's setting alone
-    assert "image 1/1  photo.png  window 20/20" in stderr["native"] and "window" not in stderr["squash"]
+    assert "image 1/1  photo.png  window 20/20  " in stderr["native"] and "  window " not in stderr["squash"]
     assert Image.open(tmp_path / "native" / "SegmentationClass" / "photo.png").size == (2048, 1536)
 
 

@@ -284,7 +284,7 @@ def test_write_index_png(tmp_path):
 
 @pytest.mark.parametrize("h,w", [(64, 128), (200, 300)])
 def test_write_overlay(tmp_path, h, w):
-    """Big enough for the legend (8 px text below 256 px, two lines) to leave the checked regions free."""
+    """Big enough for the legend (6 px text on small images, two lines) to leave the checked regions free."""
     rgb = rng_rgb(h, w)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     labels = np.zeros((h, w), np.int64)
@@ -305,23 +305,25 @@ def test_write_overlay(tmp_path, h, w):
 
 
 def test_the_legend_lists_every_part_even_when_absent(tmp_path):
-    """Nothing found: the legend still shows all 4 parts (4 lines of 10 px at this size), not "background" alone."""
+    """Nothing found: the legend still shows all 4 parts (4 lines of 8 px at this size), not "background" alone."""
     image = torch.from_numpy(rng_rgb(200, 300)).permute(2, 0, 1).float() / 255
     parts = ["background", "head", "suit", "flag"]
     out = np.array(overlay_image(image, np.zeros((200, 300), np.int64), parts))
-    assert (out[:41, 0] == 32).all() and not (out[43:, 0] == 32).all()
+    assert (out[:35, 0] == 32).all() and not (out[36:, 0] == 32).all()
 
 
-def test_write_overlay_of_a_tiny_image_clips_the_legend(tmp_path):
-    """On a 16x16 image the legend is larger than the image: PIL clips it, the file keeps the image's size."""
-    labels = np.zeros((16, 16), np.int64)
-    labels[8:, 8:] = 1
-    write_overlay(tmp_path / "tiny.png", torch.rand(3, 16, 16), labels, ["background", "wheel"])
-    with Image.open(tmp_path / "tiny.png") as im:
-        assert im.size == (16, 16)
-        out = np.array(im)
-    # the legend's dark box (2 lines of 10 px) reaches the bottom edge
-    assert tuple(out[0, 0]) == (32, 32, 32) and tuple(out[15, 0]) == (32, 32, 32)
+@pytest.mark.parametrize("h, w, parts, box", [(512, 512, 6, 124), (512, 512, 10, 153), (96, 128, 6, None),
+                                              (16, 16, 2, None)])
+def test_the_legend_scales_with_the_image_and_never_hides_a_third_of_it(h, w, parts, box):
+    """16 px text at 512 (6 parts: 6 lines of 20 px); fewer pixels per line when many parts must fit in a third
+    of the height; on a small image, where even 6 px text would hide more than a third, no legend at all."""
+    image = torch.full((3, h, w), 0.5)
+    out = np.array(overlay_image(image, np.zeros((h, w), np.int64), [f"p{i}" for i in range(parts)]))
+    dark = (out[:, 0] == 32).all(-1)
+    if box is None:
+        assert not dark.any() and (out == 128).all()  # the image as it is
+    else:
+        assert dark[:box + 1].all() and not dark[box + 1:].any() and box < h / 3
 
 
 def test_write_overlay_band_by_band_equals_whole(tmp_path):
