@@ -669,22 +669,24 @@ def read_mask(path, colors=False):
     """A mask file (.npy or a lossless image) as (H, W) int64 labels (255, VOC's "ignore", kept), or as
     (H, W, 3) colours; colors=True reads an indexed PNG as its colours (a labelmap names colours)."""
     if str(path).lower().endswith(".npy"):
-        return read_npy_mask(path)
-    im, lossy = open_image(path, "mask")
-    if lossy:
-        raise SlimeError(f"{path} is stored lossily ({lossy}); compression invents colours and values at every "
-                         "edge, which would become classes of their own: save the mask as PNG (or .npy)")
-    if im.mode in ("P", "L", "1") + GRAY16 and not (colors and im.mode == "P"):
-        return np.asarray(im).astype(np.int64)  # the index or gray value is the class (VOC's SegmentationClass)
-    if im.mode in ("PA", "LA"):
-        return np.asarray(im)[..., 0].astype(np.int64)  # the alpha channel is not a label
-    if im.mode == "F":
-        raise SlimeError(f"{path} holds floating-point values; save the mask as integer class labels "
-                         "(an indexed or gray PNG)")
-    rgb = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))[..., :3]
-    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
-        return rgb[..., 0].astype(np.int64)  # a gray mask saved as RGB
-    return np.ascontiguousarray(rgb)
+        m = read_npy_mask(path)
+    else:
+        im, lossy = open_image(path, "mask")
+        if lossy or im.mode == "F":
+            raise SlimeError(f"{path} is stored lossily ({lossy}); compression invents colours and values at every "
+                             "edge, which would become classes of their own: save the mask as PNG (or .npy)" if lossy
+                             else f"{path} holds floating-point values; save the mask as integer class labels")
+        if im.mode in ("P", "L", "1", "PA", "LA") + GRAY16 and not (colors and im.mode == "P"):
+            m = np.asarray(im)[..., 0] if im.mode in ("PA", "LA") else np.asarray(im)  # the alpha is not a label
+        else:
+            m = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))[..., :3]
+            m = m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m  # grey as RGB
+    n = len(np.unique(pack_rgb(m) if m.ndim == 3 else m))
+    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1):  # more than SD has tokens, or thousands of colours
+        raise SlimeError(f"{path} holds {n:,} distinct {'colours' if m.ndim == 3 else 'values'}, so it is a photo, "
+                         "not a mask (or a mask with smooth, anti-aliased edges): give each image first and its mask "
+                         "second (fit IMAGE MASK), and only masks in a --masks folder")
+    return np.ascontiguousarray(m) if m.ndim == 3 else m.astype(np.int64)
 
 def read_npy_mask(path):  # a 2-D integer (or bool) .npy label array, the release's format; never unpickles
     check_file(path, "mask")
@@ -727,9 +729,6 @@ def colors_to_labels(masks, palette=None, names=None, source="the palette"):
     if palette is None:  # from ALL the masks at once: mapped one by one, a part absent from one would shift the rest
         present = np.zeros(0, np.int32)
         for name, k in ((n, k[0]) for n, k in zip(names, keys) if k is not None):  # counted as the colours add up
-            if len(k) > 1000:  # thousands of colours in one file: a photo or a rendering, not a drawn mask
-                raise SlimeError(f"{name} holds {len(k):,} distinct colours, so it is a photo, not a mask: give each "
-                                 "image first and its mask second (fit IMAGE MASK), and only masks in a --masks folder")
             present = np.union1d(present, k[k != pack_rgb(VOID)])  # void is ignore, not a class
             if len(present) > MAX_CLASSES:
                 raise SlimeError(f"{name} brings the number of distinct mask colours to {len(present)}, more classes "
@@ -1085,14 +1084,10 @@ def read_pairs(args, con):
     parts = names or (part_names(args.parts, "--parts") if args.parts else
                       ["background"] + [f"part{i}" for i in range(1, top + 1)])
     for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
-        values = np.unique(m).tolist()
-        bad = sorted(set(values) - set(range(len(parts))) - {IGNORE})
+        bad = sorted(set(np.unique(m).tolist()) - set(range(len(parts))) - {IGNORE})
         if tuple(m.shape) != tuple(img.shape[1:]):
             raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is {img.shape[2]}x{img.shape[1]}; "
                              "a mask must have its image's size")
-        if len(values) > MAX_CLASSES + 1:  # more values than SD has tokens: a gray photo, not a drawn mask
-            raise SlimeError(f"{mp} holds {len(values)} distinct values, so it is a photo, not a mask: give each "
-                             "image first and its mask second (fit IMAGE MASK)")
         if bad:  # colour masks: more colours than --parts names, usually anti-aliased edges
             raise SlimeError(f"{mp} has class values {bad[:8]} outside 0..{len(parts) - 1} for the {len(parts)} parts "
                              f"{parts} (255 means ignore)" + ("; its extra colours are usually anti-aliased edges: save "

@@ -239,10 +239,10 @@ FIT_CASES = [
     ("a finished emb.pt, no --overwrite", "emb.pt already holds fitted embeddings; pass --overwrite to replace them "
                                           "(at this fit's first validation), or choose another -o"),
     ("image and mask swapped", "a.png holds"),
-    ("the mask as the image", "distinct colours, so it is a photo, not a mask: give each image first and its mask "
-                               "second (fit IMAGE MASK)"),
-    ("a grey photo as the mask", "a_mask.png holds 256 distinct values, so it is a photo, not a mask: give each image "
-                                 "first and its mask second (fit IMAGE MASK)"),
+    ("the mask as the image", "distinct colours, so it is a photo, not a mask (or a mask with smooth, anti-aliased "
+                              "edges): give each image first and its mask second (fit IMAGE MASK)"),
+    ("a grey photo as the mask", "a_mask.png holds 256 distinct values, so it is a photo, not a mask (or a mask with "
+                                 "smooth, anti-aliased edges): give each image first and its mask second"),
 ]
 
 
@@ -696,6 +696,34 @@ def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
     assert outputs(tmp_path / "öut put") == outputs(None, ["my imäge ✓"])
 
 
+def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
+    """fit's ETA: the steps left at the pace of the last 5 steps, and the validations left at the time of the last
+    one (the first one also encodes the validation patches, once per fit); none before the first validation."""
+    lines, clock = [], iter([0.0, 10, 10, 20, 20, 20, 170, 180, 180])  # each step reads the clock twice
+    monkeypatch.setattr(slime.time, "time", lambda: next(clock))
+    con = SimpleNamespace(progress=lambda text, eta=None, force=False: lines.append((text, eta)))
+    progress = slime.fit_progress(con, slime.Settings(epochs=4, val_every=2), 2)  # 8 steps, 2 validations
+    assert progress.vals == 2
+    for e in (dict(event="step", step=1, epoch=1, ce=1, mse=2, sd=3), dict(event="step", step=2, epoch=1, ce=1, mse=2,
+              sd=3), dict(event="validating", epoch=1), dict(event="validation", epoch=1, miou=0.5, best=True, seconds=150),
+              dict(event="step", step=3, epoch=2, ce=1, mse=2, sd=3)):
+        progress(e)
+    assert lines[0] == ("epoch 1/4  step 1/8  ce 1.0000  mse 2.0000  sd 3.0000", None)  # no validation timed yet
+    assert lines[2] == ("epoch 1/4  validating", None)
+    assert lines[3] == ("epoch 1/4  validation mIoU 0.5000, the best so far: saved", 6 * 10 + 1 * 150)  # 6 steps left
+    assert lines[4][1] == 5 * 10 + 1 * 150  # 5 steps left at 10 s, 1 validation at 150 s
+
+
+def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb, capsys):
+    img, _ = scene_files(tmp_path, size=64)
+    assert slime.main(["predict", str(emb), str(img), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2"),
+                       "--threshold", "1"]) == 0
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "warning: 1 of 1 image got no part at all: no part's cross-attention reached --threshold 1.0 in any patch; "
+        "the images may be unlike the annotated ones, or the weights not the ones fit used (a lower --threshold "
+        "lets weaker parts vote)", f"wrote masks and overlays of 1 image to {tmp_path / 'out'}"]
+
+
 def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, tiny_ckpt, capsys):
     img, mask = scene_files(tmp_path)
     assert slime.main(["fit", str(img), str(mask), "--parts", "background,square,disc,wheel", "--ckpt",
@@ -820,5 +848,9 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
     for line in filter(None, shown):
         assert line.startswith(starts) and sum(line.count(s.strip()) for s in starts[:-1]) <= 1, shown
     assert "fitting 2 parts ['part1', 'part2'] on 1 image: 2 epochs of 1 step, 2 validations" in shown
+    stages = raw.decode().replace("\r\n", "\n").replace("\r", "\n")  # every state of the progress line, too
+    for stage in ("loading " + str(tiny_ckpt("sd2")), "epoch 1/2  step 1/2  ce ", "epoch 1/2  validating",
+                  "epoch 2/2  validation mIoU "):
+        assert stage in stages, stages
     assert shown[-2].startswith(f"fit finished: {tmp_path / 'emb.pt'} holds the vectors of epoch ") and \
         shown[-2].endswith(f"; next: python slime.py predict {tmp_path / 'emb.pt'} IMAGES/ -o out/"), shown

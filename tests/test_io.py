@@ -256,12 +256,17 @@ def test_colors_too_many_is_antialiasing():
     assert "indexed PNG" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_photo_given_as_a_mask_is_named_for_what_it_is():
-    """Thousands of colours are no brush's anti-aliasing: the image and its mask were swapped."""
-    photo = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    with pytest.raises(SlimeError, match=r"^photo.png holds 4,0\d\d distinct colours, so it is a photo, not a mask: "
-                                         r"give each image first and its mask second \(fit IMAGE MASK\)"):
-        colors_to_labels([photo], names=["photo.png"])
+@pytest.mark.parametrize("mode, what", [("RGB", "4,096 distinct colours"), ("L", "256 distinct values")])
+def test_a_photo_given_as_a_mask_is_named_for_what_it_is(tmp_path, mode, what):
+    """Thousands of colours, or more grey values than SD has tokens, are no mask: the image and its mask were
+    swapped, or a photo sits in the --masks folder."""
+    pixels = rng_rgb(64, 64)
+    photo = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0])
+    with pytest.raises(SlimeError) as e:
+        read_mask(save(tmp_path, "photo.png", photo))
+    assert str(e.value) == (f"{tmp_path / 'photo.png'} holds {what}, so it is a photo, not a mask (or a mask with "
+                            "smooth, anti-aliased edges): give each image first and its mask second (fit IMAGE "
+                            "MASK), and only masks in a --masks folder")
 
 # ----------------------------------------------------------------------------- writing
 def write_index_png(path, labels):
