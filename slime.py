@@ -1006,7 +1006,7 @@ def remove_empty(folders):  # remove the folders that a refused or failed run ma
             os.rmdir(folder)
 
 def device_and_dtype(args, con):
-    """--device and --dtype, checked against what this machine has, and --threads -> (device, dtype)."""
+    """--device and --dtype, checked against what this machine has -> (device, dtype)."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)

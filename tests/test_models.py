@@ -6,7 +6,7 @@ and the VAE's padding follow ldm; that attention() returns head-averaged probabi
 log-probabilities equal to a per-head loop; that tiny checkpoints in the real layout (fp32, fp16, bf16)
 load and run, return the attention maps asked for (probabilities, or log-probabilities) and pass
 gradients to the text context only; that broken checkpoint files are refused with one sentence naming
-the file; that `slime.py info` reads only the header; and that the hand-set SD-like checkpoint of
+the file; that the plan reads only a checkpoint's header; and that the hand-set SD-like checkpoint of
 conftest.py attends like real SD.
 
     python -m pytest -q tests/test_models.py
