@@ -514,8 +514,7 @@ def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
     return torch.cumprod(1 - betas, 0).float()
 
 def build_models(shapes, path="checkpoint"):
-    """{key: shape} of a checkpoint -> (family, {prefix: module on the meta device}, ignore patterns).
-    The family comes from the text encoder's names; only widths come from the shapes."""
+    """{key: shape} -> (family, {prefix: module on the meta device}, ignore patterns); widths from the shapes."""
     family = next((f for f, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in shapes)), None)
     unet, sdxl = any(k.startswith(UNET_PREFIX) for k in shapes), any(k.startswith("conditioner.") for k in shapes)
     if sdxl or not unet or not family:  # SDXL has a UNet under the same prefix, and text encoders of its own
@@ -546,8 +545,7 @@ def build_models(shapes, path="checkpoint"):
     return family, modules, [re.compile(p.replace("{last}", str(stored - 1))) for p in IGNORED_KEYS]
 
 def read_header(path):
-    """What a checkpoint is, from its header alone: (family, modules on the meta device, {name: dtype}),
-    every tensor name, shape and format checked, so a wrong file is refused before a tensor is read."""
+    """A checkpoint's header alone -> (family, modules on the meta device, {name: dtype}), every tensor checked."""
     check_file(path, ".safetensors checkpoint", "check the path; weights/README.md says where to download "
                "v2-1_512-ema-pruned.safetensors")
     # .ckpt files are pickles, and unpickling runs whatever code the file holds; safetensors is names, shapes, bytes
@@ -596,8 +594,7 @@ class StableDiffusion:
         return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)
 
 def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
-    """An original single-file SD 1.x / 2.x checkpoint (.safetensors; fp32, fp16 or bf16 storage), each
-    tensor read once, checked, cast and assigned; text_encoder=False when emb.pt holds the context."""
+    """An original single-file SD 1.x / 2.x checkpoint, each tensor read once, checked, cast and assigned."""
     family, modules, _ = read_header(path)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for prefix, module in list(modules.items())[:3 if text_encoder else 2]:  # UNet, VAE, text encoder
@@ -666,8 +663,7 @@ def read_image(path):  # an image file as a (3, H, W) float32 RGB tensor in [0, 
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
 def read_mask(path, colors=False):
-    """A mask file (.npy or a lossless image) as (H, W) int64 labels (255, VOC's "ignore", kept), or as
-    (H, W, 3) colours; colors=True reads an indexed PNG as its colours (a labelmap names colours)."""
+    """A mask file (.npy or lossless image) -> (H, W) int64 labels (255: ignore), or (H, W, 3) colours."""
     if str(path).lower().endswith(".npy"):
         m = read_npy_mask(path)
     else:
@@ -676,6 +672,7 @@ def read_mask(path, colors=False):
             raise SlimeError(f"{path} is stored lossily ({lossy}); compression invents colours and values at every "
                              "edge, which would become classes of their own: save the mask as PNG (or .npy)" if lossy
                              else f"{path} holds floating-point values; save the mask as integer class labels")
+        # the index or grey value is the class, unless a labelmap names the colours (colors=True)
         if im.mode in ("P", "L", "1", "PA", "LA") + GRAY16 and not (colors and im.mode == "P"):
             m = np.asarray(im)[..., 0] if im.mode in ("PA", "LA") else np.asarray(im)  # the alpha is not a label
         else:
@@ -776,8 +773,7 @@ def read_labelmap(path):  # labelmap.txt -> (names, colours [[r, g, b]]), in its
     return names, colors
 
 def find_labelmap(mask_paths, given=None):
-    """The labelmap.txt naming these masks' colours: --labelmap, else one beside them or above their
-    SegmentationClass/ (CVAT's export); None when there is none."""
+    """--labelmap, else the labelmap.txt beside the masks or above their SegmentationClass/ (CVAT), or None."""
     found = set()
     for folder in {os.path.dirname(os.path.abspath(m)) for m in mask_paths} if not given else ():
         up = os.path.dirname(folder) if os.path.basename(folder) == "SegmentationClass" else folder
@@ -813,16 +809,18 @@ def load_embeddings(path):
     if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         raise SlimeError(f"{path} is a torch file but not a slime emb.pt (no '{EMB_FORMAT}' format tag)")
     parts, context, colors = emb.get("parts"), emb.get("context"), emb.get("colors")
-    if not isinstance(parts, list) or not 2 <= len(parts) <= MAX_CLASSES or not all(isinstance(p, str) and p for p in parts):
-        bad = f"its parts {str(parts)[:60]} are not 2 to {MAX_CLASSES} names"
-    elif not isinstance(context, torch.Tensor) or context.shape[:2] != (1, 77) or not context.is_floating_point():
+    if not isinstance(parts, list) or not all(isinstance(p, str) and p for p in parts) or not (
+            2 <= len(set(parts)) == len(parts) <= MAX_CLASSES):
+        bad = f"its parts {str(parts)[:60]} are not 2 to {MAX_CLASSES} distinct names"
+    elif not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[:2] != (1, 77) or not \
+            context.is_floating_point():
         bad = "its context is not a (1, 77, width) floating-point tensor"
     elif not torch.isfinite(context).all():  # predict segments with the context (the vectors and the prompt's rest)
         bad = "its context holds nan or inf values"
     elif not isinstance(emb.get("learned"), torch.Tensor) or not torch.equal(  # as fit saves them, both
             emb["learned"].float(), context[0, 1:len(parts)].float()):
         bad = f"its learned vectors are not the {len(parts) - 1} vectors of its {len(parts)} parts that its context holds"
-    elif emb.get("family") not in TEXT_PREFIX:
+    elif emb.get("family") not in list(TEXT_PREFIX):
         bad = f"its family {emb.get('family')!r} is neither sd1 nor sd2"
     elif (emb.get("cross_layers"), emb.get("self_layers")) != (list(CROSS_LAYERS), list(SELF_LAYERS)):
         bad = "it was fitted on other attention layers than the ones this slime reads"
@@ -864,6 +862,7 @@ def commit(files, before_rename=lambda: None):
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave an empty file
+        current = "the run record"
         before_rename()  # predict's run record lists the files before they appear
         for path in files:
             current = path
@@ -892,8 +891,7 @@ def mask_image(labels, colors=()):
     return im
 
 def overlay_image(image, labels, part_names, colors=(), band=256):
-    """The image with each part tinted half in its colour, white boundaries and a legend of the parts;
-    built `band` rows at a time, so a 12000x9000 photo never needs full-size float arrays."""
+    """The image tinted per part, with white boundaries and a legend; `band` rows at a time (12000x9000 photos)."""
     labels, palette = np.asarray(labels), output_palette(colors).astype(np.float64)
     out, counts = Image.new("RGB", labels.shape[::-1]), np.zeros(256, np.int64)
     for i in range(0, labels.shape[0], band):
@@ -943,8 +941,9 @@ def check_setting(f, value):
 def settings_from(values, source, base=None):
     """Settings from {name: value} (emb.pt's, a preset's, or the flags given) over `base`, each value checked."""
     known, checked = {f.name: f for f in fields(Settings)}, {}
-    if set(values) - set(known):
-        raise SlimeError(f"{source} has settings this slime does not know ({', '.join(sorted(set(values) - set(known)))}"
+    unknown = ", ".join(sorted(map(str, set(values) - set(known))))
+    if unknown:
+        raise SlimeError(f"{source} has settings this slime does not know ({unknown}"
                          "): it was made by a newer slime, so update slime rather than guess what they mean")
     for name, value in values.items():
         try:
@@ -983,8 +982,7 @@ def check_plan(reads, writes):
         outputs[key] = what
 
 def make_folders(paths):
-    """Make the outputs' folders, each proven writable by a temp file (os.access cannot tell: root,
-    network disks); the plan's only write. -> the folders made, for remove_empty to undo."""
+    """Make the outputs' folders, each proven writable (os.access cannot tell): the plan's only write."""
     created = []
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
         missing, probe = folder, os.path.join(folder, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
@@ -1162,8 +1160,11 @@ def find_ground_truth(jobs, masks, emb, con):
         if file_id(job.gt) == file_id(job.image):  # --masks is the image folder: same stems
             raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; keep the "
                              "ground-truth masks in a folder of their own")
-        with Image.open(job.image) as im:  # its size as shown, from the header: EXIF orientations 5-8 swap the sides
-            h, w = im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
+        try:  # its size as shown, from the header: EXIF orientations 5-8 swap the sides
+            with Image.open(job.image) as im:
+                h, w = im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
+        except Exception:
+            h, w = read_image(job.image).shape[1:]  # a damaged image: read_image says what is wrong
         gt = ground_truth(job, emb)
         if gt.shape != (h, w):
             raise SlimeError(f"{job.gt} is {gt.shape[1]}x{gt.shape[0]} but its image {job.image} is {w}x{h}; "
@@ -1192,20 +1193,21 @@ class Record:
 
     def __init__(self, out):
         self.path, self.header, lines = os.path.join(out, RECORD), None, []
-        if os.path.exists(self.path):
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    try:
-                        lines.append(json.loads(line))
-                    except ValueError:  # empty, or cut short by a kill (each append starts on a new line)
-                        pass
-            lines = [x for x in lines if isinstance(x, dict) and isinstance(x.get("files", {}), dict)]
-            if not lines or "run" not in lines[0]:
-                raise SlimeError(f"{self.path} exists and was not written by slime; predict will not replace it: "
-                                 "move it or choose another -o")
+        with open(self.path, encoding="utf-8", errors="replace") if os.path.exists(self.path) else io.StringIO() as f:
+            text = f.read()
+        if text and not text.startswith("\n"):  # each of slime's appends starts a line of its own
+            raise SlimeError(f"{self.path} exists and was not written by slime; predict will not replace it: move it "
+                             "or choose another -o")
+        for line in text.splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:  # empty, or cut short by a kill
+                pass
+        lines = [x for x in lines if isinstance(x, dict) and isinstance(x.get("image", ""), str) and isinstance(
+            x.get("files", {}), dict) and all(isinstance(h, str) for h in x.get("files", {}).values())]  # hand-edited
         self.known = {(p, h) for x in lines for p, h in x.get("files", {}).items()}
         last = max([i for i, x in enumerate(lines) if "run" in x], default=0)
-        self.run = lines[last]["run"] if lines else None  # the last run's, and the images it wrote
+        self.run = lines[last].get("run") if lines else None  # the last run's, and the images it wrote
         self.images = {x["image"]: x for x in lines[last:] if "image" in x}
 
     def add(self, out, files, **what):  # list {path: bytes} about to be committed, flushed; this run's line first
@@ -1224,8 +1226,7 @@ def run_hash(emb, s, ckpt, device):
     return h.hexdigest()[:16]
 
 def check_outputs(jobs, record, run, args):
-    """Which images are done (listed by this very run, for the image as it is now); refuse a file slime did
-    not write or that was changed since, always, and another run's outputs unless --overwrite."""
+    """Which images are done; refuse a file slime did not write (or that changed), and another run's outputs."""
     paths = [p for job in jobs for p in (job.mask, job.overlay)] + [os.path.join(args.out, n) for n in RUN_FILES]
     found = {os.path.relpath(p, args.out): sha256_file(p) for p in paths if os.path.isfile(p)}
     for rel in (rel for rel, digest in found.items() if (rel, digest) not in record.known):
@@ -1236,8 +1237,9 @@ def check_outputs(jobs, record, run, args):
                          "checkpoint or number format; pass --overwrite to replace them, or choose another -o")
     for job in jobs:
         line = record.images.get(os.path.abspath(job.image)) if record.run == run and not args.overwrite else None
-        job.done = bool(line) and line.get("stamp") == stamp(job.image) and all(
-            found.get(rel) == digest for rel, digest in line["files"].items())
+        files, want = (line or {}).get("files", {}), {os.path.relpath(p, args.out) for p in (job.mask, job.overlay)}
+        job.done = set(files) == want and line.get("stamp") == stamp(job.image) and all(
+            found.get(rel) == digest for rel, digest in files.items())
     if record.run != run or args.overwrite:
         record.header = {"run": run, "embeddings": os.path.abspath(args.emb)}
 
@@ -1319,8 +1321,7 @@ def cmd_fit(args, con):  # plan; read and check the data; load; fit, saving emb.
             f"{best['miou']:.4f}); next: python slime.py predict {args.output} IMAGES/ -o out/")
 
 def fit_progress(con, s, steps_per_epoch):
-    """fit's progress line: the stage, and an ETA from steady-state times (the last steps, the last
-    validation: the first one also encodes the validation patches, once per fit)."""
+    """fit's progress line: the stage, and an ETA from the last steps' and the last validation's times."""
     state = SimpleNamespace(last=time.time(), steps=[], val_t=None, total=s.epochs * steps_per_epoch,
                             vals=s.epochs // s.val_every + (s.epochs % s.val_every > 0))
 
@@ -1400,7 +1401,7 @@ def report(args, con, emb, s, records, record, wrote):
     files = {"labelmap.txt": LABELMAP_HEADER + "\n" + "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors)),
              RUN_FILES[1]: "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records),
              "summary.json": json.dumps(summary, indent=2) + "\n"}
-    files = {os.path.join(args.out, name): text.encode() for name, text in files.items()}
+    files = {os.path.join(args.out, name): text.encode("utf-8", "surrogateescape") for name, text in files.items()}
     commit(files, lambda: record.add(args.out, files))
     empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background
     if empty:
@@ -1412,8 +1413,7 @@ def report(args, con, emb, s, records, record, wrote):
         if len(records) > wrote else ""))
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose mistakes end in one line `slime: error: ...`, exit status 2; no abbreviations (--epoch
-    is not --epochs), and a misspelt flag gets the closest one."""
+    """argparse whose mistakes end in one line, exit 2; no abbreviations, and the closest flag for a misspelt one."""
 
     def error(self, message):
         raise SlimeError(f"{self.prog}: {message}")
@@ -1473,11 +1473,14 @@ def main(argv=None):
     # CPU: fp32 values below 1.2e-38 become 0. exp() of sharply peaked attention underflows into such
     # denormals, which x86 computes slowly (fit took 2.4x as long on a sharp variant of the test model)
     torch.set_flush_denormal(True)
+    con = Console(True)
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args, Console(args.quiet)) or 0
-    except SlimeError as e:
-        print(f"slime: error: {e}", file=sys.stderr)
+        con = Console(args.quiet)
+        return args.run(args, con) or 0
+    except (SlimeError, OSError) as e:  # OSError: a file we may not read, a folder we may not list
+        why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+        print(("\n" if con.open else "") + f"slime: error: {why}", file=sys.stderr)
     except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
         signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
         print(f"\nslime: interrupted by {signal.Signals(signum).name}; finished outputs are kept, nothing is "

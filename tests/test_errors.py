@@ -360,7 +360,7 @@ def predict_case(d, ckpt, emb, case):
         (d / "out").write_text("a file")
     elif case in ("emb.pt of another width", "emb.pt with a nan", "emb.pt without parts", "emb.pt with parts "
                   "and vectors disagreeing", "emb.pt from a newer slime", "emb.pt with a setting out of range",
-                  "emb.pt with a setting of the wrong type",
+                  "emb.pt with a setting of the wrong type", "emb.pt with a repeated part",
                   "emb.pt of other layers"):
         changes = {
             "emb.pt of another width": lambda e: e.update(context=e["context"][..., :32], learned=e["learned"][:, :32]),
@@ -368,6 +368,7 @@ def predict_case(d, ckpt, emb, case):
             "emb.pt without parts": lambda e: e.pop("parts"),
             "emb.pt with parts and vectors disagreeing": lambda e: e["parts"].append("wheel"),
             "emb.pt with a setting of the wrong type": lambda e: e["settings"].update(epochs=True),
+            "emb.pt with a repeated part": lambda e: e["parts"].__setitem__(2, "square"),
             "emb.pt from a newer slime": lambda e: e["settings"].update(native_scale=2.0),
             "emb.pt with a setting out of range": lambda e: e["settings"].update(threshold=7.0),
             "emb.pt of other layers": lambda e: e["self_layers"].pop(),
@@ -410,6 +411,10 @@ def predict_case(d, ckpt, emb, case):
         (d / "out" / "SegmentationClass").mkdir(parents=True)
         Image.open(img).save(d / "out" / "SegmentationClass" / "a.png")
         args += ["--overwrite"] if case.endswith("--overwrite") else []
+    elif case == "a truncated image with --masks":
+        Image.open(img).save(d / "in" / "a.png")
+        (d / "in" / "a.png").write_bytes((d / "in" / "a.png").read_bytes()[:100])
+        args += ["--masks", d / "gt"]
     elif case == "a folder as the emb.pt":
         args[0] = d / "in"
     elif case == "no ground truth for any image":
@@ -435,12 +440,14 @@ PREDICT_CASES = [
                                 "another output folder with -o"),
     ("emb.pt of another width", "odd.pt holds 32-wide vectors but"),
     ("emb.pt with a nan", "odd.pt is not a usable emb.pt: its context holds nan or inf values"),
-    ("emb.pt without parts", "odd.pt is not a usable emb.pt: its parts None are not 2 to 77 names"),
+    ("emb.pt without parts", "odd.pt is not a usable emb.pt: its parts None are not 2 to 77 distinct names"),
     ("emb.pt with parts and vectors disagreeing", "odd.pt is not a usable emb.pt: its learned vectors are not the 3 "
                                                   "vectors of its 4 parts that its context holds"),
     ("emb.pt from a newer slime", "has settings this slime does not know (native_scale)"),
     ("emb.pt with a setting out of range", "the setting threshold must be a number in [0.0, 1.0], not 7.0"),
     ("emb.pt with a setting of the wrong type", "the setting epochs must be an integer in [1, 100000], not True"),
+    ("emb.pt with a repeated part", "odd.pt is not a usable emb.pt: its parts ['background', 'square', 'square'] are "
+                                    "not 2 to 77 distinct names"),
     ("emb.pt of other layers", "it was fitted on other attention layers"),
     ("--parts with an emb.pt", "slime.py predict: unrecognized argument --parts"),
     ("jpeg ground truth", "gt/a.jpg is stored lossily (JPEG)"),
@@ -452,6 +459,7 @@ PREDICT_CASES = [
     ("foreign torch file", "other.pt is a torch file but not a slime emb.pt"),
     ("no emb.pt", "nothing.pt: no such file; check the path, or make one with `python slime.py fit"),
     ("a folder as the emb.pt", "in is a directory; give the path of a single emb.pt file"),
+    ("a truncated image with --masks", "in/a.png is truncated or corrupt"),
     ("device cuda without a GPU", "--device cuda"),
     ("ground truth in the image folder", "the mask found for"),
     ("no ground-truth folder", "--masks"),
@@ -580,13 +588,16 @@ def test_a_damaged_run_record_costs_only_the_lines_it_lost(tmp_path, tiny_ckpt, 
     """A kill mid-append leaves a cut last line: it is skipped, and the next append starts on a line of its own."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
-    args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2"), "-q"]
+    args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2")]
     assert slime.main(args) == 0
     record = tmp_path / "out" / "slime-run.jsonl"
     record.write_text(record.read_text() + '\n{"image": "cut sho')  # what a kill mid-write leaves
     assert slime.main(args) == 0 and slime.main(args) == 0
     lines = record.read_text().splitlines()
     assert lines[-1].startswith('{"files": {') and '{"image": "cut sho' in lines  # whole lines after the cut one
+    # hand-edited lines of other types count for nothing; the image is still done
+    record.write_text(record.read_text() + '\n{"image": [1], "files": {"x.png": [2]}}\n{"files": 3}\n[4]')
+    assert slime.main(args) == 0 and "skipped 1" in capsys.readouterr().err
     # an emb.pt saved in bf16 is read as fit saves it, in fp32
     e = torch.load(emb, weights_only=True)
     e["context"], e["learned"] = e["context"].bfloat16(), e["learned"].bfloat16()
