@@ -3,7 +3,7 @@ validation from scratch (VAE encode + UNet per patch, as before) against one wit
 (UNet only), on the full SD 2.1-base architecture with random weights (speed does not depend on the
 values), 400 px x 2 per side, K = 6, fp32, threshold 0 (random weights never reach 0.2).
 
-    python benchmarks/validation_cache.py [CHECKPOINT]   (default: a random SD 2.1-base layout file)
+    python benchmarks/validation_cache.py CHECKPOINT   (e.g. a random file: ../shared/tools/make_random_ckpt.py)
 """
 import os
 import sys
