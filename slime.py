@@ -544,8 +544,7 @@ def build_models(shapes, path="checkpoint"):
                    "encoder.conv_in.weight", 0))), text: (CLIPTextModel if family == "sd1" else OpenCLIPText)(text_cfg)}
     return family, modules, [re.compile(p.replace("{last}", str(stored - 1))) for p in IGNORED_KEYS]
 
-def read_header(path):
-    """A checkpoint's header alone -> (family, modules on the meta device, {name: dtype}), every tensor checked."""
+def read_header(path):  # a checkpoint's header alone -> (family, meta modules, {name: dtype}), every tensor checked
     check_file(path, ".safetensors checkpoint", "check the path; weights/README.md says where to download "
                "v2-1_512-ema-pruned.safetensors")
     # .ckpt files are pickles, and unpickling runs whatever code the file holds; safetensors is names, shapes, bytes
@@ -574,8 +573,7 @@ def read_header(path):
                          f"point ({len(not_float)} such tensors); the file is damaged or not a Stable Diffusion model")
     return family, modules, dtypes
 
-def fingerprint(path, sample=1 << 20):
-    """A cheap identity of the weights: SHA-256 of the header and of the first and last MiB of data."""
+def fingerprint(path, sample=1 << 20):  # the weights' cheap identity: SHA-256 of the header, first and last MiB
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
         head = f.read(n + sample)
@@ -618,8 +616,7 @@ GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")  # JPEG: found, refused
 
-def check_file(path, what, advice=None):
-    """Fail early, in the user's words, on a path that is missing, a directory, or empty."""
+def check_file(path, what, advice=None):  # fail early, in the user's words: a missing path, a folder, an empty file
     if not os.path.exists(path):
         raise SlimeError(f"{path}: no such file; {advice or f'check the path of the {what}'}")
     if os.path.isdir(path):
@@ -627,8 +624,7 @@ def check_file(path, what, advice=None):
     if os.path.getsize(path) == 0:
         raise SlimeError(f"{path} is empty (0 bytes); re-export or re-copy the {what}")
 
-def open_image(path, what):
-    """Open `path` with PIL: first frame, pixels loaded, EXIF orientation applied -> (image, lossy?)."""
+def open_image(path, what):  # PIL: first frame, pixels loaded, EXIF orientation applied -> (image, lossy?)
     check_file(path, what)
     try:
         with warnings.catch_warnings():  # PIL warns above 89 MP and refuses above 179 MP: slime reads in bands
@@ -700,15 +696,8 @@ def read_npy_mask(path):  # a 2-D integer (or bool) .npy label array, the releas
                          "ignore), e.g. numpy.save(path, mask.astype(numpy.uint8))")
     return labels.astype(np.int64)
 
-def voc_palette(n=256):
-    """PASCAL VOC's colour map: the bits of index i, interleaved as r, g, b, fill each channel from the top bit."""
-    index, palette = np.arange(n), np.zeros((n, 3), np.int64)
-    for bit in range(8):
-        for channel in range(3):
-            palette[:, channel] |= ((index >> (3 * bit + channel)) & 1) << (7 - bit)
-    return palette.astype(np.uint8)
-
-VOC_PALETTE = voc_palette()
+# PASCAL VOC's colour map: bits 3b, 3b + 1, 3b + 2 of a class index set bit 7 - b of its r, g, b
+VOC_PALETTE = sum(((np.arange(256)[:, None] >> (3 * b + np.arange(3))) & 1) << (7 - b) for b in range(8)).astype(np.uint8)
 VOID = (224, 224, 192)  # VOC's colour of index 255, "ignore" (object borders, unlabelled pixels)
 
 def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare and sort as single numbers
@@ -794,7 +783,7 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
     torch.save({"format": EMB_FORMAT,  # plain CPU float32 whatever --dtype and --device, plain types only
                 "learned": context[0, 1:len(parts)].detach().float().cpu(),  # the K-1 optimised vectors
                 "context": context.detach().float().cpu(),  # the whole conditional context: predict needs no text encoder
-                "parts": list(parts), "family": sd.family, "fingerprint": sd.fingerprint,
+                "parts": list(parts), "family": sd.family, "fingerprint": sd.fingerprint, "dtype": str(sd.dtype)[6:],
                 "cross_layers": list(CROSS_LAYERS), "self_layers": list(SELF_LAYERS),
                 "colors": [list(map(int, c)) for c in colors or []],  # RGB colour of each class in colour masks
                 # --window only when on, so an older slime still reads a default emb.pt
@@ -805,7 +794,11 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
 def load_embeddings(path):
     """emb.pt as fit wrote it, checked, so an edited or damaged file ends in one line; never unpickles code."""
     check_file(path, "emb.pt", f"check the path, or make one with `python slime.py fit image.png mask.png -o {path}`")
-    emb = safe_load(path, "a slime emb.pt")
+    try:  # weights_only: tensors and plain types; pickled code is never run
+        emb = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise SlimeError(f"{path} cannot be read as a slime emb.pt: it is damaged, not a torch file, or holds "
+                         "pickled objects that slime never runs") from None
     if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         raise SlimeError(f"{path} is a torch file but not a slime emb.pt (no '{EMB_FORMAT}' format tag)")
     parts, context, colors = emb.get("parts"), emb.get("context"), emb.get("colors")
@@ -840,13 +833,6 @@ def part_names(text, flag):
     if not all(parts) or len(set(parts)) != len(parts):
         raise SlimeError(f"{flag} {text}: the names must be non-empty and distinct, comma-separated, background first")
     return parts
-
-def safe_load(path, what):  # torch.load that never runs pickled code, and says so in one line
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise SlimeError(f"{path} cannot be read as {what}: it is damaged, not a torch file, or holds pickled "
-                         "objects that slime never runs") from None
 
 # ----------------------------------------------------------------------------- files: outputs, whole or not at all
 def commit(files, before_rename=lambda: None):
@@ -884,8 +870,7 @@ def output_palette(colors=()):
     """The 256-colour palette of masks and overlays: the parts' colours first, VOC's for the rest (255: void)."""
     return np.concatenate([np.asarray(colors, dtype=np.uint8).reshape(-1, 3), VOC_PALETTE[len(colors):]])
 
-def mask_image(labels, colors=()):
-    """(H, W) labels -> an indexed PNG image: pixel value = class, shown in the parts' colours."""
+def mask_image(labels, colors=()):  # (H, W) labels -> indexed PNG image: value = class, in the parts' colours
     im = Image.fromarray(np.asarray(labels).astype(np.uint8))
     im.putpalette(output_palette(colors).tobytes())  # an "L" image with a palette becomes "P"
     return im
@@ -981,8 +966,7 @@ def check_plan(reads, writes):
             raise SlimeError(f"the {outputs[key]} and the {what} would both be {path}; rename one of the inputs")
         outputs[key] = what
 
-def make_folders(paths):
-    """Make the outputs' folders, each proven writable (os.access cannot tell): the plan's only write."""
+def make_folders(paths):  # the outputs' folders, each proven writable (os.access cannot tell): the plan's only write
     created = []
     for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
         missing, probe = folder, os.path.join(folder, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
@@ -1004,7 +988,8 @@ def remove_empty(folders):  # remove the folders that a refused or failed run ma
             os.rmdir(folder)
 
 def device_and_dtype(args, con):
-    """--device and --dtype, checked against what this machine has -> (device, dtype)."""
+    """--device and --dtype, checked against what this machine has, said in one line -> (device, dtype).
+    --dtype auto (the default) measures on a CPU whether bf16 is faster there (bf16_speedup); fp32 on a GPU."""
     name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
@@ -1014,14 +999,19 @@ def device_and_dtype(args, con):
             and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps")):
         raise SlimeError(f"--device {name}: not available on this machine ({torch.cuda.device_count()} CUDA GPUs "
                          "that torch can use); leave --device out to run on the CPU")
-    if device.type == "cpu" and not args.device:
-        con.say(f"no GPU found: running on the CPU ({count(torch.get_num_threads(), 'thread')}), which takes "
-                "minutes per image (see README, Speed)")
-    # fp32 everywhere, as the release computes: bf16 was slower on the GPU and CPUs we measured (benchmarks/README.md)
-    dtype = args.dtype or "fp32"
-    if device.type == "cpu" and dtype != "fp32" and (dtype == "fp16" or not cpu_has_bf16()):
-        con.say(f"warning: this CPU has no {dtype} instructions, so {dtype} runs 25x to 100x slower than fp32; "
-                "use --dtype fp32")
+    dtype, cpu = args.dtype, device.type == "cpu"
+    speedup = bf16_speedup() if dtype == "auto" and cpu and cpu_has_bf16() else None
+    if dtype != "auto":  # an explicit format on a CPU that emulates it: said, and done
+        slow = cpu and dtype != "fp32" and (dtype == "fp16" or not cpu_has_bf16())
+        why = f"{dtype}, as --dtype says" + (f", though this CPU has no {dtype} instructions: 25x to 100x slower" * slow)
+    elif speedup:  # bf16 was 1.8x faster than fp32 on one CPU with bf16 instructions, and 1.4x slower on another
+        dtype = "bf16" if speedup >= 1.3 else "fp32"  # 1.3: a fit epoch gains less than the probe
+        why = f"bf16: {speedup:.1f}x fp32 here" if dtype == "bf16" else f"fp32: bf16 {speedup:.1f}x fp32 here, under 1.3x"
+    else:  # on a GPU the release's fp32: a fit step took 1.3x as long in bf16 on an H100 (benchmarks/README.md)
+        dtype, why = "fp32", "fp32: " + ("this CPU has no bf16 instructions" if cpu else "bf16 was slower on the GPU we measured")
+    where = (f"the CPU ({count(torch.get_num_threads(), 'thread')})" if cpu else f"{device} "
+             f"({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device)
+    con.say(f"running on {where}, {why}" + ("; no GPU found, so each image takes minutes" * (cpu and not args.device)))
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 def cpu_has_bf16():
@@ -1030,8 +1020,22 @@ def cpu_has_bf16():
     except (AttributeError, RuntimeError):
         return False
 
-def checkpoint(args):
-    """--ckpt, or the one .safetensors file in weights/, checked from its header -> (path, family, modules)."""
+def bf16_speedup(repeats=3):
+    """fp32's time / bf16's on this CPU for two of the UNet's own operations, best of `repeats` (0.4 s on a
+    2-core EPYC): a 3x3 convolution of its 64x64 level (320 channels) and one head's q k^T there (4096 tokens)."""
+    x, w, q = torch.randn(1, 320, 64, 64), torch.randn(320, 320, 3, 3) / 60, torch.randn(4096, 64)
+
+    def best(dtype):
+        x_, w_, q_, times = x.to(dtype), w.to(dtype), q.to(dtype), []
+        for _ in range(repeats + 1):  # the first run also sets the kernels up: not counted
+            t = time.perf_counter()
+            F.conv2d(x_, w_, padding=1), q_ @ q_.T
+            times.append(time.perf_counter() - t)
+        return min(times[1:])
+    with torch.no_grad():
+        return best(torch.float32) / best(torch.bfloat16)
+
+def checkpoint(args):  # --ckpt, or the one .safetensors in weights/, checked from its header -> (path, family, modules)
     folder = os.path.join(HERE, "weights")
     found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
     if not args.ckpt and len(found) != 1:
@@ -1041,8 +1045,7 @@ def checkpoint(args):
     path = args.ckpt or os.path.join(folder, found[0])
     return (path, *read_header(path)[:2])
 
-def plan_fit(args, con):
-    """Options, paths and the output of a fit, checked: -> (settings, device, checkpoint, new folders)."""
+def plan_fit(args, con):  # a fit's options, paths and output, checked -> (settings, device, checkpoint, new folders)
     preset = dict(PRESETS.get(args.preset, {}))
     args.parts = args.parts or preset.get("parts")  # explicit flags win over a preset; parts is no Setting
     s = settings_from(given(args), "the command line", settings_from(
@@ -1123,12 +1126,15 @@ def plan_predict(args, con):  # everything a predict reads and writes, checked, 
     writes += [(os.path.join(args.out, name), name) for name in RUN_FILES + (RECORD,)]
     check_plan({**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
                 ckpt: "checkpoint", args.emb: "embeddings"}, writes)
-    record = Record(args.out)
-    check_outputs(jobs, record, run_hash(emb, s, ckpt, device), args)
+    record, run = Record(args.out), run_hash(emb, s, ckpt, device)
+    other = (device[0], torch.float32 if device[1] == torch.bfloat16 else torch.bfloat16)  # auto's other choice
+    if args.dtype == "auto" and cpu_has_bf16() and not args.overwrite and record.run == run_hash(emb, s, ckpt, other):
+        device, run = other, record.run  # auto resumes in the format of the outputs it continues
+        con.say(f"resuming in {str(other[1])[6:]}, the number format of the outputs already in {args.out}")
+    check_outputs(jobs, record, run, args, str(device[1])[6:])
     return emb, s, device, ckpt, jobs, record, make_folders(p for p, _ in writes)
 
-def list_images(inputs, con):
-    """Folders and files -> image paths (sorted per folder, each file once); other files in folders are skipped."""
+def list_images(inputs, con):  # folders and files -> image paths, sorted per folder, each once; other files skipped
     found, skipped = {}, []
     for p in inputs:
         if not os.path.exists(p):
@@ -1147,8 +1153,7 @@ def list_images(inputs, con):
         con.say(f"skipped {count(len(skipped), 'non-image file')}: {', '.join(skipped[:5])}")
     return list(found.values())
 
-def find_ground_truth(jobs, masks, emb, con):
-    """With --masks: each image's ground truth (by file stem), read and checked before any work."""
+def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground truth by file stem, checked before work
     if masks and not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder; give the folder of ground-truth masks")
     for job in jobs if masks else []:
@@ -1218,14 +1223,13 @@ class Record:
             os.fsync(f.fileno())
         self.header = None
 
-def run_hash(emb, s, ckpt, device):
-    """What makes the masks: embeddings, parts, colours, settings, weights, device type and dtype."""
+def run_hash(emb, s, ckpt, device):  # what makes the masks: embeddings, parts, colours, settings, weights, dtype
     h = hashlib.sha256(emb["context"].numpy().tobytes())
     h.update(json.dumps([emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type,
                          str(device[1])]).encode())
     return h.hexdigest()[:16]
 
-def check_outputs(jobs, record, run, args):
+def check_outputs(jobs, record, run, args, dtype):
     """Which images are done; refuse a file slime did not write (or that changed), and another run's outputs."""
     paths = [p for job in jobs for p in (job.mask, job.overlay)] + [os.path.join(args.out, n) for n in RUN_FILES]
     found = {os.path.relpath(p, args.out): sha256_file(p) for p in paths if os.path.isfile(p)}
@@ -1241,18 +1245,14 @@ def check_outputs(jobs, record, run, args):
         job.done = set(files) == want and line.get("stamp") == stamp(job.image) and all(
             found.get(rel) == digest for rel, digest in files.items())
     if record.run != run or args.overwrite:
-        record.header = {"run": run, "embeddings": os.path.abspath(args.emb)}
+        record.header = {"run": run, "embeddings": os.path.abspath(args.emb), "dtype": dtype}
 
-def sha256_file(path):
-    h = hashlib.sha256()
+def sha256_file(path):  # read whole: outputs are PNGs of at most a few hundred MB
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 def stamp(path):  # an edited image is redone: its size or mtime changed
-    st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    return [(st := os.stat(path)).st_size, st.st_mtime_ns]
 
 def given(args):  # the settings given on the command line ({} for the ones left out)
     return {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
@@ -1320,8 +1320,7 @@ def cmd_fit(args, con):  # plan; read and check the data; load; fit, saving emb.
     con.say(f"fit finished: {args.output} holds the vectors of epoch {best['epoch']} (validation mIoU "
             f"{best['miou']:.4f}); next: python slime.py predict {args.output} IMAGES/ -o out/")
 
-def fit_progress(con, s, steps_per_epoch):
-    """fit's progress line: the stage, and an ETA from the last steps' and the last validation's times."""
+def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the last steps' and validation's times
     state = SimpleNamespace(last=time.time(), steps=[], val_t=None, total=s.epochs * steps_per_epoch,
                             vals=s.epochs // s.val_every + (s.epochs % s.val_every > 0))
 
@@ -1374,8 +1373,7 @@ def segment_and_write(sd, context, job, s, emb, record, out, con, what):
     commit(files, lambda: record.add(out, files, image=os.path.abspath(job.image), stamp=stamp(job.image)))
     return labels
 
-def image_record(job, labels, emb):
-    """summary.json's entry for one image: its size, each part's area in pixels, its IoUs with a ground truth."""
+def image_record(job, labels, emb):  # summary.json's entry: size, each part's area in pixels, IoUs with ground truth
     parts, area = emb["parts"], np.bincount(labels.numpy().ravel(), minlength=len(emb["parts"]))
     record = dict(image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done,
                   width=labels.shape[1], height=labels.shape[0], area={name: int(a) for name, a in zip(parts, area)})
@@ -1449,7 +1447,8 @@ def build_parser():
     for stage, p in (("fit", f), ("predict", p)):
         p.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
-        p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="number format; default fp32, as the release")
+        p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="number format; "
+                       "default auto: bf16 on a CPU where it measures at least 1.3x as fast as fp32, else fp32")
         p.add_argument("--overwrite", action="store_true", help="fit: replace an emb.pt; predict: replace the "
                        "outputs of another run, and redo all (never a file slime did not write)")
         p.add_argument("-q", "--quiet", action="store_true", help="print only errors (and predict's IoU table)")

@@ -4,6 +4,7 @@
     python benchmarks/benchmark.py --tiny          # small widths, to check the script (minutes on 2 cores)
     python benchmarks/benchmark.py --device cpu --only fit --repeats 2
     python benchmarks/benchmark.py --device cpu --dtype fp32,bf16 --no-release   # formats side by side
+    python benchmarks/benchmark.py --device cpu --dtype fp32,auto --no-release   # the default against fp32
 
 Run from anywhere (it finds slime.py one folder up). Not a test: pytest does not collect it, and a full
 run takes about 16 minutes on 2 CPU cores.
@@ -171,7 +172,12 @@ def rss_kb(field):
 def measure_one(mode, args):
     op, who = mode.split("-")
     device = args.device
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    t0 = time.perf_counter()
+    if args.dtype == "auto":  # the command line's default: slime's own choice on this machine, its probe timed
+        dtype = slime.device_and_dtype(argparse.Namespace(device=device, dtype="auto"), slime.Console(True))[1]
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    choice_s = time.perf_counter() - t0
     torch.manual_seed(0)
     sd = build(args.tiny, device, dtype)
     s = slime.Settings()
@@ -236,7 +242,8 @@ def measure_one(mode, args):
     else:
         peak = rss_kb("VmHWM") * 1024 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(dict(mode=mode, times=times[1:], median=statistics.median(times[1:]),
-                                      before=before, peak=peak, dtype=str(dtype)[6:])), flush=True)
+                                      before=before, peak=peak, dtype=str(dtype)[6:],
+                                      choice_s=choice_s)), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver and table
@@ -266,8 +273,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu, then cuda when available")
     ap.add_argument("--repeats", type=int, help="timed runs after 1 warm-up (default: 2 on cpu, 5 on cuda)")
-    ap.add_argument("--dtype", default="fp32", help="slime's number format(s), comma-separated, e.g. fp32,bf16 "
-                                                   "(each measured side by side); default fp32, slime's default")
+    ap.add_argument("--dtype", default="fp32", help="slime's number format(s), comma-separated, e.g. fp32,bf16 or "
+                    "fp32,auto (each measured side by side; auto: slime's default, its own choice); default fp32")
     ap.add_argument("--no-release", action="store_true", help="skip the release-style baseline (always fp32)")
     ap.add_argument("--only", choices=("fit", "predict"))
     ap.add_argument("--tiny", action="store_true", help="small widths (tests/conftest.py's), to debug the script")
@@ -276,8 +283,8 @@ def main():
     if args.one:
         return measure_one(args.one, args)
     dtypes = args.dtype.split(",")
-    if not set(dtypes) <= {"fp32", "bf16", "fp16"}:
-        ap.error(f"--dtype: fp32, bf16 or fp16, comma-separated, not {args.dtype!r}")
+    if not set(dtypes) <= {"fp32", "bf16", "fp16", "auto"}:
+        ap.error(f"--dtype: fp32, bf16, fp16 or auto, comma-separated, not {args.dtype!r}")
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ops = [op for op in OPS if args.only is None or (op in ("fit", "val")) == (args.only == "fit")]
     who = [(d, "slime") for d in dtypes] + ([] if args.no_release else [("fp32", "release")])
@@ -311,7 +318,8 @@ def table(ops, who, results):
     for op in ops:
         rs = [results[op, d, w] for d, w in who]
         seconds[op] = [r.get("median") for r in rs]
-        cells = [f"{r['median']:.2f}" if "median" in r else f"failed ({r['error']})" for r in rs]
+        cells = [(f"{r['median']:.2f}" + (f" ({r['dtype']})" if d == "auto" else "") if "median" in r else
+                  f"failed ({r['error']})") for r, (d, w) in zip(rs, who)]
         ratios = [f"{b / seconds[op][0]:.2f}x" if b and seconds[op][0] else "-" for b in seconds[op][1:]]
         print(f"| {OPS[op]} | " + " | ".join(cells + ratios + [gb(r) for r in rs]) + " |")
     if "fit" in seconds and "val" in seconds:
@@ -321,6 +329,10 @@ def table(ops, who, results):
             cells = [(f"{n * t:.1f}" if n == 1 else f"{n * t / 60:.0f} min") if t else "-" for t in total]
             ratios = [f"{b / total[0]:.2f}x" if b and total[0] else "-" for b in total[1:]]
             print(f"| {label} | " + " | ".join(cells + ratios + ["-"] * len(total)) + " |")
+    for d, w in who:  # auto: what each measurement's own probe chose, and what choosing cost (once per run)
+        if d == "auto":
+            print("\nauto chose " + ", ".join(f"{results[op, d, w].get('dtype')} for {op} in "
+                                               f"{results[op, d, w].get('choice_s', 0):.2f} s" for op in ops))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ from PIL import Image
 import slime
 
 # Flags for random tiny weights: the SD loss (guidance 100 on random eps) would dominate Eq. 8, and the
-# release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it.
-TINY = ["--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1", "-q"]
+# release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it. Both lists pin
+# fp32: --dtype auto would choose by this CPU's speed (conftest.py: in-process runs choose fp32 anyway).
+TINY = ["--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1", "-q", "--dtype", "fp32"]
 # Flags for the SD-like checkpoint: the release's defaults (threshold 0.2 included) except fewer epochs at a
 # higher rate, validation every 5 epochs, one 512 patch, and no SD loss (its UNet predicts eps = 0 whatever
 # the context, so L_SD has no gradient and would only cost a second UNet pass).
 SDLIKE = ["--epochs", "10", "--lr", "0.3", "--val-every", "5", "--beta", "0", "--patch-size", "512",
-          "--patches-per-side", "1", "-q"]
+          "--patches-per-side", "1", "-q", "--dtype", "fp32"]
 
 
 def run(*args, ok=True):
@@ -300,7 +301,7 @@ def test_window_flags_refuse_nonsense_in_one_line(tmp_path, capsys, command, fla
     if command == "fit":
         args = ["fit", "a.png", "a_mask.png", "-o", str(tmp_path / "e.pt")]
     else:  # an emb.pt of the default settings: predict's flags are checked with the ones it stores
-        sd = type("SD", (), {"family": "sd2", "fingerprint": None})
+        sd = type("SD", (), {"family": "sd2", "fingerprint": None, "dtype": torch.float32})
         slime.save_embeddings(tmp_path / "emb.pt", torch.zeros(1, 77, 64), ["background", "disc"], sd, slime.Settings())
         args = ["predict", str(tmp_path / "emb.pt"), str(tmp_path), "-o", str(tmp_path / "out")]
     assert slime.main(args + ["-q", *flags]) == 2

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 import slime
 
-FAST = ["--epochs", "1", "--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1"]
+FAST = ["--epochs", "1", "--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1",
+        "--dtype", "fp32"]
 
 
 def cli(*args, cwd=None, **kw):
@@ -178,7 +179,7 @@ def fit_case(d, ckpt, case):
         pair[1] = d / "m.npy"
     elif case == "a finished emb.pt, no --overwrite":
         slime.save_embeddings(d / "emb.pt", torch.zeros(1, 77, 64), ["background", "disc"],
-                              SimpleNamespace(family="sd2", fingerprint=None), slime.Settings())
+                              SimpleNamespace(family="sd2", fingerprint=None, dtype=torch.float32), slime.Settings())
     elif case in ("image and mask swapped", "the mask as the image"):
         pair = [mask, img]
     elif case == "a grey photo as the mask":
@@ -305,27 +306,56 @@ def test_options_are_checked_before_anything_is_read(capsys):
     assert "argument --lr" in capsys.readouterr().err
 
 
-def test_half_precision_on_a_cpu_is_named_for_what_it_costs(capsys, monkeypatch):
-    args = slime.build_parser().parse_args(["fit", "a.png", "m.png", "--device", "cpu", "--dtype", "fp16"])
-    assert slime.device_and_dtype(args, slime.Console(False)) == (torch.device("cpu"), torch.float16)
-    assert capsys.readouterr().err == ("warning: this CPU has no fp16 instructions, so fp16 runs 25x to 100x slower "
-                                       "than fp32; use --dtype fp32\n")
-    args = slime.build_parser().parse_args(["fit", "a.png", "m.png", "--device", "cpu", "--dtype", "bf16"])
-    for native, warned in ((False, True), (True, False)):
-        monkeypatch.setattr(slime, "cpu_has_bf16", lambda: native)
-        assert slime.device_and_dtype(args, slime.Console(False)) == (torch.device("cpu"), torch.bfloat16)
-        assert ("this CPU has no bf16 instructions" in capsys.readouterr().err) == warned
-    args = slime.build_parser().parse_args(["fit", "a.png", "m.png", "--device", "cpu"])
-    assert slime.device_and_dtype(args, slime.Console(False))[1] == torch.float32  # the default: the release's
+def first_line(capsys, monkeypatch, *flags, native=True, speedup=None):
+    """device_and_dtype on the CPU with the bf16 instructions and the probe's measurement given -> (dtype, line)."""
+    monkeypatch.setattr(slime, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(slime, "bf16_speedup", (lambda: speedup) if speedup else lambda: pytest.fail("timed"))
+    dtype = slime.device_and_dtype(slime.build_parser().parse_args(["predict", "emb.pt", "in", *flags]),
+                                   slime.Console(False))[1]
+    return dtype, capsys.readouterr().err
 
 
-def test_the_first_line_names_the_cpu_and_its_threads(capsys):
+def test_dtype_auto_chooses_what_this_cpu_runs_faster_and_says_so(capsys, monkeypatch):
+    """--dtype auto (the default): fp32 without timing anything where the CPU has no bf16 instructions; else
+    bf16 only when the probe measures it at least 1.3x as fast. The first line names the choice and why."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    slime.device_and_dtype(slime.build_parser().parse_args(["predict", "emb.pt", "in"]), slime.Console(False))
-    n = torch.get_num_threads()
-    assert capsys.readouterr().err == (f"no GPU found: running on the CPU ({n} thread{'s' * (n != 1)}), which takes "
-                                       "minutes per image (see README, Speed)\n")
+    n, line = torch.get_num_threads(), lambda *flags, **kw: first_line(capsys, monkeypatch, *flags, **kw)
+    cpu, gpu = f"running on the CPU ({n} thread{'s' * (n != 1)}), ", "; no GPU found, so each image takes minutes\n"
+    assert line(native=False) == (torch.float32, cpu + "fp32: this CPU has no bf16 instructions" + gpu)
+    assert line(speedup=0.72) == (torch.float32, cpu + "fp32: bf16 0.7x fp32 here, under 1.3x" + gpu)
+    assert line(speedup=1.29)[0] == torch.float32 and line(speedup=1.3)[0] == torch.bfloat16
+    assert line("--device", "cpu", speedup=2.14) == (torch.bfloat16, cpu + "bf16: 2.1x fp32 here\n")
+    # an explicit format is used as given, never timed; one the CPU would emulate is named for what it costs
+    assert line("--dtype", "fp32", "--device", "cpu") == (torch.float32, cpu + "fp32, as --dtype says\n")
+    assert line("--dtype", "bf16", "--device", "cpu") == (torch.bfloat16, cpu + "bf16, as --dtype says\n")
+    for dtype, native in (("bf16", False), ("fp16", True)):
+        assert line("--dtype", dtype, "--device", "cpu", native=native)[1] == (
+            cpu + f"{dtype}, as --dtype says, though this CPU has no {dtype} instructions: 25x to 100x slower\n")
+
+
+def test_the_probe_times_each_format_best_of_its_repeats(monkeypatch):
+    """bf16_speedup = fp32's best time / bf16's, the first (warm-up) run of each left out; on fake clocks."""
+    monkeypatch.undo()  # the real bf16_speedup, not conftest's
+    durations = iter([0.01, 0.30, 0.20, 0.25,  # fp32: the warm-up, not counted, then 0.20 at best
+                      9.0, 0.08, 0.10, 0.09])  # bf16: 0.08 at best
+    calls, now = iter(range(100)), [0.0]
+
+    def perf_counter():  # each run reads the clock at its start and at its end, which comes after its duration
+        now[0] += next(durations) if next(calls) % 2 else 0.0
+        return now[0]
+    monkeypatch.setattr(slime.time, "perf_counter", perf_counter)
+    assert slime.bf16_speedup() == pytest.approx(0.20 / 0.08)
+
+
+def test_the_probe_runs_here_in_about_a_second(monkeypatch):
+    """The real probe on this CPU: a finite ratio, in at most a few seconds (0.4 s on a 2-core EPYC)."""
+    if not slime.cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions: auto chooses fp32 without the probe")
+    monkeypatch.undo()  # the real bf16_speedup, not conftest's
+    t0 = time.perf_counter()
+    speedup = slime.bf16_speedup()
+    assert 0.05 < speedup < 50 and time.perf_counter() - t0 < 5
 
 
 # ----------------------------------------------------------------------------- predict: one row per hostile case
@@ -582,6 +612,28 @@ def test_what_made_the_outputs_covers_the_weights_and_the_number_format(tmp_path
     assert base != slime.run_hash(e, s, ckpt, (torch.device("meta"), torch.float32))
     assert base != slime.run_hash(e, slime.Settings(seed=1), ckpt, (torch.device("cpu"), torch.float32))
     assert base == slime.run_hash(slime.load_embeddings(emb), s, ckpt, (torch.device("cpu"), torch.float32))
+
+
+def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(tmp_path, tiny_ckpt, emb, capsys, monkeypatch):
+    """emb.pt and the run record keep the format used. A probe that measures otherwise on the next run neither
+    refuses nor redoes what an earlier run made: auto continues in that format; an explicit other --dtype is
+    another run."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
+    args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2")]
+    assert slime.main(args) == 0  # auto; conftest's probe finds bf16 no faster: fp32
+    assert slime.load_embeddings(emb)["dtype"] == "float32"
+    assert json.loads((tmp_path / "out" / "slime-run.jsonl").read_text().splitlines()[1])["dtype"] == "float32"
+    monkeypatch.setattr(slime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(slime, "bf16_speedup", lambda: 2.0)
+    capsys.readouterr()
+    assert slime.main(args) == 0
+    err = capsys.readouterr().err
+    assert "bf16: 2.0x fp32 here" in err and "skipped 1, already made" in err
+    assert f"resuming in float32, the number format of the outputs already in {tmp_path / 'out'}" in err
+    assert slime.main(args + ["--dtype", "bf16"]) == 2
+    assert "already holds outputs made by another emb.pt, other settings, another checkpoint or number format" in (
+        capsys.readouterr().err)
 
 
 def test_a_damaged_run_record_costs_only_the_lines_it_lost(tmp_path, tiny_ckpt, emb, capsys):
@@ -854,7 +906,7 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
         raw += chunk
     assert proc.wait(timeout=300) == 0, raw
     shown = [line.split("\r")[-1].replace("\x1b[K", "") for line in raw.decode().replace("\r\n", "\n").split("\n")]
-    starts = ("no GPU found", "loading ", "loaded sd2", "fitting 2 parts", "mask colours -> parts: (0, 0, 0) "
+    starts = ("running on the CPU", "loading ", "loaded sd2", "fitting 2 parts", "mask colours -> parts: (0, 0, 0) "
               "background, (0, 200, 0) part1, (200, 0, 0) part2", "fit finished: ", "epoch ")
     for line in filter(None, shown):
         assert line.startswith(starts) and sum(line.count(s.strip()) for s in starts[:-1]) <= 1, shown
