@@ -1004,7 +1004,7 @@ def device_and_dtype(args, con):
     if dtype != "auto":  # an explicit format on a CPU that emulates it: said, and done
         slow = cpu and dtype != "fp32" and (dtype == "fp16" or not cpu_has_bf16())
         why = f"{dtype}, as --dtype says" + (f", though this CPU has no {dtype} instructions: 25x to 100x slower" * slow)
-    elif speedup:  # bf16 was 1.8x faster than fp32 on one CPU with bf16 instructions, and 1.4x slower on another
+    elif speedup:  # a fit epoch took 0.5x to 0.85x as long in bf16 on one CPU with bf16 instructions, 1.4x on another
         dtype = "bf16" if speedup >= 1.3 else "fp32"  # 1.3: a fit epoch gains less than the probe
         why = f"bf16: {speedup:.1f}x fp32 here" if dtype == "bf16" else f"fp32: bf16 {speedup:.1f}x fp32 here, under 1.3x"
     else:  # on a GPU the release's fp32: a fit step took 1.3x as long in bf16 on an H100 (benchmarks/README.md)

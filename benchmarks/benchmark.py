@@ -11,7 +11,8 @@ run takes about 16 minutes on 2 CPU cores.
 
 No checkpoint is needed: the three networks are built with random weights (timing does not depend on
 the values). K = 6 classes (PASCAL-Part car), a synthetic 512x512 image and mask, fixed seeds.
-Each measurement runs in a fresh subprocess (`--one MODE`), 1 warm-up then --repeats timed runs (median).
+Each measurement runs in a fresh subprocess (`--one MODE`), 1 warm-up then --repeats timed runs (median),
+with fp32 denormals flushed to zero as slime's command line does (from 2026-12-02; earlier tables did not).
 Peak memory: CPU = peak RSS of that subprocess while the operation runs (VmHWM, reset right after the
 models are built), shown as working memory (peak minus the RSS after the build) and total; CUDA =
 torch.cuda.max_memory_allocated, likewise minus what was allocated after the build.
@@ -172,6 +173,7 @@ def rss_kb(field):
 def measure_one(mode, args):
     op, who = mode.split("-")
     device = args.device
+    torch.set_flush_denormal(True)  # as slime's command line does (slime.main): fp32 denormals are slow on x86
     t0 = time.perf_counter()
     if args.dtype == "auto":  # the command line's default: slime's own choice on this machine, its probe timed
         dtype = slime.device_and_dtype(argparse.Namespace(device=device, dtype="auto"), slime.Console(True))[1]
