@@ -1128,7 +1128,8 @@ def plan_predict(args, con):  # everything a predict reads and writes, checked, 
                 ckpt: "checkpoint", args.emb: "embeddings"}, writes)
     record, run = Record(args.out), run_hash(emb, s, ckpt, device)
     other = (device[0], torch.float32 if device[1] == torch.bfloat16 else torch.bfloat16)  # auto's other choice
-    if args.dtype == "auto" and cpu_has_bf16() and not args.overwrite and record.run == run_hash(emb, s, ckpt, other):
+    if args.dtype == "auto" and record.run not in (None, run) and not args.overwrite and cpu_has_bf16() and (
+            record.run == run_hash(emb, s, ckpt, other)):  # hashed again only when the folder holds another run
         device, run = other, record.run  # auto resumes in the format of the outputs it continues
         con.say(f"resuming in {str(other[1])[6:]}, the number format of the outputs already in {args.out}")
     check_outputs(jobs, record, run, args, str(device[1])[6:])
