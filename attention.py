@@ -8,6 +8,7 @@ overflowing") and whisper's qk path, and returns them averaged over heads.
   https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/ldm/modules/attention.py
   https://github.com/openai/whisper/blob/main/whisper/model.py (qkv_attention)
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

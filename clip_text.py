@@ -9,6 +9,7 @@ SD 2.x: OpenCLIP ViT-H/14 text tower, stored with open_clip names under `cond_st
   https://github.com/mlfoundations/open_clip/blob/main/src/open_clip/transformer.py
 Each class copies its checkpoint's names, so both load with strict=True after stripping the prefix.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +50,12 @@ def tokenize(texts, pad_token):
     global _bpe
     if _bpe is None:
         from open_clip.tokenizer import SimpleTokenizer  # ships its BPE file: works offline
+
         _bpe = SimpleTokenizer()
     out = torch.full((len(texts), CONTEXT_LENGTH), pad_token, dtype=torch.long)
     for i, text in enumerate(texts):
-        ids = [BOS] + _bpe.encode(text)[:CONTEXT_LENGTH - 2] + [EOS]
-        out[i, :len(ids)] = torch.tensor(ids)
+        ids = [BOS] + _bpe.encode(text)[: CONTEXT_LENGTH - 2] + [EOS]
+        out[i, : len(ids)] = torch.tensor(ids)
     return out
 
 
@@ -146,8 +148,9 @@ class OpenCLIPText(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(CONTEXT_LENGTH, cfg.width))
         self.transformer = nn.Module()
         # only the blocks that run: the stored last block is skipped ("penultimate" layer, v2-inference.yaml)
-        self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg.width, cfg.heads)
-                                                   for _ in range(cfg.layers))
+        self.transformer.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(cfg.width, cfg.heads) for _ in range(cfg.layers)
+        )
         self.ln_final = LayerNorm32(cfg.width)
 
     def forward(self, tokens):

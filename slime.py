@@ -10,8 +10,12 @@ resolution (--window, slime's); the checkpoint; files; the plan of a run and its
   release: https://github.com/aliasgharkhani/SLiMe/tree/9de06f1a1e9ca83bd900a0b68646ce4885485f68
            cited below as release/<file>#L<line> at that commit
 """
+
 import argparse
+import contextlib
 import difflib
+import functools
+import glob
 import hashlib
 import io
 import json
@@ -28,8 +32,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from safetensors import safe_open
 
 import clip_text
@@ -37,20 +42,25 @@ from clip_text import CLIPTextModel, OpenCLIPText, TextConfig
 from unet import UNetConfig, UNetModel
 from vae import AutoencoderKL, VAEConfig
 
+
 class SlimeError(Exception):
     """A mistake the user can fix; its message is one sentence, printed without a traceback."""
+
 
 # ----------------------------------------------------------------------------- settings
 SIZE = 512  # the model always sees 512x512 images (a 64x64 latent), as in the release
 MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_mask_size)
 
+
 def setting(default, lo=None, hi=None, help="", fit=False, step=None, flag=None):
     """A field of Settings: default, range (and step), --help text; fit=True: training only."""
     return field(default=default, metadata=dict(range=(lo, hi), step=step, help=help, fit=fit, flag=flag))
 
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of a run: the release's defaults (release/src/arguments.py#L65-L91) unless marked slime's."""
+
     epochs: int = setting(200, 1, 100_000, "training epochs, one step per image each", fit=True)
     lr: float = setting(0.1, 1e-6, 100.0, "Adam's learning rate, no schedule", fit=True)
     t_min: int = setting(5, 1, 999, "smallest training timestep", fit=True)
@@ -58,26 +68,45 @@ class Settings:
     alpha: float = setting(1.0, 0.0, 1e6, "Eq. 8 weight of the WAS-map loss (Eq. 7)", fit=True)
     beta: float = setting(0.005, 0.0, 1e6, "Eq. 8 weight of SD's noise-prediction loss", fit=True)
     guidance: float = setting(100.0, 0.0, 1e6, "classifier-free guidance inside the SD loss", fit=True)
-    min_crop_ratio: float = setting(0.8, 0.05, 1.0, "smallest training crop, a fraction of the side", fit=True)
+    min_crop_ratio: float = setting(
+        0.8, 0.05, 1.0, "smallest training crop, a fraction of the side", fit=True
+    )
     rotation: float = setting(30.0, 0.0, 180.0, "largest training rotation in degrees", fit=True)
-    cycle_parts: bool = setting(True, help="crops favour the background, as the release's do in effect (default: "
-                                "they cycle through the parts, slime's)", fit=True, flag="--no-cycle")
+    cycle_parts: bool = setting(
+        True,
+        help="crops favour the background, as the release's do in effect (default: "
+        "they cycle through the parts, slime's)",
+        fit=True,
+        flag="--no-cycle",
+    )
     val_every: int = setting(1, 1, 100_000, "epochs between validations (and after the last)", fit=True)
     patch_size: int = setting(400, 8, SIZE, "inference patch side, in pixels of the 512 image")
     patches_per_side: int = setting(2, 1, 16, "inference patches per side")
-    threshold: float = setting(0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (calibrated on real SD)")
+    threshold: float = setting(
+        0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (calibrated on real SD)"
+    )
     test_t: int = setting(100, 1, 999, "inference timestep")
-    out_size: int = setting(0, 0, SIZE, "mask side: 0 = each image's own (slime's), 512 = the release's", step=SIZE)
-    bgr: bool = setting(False, help="feed the model BGR, as the release's cv2 did; default: RGB", flag="--bgr")
-    seed: int = setting(0, 0, 2 ** 63 - 1, "seed of every random draw")
-    window: int = setting(0, 0, 16384, "native resolution (slime's): image pixels per 512 window; 0 = squash", step=MAP)
+    out_size: int = setting(
+        0, 0, SIZE, "mask side: 0 = each image's own (slime's), 512 = the release's", step=SIZE
+    )
+    bgr: bool = setting(
+        False, help="feed the model BGR, as the release's cv2 did; default: RGB", flag="--bgr"
+    )
+    seed: int = setting(0, 0, 2**63 - 1, "seed of every random draw")
+    window: int = setting(
+        0, 0, 16384, "native resolution (slime's): image pixels per 512 window; 0 = squash", step=MAP
+    )
+
 
 # ----------------------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
 # The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths. In its diffusers names:
 # up_blocks[1].attentions[0,1,2] and up_blocks[2].attentions[0,1] (attn2), up_blocks[3].attentions[0,1,2] (attn1).
-CROSS_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7))  # 16x16, 32x32
+CROSS_LAYERS = tuple(
+    f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7)
+)  # 16x16, 32x32
 SELF_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in (9, 10, 11))  # 64x64
 IGNORE = 255  # mask value that no loss and no score looks at (PASCAL VOC's "void")
+
 
 def prompt_contexts(sd, num_classes):
     """Sec. 4.1: the text encoder's OUTPUT for "part part ... part" (K words) and for "" (the SD loss's
@@ -89,10 +118,12 @@ def prompt_contexts(sd, num_classes):
         cond, uncond = sd.text_encoder(tokens).float().split(1)  # fp32: Adam updates the vectors in place
     return cond, uncond
 
+
 def with_learned(learned, cond):
     """The conditional context with the learned vectors (K-1, D) at token positions 1..K-1."""
     # positions after K-1 (<end-of-text>, padding) keep the prompt's outputs: SD attends to them too
-    return torch.cat([cond[:, :1], learned[None].to(cond.dtype), cond[:, 1 + len(learned):]], dim=1)
+    return torch.cat([cond[:, :1], learned[None].to(cond.dtype), cond[:, 1 + len(learned) :]], dim=1)
+
 
 def noisy_latent(sd, images, t, gen):
     """images (B, 3, 512, 512) in [0, 1] -> x_t = sqrt(a_t) z + sqrt(1 - a_t) eps (DDIM add_noise), and eps.
@@ -104,14 +135,20 @@ def noisy_latent(sd, images, t, gen):
     a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)  # the fraction of the signal's variance left at step t
     return a.sqrt() * z + (1 - a).sqrt() * noise, noise
 
+
 def attention_maps(sd, x_t, t, context, num_classes, log_space):
     """One UNet pass -> (A_ca (K, 64, 64), Eq. 3; A_sa (4096 queries, 4096 keys), Eq. 5; eps). A_ca averages
     tokens 0..K-1's cross-attention (after the softmax over all 77) over heads and layers, each resized to 64x64
     (release/src/stable_difusion.py#L155-L264); A_sa averages the 64x64 layers' self-attention."""
     # only these 8 of the UNet's 32 attention layers materialise their maps; the rest take the fast path.
     # log_space (training): log-probabilities, the input of Eq. 4's cross-entropy; inference: probabilities
-    eps, maps = sd.unet(x_t, t, context, attn_layers=SELF_LAYERS + (() if log_space else CROSS_LAYERS),
-                        log_attn_layers=CROSS_LAYERS if log_space else ())
+    eps, maps = sd.unet(
+        x_t,
+        t,
+        context,
+        attn_layers=SELF_LAYERS + (() if log_space else CROSS_LAYERS),
+        log_attn_layers=CROSS_LAYERS if log_space else (),
+    )
     resized = []
     for name in CROSS_LAYERS:
         m = maps[name][0, :, :num_classes]  # (N pixels, K): the K tokens' columns
@@ -124,11 +161,13 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
     A_sa = sum(maps[name][0] for name in SELF_LAYERS) / len(SELF_LAYERS)  # row q: P(query q -> key j)
     return A_ca, A_sa, eps
 
+
 def was_map(P, A_sa):
     """Eq. 6, the Weighted Accumulated Self-attention map: S_WAS[k, q] = sum_j P[k, j] * A_sa[q, j]."""
     # A_sa.T puts the keys j on the rows, so one matmul sums over j; the release forms the same sum as a broadcast
     # product of K x 4096 x 4096 values (release/src/slime.py#L130-L133)
     return (P.flatten(1) @ A_sa.T).view(P.shape)
+
 
 def class_weights(mask, num_classes):
     """Eq. 4's weights (release/src/slime.py#L90-L95): #foreground / #pixels of a part; absent 0, background 1."""
@@ -138,11 +177,14 @@ def class_weights(mask, num_classes):
     w[0] = 1  # a part weighs >= 1, so the background, often most of the pixels, weighs no more than any part
     return w
 
+
 def segmentation_losses(A_ca, A_sa, mask, num_classes):
     """Eq. 4 and Eq. 7 on a (64, 64) mask: the weighted cross-entropy of A_ca, and the squared error of
     the WAS maps against the one-hot mask (release/src/slime.py#L121-L143)."""
     # ignore_index: 255 pixels (VOC's void, the padding of --window views) count as neither right nor wrong
-    loss_ce = F.cross_entropy(A_ca[None], mask[None], weight=class_weights(mask, num_classes), ignore_index=IGNORE)
+    loss_ce = F.cross_entropy(
+        A_ca[None], mask[None], weight=class_weights(mask, num_classes), ignore_index=IGNORE
+    )
     # softmax over the K classes. The release takes it of the averaged raw logits; A_ca holds averaged
     # log-probabilities over all 77 tokens, which differ from those logits by a per-pixel constant: same softmax
     S_was = was_map(A_ca.softmax(0), A_sa)  # Eq. 6
@@ -152,6 +194,7 @@ def segmentation_losses(A_ca, A_sa, mask, num_classes):
     loss_mse = ((S_was - onehot) ** 2).sum(0)[mask != IGNORE].mean()
     return loss_ce, loss_mse
 
+
 def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     """Fig. 3: encode, add noise, UNet, maps, losses. image (3, 512, 512), mask (64, 64) -> (loss, terms)."""
     num_classes = len(learned) + 1
@@ -159,7 +202,9 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     # release draws it (release/src/stable_difusion.py#L297)
     t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = noisy_latent(sd, image[None], t, gen)
-    A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, with_learned(learned, cond), num_classes, log_space=True)
+    A_ca, A_sa, eps_cond = attention_maps(
+        sd, x_t, t, with_learned(learned, cond), num_classes, log_space=True
+    )
     loss_ce, loss_mse = segmentation_losses(A_ca, A_sa, mask, num_classes)  # Eq. 4, Eq. 7
     loss_sd = torch.zeros(())  # a tensor even when skipped (beta = 0 skips a whole UNet pass)
     if s.beta:
@@ -173,6 +218,7 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     loss = loss_ce + s.alpha * loss_mse + s.beta * loss_sd  # Eq. 8
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
 
+
 # The release's training augmentations (release/src/dataset.py#L31-L91), in torch: flip, blur, a crop
 # that favours one part, rotation. They let one annotated image stand for many views.
 def resize(x, size, mode):
@@ -180,6 +226,7 @@ def resize(x, size, mode):
     if mode == "nearest":  # interpolate takes no integer tensors: through float and back (exact up to 255)
         return F.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+
 
 def gaussian_blur(image, k):
     """cv2.GaussianBlur(k, sigma=0), reflect-101 borders: for k <= 7 OpenCV takes fixed binomial kernels."""
@@ -189,6 +236,7 @@ def gaussian_blur(image, k):
     out = F.conv2d(pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)  # separable: rows, then columns
     return F.conv2d(out, g.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)[0]
 
+
 def rotate(x, degrees, mode):
     """Rotate (C, H, W) about its centre, same size, zeros outside (albumentations Rotate, BORDER_CONSTANT 0)."""
     a = torch.tensor(degrees * torch.pi / 180)
@@ -196,19 +244,25 @@ def rotate(x, degrees, mode):
     # so the distribution of views is the release's
     theta = torch.tensor([[torch.cos(a), torch.sin(a), 0.0], [-torch.sin(a), torch.cos(a), 0.0]])[None]
     grid = F.affine_grid(theta, (1, *x.shape), align_corners=False)
-    return F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0].to(x.dtype)
+    return F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0].to(
+        x.dtype
+    )
+
 
 def part_crop(mask, part, min_ratio, gen, tries=1000):
     """The crop that favours one part (release/src/dataset.py#L67-L83): side r * 512, r ~ U(min_ratio, 1),
     accepted when it keeps more than 30% of that part's pixels (always, if the part is absent)."""
     total = (mask == part).sum()
     for _ in range(tries):  # the release loops until accepted; a cap keeps a 1-pixel part from hanging
-        side = int((min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE)  # int(): utils.py#L38
+        side = int(
+            (min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE
+        )  # int(): utils.py#L38
         # a full-size crop draws no origin, as release/src/utils.py#L39-L44
-        y0, x0 = (torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist() if side != SIZE else (0, 0))
-        if total == 0 or (mask[y0:y0 + side, x0:x0 + side] == part).sum() / total > 0.3:
+        y0, x0 = torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist() if side != SIZE else (0, 0)
+        if total == 0 or (mask[y0 : y0 + side, x0 : x0 + side] == part).sum() / total > 0.3:
             return y0, x0, side
     return 0, 0, SIZE  # the whole image keeps all of the part: the release's loop would accept it too
+
 
 def augment(image, mask, part, s, gen):
     """The release's train transforms on (3, 512, 512) and (512, 512): flip, blur, the part-aware crop, rotation."""
@@ -217,16 +271,23 @@ def augment(image, mask, part, s, gen):
         image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep their up and down
     if rand() < 0.5:  # A.GaussianBlur(blur_limit=(1, 5)) (release/src/dataset.py#L35)
         k = int(torch.randint(1, 6, (1,), generator=gen))
-        k += 1 - k % 2  # albumentations maps an even kernel to the next odd one: k in {1: 20%, 3: 40%, 5: 40%}
+        k += (
+            1 - k % 2
+        )  # albumentations maps an even kernel to the next odd one: k in {1: 20%, 3: 40%, 5: 40%}
         image = gaussian_blur(image, k) if k > 1 else image
     y0, x0, side = part_crop(mask, part, s.min_crop_ratio, gen)
-    image = resize(image[:, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "bilinear")  # a zoom: parts look larger
-    mask = resize(mask[None, y0:y0 + side, x0:x0 + side], (SIZE, SIZE), "nearest")[0]  # nearest: no mixed labels
+    image = resize(
+        image[:, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "bilinear"
+    )  # a zoom: parts look larger
+    mask = resize(mask[None, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "nearest")[
+        0
+    ]  # nearest: no mixed labels
     if rand() < 0.5:  # uniform in [-rotation, rotation], A.Rotate's limit (release/src/dataset.py#L38-L50)
         angle = (2 * rand() - 1) * s.rotation
         # the corners the turn brings in are 0 in both: black pixels and background labels (mask_value=0)
         image, mask = rotate(image, angle, "bilinear"), rotate(mask[None], angle, "nearest")[0]
     return image, mask
+
 
 def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     """Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): learn K-1 text
@@ -234,14 +295,18 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     on_best(context, epoch, mIoU) at each new best; progress(event) after each step, around each validation."""
     on_best, progress = on_best or (lambda *a: None), progress or (lambda e: None)
     pairs = as_pairs(pairs, num_classes, s)
-    val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs  # without --val: the training pairs
+    val_pairs = (
+        as_pairs(val_pairs, num_classes, s) if val_pairs else pairs
+    )  # without --val: the training pairs
     # timesteps, VAE samples, noise on the device; the augmentations on a CPU stream, the same on any device
     gen, aug_gen = torch.Generator(sd.device).manual_seed(s.seed), torch.Generator().manual_seed(s.seed)
     cond, uncond = prompt_contexts(sd, num_classes)
     learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
     optimizer = torch.optim.Adam([learned], lr=s.lr)  # the only parameters: SD itself stays frozen
+    # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
+    val_inputs = [noisy_inputs(sd, image, s) for image, _ in val_pairs]
     # best 0.0 with >=: the first validation always saves, as the release's (release/src/slime.py#L28)
-    best, best_context, val_inputs, part, step = 0.0, cond, [], 0, 0
+    best, best_context, part, step = 0.0, cond, 0, 0
     for epoch in range(s.epochs):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
@@ -249,7 +314,9 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             # the part the next crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8 workers
             # that restart each epoch at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
             part = (part + 1) % num_classes if s.cycle_parts else 0
-            loss, terms = training_step(sd, learned, cond, uncond, image.to(sd.device), mask.to(sd.device), s, gen)
+            loss, terms = training_step(
+                sd, learned, cond, uncond, image.to(sd.device), mask.to(sd.device), s, gen
+            )
             step += 1
             if not torch.isfinite(loss):  # before backward: one nan step would make Adam's moments nan
                 raise SlimeError(diverged(sd, loss, step, terms))
@@ -265,24 +332,37 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
         if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
             best, best_context = miou, context
             on_best(context, epoch + 1, miou)
-        progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best_context is context,
-                      seconds=time.time() - t0))
+        progress(
+            dict(
+                event="validation",
+                epoch=epoch + 1,
+                miou=miou,
+                best=best_context is context,
+                seconds=time.time() - t0,
+            )
+        )
     return best_context
 
+
 def validation_miou(sd, context, val_pairs, val_inputs, num_classes, s):
-    """The mean image mIoU of the validation pairs, segmented as predict does, at the release's 512."""
-    # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
-    val_inputs[:] = val_inputs or [list(noisy_windows(sd, image, s)) if s.window else noisy_patches(sd, image, s)
-                                   for image, _ in val_pairs]
-    return sum(image_miou(segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes)
-               for (image, gt), inputs in zip(val_pairs, val_inputs)) / len(val_pairs)
+    """The mean image mIoU of the validation pairs, segmented as predict does, at the release's 512;
+    val_inputs: each pair's noisy_inputs."""
+    return sum(
+        image_miou(segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes)
+        for (image, gt), inputs in zip(val_pairs, val_inputs)
+    ) / len(val_pairs)
+
 
 def diverged(sd, loss, step, terms):
     """Why a loss is not finite. The weights were checked finite at load: the optimisation or the format."""
-    why = ("fp16 overflows easily: use --dtype bf16 or fp32" if sd.dtype == torch.float16 else
-           "the learning rate is the likely cause (the weights were checked finite at load): try a lower --lr")
+    why = (
+        "fp16 overflows easily: use --dtype bf16 or fp32"
+        if sd.dtype == torch.float16
+        else "the learning rate is the likely cause (the weights were checked finite at load): try a lower --lr"
+    )
     terms = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
     return f"the loss became {loss.item()} at step {step} ({terms}); {why}; the best emb.pt so far is kept"
+
 
 def training_view(image, mask, part, s, gen):
     """What one step sees of a pair: (--window: a view at its own scale,) the release's augmentations."""
@@ -293,6 +373,7 @@ def training_view(image, mask, part, s, gen):
     # the release's nearest resize to train_mask_size 64 (release/src/dataset.py#L84-L88): takes pixel (8i, 8j)
     return image, resize(mask[None], (MAP, MAP), "nearest")[0]
 
+
 def as_pairs(pairs, num_classes, s):
     """[(image, mask)] -> int64 masks, checked, both squashed to 512x512 as the release's cv2 resizes them
     (image bilinear, mask nearest), or with --window kept at their own resolution."""
@@ -300,18 +381,28 @@ def as_pairs(pairs, num_classes, s):
     for n, (image, mask) in enumerate(pairs, 1):
         mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).long()
         if mask.ndim == 3:
-            raise SlimeError(f"mask {n} is a colour mask {tuple(mask.shape)}; turn it into class labels with "
-                             "slime.colors_to_labels first")
+            raise SlimeError(
+                f"mask {n} is a colour mask {tuple(mask.shape)}; turn it into class labels with "
+                "slime.colors_to_labels first"
+            )
         if tuple(mask.shape) != tuple(image.shape[1:]):
-            raise SlimeError(f"mask {n} of {tuple(mask.shape)} does not match its image of {tuple(image.shape[1:])}")
+            raise SlimeError(
+                f"mask {n} of {tuple(mask.shape)} does not match its image of {tuple(image.shape[1:])}"
+            )
         bad = sorted(set(mask.unique().tolist()) - set(range(num_classes)) - {IGNORE})
         if bad:  # cross_entropy would end in a bare IndexError
-            raise SlimeError(f"mask {n} holds class values {bad[:8]} outside 0..{num_classes - 1}, so num_classes "
-                             f"{num_classes} is too small (255 means ignore)")
+            raise SlimeError(
+                f"mask {n} holds class values {bad[:8]} outside 0..{num_classes - 1}, so num_classes "
+                f"{num_classes} is too small (255 means ignore)"
+            )
         if not s.window:
-            image, mask = resize(image, (SIZE, SIZE), "bilinear"), resize(mask[None], (SIZE, SIZE), "nearest")[0]
+            image, mask = (
+                resize(image, (SIZE, SIZE), "bilinear"),
+                resize(mask[None], (SIZE, SIZE), "nearest")[0],
+            )
         out.append((image, mask))
     return out
+
 
 def patch_origins(patch_size, per_side):
     """Top-left corners of the inference patches, rows first (release/src/utils.py#L14-L31)."""
@@ -320,12 +411,26 @@ def patch_origins(patch_size, per_side):
     step = (SIZE - patch_size) // (per_side - 1) if per_side > 1 else 0
     return [(i * step, j * step) for i in range(per_side) for j in range(per_side)]
 
+
 def noisy_patches(sd, image, s):
     """Sec. 4.2's inputs (release/src/slime.py#L188-L229): the image squashed to 512x512 and cut into the
     patches -> [(y0, x0, x_t)]."""
     x, side = resize(image.to(sd.device), (SIZE, SIZE), "bilinear"), s.patch_size
-    return list(noised(sd, s, ((y0, x0, x[:, y0:y0 + side, x0:x0 + side]) for y0, x0 in
-                               patch_origins(side, s.patches_per_side))))
+    return list(
+        noised(
+            sd,
+            s,
+            (
+                (y0, x0, x[:, y0 : y0 + side, x0 : x0 + side])
+                for y0, x0 in patch_origins(side, s.patches_per_side)
+            ),
+        )
+    )
+
+
+def noisy_inputs(sd, image, s):  # what segment feeds the UNet for an image: its noisy patches, or windows
+    return list(noisy_windows(sd, image, s)) if s.window else noisy_patches(sd, image, s)
+
 
 def noised(sd, s, views):
     """(y0, x0, crop) -> (y0, x0, x_t): each crop zoomed to 512 (SD sees its parts larger), in the release's BGR
@@ -334,6 +439,7 @@ def noised(sd, s, views):
     for y0, x0, crop in views:
         x = resize(crop.to(sd.device), (SIZE, SIZE), "bilinear")
         yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
+
 
 @torch.no_grad()
 def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
@@ -356,6 +462,7 @@ def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
         votes[region] += 1
     return scores, votes
 
+
 def patch_votes(A_ca, A_sa, threshold, side):
     """One patch's vote: the classes it saw, and their WAS maps on their cross-attention's scale, (side, side)."""
     # the threshold and the rescale use the 64x64 maps (release/src/slime.py#L233-L237)
@@ -369,13 +476,19 @@ def patch_votes(A_ca, A_sa, threshold, side):
     # its cross-attention covers the whole image, and its full WAS map would swallow the parts.
     cross[0] = torch.where(cross[0] > cross[0].mean(), cross[0], 0)
     was = was_map(cross.view(-1, MAP, MAP), A_sa)  # Eq. 6
-    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[0]  # the patch's footprint
-    # Min-max rescale each WAS map onto its class's cross-attention range [floor, peak]: WAS maps of
-    # different classes live on different scales, and the argmax should compare the classes' confidences
-    w_max, w_min = was.flatten(1).max(1).values, was.flatten(1).min(1).values
-    shrink = (w_max - w_min) / (peak[seen] - floor[seen])
-    shrink = torch.where(torch.isnan(shrink) | (shrink == 0), torch.full_like(shrink, 1e-7), shrink)  # flat maps
-    return seen, was / shrink[:, None, None] + (floor[seen] - w_min / shrink)[:, None, None]
+    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[
+        0
+    ]  # the patch's footprint
+    # Min-max rescale each WAS map from its own range [w_min, w_max] onto its class's cross-attention range
+    # [floor, peak]: WAS maps of different classes live on different scales, and the argmax should compare
+    # the classes' confidences. As a line through two points: w_min -> floor, w_max -> peak.
+    w_min, w_max = was.flatten(1).min(1).values[:, None, None], was.flatten(1).max(1).values[:, None, None]
+    floor, peak = floor[seen][:, None, None], peak[seen][:, None, None]
+    per_unit = (w_max - w_min) / (peak - floor)  # WAS units per unit of cross-attention
+    per_unit[torch.isnan(per_unit) | (per_unit == 0)] = 1e-7  # a flat map (0/0, or 0): its values stay put
+    # = floor + (was - w_min) / per_unit, written in the release's order of operations (the same bits)
+    return seen, was / per_unit + (floor - w_min / per_unit)
+
 
 def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, progress=None):
     """image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size). inputs: its noisy patches,
@@ -385,49 +498,69 @@ def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, prog
     if s.window:
         scores, cell = native_scores(sd, context, image, num_classes, s, inputs, progress)
     else:
-        scores, votes = vote_sums(sd, context, inputs or noisy_patches(sd, image, s), num_classes, s,
-                                  (SIZE, SIZE), s.patch_size)
+        scores, votes = vote_sums(
+            sd, context, inputs or noisy_patches(sd, image, s), num_classes, s, (SIZE, SIZE), s.patch_size
+        )
         scores, cell = scores / votes, None
     scores = scores.cpu()  # the labels go to files from the CPU, and upsampled_argmax works there
     if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
-        raise SlimeError("its class scores are not finite" + (", as fp16 overflows: use --dtype bf16 or fp32"
-                                                              if sd.dtype == torch.float16 else ""))
+        raise SlimeError(
+            "its class scores are not finite"
+            + (", as fp16 overflows: use --dtype bf16 or fp32" if sd.dtype == torch.float16 else "")
+        )
     if cell:
         return upsampled_argmax(scores, *image.shape[1:], cell)
-    h, w = (out_size or s.out_size,) * 2 if out_size or s.out_size else image.shape[1:]
+    size = out_size or s.out_size  # 0: the image's own size
+    h, w = (size, size) if size else image.shape[1:]
     # at 512 the scores already have the output size: the argmax directly, as release/src/slime.py#L277-L278
     return scores.argmax(0).byte() if (h, w) == (SIZE, SIZE) else upsampled_argmax(scores, h, w)
+
 
 def upsampled_argmax(scores, h, w, cell=None, band=256):
     """argmax over classes of the bilinearly upsampled scores (K, gh, gw) -> (h, w) uint8, `band` rows at
     a time, so a 12000x9000 photo never holds K full-size maps. cell: --window's grid."""
-    (gh, gw), n = scores.shape[1:], cell or 1
+    (gh, gw) = scores.shape[1:]
     # bilinear is separable: one matrix per axis. With cell, the grid is upsampled to g * cell pixels (its
     # padded extent) and cut to the image; without, the 512x512 scores stretch to (h, w)
-    rows, cols = (F.interpolate(torch.eye(g)[None], size=g * n if cell else m, mode="linear",
-                                align_corners=False)[0].T[:m] for g, m in ((gh, h), (gw, w)))
+    rows = linear_upsampling(gh, gh * cell if cell else h)[:h]  # (h, gh)
+    cols = linear_upsampling(gw, gw * cell if cell else w)[:w]  # (w, gw)
     scores_w = scores @ cols.T  # (K, gh, w): columns first, at the grid's few rows
     labels = torch.empty(h, w, dtype=torch.uint8)
     for i in range(0, h, band):
-        R = rows[i:i + band]
+        R = rows[i : i + band]
         used = R.any(0).nonzero()[:, 0]  # each output row mixes 2 score rows: skip the zero columns of R
         lo, hi = used.min().item(), used.max().item() + 1
         band_scores = torch.einsum("hr,krw->khw", R[:, lo:hi], scores_w[:, lo:hi])
-        labels[i:i + band] = band_scores.max(0).indices  # = argmax(0), the first maximum, but 20x faster on CPU
+        labels[i : i + band] = band_scores.max(
+            0
+        ).indices  # = argmax(0), the first maximum, but 20x faster on CPU
     return labels
+
+
+def linear_upsampling(n, size):
+    """The (size, n) matrix M of F.interpolate's 1-D linear resize from n to size samples (align_corners
+    False): M @ v resizes v. Row i holds the weights of the n inputs in output i (two are non-zero)."""
+    # built by resizing the identity: column j is input j alone (a unit impulse), resized
+    return F.interpolate(torch.eye(n)[None], size=size, mode="linear", align_corners=False)[0].T
+
 
 def iou_per_class(pred, gt, num_classes):
     """IoU of every class present in gt (255 = ignore): |pred & gt| / (|pred | gt| + 1e-7) (release/src/utils.py#L8-L11)."""
     valid = gt != IGNORE
     pred, gt = pred[valid], gt[valid]
     # classes absent from gt are not scored, even where predicted: the release's rule
-    return {c: ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)
-            for c in gt.unique().tolist() if c < num_classes}
+    return {
+        c: ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)
+        for c in gt.unique().tolist()
+        if c < num_classes
+    }
+
 
 def image_miou(pred, gt, num_classes):
     """The mean IoU over the classes in this image's ground truth (release/src/slime.py#L300-L320)."""
     ious = iou_per_class(pred, gt, num_classes)
     return sum(ious.values()) / max(len(ious), 1)
+
 
 def miou_table(per_image, num_classes):
     """[{class: IoU}] -> (per-class IoU, mIoU) as the release reports a test set: a class's IoU is the mean
@@ -441,17 +574,19 @@ def miou_table(per_image, num_classes):
     seen = [v for v in per_class if v is not None]
     return per_class, sum(seen) / max(len(seen), 1)
 
+
 # ----------------------------------------------------------------------------- native resolution (--window, slime's)
 # The release squashes every image to 512x512, so a part of a few pixels in a big photo falls below one
 # latent pixel. --window N cuts the image, at its own resolution, into overlapping N x N windows, each
 # resized to 512 and voting as a release patch does; fit trains on views at the same scale.
 def window_crop(x, y0, x0, side, fill=None):
     """x[..., y0:y0 + side, x0:x0 + side], padded past the edge with its edge pixels (an image) or fill."""
-    x = x[..., y0:y0 + side, x0:x0 + side]
+    x = x[..., y0 : y0 + side, x0 : x0 + side]
     pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
     if not any(pad):
         return x
     return F.pad(x[None], pad, mode="replicate")[0] if fill is None else F.pad(x, pad, value=fill)
+
 
 def native_view(image, mask, part, window, gen):
     """fit's view at predict's scale: a window x window crop holding a random pixel of the favoured part."""
@@ -466,6 +601,7 @@ def native_view(image, mask, part, window, gen):
     # the padding past a small image is nobody's part: no loss looks at it
     return image, resize(window_crop(mask, *origin, window, IGNORE)[None], (SIZE, SIZE), "nearest")[0]
 
+
 def window_layout(h, w, window):
     """Where the windows of an (h, w) image lie -> (cell, grid (gh, gw), origins [(y0, x0)] rows first).
     The scores' grid has cells of window/64 pixels (a pixel of a window's maps) and covers >= a window."""
@@ -473,22 +609,30 @@ def window_layout(h, w, window):
     grid = tuple(max(MAP, -(-n // cell)) for n in (h, w))
     return cell, grid, [(y0, x0) for y0 in axis_origins(grid[0]) for x0 in axis_origins(grid[1])]
 
+
 def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
     """The fewest windows along n cells, first and last flush with the ends, at most `stride` apart."""
     count = 1 + -(-(n - side) // stride)
     return [round(i * (n - side) / (count - 1)) for i in range(count)] if count > 1 else [0]
 
+
 def noisy_windows(sd, image, s):
     """noisy_patches at the image's own resolution: the windows, one on the device at a time -> (y0, x0, x_t)."""
     cell, _, origins = window_layout(*image.shape[1:], s.window)
-    yield from noised(sd, s, ((y0, x0, window_crop(image, y0 * cell, x0 * cell, s.window)) for y0, x0 in origins))
+    yield from noised(
+        sd, s, ((y0, x0, window_crop(image, y0 * cell, x0 * cell, s.window)) for y0, x0 in origins)
+    )
+
 
 def native_scores(sd, context, image, num_classes, s, windows=None, progress=None):
     """Class scores (K, gh, gw) by the release's rule over the windows -> (scores, cell)."""
     cell, grid, origins = window_layout(*image.shape[1:], s.window)
     on_window = progress and (lambda n: progress(n, len(origins)))
-    scores, votes = vote_sums(sd, context, windows or noisy_windows(sd, image, s), num_classes, s, grid, MAP, on_window)
+    scores, votes = vote_sums(
+        sd, context, windows or noisy_windows(sd, image, s), num_classes, s, grid, MAP, on_window
+    )
     return scores / votes, cell
+
 
 # ----------------------------------------------------------------------------- the checkpoint
 # The prefixes of the original (ldm) single-file checkpoints. Each module copies the names below its prefix,
@@ -506,79 +650,82 @@ IGNORED_KEYS = (
     r"cond_stage_model\.model\.transformer\.resblocks\.{last}\.",  # SD2: last text block (penultimate output)
     r"cond_stage_model\.model\.(text_projection|logit_scale)$",  # SD2: CLIP's contrastive head
 )
+# the tensors whose shapes give the widths of the modules; all the other shapes are checked against them
+WIDTHS = {
+    "unet": (UNET_PREFIX + "input_blocks.0.0.weight", 0),
+    "context": (UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", 1),
+    "vae": (VAE_PREFIX + "encoder.conv_in.weight", 0),
+    "sd1": (TEXT_PREFIX["sd1"] + "embeddings.token_embedding.weight", 1),
+    "sd2": (TEXT_PREFIX["sd2"] + "token_embedding.weight", 1),
+}
+
 
 def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
     """ldm's "linear" schedule (diffusers: scaled_linear), in float64 as ldm computes it, stored float32:
     https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/util.py"""
-    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n, dtype=torch.float64) ** 2
+    betas = torch.linspace(linear_start**0.5, linear_end**0.5, n, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
+
 
 def build_models(shapes, path="checkpoint"):
     """{key: shape} -> (family, {prefix: module on the meta device}, ignore patterns); widths from the shapes."""
     family = next((f for f, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in shapes)), None)
-    unet, sdxl = any(k.startswith(UNET_PREFIX) for k in shapes), any(k.startswith("conditioner.") for k in shapes)
-    if sdxl or not unet or not family:  # SDXL has a UNet under the same prefix, and text encoders of its own
-        what = ("an SDXL checkpoint" if sdxl else "a UNet without a text encoder slime knows" if unet else
-                f"no full SD checkpoint (no {UNET_PREFIX}* tensors: a LoRA, VAE or embedding?)")
-        raise SlimeError(f"{path} is {what}; slime needs a Stable Diffusion 1.x or 2.x file such as "
-                         "v2-1_512-ema-pruned.safetensors")
-    text = TEXT_PREFIX[family]
-
-    def width(key, dim):
-        if key not in shapes:
-            raise SlimeError(f"{path} lacks the tensor {key}, so it is not a complete Stable Diffusion checkpoint")
-        return shapes[key][dim]
-    unet_cfg = (UNetConfig.sd15 if family == "sd1" else UNetConfig.sd21)(
-        model_channels=width(UNET_PREFIX + "input_blocks.0.0.weight", 0),
-        context_dim=width(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", 1))
+    needed = [WIDTHS[k][0] for k in ("unet", "context", "vae", family)] if family else ["a text encoder"]
+    if any(k.startswith("conditioner.") for k in shapes) or not set(needed) <= set(shapes):  # SDXL, LoRA
+        raise SlimeError(f"{path} is no Stable Diffusion 1.x or 2.x checkpoint: it lacks {needed[-1]}")
+    width = {k: shapes[key][dim] for k, (key, dim) in WIDTHS.items() if key in shapes}
+    config = UNetConfig.sd15 if family == "sd1" else UNetConfig.sd21
+    unet_cfg = config(model_channels=width["unet"], context_dim=width["context"])
     # the text depth is counted from the block names, as no header field states it
     block = r"encoder\.layers\.(\d+)\." if family == "sd1" else r"transformer\.resblocks\.(\d+)\."
-    stored = 1 + max([int(m.group(1)) for k in shapes if (m := re.match(re.escape(text) + block, k))], default=-1)
+    text = TEXT_PREFIX[family]
+    depth = 1 + max([int(m[1]) for k in shapes if (m := re.match(re.escape(text) + block, k))], default=-1)
     if family == "sd1":
-        text_cfg = TextConfig.sd15(width=width(text + "embeddings.token_embedding.weight", 1), layers=stored)
+        text_cfg = TextConfig.sd15(width=width["sd1"], layers=depth)
     else:  # SD2 conditions on the penultimate layer (ldm's FrozenOpenCLIPEmbedder, layer "penultimate"): the
         # last block is never built, and its tensors are on the ignore list ({last})
-        text_cfg = TextConfig.sd21(width=width(text + "token_embedding.weight", 1), layers=stored - 1)
+        text_cfg = TextConfig.sd21(width=width["sd2"], layers=depth - 1)
     with torch.device("meta"):  # shapes without memory: the weights are assigned as they are read
-        modules = {UNET_PREFIX: UNetModel(unet_cfg), VAE_PREFIX: AutoencoderKL(VAEConfig(ch=width(VAE_PREFIX +
-                   "encoder.conv_in.weight", 0))), text: (CLIPTextModel if family == "sd1" else OpenCLIPText)(text_cfg)}
-    return family, modules, [re.compile(p.replace("{last}", str(stored - 1))) for p in IGNORED_KEYS]
+        text_model = (CLIPTextModel if family == "sd1" else OpenCLIPText)(text_cfg)
+        vae = AutoencoderKL(VAEConfig(ch=width["vae"]))
+        modules = {UNET_PREFIX: UNetModel(unet_cfg), VAE_PREFIX: vae, text: text_model}
+    return family, modules, [re.compile(p.replace("{last}", str(depth - 1))) for p in IGNORED_KEYS]
 
-def read_header(path):  # a checkpoint's header alone -> (family, meta modules, {name: dtype}), every tensor checked
-    check_file(path, ".safetensors checkpoint", "check the path; weights/README.md says where to download "
-               "v2-1_512-ema-pruned.safetensors")
+
+def read_header(path):
+    """A checkpoint's header alone -> (family, meta modules); every tensor's name, shape and dtype checked."""
     # .ckpt files are pickles, and unpickling runs whatever code the file holds; safetensors is names, shapes, bytes
     if not str(path).endswith(".safetensors"):
-        raise SlimeError(f"{path} is not a .safetensors file; slime never unpickles .ckpt files, "
-                         "download the .safetensors release instead (see weights/README.md)")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:  # get_slice reads a header entry, no data
-            slices = {k: f.get_slice(k) for k in f.keys()}
-    except Exception as e:
-        raise SlimeError(f"{path} cannot be read as .safetensors (truncated or corrupt download?): {e}") from None
-    shapes, dtypes = {k: tuple(v.get_shape()) for k, v in slices.items()}, {k: v.get_dtype() for k, v in slices.items()}
+        raise SlimeError(f"{path} is no .safetensors file; slime never unpickles .ckpt files")
+    with named(path), safe_open(str(path), framework="pt", device="cpu") as f:  # get_slice: a header entry
+        slices = {k: f.get_slice(k) for k in f.keys()}
+    shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
     family, modules, ignored = build_models(shapes, path)
     wanted = {prefix + k: tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
-    # the shapes are the real test of the architecture: build_models read only a few widths from the file
-    unexpected = sorted(k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored))
-    for what, keys in (("lacks", sorted(set(wanted) - set(shapes))), ("has unexpected", unexpected),
-                       ("has wrongly shaped", sorted(k for k in wanted if k in shapes and shapes[k] != wanted[k]))):
+    # the shapes are the real test of the architecture: build_models read only a few widths from the file.
+    # An integer tensor would be cast to float silently and give garbage: a damaged or foreign file.
+    problems = {
+        "lacks": set(wanted) - set(shapes),
+        "has unexpected": {k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored)},
+        "has wrongly shaped": {k for k in wanted if k in shapes and shapes[k] != wanted[k]},
+        "has non-float": {k for k in wanted if slices[k].get_dtype() not in ("F64", "F32", "F16", "BF16")},
+    }
+    for what, keys in problems.items():
         if keys:
-            raise SlimeError(f"{path} {what} tensors for a {'/'.join(modules)} checkpoint: "
-                             f"{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} ({len(keys)} in all)")
-    # an integer tensor would be cast to float silently and give garbage: a damaged or foreign file
-    not_float = sorted(k for k in wanted if dtypes[k] not in ("F64", "F32", "F16", "BF16"))
-    if not_float:
-        raise SlimeError(f"{path}: the tensor {not_float[0]} is stored as {dtypes[not_float[0]]}, not as floating "
-                         f"point ({len(not_float)} such tensors); the file is damaged or not a Stable Diffusion model")
-    return family, modules, dtypes
+            keys = sorted(keys)
+            named_keys = ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+            raise SlimeError(f"{path} {what} tensors for {family}: {named_keys} ({len(keys)} in all)")
+    return family, modules
 
-def fingerprint(path, sample=1 << 20):  # the weights' cheap identity: SHA-256 of the header, first and last MiB
-    with open(path, "rb") as f:
+
+def fingerprint(path, sample=1 << 20):
+    """The weights' cheap identity: SHA-256 of the header and the first and last MiB of the tensors."""
+    with named(path), open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
         head = f.read(n + sample)
-        f.seek(max(8 + n, os.path.getsize(path) - sample))  # max(): small files overlap instead of reading past the end
+        f.seek(max(8 + n, os.path.getsize(path) - sample))  # max(): a small file overlaps, never past its end
         return hashlib.sha256(head + f.read(sample)).hexdigest()[:16]
+
 
 class StableDiffusion:
     """What `load_models` returns: the three frozen networks, the tokenizer and the noise schedule."""
@@ -591,298 +738,321 @@ class StableDiffusion:
     def tokenize(self, texts):  # SD1's HF tokenizer pads with <|endoftext|>, SD2's open_clip.tokenize with 0
         return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)
 
+
 def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
     """An original single-file SD 1.x / 2.x checkpoint, each tensor read once, checked, cast and assigned."""
-    family, modules, _ = read_header(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for prefix, module in list(modules.items())[:3 if text_encoder else 2]:  # UNet, VAE, text encoder
+    family, modules = read_header(path)
+    with named(path), safe_open(str(path), framework="pt", device="cpu") as f:
+        for prefix, module in list(modules.items())[: 3 if text_encoder else 2]:  # UNet, VAE, text encoder
             # cast per tensor as read: the file is never in memory whole, nor in two formats at once
-            state = {k: finite(f.get_tensor(prefix + k), prefix + k, path).to(device=device, dtype=dtype)
-                     for k in module.state_dict()}
+            keys = module.state_dict()
+            state = {k: finite(f.get_tensor(prefix + k), prefix + k, path).to(device, dtype) for k in keys}
             module.load_state_dict(state, strict=True, assign=True)  # assign: in place of the meta tensors
             module.eval().requires_grad_(False)  # frozen: only the learned vectors get gradients
     unet, vae, text = modules.values()
     return StableDiffusion(family, unet, vae, text if text_encoder else None, str(path))
 
+
 def finite(tensor, name, path):  # the tensor, if every value is finite; else one sentence naming it
     if not math.isfinite(tensor.sum(dtype=torch.float32)) and not torch.isfinite(tensor).all():
-        raise SlimeError(f"{path}: the tensor {name} holds nan or inf values, so every result would be wrong; "
-                         "the file is damaged: download it again")
+        raise SlimeError(f"{path}: the tensor {name} holds nan or inf values; the file is damaged")
     return tensor
+
 
 # ----------------------------------------------------------------------------- files: images and masks
 MAX_CLASSES = 77  # one text token per class: <start-of-text> (background) + up to 76 parts
 GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit int) gray images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-MASK_EXTS = (".png", ".npy", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")  # JPEG: found, refused
+MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be refused
 
-def check_file(path, what, advice=None):  # fail early, in the user's words: a missing path, a folder, an empty file
-    if not os.path.exists(path):
-        raise SlimeError(f"{path}: no such file; {advice or f'check the path of the {what}'}")
-    if os.path.isdir(path):
-        raise SlimeError(f"{path} is a directory; give the path of a single {what} file")
-    if os.path.getsize(path) == 0:
-        raise SlimeError(f"{path} is empty (0 bytes); re-export or re-copy the {what}")
 
-def open_image(path, what):  # PIL: first frame, pixels loaded, EXIF orientation applied -> (image, lossy?)
-    check_file(path, what)
+@contextlib.contextmanager
+def named(path):
+    """The one boundary of file errors: whatever fails while reading or writing `path` (OSError, PIL's,
+    safetensors', numpy's, torch.load's errors) becomes one line, `slime: error: <path>: <reason>`."""
     try:
-        with warnings.catch_warnings():  # PIL warns above 89 MP and refuses above 179 MP: slime reads in bands
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:  # closes the file: a folder of 10,000 photos must not run out of file handles
+        yield
+    except SlimeError:
+        raise
+    except Exception as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        raise SlimeError(f"{path}: {reason or type(e).__name__}") from None
+
+
+def open_image(path):
+    """PIL's first frame, decoded, EXIF orientation applied -> (image, its format if lossy else False)."""
+    with named(path), warnings.catch_warnings():  # PIL warns above 89 MP: slime reads in bands
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:  # closed: a folder of 10,000 photos must not run out of file handles
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
-            # by what the file IS, not by its name: a JPEG saved as .png is still JPEG (MPO: a phone's JPEG);
-            # a WebP is lossless when its image chunk is VP8L
-            lossy = (im.format in ("JPEG", "MPO", "JPEG2000") or im.info.get("compression") in ("jpeg", "tiff_jpeg")
-                     or im.format == "WEBP" and b"VP8L" not in open(path, "rb").read(64))
-            # as shown: phones store photos sideways with an EXIF rotation, and masks are drawn on the image as shown
+            # by what the file IS, not by its name: a JPEG saved as .png is still JPEG (MPO: a phone's
+            # JPEG); a WebP is lossless when its image chunk is VP8L
+            lossy = im.format in ("JPEG", "MPO", "JPEG2000") or "jpeg" in im.info.get("compression", "")
+            lossy = lossy or im.format == "WEBP" and b"VP8L" not in open(path, "rb").read(64)
+            # as shown: phones store photos sideways with an EXIF rotation, and masks are drawn on them as shown
             return ImageOps.exif_transpose(im), lossy and im.format
-    except UnidentifiedImageError:
-        raise SlimeError(f"{path} is not an image file PIL can read; give a PNG or JPEG {what}") from None
-    except Exception as e:  # "image file is truncated", broken data stream, bad EXIF, too many pixels
-        raise SlimeError(f"{path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to be read safely; "
-                         f"downscale the {what} first" if isinstance(e, Image.DecompressionBombError) else f"{path} is "
-                         f"truncated or corrupt ({' '.join(str(e).split())}); re-export or re-download the {what}") from None
 
-def read_image(path):  # an image file as a (3, H, W) float32 RGB tensor in [0, 1]; any alpha channel is dropped
-    im, _ = open_image(path, "image")
+
+def read_image(path):
+    """An image file -> (3, H, W) float32 RGB in [0, 1], any alpha dropped; a warning if it looks like a mask."""
+    im, _ = open_image(path)
     if im.mode in GRAY16 + ("F",):  # 16-bit gray: full scale is 65535; float TIFFs are taken as 0..1
         gray = np.asarray(im, dtype=np.float32) / (1 if im.mode == "F" else 65535)
         if not np.isfinite(gray).all():
-            raise SlimeError(f"{path} holds nan or inf pixel values; save the image with finite values")
+            raise SlimeError(f"{path} holds nan or inf pixel values")
         return torch.from_numpy(np.clip(gray, 0, 1))[None].repeat(3, 1, 1)
-    if im.mode in ("P", "PA", "LA", "La", "RGBa"):
-        im = im.convert("RGBA")  # so a palette's transparency entry is understood; then the alpha goes
-    rgb = torch.from_numpy(np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8))
+    im = im.convert("RGBA") if im.mode in ("P", "PA", "LA", "La", "RGBa") else im  # palette transparency
+    im = im if im.mode == "RGB" else im.convert("RGB")
+    colours = im.getcolors(MAX_CLASSES + 1)  # None when there are more
+    if colours and len(colours) * 64 < im.width * im.height:  # a few flat colours: what masks are made of
+        warnings.warn(f"{path} has only {count(len(colours), 'colour')}, like a mask; segmented as a photo")
+    rgb = torch.from_numpy(np.array(im, dtype=np.uint8))
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
+
 def read_mask(path, colors=False):
-    """A mask file (.npy or lossless image) -> (H, W) int64 labels (255: ignore), or (H, W, 3) colours."""
-    if str(path).lower().endswith(".npy"):
-        m = read_npy_mask(path)
+    """A mask file (.npy or lossless image) -> (H, W) int64 labels (255: ignore), or (H, W, 3) colours:
+    the index or grey value is the class, unless a labelmap names the colours (colors=True)."""
+    if str(path).lower().endswith(".npy"):  # the release's format; never unpickled
+        with named(path):
+            m = np.load(path, allow_pickle=False)
+        if m.dtype.kind not in "biu" or m.ndim != 2 or m.size and (m.min() < 0 or m.max() > 255):
+            raise SlimeError(f"{path}: a mask is a 2-D array of labels 0..255, not {m.dtype} {m.shape}")
+        return m.astype(np.int64)
+    im, lossy = open_image(path)
+    if im.mode in ("P", "L", "1", "PA", "LA", "F") + GRAY16 and not (colors and im.mode == "P"):
+        m = np.asarray(im)[..., 0] if im.mode in ("PA", "LA") else np.asarray(im)  # alpha is no label
     else:
-        im, lossy = open_image(path, "mask")
-        if lossy or im.mode == "F":
-            raise SlimeError(f"{path} is stored lossily ({lossy}); compression invents colours and values at every "
-                             "edge, which would become classes of their own: save the mask as PNG (or .npy)" if lossy
-                             else f"{path} holds floating-point values; save the mask as integer class labels")
-        # the index or grey value is the class, unless a labelmap names the colours (colors=True)
-        if im.mode in ("P", "L", "1", "PA", "LA") + GRAY16 and not (colors and im.mode == "P"):
-            m = np.asarray(im)[..., 0] if im.mode in ("PA", "LA") else np.asarray(im)  # the alpha is not a label
-        else:
-            m = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))[..., :3]
-            m = m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m  # grey as RGB
+        m = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))[..., :3]
+        m = m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m  # grey
     n = len(np.unique(pack_rgb(m) if m.ndim == 3 else m))
-    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1):  # more than SD has tokens, or thousands of colours
-        raise SlimeError(f"{path} holds {n:,} distinct {'colours' if m.ndim == 3 else 'values'}, so it is a photo, "
-                         "not a mask (or a mask with smooth, anti-aliased edges): give each image first and its mask "
-                         "second (fit IMAGE MASK), and only masks in a --masks folder")
+    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1):  # before lossy: a JPEG photo is named as a photo
+        raise SlimeError(
+            f"{path} holds {n:,} distinct values, so it is a photo, not a mask (or a mask with anti-aliased "
+            "edges): give each image first and its mask second, and only masks in --masks"
+        )
+    if lossy:  # compression invents colours at every edge, which would become classes of their own
+        raise SlimeError(f"{path} is stored lossily ({lossy}); save the mask as PNG or .npy")
+    if m.dtype.kind == "f":
+        raise SlimeError(f"{path} holds floating-point values; save the mask as integer class labels")
     return np.ascontiguousarray(m) if m.ndim == 3 else m.astype(np.int64)
 
-def read_npy_mask(path):  # a 2-D integer (or bool) .npy label array, the release's format; never unpickles
-    check_file(path, "mask")
-    try:
-        labels = np.load(path, allow_pickle=False)
-    except Exception as e:  # object arrays, truncated files, not a .npy at all
-        raise SlimeError(f"{path} cannot be read as a .npy array ({' '.join(str(e).split())}); save the mask with "
-                         "numpy.save") from None
-    bad = (f"holds {labels.dtype} values" if labels.dtype.kind not in "biu" else f"has shape {labels.shape}"
-           if labels.ndim != 2 else f"holds values from {labels.min()} to {labels.max()}"  # before int64 can wrap
-           if labels.size and (labels.min() < 0 or labels.max() > 255) else None)
-    if bad:
-        raise SlimeError(f"{path} {bad}; a mask is a 2-D (height, width) array of integer class labels 0..76 (255: "
-                         "ignore), e.g. numpy.save(path, mask.astype(numpy.uint8))")
-    return labels.astype(np.int64)
 
 # PASCAL VOC's colour map: bits 3b, 3b + 1, 3b + 2 of a class index set bit 7 - b of its r, g, b
-VOC_PALETTE = sum(((np.arange(256)[:, None] >> (3 * b + np.arange(3))) & 1) << (7 - b) for b in range(8)).astype(np.uint8)
+VOC_PALETTE = sum(((np.arange(256)[:, None] >> (3 * b + np.arange(3))) & 1) << (7 - b) for b in range(8))
+VOC_PALETTE = VOC_PALETTE.astype(np.uint8)
 VOID = (224, 224, 192)  # VOC's colour of index 255, "ignore" (object borders, unlabelled pixels)
 
-def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare and sort as single numbers
+
+def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare as single numbers
     c = np.asarray(colors).astype(np.int32)
     return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
+
 
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
     """Colour masks -> label masks with ONE colour -> class mapping for all: `palette` ([r, g, b] per class) if
     given, else black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore).
     -> (label masks, the palette, or None when no mask had colours); names and source go into errors."""
     names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
-    keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]  # None: labels
-    if all(k is None for k in keys):
+    keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]
+    if all(k is None for k in keys):  # label masks only
         return list(masks), None
-    if palette is None:  # from ALL the masks at once: mapped one by one, a part absent from one would shift the rest
-        present = np.zeros(0, np.int32)
-        for name, k in ((n, k[0]) for n, k in zip(names, keys) if k is not None):  # counted as the colours add up
-            present = np.union1d(present, k[k != pack_rgb(VOID)])  # void is ignore, not a class
-            if len(present) > MAX_CLASSES:
-                raise SlimeError(f"{name} brings the number of distinct mask colours to {len(present)}, more classes "
-                                 f"than SD's {MAX_CLASSES} text tokens allow; anti-aliased edges (a smooth brush) are "
-                                 "the usual cause, so save the masks without anti-aliasing or as indexed PNGs")
-        keys_sorted = np.union1d(np.zeros(1, np.int32), present)  # black first even where absent: the background
-        palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in keys_sorted]
+    if palette is None:  # from ALL the masks: mapped one by one, a part absent from one would shift the rest
+        present = np.union1d(np.zeros(1, np.int32), np.concatenate([k[0] for k in keys if k is not None]))
+        present = present[present != pack_rgb(VOID)]  # black first even where absent; void is no class
+        if len(present) > MAX_CLASSES:  # more classes than SD has text tokens
+            raise SlimeError(
+                f"the masks hold {len(present)} colours, more than {MAX_CLASSES} classes: anti-aliased edges? "
+                "save them as indexed PNGs"
+            )
+        palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in present]
     table = {k: i for i, k in enumerate(pack_rgb(np.array(palette)).tolist())}
     table.setdefault(int(pack_rgb(VOID)), IGNORE)  # VOC's void colour means ignore, in any palette without it
     out = []
     for name, mask, k in zip(names, masks, keys):
-        if k is None:
-            out.append(mask)
-            continue
-        colours, inverse = k[0].tolist(), k[1].reshape(mask.shape[:2])
-        unknown = [c for c in colours if c not in table]  # refused, not guessed: most often an anti-aliased edge
+        colours = k[0].tolist() if k is not None else []
+        unknown = [
+            c for c in colours if c not in table
+        ]  # refused, not guessed: most often an anti-aliased edge
         if unknown:
             examples = ", ".join(str((c >> 16, (c >> 8) & 255, c & 255)) for c in unknown[:3])
-            raise SlimeError(f"{name} has {int(np.isin(k[1], [colours.index(c) for c in unknown]).sum())} pixels "
-                             f"whose colour is not in {source} (e.g. {examples}); add those colours to {source} or "
-                             "repaint the mask without anti-aliasing")
-        out.append(np.array([table[c] for c in colours], np.int64)[inverse])
+            raise SlimeError(
+                f"{name} has colours that are not in {source}, e.g. {examples}: anti-aliased edges?"
+            )
+        if k is not None:
+            mask = np.array([table[c] for c in colours], np.int64)[k[1].reshape(mask.shape[:2])]
+        out.append(mask)
     return out, palette
+
 
 # A labelling tool's export names its colours: CVAT's "Segmentation mask 1.1" (and VOC-style tools) write
 # labelmap.txt, one `name:r,g,b:parts:actions` line per label, background first, beside SegmentationClass/.
 LABELMAP_HEADER = "# label:color_rgb:parts:actions"
 
+
 def read_labelmap(path):  # labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i
-    check_file(path, "labelmap.txt")
+    with named(path), open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip() and line[0] != "#"]
     names, colors = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            m = re.fullmatch(r"([^:]+):(\d+),(\d+),(\d+)(:.*)?", line.strip())
-            if not m or m[1].strip() in names or max(map(int, m.groups()[1:4])) > 255:
-                raise SlimeError(f"{path}, line {n}: {line.strip()[:60]!r} is not `name:r,g,b::` with r, g, b in "
-                                 "0..255 and a name of its own")
-            names.append(m[1].strip())
-            colors.append([int(v) for v in m.groups()[1:4]])
+    for n, line in lines:
+        m = re.fullmatch(r"([^:]+):(\d+),(\d+),(\d+)(:.*)?", line)
+        if not m or m[1].strip() in names or max(map(int, m.groups()[1:4])) > 255:
+            raise SlimeError(
+                f"{path}, line {n}: {line[:60]!r} is not `name:r,g,b::`, a new name, r, g, b <= 255"
+            )
+        names.append(m[1].strip())
+        colors.append([int(v) for v in m.groups()[1:4]])
     if not 2 <= len(names) <= MAX_CLASSES or len({tuple(c) for c in colors}) < len(colors):
-        raise SlimeError(f"{path} lists {count(len(names), 'label')}; slime needs 2 to {MAX_CLASSES} (background "
-                         "first), each of a colour of its own")
+        raise SlimeError(
+            f"{path} lists {count(len(names), 'label')}; slime needs 2 to 77, each of its own colour"
+        )
     return names, colors
+
 
 def find_labelmap(mask_paths, given=None):
     """--labelmap, else the labelmap.txt beside the masks or above their SegmentationClass/ (CVAT), or None."""
     found = set()
     for folder in {os.path.dirname(os.path.abspath(m)) for m in mask_paths} if not given else ():
         up = os.path.dirname(folder) if os.path.basename(folder) == "SegmentationClass" else folder
-        found.update(next(([p] for p in (os.path.join(folder, "labelmap.txt"), os.path.join(up, "labelmap.txt"))
-                           if os.path.isfile(p)), []))
+        found.update(
+            [p for p in (os.path.join(d, "labelmap.txt") for d in (folder, up)) if os.path.isfile(p)][:1]
+        )
     # compared by content: the same labelmap copied beside the training and the validation masks is no conflict
     if len({open(p, "rb").read() for p in found}) > 1:
-        raise SlimeError(f"the masks come with different labelmap.txt files ({', '.join(sorted(found)[:2])}); "
-                         "give the one that names every mask's colours with --labelmap")
+        raise SlimeError("the masks come with different labelmap.txt files: choose one with --labelmap")
     return given or min(found, default=None)
 
+
+def check_labels(labels, mask_path, size, image_path, parts):  # a mask against its image's size and the parts
+    if tuple(labels.shape) != tuple(size):
+        shape = f"{labels.shape[1]}x{labels.shape[0]}"
+        raise SlimeError(f"{mask_path} is {shape} but its image {image_path} is {size[1]}x{size[0]}")
+    bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
+    if bad:
+        raise SlimeError(
+            f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} for the parts {parts}"
+        )
+
+
 # ----------------------------------------------------------------------------- files: emb.pt
-EMB_FORMAT = "slime-embeddings/1"  # the tag of an emb.pt: predict reads no other torch file, fit replaces no other
+EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other torch file, fit replaces no other
+
 
 def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=None):
     """One self-describing file, written whole or not at all; loads with torch.load(weights_only=True)."""
+    emb = dict(
+        format=EMB_FORMAT,  # plain CPU float32 whatever --dtype and --device, plain types only
+        learned=context[0, 1 : len(parts)].detach().float().cpu(),  # the K-1 optimised vectors
+        context=context.detach()
+        .float()
+        .cpu(),  # the whole conditional context: predict needs no text encoder
+        parts=list(parts),
+        family=sd.family,
+        fingerprint=sd.fingerprint,
+        dtype=str(sd.dtype)[6:],
+        cross_layers=list(CROSS_LAYERS),
+        self_layers=list(SELF_LAYERS),
+        colors=[list(map(int, c)) for c in colors or []],  # RGB colour of each class in colour masks
+        settings={k: v for k, v in asdict(s).items() if k != "window" or v},  # so an older slime reads it
+        epoch=-1 if epoch is None else int(epoch),
+        val_miou=-1.0 if miou is None else float(miou),
+    )
     buffer = io.BytesIO()
-    torch.save({"format": EMB_FORMAT,  # plain CPU float32 whatever --dtype and --device, plain types only
-                "learned": context[0, 1:len(parts)].detach().float().cpu(),  # the K-1 optimised vectors
-                "context": context.detach().float().cpu(),  # the whole conditional context: predict needs no text encoder
-                "parts": list(parts), "family": sd.family, "fingerprint": sd.fingerprint, "dtype": str(sd.dtype)[6:],
-                "cross_layers": list(CROSS_LAYERS), "self_layers": list(SELF_LAYERS),
-                "colors": [list(map(int, c)) for c in colors or []],  # RGB colour of each class in colour masks
-                # --window only when on, so an older slime still reads a default emb.pt
-                "settings": {k: v for k, v in asdict(s).items() if k != "window" or v},
-                "epoch": -1 if epoch is None else int(epoch), "val_miou": -1.0 if miou is None else float(miou)}, buffer)
+    torch.save(emb, buffer)
     commit({path: buffer.getvalue()})  # a kill during the save leaves the previous best emb.pt
+
 
 def load_embeddings(path):
     """emb.pt as fit wrote it, checked, so an edited or damaged file ends in one line; never unpickles code."""
-    check_file(path, "emb.pt", f"check the path, or make one with `python slime.py fit image.png mask.png -o {path}`")
-    try:  # weights_only: tensors and plain types; pickled code is never run
+    with named(path):  # weights_only: tensors and plain types; pickled code is never run
         emb = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise SlimeError(f"{path} cannot be read as a slime emb.pt: it is damaged, not a torch file, or holds "
-                         "pickled objects that slime never runs") from None
-    if not isinstance(emb, dict) or emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
-        raise SlimeError(f"{path} is a torch file but not a slime emb.pt (no '{EMB_FORMAT}' format tag)")
+    emb = emb if isinstance(emb, dict) else {}
     parts, context, colors = emb.get("parts"), emb.get("context"), emb.get("colors")
-    if not isinstance(parts, list) or not all(isinstance(p, str) and p for p in parts) or not (
-            2 <= len(set(parts)) == len(parts) <= MAX_CLASSES):
+    if emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
+        bad = f"no '{EMB_FORMAT}' format tag"
+    elif not isinstance(parts, list) or not all(isinstance(p, str) and p for p in parts):
+        bad = "its parts are not a list of names"
+    elif not 2 <= len(set(parts)) == len(parts) <= MAX_CLASSES:
         bad = f"its parts {str(parts)[:60]} are not 2 to {MAX_CLASSES} distinct names"
-    elif not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[:2] != (1, 77) or not \
-            context.is_floating_point():
-        bad = "its context is not a (1, 77, width) floating-point tensor"
-    elif not torch.isfinite(context).all():  # predict segments with the context (the vectors and the prompt's rest)
-        bad = "its context holds nan or inf values"
-    elif not isinstance(emb.get("learned"), torch.Tensor) or not torch.equal(  # as fit saves them, both
-            emb["learned"].float(), context[0, 1:len(parts)].float()):
-        bad = f"its learned vectors are not the {len(parts) - 1} vectors of its {len(parts)} parts that its context holds"
-    elif emb.get("family") not in list(TEXT_PREFIX):
+    elif not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[:2] != (1, 77):
+        bad = "its context is not a (1, 77, width) tensor"
+    elif not context.is_floating_point() or not torch.isfinite(context).all():
+        bad = "its context holds nan, inf or non-float values"
+    elif emb.get("family") not in TEXT_PREFIX:
         bad = f"its family {emb.get('family')!r} is neither sd1 nor sd2"
     elif (emb.get("cross_layers"), emb.get("self_layers")) != (list(CROSS_LAYERS), list(SELF_LAYERS)):
         bad = "it was fitted on other attention layers than the ones this slime reads"
-    elif not isinstance(colors, list) or not all(isinstance(c, list) and len(c) == 3 and all(
-            type(v) is int and 0 <= v <= 255 for v in c) for c in colors):
-        bad = "its colors are not [r, g, b] lists of 0..255"
+    elif not isinstance(colors, list) or not all(isinstance(c, list) and len(c) == 3 for c in colors):
+        bad = "its colors are not [r, g, b] lists"
+    elif not all(type(v) is int and 0 <= v <= 255 for c in colors for v in c):
+        bad = "its colors are not in 0..255"
     elif not isinstance(emb.get("settings"), dict):
         bad = "its settings are not a dictionary"
     else:
-        emb["context"], emb["settings"] = context.float(), settings_from(emb["settings"], path)  # as typed flags
+        emb["context"], emb["settings"] = context.float(), settings_from(emb["settings"], path)  # as flags
         return emb
     raise SlimeError(f"{path} is not a usable emb.pt: {bad}")
 
-def part_names(text, flag):
-    """--parts a,b,c -> ["a", "b", "c"]: names that are not empty and not repeated (each labels a class)."""
-    parts = [p.strip() for p in text.split(",")]
-    if not all(parts) or len(set(parts)) != len(parts):
-        raise SlimeError(f"{flag} {text}: the names must be non-empty and distinct, comma-separated, background first")
-    return parts
 
-# ----------------------------------------------------------------------------- files: outputs, whole or not at all
-def commit(files, before_rename=lambda: None):
+def part_colors(
+    emb,
+):  # each part's colour: the one its masks came with (labelmap or colour masks), else VOC's
+    colors = emb["colors"][: len(emb["parts"])]
+    return [list(c) for c in colors] + VOC_PALETTE[len(colors) : len(emb["parts"])].tolist()
+
+
+# ----------------------------------------------------------------------------- files: outputs, whole or absent
+def commit(files):
     """Write {path: bytes} whole or not at all: each to a temp file beside its target (hidden, never read as an
     image), flushed; only when all are written are they renamed into place. A full disk, an error or an
-    interrupt (Ctrl-C, SIGTERM, SIGHUP arrive as KeyboardInterrupt) leaves every target as it was."""
-    temps, current = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}-"
-                                      f"{secrets.token_hex(4)}.tmp") for p in files}, None
+    interrupt (Ctrl-C, SIGTERM, SIGHUP arrive as KeyboardInterrupt) leaves no temp file behind."""
+    temps = {
+        p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{secrets.token_hex(4)}.tmp")
+        for p in files
+    }
     try:
         for path, data in files.items():
-            current = path
-            with open(temps[path], "wb") as f:
+            with named(path), open(temps[path], "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave an empty file
-        current = "the run record"
-        before_rename()  # predict's run record lists the files before they appear
         for path in files:
-            current = path
-            os.replace(temps[path], path)  # atomic within a folder: readers see the old file or the new
-    except OSError as e:
-        raise SlimeError(f"{current}: cannot be written ({e.strerror or e}); it and the files written with it "
-                         "are left as they were") from None
+            with named(path):
+                os.replace(temps[path], path)  # atomic within a folder: readers see the old file or the new
     finally:
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
+
 
 def png(im, level=6):  # PIL's default compression; 1 writes a big photo's overlay several times faster
     buffer = io.BytesIO()
     im.save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()
 
+
 def output_palette(colors=()):
     """The 256-colour palette of masks and overlays: the parts' colours first, VOC's for the rest (255: void)."""
-    return np.concatenate([np.asarray(colors, dtype=np.uint8).reshape(-1, 3), VOC_PALETTE[len(colors):]])
+    return np.concatenate([np.asarray(colors, dtype=np.uint8).reshape(-1, 3), VOC_PALETTE[len(colors) :]])
+
 
 def mask_image(labels, colors=()):  # (H, W) labels -> indexed PNG image: value = class, in the parts' colours
     im = Image.fromarray(np.asarray(labels).astype(np.uint8))
     im.putpalette(output_palette(colors).tobytes())  # an "L" image with a palette becomes "P"
     return im
 
+
 def overlay_image(image, labels, part_names, colors=(), band=256):
     """The image tinted per part, with white boundaries and a legend; `band` rows at a time (12000x9000 photos)."""
     labels, palette = np.asarray(labels), output_palette(colors).astype(np.float64)
     out, counts = Image.new("RGB", labels.shape[::-1]), np.zeros(256, np.int64)
     for i in range(0, labels.shape[0], band):
-        lab = labels[i:i + band + 1].astype(np.int64) & 255  # one row more: the boundary with the next band
+        lab = labels[i : i + band + 1].astype(np.int64) & 255  # one row more: the boundary with the next band
         counts += np.bincount(lab[:band].ravel(), minlength=256)
-        rgb = (image[:, i:i + band].detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
+        rgb = (
+            (image[:, i : i + band].detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
+        )
         tinted = np.where((lab[:band] != 0)[..., None], 0.5 * rgb + 0.5 * palette[lab[:band]], rgb)
         edge = np.zeros(lab.shape, bool)  # a boundary pixel differs from its right or its lower neighbour
         edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
@@ -895,134 +1065,212 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
     if pad + (size + pad) * len(part_names) > out.height // 3:
         return out
     names = [name + ("" if counts[c] else " (none)") for c, name in enumerate(part_names)]
-    draw.rectangle([0, 0, 3 * pad + size + max(draw.textlength(n, font=font) for n in names),
-                    pad + (size + pad) * len(names)], fill=(32, 32, 32))
+    width = 3 * pad + size + max(draw.textlength(n, font=font) for n in names)
+    draw.rectangle([0, 0, width, pad + (size + pad) * len(names)], fill=(32, 32, 32))
     for c, name in enumerate(names):
-        y = pad + c * (size + pad)
-        draw.rectangle([pad, y, pad + size - 1, y + size - 1], fill=tuple(map(int, palette[c])), outline=(255,) * 3)
-        draw.text((2 * pad + size, y), name, fill=(255,) * 3 if counts[c] else (150,) * 3, font=font)
+        y, white = pad + c * (size + pad), (255, 255, 255)
+        draw.rectangle(
+            [pad, y, pad + size - 1, y + size - 1], fill=tuple(map(int, palette[c])), outline=white
+        )
+        draw.text((2 * pad + size, y), name, fill=white if counts[c] else (150, 150, 150), font=font)
     return out
 
-# ----------------------------------------------------------------------------- the plan, and the run record
-# A run first makes a plan: every option, every path it reads and writes, every value, checked before any
-# model is loaded, so that a mistake costs seconds, not a fit. Then it works, and commits each output whole.
-def check_setting(f, value):
-    """A value for the Settings field f, typed or emb.pt's -> the value, or ArgumentTypeError saying what is allowed."""
-    kind, (lo, hi), step = type(f.default), f.metadata["range"], f.metadata["step"]
-    if kind is bool:  # not bool(value): bool("false") is True, and an emb.pt switch edited to 1 must not pass
-        if type(value) is not bool:
-            raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
-        return value
-    try:  # text from the command line; an int where a float is due (emb.pt, JSON) is taken as it is
-        x = kind(value) if isinstance(value, str) or (kind is float and type(value) is int) else value
-    except ValueError:
-        x = None
-    # type() and not isinstance(): True is an int to Python, but not a number of epochs; nan and inf never pass
-    if type(x) is not kind or not math.isfinite(x) or not lo <= x <= hi or step and x % step:
-        what = f"a multiple of {step}" if step else "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"must be {what} in [{lo}, {hi}], not {value!r}")
-    return x
 
-def settings_from(values, source, base=None):
-    """Settings from {name: value} (emb.pt's, a preset's, or the flags given) over `base`, each value checked."""
-    known, checked = {f.name: f for f in fields(Settings)}, {}
-    unknown = ", ".join(sorted(map(str, set(values) - set(known))))
-    if unknown:
-        raise SlimeError(f"{source} has settings this slime does not know ({unknown}"
-                         "): it was made by a newer slime, so update slime rather than guess what they mean")
-    for name, value in values.items():
-        try:
-            checked[name] = check_setting(known[name], value)
-        except argparse.ArgumentTypeError as e:
-            raise SlimeError(f"{source}: the setting {name} {e}") from None
-    s = replace(base or Settings(), **checked)  # only what was given replaces the base
-    if s.t_min > s.t_max:  # randint(t_min, t_max + 1) would otherwise fail at fit's first step
-        raise SlimeError(f"{source}: the training timesteps run from t_min {s.t_min} to t_max {s.t_max}; "
-                         "t_min must not exceed t_max")
-    if s.window and s.out_size:  # the window path writes each image's own size: refused, not quietly ignored
-        raise SlimeError(f"{source}: --window segments each image at its own resolution, so its masks have the "
-                         f"image's own size; give --out-size 0 with it, not {s.out_size}")
-    return s
+# ----------------------------------------------------------------------------- the plan of a run
+# A run first makes its plan: every option, every file it reads and every path it writes, checked before
+# the model loads, so that a mistake costs seconds, not a fit. predict's plan also says which images are done.
+def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pairs, val pairs, parts, palette)
+    preset = dict(PRESETS.get(args.preset, {}))
+    args.parts = args.parts or preset.pop("parts", None)  # explicit flags win over a preset
+    preset.pop("parts", None)
+    s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
+    for what, pairs in (("fit", args.pairs), ("--val", args.val or [])):
+        if len(pairs) % 2:
+            raise SlimeError(f"{what} takes image/mask pairs, but {pairs[-1]} has no partner")
+    if os.path.isdir(args.output):
+        raise SlimeError(f"-o {args.output} is a folder; give a file path such as {args.output}/emb.pt")
+    if os.path.exists(args.output):  # hours of work: replaced only when asked, and only an emb.pt
+        try:  # weights_only: asking what a file is must not run it
+            ours = torch.load(args.output, weights_only=True).get("format") == EMB_FORMAT
+        except Exception:
+            ours = False
+        if not ours or not args.overwrite:
+            what = "already holds fitted embeddings; pass --overwrite" if ours else "is not a slime emb.pt"
+            raise SlimeError(f"{args.output} {what}, or choose another -o")
+    device = device_and_dtype(args, con)
+    return s, device, checkpoint(args)[0], *read_pairs(args, con)
 
-def file_id(path):  # os.path.samefile's test as a key (device and inode) where the file exists, else its resolved path
+
+def read_pairs(args, con):
+    """fit's images and masks -> (train pairs, val pairs, parts, palette): ONE colour mapping for all the
+    masks (the labelmap's, if any), every size and value checked against the parts."""
+    paths, n = args.pairs + (args.val or []), len(args.pairs) // 2
+    labelmap = find_labelmap(paths[1::2], args.labelmap)
+    names, colors = read_labelmap(labelmap) if labelmap else (None, None)
+    images = [read_image(p) for p in paths[0::2]]
+    masks = [read_mask(p, colors=bool(names)) for p in paths[1::2]]
+    labels, palette = colors_to_labels(masks, colors, paths[1::2], labelmap or "the palette")
+    if names and args.parts and part_names(args.parts) != names:
+        raise SlimeError(f"--parts {args.parts} differs from the labels of {labelmap}: leave --parts out")
+    top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
+    default = ",".join(["background"] + [f"part{i}" for i in range(1, top + 1)])
+    parts = names or part_names(args.parts or default)
+    if top == 0:
+        raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
+    for image, mask, image_path, mask_path in zip(images, labels, paths[0::2], paths[1::2]):
+        check_labels(mask, mask_path, image.shape[1:], image_path, parts)
+    if palette is not None and not names:  # colours sorted by value: say which became which part
+        con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts)))
+    for c in sorted(set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))):
+        warnings.warn(f"part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
+    return list(zip(images[:n], labels[:n])), list(zip(images[n:], labels[n:])), parts, colors or palette
+
+
+RECORD = "slime-run.json"  # what made the masks in an output folder; written before the first image
+RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
+
+
+def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
+    emb, record = load_embeddings(args.emb), None if args.overwrite else read_record(args.out)
+    s = settings_from(given(args), "the command line", emb["settings"])
+    resume = record.get("dtype") if record and args.dtype == "auto" else None  # auto takes the record's
+    device = device_and_dtype(args, con, resume if resume in ("fp32", "bf16") else None)
+    ckpt, family, modules = checkpoint(args)
+    if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
+        raise SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})")
+    jobs = list_jobs(args, con)
+    find_ground_truth(jobs, args.masks, emb, con)
+    run = dict(run=run_hash(emb, s, ckpt, device), dtype=DTYPES[device[1]], embeddings=args.emb)
+    outputs = [os.path.join(args.out, n) for n in RUN_FILES] + [p for j in jobs for p in (j.mask, j.overlay)]
+    if record["run"] != run["run"] if record else not args.overwrite and any(map(os.path.exists, outputs)):
+        whose = "another emb.pt, settings, checkpoint or dtype" if record else f"no {RECORD} says whose"
+        raise SlimeError(
+            f"{args.out} holds outputs of another run ({whose}); pass --overwrite, or another -o"
+        )
+    for job in jobs:  # the same run resumes: an image is done when both its files are there
+        job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)
+    return emb, s, device, ckpt, jobs, run
+
+
+def read_record(out):  # out/slime-run.json as a dict, or None where there is none
+    path = os.path.join(out, RECORD)
     try:
-        st = os.stat(path)
-        return st.st_dev, st.st_ino
-    except OSError:
-        return os.path.realpath(path)
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("run"), str):
+        raise SlimeError(f"{path} is not slime's run record; pass --overwrite, or choose another -o")
+    return record
 
-def check_plan(reads, writes):
-    """Refuse an output that would destroy an input or another output: reads {path: what}, writes [(path, what)]."""
-    inputs, outputs = {file_id(p): (p, what) for p, what in reads.items()}, {}
-    for path, what in writes:
-        key = file_id(path)
-        if os.path.isdir(path):
-            raise SlimeError(f"{path} is a folder, so the {what} cannot be written there; give a file path "
-                             f"such as {os.path.join(path, 'emb.pt')}")
-        if key in inputs:
-            raise SlimeError(f"the {what} would be written over {inputs[key][0]}, the {inputs[key][1]} this run "
-                             "reads; choose another output path with -o")
-        if key in outputs:
-            raise SlimeError(f"the {outputs[key]} and the {what} would both be {path}; rename one of the inputs")
-        outputs[key] = what
 
-def make_folders(paths):  # the outputs' folders, each proven writable (os.access cannot tell): the plan's only write
-    created = []
-    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
-        missing, probe = folder, os.path.join(folder, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
-        while not os.path.exists(missing):
-            created, missing = created + [missing], os.path.dirname(missing)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            open(probe, "wb").close()
-            os.remove(probe)
-        except OSError as e:
-            remove_empty(created)
-            reason = "something that is not a folder has that name" if isinstance(e, FileExistsError) else e.strerror
-            raise SlimeError(f"{folder}: cannot write there ({reason}); choose another output folder with -o") from None
-    return created
+def run_hash(emb, s, ckpt, device):  # what makes the masks: the embeddings, settings, weights and dtype
+    what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
+    return hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
 
-def remove_empty(folders):  # remove the folders that a refused or failed run made and left empty, deepest first
-    for folder in sorted(folders, key=len, reverse=True):
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
 
-def device_and_dtype(args, con):
-    """--device and --dtype, checked against what this machine has, said in one line -> (device, dtype).
-    --dtype auto (the default) measures on a CPU whether bf16 is faster there (bf16_speedup); fp32 on a GPU."""
-    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def list_jobs(args, con):  # predict's images, each once, with its output paths; outputs kept from inputs
+    jobs, skipped = {}, []
+    for p in args.inputs:
+        if not os.path.exists(p):
+            raise SlimeError(f"{p}: no such file or folder")
+        files = sorted(os.path.join(p, n) for n in os.listdir(p) if n[0] != ".") if os.path.isdir(p) else [p]
+        for path in filter(os.path.isfile, files):  # hidden files (.DS_Store, temp files) are not listed
+            if path != p and not path.lower().endswith(IMAGE_EXTS):
+                skipped.append(os.path.basename(path))
+                continue
+            stem = os.path.splitext(os.path.basename(path))[0] + ".png"
+            mask, overlay = (os.path.join(args.out, d, stem) for d in ("SegmentationClass", "overlays"))
+            job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
+            jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
+    if skipped:
+        con.say(f"skipped {count(len(skipped), 'non-image file')}: {', '.join(skipped[:5])}")
+    if not jobs:
+        raise SlimeError(f"{', '.join(args.inputs)} holds no images ({', '.join(IMAGE_EXTS)})")
+    masks = {}
+    for job in jobs.values():
+        if masks.setdefault(job.mask, job.image) != job.image:
+            raise SlimeError(f"{masks[job.mask]} and {job.image} would both be {job.mask}; rename one")
+    # outputs never mix with inputs: a labelmap.txt written beside them would be read as theirs next time
+    outs = [os.path.join(args.out, d) for d in ("", "SegmentationClass", "overlays")]
+    inputs = {os.path.dirname(os.path.abspath(j.image)) for j in jobs.values()} | {args.masks} - {None}
+    for folder in (f for f in inputs if os.path.isdir(f)):
+        if any(os.path.isdir(d) and os.path.samefile(folder, d) for d in outs):
+            raise SlimeError(f"-o {args.out} holds inputs of this run ({folder}); choose another -o")
+    return list(jobs.values())
+
+
+def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground truth by file stem, checked
+    if masks and not os.path.isdir(masks):
+        raise SlimeError(f"--masks {masks}: no such folder")
+    for job in jobs if masks else []:
+        stem = os.path.splitext(os.path.basename(job.mask))[0]
+        job.gt = next((p for p in (os.path.join(masks, stem + e) for e in MASK_EXTS) if os.path.isfile(p)), 0)
+        if not job.gt:
+            con.say(f"warning: no mask for {job.image} in {masks}; not scored")
+            continue
+        try:  # its size as shown, from the header: EXIF orientations 5-8 swap the sides
+            with Image.open(job.image) as im:
+                size = im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
+        except Exception:
+            continue  # a damaged image is skipped when its turn comes
+        check_labels(ground_truth(job, emb), job.gt, size, job.image, emb["parts"])
+    if masks and not any(job.gt for job in jobs):  # an IoU table of nothing would read as a score of 0
+        raise SlimeError(f"--masks {masks} holds no mask for any image (found by file stem: a.jpg -> a.png)")
+
+
+def ground_truth(job, emb):  # ground truth as labels: label masks as they are, colours in the parts' colours
+    (gt,), _ = colors_to_labels([read_mask(job.gt)], part_colors(emb), [job.gt])
+    return gt
+
+
+# ----------------------------------------------------------------------------- device and number format
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def device_and_dtype(args, con, resume=None):
+    """--device and --dtype, checked and said in one line -> (device, dtype); resume: the dtype of the
+    outputs a predict continues. --dtype auto: bf16 on a CPU with bf16 instructions where it measures >= 1.3x
+    as fast as fp32 (bf16_speedup); else fp32, the release's (on an H100 a fit step took 1.3x as long in bf16)."""
+    gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # torchrun: one GPU per process
+    name = args.device or (gpu if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise SlimeError(f"--device {name}: not a device torch knows; use cpu, cuda, cuda:N or mps") from None
-    if (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() or device.type == "mps"
-            and not torch.backends.mps.is_available() or device.type not in ("cpu", "cuda", "mps")):
-        raise SlimeError(f"--device {name}: not available on this machine ({torch.cuda.device_count()} CUDA GPUs "
-                         "that torch can use); leave --device out to run on the CPU")
-    dtype, cpu = args.dtype, device.type == "cpu"
-    speedup = bf16_speedup() if dtype == "auto" and cpu and cpu_has_bf16() else None
-    if dtype != "auto":  # an explicit format on a CPU that emulates it: said, and done
-        slow = cpu and dtype != "fp32" and (dtype == "fp16" or not cpu_has_bf16())
-        why = f"{dtype}, as --dtype says" + (f", though this CPU has no {dtype} instructions: 25x to 100x slower" * slow)
-    elif speedup:  # a fit epoch took 0.5x to 0.85x as long in bf16 on one CPU with bf16 instructions, 1.4x on another
-        dtype = "bf16" if speedup >= 1.3 else "fp32"  # 1.3: a fit epoch gains less than the probe
-        why = f"bf16: {speedup:.1f}x fp32 here" if dtype == "bf16" else f"fp32: bf16 {speedup:.1f}x fp32 here, under 1.3x"
-    else:  # on a GPU the release's fp32: a fit step took 1.3x as long in bf16 on an H100 (benchmarks/README.md)
-        dtype, why = "fp32", "fp32: " + ("this CPU has no bf16 instructions" if cpu else "bf16 was slower on the GPU we measured")
-    where = (f"the CPU ({count(torch.get_num_threads(), 'thread')})" if cpu else f"{device} "
-             f"({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device)
-    con.say(f"running on {where}, {why}" + ("; no GPU found, so each image takes minutes" * (cpu and not args.device)))
-    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    cuda = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
+    if not (device.type == "cpu" or cuda or device.type == "mps" and torch.backends.mps.is_available()):
+        raise SlimeError(f"--device {name}: not available on this machine; leave --device out")
+    cpu, dtype, why = device.type == "cpu", resume or args.dtype, "as --dtype says"
+    if cpu and dtype == "fp16":
+        raise SlimeError("--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32")
+    if resume:
+        why = "the number format of the outputs it resumes"
+    elif cpu and dtype == "bf16" and not cpu_has_bf16():
+        why += ", though this CPU has no bf16 instructions: 25x to 100x slower"
+    elif dtype == "auto" and cpu and cpu_has_bf16():  # a fit epoch: 0.5x-0.85x on one CPU, 1.4x on another
+        speedup = bf16_speedup()  # 1.3: a fit epoch gains less than the probe
+        dtype, why = "bf16" if speedup >= 1.3 else "fp32", f"bf16 {speedup:.1f}x fp32 here"
+    elif dtype == "auto":
+        dtype, why = "fp32", "this CPU has no bf16 instructions" if cpu else "bf16 was slower on GPUs"
+    where = f"the CPU ({count(torch.get_num_threads(), 'thread')})" if cpu else str(device)
+    slow = "; no GPU found, so each image takes minutes" * (cpu and not args.device)
+    con.say(f"running on {where}, {dtype}: {why}{slow}")
+    return device, DTYPES[dtype]
+
 
 def cpu_has_bf16():
-    try:  # whether oneDNN runs bf16 natively (AVX512-BF16 or AMX); a private probe: assume the worst without it
+    try:  # whether oneDNN runs bf16 natively (AVX512-BF16 or AMX); a private probe: if absent, assume not
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
+
 def bf16_speedup(repeats=3):
     """fp32's time / bf16's on this CPU for two of the UNet's own operations, best of `repeats` (0.4 s on a
-    2-core EPYC): a 3x3 convolution of its 64x64 level (320 channels) and one head's q k^T there (4096 tokens)."""
+    2-core EPYC): a 3x3 convolution of its 64x64 level (320 channels) and a head's q k^T (4096 tokens)."""
     x, w, q = torch.randn(1, 320, 64, 64), torch.randn(320, 320, 3, 3) / 60, torch.randn(4096, 64)
 
     def best(dtype):
@@ -1032,258 +1280,109 @@ def bf16_speedup(repeats=3):
             F.conv2d(x_, w_, padding=1), q_ @ q_.T
             times.append(time.perf_counter() - t)
         return min(times[1:])
+
     with torch.no_grad():
         return best(torch.float32) / best(torch.bfloat16)
 
-def checkpoint(args):  # --ckpt, or the one .safetensors in weights/, checked from its header -> (path, family, modules)
+
+def checkpoint(
+    args,
+):  # --ckpt, or the one .safetensors in weights/ -> (path, family, modules), from its header
     folder = os.path.join(HERE, "weights")
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    found = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not args.ckpt and len(found) != 1:
-        raise SlimeError(f"{folder} holds {len(found)} checkpoints ({', '.join(found)}); choose one with --ckpt" if found
-                         else f"{folder} holds no .safetensors checkpoint; put v2-1_512-ema-pruned.safetensors there "
-                         "(see weights/README.md) or pass --ckpt")
-    path = args.ckpt or os.path.join(folder, found[0])
-    return (path, *read_header(path)[:2])
+        what = "see weights/README.md" if not found else f"choose one of {len(found)}"
+        raise SlimeError(f"{folder} holds {count(len(found), 'checkpoint')}: {what}, or pass --ckpt")
+    return (args.ckpt or found[0], *read_header(args.ckpt or found[0]))
 
-def plan_fit(args, con):  # a fit's options, paths and output, checked -> (settings, device, checkpoint, new folders)
-    preset = dict(PRESETS.get(args.preset, {}))
-    args.parts = args.parts or preset.get("parts")  # explicit flags win over a preset; parts is no Setting
-    s = settings_from(given(args), "the command line", settings_from(
-        {k: v for k, v in preset.items() if k != "parts"}, f"--preset {args.preset}"))
-    device, paths = device_and_dtype(args, con), args.pairs + (args.val or [])
-    for what, pairs in (("fit", args.pairs), ("--val", args.val or [])):
-        if len(pairs) % 2:
-            raise SlimeError(f"{what} takes image/mask pairs, but got an odd number of paths ({len(pairs)}): "
-                             f"{pairs[-1]} has no partner")
-    for n, path in enumerate(paths):
-        check_file(path, "mask" if n % 2 else "image")
-    ckpt, args.labelmap = checkpoint(args)[0], find_labelmap(paths[1::2], args.labelmap)
-    check_plan({ckpt: "checkpoint", **{p: "image or mask" for p in paths}, **({args.labelmap: "labelmap"} if
-               args.labelmap else {})}, [(args.output, "emb.pt")])
-    if os.path.isfile(args.output):  # hours of work: replaced only when asked, and never a file fit did not write
-        try:  # weights_only: asking what a file is must not run it
-            ours = torch.load(args.output, map_location="cpu", weights_only=True).get("format") == EMB_FORMAT
-        except Exception:
-            ours = False
-        if not ours or not args.overwrite:
-            raise SlimeError(f"{args.output} already holds fitted embeddings; pass --overwrite to replace them (at "
-                             "this fit's first validation), or choose another -o" if ours else f"{args.output} exists "
-                             "and is not a slime emb.pt; fit would replace it: remove it or choose another -o")
-    return s, device, ckpt, make_folders([args.output])
 
-def read_pairs(args, con):
-    """fit's images and masks -> (train, val pairs [(image, labels)], part names, palette): ONE colour mapping
-    for all the masks (the labelmap's, if any), every size and value checked against the parts."""
-    paths, names, colors = args.pairs + (args.val or []), *(read_labelmap(args.labelmap) if args.labelmap else (None, None))
-    images = [read_image(p) for p in paths[0::2]]
-    labels, palette = colors_to_labels([read_mask(p, colors=bool(names)) for p in paths[1::2]], colors, paths[1::2],
-                                       str(args.labelmap) if names else "the palette")
-    if names and args.parts and part_names(args.parts, "--parts") != names:
-        raise SlimeError(f"--parts {args.parts} differs from the labels of {args.labelmap} ({','.join(names)}); leave "
-                         "--parts out: the labelmap names the parts")
-    top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
-    parts = names or (part_names(args.parts, "--parts") if args.parts else
-                      ["background"] + [f"part{i}" for i in range(1, top + 1)])
-    for img, m, ip, mp in zip(images, labels, paths[0::2], paths[1::2]):
-        bad = sorted(set(np.unique(m).tolist()) - set(range(len(parts))) - {IGNORE})
-        if tuple(m.shape) != tuple(img.shape[1:]):
-            raise SlimeError(f"{mp} is {m.shape[1]}x{m.shape[0]} but its image {ip} is {img.shape[2]}x{img.shape[1]}; "
-                             "a mask must have its image's size")
-        if bad:  # colour masks: more colours than --parts names, usually anti-aliased edges
-            raise SlimeError(f"{mp} has class values {bad[:8]} outside 0..{len(parts) - 1} for the {len(parts)} parts "
-                             f"{parts} (255 means ignore)" + ("; its extra colours are usually anti-aliased edges: save "
-                             "the masks without anti-aliasing or as indexed PNGs" if palette is not None and not names else ""))
-    if len(parts) > MAX_CLASSES:
-        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
-    if len(parts) < 2 or top == 0:
-        raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
-    if palette is not None and not names:  # colours sorted by value: say which became which part
-        con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {name}" for c, name in zip(palette, parts))
-                + " (a labelmap.txt beside the masks, or --labelmap, would name them)")
-    n = len(args.pairs) // 2
-    for c in sorted(set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))):
-        con.say(f"warning: part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")  # Eq. 4: 0
-    return list(zip(images[:n], labels[:n])), list(zip(images[n:], labels[n:])), parts, colors or palette
+def load(con, ckpt, device, text_encoder=True):  # load_models, saying so
+    con.progress(f"loading {ckpt}", force=True)
+    sd = load_models(ckpt, device=device[0], dtype=device[1], text_encoder=text_encoder)
+    con.say(f"loaded {sd.family} on {device[0]} ({str(device[1])[6:]})")
+    return sd
 
-# what predict writes once per run beside the masks (a CVAT "Segmentation mask 1.1" annotation, and its summary)
-RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
-
-def plan_predict(args, con):  # everything a predict reads and writes, checked, and which images are done already
-    device, emb = device_and_dtype(args, con), load_embeddings(args.emb)
-    s = settings_from(given(args), "the command line", emb["settings"])
-    jobs = [SimpleNamespace(image=p, gt=None, done=False, **{k: os.path.join(args.out, folder, os.path.splitext(
-        os.path.basename(p))[0] + ".png") for k, folder in (("mask", "SegmentationClass"), ("overlay", "overlays"))})
-            for p in list_images(args.inputs, con)]
-    ckpt, family, modules = checkpoint(args)
-    if emb["family"] != family:
-        raise SlimeError(f"{args.emb} was fitted on an {emb['family']} checkpoint but {ckpt} is {family}; "
-                         "predict with the checkpoint the embeddings were fitted on")
-    if emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
-        raise SlimeError(f"{args.emb} holds {emb['context'].shape[2]}-wide vectors but {ckpt} has "
-                         f"{modules[UNET_PREFIX].cfg.context_dim}-wide text")
-    find_ground_truth(jobs, args.masks, emb, con)
-    writes = [(p, f"{what} of {j.image}") for j in jobs for p, what in ((j.mask, "mask"), (j.overlay, "overlay"))]
-    writes += [(os.path.join(args.out, name), name) for name in RUN_FILES + (RECORD,)]
-    check_plan({**{j.image: "image" for j in jobs}, **{j.gt: "ground-truth mask" for j in jobs if j.gt},
-                ckpt: "checkpoint", args.emb: "embeddings"}, writes)
-    record, run = Record(args.out), run_hash(emb, s, ckpt, device)
-    other = (device[0], torch.float32 if device[1] == torch.bfloat16 else torch.bfloat16)  # auto's other choice
-    if args.dtype == "auto" and record.run not in (None, run) and not args.overwrite and cpu_has_bf16() and (
-            record.run == run_hash(emb, s, ckpt, other)):  # hashed again only when the folder holds another run
-        device, run = other, record.run  # auto resumes in the format of the outputs it continues
-        con.say(f"resuming in {str(other[1])[6:]}, the number format of the outputs already in {args.out}")
-    check_outputs(jobs, record, run, args, str(device[1])[6:])
-    return emb, s, device, ckpt, jobs, record, make_folders(p for p, _ in writes)
-
-def list_images(inputs, con):  # folders and files -> image paths, sorted per folder, each once; other files skipped
-    found, skipped = {}, []
-    for p in inputs:
-        if not os.path.exists(p):
-            raise SlimeError(f"{p}: no such file or folder")
-        for full in sorted(os.path.join(p, f) for f in os.listdir(p)) if os.path.isdir(p) else [p]:
-            name = os.path.basename(full)
-            if full == p or os.path.isfile(full) and not name.startswith(".") and name.lower().endswith(IMAGE_EXTS):
-                check_file(full, "image")
-                found.setdefault(file_id(full), full)  # the same image named twice is segmented once
-            elif os.path.isfile(full) and not name.startswith("."):  # hidden: .DS_Store, temp files
-                skipped.append(name)
-    if not found:
-        raise SlimeError(f"{', '.join(inputs)} holds no images ({', '.join(IMAGE_EXTS)})"
-                         + (f"; skipped {', '.join(skipped[:5])}" if skipped else ""))
-    if skipped:
-        con.say(f"skipped {count(len(skipped), 'non-image file')}: {', '.join(skipped[:5])}")
-    return list(found.values())
-
-def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground truth by file stem, checked before work
-    if masks and not os.path.isdir(masks):
-        raise SlimeError(f"--masks {masks}: no such folder; give the folder of ground-truth masks")
-    for job in jobs if masks else []:
-        stem = os.path.splitext(os.path.basename(job.mask))[0]
-        job.gt = next((p for p in (os.path.join(masks, stem + e) for e in MASK_EXTS) if os.path.isfile(p)), None)
-        if not job.gt:
-            con.say(f"warning: no mask for {job.image} in {masks}; not scored")
-            continue
-        if file_id(job.gt) == file_id(job.image):  # --masks is the image folder: same stems
-            raise SlimeError(f"--masks {masks}: the mask found for {job.image} is the image itself; keep the "
-                             "ground-truth masks in a folder of their own")
-        try:  # its size as shown, from the header: EXIF orientations 5-8 swap the sides
-            with Image.open(job.image) as im:
-                h, w = im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
-        except Exception:
-            h, w = read_image(job.image).shape[1:]  # a damaged image: read_image says what is wrong
-        gt = ground_truth(job, emb)
-        if gt.shape != (h, w):
-            raise SlimeError(f"{job.gt} is {gt.shape[1]}x{gt.shape[0]} but its image {job.image} is {w}x{h}; "
-                             "a mask must have its image's size")
-        bad = sorted(set(np.unique(gt).tolist()) - set(range(len(emb["parts"]))) - {IGNORE})
-        if bad:
-            raise SlimeError(f"{job.gt} has class values {bad[:8]} outside 0..{len(emb['parts']) - 1} for the "
-                             f"parts {emb['parts']} (255 means ignore)")
-    if masks and not any(job.gt for job in jobs):  # an IoU table of nothing would read as a score of 0
-        raise SlimeError(f"--masks {masks} holds no mask for any of the {count(len(jobs), 'image')} (a mask is "
-                         "found by its image's file stem, e.g. photo.jpg -> photo.png)")
-
-def ground_truth(job, emb):  # ground truth as labels: label masks as they are, colours in the parts' colours
-    (gt,), _ = colors_to_labels([read_mask(job.gt)], part_colors(emb), [job.gt])
-    return gt
-
-def part_colors(emb):  # each part's colour: the one its masks came with (labelmap or colour masks), else VOC's
-    return [list(c) for c in emb["colors"][:len(emb["parts"])]] + VOC_PALETTE[len(emb["colors"]):len(emb["parts"])].tolist()
-
-RECORD = "slime-run.jsonl"
-
-class Record:
-    """The run record of an output folder: JSON lines, appended, never rewritten. A "run" line says what makes
-    the masks (run_hash); each later line lists files with their SHA-256, before they are renamed into place.
-    A file at an output path is slime's exactly when a line lists it so; any other is the user's, never replaced."""
-
-    def __init__(self, out):
-        self.path, self.header, lines = os.path.join(out, RECORD), None, []
-        with open(self.path, encoding="utf-8", errors="replace") if os.path.exists(self.path) else io.StringIO() as f:
-            text = f.read()
-        if text and not text.startswith("\n"):  # each of slime's appends starts a line of its own
-            raise SlimeError(f"{self.path} exists and was not written by slime; predict will not replace it: move it "
-                             "or choose another -o")
-        for line in text.splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:  # empty, or cut short by a kill
-                pass
-        lines = [x for x in lines if isinstance(x, dict) and isinstance(x.get("image", ""), str) and isinstance(
-            x.get("files", {}), dict) and all(isinstance(h, str) for h in x.get("files", {}).values())]  # hand-edited
-        self.known = {(p, h) for x in lines for p, h in x.get("files", {}).items()}
-        last = max([i for i, x in enumerate(lines) if "run" in x], default=0)
-        self.run = lines[last].get("run") if lines else None  # the last run's, and the images it wrote
-        self.images = {x["image"]: x for x in lines[last:] if "image" in x}
-
-    def add(self, out, files, **what):  # list {path: bytes} about to be committed, flushed; this run's line first
-        entry = {**what, "files": {os.path.relpath(p, out): hashlib.sha256(b).hexdigest() for p, b in files.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join("\n" + json.dumps(x) for x in (self.header, entry) if x))
-            f.flush()
-            os.fsync(f.fileno())
-        self.header = None
-
-def run_hash(emb, s, ckpt, device):  # what makes the masks: embeddings, parts, colours, settings, weights, dtype
-    h = hashlib.sha256(emb["context"].numpy().tobytes())
-    h.update(json.dumps([emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type,
-                         str(device[1])]).encode())
-    return h.hexdigest()[:16]
-
-def check_outputs(jobs, record, run, args, dtype):
-    """Which images are done; refuse a file slime did not write (or that changed), and another run's outputs."""
-    paths = [p for job in jobs for p in (job.mask, job.overlay)] + [os.path.join(args.out, n) for n in RUN_FILES]
-    found = {os.path.relpath(p, args.out): sha256_file(p) for p in paths if os.path.isfile(p)}
-    for rel in (rel for rel, digest in found.items() if (rel, digest) not in record.known):
-        raise SlimeError(f"{os.path.join(args.out, rel)} exists and was not written by slime, or was changed "
-                         "since; predict will not replace it: move it or choose another -o")
-    if record.run != run and not args.overwrite and any(os.path.isfile(p) for j in jobs for p in (j.mask, j.overlay)):
-        raise SlimeError(f"{args.out} already holds outputs made by another emb.pt, other settings, another "
-                         "checkpoint or number format; pass --overwrite to replace them, or choose another -o")
-    for job in jobs:
-        line = record.images.get(os.path.abspath(job.image)) if record.run == run and not args.overwrite else None
-        files, want = (line or {}).get("files", {}), {os.path.relpath(p, args.out) for p in (job.mask, job.overlay)}
-        job.done = set(files) == want and line.get("stamp") == stamp(job.image) and all(
-            found.get(rel) == digest for rel, digest in files.items())
-    if record.run != run or args.overwrite:
-        record.header = {"run": run, "embeddings": os.path.abspath(args.emb), "dtype": dtype}
-
-def sha256_file(path):  # read whole: outputs are PNGs of at most a few hundred MB
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-def stamp(path):  # an edited image is redone: its size or mtime changed
-    return [(st := os.stat(path)).st_size, st.st_mtime_ns]
-
-def given(args):  # the settings given on the command line ({} for the ones left out)
-    return {f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name, None) is not None}
-
-def count(n, noun):
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 # ----------------------------------------------------------------------------- command line
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
-    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, patch_size=512,
-                       patches_per_side=1),
-    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8, patch_size=512,
-                         patches_per_side=1),
-    "celeba": dict(parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6, rotation=10.0),
+    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6),
+    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8),
+    "celeba": dict(parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6),
 }
+PRESETS["pascal-car"].update(patch_size=512, patches_per_side=1)  # one patch: the whole image
+PRESETS["pascal-horse"].update(patch_size=512, patches_per_side=1)
+PRESETS["celeba"].update(rotation=10.0)
+
+
+def check_setting(f, value):
+    """A value for the Settings field f, typed or emb.pt's -> the value, or ArgumentTypeError saying why."""
+    kind, (lo, hi), step = type(f.default), f.metadata["range"], f.metadata["step"]
+    if kind is bool:  # not bool(value): bool("false") is True, and an emb.pt switch edited to 1 is no bool
+        if type(value) is not bool:
+            raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
+        return value
+    try:  # text from the command line; an int where a float is due (emb.pt, JSON) is taken as it is
+        x = kind(value) if isinstance(value, str) or (kind is float and type(value) is int) else value
+    except ValueError:
+        x = None
+    # type() and not isinstance(): True is an int to Python, but no number of epochs; nan and inf never pass
+    if type(x) is not kind or not math.isfinite(x) or not lo <= x <= hi or step and x % step:
+        what = f"a multiple of {step}" if step else "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what} in [{lo}, {hi}], not {value!r}")
+    return x
+
+
+def settings_from(values, source, base=None):
+    """Settings from {name: value} (emb.pt's, a preset's, or the flags given) over `base`, each checked."""
+    known, checked = {f.name: f for f in fields(Settings)}, {}
+    unknown = ", ".join(sorted(map(str, set(values) - set(known))))
+    if unknown:  # made by a newer slime: update slime rather than guess what they mean
+        raise SlimeError(f"{source} has settings this slime does not know ({unknown}); update slime")
+    for name, value in values.items():
+        try:
+            checked[name] = check_setting(known[name], value)
+        except argparse.ArgumentTypeError as e:
+            raise SlimeError(f"{source}: the setting {name} {e}") from None
+    s = replace(base or Settings(), **checked)  # only what was given replaces the base
+    if s.t_min > s.t_max:  # randint(t_min, t_max + 1) would otherwise fail at fit's first step
+        raise SlimeError(f"{source}: t_min {s.t_min} exceeds t_max {s.t_max}")
+    if s.window and s.out_size:  # the window path writes each image's own size: refused, not ignored
+        raise SlimeError(f"{source}: --window makes masks of each image's own size; give --out-size 0")
+    return s
+
+
+def given(args):  # the settings given on the command line ({} for the ones left out)
+    return {f.name: vars(args)[f.name] for f in fields(Settings) if vars(args).get(f.name) is not None}
+
+
+def part_names(text):  # "a,b,c" -> ["a", "b", "c"]: 2 to 77 names, not empty and not repeated
+    parts = [p.strip() for p in text.split(",")]
+    if not all(parts) or len(set(parts)) != len(parts):
+        raise SlimeError(f"--parts {text}: the names must be non-empty and distinct, comma-separated")
+    if len(parts) > MAX_CLASSES:
+        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
+    return parts
+
+
+def count(n, noun):
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
 
 class Console:
     """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA."""
 
-    def __init__(self, quiet):
-        self.quiet, self.open, self.shown, self.t0 = quiet, False, 0.0, time.time()
+    def __init__(self, quiet, prefix=""):
+        self.quiet, self.prefix, self.open, self.shown, self.t0 = quiet, prefix, False, 0.0, time.time()
 
     def say(self, msg):
         if not self.quiet:
-            print(("\n" if self.open else "") + msg, file=sys.stderr, flush=True)
+            print(("\n" if self.open else "") + self.prefix + msg, file=sys.stderr, flush=True)
             self.open = False
 
     def progress(self, text, eta=None, force=False):
-        line = f"{text}  {duration(time.time() - self.t0)} elapsed" + (f", ETA {duration(eta)}" if eta else "")
+        line = f"{self.prefix}{text}  {duration(time.time() - self.t0)} elapsed"
+        line += f", ETA {duration(eta)}" if eta else ""
         if not self.quiet and sys.stderr.isatty():  # \x1b[K clears what a longer line left behind
             print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
             self.open = True
@@ -1291,205 +1390,235 @@ class Console:
             print(line, file=sys.stderr, flush=True)
             self.shown = time.time()
 
+
 def duration(seconds):  # 12 s, 7.5 min, 3.2 h
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+    h, m = seconds >= 5400, seconds >= 90
+    return f"{seconds / 3600:.1f} h" if h else f"{seconds / 60:.1f} min" if m else f"{seconds:.0f} s"
+
 
 def time_left(t0, done, total):  # seconds until `total` are done at the pace of the `done` ones since t0
     return (time.time() - t0) / done * (total - done) if done else None
 
-def load_for(con, ckpt, device, text_encoder=True):
-    con.progress(f"loading {ckpt}", force=True)
-    sd = load_models(ckpt, device=device[0], dtype=device[1], text_encoder=text_encoder)
-    con.say(f"loaded {sd.family} on {device[0]} ({str(device[1])[6:]})")
-    return sd
 
-def cmd_fit(args, con):  # plan; read and check the data; load; fit, saving emb.pt at each new best
-    s, device, ckpt, created = plan_fit(args, con)
-    try:
-        train, val, parts, palette = read_pairs(args, con)  # before the load: a bad mask costs seconds
-        sd, best, progress = load_for(con, ckpt, device), {}, fit_progress(con, s, len(train))
-        con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: "
-                f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {count(progress.vals, 'validation')}")
+def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving emb.pt at each new best
+    try:  # fit tokenizes with open_clip, which needs the torchvision built for this torch
+        import open_clip.tokenizer  # noqa: F401
+    except Exception as e:
+        why = " ".join(str(e).split())
+        raise SlimeError(f"open_clip_torch fails ({why}); install torchvision for torch {torch.__version__}")
+    s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    sd, best, progress = load(con, ckpt, device), {}, fit_progress(con, s, len(train))
+    steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {count(progress.vals, 'validation')}"
+    con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}")
 
-        def on_best(context, epoch, miou):
-            save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
-            best.update(epoch=epoch, miou=miou)
-        fit(sd, train, len(parts), s, val or None, on_best, progress)
-    except BaseException:
-        remove_empty(created)  # a refused or failed fit leaves no folder it made (emb.pt's, if saved, stays)
-        raise
-    con.say(f"fit finished: {args.output} holds the vectors of epoch {best['epoch']} (validation mIoU "
-            f"{best['miou']:.4f}); next: python slime.py predict {args.output} IMAGES/ -o out/")
+    def on_best(context, epoch, miou):
+        save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
+        best.update(epoch=epoch, miou=miou)
 
-def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the last steps' and validation's times
-    state = SimpleNamespace(last=time.time(), steps=[], val_t=None, total=s.epochs * steps_per_epoch,
-                            vals=s.epochs // s.val_every + (s.epochs % s.val_every > 0))
+    fit(sd, train, len(parts), s, val or None, on_best, progress)
+    con.say(f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})")
+    con.say(f"next: python slime.py predict {args.output} IMAGES/ -o out/")
+
+
+def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the last steps' and validation's time
+    vals = s.epochs // s.val_every + (s.epochs % s.val_every > 0)
+    state = SimpleNamespace(last=time.time(), steps=[], val_t=None, vals=vals)
 
     def progress(e):
         what = "validating"
         if e["event"] == "step":
             state.steps.append(time.time() - state.last)
-            what = f"step {e['step']}/{state.total}  ce {e['ce']:.4f}  mse {e['mse']:.4f}  sd {e['sd']:.4f}"
+            what = f"step {e['step']}/{e['steps']}  ce {e['ce']:.4f}  mse {e['mse']:.4f}  sd {e['sd']:.4f}"
         elif e["event"] == "validation":
             state.val_t, state.vals = e["seconds"], state.vals - 1
-            what = f"validation mIoU {e['miou']:.4f}" + (", the best so far: saved" if e["best"] else "")
+            what = f"validation mIoU {e['miou']:.4f}" + ", the best so far: saved" * e["best"]
         state.last, recent = time.time(), state.steps[-5:]
         # before the first validation its cost is unknown: no ETA rather than one that leaves it out
-        eta = None if state.val_t is None and state.vals else (state.total - len(state.steps)) * sum(recent) / len(
-            recent) + state.vals * (state.val_t or 0)
+        steps = (s.epochs * steps_per_epoch - len(state.steps)) * sum(recent) / max(len(recent), 1)
+        eta = None if state.val_t is None and state.vals else steps + state.vals * (state.val_t or 0)
         con.progress(f"epoch {e['epoch']}/{s.epochs}  {what}", eta, force=e["event"] != "step")
-    progress.vals = state.vals
+
+    progress.vals = vals
     return progress
 
-def cmd_predict(args, con):  # plan; load; segment and write each image not done yet; report
-    emb, s, device, ckpt, jobs, record, created = plan_predict(args, con)
-    try:
-        sd = load_for(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
-        todo, wrote, t0, records = sum(not j.done for j in jobs), 0, time.time(), []
-        for n, job in enumerate(jobs, 1):
-            what = f"image {n}/{len(jobs)}  {os.path.basename(job.image)}"
-            con.progress(what, None if job.done else time_left(t0, wrote, todo), not job.done)
-            # a done image's mask is read back, so the IoU table and the summary cover every image
-            labels = (torch.from_numpy(np.array(Image.open(job.mask))) if job.done else
-                      segment_and_write(sd, emb["context"].to(sd.device), job, s, emb, record, args.out, con, what))
-            records.append(image_record(job, labels, emb))
-            wrote += not job.done
-        report(args, con, emb, s, records, record, wrote)
-    except BaseException:
-        remove_empty(created)
-        raise
 
-def segment_and_write(sd, context, job, s, emb, record, out, con, what):
+def cmd_predict(args, con):
+    """Plan; load; segment and write each image not done yet; report. Under torchrun each process takes
+    every WORLD_SIZE-th image, and the run files are written once, from everyone's results."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    emb, s, device, ckpt, jobs, run = plan_predict(args, con)
+    if world > 1:  # every process makes its plan before the record changes
+        dist.init_process_group("nccl" if device[0].type == "cuda" else "gloo")
+        dist.barrier()
+    for folder in ("SegmentationClass", "overlays", os.path.join("ImageSets", "Segmentation")):
+        with named(args.out):
+            os.makedirs(os.path.join(args.out, folder), exist_ok=True)
+    if rank == 0:
+        commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
+    if world > 1:
+        dist.barrier()
+    sd = load(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
+    mine, records, unread, t0 = jobs[rank::world], [], [], time.time()
+    todo, wrote = sum(not j.done for j in mine), 0
+    for n, job in enumerate(mine, 1):
+        what = f"image {n}/{len(mine)}  {os.path.basename(job.image)}"
+        con.progress(what, None if job.done else time_left(t0, wrote, todo), not job.done)
+        if job.done:  # its mask is read back, so the IoU table and the summary cover every image
+            with named(job.mask), Image.open(job.mask) as im:
+                labels = torch.from_numpy(np.array(im))
+        else:
+            try:
+                image = read_image(job.image)
+            except SlimeError as e:  # one bad image does not stop a folder: named, skipped, counted
+                con.say(f"skipped {e}")
+                unread.append(job.image)
+                continue
+            labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
+        records.append(image_record(job, labels, emb))
+    if world > 1:  # everyone's results, to write the run files once
+        everyone = [None] * world
+        dist.all_gather_object(everyone, (records, unread, wrote))
+        order = {job.image: i for i, job in enumerate(jobs)}
+        records = sorted((r for rs, _, _ in everyone for r in rs), key=lambda r: order[r["image"]])
+        unread, wrote = [p for _, ps, _ in everyone for p in ps], sum(w for _, _, w in everyone)
+        dist.destroy_process_group()
+    if rank == 0:
+        report(args, con, emb, s, records, wrote, unread)
+    return 1 if unread else 0
+
+
+def segment_and_write(sd, emb, job, image, s, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
-    image, t0 = read_image(job.image), time.time()
+    t0, context, parts, colors = time.time(), emb["context"].to(sd.device), emb["parts"], part_colors(emb)
+
+    def progress(i, n):
+        con.progress(f"{what}  window {i}/{n}", time_left(t0, i, n), force=i == n)
+
     try:
-        labels = segment(sd, context, image, len(emb["parts"]), s, progress=lambda i, n: con.progress(
-            f"{what}  window {i}/{n}", time_left(t0, i, n), force=i == n))
+        labels = segment(sd, context, image, len(parts), s, progress=progress)
     except SlimeError as e:
         raise SlimeError(f"{job.image}: {e}") from None
     # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
-    shown = image if tuple(image.shape[1:]) == tuple(labels.shape) else resize(image, tuple(labels.shape), "bilinear")
-    files = {job.mask: png(mask_image(labels.numpy(), part_colors(emb))),
-             job.overlay: png(overlay_image(shown, labels.numpy(), emb["parts"], part_colors(emb)), level=1)}
-    commit(files, lambda: record.add(out, files, image=os.path.abspath(job.image), stamp=stamp(job.image)))
+    shown = image if image.shape[1:] == labels.shape else resize(image, tuple(labels.shape), "bilinear")
+    overlay = overlay_image(shown, labels.numpy(), parts, colors)
+    commit({job.mask: png(mask_image(labels.numpy(), colors)), job.overlay: png(overlay, level=1)})
     return labels
 
-def image_record(job, labels, emb):  # summary.json's entry: size, each part's area in pixels, IoUs with ground truth
+
+def image_record(job, labels, emb):  # summary.json's entry: size, area of each part in pixels, IoUs
     parts, area = emb["parts"], np.bincount(labels.numpy().ravel(), minlength=len(emb["parts"]))
-    record = dict(image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done,
-                  width=labels.shape[1], height=labels.shape[0], area={name: int(a) for name, a in zip(parts, area)})
+    record = dict(image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done)
+    record.update(width=labels.shape[1], height=labels.shape[0], area=dict(zip(parts, area.tolist())))
     if job.gt:  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
         gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[0]
-        record.update(ground_truth=job.gt, iou={parts[c]: v for c, v in iou_per_class(labels, gt, len(parts)).items()})
+        ious = iou_per_class(labels, gt, len(parts))
+        record.update(ground_truth=job.gt, iou={parts[c]: v for c, v in ious.items()})
     return record
 
-def report(args, con, emb, s, records, record, wrote):
-    """The IoU table (with --masks), the run's files and the last line: what was written, what skipped, why."""
+
+def report(args, con, emb, s, records, wrote, unread):
+    """The IoU table (with --masks), the run's files and the last line: what was written and skipped."""
     parts, colors = emb["parts"], part_colors(emb)
     scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in records if "iou" in r]
     per_class, miou = miou_table(scored, len(parts))
-    rows = [(name, v) for name, v in zip(parts, per_class) if v is not None]
+    rows = {name: v for name, v in zip(parts, per_class) if v is not None}
     if rows:  # on stdout, unlike every notice: the table is the result, and -q keeps it
-        print(f"{'part':<16} IoU\n" + "".join(f"{name:<16} {v:.4f}\n" for name, v in rows)
-              + f"{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
+        table = "".join(f"{name:<16} {v:.4f}\n" for name, v in rows.items())
+        print(f"{'part':<16} IoU\n{table}{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
     elif args.masks:  # every ground-truth pixel is 255: a table would read as a score of 0
         con.say("nothing was scored: every ground-truth mask is all 'ignore' (255); no IoU table")
-    summary = {"written_by": "slime predict", "embeddings": args.emb, "settings": asdict(s), "images": records,
-               "parts": [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))],
-               "iou": dict(rows) if rows else None, "miou": miou if rows else None}
-    files = {"labelmap.txt": LABELMAP_HEADER + "\n" + "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors)),
-             RUN_FILES[1]: "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records),
-             "summary.json": json.dumps(summary, indent=2) + "\n"}
-    files = {os.path.join(args.out, name): text.encode("utf-8", "surrogateescape") for name, text in files.items()}
-    commit(files, lambda: record.add(args.out, files))
+    summary = dict(written_by="slime predict", embeddings=args.emb, settings=asdict(s), images=records)
+    summary["parts"] = [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))]
+    summary.update(iou=rows or None, miou=miou if rows else None)
+    labelmap = "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
+    stems = "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records)
+    texts = [LABELMAP_HEADER + "\n" + labelmap, stems, json.dumps(summary, indent=2) + "\n"]
+    commit({os.path.join(args.out, n): t.encode(errors="surrogateescape") for n, t in zip(RUN_FILES, texts)})
     empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background
-    if empty:
-        con.say(f"warning: {empty} of {count(len(records), 'image')} got no part at all: no part's cross-attention "
-                f"reached --threshold {s.threshold} in any patch; the images may be unlike the annotated ones, or the "
-                "weights not the ones fit used (a lower --threshold lets weaker parts vote)")
-    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}" + (
-        f"; skipped {len(records) - wrote}, already made by this emb.pt with these settings (--overwrite redoes them)"
-        if len(records) > wrote else ""))
+    if empty:  # no part's cross-attention reached --threshold in any patch
+        con.say(
+            f"warning: {empty} of {count(len(records), 'image')} got no part at all; a lower --threshold "
+            "lets weaker parts vote (were they fitted on these weights, and like the annotated images?)"
+        )
+    done = len(records) - wrote
+    con.say(
+        f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}"
+        + f"; skipped {done} already done (--overwrite redoes them)" * bool(done)
+        + f"; could not read {count(len(unread), 'image')} (named above)" * bool(unread)
+    )
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose mistakes end in one line, exit 2; no abbreviations, and the closest flag for a misspelt one."""
 
+class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
     def error(self, message):
         raise SlimeError(f"{self.prog}: {message}")
 
-    def parse_known_args(self, args=None, namespace=None):  # a subcommand's unknown flags: named by its parser
-        namespace, extra = super().parse_known_args(args, namespace)
-        for arg in (a for a in extra if a.startswith("-")):
-            flags = [o for a in self._actions for o in a.option_strings]
-            near = difflib.get_close_matches(arg.split("=")[0].replace("_", "-"), flags, n=1)
-            self.error(f"unrecognized argument {arg}" + (f"; did you mean {near[0]}?" if near else ""))
-        return namespace, extra
 
 def build_parser():
     ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", allow_abbrev=False, help="learn part embeddings from annotated images",
-                       description="Learn one text vector per part from image/mask pairs into emb.pt. Masks: labels "
-                       "(gray or indexed PNG, .npy; 255 = ignore) or colours, named by a labelmap.txt if there is one.")
+    f = sub.add_parser("fit", allow_abbrev=False, help="learn a text vector per part from image/mask pairs")
     f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="one or more image/mask pairs")
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
-    f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs; default: the training pairs")
+    f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs; default the training's")
     f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
-    f.add_argument("--labelmap", help="labelmap.txt naming the mask colours; default: one beside the masks, or "
-                   "above their SegmentationClass/")
-    p = sub.add_parser("predict", allow_abbrev=False, help="segment images with fitted embeddings",
-                       description="Segment images with emb.pt into a folder CVAT imports as a segmentation-mask "
-                       "annotation, with overlays/, summary.json and the run record. Settings not given are emb.pt's.")
+    f.add_argument("--labelmap", help="labelmap.txt naming the colours; default one beside the masks")
+    f.add_argument("--parts", help="class names, background first; default the labelmap's, else part1,...")
+    p = sub.add_parser("predict", allow_abbrev=False, help="segment images; settings not given are emb.pt's")
     p.add_argument("emb", help="emb.pt written by fit")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
-    p.add_argument("-o", "--out", default="out", help="output folder; default out")
+    p.add_argument("-o", "--out", default="out", help="output folder, slime's alone; default out")
     p.add_argument("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")
-    f.add_argument("--parts", help="class names, background first; default the labelmap's, else background,part1,...")
-    for stage, p in (("fit", f), ("predict", p)):
-        p.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
-        p.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
-        p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto", help="number format; "
-                       "default auto: bf16 on a CPU where it measures at least 1.3x as fast as fp32, else fp32")
-        p.add_argument("--overwrite", action="store_true", help="fit: replace an emb.pt; predict: replace the "
-                       "outputs of another run, and redo all (never a file slime did not write)")
-        p.add_argument("-q", "--quiet", action="store_true", help="print only errors (and predict's IoU table)")
-        for fld in fields(Settings):  # one flag per setting: its default, range and help from the field
-            m = fld.metadata
-            if stage == "predict" and m["fit"]:
-                continue
-            if type(fld.default) is bool:  # a switch flips the default; left out it is None, so emb.pt's stays
-                p.add_argument(m["flag"], dest=fld.name, action="store_const", const=not fld.default, help=m["help"])
-            else:  # type: the same check as emb.pt's values (settings_from)
-                default = f"emb.pt's (fit's default: {fld.default})" if stage == "predict" else fld.default
-                p.add_argument("--" + fld.name.replace("_", "-"), dest=fld.name, metavar=fld.name.upper(),
-                               type=lambda v, fld=fld: check_setting(fld, v), help=f"{m['help']}; default {default}")
-        p.set_defaults(run=cmd_fit if stage == "fit" else cmd_predict)
+    for stage, sp in (("fit", f), ("predict", p)):
+        sp.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
+        sp.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
+        sp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="default auto (README)")
+        sp.add_argument("--overwrite", action="store_true", help="replace emb.pt; predict: redo every image")
+        sp.add_argument("-q", "--quiet", action="store_true", help="print only errors (and the IoU table)")
+        for fld in (f for f in fields(Settings) if stage == "fit" or not f.metadata["fit"]):  # a flag each
+            m, flag = fld.metadata, "--" + fld.name.replace("_", "-")
+            default = f"emb.pt's (fit's default: {fld.default})" if stage == "predict" else fld.default
+            if type(fld.default) is bool:  # a switch flips the default; left out it is None: emb.pt's stays
+                sp.add_argument(m["flag"], dest=fld.name, action="store_const", const=not fld.default)
+            else:  # the same check as emb.pt's values
+                check = functools.partial(check_setting, fld)
+                sp.add_argument(flag, dest=fld.name, metavar=fld.name.upper(), type=check)
+            sp._actions[-1].help = m["help"] + f"; default {default}" * (type(fld.default) is not bool)
+        sp.set_defaults(run=cmd_fit if stage == "fit" else cmd_predict)
     return ap
+
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt(signum)  # SIGTERM and SIGHUP end a run as Ctrl-C does
+
 
 def main(argv=None):
     # CPU: fp32 values below 1.2e-38 become 0. exp() of sharply peaked attention underflows into such
     # denormals, which x86 computes slowly (fit took 2.4x as long on a sharp variant of the test model)
     torch.set_flush_denormal(True)
-    con = Console(True)
-    try:
-        args = build_parser().parse_args(argv)
-        con = Console(args.quiet)
-        return args.run(args, con) or 0
-    except (SlimeError, OSError) as e:  # OSError: a file we may not read, a folder we may not list
-        why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
-        print(("\n" if con.open else "") + f"slime: error: {why}", file=sys.stderr)
-    except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
-        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        print(f"\nslime: interrupted by {signal.Signals(signum).name}; finished outputs are kept, nothing is "
-              "left half-written", file=sys.stderr)
-        return 128 + signum
-    except torch.cuda.OutOfMemoryError:  # deep in torch: one line with the remedies serves better than its traceback
-        print("slime: error: the GPU ran out of memory; try --dtype bf16, fewer or smaller patches "
-              "(--patches-per-side 1 --patch-size 512), or --device cpu", file=sys.stderr)
-    return 2
+    con, error = Console(True), "slime: error: "
+    with warnings.catch_warnings():  # a warning is one line, `warning: ...`, like every notice
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda message, *_: con.say(f"warning: {message}")
+        try:  # the one error boundary of the command line: one line, and the exit status
+            args = build_parser().parse_args(argv)
+            rank = int(os.environ.get("RANK", 0))  # torchrun: the other processes' lines say whose
+            con.quiet, con.prefix = args.quiet, f"[process {rank}] " if rank else ""
+            return args.run(args, con) or 0
+        except (SlimeError, OSError) as e:  # OSError: a folder we may not list or create
+            why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+            print(("\n" if con.open else "") + f"{error}{why}", file=sys.stderr)
+        except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            name = signal.Signals(signum).name
+            print(f"\nslime: interrupted by {name}; finished outputs kept, none half-made", file=sys.stderr)
+            return 128 + signum
+        except torch.cuda.OutOfMemoryError:  # one line with the remedies, not torch's traceback
+            print(
+                f"{error}the GPU ran out of memory: try --dtype bf16, --patches-per-side 1", file=sys.stderr
+            )
+        return 2
+
 
 if __name__ == "__main__":
     for name in ("SIGTERM", "SIGHUP"):  # only when run as a program: importing slime leaves them alone

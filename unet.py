@@ -9,6 +9,7 @@ probability of that layer, keyed by its checkpoint path, e.g. "output_blocks.6.1
 The release's diffusers names map as: down_blocks[i].attentions[j] = input_blocks.{3i+j+1}.1,
 mid_block.attentions[0] = middle_block.1, up_blocks[i].attentions[j] = output_blocks.{3i+j}.1.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -32,14 +33,21 @@ class ResBlock(nn.Module):
     def __init__(self, channels, emb_channels, out_channels, groups):
         super().__init__()
         # Sequential slots without parameters (SiLU, Dropout) keep their index so the keys read
-        # in_layers.0/.2, emb_layers.1, out_layers.0/.3 as in the checkpoint.
-        self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(),  # eps 1e-5 (ldm normalization())
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        # in_layers.0/.2, emb_layers.1, out_layers.0/.3 as in the checkpoint. GroupNorm32: eps 1e-5
+        # (ldm normalization()).
+        self.in_layers = nn.Sequential(
+            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(GroupNorm32(groups, out_channels), nn.SiLU(), nn.Identity(),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip_connection = (nn.Identity() if channels == out_channels
-                                else nn.Conv2d(channels, out_channels, 1))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(groups, out_channels),
+            nn.SiLU(),
+            nn.Identity(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
 
     def forward(self, x, emb, context=None, record=None):
         h = self.in_layers(x)
@@ -62,7 +70,8 @@ class BasicTransformerBlock(nn.Module):
         super().__init__()
         self.attn1 = CrossAttention(dim, dim, heads, dim_head)  # self-attention
         self.ff = nn.Module()
-        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))  # slot 1: Dropout
+        # slot 1 (nn.Identity): ldm's Dropout
+        self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)  # cross-attention to the text
         self.norm1, self.norm2, self.norm3 = LayerNorm32(dim), LayerNorm32(dim), LayerNorm32(dim)
 
@@ -77,10 +86,15 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = GroupNorm32(groups, channels, eps=1e-6)  # eps 1e-6 here, unlike the ResBlocks
         # SD1: 1x1 convs; SD2 (use_linear_in_transformer): Linear. Same maths, different weight shapes.
-        proj = (lambda: nn.Linear(channels, channels)) if use_linear else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (
+            (lambda: nn.Linear(channels, channels))
+            if use_linear
+            else (lambda: nn.Conv2d(channels, channels, 1))
+        )
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, context_dim, heads, dim_head) for _ in range(depth))
+            BasicTransformerBlock(channels, context_dim, heads, dim_head) for _ in range(depth)
+        )
         self.proj_out = proj()
         self.use_linear = use_linear
 
@@ -140,6 +154,7 @@ class TimestepEmbedSequential(nn.ModuleList):
 @dataclass
 class UNetConfig:
     """Field names follow v1-inference.yaml / v2-inference.yaml (unet_config.params)."""
+
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320
@@ -165,8 +180,8 @@ class UNetConfig:
 
     @classmethod
     def sd21(cls, **kw):
-        return cls(**{**dict(num_heads=-1, num_head_channels=64, context_dim=1024,
-                             use_linear_in_transformer=True), **kw})
+        sd21 = dict(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+        return cls(**{**sd21, **kw})
 
 
 # ----------------------------------------------------------------------------- model
@@ -178,11 +193,14 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
         def transformer(ch):
-            return SpatialTransformer(ch, cfg.context_dim, *cfg.heads(ch), cfg.transformer_depth,
-                                      cfg.use_linear_in_transformer, g)
+            return SpatialTransformer(
+                ch, cfg.context_dim, *cfg.heads(ch), cfg.transformer_depth, cfg.use_linear_in_transformer, g
+            )
 
         # down path: remember every block's output width for the skip connections of the up path
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential([Conv(cfg.in_channels, mc, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential([Conv(cfg.in_channels, mc, 3, padding=1)])]
+        )
         skips, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -197,7 +215,8 @@ class UNetModel(nn.Module):
                 skips.append(ch)
                 ds *= 2
         self.middle_block = TimestepEmbedSequential(
-            [ResBlock(ch, emb_ch, ch, g), transformer(ch), ResBlock(ch, emb_ch, ch, g)])
+            [ResBlock(ch, emb_ch, ch, g), transformer(ch), ResBlock(ch, emb_ch, ch, g)]
+        )
         # up path: each block consumes one skip; the last block of a level (but the top one) upsamples
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -228,8 +247,10 @@ class UNetModel(nn.Module):
         wanted = {**{n: "probs" for n in attn_layers}, **{n: "log_probs" for n in log_attn_layers}}
         unknown = sorted(set(wanted) - set(self.attention_layer_names()))
         if unknown:
-            raise ValueError(f"unknown attention layers {unknown[:3]}; names look like "
-                             "'output_blocks.6.1.transformer_blocks.0.attn2'")
+            raise ValueError(
+                f"unknown attention layers {unknown[:3]}; names look like "
+                "'output_blocks.6.1.transformer_blocks.0.attn2'"
+            )
         record = AttentionMaps(wanted)
         dtype = self.out[2].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))

@@ -5,6 +5,7 @@ Module names copy ldm's diffusionmodules/model.py Encoder and autoencoder.Autoen
   https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/model.py
 SLiMe only encodes images, so the decoder is never built (its tensors are skipped at load time).
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,7 @@ class Downsample(nn.Module):
 @dataclass
 class VAEConfig:
     """ddconfig of first_stage_config in v1/v2-inference.yaml (encoder side)."""
+
     ch: int = 128
     ch_mult: tuple = (1, 2, 4, 4)
     num_res_blocks: int = 2
@@ -86,14 +88,20 @@ class Encoder(nn.Module):
         widths = [ch * m for m in (1,) + tuple(cfg.ch_mult)]
         for level in range(len(cfg.ch_mult)):
             stage = nn.Module()
-            stage.block = nn.ModuleList(ResnetBlock(widths[level] if j == 0 else widths[level + 1],
-                                                    widths[level + 1], g) for j in range(cfg.num_res_blocks))
+            stage.block = nn.ModuleList(
+                ResnetBlock(widths[level] if j == 0 else widths[level + 1], widths[level + 1], g)
+                for j in range(cfg.num_res_blocks)
+            )
             if level != len(cfg.ch_mult) - 1:
                 stage.downsample = Downsample(widths[level + 1])
             self.down.append(stage)
         c = widths[-1]
         self.mid = nn.Module()
-        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = ResnetBlock(c, c, g), AttnBlock(c, g), ResnetBlock(c, c, g)
+        self.mid.block_1, self.mid.attn_1, self.mid.block_2 = (
+            ResnetBlock(c, c, g),
+            AttnBlock(c, g),
+            ResnetBlock(c, c, g),
+        )
         self.norm_out = Normalize(c, g)
         self.conv_out = nn.Conv2d(c, 2 * cfg.z_channels, 3, padding=1)
 
@@ -109,8 +117,10 @@ class Encoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, cfg: VAEConfig = VAEConfig()):
+    def __init__(self, cfg: VAEConfig | None = None):
         super().__init__()
+        if cfg is None:  # SD's VAE; a fresh config per model, not one default shared by all
+            cfg = VAEConfig()
         self.encoder = Encoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
 

@@ -13,7 +13,9 @@ the fit to the first validation's line (kernels set up, the validation patches e
 epochs": the mean time between validation lines after it, what the rest of a 200-epoch fit repeats;
 "command": the whole run, load and probe included. Not a test: pytest does not collect it.
 """
+
 import argparse
+import itertools
 import json
 import math
 import os
@@ -38,17 +40,38 @@ def write_checkpoint(path):
     gen, state = torch.Generator().manual_seed(0), {}
     for key, shape in shapes.items():
         x = torch.randn(shape, generator=gen)
-        state[key] = (x * 0.02 if "embedding" in key else x / math.sqrt(math.prod(shape[1:])) if len(shape) >= 2
-                      else 1 + 0.05 * x if key.endswith("weight") else 0.02 * x)
+        state[key] = (
+            x * 0.02
+            if "embedding" in key
+            else x / math.sqrt(math.prod(shape[1:]))
+            if len(shape) >= 2
+            else 1 + 0.05 * x
+            if key.endswith("weight")
+            else 0.02 * x
+        )
     save_file(state, path)
 
 
 def timed_fit(args, ckpt, image, mask, flags, out):
-    """One `slime.py fit` -> (its first line, seconds of: the first epoch, a later epoch, a later step, a later
-    validation, the command); "later" ones are means over the epochs after the first."""
-    cmd = [sys.executable, os.path.join(ROOT, "slime.py"), "fit", image, mask, "--ckpt", ckpt, "-o", out,
-           "--epochs", str(args.epochs), "--threshold", "0", "--overwrite", *flags] + (
-        ["--device", args.device] if args.device else [])
+    """One `slime.py fit` -> (its first line, seconds of: the first epoch, a later epoch, a later step, a
+    later validation, the command); "later" ones are means over the epochs after the first."""
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "slime.py"),
+        "fit",
+        image,
+        mask,
+        "--ckpt",
+        ckpt,
+        "-o",
+        out,
+        "--epochs",
+        str(args.epochs),
+        "--threshold",
+        "0",
+        "--overwrite",
+        *flags,
+    ] + (["--device", args.device] if args.device else [])
     t0, lines = time.time(), []
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
@@ -59,11 +82,21 @@ def timed_fit(args, ckpt, image, mask, flags, out):
     start = next(t for t, text in lines if text.startswith("fitting "))
     vals = [t for t, text in lines if text.startswith("epoch ") and "validation mIoU" in text]
     steps = [t for t, text in lines if text.startswith("epoch ") and "  step " in text]
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    later_steps = [b - a for a, b in zip(vals, steps[1:])]  # each validation's line to the next step's
-    later_vals = [b - a for a, b in zip(steps[1:], vals[1:])]
-    return (lines[0][1], vals[0] - start, mean([b - a for a, b in zip(vals, vals[1:])]), mean(later_steps),
-            mean(later_vals), time.time() - t0)
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    # each validation's line to the next step's
+    later_steps = [b - a for a, b in zip(vals, steps[1:], strict=False)]
+    later_vals = [b - a for a, b in zip(steps[1:], vals[1:], strict=False)]
+    return (
+        lines[0][1],
+        vals[0] - start,
+        mean([b - a for a, b in itertools.pairwise(vals)]),
+        mean(later_steps),
+        mean(later_vals),
+        time.time() - t0,
+    )
 
 
 def main():
@@ -73,7 +106,9 @@ def main():
     ap.add_argument("--device", help="slime's --device; default: slime's (cuda when present)")
     args = ap.parse_args()
     os.makedirs(args.folder, exist_ok=True)
-    ckpt, image, mask = (os.path.join(args.folder, n) for n in ("sd21-random.safetensors", "car.png", "car_mask.png"))
+    ckpt, image, mask = (
+        os.path.join(args.folder, n) for n in ("sd21-random.safetensors", "car.png", "car_mask.png")
+    )
     if not os.path.exists(ckpt):
         print(f"writing {ckpt} ...", file=sys.stderr, flush=True)
         write_checkpoint(ckpt)
@@ -85,11 +120,16 @@ def main():
         print(f"{name}:", file=sys.stderr, flush=True)
         rows.append((name, *timed_fit(args, ckpt, image, mask, flags, os.path.join(args.folder, "emb.pt"))))
     print(f"\n{args.epochs} fit epoch(s), full SD 2.1-base (random weights), torch {torch.__version__}\n")
-    print("| run | first line | first epoch | later epochs, mean | their step | their validation | command |\n"
-          "|---|---|---|---|---|---|---|")
+    print(
+        "| run | first line | first epoch | later epochs, mean | their step | their validation | command |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     for name, first, *seconds in rows:
-        print(f"| {name} | `{first}` | " + " | ".join(f"{t:.1f} s ({t / t0:.2f}x)" for t, t0 in zip(seconds, rows[0][2:]))
-              + " |")
+        print(
+            f"| {name} | `{first}` | "
+            + " | ".join(f"{t:.1f} s ({t / t0:.2f}x)" for t, t0 in zip(seconds, rows[0][2:], strict=True))
+            + " |"
+        )
 
 
 if __name__ == "__main__":

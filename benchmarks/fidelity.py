@@ -15,6 +15,7 @@ sdlike  the SD-like tiny checkpoint of tests/conftest.py (its attention follows 
         SD loss, as tests/test_cli.py), then predict the scene and a moved, mirrored copy: mIoU in each
         precision, and the share of pixels that agree.
 """
+
 import argparse
 import os
 import sys
@@ -61,29 +62,51 @@ def full_part(device, dtype, tiny):
         t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=device)
         x_t, _ = slime.noisy_latent(sd, image[None].to(device), t, gen)
         with torch.no_grad():
-            A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, slime.with_learned(learned, cond), K, log_space=True)
+            A_ca, A_sa, _ = slime.attention_maps(
+                sd, x_t, t, slime.with_learned(learned, cond), K, log_space=True
+            )
             was = slime.was_map(A_ca.softmax(0), A_sa)
             labels = slime.segment(sd, slime.with_learned(learned.detach(), cond), image.to(device), K, s)
-        out[name] = dict(terms=terms, grad=learned.grad.flatten().double().cpu(), ca=A_ca, was=was,
-                         labels=labels, secs=time.perf_counter() - t0)
+        out[name] = dict(
+            terms=terms,
+            grad=learned.grad.flatten().double().cpu(),
+            ca=A_ca,
+            was=was,
+            labels=labels,
+            secs=time.perf_counter() - t0,
+        )
     a, b = out["fp32"], out["low"]
-    rows = [(f"loss {k}", f"{a['terms'][k]:.6g}", f"{b['terms'][k]:.6g}",
-             f"{abs(b['terms'][k] - a['terms'][k]) / max(abs(a['terms'][k]), 1e-30):.2e} relative")
-            for k in a["terms"]]
-    rows.append(("gradient cosine", "1", "", f"{torch.nn.functional.cosine_similarity(a['grad'], b['grad'], 0):.6f}"))
+    rows = [
+        (
+            f"loss {k}",
+            f"{a['terms'][k]:.6g}",
+            f"{b['terms'][k]:.6g}",
+            f"{abs(b['terms'][k] - a['terms'][k]) / max(abs(a['terms'][k]), 1e-30):.2e} relative",
+        )
+        for k in a["terms"]
+    ]
+    rows.append(
+        ("gradient cosine", "1", "", f"{torch.nn.functional.cosine_similarity(a['grad'], b['grad'], 0):.6f}")
+    )
     rows.append(("Eq. 3 cross-attention map (log space)", "", "", f"{rel(a['ca'], b['ca']):.2e} relative L2"))
     rows.append(("Eq. 6 WAS map", "", "", f"{rel(a['was'], b['was']):.2e} relative L2"))
-    rows.append(("400x2 mask, pixels that agree", "", "", f"{(a['labels'] == b['labels']).double().mean():.4%}"))
+    rows.append(
+        ("400x2 mask, pixels that agree", "", "", f"{(a['labels'] == b['labels']).double().mean():.4%}")
+    )
     rows.append(("seconds (step + maps + predict)", f"{a['secs']:.1f}", f"{b['secs']:.1f}", ""))
     return rows
 
 
 def sdlike_part(device, dtype, tiny=None):
     """fit then predict on the SD-like checkpoint in fp32 and in dtype: mIoU and agreement."""
-    s = replace(slime.Settings(), epochs=10, lr=0.3, val_every=5, beta=0.0, patch_size=512, patches_per_side=1)
+    s = replace(
+        slime.Settings(), epochs=10, lr=0.3, val_every=5, beta=0.0, patch_size=512, patches_per_side=1
+    )
     scenes = {"same": synthetic_scene(), "moved": synthetic_scene(shift=40, flip=True, seed=1)}
-    tensors = {k: (torch.from_numpy(im).permute(2, 0, 1).float() / 255, torch.from_numpy(m).long())
-               for k, (im, m) in scenes.items()}
+    tensors = {
+        k: (torch.from_numpy(im).permute(2, 0, 1).float() / 255, torch.from_numpy(m).long())
+        for k, (im, m) in scenes.items()
+    }
     with tempfile.TemporaryDirectory() as tmp:
         path = write_sdlike_checkpoint(os.path.join(tmp, "sdlike.safetensors"))
         out = {}
@@ -91,13 +114,25 @@ def sdlike_part(device, dtype, tiny=None):
             sd = slime.load_models(path, device=device, dtype=dt)
             t0 = time.perf_counter()
             context = slime.fit(sd, [tensors["same"]], 3, s)
-            labels = {k: slime.segment(sd, context, im.to(device), 3, s).cpu() for k, (im, _) in tensors.items()}
-            out[name] = dict(labels=labels, secs=time.perf_counter() - t0,
-                             miou={k: slime.image_miou(labels[k], tensors[k][1], 3) for k in tensors})
+            labels = {
+                k: slime.segment(sd, context, im.to(device), 3, s).cpu() for k, (im, _) in tensors.items()
+            }
+            out[name] = dict(
+                labels=labels,
+                secs=time.perf_counter() - t0,
+                miou={k: slime.image_miou(labels[k], tensors[k][1], 3) for k in tensors},
+            )
     a, b = out["fp32"], out["low"]
-    rows = [(f"mIoU, {k} scene", f"{a['miou'][k]:.4f}", f"{b['miou'][k]:.4f}",
-             f"{b['miou'][k] - a['miou'][k]:+.4f}; pixels that agree "
-             f"{(a['labels'][k] == b['labels'][k]).double().mean():.4%}") for k in tensors]
+    rows = [
+        (
+            f"mIoU, {k} scene",
+            f"{a['miou'][k]:.4f}",
+            f"{b['miou'][k]:.4f}",
+            f"{b['miou'][k] - a['miou'][k]:+.4f}; pixels that agree "
+            f"{(a['labels'][k] == b['labels'][k]).double().mean():.4%}",
+        )
+        for k in tensors
+    ]
     rows.append(("seconds (fit + 2 predictions)", f"{a['secs']:.1f}", f"{b['secs']:.1f}", ""))
     return rows
 
@@ -111,7 +146,10 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
-    print(f"device {args.device}{gpu}; {os.cpu_count()} cores; torch {torch.__version__}; fp32 vs {args.dtype}\n")
+    print(
+        f"device {args.device}{gpu}; {os.cpu_count()} cores; torch {torch.__version__}; "
+        f"fp32 vs {args.dtype}\n"
+    )
     print(f"| measure | fp32 | {args.dtype} | difference |\n|---|---|---|---|")
     parts = ["full", "sdlike"] if args.part == "both" else [args.part]
     for part in parts:

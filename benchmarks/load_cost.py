@@ -4,6 +4,7 @@ depend on the values). The first load also pulls the file into the page cache, s
 
     python benchmarks/load_cost.py weights/v2-1_512-ema-pruned.safetensors
 """
+
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import slime  # noqa: E402
+import slime
 
 path = sys.argv[1]
 check = slime.finite

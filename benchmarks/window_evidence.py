@@ -13,6 +13,7 @@ holding the disc, once squashed as the release and once with --window 256 (views
 scale); each emb.pt then segments the photo and a copy with other noise (seed 1) the way it was fitted.
 The IoUs are read back from each run's summary.json. Not a test: pytest does not collect it.
 """
+
 import argparse
 import json
 import os
@@ -28,16 +29,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import synthetic_photo, synthetic_scene, write_sdlike_checkpoint  # noqa: E402
 
-FIT = ["--epochs", "10", "--lr", "0.3", "--val-every", "5", "--beta", "0", "--patch-size", "512",
-       "--patches-per-side", "1", "-q"]
-FIT_PHOTO = ["--epochs", "40", "--lr", "0.3", "--val-every", "10", "--beta", "0", "--patch-size", "512",
-             "--patches-per-side", "1", "-q"]  # part 2: more steps, each sees one view of the big photo
+FIT = "--epochs 10 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q".split()
+# part 2: more steps, each sees one view of the big photo
+FIT_PHOTO = "--epochs 40 --lr 0.3 --val-every 10 --beta 0 --patch-size 512 --patches-per-side 1 -q".split()
 ROWS = [(8, 0), (8, 256), (16, 0), (16, 512)]  # (disc radius in px, --window; 0 = the release's squash)
 
 
 def slime(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)], capture_output=True, text=True
+    )
     if r.returncode:
         sys.exit(r.stderr)
     return r
@@ -54,49 +55,110 @@ def main():
     Image.fromarray(img).save(os.path.join(d, "scene.png"))
     Image.fromarray(mask).save(os.path.join(d, "scene_mask.png"))
     emb = os.path.join(d, "scene.pt")
-    slime("fit", os.path.join(d, "scene.png"), os.path.join(d, "scene_mask.png"), "--ckpt", ckpt, "-o", emb,
-          "--parts", "background,square,disc", *FIT)
+    slime(
+        "fit",
+        os.path.join(d, "scene.png"),
+        os.path.join(d, "scene_mask.png"),
+        "--ckpt",
+        ckpt,
+        "-o",
+        emb,
+        "--parts",
+        "background,square,disc",
+        *FIT,
+    )
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32; photo 2048x1536")
-    print("| disc | path | UNet passes | large part IoU | disc IoU | predict time |\n|---|---|---|---|---|---|")
+    print(
+        "| disc | path | UNet passes | large part IoU | disc IoU | predict time |\n|---|---|---|---|---|---|"
+    )
     for radius, window in rows:
         path = f"`--window {window}`" if window else "release's squash"
-        predict(os.path.join(d, f"r{radius}w{window}"), emb, ckpt, radius, 0, window, f"{2 * radius} px | {path}")
+        predict(
+            os.path.join(d, f"r{radius}w{window}"), emb, ckpt, radius, 0, window, f"{2 * radius} px | {path}"
+        )
     if quick:
         return
-    print("\nfit on the photo itself (16 px disc, 40 epochs), then predict the photo (seed 0) and a copy with "
-          "other noise (seed 1)\n")
-    print("| fit and predict | photo | UNet passes | large part IoU | disc IoU | predict time |\n|---|---|---|---|---|---|")
+    print(
+        "\nfit on the photo itself (16 px disc, 40 epochs), then predict the photo (seed 0) and a copy with "
+        "other noise (seed 1)\n"
+    )
+    print(
+        "| fit and predict | photo | UNet passes | large part IoU | disc IoU | predict time |\n"
+        "|---|---|---|---|---|---|"
+    )
     img, mask = synthetic_photo()
     h, w = mask.shape
     y, x = h * 4 // 5, w * 3 // 4  # the disc's centre: the validation crop holds it
     crop = (slice(y - 256, y + 256), slice(x - 320, x + 320))
-    for name, array in (("photo.png", img), ("photo_mask.png", mask), ("val.png", img[crop]), ("val_mask.png", mask[crop])):
+    for name, array in (
+        ("photo.png", img),
+        ("photo_mask.png", mask),
+        ("val.png", img[crop]),
+        ("val_mask.png", mask[crop]),
+    ):
         Image.fromarray(array).save(os.path.join(d, name))
     for window in (0, 256):
         fitted = os.path.join(d, f"photo_w{window}.pt")
-        slime("fit", os.path.join(d, "photo.png"), os.path.join(d, "photo_mask.png"), "--val",
-              os.path.join(d, "val.png"), os.path.join(d, "val_mask.png"), "--ckpt", ckpt, "-o", fitted,
-              "--parts", "background,square,disc", "--window", window, *FIT_PHOTO)
+        slime(
+            "fit",
+            os.path.join(d, "photo.png"),
+            os.path.join(d, "photo_mask.png"),
+            "--val",
+            os.path.join(d, "val.png"),
+            os.path.join(d, "val_mask.png"),
+            "--ckpt",
+            ckpt,
+            "-o",
+            fitted,
+            "--parts",
+            "background,square,disc",
+            "--window",
+            window,
+            *FIT_PHOTO,
+        )
         for seed in (0, 1):
             path = f"`--window {window}`" if window else "release's squash"
-            predict(os.path.join(d, f"photo_w{window}_s{seed}"), fitted, ckpt, 8, seed, window, f"{path} | seed {seed}")
+            predict(
+                os.path.join(d, f"photo_w{window}_s{seed}"),
+                fitted,
+                ckpt,
+                8,
+                seed,
+                window,
+                f"{path} | seed {seed}",
+            )
 
 
 def predict(run, emb, ckpt, radius, seed, window, row):
-    """Segment the synthetic photo (disc `radius`, noise `seed`) with --window (0: squash) and print the row."""
+    """Segment the synthetic photo (disc `radius`, noise `seed`) with --window (0: squash) and print the
+    row."""
     for sub in ("in", "gt"):
         os.makedirs(os.path.join(run, sub))
     img, mask = synthetic_photo(radius=radius, seed=seed)
     Image.fromarray(img).save(os.path.join(run, "in", "photo.png"))
     Image.fromarray(mask).save(os.path.join(run, "gt", "photo.png"))
     t0 = time.time()
-    r = slime("predict", emb, os.path.join(run, "in"), "-o", os.path.join(run, "out"), "--masks",
-              os.path.join(run, "gt"), "--ckpt", ckpt, "--window", window)
+    r = slime(
+        "predict",
+        emb,
+        os.path.join(run, "in"),
+        "-o",
+        os.path.join(run, "out"),
+        "--masks",
+        os.path.join(run, "gt"),
+        "--ckpt",
+        ckpt,
+        "--window",
+        window,
+    )
     seconds = time.time() - t0
     iou = json.load(open(os.path.join(run, "out", "summary.json")))["iou"]
     said = [line for line in r.stderr.splitlines() if line.startswith("--window")]
     passes = said[0].split(": ")[1].split(" window")[0] if said else "1"
-    print(f"| {row} | {passes} | {float(iou['square']):.4f} | {float(iou['disc']):.4f} | {seconds:.1f} s |", flush=True)
+    print(
+        f"| {row} | {passes} | {float(iou['square']):.4f} | {float(iou['disc']):.4f} | {seconds:.1f} s |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

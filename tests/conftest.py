@@ -9,6 +9,7 @@ Not a test file: pytest loads it for every file under tests/. The whole suite:
 
     python -m pytest -q tests
 """
+
 import json
 import math
 import os
@@ -51,7 +52,8 @@ def tiny_state_dict(family, seed=0):
     shapes[u + "input_blocks.0.0.weight"] = (TINY_UNET[family], 4, 3, 3)
     shapes[u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (TINY_UNET[family], TINY_TEXT)
     shapes[v + "encoder.conv_in.weight"] = (32, 3, 3, 3)
-    shapes[t + ("embeddings.token_embedding.weight" if family == "sd1" else "token_embedding.weight")] = (49408, TINY_TEXT)
+    token_embedding = "embeddings.token_embedding.weight" if family == "sd1" else "token_embedding.weight"
+    shapes[t + token_embedding] = (49408, TINY_TEXT)
     _, modules, ignored = slime.build_models(shapes)
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -78,7 +80,9 @@ def tiny_state_dict(family, seed=0):
 
 
 def write_tiny_checkpoint(path, family, seed=0, dtype=torch.float32):
-    state = {k: (x.to(dtype) if x.is_floating_point() else x) for k, x in tiny_state_dict(family, seed).items()}
+    state = {
+        k: (x.to(dtype) if x.is_floating_point() else x) for k, x in tiny_state_dict(family, seed).items()
+    }
     save_file(state, str(path), metadata={"format": "pt"})
     return str(path)
 
@@ -115,10 +119,11 @@ def write_sdlike_checkpoint(path, seed=0):
                 state[k] = torch.zeros_like(v)
             elif re.search(r"(conv_in|conv_out|nin_shortcut)\.weight", k):
                 state[k] = diagonal(v, [(v.shape[2] // 2, v.shape[3] // 2)])
-            elif k.endswith("downsample.conv.weight"):  # padded right and bottom: taps 0, 1 are pixels 2i, 2i+1
+            elif k.endswith("downsample.conv.weight"):
+                # padded right and bottom: taps 0, 1 are pixels 2i, 2i+1
                 state[k] = diagonal(v, [(0, 0), (0, 1), (1, 0), (1, 1)])
         elif k.startswith(U):
-            if re.search(r"(out_layers\.3|proj_out|to_out\.0|ff\.net\.2)\.|^out\.2\.", k[len(U):]):
+            if re.search(r"(out_layers\.3|proj_out|to_out\.0|ff\.net\.2)\.|^out\.2\.", k[len(U) :]):
                 state[k] = torch.zeros_like(v)
             elif k.endswith("input_blocks.0.0.weight"):  # f = R latent, blurred 3x3; channels 60-63 reserved
                 R = torch.randn(v.shape[0], 4, generator=g)
@@ -135,8 +140,9 @@ def write_sdlike_checkpoint(path, seed=0):
             elif re.search(r"attn1\.to_[qk]\.weight", k):
                 state[k] = 2 * torch.eye(len(v))
             elif k.endswith("attn2.to_q.weight"):
-                state[k] = 3 * torch.block_diag(*[torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
-                                                  for _ in range(len(v) // 64)])
+                state[k] = 3 * torch.block_diag(
+                    *[torch.linalg.qr(torch.randn(64, 64, generator=g))[0] for _ in range(len(v) // 64)]
+                )
             elif k.endswith("norm2.weight"):
                 reserved = torch.arange(len(v)) % 64 >= 60
                 shared = torch.randn(4, generator=g).repeat(len(v) // 64) * 0.5
@@ -159,7 +165,10 @@ def write_sdlike_checkpoint(path, seed=0):
 
 # For a subprocess to print its own peak resident memory ("VmHWM:  123 kB"). Not ru_maxrss: Linux carries
 # that high-water mark across exec from the forked parent, i.e. from pytest.
-PEAK_MEMORY = "def peak_memory():\n    return [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip()\n"
+PEAK_MEMORY = (
+    "def peak_memory():\n"
+    "    return [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip()\n"
+)
 
 
 def write_layout_only(path, family, dtype="F16"):
@@ -194,8 +203,11 @@ def tiny_ckpt(tmp_path_factory):
 
     def get(family):
         if family not in cache:
-            cache[family] = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / f"tiny-{family}.safetensors", family)
+            cache[family] = write_tiny_checkpoint(
+                tmp_path_factory.mktemp("ckpt") / f"tiny-{family}.safetensors", family
+            )
         return cache[family]
+
     return get
 
 
@@ -211,6 +223,7 @@ def synthetic_scene(shift=0, flip=False, size=512, seed=0):
     shift moves both objects right/down by that many pixels; flip mirrors the scene left-right.
     """
     import numpy as np
+
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     yy, xx = yy - shift, (size - 1 - xx if flip else xx) - shift
@@ -221,7 +234,7 @@ def synthetic_scene(shift=0, flip=False, size=512, seed=0):
     img[square] = [0.9, 0.15, 0.1]
     img[square & ((yy // 8) % 2 == 0)] *= 0.6  # stripes
     mask[square] = 1
-    disc = (yy - 370) ** 2 + (xx - 350) ** 2 < 110 ** 2
+    disc = (yy - 370) ** 2 + (xx - 350) ** 2 < 110**2
     img[disc] = [0.1, 0.85, 0.2]
     img[disc & (((yy // 16) + (xx // 16)) % 2 == 0)] *= 0.5  # checkerboard
     mask[disc] = 2
@@ -233,6 +246,7 @@ def synthetic_photo(h=1536, w=2048, radius=8, seed=0):
     green disc of `radius` px (2; 197 px at radius 8), which the squash to 512x512 shrinks below a latent
     pixel."""
     import numpy as np
+
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:h, :w]
     img = np.zeros((h, w, 3), np.float32) + [0.15, 0.2, 0.7]
@@ -242,7 +256,7 @@ def synthetic_photo(h=1536, w=2048, radius=8, seed=0):
     img[large] = [0.9, 0.15, 0.1]
     img[large & ((yy // 8) % 2 == 0)] *= 0.6  # stripes
     mask[large] = 1
-    disc = (yy - h * 4 // 5) ** 2 + (xx - w * 3 // 4) ** 2 <= radius ** 2
+    disc = (yy - h * 4 // 5) ** 2 + (xx - w * 3 // 4) ** 2 <= radius**2
     img[disc] = [0.1, 0.85, 0.2]
     mask[disc] = 2
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask

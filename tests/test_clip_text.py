@@ -14,6 +14,7 @@ Uses open_clip's model code with random weights; nothing is downloaded.
 
     python -m pytest -q tests/test_clip_text.py
 """
+
 import os
 import sys
 
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from open_clip.model import _build_text_tower
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import clip_text  # noqa: E402
-from clip_text import BOS, EOS, CLIPTextModel, OpenCLIPText, TextConfig, tokenize  # noqa: E402
+import clip_text
+from clip_text import BOS, EOS, CLIPTextModel, OpenCLIPText, TextConfig, tokenize
 
 PROMPTS = ["a photo of a dog!~", "A Cat &amp; a  HORSE, sitting on the grass."]
 LONG = " ".join(["an extremely long prompt about a red bicycle"] * 12)  # > 77 tokens
@@ -80,8 +81,12 @@ def sd2(tokens):
     tower = random_tower("ViT-H-14", seed=0)
     last = len(tower.transformer.resblocks) - 1
     sd = tower.state_dict()
-    dropped = {k for k in sd if k.startswith(f"transformer.resblocks.{last}.")
-               or k in ("text_projection", "logit_scale", "attn_mask")}
+    dropped = {
+        k
+        for k in sd
+        if k.startswith(f"transformer.resblocks.{last}.")
+        or k in ("text_projection", "logit_scale", "attn_mask")
+    }
     assert "text_projection" in dropped and len(dropped) == 13  # 12 tensors of the last block + projection
     ours = OpenCLIPText(TextConfig.sd21()).eval()
     ours.load_state_dict({k: v for k, v in sd.items() if k not in dropped}, strict=True)
@@ -91,20 +96,28 @@ def sd2(tokens):
 
 def hf_state_dict(tower):
     """open_clip text-tower names -> Hugging Face CLIPTextModel (text_model.*) names."""
-    out = {"embeddings.token_embedding.weight": tower.token_embedding.weight,
-           "embeddings.position_embedding.weight": tower.positional_embedding,
-           "final_layer_norm.weight": tower.ln_final.weight, "final_layer_norm.bias": tower.ln_final.bias}
+    out = {
+        "embeddings.token_embedding.weight": tower.token_embedding.weight,
+        "embeddings.position_embedding.weight": tower.positional_embedding,
+        "final_layer_norm.weight": tower.ln_final.weight,
+        "final_layer_norm.bias": tower.ln_final.bias,
+    }
     for i, blk in enumerate(tower.transformer.resblocks):
         p = f"encoder.layers.{i}."
         for kind in ("weight", "bias"):
             q, k, v = getattr(blk.attn, f"in_proj_{kind}").chunk(3, dim=0)  # rows are q, k, v
-            out.update({p + f"self_attn.q_proj.{kind}": q, p + f"self_attn.k_proj.{kind}": k,
-                        p + f"self_attn.v_proj.{kind}": v,
-                        p + f"self_attn.out_proj.{kind}": getattr(blk.attn.out_proj, kind),
-                        p + f"layer_norm1.{kind}": getattr(blk.ln_1, kind),
-                        p + f"layer_norm2.{kind}": getattr(blk.ln_2, kind),
-                        p + f"mlp.fc1.{kind}": getattr(blk.mlp.c_fc, kind),
-                        p + f"mlp.fc2.{kind}": getattr(blk.mlp.c_proj, kind)})
+            out.update(
+                {
+                    p + f"self_attn.q_proj.{kind}": q,
+                    p + f"self_attn.k_proj.{kind}": k,
+                    p + f"self_attn.v_proj.{kind}": v,
+                    p + f"self_attn.out_proj.{kind}": getattr(blk.attn.out_proj, kind),
+                    p + f"layer_norm1.{kind}": getattr(blk.ln_1, kind),
+                    p + f"layer_norm2.{kind}": getattr(blk.ln_2, kind),
+                    p + f"mlp.fc1.{kind}": getattr(blk.mlp.c_fc, kind),
+                    p + f"mlp.fc2.{kind}": getattr(blk.mlp.c_proj, kind),
+                }
+            )
     return out
 
 
@@ -146,8 +159,8 @@ def test_tokenize_eos_padding_changes_only_padding():
     texts = PROMPTS + [LONG]
     ours, ref = tokenize(texts, pad_token=EOS), open_clip.tokenize(texts)
     assert (ours[:, 0] == BOS).all()
-    for o, r in zip(ours, ref):
+    for o, r in zip(ours, ref, strict=True):
         n = int((r == EOS).nonzero()[0]) + 1  # length incl. EOS ("!" is id 0, so don't count non-zeros)
         assert torch.equal(o[:n], r[:n]) and r[n - 1] == EOS
         assert (o[n:] == EOS).all() and (r[n:] == 0).all()
-    assert 0 in ref[0, :int((ref[0] == EOS).nonzero()[0])]  # "!~" -> [0, 349]: a 0 inside the text
+    assert 0 in ref[0, : int((ref[0] == EOS).nonzero()[0])]  # "!~" -> [0, 349]: a 0 inside the text

@@ -9,6 +9,7 @@ built here with PIL / numpy; no checkpoint is needed.
 
     python -m pytest -q tests/test_io.py
 """
+
 import os
 import re
 
@@ -18,9 +19,16 @@ import torch
 from PIL import Image
 
 import slime
-
 from slime import (
-    VOC_PALETTE, SlimeError, colors_to_labels, commit, mask_image, overlay_image, png, read_image, read_mask,
+    VOC_PALETTE,
+    SlimeError,
+    colors_to_labels,
+    commit,
+    mask_image,
+    overlay_image,
+    png,
+    read_image,
+    read_mask,
 )
 
 
@@ -48,8 +56,9 @@ def animated_gif(tmp_path):
     for f in frames:
         f.putpalette(VOC_PALETTE.tobytes())
     # optimize=False keeps the palette indices as they are
-    return save(tmp_path, "anim.gif", frames[0], save_all=True, append_images=frames[1:], duration=100,
-                optimize=False)
+    return save(
+        tmp_path, "anim.gif", frames[0], save_all=True, append_images=frames[1:], duration=100, optimize=False
+    )
 
 
 # ----------------------------------------------------------------------------- read_image
@@ -69,7 +78,11 @@ def test_read_image_rgba_drops_alpha(tmp_path):
 def test_read_image_gray_and_16bit(tmp_path):
     gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
     x = read_image(save(tmp_path, "g.png", Image.fromarray(gray)))
-    assert x.shape == (3, 3, 4) and torch.equal(x[0], x[2]) and torch.allclose(x[1], torch.from_numpy(gray) / 255.0)
+    assert (
+        x.shape == (3, 3, 4)
+        and torch.equal(x[0], x[2])
+        and torch.allclose(x[1], torch.from_numpy(gray) / 255.0)
+    )
     g16 = np.array([[0, 1000], [32768, 65535]], dtype=np.uint16)
     x = read_image(save(tmp_path, "g16.png", Image.fromarray(g16)))
     assert x.shape == (3, 2, 2) and torch.equal(x[0], x[1])
@@ -138,13 +151,16 @@ def test_pixel_limit_is_pils_bomb_error_without_its_warning(tmp_path, monkeypatc
     """PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; slime reads silently up to the refusal
     (12000x9000 = 108 MP at PIL's defaults) and turns the refusal into one sentence."""
     import warnings
+
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     Image.new("RGB", (12, 12)).save(tmp_path / "big.png")  # 144 px: PIL would warn
     Image.new("RGB", (20, 20)).save(tmp_path / "huge.png")  # 400 px: PIL refuses
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_image(tmp_path / "big.png").shape == (3, 12, 12)
-    with pytest.raises(SlimeError, match="huge.png has more than 200 pixels, too many to be read safely; downscale"):
+    with pytest.raises(
+        SlimeError, match="huge.png has more than 200 pixels, too many to be read safely; downscale"
+    ):
         read_image(tmp_path / "huge.png")
 
 
@@ -182,8 +198,11 @@ def test_read_mask_npy(tmp_path):
     np.save(tmp_path / "b.npy", np.eye(2, dtype=bool))
     assert read_mask(tmp_path / "b.npy").tolist() == [[1, 0], [0, 1]]
     np.save(tmp_path / "f.npy", np.zeros((2, 2), np.float32))
-    with pytest.raises(SlimeError, match=r"f.npy holds float32 values; a mask is a 2-D \(height, width\) array of "
-                                         "integer class labels 0..76"):
+    with pytest.raises(
+        SlimeError,
+        match=r"f.npy holds float32 values; a mask is a 2-D \(height, width\) array of "
+        "integer class labels 0..76",
+    ):
         read_mask(tmp_path / "f.npy")
     np.save(tmp_path / "3d.npy", np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(SlimeError, match=r"3d.npy has shape \(2, 2, 3\); a mask is a 2-D"):
@@ -243,15 +262,21 @@ def test_colors_given_palette():
     (labels,), palette = colors_to_labels([a], palette=[[4, 5, 6], [0, 0, 0], [1, 2, 3]])
     assert labels.tolist() == [[1, 2, 0]] and palette == [[4, 5, 6], [0, 0, 0], [1, 2, 3]]
     bad = np.array([[[0, 0, 0], [9, 9, 9], [9, 9, 9], [8, 8, 8]]], np.uint8)
-    with pytest.raises(SlimeError, match=r"^m.png has 3 pixels whose colour is not in the palette "
-                                         r"\(e.g. \(8, 8, 8\), \(9, 9, 9\)\)"):
+    with pytest.raises(
+        SlimeError,
+        match=r"^m.png has 3 pixels whose colour is not in the palette "
+        r"\(e.g. \(8, 8, 8\), \(9, 9, 9\)\)",
+    ):
         colors_to_labels([bad], palette=[[0, 0, 0]], names=["m.png"])
 
 
 def test_colors_too_many_is_antialiasing():
     colors = np.stack([np.arange(80), np.full(80, 3), np.full(80, 5)], -1).astype(np.uint8)[None]
-    with pytest.raises(SlimeError, match=r"^soft.png brings the number of distinct mask colours to 80, more "
-                                         "classes than SD's 77 text tokens allow; anti-aliased edges") as e:
+    with pytest.raises(
+        SlimeError,
+        match=r"^soft.png brings the number of distinct mask colours to 80, more "
+        "classes than SD's 77 text tokens allow; anti-aliased edges",
+    ) as e:
         colors_to_labels([colors], names=["soft.png"])
     assert "indexed PNG" in str(e.value) and "\n" not in str(e.value)
 
@@ -264,9 +289,12 @@ def test_a_photo_given_as_a_mask_is_named_for_what_it_is(tmp_path, mode, what):
     photo = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0])
     with pytest.raises(SlimeError) as e:
         read_mask(save(tmp_path, "photo.png", photo))
-    assert str(e.value) == (f"{tmp_path / 'photo.png'} holds {what}, so it is a photo, not a mask (or a mask with "
-                            "smooth, anti-aliased edges): give each image first and its mask second (fit IMAGE "
-                            "MASK), and only masks in a --masks folder")
+    assert str(e.value) == (
+        f"{tmp_path / 'photo.png'} holds {what}, so it is a photo, not a mask (or a mask with "
+        "smooth, anti-aliased edges): give each image first and its mask second (fit IMAGE "
+        "MASK), and only masks in a --masks folder"
+    )
+
 
 # ----------------------------------------------------------------------------- writing
 def write_index_png(path, labels):
@@ -293,7 +321,7 @@ def test_write_overlay(tmp_path, h, w):
     rgb = rng_rgb(h, w)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     labels = np.zeros((h, w), np.int64)
-    labels[h // 2:, w // 2:] = 1  # class 1 in the bottom-right quarter
+    labels[h // 2 :, w // 2 :] = 1  # class 1 in the bottom-right quarter
     path = tmp_path / "overlay.png"
     write_overlay(path, image, labels, ["background", "wheel"])
     with Image.open(path) as im:
@@ -301,34 +329,37 @@ def test_write_overlay(tmp_path, h, w):
         out = np.array(im)
     # the legend covers the top-left corner (its dark box); elsewhere background equals the image
     assert tuple(out[0, 0]) == (32, 32, 32)
-    assert np.array_equal(out[h - 40:h - 2, 2:w // 2 - 2], rgb[h - 40:h - 2, 2:w // 2 - 2])
-    assert np.array_equal(out[2:h // 2 - 2, w // 2 + 40:], rgb[2:h // 2 - 2, w // 2 + 40:])
+    assert np.array_equal(out[h - 40 : h - 2, 2 : w // 2 - 2], rgb[h - 40 : h - 2, 2 : w // 2 - 2])
+    assert np.array_equal(out[2 : h // 2 - 2, w // 2 + 40 :], rgb[2 : h // 2 - 2, w // 2 + 40 :])
     # tinted 50% with VOC colour 1 inside the part, white on its boundary
     expect = np.round(0.5 * rgb + 0.5 * VOC_PALETTE[1]).astype(int)
-    assert np.abs(out[h // 2 + 1:, w // 2 + 1:].astype(int) - expect[h // 2 + 1:, w // 2 + 1:]).max() <= 1
-    assert (out[h // 2:, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w // 2:] == 255).all()
+    assert np.abs(out[h // 2 + 1 :, w // 2 + 1 :].astype(int) - expect[h // 2 + 1 :, w // 2 + 1 :]).max() <= 1
+    assert (out[h // 2 :, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w // 2 :] == 255).all()
 
 
 def test_the_legend_lists_every_part_even_when_absent(tmp_path):
-    """Nothing found: the legend still shows all 4 parts (4 lines of 8 px at this size), not "background" alone."""
+    """Nothing found: the legend still shows all 4 parts (4 lines of 8 px at this size), not "background"
+    alone."""
     image = torch.from_numpy(rng_rgb(200, 300)).permute(2, 0, 1).float() / 255
     parts = ["background", "head", "suit", "flag"]
     out = np.array(overlay_image(image, np.zeros((200, 300), np.int64), parts))
     assert (out[:35, 0] == 32).all() and not (out[36:, 0] == 32).all()
 
 
-@pytest.mark.parametrize("h, w, parts, box", [(512, 512, 6, 124), (512, 512, 10, 153), (96, 128, 6, None),
-                                              (16, 16, 2, None)])
+@pytest.mark.parametrize(
+    "h, w, parts, box", [(512, 512, 6, 124), (512, 512, 10, 153), (96, 128, 6, None), (16, 16, 2, None)]
+)
 def test_the_legend_scales_with_the_image_and_never_hides_a_third_of_it(h, w, parts, box):
-    """16 px text at 512 (6 parts: 6 lines of 20 px); fewer pixels per line when many parts must fit in a third
-    of the height; on a small image, where even 6 px text would hide more than a third, no legend at all."""
+    """16 px text at 512 (6 parts: 6 lines of 20 px); fewer pixels per line when many parts must fit in a
+    third of the height; on a small image, where even 6 px text would hide more than a third, no legend at
+    all."""
     image = torch.full((3, h, w), 0.5)
     out = np.array(overlay_image(image, np.zeros((h, w), np.int64), [f"p{i}" for i in range(parts)]))
     dark = (out[:, 0] == 32).all(-1)
     if box is None:
         assert not dark.any() and (out == 128).all()  # the image as it is
     else:
-        assert dark[:box + 1].all() and not dark[box + 1:].any() and box < h / 3
+        assert dark[: box + 1].all() and not dark[box + 1 :].any() and box < h / 3
 
 
 def test_write_overlay_band_by_band_equals_whole(tmp_path):
@@ -344,14 +375,18 @@ def test_commit_writes_every_file_or_none(tmp_path, monkeypatch):
     """A write that fails (a missing folder, a full disk) or an interrupt between the renames' start and end
     leaves the targets as they were: no new file, no temp file, an existing target untouched."""
     (tmp_path / "b.png").write_bytes(b"old")
-    with pytest.raises(SlimeError, match=r"nodir/c.png: cannot be written \(No such file or directory\); it and "
-                                         "the files written with it are left as they were"):
+    with pytest.raises(
+        SlimeError,
+        match=r"nodir/c.png: cannot be written \(No such file or directory\); it and "
+        "the files written with it are left as they were",
+    ):
         commit({tmp_path / "a.png": b"new", tmp_path / "b.png": b"new", tmp_path / "nodir" / "c.png": b"x"})
     assert sorted(os.listdir(tmp_path)) == ["b.png"] and (tmp_path / "b.png").read_bytes() == b"old"
     real_replace = os.replace
 
     def interrupted(src, dst):  # Ctrl-C arrives before the first rename
         raise KeyboardInterrupt
+
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         commit({tmp_path / "a.png": b"new", tmp_path / "b.png": b"new"})
@@ -365,21 +400,28 @@ def test_commit_writes_every_file_or_none(tmp_path, monkeypatch):
 def test_a_labelmap_names_the_colours_in_its_order(tmp_path):
     """CVAT's labelmap.txt: comments and blank lines skipped, `name:r,g,b:parts:actions`, line i = class i;
     masks in its colours map to its classes, VOC's void colour to ignore."""
-    (tmp_path / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n\nbackground:0,0,0::\n"
-                                           "head:250,50,50:eye,ear:\nsuit:40,40,200::\n")
+    (tmp_path / "labelmap.txt").write_text(
+        "# label:color_rgb:parts:actions\n\nbackground:0,0,0::\nhead:250,50,50:eye,ear:\nsuit:40,40,200::\n"
+    )
     names, colors = slime.read_labelmap(tmp_path / "labelmap.txt")
     assert names == ["background", "head", "suit"] and colors == [[0, 0, 0], [250, 50, 50], [40, 40, 200]]
     rgb = np.array([[[250, 50, 50], [224, 224, 192]], [[0, 0, 0], [40, 40, 200]]], np.uint8)
     (labels,), _ = colors_to_labels([rgb], colors)
     assert labels.tolist() == [[1, 255], [0, 2]]
     assert slime.read_labelmap(tmp_path / "labelmap.txt") == slime.read_labelmap(tmp_path / "labelmap.txt")
-    for text, fragment in [("background:0,0,0::\nhead:0,0,0::\n", "lists 2 labels; slime needs 2 to 77 (background "
-                            "first), each of a colour of its own"),
-                           ("background:0,0,0::\nbackground:1,1,1::\n", "line 2: 'background:1,1,1::' is not "
-                            "`name:r,g,b::` with r, g, b in 0..255 and a name of its own"),
-                           ("background:0,0,0::\nhead:1,2,300::\n", "line 2: 'head:1,2,300::' is not `name:r,g,b::`"),
-                           ("background:0,0,0::\nhead:1,2::\n", "line 2: 'head:1,2::' is not `name:r,g,b::`"),
-                           ("background:0,0,0::\n", "lists 1 label; slime needs 2 to 77")]:
+    for text, fragment in [
+        (
+            "background:0,0,0::\nhead:0,0,0::\n",
+            "lists 2 labels; slime needs 2 to 77 (background first), each of a colour of its own",
+        ),
+        (
+            "background:0,0,0::\nbackground:1,1,1::\n",
+            "line 2: 'background:1,1,1::' is not `name:r,g,b::` with r, g, b in 0..255 and a name of its own",
+        ),
+        ("background:0,0,0::\nhead:1,2,300::\n", "line 2: 'head:1,2,300::' is not `name:r,g,b::`"),
+        ("background:0,0,0::\nhead:1,2::\n", "line 2: 'head:1,2::' is not `name:r,g,b::`"),
+        ("background:0,0,0::\n", "lists 1 label; slime needs 2 to 77"),
+    ]:
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(SlimeError, match=re.escape(fragment)):
             slime.read_labelmap(tmp_path / "bad.txt")

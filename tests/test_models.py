@@ -11,6 +11,7 @@ conftest.py attends like real SD.
 
     python -m pytest -q tests/test_models.py
 """
+
 import math
 import re
 import subprocess
@@ -18,11 +19,11 @@ import sys
 
 import pytest
 import torch
-from conftest import PEAK_MEMORY, ROOT, synthetic_scene, real_layout, write_layout_only, write_tiny_checkpoint
 from safetensors.torch import load_file
 
 import slime
 from attention import GroupNorm32, LayerNorm32, attention
+from conftest import PEAK_MEMORY, ROOT, real_layout, synthetic_scene, write_layout_only, write_tiny_checkpoint
 from unet import UNetModel, timestep_embedding
 from vae import Downsample
 
@@ -30,8 +31,9 @@ from vae import Downsample
 # decoder 138 + post_quant_conv 2 + schedule 12 + model_ema 2, plus SD1's position_ids, or SD2's
 # resblocks.23 (12 tensors), text_projection and logit_scale.
 IGNORED_COUNT = {"sd1": 138 + 2 + 12 + 2 + 1, "sd2": 138 + 2 + 12 + 2 + 12 + 2}
-SLIME_LAYERS = ["output_blocks.%d.1.transformer_blocks.0.attn2" % i for i in (3, 4, 5, 6, 7)] + \
-               ["output_blocks.%d.1.transformer_blocks.0.attn1" % i for i in (9, 10, 11)]
+SLIME_LAYERS = ["output_blocks.%d.1.transformer_blocks.0.attn2" % i for i in (3, 4, 5, 6, 7)] + [
+    "output_blocks.%d.1.transformer_blocks.0.attn1" % i for i in (9, 10, 11)
+]
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
@@ -52,7 +54,9 @@ def test_real_layout_maps_onto_the_models(tmp_path, family):
     assert heads["output_blocks.3.1.transformer_blocks.0.attn2"] == (8 if family == "sd1" else 20)
     assert heads["output_blocks.9.1.transformer_blocks.0.attn2"] == (8 if family == "sd1" else 5)
     text = modules[slime.TEXT_PREFIX[family]]
-    assert text.cfg.layers == (12 if family == "sd1" else 23) and text.cfg.heads == (12 if family == "sd1" else 16)
+    assert text.cfg.layers == (12 if family == "sd1" else 23) and text.cfg.heads == (
+        12 if family == "sd1" else 16
+    )
 
 
 def test_norm_eps_and_timestep_embedding_match_ldm():
@@ -60,7 +64,8 @@ def test_norm_eps_and_timestep_embedding_match_ldm():
     group_norms = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.GroupNorm)}
     layer_norms = {n: m for n, m in unet.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     transformer_norms = [n for n in group_norms if n.endswith(".norm")]
-    assert len(transformer_norms) == 16 and len(group_norms) > 16 and len(layer_norms) == 3 * 16  # 16 transformers
+    # 16 transformers
+    assert len(transformer_norms) == 16 and len(group_norms) > 16 and len(layer_norms) == 3 * 16
     for name, m in group_norms.items():
         assert isinstance(m, GroupNorm32)
         assert m.eps == (1e-6 if name in transformer_norms else 1e-5), name  # SpatialTransformer.norm: 1e-6
@@ -70,7 +75,9 @@ def test_norm_eps_and_timestep_embedding_match_ldm():
     assert vae_norms and all(m.eps == 1e-6 for m in vae_norms)
     t = torch.tensor([0, 7, 999])
     freqs = [math.exp(-math.log(10000) * i / 160) for i in range(160)]
-    want = torch.tensor([[math.cos(s * f) for f in freqs] + [math.sin(s * f) for f in freqs] for s in (0, 7, 999)])
+    want = torch.tensor(
+        [[math.cos(s * f) for f in freqs] + [math.sin(s * f) for f in freqs] for s in (0, 7, 999)]
+    )
     assert torch.allclose(timestep_embedding(t, 320), want, atol=1e-4)  # cos first
 
 
@@ -92,9 +99,9 @@ def test_attention_maps_equal_a_per_head_loop():
     fast, none = attention(q, k, v, heads=3)
     per_head, outs = [], []
     for h in range(3):  # head h owns channels 4h..4h+3
-        s = q[..., 4 * h:4 * h + 4] @ k[..., 4 * h:4 * h + 4].transpose(1, 2) / 2.0
+        s = q[..., 4 * h : 4 * h + 4] @ k[..., 4 * h : 4 * h + 4].transpose(1, 2) / 2.0
         per_head.append(s.softmax(-1))
-        outs.append(per_head[-1] @ v[..., 4 * h:4 * h + 4])
+        outs.append(per_head[-1] @ v[..., 4 * h : 4 * h + 4])
     assert none is None
     assert torch.allclose(probs, torch.stack(per_head).mean(0), atol=1e-6)
     assert torch.allclose(logp, torch.stack(per_head).log().mean(0), atol=1e-5)
@@ -126,8 +133,12 @@ def test_tiny_checkpoint_runs_and_returns_maps(tiny_ckpt, family):
         if name != SLIME_LAYERS[-1]:  # probabilities: a distribution over the keys
             assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5), name
     # the log layer holds the head average of log-probabilities: by Jensen <= the log of the head-averaged
-    # probability (so at most 1 in total over the keys), equal to it with one head, below it where heads differ
-    logp, probs = maps[SLIME_LAYERS[-1]], m.unet(lat, t, ctx, attn_layers=SLIME_LAYERS[-1:])[1][SLIME_LAYERS[-1]]
+    # probability (so at most 1 in total over the keys), equal to it with one head, below it where heads
+    # differ
+    logp, probs = (
+        maps[SLIME_LAYERS[-1]],
+        m.unet(lat, t, ctx, attn_layers=SLIME_LAYERS[-1:])[1][SLIME_LAYERS[-1]],
+    )
     assert (logp <= probs.log() + 1e-5).all() and (logp.logsumexp(-1) <= 1e-5).all()
     if dict(m.unet.named_modules())[SLIME_LAYERS[-1]].heads == 1:  # SD2's 64-channel heads at tiny width
         assert torch.allclose(logp, probs.log(), atol=1e-5)
@@ -143,7 +154,9 @@ def test_gradients_reach_the_context_through_the_maps(tiny_ckpt):
     m = slime.load_models(tiny_ckpt("sd2"))
     ctx = m.text_encoder(m.tokenize(["part part"])).clone().requires_grad_(True)
     x = torch.randn(1, 4, 16, 16)
-    _, maps = m.unet(x, torch.tensor([50]), ctx, attn_layers=SLIME_LAYERS[5:], log_attn_layers=SLIME_LAYERS[:5])
+    _, maps = m.unet(
+        x, torch.tensor([50]), ctx, attn_layers=SLIME_LAYERS[5:], log_attn_layers=SLIME_LAYERS[:5]
+    )
     loss = sum((p * torch.randn_like(p)).sum() for p in maps.values())
     loss.backward()
     assert ctx.grad is not None and torch.isfinite(ctx.grad).all() and ctx.grad[0, 1].abs().sum() > 0
@@ -156,7 +169,8 @@ def test_half_precision_files_load(tmp_path, dtype):
     m32 = slime.load_models(path)  # stored in half, computed in fp32
     assert next(m32.unet.parameters()).dtype == torch.float32
     stored = load_file(path)
-    for prefix, net in [(slime.UNET_PREFIX, m32.unet), (slime.VAE_PREFIX, m32.vae)]:  # the file's values, upcast
+    for prefix, net in [(slime.UNET_PREFIX, m32.unet), (slime.VAE_PREFIX, m32.vae)]:
+        # the file's values, upcast
         for k, p in net.state_dict().items():
             assert stored[prefix + k].dtype == dtype and torch.equal(p, stored[prefix + k].float()), k
     ctx = m32.text_encoder(m32.tokenize(["part"]))
@@ -172,33 +186,59 @@ def write_bytes(path, data):
     return str(path)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing", r"no such file; check the path; weights/README.md says where to download"),
-    ("directory", r"is a directory; give the path of a single .safetensors"),
-    ("pickle", r"is not a .safetensors file; slime never unpickles .ckpt files"),
-    ("truncated", r"cannot be read as .safetensors \(truncated or corrupt download\?\)"),
-    ("garbage", r"cannot be read as .safetensors"),
-    ("lora", r"is no full SD checkpoint \(no model.diffusion_model.\* tensors: a LoRA, VAE or embedding\?\); slime "
-             "needs a Stable Diffusion 1.x or 2.x file such as v2-1_512-ema-pruned.safetensors"),
-    ("sdxl", r"is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file"),
-    ("notext", r"is a UNet without a text encoder slime knows; slime needs a Stable Diffusion 1.x or 2.x file"),
-    ("incomplete", r"lacks tensors for a .* checkpoint: model.diffusion_model.out.2.bias"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"no such file; check the path; weights/README.md says where to download"),
+        ("directory", r"is a directory; give the path of a single .safetensors"),
+        ("pickle", r"is not a .safetensors file; slime never unpickles .ckpt files"),
+        ("truncated", r"cannot be read as .safetensors \(truncated or corrupt download\?\)"),
+        ("garbage", r"cannot be read as .safetensors"),
+        (
+            "lora",
+            r"is no full SD checkpoint \(no model.diffusion_model.\* tensors: a LoRA, VAE or embedding\?\); "
+            "slime needs a Stable Diffusion 1.x or 2.x file such as v2-1_512-ema-pruned.safetensors",
+        ),
+        ("sdxl", r"is an SDXL checkpoint; slime needs a Stable Diffusion 1.x or 2.x file"),
+        (
+            "notext",
+            r"is a UNet without a text encoder slime knows; slime needs a Stable Diffusion 1.x or 2.x file",
+        ),
+        ("incomplete", r"lacks tensors for a .* checkpoint: model.diffusion_model.out.2.bias"),
+    ],
+)
 def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, message):
     from safetensors.torch import save_file
+
     path = {
         "missing": lambda: str(tmp_path / "nope.safetensors"),
         "directory": lambda: str(tmp_path),
-        "pickle": lambda: (torch.save({"state_dict": {}}, tmp_path / "sd.ckpt"), str(tmp_path / "sd.ckpt"))[1],
-        "truncated": lambda: write_bytes(tmp_path / "t.safetensors", open(tiny_ckpt("sd1"), "rb").read()[:100000]),
+        "pickle": lambda: (
+            torch.save({"state_dict": {}}, tmp_path / "sd.ckpt"),
+            str(tmp_path / "sd.ckpt"),
+        )[1],
+        "truncated": lambda: write_bytes(
+            tmp_path / "t.safetensors", open(tiny_ckpt("sd1"), "rb").read()[:100000]
+        ),
         "garbage": lambda: write_bytes(tmp_path / "g.safetensors", b"\x00" * 64),
-        "lora": lambda: (save_file({"lora_unet_down.lora_up.weight": torch.zeros(2)}, tmp_path / "l.safetensors"),
-                         str(tmp_path / "l.safetensors"))[1],
-        "sdxl": lambda: (save_file({"conditioner.embedders.0.transformer.x": torch.zeros(2),
-                                    "model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "x.safetensors"),
-                         str(tmp_path / "x.safetensors"))[1],
-        "notext": lambda: (save_file({"model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "u.safetensors"),
-                           str(tmp_path / "u.safetensors"))[1],
+        "lora": lambda: (
+            save_file({"lora_unet_down.lora_up.weight": torch.zeros(2)}, tmp_path / "l.safetensors"),
+            str(tmp_path / "l.safetensors"),
+        )[1],
+        "sdxl": lambda: (
+            save_file(
+                {
+                    "conditioner.embedders.0.transformer.x": torch.zeros(2),
+                    "model.diffusion_model.out.2.bias": torch.zeros(2),
+                },
+                tmp_path / "x.safetensors",
+            ),
+            str(tmp_path / "x.safetensors"),
+        )[1],
+        "notext": lambda: (
+            save_file({"model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "u.safetensors"),
+            str(tmp_path / "u.safetensors"),
+        )[1],
         "incomplete": lambda: _without(tmp_path, tiny_ckpt("sd1"), "model.diffusion_model.out.2.bias"),
     }[case]()
     with pytest.raises(slime.SlimeError, match=message) as e:
@@ -208,6 +248,7 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
 
 def _without(tmp_path, src, key):
     from safetensors.torch import load_file, save_file
+
     state = load_file(src)
     del state[key]
     save_file(state, tmp_path / "partial.safetensors")
@@ -216,24 +257,33 @@ def _without(tmp_path, src, key):
 
 def test_unexpected_tensor_is_named(tmp_path, tiny_ckpt):
     from safetensors.torch import load_file, save_file
+
     state = load_file(tiny_ckpt("sd2"))
     state["model.diffusion_model.extra.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "extra.safetensors")
-    with pytest.raises(slime.SlimeError, match=re.escape("has unexpected tensors") + ".*model.diffusion_model.extra.weight"):
+    with pytest.raises(
+        slime.SlimeError, match=re.escape("has unexpected tensors") + ".*model.diffusion_model.extra.weight"
+    ):
         slime.load_models(tmp_path / "extra.safetensors")
 
 
 def test_the_plan_reads_only_the_header_of_a_full_size_file(tmp_path):
     """A 2.6 GB file in the real SD 2.1-base layout (fp16, a sparse hole of zeros): read_header checks every
-    name, shape and format, and fingerprint identifies the weights, without reading the tensors into memory."""
+    name, shape and format, and fingerprint identifies the weights, without reading the tensors into
+    memory."""
     path = write_layout_only(tmp_path / "v2-1_512-fp16.safetensors", "sd2")
-    code = PEAK_MEMORY + ("import sys, slime; f, m, d = slime.read_header(sys.argv[1]); "
-                          "print(f, len(d), sorted(set(d.values())), slime.fingerprint(sys.argv[1])); print(peak_memory())")
-    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    code = PEAK_MEMORY + (
+        "import sys, slime; f, m, d = slime.read_header(sys.argv[1]); "
+        "print(f, len(d), sorted(set(d.values())), slime.fingerprint(sys.argv[1])); print(peak_memory())"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, path], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     family, count, dtypes, digest = r.stdout.splitlines()[0].split(" ", 3)
     assert (family, count, dtypes) == ("sd2", "1242", "['F16']") and len(digest) == 16
-    assert int(r.stdout.splitlines()[1].split()[1]) < 1.5e6  # kB; the file is 2.6 GB, reading its tensors would show
+    # kB; the file is 2.6 GB, reading its tensors would show
+    assert int(r.stdout.splitlines()[1].split()[1]) < 1.5e6
 
 
 def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
