@@ -13,7 +13,6 @@ resolution (--window, slime's); the checkpoint; files; the plan of a run and its
 
 import argparse
 import contextlib
-import difflib
 import functools
 import glob
 import hashlib
@@ -22,7 +21,6 @@ import json
 import math
 import os
 import re
-import secrets
 import signal
 import sys
 import time
@@ -68,34 +66,21 @@ class Settings:
     alpha: float = setting(1.0, 0.0, 1e6, "Eq. 8 weight of the WAS-map loss (Eq. 7)", fit=True)
     beta: float = setting(0.005, 0.0, 1e6, "Eq. 8 weight of SD's noise-prediction loss", fit=True)
     guidance: float = setting(100.0, 0.0, 1e6, "classifier-free guidance inside the SD loss", fit=True)
-    min_crop_ratio: float = setting(
-        0.8, 0.05, 1.0, "smallest training crop, a fraction of the side", fit=True
-    )
+    min_crop_ratio: float = setting(0.8, 0.05, 1.0, "smallest training crop, a fraction of a side", fit=True)
     rotation: float = setting(30.0, 0.0, 180.0, "largest training rotation in degrees", fit=True)
-    cycle_parts: bool = setting(
-        True,
-        help="crops favour the background, as the release's do in effect (default: "
-        "they cycle through the parts, slime's)",
-        fit=True,
-        flag="--no-cycle",
-    )
+    # slime's crops cycle through the parts; --no-cycle: they favour the background, as the release's do in effect
+    cycle_parts: bool = setting(True, help="crops favour the background", fit=True, flag="--no-cycle")
     val_every: int = setting(1, 1, 100_000, "epochs between validations (and after the last)", fit=True)
     patch_size: int = setting(400, 8, SIZE, "inference patch side, in pixels of the 512 image")
     patches_per_side: int = setting(2, 1, 16, "inference patches per side")
-    threshold: float = setting(
-        0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (calibrated on real SD)"
-    )
+    threshold: float = setting(0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (real SD's)")
     test_t: int = setting(100, 1, 999, "inference timestep")
     out_size: int = setting(
-        0, 0, SIZE, "mask side: 0 = each image's own (slime's), 512 = the release's", step=SIZE
+        0, 0, SIZE, "mask side: 0 = the image's (slime's), 512 = the release's", step=SIZE
     )
-    bgr: bool = setting(
-        False, help="feed the model BGR, as the release's cv2 did; default: RGB", flag="--bgr"
-    )
+    bgr: bool = setting(False, help="feed the model BGR, as the release's cv2 did; default RGB", flag="--bgr")
     seed: int = setting(0, 0, 2**63 - 1, "seed of every random draw")
-    window: int = setting(
-        0, 0, 16384, "native resolution (slime's): image pixels per 512 window; 0 = squash", step=MAP
-    )
+    window: int = setting(0, 0, 16384, "native resolution (slime's): pixels per window; 0 = squash", step=MAP)
 
 
 # ----------------------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
@@ -142,13 +127,8 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
     (release/src/stable_difusion.py#L155-L264); A_sa averages the 64x64 layers' self-attention."""
     # only these 8 of the UNet's 32 attention layers materialise their maps; the rest take the fast path.
     # log_space (training): log-probabilities, the input of Eq. 4's cross-entropy; inference: probabilities
-    eps, maps = sd.unet(
-        x_t,
-        t,
-        context,
-        attn_layers=SELF_LAYERS + (() if log_space else CROSS_LAYERS),
-        log_attn_layers=CROSS_LAYERS if log_space else (),
-    )
+    prob_layers, log_layers = (SELF_LAYERS, CROSS_LAYERS) if log_space else (SELF_LAYERS + CROSS_LAYERS, ())
+    eps, maps = sd.unet(x_t, t, context, attn_layers=prob_layers, log_attn_layers=log_layers)
     resized = []
     for name in CROSS_LAYERS:
         m = maps[name][0, :, :num_classes]  # (N pixels, K): the K tokens' columns
@@ -182,9 +162,8 @@ def segmentation_losses(A_ca, A_sa, mask, num_classes):
     """Eq. 4 and Eq. 7 on a (64, 64) mask: the weighted cross-entropy of A_ca, and the squared error of
     the WAS maps against the one-hot mask (release/src/slime.py#L121-L143)."""
     # ignore_index: 255 pixels (VOC's void, the padding of --window views) count as neither right nor wrong
-    loss_ce = F.cross_entropy(
-        A_ca[None], mask[None], weight=class_weights(mask, num_classes), ignore_index=IGNORE
-    )
+    weight = class_weights(mask, num_classes)
+    loss_ce = F.cross_entropy(A_ca[None], mask[None], weight=weight, ignore_index=IGNORE)
     # softmax over the K classes. The release takes it of the averaged raw logits; A_ca holds averaged
     # log-probabilities over all 77 tokens, which differ from those logits by a per-pixel constant: same softmax
     S_was = was_map(A_ca.softmax(0), A_sa)  # Eq. 6
@@ -202,9 +181,8 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     # release draws it (release/src/stable_difusion.py#L297)
     t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = noisy_latent(sd, image[None], t, gen)
-    A_ca, A_sa, eps_cond = attention_maps(
-        sd, x_t, t, with_learned(learned, cond), num_classes, log_space=True
-    )
+    context = with_learned(learned, cond)
+    A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, context, num_classes, log_space=True)
     loss_ce, loss_mse = segmentation_losses(A_ca, A_sa, mask, num_classes)  # Eq. 4, Eq. 7
     loss_sd = torch.zeros(())  # a tensor even when skipped (beta = 0 skips a whole UNet pass)
     if s.beta:
@@ -244,9 +222,8 @@ def rotate(x, degrees, mode):
     # so the distribution of views is the release's
     theta = torch.tensor([[torch.cos(a), torch.sin(a), 0.0], [-torch.sin(a), torch.cos(a), 0.0]])[None]
     grid = F.affine_grid(theta, (1, *x.shape), align_corners=False)
-    return F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0].to(
-        x.dtype
-    )
+    out = F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    return out.to(x.dtype)
 
 
 def part_crop(mask, part, min_ratio, gen, tries=1000):
@@ -314,9 +291,8 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             # the part the next crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8 workers
             # that restart each epoch at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
             part = (part + 1) % num_classes if s.cycle_parts else 0
-            loss, terms = training_step(
-                sd, learned, cond, uncond, image.to(sd.device), mask.to(sd.device), s, gen
-            )
+            image, mask = image.to(sd.device), mask.to(sd.device)
+            loss, terms = training_step(sd, learned, cond, uncond, image, mask, s, gen)
             step += 1
             if not torch.isfinite(loss):  # before backward: one nan step would make Adam's moments nan
                 raise SlimeError(diverged(sd, loss, step, terms))
@@ -332,34 +308,24 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
         if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
             best, best_context = miou, context
             on_best(context, epoch + 1, miou)
-        progress(
-            dict(
-                event="validation",
-                epoch=epoch + 1,
-                miou=miou,
-                best=best_context is context,
-                seconds=time.time() - t0,
-            )
-        )
+        best_now, seconds = best_context is context, time.time() - t0
+        progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best_now, seconds=seconds))
     return best_context
 
 
 def validation_miou(sd, context, val_pairs, val_inputs, num_classes, s):
     """The mean image mIoU of the validation pairs, segmented as predict does, at the release's 512;
     val_inputs: each pair's noisy_inputs."""
-    return sum(
-        image_miou(segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes)
-        for (image, gt), inputs in zip(val_pairs, val_inputs)
-    ) / len(val_pairs)
+    total = 0.0
+    for (image, gt), inputs in zip(val_pairs, val_inputs):
+        total += image_miou(segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes)
+    return total / len(val_pairs)
 
 
 def diverged(sd, loss, step, terms):
     """Why a loss is not finite. The weights were checked finite at load: the optimisation or the format."""
-    why = (
-        "fp16 overflows easily: use --dtype bf16 or fp32"
-        if sd.dtype == torch.float16
-        else "the learning rate is the likely cause (the weights were checked finite at load): try a lower --lr"
-    )
+    why = "the learning rate is the likely cause (the weights were checked finite at load): try a lower --lr"
+    why = "fp16 overflows easily: use --dtype bf16 or fp32" if sd.dtype == torch.float16 else why
     terms = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
     return f"the loss became {loss.item()} at step {step} ({terms}); {why}; the best emb.pt so far is kept"
 
@@ -381,24 +347,16 @@ def as_pairs(pairs, num_classes, s):
     for n, (image, mask) in enumerate(pairs, 1):
         mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).long()
         if mask.ndim == 3:
-            raise SlimeError(
-                f"mask {n} is a colour mask {tuple(mask.shape)}; turn it into class labels with "
-                "slime.colors_to_labels first"
-            )
+            raise SlimeError(f"mask {n} is a colour mask: turn it into labels with slime.colors_to_labels")
         if tuple(mask.shape) != tuple(image.shape[1:]):
-            raise SlimeError(
-                f"mask {n} of {tuple(mask.shape)} does not match its image of {tuple(image.shape[1:])}"
-            )
+            raise SlimeError(f"mask {n} of {tuple(mask.shape)} does not match its image {tuple(image.shape)}")
         bad = sorted(set(mask.unique().tolist()) - set(range(num_classes)) - {IGNORE})
         if bad:  # cross_entropy would end in a bare IndexError
-            raise SlimeError(
-                f"mask {n} holds class values {bad[:8]} outside 0..{num_classes - 1}, so num_classes "
-                f"{num_classes} is too small (255 means ignore)"
-            )
+            raise SlimeError(f"mask {n} holds class values {bad[:8]} outside 0..{num_classes - 1}")
         if not s.window:
             image, mask = (
                 resize(image, (SIZE, SIZE), "bilinear"),
-                resize(mask[None], (SIZE, SIZE), "nearest")[0],
+                resize(mask[None], (SIZE,) * 2, "nearest")[0],
             )
         out.append((image, mask))
     return out
@@ -416,16 +374,8 @@ def noisy_patches(sd, image, s):
     """Sec. 4.2's inputs (release/src/slime.py#L188-L229): the image squashed to 512x512 and cut into the
     patches -> [(y0, x0, x_t)]."""
     x, side = resize(image.to(sd.device), (SIZE, SIZE), "bilinear"), s.patch_size
-    return list(
-        noised(
-            sd,
-            s,
-            (
-                (y0, x0, x[:, y0 : y0 + side, x0 : x0 + side])
-                for y0, x0 in patch_origins(side, s.patches_per_side)
-            ),
-        )
-    )
+    origins = patch_origins(side, s.patches_per_side)
+    return list(noised(sd, s, ((y0, x0, x[:, y0 : y0 + side, x0 : x0 + side]) for y0, x0 in origins)))
 
 
 def noisy_inputs(sd, image, s):  # what segment feeds the UNet for an image: its noisy patches, or windows
@@ -498,16 +448,13 @@ def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, prog
     if s.window:
         scores, cell = native_scores(sd, context, image, num_classes, s, inputs, progress)
     else:
-        scores, votes = vote_sums(
-            sd, context, inputs or noisy_patches(sd, image, s), num_classes, s, (SIZE, SIZE), s.patch_size
-        )
+        inputs = inputs or noisy_patches(sd, image, s)
+        scores, votes = vote_sums(sd, context, inputs, num_classes, s, (SIZE, SIZE), s.patch_size)
         scores, cell = scores / votes, None
     scores = scores.cpu()  # the labels go to files from the CPU, and upsampled_argmax works there
     if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
-        raise SlimeError(
-            "its class scores are not finite"
-            + (", as fp16 overflows: use --dtype bf16 or fp32" if sd.dtype == torch.float16 else "")
-        )
+        fp16 = sd.dtype == torch.float16
+        raise SlimeError("its class scores are not finite" + ", as fp16 overflows: use bf16 or fp32" * fp16)
     if cell:
         return upsampled_argmax(scores, *image.shape[1:], cell)
     size = out_size or s.out_size  # 0: the image's own size
@@ -549,11 +496,8 @@ def iou_per_class(pred, gt, num_classes):
     valid = gt != IGNORE
     pred, gt = pred[valid], gt[valid]
     # classes absent from gt are not scored, even where predicted: the release's rule
-    return {
-        c: ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)
-        for c in gt.unique().tolist()
-        if c < num_classes
-    }
+    iou = lambda c: ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)  # noqa: E731
+    return {c: iou(c) for c in gt.unique().tolist() if c < num_classes}
 
 
 def image_miou(pred, gt, num_classes):
@@ -619,29 +563,26 @@ def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
 def noisy_windows(sd, image, s):
     """noisy_patches at the image's own resolution: the windows, one on the device at a time -> (y0, x0, x_t)."""
     cell, _, origins = window_layout(*image.shape[1:], s.window)
-    yield from noised(
-        sd, s, ((y0, x0, window_crop(image, y0 * cell, x0 * cell, s.window)) for y0, x0 in origins)
-    )
+    crops = ((y0, x0, window_crop(image, y0 * cell, x0 * cell, s.window)) for y0, x0 in origins)
+    yield from noised(sd, s, crops)
 
 
 def native_scores(sd, context, image, num_classes, s, windows=None, progress=None):
     """Class scores (K, gh, gw) by the release's rule over the windows -> (scores, cell)."""
     cell, grid, origins = window_layout(*image.shape[1:], s.window)
     on_window = progress and (lambda n: progress(n, len(origins)))
-    scores, votes = vote_sums(
-        sd, context, windows or noisy_windows(sd, image, s), num_classes, s, grid, MAP, on_window
-    )
+    windows = windows or noisy_windows(sd, image, s)
+    scores, votes = vote_sums(sd, context, windows, num_classes, s, grid, MAP, on_window)
     return scores / votes, cell
 
 
 # ----------------------------------------------------------------------------- the checkpoint
-# The prefixes of the original (ldm) single-file checkpoints. Each module copies the names below its prefix,
-# so loading strips the prefix and assigns, with no table of names (README, "How the modules map").
+# The prefixes of the original (ldm) single files. Each module copies the names below its prefix, so loading
+# strips the prefix and assigns, with no table of names (README, "How the modules map").
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
-# Tensors of the release files that slime deliberately does not use. Anything else that no module takes is
-# an error, as is anything a module needs that the file lacks.
+# Tensors that slime does not use. Any other that no module takes is an error, as is any a module lacks.
 IGNORED_KEYS = (
     r"first_stage_model\.(decoder|post_quant_conv)\.",  # the VAE decoder: SLiMe never decodes latents
     r"(betas|\w*alphas_cumprod\w*|posterior_\w+)$",  # the 12 schedule buffers (betas, ...): recomputed below
@@ -650,8 +591,7 @@ IGNORED_KEYS = (
     r"cond_stage_model\.model\.transformer\.resblocks\.{last}\.",  # SD2: last text block (penultimate output)
     r"cond_stage_model\.model\.(text_projection|logit_scale)$",  # SD2: CLIP's contrastive head
 )
-# the tensors whose shapes give the widths of the modules; all the other shapes are checked against them
-WIDTHS = {
+WIDTHS = {  # the tensors whose shapes give the modules' widths; all the others are checked against them
     "unet": (UNET_PREFIX + "input_blocks.0.0.weight", 0),
     "context": (UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", 1),
     "vae": (VAE_PREFIX + "encoder.conv_in.weight", 0),
@@ -710,11 +650,9 @@ def read_header(path):
         "has wrongly shaped": {k for k in wanted if k in shapes and shapes[k] != wanted[k]},
         "has non-float": {k for k in wanted if slices[k].get_dtype() not in ("F64", "F32", "F16", "BF16")},
     }
-    for what, keys in problems.items():
-        if keys:
-            keys = sorted(keys)
-            named_keys = ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
-            raise SlimeError(f"{path} {what} tensors for {family}: {named_keys} ({len(keys)} in all)")
+    for what, keys in ((what, sorted(keys)) for what, keys in problems.items() if keys):
+        first = ", ".join(keys[:4]) + " ..." * (len(keys) > 4)
+        raise SlimeError(f"{path} {what} tensors for {family}: {first} ({len(keys)} in all)")
     return family, modules
 
 
@@ -768,8 +706,7 @@ MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be ref
 
 @contextlib.contextmanager
 def named(path):
-    """The one boundary of file errors: whatever fails while reading or writing `path` (OSError, PIL's,
-    safetensors', numpy's, torch.load's errors) becomes one line, `slime: error: <path>: <reason>`."""
+    """The one boundary of file errors: any failure to read or write `path` -> `slime: error: <path>: <why>`."""
     try:
         yield
     except SlimeError:
@@ -786,12 +723,10 @@ def open_image(path):
         with Image.open(path) as im:  # closed: a folder of 10,000 photos must not run out of file handles
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
-            # by what the file IS, not by its name: a JPEG saved as .png is still JPEG (MPO: a phone's
-            # JPEG); a WebP is lossless when its image chunk is VP8L
+            # by what the file IS: a JPEG saved as .png is still JPEG (MPO: a phone's); WebP is lossless as VP8L
             lossy = im.format in ("JPEG", "MPO", "JPEG2000") or "jpeg" in im.info.get("compression", "")
             lossy = lossy or im.format == "WEBP" and b"VP8L" not in open(path, "rb").read(64)
-            # as shown: phones store photos sideways with an EXIF rotation, and masks are drawn on them as shown
-            return ImageOps.exif_transpose(im), lossy and im.format
+            return ImageOps.exif_transpose(im), lossy and im.format  # as shown: phones store EXIF rotations
 
 
 def read_image(path):
@@ -806,14 +741,13 @@ def read_image(path):
     im = im if im.mode == "RGB" else im.convert("RGB")
     colours = im.getcolors(MAX_CLASSES + 1)  # None when there are more
     if colours and len(colours) * 64 < im.width * im.height:  # a few flat colours: what masks are made of
-        warnings.warn(f"{path} has only {count(len(colours), 'colour')}, like a mask; segmented as a photo")
+        warnings.warn(f"{path} has only {count(len(colours), 'colour')}, like a mask", stacklevel=2)
     rgb = torch.from_numpy(np.array(im, dtype=np.uint8))
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
 
 def read_mask(path, colors=False):
-    """A mask file (.npy or lossless image) -> (H, W) int64 labels (255: ignore), or (H, W, 3) colours:
-    the index or grey value is the class, unless a labelmap names the colours (colors=True)."""
+    """A mask file -> (H, W) int64 labels (index or grey value; 255: ignore), or (H, W, 3) colours."""
     if str(path).lower().endswith(".npy"):  # the release's format; never unpickled
         with named(path):
             m = np.load(path, allow_pickle=False)
@@ -828,10 +762,8 @@ def read_mask(path, colors=False):
         m = m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m  # grey
     n = len(np.unique(pack_rgb(m) if m.ndim == 3 else m))
     if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1):  # before lossy: a JPEG photo is named as a photo
-        raise SlimeError(
-            f"{path} holds {n:,} distinct values, so it is a photo, not a mask (or a mask with anti-aliased "
-            "edges): give each image first and its mask second, and only masks in --masks"
-        )
+        what = "a photo, not a mask (or its edges are anti-aliased): give each image first, its mask second"
+        raise SlimeError(f"{path} holds {n:,} distinct values, so it is {what}")
     if lossy:  # compression invents colours at every edge, which would become classes of their own
         raise SlimeError(f"{path} is stored lossily ({lossy}); save the mask as PNG or .npy")
     if m.dtype.kind == "f":
@@ -851,9 +783,8 @@ def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colou
 
 
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
-    """Colour masks -> label masks with ONE colour -> class mapping for all: `palette` ([r, g, b] per class) if
-    given, else black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore).
-    -> (label masks, the palette, or None when no mask had colours); names and source go into errors."""
+    """Colour masks -> (label masks, palette or None), ONE mapping for all: `palette` ([r, g, b] per class) if
+    given, else black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore)."""
     names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
     keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]
     if all(k is None for k in keys):  # label masks only
@@ -862,32 +793,24 @@ def colors_to_labels(masks, palette=None, names=None, source="the palette"):
         present = np.union1d(np.zeros(1, np.int32), np.concatenate([k[0] for k in keys if k is not None]))
         present = present[present != pack_rgb(VOID)]  # black first even where absent; void is no class
         if len(present) > MAX_CLASSES:  # more classes than SD has text tokens
-            raise SlimeError(
-                f"the masks hold {len(present)} colours, more than {MAX_CLASSES} classes: anti-aliased edges? "
-                "save them as indexed PNGs"
-            )
+            raise SlimeError(f"the masks hold {len(present)} colours, over 77 classes: anti-aliased edges?")
         palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in present]
     table = {k: i for i, k in enumerate(pack_rgb(np.array(palette)).tolist())}
     table.setdefault(int(pack_rgb(VOID)), IGNORE)  # VOC's void colour means ignore, in any palette without it
     out = []
     for name, mask, k in zip(names, masks, keys):
         colours = k[0].tolist() if k is not None else []
-        unknown = [
-            c for c in colours if c not in table
-        ]  # refused, not guessed: most often an anti-aliased edge
+        unknown = [c for c in colours if c not in table]  # refused, not guessed: anti-aliased edges, often
         if unknown:
             examples = ", ".join(str((c >> 16, (c >> 8) & 255, c & 255)) for c in unknown[:3])
-            raise SlimeError(
-                f"{name} has colours that are not in {source}, e.g. {examples}: anti-aliased edges?"
-            )
+            raise SlimeError(f"{name} has colours that are not in {source}, e.g. {examples}")
         if k is not None:
             mask = np.array([table[c] for c in colours], np.int64)[k[1].reshape(mask.shape[:2])]
         out.append(mask)
     return out, palette
 
 
-# A labelling tool's export names its colours: CVAT's "Segmentation mask 1.1" (and VOC-style tools) write
-# labelmap.txt, one `name:r,g,b:parts:actions` line per label, background first, beside SegmentationClass/.
+# CVAT's "Segmentation mask 1.1" (and VOC-style tools) name the colours in labelmap.txt, `name:r,g,b::` per line
 LABELMAP_HEADER = "# label:color_rgb:parts:actions"
 
 
@@ -898,15 +821,11 @@ def read_labelmap(path):  # labelmap.txt -> (names, colours [[r, g, b]]), in its
     for n, line in lines:
         m = re.fullmatch(r"([^:]+):(\d+),(\d+),(\d+)(:.*)?", line)
         if not m or m[1].strip() in names or max(map(int, m.groups()[1:4])) > 255:
-            raise SlimeError(
-                f"{path}, line {n}: {line[:60]!r} is not `name:r,g,b::`, a new name, r, g, b <= 255"
-            )
+            raise SlimeError(f"{path}, line {n}: {line[:60]!r} is not `name:r,g,b::`, a new name")
         names.append(m[1].strip())
         colors.append([int(v) for v in m.groups()[1:4]])
     if not 2 <= len(names) <= MAX_CLASSES or len({tuple(c) for c in colors}) < len(colors):
-        raise SlimeError(
-            f"{path} lists {count(len(names), 'label')}; slime needs 2 to 77, each of its own colour"
-        )
+        raise SlimeError(f"{path} lists {count(len(names), 'label')}; slime needs 2 to 77, each its colour")
     return names, colors
 
 
@@ -915,9 +834,8 @@ def find_labelmap(mask_paths, given=None):
     found = set()
     for folder in {os.path.dirname(os.path.abspath(m)) for m in mask_paths} if not given else ():
         up = os.path.dirname(folder) if os.path.basename(folder) == "SegmentationClass" else folder
-        found.update(
-            [p for p in (os.path.join(d, "labelmap.txt") for d in (folder, up)) if os.path.isfile(p)][:1]
-        )
+        here = [p for p in (os.path.join(d, "labelmap.txt") for d in (folder, up)) if os.path.isfile(p)]
+        found.update(here[:1])
     # compared by content: the same labelmap copied beside the training and the validation masks is no conflict
     if len({open(p, "rb").read() for p in found}) > 1:
         raise SlimeError("the masks come with different labelmap.txt files: choose one with --labelmap")
@@ -930,9 +848,7 @@ def check_labels(labels, mask_path, size, image_path, parts):  # a mask against 
         raise SlimeError(f"{mask_path} is {shape} but its image {image_path} is {size[1]}x{size[0]}")
     bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
     if bad:
-        raise SlimeError(
-            f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} for the parts {parts}"
-        )
+        raise SlimeError(f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} ({parts})")
 
 
 # ----------------------------------------------------------------------------- files: emb.pt
@@ -940,24 +856,13 @@ EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other tor
 
 
 def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=None):
-    """One self-describing file, written whole or not at all; loads with torch.load(weights_only=True)."""
-    emb = dict(
-        format=EMB_FORMAT,  # plain CPU float32 whatever --dtype and --device, plain types only
-        learned=context[0, 1 : len(parts)].detach().float().cpu(),  # the K-1 optimised vectors
-        context=context.detach()
-        .float()
-        .cpu(),  # the whole conditional context: predict needs no text encoder
-        parts=list(parts),
-        family=sd.family,
-        fingerprint=sd.fingerprint,
-        dtype=str(sd.dtype)[6:],
-        cross_layers=list(CROSS_LAYERS),
-        self_layers=list(SELF_LAYERS),
-        colors=[list(map(int, c)) for c in colors or []],  # RGB colour of each class in colour masks
-        settings={k: v for k, v in asdict(s).items() if k != "window" or v},  # so an older slime reads it
-        epoch=-1 if epoch is None else int(epoch),
-        val_miou=-1.0 if miou is None else float(miou),
-    )
+    """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True)."""
+    context = context.detach().float().cpu()  # whole: predict needs no text encoder
+    emb = dict(format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts))
+    emb.update(family=sd.family, fingerprint=sd.fingerprint, dtype=str(sd.dtype)[6:])
+    emb.update(cross_layers=list(CROSS_LAYERS), self_layers=list(SELF_LAYERS))
+    emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch or -1, val_miou=miou)
+    emb["settings"] = {k: v for k, v in asdict(s).items() if k != "window" or v}  # an older slime reads it
     buffer = io.BytesIO()
     torch.save(emb, buffer)
     commit({path: buffer.getvalue()})  # a kill during the save leaves the previous best emb.pt
@@ -969,59 +874,50 @@ def load_embeddings(path):
         emb = torch.load(path, map_location="cpu", weights_only=True)
     emb = emb if isinstance(emb, dict) else {}
     parts, context, colors = emb.get("parts"), emb.get("context"), emb.get("colors")
+    names = isinstance(parts, list) and all(isinstance(p, str) and p for p in parts)
+    rgb = lambda c: isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c)  # noqa
     if emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         bad = f"no '{EMB_FORMAT}' format tag"
-    elif not isinstance(parts, list) or not all(isinstance(p, str) and p for p in parts):
-        bad = "its parts are not a list of names"
-    elif not 2 <= len(set(parts)) == len(parts) <= MAX_CLASSES:
+    elif not names or not 2 <= len(set(parts)) == len(parts) <= MAX_CLASSES:
         bad = f"its parts {str(parts)[:60]} are not 2 to {MAX_CLASSES} distinct names"
     elif not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[:2] != (1, 77):
         bad = "its context is not a (1, 77, width) tensor"
     elif not context.is_floating_point() or not torch.isfinite(context).all():
         bad = "its context holds nan, inf or non-float values"
-    elif emb.get("family") not in TEXT_PREFIX:
-        bad = f"its family {emb.get('family')!r} is neither sd1 nor sd2"
-    elif (emb.get("cross_layers"), emb.get("self_layers")) != (list(CROSS_LAYERS), list(SELF_LAYERS)):
-        bad = "it was fitted on other attention layers than the ones this slime reads"
-    elif not isinstance(colors, list) or not all(isinstance(c, list) and len(c) == 3 for c in colors):
-        bad = "its colors are not [r, g, b] lists"
-    elif not all(type(v) is int and 0 <= v <= 255 for c in colors for v in c):
-        bad = "its colors are not in 0..255"
+    elif emb.get("family") not in TEXT_PREFIX or emb.get("cross_layers") != list(CROSS_LAYERS):
+        bad = "it was fitted on another model or other attention layers than this slime reads"
+    elif not isinstance(colors, list) or not all(rgb(c) for c in colors):
+        bad = "its colors are not [r, g, b] lists of 0..255"
     elif not isinstance(emb.get("settings"), dict):
         bad = "its settings are not a dictionary"
     else:
-        emb["context"], emb["settings"] = context.float(), settings_from(emb["settings"], path)  # as flags
+        emb["context"], emb["settings"] = context.float(), settings_from(emb["settings"], path)
         return emb
     raise SlimeError(f"{path} is not a usable emb.pt: {bad}")
 
 
-def part_colors(
-    emb,
-):  # each part's colour: the one its masks came with (labelmap or colour masks), else VOC's
+def part_colors(emb):  # each part's colour: its masks' (labelmap or colour masks), else VOC's
     colors = emb["colors"][: len(emb["parts"])]
     return [list(c) for c in colors] + VOC_PALETTE[len(colors) : len(emb["parts"])].tolist()
 
 
 # ----------------------------------------------------------------------------- files: outputs, whole or absent
 def commit(files):
-    """Write {path: bytes} whole or not at all: each to a temp file beside its target (hidden, never read as an
-    image), flushed; only when all are written are they renamed into place. A full disk, an error or an
-    interrupt (Ctrl-C, SIGTERM, SIGHUP arrive as KeyboardInterrupt) leaves no temp file behind."""
-    temps = {
-        p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{secrets.token_hex(4)}.tmp")
-        for p in files
-    }
+    """Write {path: bytes} whole or not at all: hidden temp files beside the targets, renamed when all are written."""
+    temp = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}.tmp") for p in files}
     try:
         for path, data in files.items():
-            with named(path), open(temps[path], "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename, or a power cut could leave an empty file
+            with named(path):
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                with open(temp[path], "wb") as f:
+                    f.write(data)
+                    f.flush()  # and on disk before the rename: a power cut must not leave an empty file
+                    os.fsync(f.fileno())
         for path in files:
             with named(path):
-                os.replace(temps[path], path)  # atomic within a folder: readers see the old file or the new
+                os.replace(temp[path], path)  # atomic within a folder: readers see the old file or the new
     finally:
-        for tmp in temps.values():
+        for tmp in temp.values():
             if os.path.exists(tmp):
                 os.remove(tmp)
 
@@ -1050,9 +946,7 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
     for i in range(0, labels.shape[0], band):
         lab = labels[i : i + band + 1].astype(np.int64) & 255  # one row more: the boundary with the next band
         counts += np.bincount(lab[:band].ravel(), minlength=256)
-        rgb = (
-            (image[:, i : i + band].detach().float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
-        )
+        rgb = (image[:, i : i + band].float().clamp(0, 1) * 255).round().permute(1, 2, 0).cpu().numpy()
         tinted = np.where((lab[:band] != 0)[..., None], 0.5 * rgb + 0.5 * palette[lab[:band]], rgb)
         edge = np.zeros(lab.shape, bool)  # a boundary pixel differs from its right or its lower neighbour
         edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
@@ -1069,9 +963,7 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
     draw.rectangle([0, 0, width, pad + (size + pad) * len(names)], fill=(32, 32, 32))
     for c, name in enumerate(names):
         y, white = pad + c * (size + pad), (255, 255, 255)
-        draw.rectangle(
-            [pad, y, pad + size - 1, y + size - 1], fill=tuple(map(int, palette[c])), outline=white
-        )
+        draw.rectangle([pad, y, pad + size - 1, y + size - 1], tuple(map(int, palette[c])), white)
         draw.text((2 * pad + size, y), name, fill=white if counts[c] else (150, 150, 150), font=font)
     return out
 
@@ -1080,9 +972,8 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
 # A run first makes its plan: every option, every file it reads and every path it writes, checked before
 # the model loads, so that a mistake costs seconds, not a fit. predict's plan also says which images are done.
 def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pairs, val pairs, parts, palette)
-    preset = dict(PRESETS.get(args.preset, {}))
-    args.parts = args.parts or preset.pop("parts", None)  # explicit flags win over a preset
-    preset.pop("parts", None)
+    preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "parts"}
+    args.parts = args.parts or PRESETS.get(args.preset, {}).get("parts")  # explicit flags win over a preset
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
     for what, pairs in (("fit", args.pairs), ("--val", args.val or [])):
         if len(pairs) % 2:
@@ -1102,8 +993,7 @@ def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pai
 
 
 def read_pairs(args, con):
-    """fit's images and masks -> (train pairs, val pairs, parts, palette): ONE colour mapping for all the
-    masks (the labelmap's, if any), every size and value checked against the parts."""
+    """fit's images and masks, checked -> (train pairs, val pairs, parts, palette): ONE colour mapping."""
     paths, n = args.pairs + (args.val or []), len(args.pairs) // 2
     labelmap = find_labelmap(paths[1::2], args.labelmap)
     names, colors = read_labelmap(labelmap) if labelmap else (None, None)
@@ -1122,7 +1012,7 @@ def read_pairs(args, con):
     if palette is not None and not names:  # colours sorted by value: say which became which part
         con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts)))
     for c in sorted(set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))):
-        warnings.warn(f"part {c} ({parts[c]}) has no pixels in any training mask; it cannot be learned")
+        warnings.warn(f"part {c} ({parts[c]}) has no pixels in any training mask: not learned", stacklevel=2)
     return list(zip(images[:n], labels[:n])), list(zip(images[n:], labels[n:])), parts, colors or palette
 
 
@@ -1131,44 +1021,30 @@ RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.
 
 
 def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
-    emb, record = load_embeddings(args.emb), None if args.overwrite else read_record(args.out)
+    emb, path, record = load_embeddings(args.emb), os.path.join(args.out, RECORD), None
     s = settings_from(given(args), "the command line", emb["settings"])
-    resume = record.get("dtype") if record and args.dtype == "auto" else None  # auto takes the record's
-    device = device_and_dtype(args, con, resume if resume in ("fp32", "bf16") else None)
+    if os.path.exists(path) and not args.overwrite:
+        with named(path), open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        if not isinstance(record, dict) or not isinstance(record.get("run"), str):
+            raise SlimeError(f"{path} is not slime's run record; pass --overwrite, or choose another -o")
+    resume = {"float32": "fp32", "bfloat16": "bf16"}.get(record.get("dtype")) if record else None
+    device = device_and_dtype(args, con, resume if args.dtype == "auto" else None)  # auto: the record's
     ckpt, family, modules = checkpoint(args)
     if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
         raise SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})")
     jobs = list_jobs(args, con)
     find_ground_truth(jobs, args.masks, emb, con)
-    run = dict(run=run_hash(emb, s, ckpt, device), dtype=DTYPES[device[1]], embeddings=args.emb)
+    # what makes the masks: the embeddings, parts, colours, settings, the weights, device type and dtype
+    what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
+    run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
     outputs = [os.path.join(args.out, n) for n in RUN_FILES] + [p for j in jobs for p in (j.mask, j.overlay)]
-    if record["run"] != run["run"] if record else not args.overwrite and any(map(os.path.exists, outputs)):
+    if record["run"] != run if record else not args.overwrite and any(map(os.path.exists, outputs)):
         whose = "another emb.pt, settings, checkpoint or dtype" if record else f"no {RECORD} says whose"
-        raise SlimeError(
-            f"{args.out} holds outputs of another run ({whose}); pass --overwrite, or another -o"
-        )
+        raise SlimeError(f"{args.out} holds outputs of another run ({whose}); pass --overwrite, or -o")
     for job in jobs:  # the same run resumes: an image is done when both its files are there
         job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)
-    return emb, s, device, ckpt, jobs, run
-
-
-def read_record(out):  # out/slime-run.json as a dict, or None where there is none
-    path = os.path.join(out, RECORD)
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("run"), str):
-        raise SlimeError(f"{path} is not slime's run record; pass --overwrite, or choose another -o")
-    return record
-
-
-def run_hash(emb, s, ckpt, device):  # what makes the masks: the embeddings, settings, weights and dtype
-    what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
-    return hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
+    return emb, s, device, ckpt, jobs, dict(run=run, dtype=str(device[1])[6:], embeddings=args.emb)
 
 
 def list_jobs(args, con):  # predict's images, each once, with its output paths; outputs kept from inputs
@@ -1207,7 +1083,7 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
         raise SlimeError(f"--masks {masks}: no such folder")
     for job in jobs if masks else []:
         stem = os.path.splitext(os.path.basename(job.mask))[0]
-        job.gt = next((p for p in (os.path.join(masks, stem + e) for e in MASK_EXTS) if os.path.isfile(p)), 0)
+        job.gt = next(filter(os.path.isfile, (os.path.join(masks, stem + e) for e in MASK_EXTS)), None)
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
             continue
@@ -1231,15 +1107,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def device_and_dtype(args, con, resume=None):
-    """--device and --dtype, checked and said in one line -> (device, dtype); resume: the dtype of the
-    outputs a predict continues. --dtype auto: bf16 on a CPU with bf16 instructions where it measures >= 1.3x
-    as fast as fp32 (bf16_speedup); else fp32, the release's (on an H100 a fit step took 1.3x as long in bf16)."""
+    """--device and --dtype, checked and said in one line -> (device, dtype). auto: bf16 on a CPU with bf16
+    instructions where it runs >= 1.3x as fast (bf16_speedup); else fp32 (an H100 ran bf16 fits 1.3x slower)."""
     gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # torchrun: one GPU per process
     name = args.device or (gpu if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SlimeError(f"--device {name}: not a device torch knows; use cpu, cuda, cuda:N or mps") from None
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise SlimeError(f"--device {name}: not a device slime knows; use cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
     cuda = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
     if not (device.type == "cpu" or cuda or device.type == "mps" and torch.backends.mps.is_available()):
         raise SlimeError(f"--device {name}: not available on this machine; leave --device out")
@@ -1269,8 +1143,7 @@ def cpu_has_bf16():
 
 
 def bf16_speedup(repeats=3):
-    """fp32's time / bf16's on this CPU for two of the UNet's own operations, best of `repeats` (0.4 s on a
-    2-core EPYC): a 3x3 convolution of its 64x64 level (320 channels) and a head's q k^T (4096 tokens)."""
+    """fp32's time / bf16's here for a 3x3 conv at the UNet's 64x64 level and a head's q k^T (0.4 s on 2 cores)."""
     x, w, q = torch.randn(1, 320, 64, 64), torch.randn(320, 320, 3, 3) / 60, torch.randn(4096, 64)
 
     def best(dtype):
@@ -1285,14 +1158,11 @@ def bf16_speedup(repeats=3):
         return best(torch.float32) / best(torch.bfloat16)
 
 
-def checkpoint(
-    args,
-):  # --ckpt, or the one .safetensors in weights/ -> (path, family, modules), from its header
-    folder = os.path.join(HERE, "weights")
-    found = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, family, modules)
+    found = sorted(glob.glob(os.path.join(HERE, "weights", "*.safetensors")))
     if not args.ckpt and len(found) != 1:
         what = "see weights/README.md" if not found else f"choose one of {len(found)}"
-        raise SlimeError(f"{folder} holds {count(len(found), 'checkpoint')}: {what}, or pass --ckpt")
+        raise SlimeError(f"{HERE}/weights holds {count(len(found), 'checkpoint')}: {what}, or pass --ckpt")
     return (args.ckpt or found[0], *read_header(args.ckpt or found[0]))
 
 
@@ -1405,11 +1275,13 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
         import open_clip.tokenizer  # noqa: F401
     except Exception as e:
         why = " ".join(str(e).split())
-        raise SlimeError(f"open_clip_torch fails ({why}); install torchvision for torch {torch.__version__}")
+        raise SlimeError(
+            f"open_clip_torch fails ({why}); install torchvision for torch {torch.__version__}"
+        ) from None
     s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     sd, best, progress = load(con, ckpt, device), {}, fit_progress(con, s, len(train))
-    steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {count(progress.vals, 'validation')}"
+    vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
+    steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}"
     con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}")
 
     def on_best(context, epoch, miou):
@@ -1422,8 +1294,7 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
 
 
 def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the last steps' and validation's time
-    vals = s.epochs // s.val_every + (s.epochs % s.val_every > 0)
-    state = SimpleNamespace(last=time.time(), steps=[], val_t=None, vals=vals)
+    state = SimpleNamespace(last=time.time(), steps=[], val_t=None, vals=-(-s.epochs // s.val_every))
 
     def progress(e):
         what = "validating"
@@ -1439,21 +1310,16 @@ def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the las
         eta = None if state.val_t is None and state.vals else steps + state.vals * (state.val_t or 0)
         con.progress(f"epoch {e['epoch']}/{s.epochs}  {what}", eta, force=e["event"] != "step")
 
-    progress.vals = vals
     return progress
 
 
 def cmd_predict(args, con):
-    """Plan; load; segment and write each image not done yet; report. Under torchrun each process takes
-    every WORLD_SIZE-th image, and the run files are written once, from everyone's results."""
+    """Plan, load, segment each image not done, report; under torchrun, every WORLD_SIZE-th image each."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     emb, s, device, ckpt, jobs, run = plan_predict(args, con)
     if world > 1:  # every process makes its plan before the record changes
         dist.init_process_group("nccl" if device[0].type == "cuda" else "gloo")
         dist.barrier()
-    for folder in ("SegmentationClass", "overlays", os.path.join("ImageSets", "Segmentation")):
-        with named(args.out):
-            os.makedirs(os.path.join(args.out, folder), exist_ok=True)
     if rank == 0:
         commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
     if world > 1:
@@ -1477,11 +1343,10 @@ def cmd_predict(args, con):
             labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
         records.append(image_record(job, labels, emb))
     if world > 1:  # everyone's results, to write the run files once
-        everyone = [None] * world
+        everyone, order = [None] * world, [job.image for job in jobs]
         dist.all_gather_object(everyone, (records, unread, wrote))
-        order = {job.image: i for i, job in enumerate(jobs)}
-        records = sorted((r for rs, _, _ in everyone for r in rs), key=lambda r: order[r["image"]])
-        unread, wrote = [p for _, ps, _ in everyone for p in ps], sum(w for _, _, w in everyone)
+        records, unread, wrote = (sum(x, start) for x, start in zip(zip(*everyone), ([], [], 0)))
+        records.sort(key=lambda r: order.index(r["image"]))
         dist.destroy_process_group()
     if rank == 0:
         report(args, con, emb, s, records, wrote, unread)
@@ -1491,17 +1356,13 @@ def cmd_predict(args, con):
 def segment_and_write(sd, emb, job, image, s, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
     t0, context, parts, colors = time.time(), emb["context"].to(sd.device), emb["parts"], part_colors(emb)
-
-    def progress(i, n):
-        con.progress(f"{what}  window {i}/{n}", time_left(t0, i, n), force=i == n)
-
+    progress = lambda i, n: con.progress(f"{what}  window {i}/{n}", time_left(t0, i, n), force=i == n)  # noqa: E731
     try:
         labels = segment(sd, context, image, len(parts), s, progress=progress)
-    except SlimeError as e:
+    except SlimeError as e:  # its scores are not finite, say
         raise SlimeError(f"{job.image}: {e}") from None
-    # --out-size 512 masks are drawn on the image resized to them; otherwise on the image itself
     shown = image if image.shape[1:] == labels.shape else resize(image, tuple(labels.shape), "bilinear")
-    overlay = overlay_image(shown, labels.numpy(), parts, colors)
+    overlay = overlay_image(shown, labels.numpy(), parts, colors)  # --out-size 512: on the image resized
     commit({job.mask: png(mask_image(labels.numpy(), colors)), job.overlay: png(overlay, level=1)})
     return labels
 
@@ -1536,17 +1397,11 @@ def report(args, con, emb, s, records, wrote, unread):
     texts = [LABELMAP_HEADER + "\n" + labelmap, stems, json.dumps(summary, indent=2) + "\n"]
     commit({os.path.join(args.out, n): t.encode(errors="surrogateescape") for n, t in zip(RUN_FILES, texts)})
     empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background
-    if empty:  # no part's cross-attention reached --threshold in any patch
-        con.say(
-            f"warning: {empty} of {count(len(records), 'image')} got no part at all; a lower --threshold "
-            "lets weaker parts vote (were they fitted on these weights, and like the annotated images?)"
-        )
-    done = len(records) - wrote
-    con.say(
-        f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}"
-        + f"; skipped {done} already done (--overwrite redoes them)" * bool(done)
-        + f"; could not read {count(len(unread), 'image')} (named above)" * bool(unread)
-    )
+    if empty:  # no part's cross-attention reached --threshold in any patch: unlike images, or other weights?
+        con.say(f"warning: {empty} of {count(len(records), 'image')} got no part; a lower --threshold helps")
+    done, unread = len(records) - wrote, f"; could not read {count(len(unread), 'image')}" * bool(unread)
+    skipped = f"; skipped {done} already done (--overwrite redoes them)" * bool(done)
+    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}{skipped}{unread}")
 
 
 class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
@@ -1596,7 +1451,7 @@ def main(argv=None):
     # CPU: fp32 values below 1.2e-38 become 0. exp() of sharply peaked attention underflows into such
     # denormals, which x86 computes slowly (fit took 2.4x as long on a sharp variant of the test model)
     torch.set_flush_denormal(True)
-    con, error = Console(True), "slime: error: "
+    con = Console(True)
     with warnings.catch_warnings():  # a warning is one line, `warning: ...`, like every notice
         warnings.simplefilter("default")
         warnings.showwarning = lambda message, *_: con.say(f"warning: {message}")
@@ -1605,18 +1460,16 @@ def main(argv=None):
             rank = int(os.environ.get("RANK", 0))  # torchrun: the other processes' lines say whose
             con.quiet, con.prefix = args.quiet, f"[process {rank}] " if rank else ""
             return args.run(args, con) or 0
-        except (SlimeError, OSError) as e:  # OSError: a folder we may not list or create
+        except (SlimeError, OSError, torch.cuda.OutOfMemoryError) as e:  # OSError: a folder we may not list
             why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
-            print(("\n" if con.open else "") + f"{error}{why}", file=sys.stderr)
+            if isinstance(e, torch.cuda.OutOfMemoryError):  # the remedies, not torch's traceback
+                why = "the GPU ran out of memory: try --dtype bf16, --patches-per-side 1"
+            print("\n" * con.open + f"slime: error: {why}", file=sys.stderr)
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             name = signal.Signals(signum).name
             print(f"\nslime: interrupted by {name}; finished outputs kept, none half-made", file=sys.stderr)
             return 128 + signum
-        except torch.cuda.OutOfMemoryError:  # one line with the remedies, not torch's traceback
-            print(
-                f"{error}the GPU ran out of memory: try --dtype bf16, --patches-per-side 1", file=sys.stderr
-            )
         return 2
 
 
