@@ -656,8 +656,7 @@ def read_header(path):
     return family, modules
 
 
-def fingerprint(path, sample=1 << 20):
-    """The weights' cheap identity: SHA-256 of the header and the first and last MiB of the tensors."""
+def fingerprint(path, sample=1 << 20):  # the weights' identity: SHA-256 of the header, first and last MiB
     with named(path), open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
         head = f.read(n + sample)
@@ -705,15 +704,15 @@ MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be ref
 
 
 @contextlib.contextmanager
-def named(path):
-    """The one boundary of file errors: any failure to read or write `path` -> `slime: error: <path>: <why>`."""
+def named(path, why=None):
+    """The one boundary of file errors: a failure to read or write `path` -> `slime: error: <path>: <why>`."""
     try:
         yield
     except SlimeError:
         raise
     except Exception as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
-        raise SlimeError(f"{path}: {reason or type(e).__name__}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else why or " ".join(str(e).split())
+        raise SlimeError(f"{path}: {reason.replace(f' {str(path)!r}', '') or type(e).__name__}") from None
 
 
 def open_image(path):
@@ -766,8 +765,6 @@ def read_mask(path, colors=False):
         raise SlimeError(f"{path} holds {n:,} distinct values, so it is {what}")
     if lossy:  # compression invents colours at every edge, which would become classes of their own
         raise SlimeError(f"{path} is stored lossily ({lossy}); save the mask as PNG or .npy")
-    if m.dtype.kind == "f":
-        raise SlimeError(f"{path} holds floating-point values; save the mask as integer class labels")
     return np.ascontiguousarray(m) if m.ndim == 3 else m.astype(np.int64)
 
 
@@ -783,8 +780,8 @@ def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colou
 
 
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
-    """Colour masks -> (label masks, palette or None), ONE mapping for all: `palette` ([r, g, b] per class) if
-    given, else black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore)."""
+    """Colour masks -> (label masks, palette or None), ONE mapping for all: `palette` ([r, g, b] per class), or
+    black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore)."""
     names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
     keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]
     if all(k is None for k in keys):  # label masks only
@@ -844,15 +841,17 @@ def find_labelmap(mask_paths, given=None):
 
 def check_labels(labels, mask_path, size, image_path, parts):  # a mask against its image's size and the parts
     if tuple(labels.shape) != tuple(size):
-        shape = f"{labels.shape[1]}x{labels.shape[0]}"
-        raise SlimeError(f"{mask_path} is {shape} but its image {image_path} is {size[1]}x{size[0]}")
+        raise SlimeError(
+            f"{mask_path} is {labels.shape[::-1]} but {image_path} is {tuple(size)[::-1]} (w, h)"
+        )
     bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
     if bad:
         raise SlimeError(f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} ({parts})")
 
 
-# ----------------------------------------------------------------------------- files: emb.pt
+# ----------------------------------------------------------------------------- files: emb.pt, and outputs
 EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other torch file, fit replaces no other
+LAYERS = [list(CROSS_LAYERS), list(SELF_LAYERS)]
 
 
 def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=None):
@@ -870,10 +869,10 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=N
 
 def load_embeddings(path):
     """emb.pt as fit wrote it, checked, so an edited or damaged file ends in one line; never unpickles code."""
-    with named(path):  # weights_only: tensors and plain types; pickled code is never run
-        emb = torch.load(path, map_location="cpu", weights_only=True)
+    with named(path, "damaged, not a torch file, or holds pickled code, which slime never runs"):
+        emb = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no code is ever run
     emb = emb if isinstance(emb, dict) else {}
-    parts, context, colors = emb.get("parts"), emb.get("context"), emb.get("colors")
+    parts, context, colors, learned = (emb.get(k) for k in ("parts", "context", "colors", "learned"))
     names = isinstance(parts, list) and all(isinstance(p, str) and p for p in parts)
     rgb = lambda c: isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c)  # noqa
     if emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
@@ -884,7 +883,9 @@ def load_embeddings(path):
         bad = "its context is not a (1, 77, width) tensor"
     elif not context.is_floating_point() or not torch.isfinite(context).all():
         bad = "its context holds nan, inf or non-float values"
-    elif emb.get("family") not in TEXT_PREFIX or emb.get("cross_layers") != list(CROSS_LAYERS):
+    elif not isinstance(learned, torch.Tensor) or not torch.equal(learned, context[0, 1 : len(parts)]):
+        bad = f"its {len(parts)} parts do not match its learned vectors"
+    elif emb.get("family") not in TEXT_PREFIX or [emb.get("cross_layers"), emb.get("self_layers")] != LAYERS:
         bad = "it was fitted on another model or other attention layers than this slime reads"
     elif not isinstance(colors, list) or not all(rgb(c) for c in colors):
         bad = "its colors are not [r, g, b] lists of 0..255"
@@ -901,9 +902,8 @@ def part_colors(emb):  # each part's colour: its masks' (labelmap or colour mask
     return [list(c) for c in colors] + VOC_PALETTE[len(colors) : len(emb["parts"])].tolist()
 
 
-# ----------------------------------------------------------------------------- files: outputs, whole or absent
 def commit(files):
-    """Write {path: bytes} whole or not at all: hidden temp files beside the targets, renamed when all are written."""
+    """Outputs, whole or absent: {path: bytes} to hidden temp files beside the targets, renamed when all are."""
     temp = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}.tmp") for p in files}
     try:
         for path, data in files.items():
@@ -986,10 +986,12 @@ def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pai
         except Exception:
             ours = False
         if not ours or not args.overwrite:
-            what = "already holds fitted embeddings; pass --overwrite" if ours else "is not a slime emb.pt"
-            raise SlimeError(f"{args.output} {what}, or choose another -o")
-    device = device_and_dtype(args, con)
-    return s, device, checkpoint(args)[0], *read_pairs(args, con)
+            what = "already holds fitted embeddings; pass --overwrite, or" if ours else "is no slime emb.pt:"
+            raise SlimeError(f"{args.output} {what} choose another -o")
+    device, ckpt, pairs = device_and_dtype(args, con), checkpoint(args)[0], read_pairs(args, con)
+    with named(args.output):  # the last step: a refused plan leaves the folder as it was
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    return s, device, ckpt, *pairs
 
 
 def read_pairs(args, con):
@@ -1005,10 +1007,10 @@ def read_pairs(args, con):
     top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
     default = ",".join(["background"] + [f"part{i}" for i in range(1, top + 1)])
     parts = names or part_names(args.parts or default)
-    if top == 0:
-        raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
     for image, mask, image_path, mask_path in zip(images, labels, paths[0::2], paths[1::2]):
         check_labels(mask, mask_path, image.shape[1:], image_path, parts)
+    if top == 0:
+        raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
     if palette is not None and not names:  # colours sorted by value: say which became which part
         con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts)))
     for c in sorted(set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))):
@@ -1022,6 +1024,8 @@ RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.
 
 def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
     emb, path, record = load_embeddings(args.emb), os.path.join(args.out, RECORD), None
+    if os.path.isfile(args.out):
+        raise SlimeError(f"-o {args.out} is a file; predict writes into a folder")
     s = settings_from(given(args), "the command line", emb["settings"])
     if os.path.exists(path) and not args.overwrite:
         with named(path), open(path, encoding="utf-8") as f:
@@ -1098,7 +1102,7 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
 
 
 def ground_truth(job, emb):  # ground truth as labels: label masks as they are, colours in the parts' colours
-    (gt,), _ = colors_to_labels([read_mask(job.gt)], part_colors(emb), [job.gt])
+    (gt,), _ = colors_to_labels([read_mask(job.gt)], part_colors(emb), [job.gt], "the parts' colours")
     return gt
 
 
@@ -1107,10 +1111,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def device_and_dtype(args, con, resume=None):
-    """--device and --dtype, checked and said in one line -> (device, dtype). auto: bf16 on a CPU with bf16
-    instructions where it runs >= 1.3x as fast (bf16_speedup); else fp32 (an H100 ran bf16 fits 1.3x slower)."""
-    gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # torchrun: one GPU per process
-    name = args.device or (gpu if torch.cuda.is_available() else "cpu")
+    """--device and --dtype, checked and said in one line -> (device, dtype); auto: see README, Speed."""
+    name = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
         raise SlimeError(f"--device {name}: not a device slime knows; use cpu, cuda, cuda:N or mps")
     device = torch.device(name)
@@ -1175,22 +1177,21 @@ def load(con, ckpt, device, text_encoder=True):  # load_models, saying so
 
 # ----------------------------------------------------------------------------- command line
 HERE = os.path.dirname(os.path.abspath(__file__))
+ONE_PATCH = dict(patch_size=512, patches_per_side=1)  # the whole image
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
-    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6),
-    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8),
+    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, **ONE_PATCH),
+    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8, **ONE_PATCH),
     "celeba": dict(parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6),
 }
-PRESETS["pascal-car"].update(patch_size=512, patches_per_side=1)  # one patch: the whole image
-PRESETS["pascal-horse"].update(patch_size=512, patches_per_side=1)
-PRESETS["celeba"].update(rotation=10.0)
+PRESETS["celeba"]["rotation"] = 10.0
 
 
 def check_setting(f, value):
     """A value for the Settings field f, typed or emb.pt's -> the value, or ArgumentTypeError saying why."""
     kind, (lo, hi), step = type(f.default), f.metadata["range"], f.metadata["step"]
-    if kind is bool:  # not bool(value): bool("false") is True, and an emb.pt switch edited to 1 is no bool
-        if type(value) is not bool:
-            raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
+    if kind is bool and type(value) is not bool:  # not bool(value): bool("false") is True; 1 is no switch
+        raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
+    if kind is bool:
         return value
     try:  # text from the command line; an int where a float is due (emb.pt, JSON) is taken as it is
         x = kind(value) if isinstance(value, str) or (kind is float and type(value) is int) else value
@@ -1266,17 +1267,13 @@ def duration(seconds):  # 12 s, 7.5 min, 3.2 h
     return f"{seconds / 3600:.1f} h" if h else f"{seconds / 60:.1f} min" if m else f"{seconds:.0f} s"
 
 
-def time_left(t0, done, total):  # seconds until `total` are done at the pace of the `done` ones since t0
-    return (time.time() - t0) / done * (total - done) if done else None
-
-
 def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving emb.pt at each new best
     try:  # fit tokenizes with open_clip, which needs the torchvision built for this torch
         import open_clip.tokenizer  # noqa: F401
     except Exception as e:
         why = " ".join(str(e).split())
         raise SlimeError(
-            f"open_clip_torch fails ({why}); install torchvision for torch {torch.__version__}"
+            f"open_clip fails ({why}); install torchvision for torch {torch.__version__}"
         ) from None
     s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
     sd, best, progress = load(con, ckpt, device), {}, fit_progress(con, s, len(train))
@@ -1329,7 +1326,10 @@ def cmd_predict(args, con):
     todo, wrote = sum(not j.done for j in mine), 0
     for n, job in enumerate(mine, 1):
         what = f"image {n}/{len(mine)}  {os.path.basename(job.image)}"
-        con.progress(what, None if job.done else time_left(t0, wrote, todo), not job.done)
+        eta = (
+            (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
+        )  # at the pace so far
+        con.progress(what, eta, not job.done)
         if job.done:  # its mask is read back, so the IoU table and the summary cover every image
             with named(job.mask), Image.open(job.mask) as im:
                 labels = torch.from_numpy(np.array(im))
@@ -1356,7 +1356,7 @@ def cmd_predict(args, con):
 def segment_and_write(sd, emb, job, image, s, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
     t0, context, parts, colors = time.time(), emb["context"].to(sd.device), emb["parts"], part_colors(emb)
-    progress = lambda i, n: con.progress(f"{what}  window {i}/{n}", time_left(t0, i, n), force=i == n)  # noqa: E731
+    progress = lambda i, n: con.progress(f"{what}  window {i}/{n}", (time.time() - t0) / i * (n - i), i == n)  # noqa: E731
     try:
         labels = segment(sd, context, image, len(parts), s, progress=progress)
     except SlimeError as e:  # its scores are not finite, say
