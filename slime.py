@@ -841,9 +841,7 @@ def find_labelmap(mask_paths, given=None):
 
 def check_labels(labels, mask_path, size, image_path, parts):  # a mask against its image's size and the parts
     if tuple(labels.shape) != tuple(size):
-        raise SlimeError(
-            f"{mask_path} is {labels.shape[::-1]} but {image_path} is {tuple(size)[::-1]} (w, h)"
-        )
+        raise SlimeError(f"{mask_path} is {labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h)")
     bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
     if bad:
         raise SlimeError(f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} ({parts})")
