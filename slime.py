@@ -987,8 +987,9 @@ def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pai
             what = "already holds fitted embeddings; pass --overwrite, or" if ours else "is no slime emb.pt:"
             raise SlimeError(f"{args.output} {what} choose another -o")
     device, ckpt, pairs = device_and_dtype(args, con), checkpoint(args)[0], read_pairs(args, con)
-    with named(args.output):  # the last step: a refused plan leaves the folder as it was
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(args.output))
+    with named(folder):  # the last step: a refused plan leaves the folder as it was
+        os.makedirs(folder, exist_ok=True)
     return s, device, ckpt, *pairs
 
 
@@ -1126,7 +1127,7 @@ def device_and_dtype(args, con, resume=None):
         why += ", though this CPU has no bf16 instructions: 25x to 100x slower"
     elif dtype == "auto" and cpu and cpu_has_bf16():  # a fit epoch: 0.5x-0.85x on one CPU, 1.4x on another
         speedup = bf16_speedup()  # 1.3: a fit epoch gains less than the probe
-        dtype, why = "bf16" if speedup >= 1.3 else "fp32", f"bf16 {speedup:.1f}x fp32 here"
+        dtype, why = "bf16" if speedup >= 1.3 else "fp32", f"bf16 ran {speedup:.1f}x as fast as fp32 here"
     elif dtype == "auto":
         dtype, why = "fp32", "this CPU has no bf16 instructions" if cpu else "bf16 was slower on GPUs"
     where = f"the CPU ({count(torch.get_num_threads(), 'thread')})" if cpu else str(device)

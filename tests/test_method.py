@@ -349,8 +349,9 @@ def test_fit_feeds_the_colour_order_it_records(tiny_ckpt, monkeypatch, bgr):
 
 
 def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_ckpt):
-    """fit's validation segments the same images with the same seeded noise every time, so it VAE-encodes
-    each validation patch once per fit; its masks and mIoU equal segmenting from scratch."""
+    """fit's validation segments the same images with the same seeded noise every time: fit makes each
+    validation image's noisy inputs once, before its loop, and no validation VAE-encodes again; its masks and
+    mIoU equal segmenting from scratch."""
     from conftest import synthetic_scene
 
     sd = slime.load_models(tiny_ckpt("sd2"))
@@ -358,15 +359,29 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
     image, gt = torch.from_numpy(img).permute(2, 0, 1).float() / 255, torch.from_numpy(mask).long()
     s = slime.Settings(threshold=0, patch_size=512, patches_per_side=1)
     cond, _ = slime.prompt_contexts(sd, 3)
-    encodes, encode, kept = [], sd.vae.encode, []
+    encodes, encode = [], sd.vae.encode
     sd.vae.encode = lambda *a, **k: encodes.append(1) or encode(*a, **k)
+    kept = [slime.noisy_inputs(sd, image, s)]  # as fit makes them, once
+    assert len(encodes) == 1
     for shift in (0.0, 0.5):
         context = slime.with_learned(cond[0, 1:3] + shift, cond)
+        before = len(encodes)
         miou = slime.validation_miou(sd, context, [(image, gt)], kept, 3, s)
+        assert len(encodes) == before  # the kept patches, not encoded again
         fresh = slime.segment(sd, context, image, 3, s, slime.SIZE)
         assert torch.equal(slime.segment(sd, context, image, 3, s, slime.SIZE, kept[0]), fresh)
         assert miou == slime.image_miou(fresh, gt, 3)  # the mIoU of the masks made from scratch
     assert len(encodes) == 1 + 2  # the validation's patch once; one for each segment from scratch
+    # fit: the validation patch is encoded before the first step, and no validation encodes
+    events = []
+    s = slime.Settings(epochs=2, val_every=1, patch_size=512, patches_per_side=1, rotation=0)
+    encodes.clear()
+    slime.fit(sd, [(image, gt)], 3, s, progress=lambda e: events.append((e["event"], len(encodes))))
+    assert [e for e, _ in events] == ["step", "validating", "validation"] * 2
+    encoded = [n for _, n in events]
+    assert encoded[1] == encoded[2] and encoded[4] == encoded[5]  # none while validating
+    per_step = encoded[3] - encoded[2]  # a training step's encodes
+    assert per_step > 0 and encoded[0] == 1 + per_step  # and before the first step: the validation's one patch
 
 
 # ----------------------------------------------------------------------------- native resolution (--window)
