@@ -611,8 +611,9 @@ def build_models(shapes, path="checkpoint"):
     """{key: shape} -> (family, {prefix: module on the meta device}, ignore patterns); widths from the shapes."""
     family = next((f for f, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in shapes)), None)
     needed = [WIDTHS[k][0] for k in ("unet", "context", "vae", family)] if family else ["a text encoder"]
-    if any(k.startswith("conditioner.") for k in shapes) or not set(needed) <= set(shapes):  # SDXL, LoRA
-        raise SlimeError(f"{path} is no Stable Diffusion 1.x or 2.x checkpoint: it lacks {needed[-1]}")
+    missing = [k for k in needed if k not in shapes]
+    if missing or any(k.startswith("conditioner.") for k in shapes):  # SDXL: its text encoders are there
+        raise SlimeError(f"{path} is no SD 1.x or 2.x checkpoint: it lacks {(missing + needed)[0]}")
     width = {k: shapes[key][dim] for k, (key, dim) in WIDTHS.items() if key in shapes}
     config = UNetConfig.sd15 if family == "sd1" else UNetConfig.sd21
     unet_cfg = config(model_channels=width["unet"], context_dim=width["context"])
@@ -637,9 +638,10 @@ def read_header(path):
     # .ckpt files are pickles, and unpickling runs whatever code the file holds; safetensors is names, shapes, bytes
     if not str(path).endswith(".safetensors"):
         raise SlimeError(f"{path} is no .safetensors file; slime never unpickles .ckpt files")
-    with named(path), safe_open(str(path), framework="pt", device="cpu") as f:  # get_slice: a header entry
+    with named(path), open(path, "rb"), safe_open(str(path), framework="pt", device="cpu") as f:
         slices = {k: f.get_slice(k) for k in f.keys()}
     shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+    floats = {k for k, v in slices.items() if v.get_dtype() in ("F64", "F32", "F16", "BF16")}
     family, modules, ignored = build_models(shapes, path)
     wanted = {prefix + k: tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
     # the shapes are the real test of the architecture: build_models read only a few widths from the file.
@@ -648,7 +650,7 @@ def read_header(path):
         "lacks": set(wanted) - set(shapes),
         "has unexpected": {k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored)},
         "has wrongly shaped": {k for k in wanted if k in shapes and shapes[k] != wanted[k]},
-        "has non-float": {k for k in wanted if slices[k].get_dtype() not in ("F64", "F32", "F16", "BF16")},
+        "has non-float": {k for k in wanted if k in shapes and k not in floats},
     }
     for what, keys in ((what, sorted(keys)) for what, keys in problems.items() if keys):
         first = ", ".join(keys[:4]) + " ..." * (len(keys) > 4)
@@ -739,7 +741,7 @@ def read_image(path):
     im = im.convert("RGBA") if im.mode in ("P", "PA", "LA", "La", "RGBa") else im  # palette transparency
     im = im if im.mode == "RGB" else im.convert("RGB")
     colours = im.getcolors(MAX_CLASSES + 1)  # None when there are more
-    if colours and len(colours) * 64 < im.width * im.height:  # a few flat colours: what masks are made of
+    if colours and len(colours) * 64 <= im.width * im.height:  # a few flat colours: what masks are made of
         warnings.warn(f"{path} has only {count(len(colours), 'colour')}, like a mask", stacklevel=2)
     rgb = torch.from_numpy(np.array(im, dtype=np.uint8))
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
@@ -790,7 +792,7 @@ def colors_to_labels(masks, palette=None, names=None, source="the palette"):
         present = np.union1d(np.zeros(1, np.int32), np.concatenate([k[0] for k in keys if k is not None]))
         present = present[present != pack_rgb(VOID)]  # black first even where absent; void is no class
         if len(present) > MAX_CLASSES:  # more classes than SD has text tokens
-            raise SlimeError(f"the masks hold {len(present)} colours, over 77 classes: anti-aliased edges?")
+            raise SlimeError(f"the mask colours make {len(present)} classes, over 77: anti-aliased edges?")
         palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in present]
     table = {k: i for i, k in enumerate(pack_rgb(np.array(palette)).tolist())}
     table.setdefault(int(pack_rgb(VOID)), IGNORE)  # VOC's void colour means ignore, in any palette without it
@@ -839,7 +841,7 @@ def find_labelmap(mask_paths, given=None):
     return given or min(found, default=None)
 
 
-def check_labels(labels, mask_path, size, image_path, parts):  # a mask against its image's size and the parts
+def check_labels(labels, mask_path, size, parts):  # a mask against its image's size and the parts
     if tuple(labels.shape) != tuple(size):
         raise SlimeError(f"{mask_path} is {labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h)")
     bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
@@ -1006,8 +1008,8 @@ def read_pairs(args, con):
     top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
     default = ",".join(["background"] + [f"part{i}" for i in range(1, top + 1)])
     parts = names or part_names(args.parts or default)
-    for image, mask, image_path, mask_path in zip(images, labels, paths[0::2], paths[1::2]):
-        check_labels(mask, mask_path, image.shape[1:], image_path, parts)
+    for image, mask, mask_path in zip(images, labels, paths[1::2]):
+        check_labels(mask, mask_path, image.shape[1:], parts)
     if top == 0:
         raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
     if palette is not None and not names:  # colours sorted by value: say which became which part
@@ -1095,7 +1097,7 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
                 size = im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
         except Exception:
             continue  # a damaged image is skipped when its turn comes
-        check_labels(ground_truth(job, emb), job.gt, size, job.image, emb["parts"])
+        check_labels(ground_truth(job, emb), job.gt, size, emb["parts"])
     if masks and not any(job.gt for job in jobs):  # an IoU table of nothing would read as a score of 0
         raise SlimeError(f"--masks {masks} holds no mask for any image (found by file stem: a.jpg -> a.png)")
 
@@ -1271,9 +1273,7 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
         import open_clip.tokenizer  # noqa: F401
     except Exception as e:
         why = " ".join(str(e).split())
-        raise SlimeError(
-            f"open_clip fails ({why}); install torchvision for torch {torch.__version__}"
-        ) from None
+        raise SlimeError(f"open_clip fails ({why}); torchvision must fit torch {torch.__version__}") from None
     s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
     sd, best, progress = load(con, ckpt, device), {}, fit_progress(con, s, len(train))
     vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
@@ -1325,9 +1325,7 @@ def cmd_predict(args, con):
     todo, wrote = sum(not j.done for j in mine), 0
     for n, job in enumerate(mine, 1):
         what = f"image {n}/{len(mine)}  {os.path.basename(job.image)}"
-        eta = (
-            (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
-        )  # at the pace so far
+        eta = (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
         con.progress(what, eta, not job.done)
         if job.done:  # its mask is read back, so the IoU table and the summary cover every image
             with named(job.mask), Image.open(job.mask) as im:

@@ -6,6 +6,7 @@ hand-set attention that follows the image's colours, SOT as the attention sink).
 random tiny checkpoint. --window (native resolution): the README's evidence on a 2048x1536 synthetic
 photo, fit's full-resolution views and emb.pt's record of the flag, and its one-line refusals.
 """
+
 import contextlib
 import io
 import json
@@ -18,20 +19,47 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, synthetic_photo, synthetic_scene
 from PIL import Image
 
 import slime
+from conftest import ROOT, synthetic_photo, synthetic_scene
 
 # Flags for random tiny weights: the SD loss (guidance 100 on random eps) would dominate Eq. 8, and the
 # release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it. Both lists pin
 # fp32: --dtype auto would choose by this CPU's speed (conftest.py: in-process runs choose fp32 anyway).
-TINY = ["--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1", "-q", "--dtype", "fp32"]
+TINY = [
+    "--beta",
+    "0",
+    "--threshold",
+    "0",
+    "--patch-size",
+    "512",
+    "--patches-per-side",
+    "1",
+    "-q",
+    "--dtype",
+    "fp32",
+]
 # Flags for the SD-like checkpoint: the release's defaults (threshold 0.2 included) except fewer epochs at a
 # higher rate, validation every 5 epochs, one 512 patch, and no SD loss (its UNet predicts eps = 0 whatever
 # the context, so L_SD has no gradient and would only cost a second UNet pass).
-SDLIKE = ["--epochs", "10", "--lr", "0.3", "--val-every", "5", "--beta", "0", "--patch-size", "512",
-          "--patches-per-side", "1", "-q", "--dtype", "fp32"]
+SDLIKE = [
+    "--epochs",
+    "10",
+    "--lr",
+    "0.3",
+    "--val-every",
+    "5",
+    "--beta",
+    "0",
+    "--patch-size",
+    "512",
+    "--patches-per-side",
+    "1",
+    "-q",
+    "--dtype",
+    "fp32",
+]
 
 
 def run(*args, ok=True):
@@ -53,10 +81,14 @@ def cvat_export(folder, stem, image, labels):
     masks in the labelmap's colours, the image. -> (image path, mask path)."""
     for sub in ("SegmentationClass", "ImageSets/Segmentation", "JPEGImages"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    (folder / "labelmap.txt").write_text("# label:color_rgb:parts:actions\n" + "".join(
-        f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in CVAT_COLORS.items()))
+    (folder / "labelmap.txt").write_text(
+        "# label:color_rgb:parts:actions\n"
+        + "".join(f"{name}:{r},{g},{b}::\n" for name, (r, g, b) in CVAT_COLORS.items())
+    )
     (folder / "ImageSets" / "Segmentation" / "default.txt").write_text(stem + "\n")
-    Image.fromarray(np.array(list(CVAT_COLORS.values()), np.uint8)[labels]).save(folder / "SegmentationClass" / f"{stem}.png")
+    Image.fromarray(np.array(list(CVAT_COLORS.values()), np.uint8)[labels]).save(
+        folder / "SegmentationClass" / f"{stem}.png"
+    )
     Image.fromarray(image).save(folder / "JPEGImages" / f"{stem}.png")
     return folder / "JPEGImages" / f"{stem}.png", folder / "SegmentationClass" / f"{stem}.png"
 
@@ -68,8 +100,23 @@ def fitted(tmp_path_factory, sdlike_ckpt):
     d = tmp_path_factory.mktemp("fit")
     img, mask = cvat_export(d / "export", "scene", *synthetic_scene())
     emb = d / "emb.pt"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), "fit", str(img), str(mask), "--ckpt",
-                        sdlike_ckpt, "-o", str(emb), *SDLIKE], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "slime.py"),
+            "fit",
+            str(img),
+            str(mask),
+            "--ckpt",
+            sdlike_ckpt,
+            "-o",
+            str(emb),
+            *SDLIKE,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr
     return d / "export", emb, sdlike_ckpt
 
@@ -86,12 +133,18 @@ def test_a_cvat_export_round_trips(fitted, tmp_path):
     Image.fromarray(img).save(tmp_path / "in" / "moved.jpg")
     run("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", ckpt, "-q")
     out = tmp_path / "out"
-    labelmap = [line.split(":") for line in (out / "labelmap.txt").read_text().splitlines() if not line.startswith("#")]
+    labelmap = [
+        line.split(":")
+        for line in (out / "labelmap.txt").read_text().splitlines()
+        if not line.startswith("#")
+    ]
     colors = {tuple(map(int, rgb.split(","))): i for i, (_, rgb, *_) in enumerate(labelmap)}
     assert [name for name, *_ in labelmap] == list(CVAT_COLORS) and list(colors) == list(CVAT_COLORS.values())
     assert (out / "ImageSets" / "Segmentation" / "default.txt").read_text() == "moved\n"
     rgb = np.array(Image.open(out / "SegmentationClass" / "moved.png").convert("RGB")).reshape(-1, 3)
-    labels = np.array([colors[tuple(c)] for c in rgb]).reshape(mask.shape)  # KeyError: a colour CVAT cannot map
+    labels = np.array([colors[tuple(c)] for c in rgb]).reshape(
+        mask.shape
+    )  # KeyError: a colour CVAT cannot map
     assert slime.image_miou(torch.from_numpy(labels), torch.from_numpy(mask).long(), 3) >= 0.8
     summary = json.loads((out / "summary.json").read_text())
     [record] = summary["images"]
@@ -110,8 +163,16 @@ def test_fit_then_predict_segments_the_scene_and_a_moved_copy(fitted, tmp_path):
         Image.fromarray(img).save(tmp_path / "in" / f"{name}.png")
         Image.fromarray(mask).save(tmp_path / "gt" / f"{name}.png")
     run("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--masks", tmp_path / "gt", "--ckpt", ckpt)
-    miou = {name: slime.image_miou(torch.from_numpy(np.array(Image.open(tmp_path / "out" / "SegmentationClass" / f"{name}.png"))).long(),
-                                   torch.from_numpy(mask).long(), 3) for name, (_, mask) in scenes.items()}
+    miou = {
+        name: slime.image_miou(
+            torch.from_numpy(
+                np.array(Image.open(tmp_path / "out" / "SegmentationClass" / f"{name}.png"))
+            ).long(),
+            torch.from_numpy(mask).long(),
+            3,
+        )
+        for name, (_, mask) in scenes.items()
+    }
     assert miou["same"] >= 0.9 and miou["moved"] >= 0.8, miou
 
 
@@ -139,12 +200,15 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
         with torch.no_grad():
             A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, 3, log_space=True)
         return slime.segmentation_losses(A_ca, A_sa, mask64, 3)[0].item()
+
     assert cross_entropy(e["context"]) < 0.5 * cross_entropy(cond)
     # predict writes an indexed mask and an overlay at the image's size, and scores them
     gt = tmp_path / "gt"
     gt.mkdir()
     Image.fromarray(mask).save(gt / "scene.png")
-    r = run("predict", emb, d / "JPEGImages" / "scene.png", "-o", tmp_path / "out", "--masks", gt, "--ckpt", ckpt)
+    r = run(
+        "predict", emb, d / "JPEGImages" / "scene.png", "-o", tmp_path / "out", "--masks", gt, "--ckpt", ckpt
+    )
     out = Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")
     assert out.mode == "P" and out.size == (512, 512) and set(np.unique(np.array(out))) <= {0, 1, 2}
     assert Image.open(tmp_path / "out" / "overlays" / "scene.png").size == (512, 512)
@@ -152,7 +216,11 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
     want = np.mean(list(slime.iou_per_class(pred, torch.from_numpy(mask).long(), 3).values()))
     assert miou_of(r.stdout) == pytest.approx(want, abs=1e-4)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["miou"] == pytest.approx(want, abs=1e-6) and set(summary["iou"]) == {"background", "square", "disc"}
+    assert summary["miou"] == pytest.approx(want, abs=1e-6) and set(summary["iou"]) == {
+        "background",
+        "square",
+        "disc",
+    }
 
 
 def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
@@ -162,44 +230,95 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
     image = torch.from_numpy(img).permute(2, 0, 1).float() / 255
     s = slime.Settings(epochs=1, beta=0, threshold=0, patch_size=512, patches_per_side=1)
     saved = {}
-    context = slime.fit(sd, [(image, torch.from_numpy(mask).long())], 3, s,
-                        on_best=lambda c, e, m: (slime.save_embeddings(tmp_path / "emb.pt", c, ["bg", "a", "b"], sd, s),
-                                                 saved.update(context=c)))
+    context = slime.fit(
+        sd,
+        [(image, torch.from_numpy(mask).long())],
+        3,
+        s,
+        on_best=lambda c, e, m: (
+            slime.save_embeddings(tmp_path / "emb.pt", c, ["bg", "a", "b"], sd, s),
+            saved.update(context=c),
+        ),
+    )
     assert context is saved["context"]
     reloaded = slime.load_embeddings(tmp_path / "emb.pt")
     in_memory = slime.segment(sd, context, image, 3, s)
     assert torch.equal(slime.segment(sd, reloaded["context"], image, 3, s), in_memory)
     assert torch.equal(slime.segment(sd, context, image, 3, s), in_memory)  # same seed, same masks
     Image.fromarray(img).save(tmp_path / "scene.png")
-    run("predict", tmp_path / "emb.pt", tmp_path / "scene.png", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
-    assert np.array_equal(np.array(Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")), in_memory.numpy())
+    run(
+        "predict",
+        tmp_path / "emb.pt",
+        tmp_path / "scene.png",
+        "-o",
+        tmp_path / "out",
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        "-q",
+    )
+    assert np.array_equal(
+        np.array(Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")), in_memory.numpy()
+    )
 
 
 def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
     d, emb, _ = fitted
     pair = [str(d / "JPEGImages" / "scene.png"), str(d / "SegmentationClass" / "scene.png")]
-    assert slime.main(["fit", *pair, "--parts", "background,square,disc", "--ckpt", tiny_ckpt("sd2"), "--epochs", "1",
-                       "-o", str(tmp_path / "a.pt"), *TINY]) == 0
-    assert slime.main(["fit", *pair, "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o", str(tmp_path / "b.pt"),
-                       *TINY]) == 0  # the names: the labelmap's
+    assert (
+        slime.main(
+            [
+                "fit",
+                *pair,
+                "--parts",
+                "background,square,disc",
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                "--epochs",
+                "1",
+                "-o",
+                str(tmp_path / "a.pt"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert (
+        slime.main(
+            ["fit", *pair, "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o", str(tmp_path / "b.pt"), *TINY]
+        )
+        == 0
+    )  # the names: the labelmap's
     a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
     assert torch.equal(a["context"], b["context"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["fit", "a.png"], "fit takes image/mask pairs, but got an odd number of paths (1)"),
-    (["fit", "missing.png", "missing_mask.png"], "missing.png: no such file"),
-    (["predict", "embb.pt", "."], "embb.pt: no such file; check the path, or make one with `python slime.py fit "
-                                  "image.png mask.png -o embb.pt`"),
-    (["fit", "a.png", "a.png", "--ckpt", "model.ckpt"], "model.ckpt is not a .safetensors file; slime never "
-                                                         "unpickles .ckpt files"),
-])
-def test_user_errors_are_one_sentence_without_traceback(tmp_path, args, message):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["fit", "a.png"], "slime: error: fit takes image/mask pairs, but a.png has no partner\n"),
+        (
+            ["fit", "missing.png", "missing_mask.png", "--ckpt", "TINY"],
+            "slime: error: missing.png: No such file or directory\n",
+        ),
+        (["predict", "embb.pt", "."], "slime: error: embb.pt: No such file or directory\n"),
+        (
+            ["fit", "a.png", "a.png", "--ckpt", "model.ckpt"],
+            "slime: error: model.ckpt is no .safetensors file; slime never unpickles .ckpt files\n",
+        ),
+    ],
+)
+def test_user_errors_are_one_sentence_without_traceback(tmp_path, tiny_ckpt, args, message):
     (tmp_path / "model.ckpt").write_bytes(b"a pickle")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *args], capture_output=True, text=True,
-                       cwd=tmp_path, timeout=120)
-    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    args = [tiny_ckpt("sd2") if a == "TINY" else a for a in args]
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "slime.py"), *args, "--dtype", "fp32"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert r.returncode == 2 and r.stderr.endswith(message) and "Traceback" not in r.stderr, r.stderr
 
 
 def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
@@ -210,8 +329,14 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
     (tmp_path / "weights").mkdir()
     os.symlink(tiny_ckpt("sd2"), tmp_path / "weights" / "v2-1_512-ema-pruned.safetensors")
     os.symlink(os.path.join(ROOT, "examples"), tmp_path / "examples")
-    r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": ROOT})
+    r = subprocess.run(
+        [sys.executable, "-c", block],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n") == ["step 1", "validating 1", "validation 1", ""]
     labels = np.array(Image.open(tmp_path / "astronaut_labels.png"))
@@ -243,8 +368,22 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     iou, stderr, seconds = {}, {}, {}
     for name, embeddings in (("squash", emb), ("native", native)):
         t0 = time.time()
-        assert slime.main(["predict", str(embeddings), str(tmp_path / "in"), "-o", str(tmp_path / name), "--masks",
-                           str(tmp_path / "gt"), "--ckpt", ckpt]) == 0
+        assert (
+            slime.main(
+                [
+                    "predict",
+                    str(embeddings),
+                    str(tmp_path / "in"),
+                    "-o",
+                    str(tmp_path / name),
+                    "--masks",
+                    str(tmp_path / "gt"),
+                    "--ckpt",
+                    ckpt,
+                ]
+            )
+            == 0
+        )
         stderr[name] = capsys.readouterr().err
         seconds[name] = time.time() - t0
         iou[name] = json.loads((tmp_path / name / "summary.json").read_text())["iou"]
@@ -257,7 +396,9 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     assert Image.open(tmp_path / "native" / "SegmentationClass" / "photo.png").size == (2048, 1536)
 
 
-def test_fit_with_window_trains_on_full_resolution_views_and_records_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_fit_with_window_trains_on_full_resolution_views_and_records_it(
+    tiny_ckpt, tmp_path, monkeypatch, capsys
+):
     """fit --window hands fit the pairs as they are (native_view makes its views) and stores the setting in
     emb.pt; a default fit does not, so an older slime still reads its emb.pt."""
     img, mask = synthetic_photo(h=600, w=800)
@@ -268,6 +409,7 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(tiny_ckp
     def fit(sd, pairs, num_classes, s, val_pairs, on_best, progress):  # records, then saves the start vectors
         handed.append([tuple(m.shape) for _, m in pairs])
         on_best(slime.prompt_contexts(sd, num_classes)[0], 0, 0.5)
+
     monkeypatch.setattr(slime, "fit", fit)
     base = ["fit", str(tmp_path / "photo.png"), str(tmp_path / "photo_mask.png"), "--ckpt", tiny_ckpt("sd2")]
     assert slime.main(base + ["-o", str(tmp_path / "native.pt"), "--window", "512", "-q"]) == 0
@@ -276,7 +418,9 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(tiny_ckp
     image, m = torch.rand(3, 600, 800), np.zeros((600, 800), np.uint8)
     assert slime.as_pairs([(image, m)], 2, slime.Settings(window=512))[0][1].shape == (600, 800)
     assert slime.as_pairs([(image, m)], 2, slime.Settings())[0][1].shape == (512, 512)
-    native, squash = (torch.load(tmp_path / f"{n}.pt", weights_only=True)["settings"] for n in ("native", "squash"))
+    native, squash = (
+        torch.load(tmp_path / f"{n}.pt", weights_only=True)["settings"] for n in ("native", "squash")
+    )
     assert native["window"] == 512 and "window" not in squash
     assert slime.load_embeddings(tmp_path / "native.pt")["settings"].window == 512
 
@@ -284,17 +428,21 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(tiny_ckp
 WINDOW_RANGE = "must be a multiple of 64 in [0, 16384]"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--window", "100"], f"argument --window: {WINDOW_RANGE}, not '100'"),
-    (["--window", "32"], f"argument --window: {WINDOW_RANGE}, not '32'"),
-    (["--window", "nan"], f"argument --window: {WINDOW_RANGE}, not 'nan'"),
-    (["--window", "-64"], f"argument --window: {WINDOW_RANGE}, not '-64'"),
-    (["--window", "32768"], f"argument --window: {WINDOW_RANGE}, not '32768'"),
-    (["--window", "5e2"], f"argument --window: {WINDOW_RANGE}, not '5e2'"),
-    (["--window", "512", "--out-size", "512"], "the command line: --window segments each image at its own "
-                                               "resolution, so its masks have the image's own size; give "
-                                               "--out-size 0 with it, not 512"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--window", "100"], f"argument --window: {WINDOW_RANGE}, not '100'"),
+        (["--window", "32"], f"argument --window: {WINDOW_RANGE}, not '32'"),
+        (["--window", "nan"], f"argument --window: {WINDOW_RANGE}, not 'nan'"),
+        (["--window", "-64"], f"argument --window: {WINDOW_RANGE}, not '-64'"),
+        (["--window", "32768"], f"argument --window: {WINDOW_RANGE}, not '32768'"),
+        (["--window", "5e2"], f"argument --window: {WINDOW_RANGE}, not '5e2'"),
+        (
+            ["--window", "512", "--out-size", "512"],
+            "the command line: --window makes masks of each image's own size; give --out-size 0",
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["fit", "predict"])
 def test_window_flags_refuse_nonsense_in_one_line(tmp_path, capsys, command, flags, message):
     """The whole of stderr is one sentence, exit status 2, for fit and for predict alike."""
@@ -302,7 +450,9 @@ def test_window_flags_refuse_nonsense_in_one_line(tmp_path, capsys, command, fla
         args = ["fit", "a.png", "a_mask.png", "-o", str(tmp_path / "e.pt")]
     else:  # an emb.pt of the default settings: predict's flags are checked with the ones it stores
         sd = type("SD", (), {"family": "sd2", "fingerprint": None, "dtype": torch.float32})
-        slime.save_embeddings(tmp_path / "emb.pt", torch.zeros(1, 77, 64), ["background", "disc"], sd, slime.Settings())
+        slime.save_embeddings(
+            tmp_path / "emb.pt", torch.zeros(1, 77, 64), ["background", "disc"], sd, slime.Settings()
+        )
         args = ["predict", str(tmp_path / "emb.pt"), str(tmp_path), "-o", str(tmp_path / "out")]
     assert slime.main(args + ["-q", *flags]) == 2
     prog = f"slime.py {command}: " if message.startswith("argument") else ""  # argparse names the command
@@ -321,20 +471,45 @@ def test_torchrun_shares_the_images_and_leaves_the_bytes_one_process_leaves(tiny
     for i in range(5):
         Image.fromarray(synthetic_scene(size=96, seed=i, shift=3 * i)[0]).save(tmp_path / "in" / f"im{i}.png")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    predict = [os.path.join(ROOT, "slime.py"), "predict", str(emb), str(tmp_path / "in"), "--ckpt", ckpt, "-o"]
+    predict = [
+        os.path.join(ROOT, "slime.py"),
+        "predict",
+        str(emb),
+        str(tmp_path / "in"),
+        "--ckpt",
+        ckpt,
+        "-o",
+    ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    one = subprocess.run([sys.executable, *predict, "one", "--dtype", "fp32"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
-    two = subprocess.run([*torchrun, *predict, "two", "--dtype", "fp32"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, *predict, "one", "--dtype", "fp32"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    two = subprocess.run(
+        [*torchrun, *predict, "two", "--dtype", "fp32"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0 and two.returncode == 0, two.stderr
-    assert "[process 1] image 2/2  im3.png" in two.stderr and "image 3/3  im4.png" in two.stderr  # 3 and 2 images
+    assert (
+        "[process 1] image 2/2  im3.png" in two.stderr and "image 3/3  im4.png" in two.stderr
+    )  # 3 and 2 images
     assert "wrote masks and overlays of 5 images to two\n" in two.stderr
 
     def files(out):
         return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
     made_by_one, made_by_two = files(tmp_path / "one"), files(tmp_path / "two")
-    assert sorted(made_by_one) == sorted(made_by_two) and len(made_by_one) == 14  # 5 masks, 5 overlays, 4 run files
+    assert (
+        sorted(made_by_one) == sorted(made_by_two) and len(made_by_one) == 14
+    )  # 5 masks, 5 overlays, 4 run files
     for name, data in made_by_one.items():
         expected = data.replace(b'"one/', b'"two/') if name == "summary.json" else data
         assert made_by_two[name] == expected, name

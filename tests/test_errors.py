@@ -8,6 +8,7 @@ cannot be read is named, skipped and counted (exit 1) while the others are done.
 The table runs slime.main in-process (no interpreter start-up per case); signals, kills and a full disk
 run slime.py as a real process.
 """
+
 import json
 import os
 import pickle
@@ -20,19 +21,37 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import PEAK_MEMORY, ROOT, synthetic_scene, tiny_state_dict, write_tiny_checkpoint
 from PIL import Image
 from safetensors.torch import save_file
 
 import slime
+from conftest import PEAK_MEMORY, ROOT, synthetic_scene, tiny_state_dict, write_tiny_checkpoint
 
-FAST = ["--epochs", "1", "--beta", "0", "--threshold", "0", "--patch-size", "512", "--patches-per-side", "1",
-        "--dtype", "fp32"]
+FAST = [
+    "--epochs",
+    "1",
+    "--beta",
+    "0",
+    "--threshold",
+    "0",
+    "--patch-size",
+    "512",
+    "--patches-per-side",
+    "1",
+    "--dtype",
+    "fp32",
+]
 
 
 def cli(*args, cwd=None, **kw):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=cwd, **kw)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        **kw,
+    )
 
 
 def assert_refused(r, fragment):
@@ -43,17 +62,26 @@ def assert_refused(r, fragment):
 
 
 def listing(folder):
-    return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+    )
 
 
-RUN_FILES = ["ImageSets/Segmentation/default.txt", "labelmap.txt", "slime-run.json", "summary.json"]  # once per run
+RUN_FILES = [
+    "ImageSets/Segmentation/default.txt",
+    "labelmap.txt",
+    "slime-run.json",
+    "summary.json",
+]  # once per run
 
 
 def outputs(out, stems=None):
     """predict's files under `out` (hidden ones aside), or the ones it writes for these image stems."""
     if stems is not None:
         return sorted(RUN_FILES + [f"{d}/{s}.png" for s in stems for d in ("SegmentationClass", "overlays")])
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
 
 
 def images_made(out):
@@ -175,12 +203,17 @@ def fit_case(d, ckpt, case):
         args += ["--parts", "background,disc,disc"]
     elif case == "huge value in a .npy mask":
         m = np.array(Image.open(mask)).astype(np.uint64)
-        m[0, 0] = 2 ** 63
+        m[0, 0] = 2**63
         np.save(d / "m.npy", m)
         pair[1] = d / "m.npy"
     elif case == "a finished emb.pt, no --overwrite":
-        slime.save_embeddings(d / "emb.pt", torch.zeros(1, 77, 64), ["background", "disc"],
-                              SimpleNamespace(family="sd2", fingerprint=None, dtype=torch.float32), slime.Settings())
+        slime.save_embeddings(
+            d / "emb.pt",
+            torch.zeros(1, 77, 64),
+            ["background", "disc"],
+            SimpleNamespace(family="sd2", fingerprint=None, dtype=torch.float32),
+            slime.Settings(),
+        )
     elif case in ("image and mask swapped", "the mask as the image"):
         pair = [mask, img]
     elif case == "a grey photo as the mask":
@@ -193,7 +226,9 @@ def fit_case(d, ckpt, case):
         if case == "--parts against the labelmap":
             args += ["--parts", "background,disc,square"]
         elif case == "a mask colour the labelmap lacks":
-            Image.fromarray(np.array([(0, 0, 0), (128, 0, 0), (9, 9, 9)], np.uint8)[np.array(Image.open(mask))]).save(mask)
+            Image.fromarray(
+                np.array([(0, 0, 0), (128, 0, 0), (9, 9, 9)], np.uint8)[np.array(Image.open(mask))]
+            ).save(mask)
         else:
             (d / "mine.txt").write_text("background:0,0,0::\nsquare:128,0::\n")
             args += ["--labelmap", d / "mine.txt"]
@@ -201,9 +236,14 @@ def fit_case(d, ckpt, case):
 
 
 FIT_CASES = [
-    ("--parts against the labelmap", "--parts background,disc,square differs from the labels of {d}/labelmap.txt: "
-                                     "leave --parts out"),
-    ("a mask colour the labelmap lacks", "{d}/a_mask.png has colours that are not in {d}/labelmap.txt, e.g. (9, 9, 9)"),
+    (
+        "--parts against the labelmap",
+        "--parts background,disc,square differs from the labels of {d}/labelmap.txt: leave --parts out",
+    ),
+    (
+        "a mask colour the labelmap lacks",
+        "{d}/a_mask.png has colours that are not in {d}/labelmap.txt, e.g. (9, 9, 9)",
+    ),
     ("a broken --labelmap", "mine.txt, line 2: 'square:128,0::' is not `name:r,g,b::`, a new name"),
     ("output is a folder", "-o {d}/emb.pt is a folder; give a file path such as {d}/emb.pt/emb.pt"),
     # fit replaces only an emb.pt, so an output that names an input (through a link too) is refused
@@ -219,7 +259,10 @@ FIT_CASES = [
     ("nan pixel in a float tiff", "f.tif holds nan or inf pixel values"),
     ("nan weight", "odd.safetensors: the tensor model.diffusion_model.out.2.bias holds nan or inf values"),
     ("inf weight in the text encoder", "the tensor cond_stage_model.model.ln_final.weight holds nan or inf"),
-    ("integer weight", "odd.safetensors has non-float tensors for sd2: model.diffusion_model.out.2.bias (1 in all)"),
+    (
+        "integer weight",
+        "odd.safetensors has non-float tensors for sd2: model.diffusion_model.out.2.bias (1 in all)",
+    ),
     # the library's checkpoint messages are tested in test_models.py; two rows prove they reach the user whole
     ("ckpt truncated", "{d}/cut.safetensors: Error while deserializing header"),
     ("ckpt .ckpt", "sd.ckpt is no .safetensors file; slime never unpickles .ckpt files"),
@@ -229,7 +272,10 @@ FIT_CASES = [
     ("image truncated jpeg", "slime: error: {d}/a.jpg: "),
     ("npy float", "m.npy: a mask is a 2-D array of labels 0..255, not float32 (512, 512)"),
     ("npy rank", "m.npy: a mask is a 2-D array of labels 0..255, not uint8 (512, 512, 1)"),
-    ("antialiased colours", "a_mask.png has class values [3, 4] outside 0..2 (['background', 'square', 'disc'])"),
+    (
+        "antialiased colours",
+        "a_mask.png has class values [3, 4] outside 0..2 (['background', 'square', 'disc'])",
+    ),
     ("mask of another size", "small.png is (80, 100), its image (512, 512) (w, h)"),
     ("background-only mask", "holds only background (class 0); nothing to learn"),
     ("odd number of paths", "fit takes image/mask pairs, but {d}/a.png has no partner"),
@@ -237,11 +283,16 @@ FIT_CASES = [
     ("empty part name", "--parts background,square,disc,: the names must be non-empty and distinct"),
     ("repeated part name", "--parts background,disc,disc: the names must be non-empty and distinct"),
     ("huge value in a .npy mask", "m.npy: a mask is a 2-D array of labels 0..255, not uint64 (512, 512)"),
-    ("a finished emb.pt, no --overwrite", "emb.pt already holds fitted embeddings; pass --overwrite, or choose "
-                                          "another -o"),
+    (
+        "a finished emb.pt, no --overwrite",
+        "emb.pt already holds fitted embeddings; pass --overwrite, or choose another -o",
+    ),
     ("image and mask swapped", "{d}/a.png holds 144,492 distinct values, so it is a photo"),
-    ("the mask as the image", "distinct values, so it is a photo, not a mask (or its edges are anti-aliased): give "
-                              "each image first, its mask second"),
+    (
+        "the mask as the image",
+        "distinct values, so it is a photo, not a mask (or its edges are anti-aliased): give "
+        "each image first, its mask second",
+    ),
     ("a grey photo as the mask", "a_mask.png holds 256 distinct values, so it is a photo, not a mask"),
 ]
 
@@ -283,9 +334,18 @@ OPTION_CASES = [
     (["--lr=0.1", "--parts-names", "a,b"], "unrecognized arguments: --parts-names a,b\n"),
     (["--device", "banana"], "--device banana: not a device slime knows; use cpu, cuda, cuda:N or mps"),
     (["--device", "cuda:7"], "--device cuda:7: not available on this machine; leave --device out"),
-    (["--device", "cpu", "--dtype", "fp16"], "--dtype fp16: a CPU emulates fp16, which takes minutes per image"),
-    (["--parts", ",".join(["background"] + [f"p{i}" for i in range(77)])], "78 classes are more than SD's 77"),
-    (["--parts", "background,square"], "a_mask.png has class values [2] outside 0..1 (['background', 'square'])"),
+    (
+        ["--device", "cpu", "--dtype", "fp16"],
+        "--dtype fp16: a CPU emulates fp16, which takes minutes per image",
+    ),
+    (
+        ["--parts", ",".join(["background"] + [f"p{i}" for i in range(77)])],
+        "78 classes are more than SD's 77",
+    ),
+    (
+        ["--parts", "background,square"],
+        "a_mask.png has class values [2] outside 0..1 (['background', 'square'])",
+    ),
 ]
 
 
@@ -293,8 +353,22 @@ OPTION_CASES = [
 def test_option_errors_are_one_line(tmp_path, tiny_ckpt, capsys, flags, fragment):
     img, mask = scene_files(tmp_path)
     before = listing(tmp_path)
-    assert slime.main(["fit", str(img), str(mask), "--ckpt", tiny_ckpt("sd2"), "-o", str(tmp_path / "e.pt"),
-                       "-q", *flags]) == 2
+    assert (
+        slime.main(
+            [
+                "fit",
+                str(img),
+                str(mask),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                "-o",
+                str(tmp_path / "e.pt"),
+                "-q",
+                *flags,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert fragment in err and err.startswith("slime: error: ") and err.count("\n") == 1, err
     assert listing(tmp_path) == before
@@ -310,8 +384,9 @@ def first_line(capsys, monkeypatch, *flags, native=True, speedup=None):
     """device_and_dtype on the CPU with the bf16 instructions and the probe's measurement given -> (dtype, line)."""
     monkeypatch.setattr(slime, "cpu_has_bf16", lambda: native)
     monkeypatch.setattr(slime, "bf16_speedup", (lambda: speedup) if speedup else lambda: pytest.fail("timed"))
-    dtype = slime.device_and_dtype(slime.build_parser().parse_args(["predict", "emb.pt", "in", *flags]),
-                                   slime.Console(False))[1]
+    dtype = slime.device_and_dtype(
+        slime.build_parser().parse_args(["predict", "emb.pt", "in", *flags]), slime.Console(False)
+    )[1]
     return dtype, capsys.readouterr().err
 
 
@@ -321,30 +396,50 @@ def test_dtype_auto_chooses_what_this_cpu_runs_faster_and_says_so(capsys, monkey
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     n, line = torch.get_num_threads(), lambda *flags, **kw: first_line(capsys, monkeypatch, *flags, **kw)
-    cpu, gpu = f"running on the CPU ({n} thread{'s' * (n != 1)}), ", "; no GPU found, so each image takes minutes\n"
+    cpu, gpu = (
+        f"running on the CPU ({n} thread{'s' * (n != 1)}), ",
+        "; no GPU found, so each image takes minutes\n",
+    )
     assert line(native=False) == (torch.float32, cpu + "fp32: this CPU has no bf16 instructions" + gpu)
     assert line(speedup=0.72) == (torch.float32, cpu + "fp32: bf16 ran 0.7x as fast as fp32 here" + gpu)
     assert line(speedup=1.29)[0] == torch.float32 and line(speedup=1.3)[0] == torch.bfloat16
-    assert line("--device", "cpu", speedup=2.14) == (torch.bfloat16, cpu + "bf16: bf16 ran 2.1x as fast as fp32 here\n")
+    assert line("--device", "cpu", speedup=2.14) == (
+        torch.bfloat16,
+        cpu + "bf16: bf16 ran 2.1x as fast as fp32 here\n",
+    )
     # an explicit format is used as given, never timed; bf16 where the CPU would emulate it is named for its cost
     assert line("--dtype", "fp32", "--device", "cpu") == (torch.float32, cpu + "fp32: as --dtype says\n")
     assert line("--dtype", "bf16", "--device", "cpu") == (torch.bfloat16, cpu + "bf16: as --dtype says\n")
     assert line("--dtype", "bf16", "--device", "cpu", native=False)[1] == (
-        cpu + "bf16: as --dtype says, though this CPU has no bf16 instructions: 25x to 100x slower\n")
-    with pytest.raises(slime.SlimeError, match="^--dtype fp16: a CPU emulates fp16, which takes minutes per image"):
+        cpu + "bf16: as --dtype says, though this CPU has no bf16 instructions: 25x to 100x slower\n"
+    )
+    with pytest.raises(
+        slime.SlimeError, match="^--dtype fp16: a CPU emulates fp16, which takes minutes per image"
+    ):
         line("--dtype", "fp16", "--device", "cpu")  # refused: fp16 is emulated on every CPU
 
 
 def test_the_probe_times_each_format_best_of_its_repeats(monkeypatch):
     """bf16_speedup = fp32's best time / bf16's, the first (warm-up) run of each left out; on fake clocks."""
     monkeypatch.undo()  # the real bf16_speedup, not conftest's
-    durations = iter([0.01, 0.30, 0.20, 0.25,  # fp32: the warm-up, not counted, then 0.20 at best
-                      9.0, 0.08, 0.10, 0.09])  # bf16: 0.08 at best
+    durations = iter(
+        [
+            0.01,
+            0.30,
+            0.20,
+            0.25,  # fp32: the warm-up, not counted, then 0.20 at best
+            9.0,
+            0.08,
+            0.10,
+            0.09,
+        ]
+    )  # bf16: 0.08 at best
     calls, now = iter(range(100)), [0.0]
 
     def perf_counter():  # each run reads the clock at its start and at its end, which comes after its duration
         now[0] += next(durations) if next(calls) % 2 else 0.0
         return now[0]
+
     monkeypatch.setattr(slime.time, "perf_counter", perf_counter)
     assert slime.bf16_speedup() == pytest.approx(0.20 / 0.08)
 
@@ -375,11 +470,16 @@ def predict_case(d, ckpt, emb, case):
         Image.open(img).save(d / "in" / "a.jpg")
     elif case == "the user's labelmap.txt in the output folder":
         (d / "out").mkdir()
-        (d / "out" / "labelmap.txt").write_text("# label:color_rgb:parts:actions\nbackground:0,0,0::\ncat:9,9,9::\n")
+        (d / "out" / "labelmap.txt").write_text(
+            "# label:color_rgb:parts:actions\nbackground:0,0,0::\ncat:9,9,9::\n"
+        )
     elif case == "the user's image list in the output folder":
         (d / "out" / "ImageSets" / "Segmentation").mkdir(parents=True)
         (d / "out" / "ImageSets" / "Segmentation" / "default.txt").write_text("cat1\ncat2\n")
-    elif case in ("the user's summary.json in the output folder", "the user's file where the run record goes"):
+    elif case in (
+        "the user's summary.json in the output folder",
+        "the user's file where the run record goes",
+    ):
         (d / "out").mkdir()
         (d / "out" / ("summary.json" if "summary" in case else "slime-run.json")).write_text('{"mine": 1}\n')
     elif case == "output folder is the image folder":
@@ -393,16 +493,27 @@ def predict_case(d, ckpt, emb, case):
     elif case == "a colour ground truth in other colours":
         labels = np.zeros((64, 64), np.uint8)
         labels[10:20, 10:20], labels[30:40, 30:40] = 1, 2
-        Image.fromarray(np.array([[0, 0, 0], [9, 0, 0], [0, 9, 0]], np.uint8)[labels]).save(d / "gt" / "a.png")
+        Image.fromarray(np.array([[0, 0, 0], [9, 0, 0], [0, 9, 0]], np.uint8)[labels]).save(
+            d / "gt" / "a.png"
+        )
         args += ["--masks", d / "gt"]
     elif case == "output folder is a file":
         (d / "out").write_text("a file")
-    elif case in ("emb.pt of another width", "emb.pt with a nan", "emb.pt without parts", "emb.pt with parts "
-                  "and vectors disagreeing", "emb.pt from a newer slime", "emb.pt with a setting out of range",
-                  "emb.pt with a setting of the wrong type", "emb.pt with a repeated part",
-                  "emb.pt of other layers"):
+    elif case in (
+        "emb.pt of another width",
+        "emb.pt with a nan",
+        "emb.pt without parts",
+        "emb.pt with parts and vectors disagreeing",
+        "emb.pt from a newer slime",
+        "emb.pt with a setting out of range",
+        "emb.pt with a setting of the wrong type",
+        "emb.pt with a repeated part",
+        "emb.pt of other layers",
+    ):
         changes = {
-            "emb.pt of another width": lambda e: e.update(context=e["context"][..., :32], learned=e["learned"][:, :32]),
+            "emb.pt of another width": lambda e: e.update(
+                context=e["context"][..., :32], learned=e["learned"][:, :32]
+            ),
             "emb.pt with a nan": lambda e: e["context"].view(-1).__setitem__(100, float("nan")),
             "emb.pt without parts": lambda e: e.pop("parts"),
             "emb.pt with parts and vectors disagreeing": lambda e: e["parts"].append("wheel"),
@@ -460,41 +571,69 @@ def predict_case(d, ckpt, emb, case):
 ANOTHER_RUN = "{d}/out holds outputs of another run (no slime-run.json says whose); pass --overwrite, or -o"
 PREDICT_CASES = [
     # outputs never mix with inputs: a labelmap.txt written there would be read as the inputs' next time
-    ("outputs over the ground truth", "-o {d}/out holds inputs of this run ({d}/out/SegmentationClass); choose "
-                                      "another -o"),
+    (
+        "outputs over the ground truth",
+        "-o {d}/out holds inputs of this run ({d}/out/SegmentationClass); choose another -o",
+    ),
     ("output folder is the image folder", "-o {d}/in holds inputs of this run ({d}/in); choose another -o"),
-    ("output folder holds the ground truth", "-o {d}/gt holds inputs of this run ({d}/gt); choose another -o"),
-    ("two images, one output name", "{d}/in/a.jpg and {d}/in/a.png would both be {d}/out/SegmentationClass/a.png; "
-                                    "rename one"),
+    (
+        "output folder holds the ground truth",
+        "-o {d}/gt holds inputs of this run ({d}/gt); choose another -o",
+    ),
+    (
+        "two images, one output name",
+        "{d}/in/a.jpg and {d}/in/a.png would both be {d}/out/SegmentationClass/a.png; rename one",
+    ),
     # files at slime's output paths with no run record: whose they are cannot be told
     ("the user's labelmap.txt in the output folder", ANOTHER_RUN),
     ("the user's image list in the output folder", ANOTHER_RUN),
     ("the user's summary.json in the output folder", ANOTHER_RUN),
     ("the user's photo where a mask goes", ANOTHER_RUN),
-    ("the user's file where the run record goes", "{d}/out/slime-run.json is not slime's run record; pass "
-                                                  "--overwrite, or choose another -o"),
+    (
+        "the user's file where the run record goes",
+        "{d}/out/slime-run.json is not slime's run record; pass --overwrite, or choose another -o",
+    ),
     ("a damaged run record", "slime: error: {d}/out/slime-run.json: Unterminated string"),
-    ("a colour ground truth in other colours", "gt/a.png has colours that are not in the parts' colours, e.g. "
-                                               "(0, 9, 0), (9, 0, 0)"),
+    (
+        "a colour ground truth in other colours",
+        "gt/a.png has colours that are not in the parts' colours, e.g. (0, 9, 0), (9, 0, 0)",
+    ),
     ("output folder is a file", "-o {d}/out is a file; predict writes into a folder"),
     ("emb.pt of another width", "odd.pt was fitted on another kind of checkpoint than"),
     ("emb.pt with a nan", "odd.pt is not a usable emb.pt: its context holds nan, inf or non-float values"),
     ("emb.pt without parts", "odd.pt is not a usable emb.pt: its parts None are not 2 to 77 distinct names"),
-    ("emb.pt with parts and vectors disagreeing", "odd.pt is not a usable emb.pt: its 4 parts do not match its "
-                                                  "learned vectors"),
+    (
+        "emb.pt with parts and vectors disagreeing",
+        "odd.pt is not a usable emb.pt: its 4 parts do not match its learned vectors",
+    ),
     ("emb.pt from a newer slime", "has settings this slime does not know (native_scale); update slime"),
     ("emb.pt with a setting out of range", "the setting threshold must be a number in [0.0, 1.0], not 7.0"),
-    ("emb.pt with a setting of the wrong type", "the setting epochs must be an integer in [1, 100000], not True"),
-    ("emb.pt with a repeated part", "odd.pt is not a usable emb.pt: its parts ['background', 'square', 'square'] are "
-                                    "not 2 to 77 distinct names"),
-    ("emb.pt of other layers", "it was fitted on another model or other attention layers than this slime reads"),
+    (
+        "emb.pt with a setting of the wrong type",
+        "the setting epochs must be an integer in [1, 100000], not True",
+    ),
+    (
+        "emb.pt with a repeated part",
+        "odd.pt is not a usable emb.pt: its parts ['background', 'square', 'square'] are "
+        "not 2 to 77 distinct names",
+    ),
+    (
+        "emb.pt of other layers",
+        "it was fitted on another model or other attention layers than this slime reads",
+    ),
     ("--parts with an emb.pt", "slime.py: unrecognized arguments: --parts a,b,c"),
     ("jpeg ground truth", "gt/a.jpg is stored lossily (JPEG)"),
     ("ground truth of another size", "gt/a.png is (64, 32), its image (64, 64) (w, h)"),
     ("ground truth with unknown classes", "gt/a.png has class values [9] outside 0..2"),
     ("nan weight", "the tensor model.diffusion_model.out.2.bias holds nan or inf values"),
-    ("checkpoint of the other family", "emb.pt was fitted on another kind of checkpoint than {d}/sd1.safetensors (sd1)"),
-    ("corrupt emb.pt", "{d}/bad.pt: damaged, not a torch file, or holds pickled code, which slime never runs"),
+    (
+        "checkpoint of the other family",
+        "emb.pt was fitted on another kind of checkpoint than {d}/sd1.safetensors (sd1)",
+    ),
+    (
+        "corrupt emb.pt",
+        "{d}/bad.pt: damaged, not a torch file, or holds pickled code, which slime never runs",
+    ),
     ("foreign torch file", "other.pt is not a usable emb.pt: no 'slime-embeddings/1' format tag"),
     ("no emb.pt", "{d}/nothing.pt: No such file or directory"),
     ("a folder as the emb.pt", "{d}/in: Is a directory"),
@@ -502,12 +641,17 @@ PREDICT_CASES = [
     ("fp16 on the CPU", "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32"),
     ("ground truth in the image folder", "{d}/in/a.png holds 4,071 distinct values, so it is a photo"),
     ("no ground-truth folder", "--masks {d}/nowhere: no such folder"),
-    ("no ground truth for any image", "--masks {d}/gt holds no mask for any image (found by file stem: a.jpg -> a.png)"),
+    (
+        "no ground truth for any image",
+        "--masks {d}/gt holds no mask for any image (found by file stem: a.jpg -> a.png)",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case, fragment", PREDICT_CASES, ids=[c for c, _ in PREDICT_CASES])
-def test_predict_refuses_hostile_input_leaving_the_folders_as_they_were(tmp_path, tiny_ckpt, emb, capsys, case, fragment):
+def test_predict_refuses_hostile_input_leaving_the_folders_as_they_were(
+    tmp_path, tiny_ckpt, emb, capsys, case, fragment
+):
     if case == "device cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     args = predict_case(tmp_path, tiny_ckpt("sd2"), emb, case)
@@ -528,39 +672,58 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
     ckpt = tiny_ckpt("sd2")
     (tmp_path / "in").mkdir()
     for name in ("p", "q"):
-        Image.fromarray(synthetic_scene(seed=len(name))[0]).resize((96, 64)).save(tmp_path / "in" / f"{name}.png")
+        Image.fromarray(synthetic_scene(seed=len(name))[0]).resize((96, 64)).save(
+            tmp_path / "in" / f"{name}.png"
+        )
     out = tmp_path / "out"
 
     def predict(*flags, e=emb):  # -> (exit status, the last line)
         code = slime.main(["predict", str(e), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, *flags])
         return code, capsys.readouterr().err.splitlines()[-1]
+
     assert predict() == (0, f"wrote masks and overlays of 2 images to {out}")
     assert outputs(out) == outputs(out, ["p", "q"])
     record = json.loads((out / "slime-run.json").read_text())
     assert record["dtype"] == "float32" and record["embeddings"] == str(emb) and len(record["run"]) == 16
     made = images_made(out)
-    assert predict() == (0, f"wrote masks and overlays of 0 images to {out}; skipped 2 already done (--overwrite "
-                            "redoes them)")
+    assert predict() == (
+        0,
+        f"wrote masks and overlays of 0 images to {out}; skipped 2 already done (--overwrite redoes them)",
+    )
     assert images_made(out) == made
-    other = make_emb(tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01)))
-    refused = (2, f"slime: error: {out} holds outputs of another run (another emb.pt, settings, checkpoint or dtype); "
-                  "pass --overwrite, or -o")
+    other = make_emb(
+        tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01))
+    )
+    refused = (
+        2,
+        f"slime: error: {out} holds outputs of another run (another emb.pt, settings, checkpoint or dtype); "
+        "pass --overwrite, or -o",
+    )
     assert predict(e=other) == refused and images_made(out) == made
     assert predict("--threshold", "0.5") == refused  # other settings
     assert predict("--seed", "1") == refused
     os.remove(out / "overlays" / "p.png")  # an interrupted pair: its mask alone does not count as done
-    assert predict() == (0, f"wrote masks and overlays of 1 image to {out}; skipped 1 already done (--overwrite "
-                            "redoes them)")
-    assert images_made(out)["SegmentationClass/p.png"] != made["SegmentationClass/p.png"]  # redone, both files
+    assert predict() == (
+        0,
+        f"wrote masks and overlays of 1 image to {out}; skipped 1 already done (--overwrite redoes them)",
+    )
+    assert (
+        images_made(out)["SegmentationClass/p.png"] != made["SegmentationClass/p.png"]
+    )  # redone, both files
     assert images_made(out)["SegmentationClass/q.png"] == made["SegmentationClass/q.png"]
     (out / "notes.txt").write_text("mine")
     assert predict("--overwrite", e=other) == (0, f"wrote masks and overlays of 2 images to {out}")
     assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces slime's paths, nothing else
     assert json.loads((out / "slime-run.json").read_text())["embeddings"] == str(other)
-    assert predict(e=other)[1].endswith("skipped 2 already done (--overwrite redoes them)")  # the new run resumes
+    assert predict(e=other)[1].endswith(
+        "skipped 2 already done (--overwrite redoes them)"
+    )  # the new run resumes
     os.remove(out / "slime-run.json")
-    assert predict(e=other) == (2, f"slime: error: {out} holds outputs of another run (no slime-run.json says "
-                                   "whose); pass --overwrite, or -o")
+    assert predict(e=other) == (
+        2,
+        f"slime: error: {out} holds outputs of another run (no slime-run.json says "
+        "whose); pass --overwrite, or -o",
+    )
 
 
 def test_the_run_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, emb, capsys):
@@ -574,28 +737,46 @@ def test_the_run_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, e
     assert slime.main(args + ["--ckpt", ckpt]) == 0
     for flags in (["--ckpt", str(tmp_path / "tuned.safetensors")], ["--ckpt", ckpt, "--dtype", "bf16"]):
         assert slime.main(args + flags) == 2
-        assert "holds outputs of another run (another emb.pt, settings, checkpoint or dtype)" in capsys.readouterr().err
+        assert (
+            "holds outputs of another run (another emb.pt, settings, checkpoint or dtype)"
+            in capsys.readouterr().err
+        )
     assert slime.main(args + ["--ckpt", ckpt]) == 0  # the same run resumes
 
 
-def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(tmp_path, tiny_ckpt, emb, capsys, monkeypatch):
+def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
+    tmp_path, tiny_ckpt, emb, capsys, monkeypatch
+):
     """emb.pt and the run record keep the format used. A probe that measures otherwise on the next run neither
     refuses nor redoes what an earlier run made: auto takes the record's format; an explicit other --dtype is
     another run."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
-    args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2")]
+    args = [
+        "predict",
+        str(emb),
+        str(tmp_path / "in"),
+        "-o",
+        str(tmp_path / "out"),
+        "--ckpt",
+        tiny_ckpt("sd2"),
+    ]
     assert slime.main(args) == 0  # auto; conftest's probe finds bf16 no faster: fp32
     assert slime.load_embeddings(emb)["dtype"] == "float32"
     assert json.loads((tmp_path / "out" / "slime-run.json").read_text())["dtype"] == "float32"
     monkeypatch.setattr(slime, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(slime, "bf16_speedup", lambda: pytest.fail("a resume takes the record's format untimed"))
+    monkeypatch.setattr(
+        slime, "bf16_speedup", lambda: pytest.fail("a resume takes the record's format untimed")
+    )
     capsys.readouterr()
     assert slime.main(args) == 0
     err = capsys.readouterr().err
     assert "fp32: the number format of the outputs it resumes" in err and "skipped 1 already done" in err
     assert slime.main(args + ["--dtype", "bf16"]) == 2
-    assert "holds outputs of another run (another emb.pt, settings, checkpoint or dtype)" in capsys.readouterr().err
+    assert (
+        "holds outputs of another run (another emb.pt, settings, checkpoint or dtype)"
+        in capsys.readouterr().err
+    )
     e = torch.load(emb, weights_only=True)  # an emb.pt saved in bf16 is read as fit saves it, in fp32
     e["context"], e["learned"] = e["context"].bfloat16(), e["learned"].bfloat16()
     torch.save(e, tmp_path / "bf16.pt")
@@ -617,13 +798,20 @@ def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_pa
     assert slime.main(args) == 1
     lines = capsys.readouterr().err.splitlines()
     assert [line for line in lines if line.startswith("skipped ")] == [
-        f"skipped {d}/cut.png: image file is truncated", f"skipped {d}/empty.png: cannot identify image file",
-        f"skipped {d}/nan.tif holds nan or inf pixel values"]
+        f"skipped {d}/cut.png: image file is truncated",
+        f"skipped {d}/empty.png: cannot identify image file",
+        f"skipped {d}/nan.tif holds nan or inf pixel values",
+    ]
     assert lines[-1] == f"wrote masks and overlays of 1 image to {out}; could not read 3 images"
     assert outputs(out) == outputs(None, ["good"])
-    assert [r["image"] for r in json.loads((out / "summary.json").read_text())["images"]] == [str(d / "good.png")]
+    assert [r["image"] for r in json.loads((out / "summary.json").read_text())["images"]] == [
+        str(d / "good.png")
+    ]
     assert slime.main(args + ["-q"]) == 1  # the good one is done; the bad ones are still bad
-    assert slime.main(["predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")]) == 0
+    assert (
+        slime.main(["predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")])
+        == 0
+    )
 
 
 def test_a_broken_torchvision_is_named_before_anything_is_read(tmp_path, tiny_ckpt, capsys, monkeypatch):
@@ -634,11 +822,14 @@ def test_a_broken_torchvision_is_named_before_anything_is_read(tmp_path, tiny_ck
         if name.startswith("open_clip"):
             raise RuntimeError("operator torchvision::nms does not exist")
         return real_import(name, *args, **kwargs)
+
     monkeypatch.setattr("builtins.__import__", broken)
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("the model was loaded"))
     assert slime.main(["fit", "nothing.png", "nothing_mask.png", "--ckpt", tiny_ckpt("sd2")]) == 2
-    assert capsys.readouterr().err == (f"slime: error: open_clip fails (operator torchvision::nms does not exist); "
-                                       f"install torchvision for torch {torch.__version__}\n")
+    assert capsys.readouterr().err == (
+        f"slime: error: open_clip fails (operator torchvision::nms does not exist); "
+        f"torchvision must fit torch {torch.__version__}\n"
+    )
 
 
 def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, capsys):
@@ -646,8 +837,20 @@ def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, caps
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     Image.fromarray(synthetic_scene()[1]).resize((64, 64), Image.NEAREST).save(tmp_path / "in" / "a_mask.png")
-    assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt",
-                       tiny_ckpt("sd2")]) == 0
+    assert (
+        slime.main(
+            [
+                "predict",
+                str(emb),
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / "out"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+            ]
+        )
+        == 0
+    )
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert warned == [f"warning: {tmp_path / 'in' / 'a_mask.png'} has only 3 colours, like a mask"]
 
@@ -655,8 +858,22 @@ def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, caps
 def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, capsys):
     img, _ = scene_files(tmp_path, size=64)
     os.symlink(img, tmp_path / "alias.png")
-    assert slime.main(["predict", str(emb), str(img), str(img), str(tmp_path / "alias.png"), "-o", str(tmp_path / "out"),
-                       "--ckpt", tiny_ckpt("sd2")]) == 0
+    assert (
+        slime.main(
+            [
+                "predict",
+                str(emb),
+                str(img),
+                str(img),
+                str(tmp_path / "alias.png"),
+                "-o",
+                str(tmp_path / "out"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+            ]
+        )
+        == 0
+    )
     assert "wrote masks and overlays of 1 image to" in capsys.readouterr().err
     assert outputs(tmp_path / "out") == outputs(None, ["a"])
 
@@ -676,8 +893,23 @@ def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(tmp_path, tin
         Image.fromarray(slime.VOC_PALETTE[labels]).save(tmp_path / "gt_colours" / f"{name}.png")
     tables = []
     for gt in ("gt_labels", "gt_colours"):
-        assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / f"out_{gt}"), "--ckpt", ckpt,
-                           "--masks", str(tmp_path / gt), "-q"]) == 0
+        assert (
+            slime.main(
+                [
+                    "predict",
+                    str(emb),
+                    str(tmp_path / "in"),
+                    "-o",
+                    str(tmp_path / f"out_{gt}"),
+                    "--ckpt",
+                    ckpt,
+                    "--masks",
+                    str(tmp_path / gt),
+                    "-q",
+                ]
+            )
+            == 0
+        )
         tables.append(capsys.readouterr().out)
     assert tables[0] == tables[1] and "mIoU" in tables[0]
 
@@ -687,10 +919,27 @@ def test_an_all_ignore_ground_truth_scores_nothing_instead_of_zero(tmp_path, tin
     (tmp_path / "gt").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     Image.fromarray(np.full((64, 64), 255, np.uint8)).save(tmp_path / "gt" / "a.png")
-    assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt",
-                       tiny_ckpt("sd2"), "--masks", str(tmp_path / "gt")]) == 0
+    assert (
+        slime.main(
+            [
+                "predict",
+                str(emb),
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / "out"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                "--masks",
+                str(tmp_path / "gt"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr()
-    assert "mIoU" not in out.out and "nothing was scored: every ground-truth mask is all 'ignore' (255)" in out.err
+    assert (
+        "mIoU" not in out.out
+        and "nothing was scored: every ground-truth mask is all 'ignore' (255)" in out.err
+    )
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["miou"] is None
 
 
@@ -699,17 +948,30 @@ def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt
     """RLIMIT_FSIZE makes every write past 20 kB fail (EFBIG) as a full disk would (ENOSPC): the small mask
     PNG fits, the overlay does not, and neither may appear without the other."""
     import resource
+
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=256)[0]).save(tmp_path / "in" / "a.png")
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-    r = cli("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q", preexec_fn=limit)
+
+    r = cli(
+        "predict",
+        emb,
+        tmp_path / "in",
+        "-o",
+        tmp_path / "out",
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        "-q",
+        preexec_fn=limit,
+    )
     assert_refused(r, f"slime: error: {tmp_path / 'out' / 'overlays' / 'a.png'}: File too large\n")
     # the small run record fits; no mask without its overlay, no temp file
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
-        "out/slime-run.json"]
+        "out/slime-run.json"
+    ]
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "SIGKILL"])
@@ -718,9 +980,25 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
     Either way emb.pt is the last complete best: every write goes to a temp file that is renamed over it."""
     img, mask = scene_files(tmp_path)
     out = tmp_path / "emb.pt"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "slime.py"), "fit", str(img), str(mask), "--ckpt",
-                             tiny_ckpt("sd2"), *FAST, "--epochs", "50", "-o", str(out), "-q"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "slime.py"),
+            "fit",
+            str(img),
+            str(mask),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            *FAST,
+            "--epochs",
+            "50",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while not out.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -733,7 +1011,8 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
         assert proc.returncode == -sig  # a killed write may leave a temp file, never a half emb.pt
     else:
         assert proc.returncode == 128 + sig and err.strip() == (
-            f"slime: interrupted by {how}; finished outputs kept, none half-made"), err
+            f"slime: interrupted by {how}; finished outputs kept, none half-made"
+        ), err
         assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mask.png", "emb.pt"]  # no temp file
     assert slime.load_embeddings(out)["epoch"] >= 1
 
@@ -743,8 +1022,18 @@ def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt
     for i in range(4):
         Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(tmp_path / "in" / f"s{i}.png")
     out = tmp_path / "out"
-    args = [sys.executable, os.path.join(ROOT, "slime.py"), "predict", str(emb), str(tmp_path / "in"), "-o", str(out),
-            "--ckpt", tiny_ckpt("sd2"), "-q"]
+    args = [
+        sys.executable,
+        os.path.join(ROOT, "slime.py"),
+        "predict",
+        str(emb),
+        str(tmp_path / "in"),
+        "-o",
+        str(out),
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        "-q",
+    ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "overlays" / "s0.png").exists() and time.time() < deadline:
@@ -754,8 +1043,12 @@ def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "overlays" / "s3.png").exists(), "predict finished before it was killed"
     assert slime.main(args[2:-1]) == 0  # the rerun, in this process
-    assert " already done (--overwrite redoes them)" in capsys.readouterr().err.splitlines()[-1]  # finished ones kept
-    assert outputs(out) == outputs(None, [f"s{i}" for i in range(4)])  # a kill mid-write may leave a hidden temp file
+    assert (
+        " already done (--overwrite redoes them)" in capsys.readouterr().err.splitlines()[-1]
+    )  # finished ones kept
+    assert outputs(out) == outputs(
+        None, [f"s{i}" for i in range(4)]
+    )  # a kill mid-write may leave a hidden temp file
     for f in outputs(out):
         if f.endswith(".png"):
             Image.open(out / f).load()  # every output complete
@@ -770,12 +1063,33 @@ def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt,
         calls.append(1)
         loss, terms = step(*a, **kw)
         return (loss * float("nan"), terms) if len(calls) == 2 else (loss, terms)
+
     monkeypatch.setattr(slime, "training_step", diverging)
-    assert slime.main(["fit", str(img), str(mask), "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "3",
-                       "-o", str(tmp_path / "emb.pt"), "-q"]) == 2
+    assert (
+        slime.main(
+            [
+                "fit",
+                str(img),
+                str(mask),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                *FAST,
+                "--epochs",
+                "3",
+                "-o",
+                str(tmp_path / "emb.pt"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "the loss became nan at step 2" in err and "the learning rate is the likely cause (the weights were " \
-        "checked finite at load): try a lower --lr; the best emb.pt so far is kept" in err, err
+    assert (
+        "the loss became nan at step 2" in err
+        and "the learning rate is the likely cause (the weights were "
+        "checked finite at load): try a lower --lr; the best emb.pt so far is kept"
+        in err
+    ), err
     kept = slime.load_embeddings(tmp_path / "emb.pt")  # epoch 1 was validated before the loss diverged
     assert kept["epoch"] == 1 and torch.isfinite(kept["context"]).all()  # counted from 1, as the console says
 
@@ -785,15 +1099,33 @@ def test_half_precision_checkpoints_work_through_the_cli(emb, tmp_path):
     img, _ = scene_files(tmp_path, size=64)
     for dtype in (torch.float16, torch.bfloat16):
         ckpt = write_tiny_checkpoint(tmp_path / f"{dtype}.safetensors", "sd2", dtype=dtype)
-        assert slime.main(["predict", str(emb), str(img), "-o", str(tmp_path / str(dtype)), "--ckpt", ckpt, "-q"]) == 0
+        assert (
+            slime.main(
+                ["predict", str(emb), str(img), "-o", str(tmp_path / str(dtype)), "--ckpt", ckpt, "-q"]
+            )
+            == 0
+        )
         assert (tmp_path / str(dtype) / "SegmentationClass" / "a.png").exists()
 
 
 def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
     (tmp_path / "în pùt").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "în pùt" / "my imäge ✓.png")
-    assert slime.main(["predict", str(emb), str(tmp_path / "în pùt"), "-o", str(tmp_path / "öut put"), "--ckpt",
-                       tiny_ckpt("sd2"), "-q"]) == 0
+    assert (
+        slime.main(
+            [
+                "predict",
+                str(emb),
+                str(tmp_path / "în pùt"),
+                "-o",
+                str(tmp_path / "öut put"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert outputs(tmp_path / "öut put") == outputs(None, ["my imäge ✓"])
 
 
@@ -805,35 +1137,79 @@ def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
     con = SimpleNamespace(progress=lambda text, eta=None, force=False: lines.append((text, eta)))
     progress = slime.fit_progress(con, slime.Settings(epochs=4, val_every=2), 2)  # 8 steps, 2 validations
     step = dict(event="step", steps=8, epoch=1, ce=1, mse=2, sd=3)
-    for e in (dict(step, step=1), dict(step, step=2), dict(event="validating", epoch=1),
-              dict(event="validation", epoch=1, miou=0.5, best=True, seconds=150), dict(step, step=3, epoch=2)):
+    for e in (
+        dict(step, step=1),
+        dict(step, step=2),
+        dict(event="validating", epoch=1),
+        dict(event="validation", epoch=1, miou=0.5, best=True, seconds=150),
+        dict(step, step=3, epoch=2),
+    ):
         progress(e)
-    assert lines[0] == ("epoch 1/4  step 1/8  ce 1.0000  mse 2.0000  sd 3.0000", None)  # no validation timed yet
+    assert lines[0] == (
+        "epoch 1/4  step 1/8  ce 1.0000  mse 2.0000  sd 3.0000",
+        None,
+    )  # no validation timed yet
     assert lines[2] == ("epoch 1/4  validating", None)
-    assert lines[3] == ("epoch 1/4  validation mIoU 0.5000, the best so far: saved", 6 * 10 + 1 * 150)  # 6 steps left
+    assert lines[3] == (
+        "epoch 1/4  validation mIoU 0.5000, the best so far: saved",
+        6 * 10 + 1 * 150,
+    )  # 6 steps left
     assert lines[4][1] == 5 * 10 + 1 * 150  # 5 steps left at 10 s, 1 validation at 150 s
 
 
 def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb, capsys):
     img, _ = scene_files(tmp_path, size=64)
-    assert slime.main(["predict", str(emb), str(img), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2"),
-                       "--threshold", "1"]) == 0
+    assert (
+        slime.main(
+            [
+                "predict",
+                str(emb),
+                str(img),
+                "-o",
+                str(tmp_path / "out"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                "--threshold",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err.splitlines()[-2:] == [
-        "warning: 1 of 1 image got no part; a lower --threshold helps", f"wrote masks and overlays of 1 image to "
-        f"{tmp_path / 'out'}"]
+        "warning: 1 of 1 image got no part; a lower --threshold helps",
+        f"wrote masks and overlays of 1 image to {tmp_path / 'out'}",
+    ]
 
 
 def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, tiny_ckpt, capsys):
     img, mask = scene_files(tmp_path)
-    assert slime.main(["fit", str(img), str(mask), "--parts", "background,square,disc,wheel", "--ckpt",
-                       tiny_ckpt("sd2"), *FAST, "-o", str(tmp_path / "e.pt")]) == 0
-    assert "warning: part 3 (wheel) has no pixels in any training mask: not learned" in capsys.readouterr().err
+    assert (
+        slime.main(
+            [
+                "fit",
+                str(img),
+                str(mask),
+                "--parts",
+                "background,square,disc,wheel",
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                *FAST,
+                "-o",
+                str(tmp_path / "e.pt"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        "warning: part 3 (wheel) has no pixels in any training mask: not learned" in capsys.readouterr().err
+    )
     assert slime.load_embeddings(tmp_path / "e.pt")["parts"] == ["background", "square", "disc", "wheel"]
 
 
 def test_cuda_out_of_memory_says_what_to_try(monkeypatch, capsys, tmp_path):
     def oom(args, con):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     monkeypatch.setattr(slime, "cmd_fit", oom)
     assert slime.main(["fit", *map(str, scene_files(tmp_path, size=64))]) == 2
     err = capsys.readouterr().err
@@ -849,7 +1225,9 @@ def test_predict_never_runs_pickled_code(tmp_path, tiny_ckpt):
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"format": "slime-embeddings/1", "x": Evil()}, f)
     img, _ = scene_files(tmp_path, size=64)
-    r = cli("predict", tmp_path / "evil.pt", img, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), cwd=tmp_path)
+    r = cli(
+        "predict", tmp_path / "evil.pt", img, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), cwd=tmp_path
+    )
     assert_refused(r, "evil.pt: damaged, not a torch file, or holds pickled code, which slime never runs")
     assert not (tmp_path / "pwned").exists()
 
@@ -860,8 +1238,11 @@ def test_empty_folders_and_skipped_files(emb, tmp_path, tiny_ckpt, capsys):
     ckpt = ["--ckpt", tiny_ckpt("sd2")]
     assert slime.main(["predict", str(emb), str(tmp_path / "empty"), *ckpt]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[-2:] == ["skipped 1 non-image file: notes.txt", f"slime: error: {tmp_path / 'empty'} holds no images "
-                        "(.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .tiff)"]
+    assert err[-2:] == [
+        "skipped 1 non-image file: notes.txt",
+        f"slime: error: {tmp_path / 'empty'} holds no images "
+        "(.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .tiff)",
+    ]
     (tmp_path / "void").mkdir()
     assert slime.main(["predict", str(emb), str(tmp_path / "void"), *ckpt]) == 2
     assert "void holds no images" in capsys.readouterr().err
@@ -873,19 +1254,51 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     Image.fromarray(img).resize((32, 64)).transpose(Image.Transpose.ROTATE_90).save(
-        tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+        tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95
+    )
     Image.fromarray(mask).resize((32, 64), Image.NEAREST).save(tmp_path / "phone_mask.png")
-    assert slime.main(["fit", str(tmp_path / "phone.jpg"), str(tmp_path / "phone_mask.png"), "--ckpt", tiny_ckpt("sd2"),
-                       *FAST, "-o", str(tmp_path / "e.pt"), "-q"]) == 0
+    assert (
+        slime.main(
+            [
+                "fit",
+                str(tmp_path / "phone.jpg"),
+                str(tmp_path / "phone_mask.png"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                *FAST,
+                "-o",
+                str(tmp_path / "e.pt"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     (tmp_path / "gt").mkdir()
     os.replace(tmp_path / "phone_mask.png", tmp_path / "gt" / "phone.png")  # and scores against it in predict
-    assert slime.main(["predict", str(tmp_path / "e.pt"), str(tmp_path / "phone.jpg"), "-o", str(tmp_path / "out"),
-                       "--masks", str(tmp_path / "gt"), "--ckpt", tiny_ckpt("sd2"), "-q"]) == 0
+    assert (
+        slime.main(
+            [
+                "predict",
+                str(tmp_path / "e.pt"),
+                str(tmp_path / "phone.jpg"),
+                "-o",
+                str(tmp_path / "out"),
+                "--masks",
+                str(tmp_path / "gt"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "phone.png").size == (32, 64)
 
 
-@pytest.mark.skipif(any(f.endswith(".safetensors") for f in os.listdir(os.path.join(ROOT, "weights"))),
-                    reason="a real checkpoint is in weights/")
+@pytest.mark.skipif(
+    any(f.endswith(".safetensors") for f in os.listdir(os.path.join(ROOT, "weights"))),
+    reason="a real checkpoint is in weights/",
+)
 def test_no_checkpoint_in_weights(tmp_path, capsys):
     assert slime.main(["fit", *map(str, scene_files(tmp_path, size=64))]) == 2
     assert "weights holds 0 checkpoints: see weights/README.md, or pass --ckpt" in capsys.readouterr().err
@@ -894,29 +1307,74 @@ def test_no_checkpoint_in_weights(tmp_path, capsys):
 def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny_ckpt):
     (tmp_path / "in").mkdir()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "in" / "tiny.png")
-    Image.fromarray((np.arange(70 * 50) % 65536).reshape(50, 70).astype(np.uint16)).save(tmp_path / "in" / "gray16.png")
-    assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt",
-                       tiny_ckpt("sd2"), "-q"]) == 0
+    Image.fromarray((np.arange(70 * 50) % 65536).reshape(50, 70).astype(np.uint16)).save(
+        tmp_path / "in" / "gray16.png"
+    )
+    assert (
+        slime.main(
+            [
+                "predict",
+                str(emb),
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / "out"),
+                "--ckpt",
+                tiny_ckpt("sd2"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "tiny.png").size == (16, 16)
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "gray16.png").size == (70, 50)
 
 
-def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(emb, tmp_path, tiny_ckpt, monkeypatch):
+def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(
+    emb, tmp_path, tiny_ckpt, monkeypatch
+):
     """108 MP: PIL's bomb warning silenced (it refuses only above 179 MP), a line saying what slime does,
     and a peak of ~3 GB (the image alone is 1.3 GB as float32); whole-image float temporaries took 11 GB."""
     (tmp_path / "in").mkdir()
     h, w = 9000, 12000
-    ramp = (np.arange(w, dtype=np.uint16)[None] * 255 // w + np.arange(h, dtype=np.uint16)[:, None] * 255 // h) // 2
-    Image.fromarray(np.repeat(ramp.astype(np.uint8)[..., None], 3, -1)).save(tmp_path / "in" / "huge.jpg", quality=80)
-    code = PEAK_MEMORY + "import sys, slime; rc = slime.main(sys.argv[1:]); print(peak_memory()); sys.exit(rc)"
-    r = subprocess.run([sys.executable, "-c", code, "predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"),
-                        "--ckpt", tiny_ckpt("sd2")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    ramp = (
+        np.arange(w, dtype=np.uint16)[None] * 255 // w + np.arange(h, dtype=np.uint16)[:, None] * 255 // h
+    ) // 2
+    Image.fromarray(np.repeat(ramp.astype(np.uint8)[..., None], 3, -1)).save(
+        tmp_path / "in" / "huge.jpg", quality=80
+    )
+    code = (
+        PEAK_MEMORY + "import sys, slime; rc = slime.main(sys.argv[1:]); print(peak_memory()); sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "predict",
+            str(emb),
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "out"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stderr.splitlines()[-1] == f"wrote masks and overlays of 1 image to {tmp_path / 'out'}" and \
-        "Warning" not in r.stderr
+    assert (
+        r.stderr.splitlines()[-1] == f"wrote masks and overlays of 1 image to {tmp_path / 'out'}"
+        and "Warning" not in r.stderr
+    )
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no bomb warning for the test's own check
     out = tmp_path / "out"
-    assert Image.open(out / "SegmentationClass" / "huge.png").size == (w, h) == Image.open(out / "overlays" / "huge.png").size
+    assert (
+        Image.open(out / "SegmentationClass" / "huge.png").size
+        == (w, h)
+        == Image.open(out / "overlays" / "huge.png").size
+    )
     assert int(r.stdout.split()[1]) < 4.5e6  # VmHWM in kB
 
 
@@ -924,15 +1382,31 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
     """fit on a terminal (a pty): the progress line updates in place (\\r, then \\x1b[K clears what a longer
     line left), and every notice starts a line of its own, so what the user sees is whole lines only."""
     import pty
+
     img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
     Image.fromarray(synthetic_scene(size=128)[0]).save(img)
     colours = np.zeros((128, 128, 3), np.uint8)
     colours[10:60, 10:60], colours[70:120, 50:110] = (200, 0, 0), (0, 200, 0)
     Image.fromarray(colours).save(mask)
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "slime.py"), "fit", img, mask, "--ckpt",
-                             tiny_ckpt("sd2"), *FAST, "--epochs", "1", "-o", tmp_path / "emb.pt"],
-                            stderr=follower, stdout=follower)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "slime.py"),
+            "fit",
+            img,
+            mask,
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            *FAST,
+            "--epochs",
+            "1",
+            "-o",
+            tmp_path / "emb.pt",
+        ],
+        stderr=follower,
+        stdout=follower,
+    )
     os.close(follower)
     raw = b""
     while True:
@@ -944,15 +1418,29 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
             break
         raw += chunk
     assert proc.wait(timeout=300) == 0, raw
-    shown = [line.split("\r")[-1].replace("\x1b[K", "") for line in raw.decode().replace("\r\n", "\n").split("\n")]
-    starts = ("running on the CPU", "loading ", "loaded sd2", "fitting 2 parts", "mask colours -> parts: (0, 0, 0) "
-              "background, (0, 200, 0) part1, (200, 0, 0) part2", "fit finished: ", "next: ", "epoch ")
+    shown = [
+        line.split("\r")[-1].replace("\x1b[K", "") for line in raw.decode().replace("\r\n", "\n").split("\n")
+    ]
+    starts = (
+        "running on the CPU",
+        "loading ",
+        "loaded sd2",
+        "fitting 2 parts",
+        "mask colours -> parts: (0, 0, 0) background, (0, 200, 0) part1, (200, 0, 0) part2",
+        "fit finished: ",
+        "next: ",
+        "epoch ",
+    )
     for line in filter(None, shown):
         assert line.startswith(starts) and sum(line.count(s.strip()) for s in starts[:-1]) <= 1, shown
     assert "fitting 2 parts ['part1', 'part2'] on 1 image: 1 epoch of 1 step, 1 validation" in shown
     stages = raw.decode().replace("\r\n", "\n").replace("\r", "\n")  # every state of the progress line, too
-    for stage in ("loading " + str(tiny_ckpt("sd2")), "epoch 1/1  step 1/1  ce ", "epoch 1/1  validating",
-                  "epoch 1/1  validation mIoU "):
+    for stage in (
+        "loading " + str(tiny_ckpt("sd2")),
+        "epoch 1/1  step 1/1  ce ",
+        "epoch 1/1  validating",
+        "epoch 1/1  validation mIoU ",
+    ):
         assert stage in stages, stages
     assert shown[-3].startswith(f"fit finished: {tmp_path / 'emb.pt'} holds epoch 1 (validation mIoU "), shown
     assert shown[-2] == f"next: python slime.py predict {tmp_path / 'emb.pt'} IMAGES/ -o out/", shown

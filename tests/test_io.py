@@ -144,7 +144,9 @@ def test_read_errors(tmp_path, read):
     save(tmp_path, "full.jpg", Image.fromarray(rng_rgb(64, 64)), quality=90)
     data = (tmp_path / "full.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SlimeError, match=r"cut.jpg: image file is truncated \(\d+ bytes not processed\)$") as e:
+    with pytest.raises(
+        SlimeError, match=r"cut.jpg: image file is truncated \(\d+ bytes not processed\)$"
+    ) as e:
         read(tmp_path / "cut.jpg")
     assert str(e.value).startswith(str(tmp_path / "cut.jpg")) and "\n" not in str(e.value)
     (tmp_path / "cut.png").write_bytes(data[:100])  # a JPEG header cut short, named .png
@@ -297,22 +299,31 @@ def test_colors_too_many_is_antialiasing():
     assert len(colors_to_labels([colors[:, :76]])[1]) == 77
     with pytest.raises(SlimeError) as e:
         colors_to_labels([colors], names=["soft.png"])
-    assert str(e.value) == "the masks hold 78 colours, over 77 classes: anti-aliased edges?"
+    assert str(e.value) == "the mask colours make 78 classes, over 77: anti-aliased edges?"  # black included
 
 
 @pytest.mark.parametrize(
     "mode, name, n",
-    [("RGB", "photo.png", "4,096"), ("L", "photo.png", "256"), ("F", "photo.tif", "256"), ("RGB", "photo.jpg", "")],
+    [
+        ("RGB", "photo.png", "4,096"),
+        ("L", "photo.png", "256"),
+        ("F", "photo.tif", "256"),
+        ("RGB", "photo.jpg", ""),
+    ],
 )
 def test_a_photo_given_as_a_mask_is_named_for_what_it_is(tmp_path, mode, name, n):
     """Thousands of colours, or more grey values than SD has tokens, are no mask: the image and its mask were
     swapped, or a photo sits in the --masks folder. A JPEG photo is named a photo, not a lossy mask."""
     pixels = rng_rgb(64, 64)
-    photo = Image.fromarray(pixels if mode == "RGB" else pixels[..., 0].astype("float32" if mode == "F" else "uint8"))
+    photo = Image.fromarray(
+        pixels if mode == "RGB" else pixels[..., 0].astype("float32" if mode == "F" else "uint8")
+    )
     with pytest.raises(SlimeError) as e:
         read_mask(save(tmp_path, name, photo))
     assert re.fullmatch(
-        re.escape(f"{tmp_path / name} holds {n}") + (r"\d,\d{3}" if not n else "") + " distinct values, so it is "
+        re.escape(f"{tmp_path / name} holds {n}")
+        + (r"\d,\d{3}" if not n else "")
+        + " distinct values, so it is "
         "a photo, not a mask \\(or its edges are anti-aliased\\): give each image first, its mask second",
         str(e.value),
     ), str(e.value)
@@ -475,7 +486,10 @@ def test_a_labelmap_names_the_colours_in_its_order(tmp_path):
             "background:0,0,0::\nbackground:1,1,1::\n",
             "line 2: 'background:1,1,1::' is not `name:r,g,b::`, a new name",
         ),
-        ("background:0,0,0::\nhead:1,2,300::\n", "line 2: 'head:1,2,300::' is not `name:r,g,b::`, a new name"),
+        (
+            "background:0,0,0::\nhead:1,2,300::\n",
+            "line 2: 'head:1,2,300::' is not `name:r,g,b::`, a new name",
+        ),
         ("background:0,0,0::\nhead:1,2::\n", "line 2: 'head:1,2::' is not `name:r,g,b::`, a new name"),
         ("background:0,0,0::\n", "lists 1 label; slime needs 2 to 77, each its colour"),
     ]:

@@ -372,16 +372,37 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
         assert torch.equal(slime.segment(sd, context, image, 3, s, slime.SIZE, kept[0]), fresh)
         assert miou == slime.image_miou(fresh, gt, 3)  # the mIoU of the masks made from scratch
     assert len(encodes) == 1 + 2  # the validation's patch once; one for each segment from scratch
-    # fit: the validation patch is encoded before the first step, and no validation encodes
-    events = []
-    s = slime.Settings(epochs=2, val_every=1, patch_size=512, patches_per_side=1, rotation=0)
-    encodes.clear()
-    slime.fit(sd, [(image, gt)], 3, s, progress=lambda e: events.append((e["event"], len(encodes))))
-    assert [e for e, _ in events] == ["step", "validating", "validation"] * 2
-    encoded = [n for _, n in events]
-    assert encoded[1] == encoded[2] and encoded[4] == encoded[5]  # none while validating
-    per_step = encoded[3] - encoded[2]  # a training step's encodes
-    assert per_step > 0 and encoded[0] == 1 + per_step  # and before the first step: the validation's one patch
+
+
+def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_validation(tiny_ckpt, monkeypatch):
+    """One noisy_inputs per validation pair, before the first step; every validation gets those very ones."""
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    image, gt = torch.rand(3, 64, 64), torch.zeros(64, 64, dtype=torch.long)
+    gt[32:] = 1
+    calls = []
+
+    def inputs(sd, image, s):
+        calls.append(("inputs", object()))
+        return calls[-1][1]
+
+    def step(sd, learned, cond, uncond, image, mask, s, gen):
+        calls.append(("step", None))
+        return (learned**2).sum(), {}
+
+    def validation(sd, context, val_pairs, val_inputs, num_classes, s):
+        calls.append(("validation", val_inputs))
+        return 0.5
+
+    monkeypatch.setattr(slime, "noisy_inputs", inputs)
+    monkeypatch.setattr(slime, "training_step", step)
+    monkeypatch.setattr(slime, "validation_miou", validation)
+    val = [(image, gt), (image.flip(-1), gt.flip(-1))]
+    slime.fit(sd, [(image, gt)], 2, slime.Settings(epochs=3, val_every=1), val_pairs=val)
+    assert [what for what, _ in calls] == ["inputs"] * 2 + ["step", "validation"] * 3
+    made = [x for what, x in calls if what == "inputs"]
+    given = [x for what, x in calls if what == "validation"]
+    assert all(g is given[0] for g in given) and len(given[0]) == 2
+    assert all(a is b for a, b in zip(given[0], made))
 
 
 # ----------------------------------------------------------------------------- native resolution (--window)

@@ -195,18 +195,24 @@ def write_bytes(path, data):
         ("truncated", r": Error while deserializing header: invalid header length$"),
         ("garbage", r": Error while deserializing header: invalid JSON in header: "),
         ("empty", r": Error while deserializing header: header too small$"),
-        ("lora", r" is no Stable Diffusion 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
-        ("sdxl", r" is no Stable Diffusion 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
-        ("notext", r" is no Stable Diffusion 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
-        ("vae", r" is no Stable Diffusion 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
+        ("lora", r" is no SD 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
+        ("sdxl", r" is no SD 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
+        ("notext", r" is no SD 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
+        ("vae", r" is no SD 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
         (
             "novae",
-            r" is no Stable Diffusion 1\.x or 2\.x checkpoint: it lacks first_stage_model\.encoder\.conv_in\.weight$",
+            r" is no SD 1\.x or 2\.x checkpoint: it lacks first_stage_model\.encoder\.conv_in\.weight$",
         ),
         ("incomplete", r" lacks tensors for sd1: model\.diffusion_model\.out\.2\.bias \(1 in all\)$"),
-        ("shaped", r" has wrongly shaped tensors for sd2: model\.diffusion_model\.out\.2\.bias \(1 in all\)$"),
+        (
+            "shaped",
+            r" has wrongly shaped tensors for sd2: model\.diffusion_model\.out\.2\.bias \(1 in all\)$",
+        ),
         ("integer", r" has non-float tensors for sd2: model\.diffusion_model\.out\.2\.bias \(1 in all\)$"),
-        ("nan", r": the tensor model\.diffusion_model\.out\.2\.bias holds nan or inf values; the file is damaged$"),
+        (
+            "nan",
+            r": the tensor model\.diffusion_model\.out\.2\.bias holds nan or inf values; the file is damaged$",
+        ),
     ],
 )
 def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, message):
@@ -244,10 +250,16 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
             save_file({"model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "u.safetensors"),
             str(tmp_path / "u.safetensors"),
         )[1],
-        "vae": lambda: _edited(tmp_path, tiny_ckpt("sd1"), lambda k, v: k.startswith(slime.VAE_PREFIX) and v),
-        "novae": lambda: _edited(tmp_path, tiny_ckpt("sd2"), lambda k, v: not k.startswith(slime.VAE_PREFIX) and v),
+        "vae": lambda: _edited(
+            tmp_path, tiny_ckpt("sd1"), lambda k, v: v if k.startswith(slime.VAE_PREFIX) else None
+        ),
+        "novae": lambda: _edited(
+            tmp_path, tiny_ckpt("sd2"), lambda k, v: None if k.startswith(slime.VAE_PREFIX) else v
+        ),
         "incomplete": lambda: _without(tmp_path, tiny_ckpt("sd1"), out),
-        "shaped": lambda: _edited(tmp_path, tiny_ckpt("sd2"), lambda k, v: torch.zeros(len(v) + 1) if k == out else v),
+        "shaped": lambda: _edited(
+            tmp_path, tiny_ckpt("sd2"), lambda k, v: torch.zeros(len(v) + 1) if k == out else v
+        ),
         "integer": lambda: _edited(tmp_path, tiny_ckpt("sd2"), lambda k, v: v.int() if k == out else v),
         "nan": lambda: _edited(tmp_path, tiny_ckpt("sd2"), lambda k, v: v * math.nan if k == out else v),
     }[case]()
@@ -257,10 +269,10 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
     assert re.fullmatch(re.escape(path) + message + ".*", str(e.value)), str(e.value)
 
 
-def _edited(tmp_path, src, edit):  # each tensor -> edit(key, tensor): a tensor, or a false value to drop it
+def _edited(tmp_path, src, edit):  # each tensor -> edit(key, tensor): a tensor, or None to drop it
     from safetensors.torch import load_file, save_file
 
-    state = {k: t for k, v in load_file(src).items() if (t := edit(k, v)) is not None and t is not False}
+    state = {k: t for k, v in load_file(src).items() if (t := edit(k, v)) is not None}
     save_file(state, tmp_path / "edited.safetensors")
     return str(tmp_path / "edited.safetensors")
 
