@@ -1316,11 +1316,11 @@ def cmd_predict(args, con):
     if world > 1:  # every process makes its plan before the record changes
         dist.init_process_group("nccl" if device[0].type == "cuda" else "gloo")
         dist.barrier()
-    if rank == 0:
+    sd = load(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
+    if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
         commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
     if world > 1:
         dist.barrier()
-    sd = load(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
     mine, records, unread, t0 = jobs[rank::world], [], [], time.time()
     todo, wrote = sum(not j.done for j in mine), 0
     for n, job in enumerate(mine, 1):
