@@ -13,6 +13,7 @@ resolution (--window, slime's); the checkpoint; files; the plan of a run and its
 
 import argparse
 import contextlib
+import datetime
 import functools
 import glob
 import hashlib
@@ -725,7 +726,7 @@ def open_image(path):
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
             # by what the file IS: a JPEG saved as .png is still JPEG (MPO: a phone's); WebP is lossless as VP8L
-            lossy = im.format in ("JPEG", "MPO", "JPEG2000") or "jpeg" in im.info.get("compression", "")
+            lossy = im.format in ("JPEG", "MPO", "JPEG2000") or "jpeg" in str(im.info.get("compression"))
             lossy = lossy or im.format == "WEBP" and b"VP8L" not in open(path, "rb").read(64)
             return ImageOps.exif_transpose(im), lossy and im.format  # as shown: phones store EXIF rotations
 
@@ -969,8 +970,7 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
 
 
 # ----------------------------------------------------------------------------- the plan of a run
-# A run first makes its plan: every option, every file it reads and every path it writes, checked before
-# the model loads, so that a mistake costs seconds, not a fit. predict's plan also says which images are done.
+# A run's plan: every option, file it reads and path it writes, checked before the model loads (seconds, not a fit)
 def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pairs, val pairs, parts, palette)
     preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "parts"}
     args.parts = args.parts or PRESETS.get(args.preset, {}).get("parts")  # explicit flags win over a preset
@@ -1029,11 +1029,11 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
         raise SlimeError(f"-o {args.out} is a file; predict writes into a folder")
     s = settings_from(given(args), "the command line", emb["settings"])
     if os.path.exists(path) and not args.overwrite:
-        with named(path), open(path, encoding="utf-8") as f:
+        with named(path, "not slime's run record; pass --overwrite, or choose another -o"), open(path) as f:
             record = json.load(f)
         if not isinstance(record, dict) or not isinstance(record.get("run"), str):
             raise SlimeError(f"{path} is not slime's run record; pass --overwrite, or choose another -o")
-    resume = {"float32": "fp32", "bfloat16": "bf16"}.get(record.get("dtype")) if record else None
+    resume = {str(v)[6:]: k for k, v in DTYPES.items()}.get(record.get("dtype")) if record else None
     device = device_and_dtype(args, con, resume if args.dtype == "auto" else None)  # auto: the record's
     ckpt, family, modules = checkpoint(args)
     if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
@@ -1044,7 +1044,7 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
     run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
     outputs = [os.path.join(args.out, n) for n in RUN_FILES] + [p for j in jobs for p in (j.mask, j.overlay)]
-    if record["run"] != run if record else not args.overwrite and any(map(os.path.exists, outputs)):
+    if (record["run"] != run if record else not args.overwrite) and any(map(os.path.exists, outputs)):
         whose = "another emb.pt, settings, checkpoint or dtype" if record else f"no {RECORD} says whose"
         raise SlimeError(f"{args.out} holds outputs of another run ({whose}); pass --overwrite, or -o")
     for job in jobs:  # the same run resumes: an image is done when both its files are there
@@ -1089,6 +1089,8 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
     for job in jobs if masks else []:
         stem = os.path.splitext(os.path.basename(job.mask))[0]
         job.gt = next(filter(os.path.isfile, (os.path.join(masks, stem + e) for e in MASK_EXTS)), None)
+        if job.gt and os.path.samefile(job.gt, job.image):
+            raise SlimeError(f"--masks {masks} is the folder of {job.image}: keep the ground truth apart")
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
             continue
@@ -1162,18 +1164,11 @@ def bf16_speedup(repeats=3):
 
 
 def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, family, modules)
-    found = sorted(glob.glob(os.path.join(HERE, "weights", "*.safetensors")))
+    found = sorted(glob.glob(os.path.join(glob.escape(HERE), "weights", "*.safetensors")))
     if not args.ckpt and len(found) != 1:
         what = "see weights/README.md" if not found else f"choose one of {len(found)}"
         raise SlimeError(f"{HERE}/weights holds {count(len(found), 'checkpoint')}: {what}, or pass --ckpt")
     return (args.ckpt or found[0], *read_header(args.ckpt or found[0]))
-
-
-def load(con, ckpt, device, text_encoder=True):  # load_models, saying so
-    con.progress(f"loading {ckpt}", force=True)
-    sd = load_models(ckpt, device=device[0], dtype=device[1], text_encoder=text_encoder)
-    con.say(f"loaded {sd.family} on {device[0]} ({str(device[1])[6:]})")
-    return sd
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1275,7 +1270,8 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
         why = " ".join(str(e).split())
         raise SlimeError(f"open_clip fails ({why}); torchvision must fit torch {torch.__version__}") from None
     s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
-    sd, best, progress = load(con, ckpt, device), {}, fit_progress(con, s, len(train))
+    con.progress(f"loading {ckpt}", force=True)
+    sd, best, progress = load_models(ckpt, *device), {}, fit_progress(con, s, len(train))
     vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
     steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}"
     con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}")
@@ -1314,10 +1310,16 @@ def cmd_predict(args, con):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     emb, s, device, ckpt, jobs, run = plan_predict(args, con)
     if world > 1:  # every process makes its plan before the record changes
-        dist.init_process_group("nccl" if device[0].type == "cuda" else "gloo")
-        dist.barrier()
-    sd = load(con, ckpt, device, text_encoder=False)  # emb.pt holds the whole context
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # CPU objects only, waits long
+        plans = [None] * world
+        dist.all_gather_object(plans, (run, [job.image for job in jobs]))
+        if plans != plans[:1] * world:  # --dtype auto measured near 1.3x, or the folder changed meanwhile
+            raise SlimeError("the processes made different plans: give --dtype, keep the folders as they are")
+    con.progress(f"loading {ckpt}", force=True)
+    sd = load_models(ckpt, *device, text_encoder=False)  # emb.pt holds the whole context
     if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
+        for job in jobs if args.overwrite else []:  # the other run's pairs: no longer whole, so never "done"
+            os.remove(job.overlay) if os.path.exists(job.overlay) else None
         commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
     if world > 1:
         dist.barrier()
@@ -1340,10 +1342,10 @@ def cmd_predict(args, con):
             labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
         records.append(image_record(job, labels, emb))
     if world > 1:  # everyone's results, to write the run files once
-        everyone, order = [None] * world, [job.image for job in jobs]
+        everyone, order = [None] * world, {job.image: i for i, job in enumerate(jobs)}
         dist.all_gather_object(everyone, (records, unread, wrote))
         records, unread, wrote = (sum(x, start) for x, start in zip(zip(*everyone), ([], [], 0)))
-        records.sort(key=lambda r: order.index(r["image"]))
+        records.sort(key=lambda r: order[r["image"]])
         dist.destroy_process_group()
     if rank == 0:
         report(args, con, emb, s, records, wrote, unread)
@@ -1464,8 +1466,8 @@ def main(argv=None):
             print("\n" * con.open + f"slime: error: {why}", file=sys.stderr)
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-            name = signal.Signals(signum).name
-            print(f"\nslime: interrupted by {name}; finished outputs kept, none half-made", file=sys.stderr)
+            name = signal.Signals(signum).name  # temp files are gone, and no output is half-made
+            print("\n" * con.open + f"slime: interrupted by {name}; finished outputs kept", file=sys.stderr)
             return 128 + signum
         return 2
 

@@ -593,7 +593,11 @@ PREDICT_CASES = [
         "the user's file where the run record goes",
         "{d}/out/slime-run.json is not slime's run record; pass --overwrite, or choose another -o",
     ),
-    ("a damaged run record", "slime: error: {d}/out/slime-run.json: Unterminated string"),
+    (
+        "a damaged run record",
+        "slime: error: {d}/out/slime-run.json: not slime's run record; pass --overwrite, or "
+        "choose another -o",
+    ),
     (
         "a colour ground truth in other colours",
         "gt/a.png has colours that are not in the parts' colours, e.g. (0, 9, 0), (9, 0, 0)",
@@ -639,7 +643,10 @@ PREDICT_CASES = [
     ("a folder as the emb.pt", "{d}/in: Is a directory"),
     ("device cuda without a GPU", "--device cuda: not available on this machine"),
     ("fp16 on the CPU", "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32"),
-    ("ground truth in the image folder", "{d}/in/a.png holds 4,071 distinct values, so it is a photo"),
+    (
+        "ground truth in the image folder",
+        "--masks {d}/in is the folder of {d}/in/a.png: keep the ground truth apart",
+    ),
     ("no ground-truth folder", "--masks {d}/nowhere: no such folder"),
     (
         "no ground truth for any image",
@@ -724,6 +731,60 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
         f"slime: error: {out} holds outputs of another run (no slime-run.json says "
         "whose); pass --overwrite, or -o",
     )
+
+
+def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_own(
+    tmp_path, tiny_ckpt, emb, capsys, monkeypatch
+):
+    """--overwrite stopped after its first image, then resumed: the images the old run made are redone, since
+    --overwrite took their overlays, and a pair counts as done only whole. A record whose run made no outputs
+    yet (one stopped at its first image) does not stand in the way of another run."""
+    ckpt = tiny_ckpt("sd2")
+    (tmp_path / "in").mkdir()
+    for name in ("p", "q"):
+        Image.fromarray(synthetic_scene(seed=len(name))[0]).resize((64, 64)).save(
+            tmp_path / "in" / f"{name}.png"
+        )
+    out = tmp_path / "out"
+    args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt]
+    assert slime.main(args) == 0
+    other = make_emb(
+        tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01))
+    )
+    write, calls = slime.segment_and_write, []
+
+    def stopped_at_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt(signal.SIGTERM)
+        return write(*a, **k)
+
+    monkeypatch.setattr(slime, "segment_and_write", stopped_at_the_second)
+    args[1] = str(other)
+    assert slime.main(args + ["--overwrite"]) == 128 + signal.SIGTERM
+    assert not (out / "overlays" / "q.png").exists()  # q's pair is the old run's: no longer whole
+    monkeypatch.undo()
+    made = images_made(out)
+    capsys.readouterr()
+    assert slime.main(args) == 0  # the same run (other.pt) resumes: p is done, q is redone
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"wrote masks and overlays of 1 image to {out}; skipped 1 already done (--overwrite redoes them)"
+    )
+    assert images_made(out)["SegmentationClass/q.png"] != made["SegmentationClass/q.png"]
+    for f in [f for f in out.rglob("*") if f.is_file() and f.name != "slime-run.json"]:
+        f.unlink()  # what a run stopped at its first image leaves: its record alone
+    assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, "-q"]) == 0
+
+
+def test_bmp_images_and_masks_are_read(tmp_path):
+    """PIL keeps a BMP's compression as a number: no string test may trip on it."""
+    img, mask = synthetic_scene(size=64)
+    Image.fromarray(img).save(tmp_path / "a.bmp")
+    Image.fromarray(mask).save(tmp_path / "m.bmp")
+    assert torch.equal(
+        slime.read_image(tmp_path / "a.bmp"), torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    )
+    assert np.array_equal(slime.read_mask(tmp_path / "m.bmp"), mask)
 
 
 def test_the_run_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, emb, capsys):
@@ -1011,7 +1072,7 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
         assert proc.returncode == -sig  # a killed write may leave a temp file, never a half emb.pt
     else:
         assert proc.returncode == 128 + sig and err.strip() == (
-            f"slime: interrupted by {how}; finished outputs kept, none half-made"
+            f"slime: interrupted by {how}; finished outputs kept"
         ), err
         assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mask.png", "emb.pt"]  # no temp file
     assert slime.load_embeddings(out)["epoch"] >= 1
@@ -1424,7 +1485,6 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
     starts = (
         "running on the CPU",
         "loading ",
-        "loaded sd2",
         "fitting 2 parts",
         "mask colours -> parts: (0, 0, 0) background, (0, 200, 0) part1, (200, 0, 0) part2",
         "fit finished: ",
