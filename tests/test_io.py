@@ -96,6 +96,9 @@ def test_read_image_palette_with_transparency(tmp_path):
     assert torch.equal(x.permute(1, 2, 0).reshape(4, 3), torch.from_numpy(VOC_PALETTE[:4]).float() / 255)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:.*like a mask"
+)  # one flat colour: the warning is right, and beside the point
 def test_read_image_cmyk_jpeg(tmp_path):
     x = read_image(save(tmp_path, "c.jpg", Image.new("CMYK", (8, 8), (255, 0, 0, 0)), quality=100))  # cyan
     assert x.shape == (3, 8, 8)
