@@ -27,39 +27,11 @@ from conftest import ROOT, synthetic_photo, synthetic_scene
 # Flags for random tiny weights: the SD loss (guidance 100 on random eps) would dominate Eq. 8, and the
 # release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it. Both lists pin
 # fp32: --dtype auto would choose by this CPU's speed (conftest.py: in-process runs choose fp32 anyway).
-TINY = [
-    "--beta",
-    "0",
-    "--threshold",
-    "0",
-    "--patch-size",
-    "512",
-    "--patches-per-side",
-    "1",
-    "-q",
-    "--dtype",
-    "fp32",
-]
+TINY = "--beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
 # Flags for the SD-like checkpoint: the release's defaults (threshold 0.2 included) except fewer epochs at a
 # higher rate, validation every 5 epochs, one 512 patch, and no SD loss (its UNet predicts eps = 0 whatever
 # the context, so L_SD has no gradient and would only cost a second UNet pass).
-SDLIKE = [
-    "--epochs",
-    "10",
-    "--lr",
-    "0.3",
-    "--val-every",
-    "5",
-    "--beta",
-    "0",
-    "--patch-size",
-    "512",
-    "--patches-per-side",
-    "1",
-    "-q",
-    "--dtype",
-    "fp32",
-]
+SDLIKE = "--epochs 10 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
 
 
 def run(*args, ok=True):

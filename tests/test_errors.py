@@ -27,20 +27,7 @@ from safetensors.torch import save_file
 import slime
 from conftest import PEAK_MEMORY, ROOT, synthetic_scene, tiny_state_dict, write_tiny_checkpoint
 
-FAST = [
-    "--epochs",
-    "1",
-    "--beta",
-    "0",
-    "--threshold",
-    "0",
-    "--patch-size",
-    "512",
-    "--patches-per-side",
-    "1",
-    "--dtype",
-    "fp32",
-]
+FAST = "--epochs 1 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 --dtype fp32".split()
 
 
 def cli(*args, cwd=None, **kw):
@@ -52,6 +39,10 @@ def cli(*args, cwd=None, **kw):
         cwd=cwd,
         **kw,
     )
+
+
+def main(*args):  # slime's command line in this process, its arguments as paths or strings
+    return slime.main([str(a) for a in args])
 
 
 def assert_refused(r, fragment):
@@ -301,7 +292,7 @@ FIT_CASES = [
 def test_fit_refuses_hostile_input_leaving_the_folder_as_it_was(tmp_path, tiny_ckpt, capsys, case, fragment):
     args = fit_case(tmp_path, tiny_ckpt("sd2"), case)
     before = listing(tmp_path)
-    assert slime.main(["fit", *map(str, args), *FAST, "-q"]) == 2
+    assert main("fit", *map(str, args), *FAST, "-q") == 2
     err = capsys.readouterr().err
     fragment = fragment.replace("{d}", str(tmp_path))  # the case's folder, where a message names a file in it
     assert fragment in err and err.startswith("slime: error: ") and err.count("\n") == 1, err
@@ -354,18 +345,8 @@ def test_option_errors_are_one_line(tmp_path, tiny_ckpt, capsys, flags, fragment
     img, mask = scene_files(tmp_path)
     before = listing(tmp_path)
     assert (
-        slime.main(
-            [
-                "fit",
-                str(img),
-                str(mask),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                "-o",
-                str(tmp_path / "e.pt"),
-                "-q",
-                *flags,
-            ]
+        main(
+            "fit", str(img), str(mask), "--ckpt", tiny_ckpt("sd2"), "-o", str(tmp_path / "e.pt"), "-q", *flags
         )
         == 2
     )
@@ -376,7 +357,7 @@ def test_option_errors_are_one_line(tmp_path, tiny_ckpt, capsys, flags, fragment
 
 def test_options_are_checked_before_anything_is_read(capsys):
     """An option error wins over missing files: it is the first thing the user has to fix."""
-    assert slime.main(["fit", "nothing.png", "nothing_mask.png", "--lr", "nan"]) == 2
+    assert main("fit", "nothing.png", "nothing_mask.png", "--lr", "nan") == 2
     assert "argument --lr" in capsys.readouterr().err
 
 
@@ -663,7 +644,7 @@ def test_predict_refuses_hostile_input_leaving_the_folders_as_they_were(
         pytest.skip("this machine has a GPU")
     args = predict_case(tmp_path, tiny_ckpt("sd2"), emb, case)
     before = listing(tmp_path)
-    assert slime.main(["predict", *map(str, args), "-q"]) == 2
+    assert main("predict", *map(str, args), "-q") == 2
     err = capsys.readouterr().err
     fragment = fragment.replace("{d}", str(tmp_path))
     assert fragment in err and err.startswith("slime: error: ") and err.count("\n") == 1, err
@@ -685,7 +666,7 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
     out = tmp_path / "out"
 
     def predict(*flags, e=emb):  # -> (exit status, the last line)
-        code = slime.main(["predict", str(e), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, *flags])
+        code = main("predict", str(e), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, *flags)
         return code, capsys.readouterr().err.splitlines()[-1]
 
     assert predict() == (0, f"wrote masks and overlays of 2 images to {out}")
@@ -773,7 +754,7 @@ def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_o
     assert images_made(out)["SegmentationClass/q.png"] != made["SegmentationClass/q.png"]
     for f in [f for f in out.rglob("*") if f.is_file() and f.name != "slime-run.json"]:
         f.unlink()  # what a run stopped at its first image leaves: its record alone
-    assert slime.main(["predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, "-q"]) == 0
+    assert main("predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, "-q") == 0
 
 
 def test_bmp_images_and_masks_are_read(tmp_path):
@@ -869,10 +850,7 @@ def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_pa
         str(d / "good.png")
     ]
     assert slime.main(args + ["-q"]) == 1  # the good one is done; the bad ones are still bad
-    assert (
-        slime.main(["predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")])
-        == 0
-    )
+    assert main("predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")) == 0
 
 
 def test_a_broken_torchvision_is_named_before_anything_is_read(tmp_path, tiny_ckpt, capsys, monkeypatch):
@@ -886,7 +864,7 @@ def test_a_broken_torchvision_is_named_before_anything_is_read(tmp_path, tiny_ck
 
     monkeypatch.setattr("builtins.__import__", broken)
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("the model was loaded"))
-    assert slime.main(["fit", "nothing.png", "nothing_mask.png", "--ckpt", tiny_ckpt("sd2")]) == 2
+    assert main("fit", "nothing.png", "nothing_mask.png", "--ckpt", tiny_ckpt("sd2")) == 2
     assert capsys.readouterr().err == (
         f"slime: error: open_clip fails (operator torchvision::nms does not exist); "
         f"torchvision must fit torch {torch.__version__}\n"
@@ -899,16 +877,8 @@ def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, caps
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     Image.fromarray(synthetic_scene()[1]).resize((64, 64), Image.NEAREST).save(tmp_path / "in" / "a_mask.png")
     assert (
-        slime.main(
-            [
-                "predict",
-                str(emb),
-                str(tmp_path / "in"),
-                "-o",
-                str(tmp_path / "out"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-            ]
+        main(
+            "predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2")
         )
         == 0
     )
@@ -920,18 +890,16 @@ def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, 
     img, _ = scene_files(tmp_path, size=64)
     os.symlink(img, tmp_path / "alias.png")
     assert (
-        slime.main(
-            [
-                "predict",
-                str(emb),
-                str(img),
-                str(img),
-                str(tmp_path / "alias.png"),
-                "-o",
-                str(tmp_path / "out"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-            ]
+        main(
+            "predict",
+            str(emb),
+            str(img),
+            str(img),
+            str(tmp_path / "alias.png"),
+            "-o",
+            str(tmp_path / "out"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
         )
         == 0
     )
@@ -955,19 +923,17 @@ def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(tmp_path, tin
     tables = []
     for gt in ("gt_labels", "gt_colours"):
         assert (
-            slime.main(
-                [
-                    "predict",
-                    str(emb),
-                    str(tmp_path / "in"),
-                    "-o",
-                    str(tmp_path / f"out_{gt}"),
-                    "--ckpt",
-                    ckpt,
-                    "--masks",
-                    str(tmp_path / gt),
-                    "-q",
-                ]
+            main(
+                "predict",
+                str(emb),
+                str(tmp_path / "in"),
+                "-o",
+                str(tmp_path / f"out_{gt}"),
+                "--ckpt",
+                ckpt,
+                "--masks",
+                str(tmp_path / gt),
+                "-q",
             )
             == 0
         )
@@ -981,18 +947,16 @@ def test_an_all_ignore_ground_truth_scores_nothing_instead_of_zero(tmp_path, tin
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     Image.fromarray(np.full((64, 64), 255, np.uint8)).save(tmp_path / "gt" / "a.png")
     assert (
-        slime.main(
-            [
-                "predict",
-                str(emb),
-                str(tmp_path / "in"),
-                "-o",
-                str(tmp_path / "out"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                "--masks",
-                str(tmp_path / "gt"),
-            ]
+        main(
+            "predict",
+            str(emb),
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "out"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "--masks",
+            str(tmp_path / "gt"),
         )
         == 0
     )
@@ -1127,20 +1091,18 @@ def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt,
 
     monkeypatch.setattr(slime, "training_step", diverging)
     assert (
-        slime.main(
-            [
-                "fit",
-                str(img),
-                str(mask),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                *FAST,
-                "--epochs",
-                "3",
-                "-o",
-                str(tmp_path / "emb.pt"),
-                "-q",
-            ]
+        main(
+            "fit",
+            str(img),
+            str(mask),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            *FAST,
+            "--epochs",
+            "3",
+            "-o",
+            str(tmp_path / "emb.pt"),
+            "-q",
         )
         == 2
     )
@@ -1161,10 +1123,7 @@ def test_half_precision_checkpoints_work_through_the_cli(emb, tmp_path):
     for dtype in (torch.float16, torch.bfloat16):
         ckpt = write_tiny_checkpoint(tmp_path / f"{dtype}.safetensors", "sd2", dtype=dtype)
         assert (
-            slime.main(
-                ["predict", str(emb), str(img), "-o", str(tmp_path / str(dtype)), "--ckpt", ckpt, "-q"]
-            )
-            == 0
+            main("predict", str(emb), str(img), "-o", str(tmp_path / str(dtype)), "--ckpt", ckpt, "-q") == 0
         )
         assert (tmp_path / str(dtype) / "SegmentationClass" / "a.png").exists()
 
@@ -1173,17 +1132,15 @@ def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
     (tmp_path / "în pùt").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "în pùt" / "my imäge ✓.png")
     assert (
-        slime.main(
-            [
-                "predict",
-                str(emb),
-                str(tmp_path / "în pùt"),
-                "-o",
-                str(tmp_path / "öut put"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                "-q",
-            ]
+        main(
+            "predict",
+            str(emb),
+            str(tmp_path / "în pùt"),
+            "-o",
+            str(tmp_path / "öut put"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "-q",
         )
         == 0
     )
@@ -1221,18 +1178,16 @@ def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
 def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb, capsys):
     img, _ = scene_files(tmp_path, size=64)
     assert (
-        slime.main(
-            [
-                "predict",
-                str(emb),
-                str(img),
-                "-o",
-                str(tmp_path / "out"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                "--threshold",
-                "1",
-            ]
+        main(
+            "predict",
+            str(emb),
+            str(img),
+            "-o",
+            str(tmp_path / "out"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "--threshold",
+            "1",
         )
         == 0
     )
@@ -1245,19 +1200,17 @@ def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb,
 def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, tiny_ckpt, capsys):
     img, mask = scene_files(tmp_path)
     assert (
-        slime.main(
-            [
-                "fit",
-                str(img),
-                str(mask),
-                "--parts",
-                "background,square,disc,wheel",
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                *FAST,
-                "-o",
-                str(tmp_path / "e.pt"),
-            ]
+        main(
+            "fit",
+            str(img),
+            str(mask),
+            "--parts",
+            "background,square,disc,wheel",
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            *FAST,
+            "-o",
+            str(tmp_path / "e.pt"),
         )
         == 0
     )
@@ -1272,7 +1225,7 @@ def test_cuda_out_of_memory_says_what_to_try(monkeypatch, capsys, tmp_path):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(slime, "cmd_fit", oom)
-    assert slime.main(["fit", *map(str, scene_files(tmp_path, size=64))]) == 2
+    assert main("fit", *map(str, scene_files(tmp_path, size=64))) == 2
     err = capsys.readouterr().err
     assert err == "slime: error: the GPU ran out of memory: try --dtype bf16, --patches-per-side 1\n"
 
@@ -1297,7 +1250,7 @@ def test_empty_folders_and_skipped_files(emb, tmp_path, tiny_ckpt, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     ckpt = ["--ckpt", tiny_ckpt("sd2")]
-    assert slime.main(["predict", str(emb), str(tmp_path / "empty"), *ckpt]) == 2
+    assert main("predict", str(emb), str(tmp_path / "empty"), *ckpt) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-2:] == [
         "skipped 1 non-image file: notes.txt",
@@ -1305,7 +1258,7 @@ def test_empty_folders_and_skipped_files(emb, tmp_path, tiny_ckpt, capsys):
         "(.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .tiff)",
     ]
     (tmp_path / "void").mkdir()
-    assert slime.main(["predict", str(emb), str(tmp_path / "void"), *ckpt]) == 2
+    assert main("predict", str(emb), str(tmp_path / "void"), *ckpt) == 2
     assert "void holds no images" in capsys.readouterr().err
 
 
@@ -1319,37 +1272,33 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
     )
     Image.fromarray(mask).resize((32, 64), Image.NEAREST).save(tmp_path / "phone_mask.png")
     assert (
-        slime.main(
-            [
-                "fit",
-                str(tmp_path / "phone.jpg"),
-                str(tmp_path / "phone_mask.png"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                *FAST,
-                "-o",
-                str(tmp_path / "e.pt"),
-                "-q",
-            ]
+        main(
+            "fit",
+            str(tmp_path / "phone.jpg"),
+            str(tmp_path / "phone_mask.png"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            *FAST,
+            "-o",
+            str(tmp_path / "e.pt"),
+            "-q",
         )
         == 0
     )
     (tmp_path / "gt").mkdir()
     os.replace(tmp_path / "phone_mask.png", tmp_path / "gt" / "phone.png")  # and scores against it in predict
     assert (
-        slime.main(
-            [
-                "predict",
-                str(tmp_path / "e.pt"),
-                str(tmp_path / "phone.jpg"),
-                "-o",
-                str(tmp_path / "out"),
-                "--masks",
-                str(tmp_path / "gt"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                "-q",
-            ]
+        main(
+            "predict",
+            str(tmp_path / "e.pt"),
+            str(tmp_path / "phone.jpg"),
+            "-o",
+            str(tmp_path / "out"),
+            "--masks",
+            str(tmp_path / "gt"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "-q",
         )
         == 0
     )
@@ -1361,7 +1310,7 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
     reason="a real checkpoint is in weights/",
 )
 def test_no_checkpoint_in_weights(tmp_path, capsys):
-    assert slime.main(["fit", *map(str, scene_files(tmp_path, size=64))]) == 2
+    assert main("fit", *map(str, scene_files(tmp_path, size=64))) == 2
     assert "weights holds 0 checkpoints: see weights/README.md, or pass --ckpt" in capsys.readouterr().err
 
 
@@ -1372,17 +1321,15 @@ def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny
         tmp_path / "in" / "gray16.png"
     )
     assert (
-        slime.main(
-            [
-                "predict",
-                str(emb),
-                str(tmp_path / "in"),
-                "-o",
-                str(tmp_path / "out"),
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                "-q",
-            ]
+        main(
+            "predict",
+            str(emb),
+            str(tmp_path / "in"),
+            "-o",
+            str(tmp_path / "out"),
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "-q",
         )
         == 0
     )
