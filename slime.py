@@ -26,6 +26,7 @@ import signal
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from types import SimpleNamespace
 
@@ -659,12 +660,18 @@ def read_header(path):
     return family, modules
 
 
-def fingerprint(path, sample=1 << 20):  # the weights' identity: SHA-256 of the header, first and last MiB
-    with named(path), open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")  # safetensors: an 8-byte header length, then the JSON header
-        head = f.read(n + sample)
-        f.seek(max(8 + n, os.path.getsize(path) - sample))  # max(): a small file overlaps, never past its end
-        return hashlib.sha256(head + f.read(sample)).hexdigest()[:16]
+def fingerprint(path, chunk=1 << 24):
+    """The weights' identity: SHA-256 of the SHA-256s of the file's 16 MiB chunks. Every byte counts (a LoRA
+    merged into the UNet changes only the middle); threads hash the chunks: 4 s for 5.2 GB on 2 cores."""
+
+    def chunk_sum(i):
+        with open(path, "rb") as f:
+            f.seek(i)
+            return hashlib.sha256(f.read(chunk)).digest()
+
+    with named(path), ThreadPoolExecutor() as pool:
+        sums = pool.map(chunk_sum, range(0, os.path.getsize(path), chunk))
+        return hashlib.sha256(b"".join(sums)).hexdigest()[:16]
 
 
 class StableDiffusion:
@@ -673,7 +680,11 @@ class StableDiffusion:
     def __init__(self, family, unet, vae, text_encoder, path):
         self.family, self.unet, self.vae, self.text_encoder, self.path = family, unet, vae, text_encoder, path
         self.device, self.dtype = unet.out[2].weight.device, unet.out[2].weight.dtype
-        self.alphas_cumprod, self.fingerprint = alphas_cumprod().to(self.device), fingerprint(path)
+        self.alphas_cumprod = alphas_cumprod().to(self.device)
+
+    @functools.cached_property
+    def fingerprint(self):  # read when fit saves emb.pt; predict takes its plan's
+        return fingerprint(self.path)
 
     def tokenize(self, texts):  # SD1's HF tokenizer pads with <|endoftext|>, SD2's open_clip.tokenize with 0
         return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)

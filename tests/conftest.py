@@ -10,6 +10,7 @@ Not a test file: pytest loads it for every file under tests/. The whole suite:
     python -m pytest -q tests
 """
 
+import hashlib
 import json
 import math
 import os
@@ -77,6 +78,13 @@ def tiny_state_dict(family, seed=0):
                 state[k] = torch.randn(shapes[k] if math.prod(shapes[k]) <= 1000 else (2,), generator=gen)
     assert set(state) == set(real_layout(family))
     return state
+
+
+def state_digest(state):  # a checkpoint's identity: SHA-256 of every name and value, in name order
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode() + state[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def write_tiny_checkpoint(path, family, seed=0, dtype=torch.float32):
