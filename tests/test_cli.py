@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,10 +29,18 @@ from conftest import ROOT, synthetic_photo, synthetic_scene
 # release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it. Both lists pin
 # fp32: --dtype auto would choose by this CPU's speed (conftest.py: in-process runs choose fp32 anyway).
 TINY = "--beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
-# Flags for the SD-like checkpoint: the release's defaults (threshold 0.2 included) except fewer epochs at a
-# higher rate, validation every 5 epochs, one 512 patch, and no SD loss (its UNet predicts eps = 0 whatever
-# the context, so L_SD has no gradient and would only cost a second UNet pass).
-SDLIKE = "--epochs 10 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
+# Flags for the SD-like checkpoint: the release's defaults (threshold 0.2 included) except 5 epochs at a higher
+# rate, validated once, after the last (10 epochs kept epoch 5's vectors: 0.9545, then 0.9388 at epoch 10), one
+# 512 patch, and no SD loss (its UNet predicts eps = 0 whatever the context, so L_SD has no gradient and would
+# only cost a second UNet pass).
+SDLIKE = (
+    "--epochs 5 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
+)
+# README, Tests: "mIoU >= 0.945 (0.954 measured) on the fitted image and on a moved copy". Measured on a 2-core
+# CPU: 0.9545 (fitted image), 0.9525 (moved copy), 0.9521 (the moved copy as JPEG, the CVAT round trip); bf16 and
+# the H100 moved them by 0.0012 at most (README, Speed). Lets through a loss of 0.0075: eroding both parts of the
+# ground truth by one pixel all round costs 0.017, so masks whose part boundaries are under half a pixel worse.
+README_MIOU = 0.945
 
 
 def run(*args, ok=True):
@@ -117,7 +126,9 @@ def test_a_cvat_export_round_trips(fitted, tmp_path):
     labels = np.array([colors[tuple(c)] for c in rgb]).reshape(
         mask.shape
     )  # KeyError: a colour CVAT cannot map
-    assert slime.image_miou(torch.from_numpy(labels), torch.from_numpy(mask).long(), 3) >= 0.8
+    miou = slime.image_miou(torch.from_numpy(labels), torch.from_numpy(mask).long(), 3)
+    print("CVAT round trip, moved copy:", miou)  # pytest -s shows it
+    assert miou >= README_MIOU, miou
     summary = json.loads((out / "summary.json").read_text())
     [record] = summary["images"]
     assert record["area"] == {name: int((labels == i).sum()) for i, name in enumerate(CVAT_COLORS)}
@@ -125,8 +136,8 @@ def test_a_cvat_export_round_trips(fitted, tmp_path):
 
 
 def test_fit_then_predict_segments_the_scene_and_a_moved_copy(fitted, tmp_path):
-    """SLiMe's promise, end to end: one annotated image -> emb.pt -> masks of that image (mIoU >= 0.9) and
-    of a shifted, mirrored, re-textured copy (well above chance: all-background scores about 0.25)."""
+    """SLiMe's promise, end to end: one annotated image -> emb.pt -> masks of that image and of a shifted,
+    mirrored, re-textured copy, each at the README's mIoU >= 0.945 (README_MIOU; all-background scores about 0.25)."""
     d, emb, ckpt = fitted
     (tmp_path / "in").mkdir()
     (tmp_path / "gt").mkdir()
@@ -145,7 +156,8 @@ def test_fit_then_predict_segments_the_scene_and_a_moved_copy(fitted, tmp_path):
         )
         for name, (_, mask) in scenes.items()
     }
-    assert miou["same"] >= 0.9 and miou["moved"] >= 0.8, miou
+    print(miou)  # pytest -s shows the measured values
+    assert miou["same"] >= README_MIOU and miou["moved"] >= README_MIOU, miou
 
 
 def miou_of(stdout):
@@ -173,7 +185,9 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
             A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, 3, log_space=True)
         return slime.segmentation_losses(A_ca, A_sa, mask64, 3)[0].item()
 
-    assert cross_entropy(e["context"]) < 0.5 * cross_entropy(cond)
+    # measured 0.237 against the word "part"'s 2.82 (0.084 of it); lets through a fit that leaves a fifth of the
+    # start's cross-entropy, but not vectors that stayed where they started or barely moved
+    assert cross_entropy(e["context"]) < 0.2 * cross_entropy(cond)
     # predict writes an indexed mask and an overlay at the image's size, and scores them
     gt = tmp_path / "gt"
     gt.mkdir()
@@ -186,8 +200,10 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
     assert Image.open(tmp_path / "out" / "overlays" / "scene.png").size == (512, 512)
     pred = torch.from_numpy(np.array(out)).long()
     want = np.mean(list(slime.iou_per_class(pred, torch.from_numpy(mask).long(), 3).values()))
+    # the table prints 4 decimals: lets through a rounding of the last one (truncating, say), no wrong score
     assert miou_of(r.stdout) == pytest.approx(want, abs=1e-4)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    # JSON keeps the float; 1e-6 lets through only the order of a 3-term sum, no class's IoU wrong by 3e-6
     assert summary["miou"] == pytest.approx(want, abs=1e-6) and set(summary["iou"]) == {
         "background",
         "square",
@@ -233,35 +249,218 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
     )
 
 
-def test_fit_is_reproducible(fitted, tiny_ckpt, tmp_path):
-    d, emb, _ = fitted
-    pair = [str(d / "JPEGImages" / "scene.png"), str(d / "SegmentationClass" / "scene.png")]
-    assert (
-        slime.main(
-            [
-                "fit",
-                *pair,
-                "--parts",
-                "background,square,disc",
-                "--ckpt",
-                tiny_ckpt("sd2"),
-                "--epochs",
-                "1",
-                "-o",
-                str(tmp_path / "a.pt"),
-                *TINY,
-            ]
-        )
-        == 0
+def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path, monkeypatch):
+    """One epoch, one Adam step, on the tiny checkpoint, three fits through the command line: the same seed
+    gives bit-identical vectors (names from --parts or from the labelmap alike); the step moved every vector
+    off the word "part" it starts from, by Adam's first step; --seed 1 gives other vectors."""
+    img, mask = cvat_export(tmp_path / "export", "scene", *synthetic_scene())
+    # what the validation decides (which epoch to keep) one epoch cannot change: skipped, one UNet pass less
+    monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
+    monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
+    starts, prompt_contexts = [], slime.prompt_contexts  # the vectors each fit starts from: "part part part"
+    monkeypatch.setattr(
+        slime, "prompt_contexts", lambda sd, k: starts.append(prompt_contexts(sd, k)) or starts[-1]
     )
-    assert (
-        slime.main(
-            ["fit", *pair, "--ckpt", tiny_ckpt("sd2"), "--epochs", "1", "-o", str(tmp_path / "b.pt"), *TINY]
+
+    def fit(name, *flags):
+        run("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "--epochs", 1, "-o", tmp_path / name, *TINY, *flags)
+        return torch.load(tmp_path / name, weights_only=True)["learned"]
+
+    a = fit("a.pt", "--parts", "background,square,disc")
+    b = fit("b.pt")  # the names: the labelmap's
+    c = fit("c.pt", "--seed", "1")
+    assert torch.equal(a, b)
+    start = starts[0][0][0, 1:3]
+    assert start.shape == a.shape == (2, 64) and all(torch.equal(s[0][0, 1:3], start) for s in starts)
+    # Adam's first step moves coordinate i by lr * |g_i| / (|g_i| + 1e-8) (lr 0.1, the default): by 0.1, short
+    # of it only where |g_i| < 1e-5. Measured: all 128 coordinates by 0.09995 to 0.1. Lets through a step that
+    # leaves up to 5% of the coordinates in place; not lr 0, a skipped step, or a smaller or larger lr
+    moved = (a - start).abs()
+    assert moved.max() <= 0.1 + 1e-6 and (moved > 0.099).float().mean() >= 0.95, moved
+    # seed 1 draws another timestep, noise and augmentation: measured, 15 of the 128 coordinates (12%) step the
+    # other way (2 lr = 0.2 apart). Lets through a seed that changes 6 of them; not an ignored --seed (none)
+    assert ((c - a).abs() > 0.19).float().mean() >= 0.05, (c - a).abs()
+
+
+def scene_files(folder, h=96, w=160):
+    """The synthetic scene squashed to h x w (not square), written as image.png and mask.png (gray, value =
+    class): -> their paths."""
+    img, mask = synthetic_scene()
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(img).resize((w, h), Image.BILINEAR).save(folder / "image.png")
+    Image.fromarray(mask).resize((w, h), Image.NEAREST).save(folder / "mask.png")
+    return folder / "image.png", folder / "mask.png"
+
+
+@pytest.mark.parametrize("flags, favoured", [([], [0, 1, 2, 0, 1]), (["--no-cycle"], [0, 0, 0, 0, 0])])
+def test_training_crops_cycle_through_the_parts_unless_no_cycle(
+    tiny_ckpt, tmp_path, monkeypatch, flags, favoured
+):
+    """README, Faithfulness: the part each step's crop favours cycles 0, 1, 2, 0, ... (slime's); --no-cycle
+    favours part 0, the background, at every step, as the release's crops do in effect; emb.pt records which."""
+    parts, part_crop = [], slime.part_crop
+    monkeypatch.setattr(
+        slime, "part_crop", lambda mask, part, *a: parts.append(part) or part_crop(mask, part, *a)
+    )
+    # the crops are the subject, not the loss: a zero loss and a fixed score, no UNet pass
+    zero = dict(ce=0.0, mse=0.0, sd=0.0)
+    monkeypatch.setattr(slime, "training_step", lambda sd, learned, *a: ((learned * 0).sum(), zero))
+    monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
+    monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
+    img, mask = scene_files(tmp_path)
+    run("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "--epochs", 5, "-o", tmp_path / "emb.pt", "-q", *flags)
+    assert parts == favoured  # 5 epochs of one image: 5 steps, one crop each
+    assert torch.load(tmp_path / "emb.pt", weights_only=True)["settings"]["cycle_parts"] is (not flags)
+    assert slime.load_embeddings(tmp_path / "emb.pt")["settings"].cycle_parts is (not flags)
+
+
+def stand_in_model(monkeypatch, scores=None):
+    """fit and predict without a network, for the tests of what flags reach: load_models gives a stand-in
+    (family, fingerprint, device, dtype), fit records the settings it is handed and saves a zero context;
+    predict's model inputs (the images noisy_latent gets) are recorded, and its class scores are `scores`.
+    -> (settings handed to fit, images handed to the model)."""
+    handed, seen = [], []
+    sd = SimpleNamespace(
+        family="sd2", fingerprint="stand-in", device=torch.device("cpu"), dtype=torch.float32
+    )
+    monkeypatch.setattr(slime, "load_models", lambda *a, **k: sd)
+
+    def fit(sd, pairs, num_classes, s, val_pairs, on_best, progress):
+        handed.append(s)
+        on_best(torch.zeros(1, 77, 64), 1, 0.5)
+
+    monkeypatch.setattr(slime, "fit", fit)
+    monkeypatch.setattr(slime, "noisy_latent", lambda sd, images, t, gen: (seen.append(images), None))
+    monkeypatch.setattr(slime, "vote_sums", lambda *a, **k: (scores, torch.ones(())))
+    return handed, seen
+
+
+# The release README's per-dataset settings (release/README.md#L79-L175), written out: parts, and the values
+# that differ from the defaults
+RELEASE_PRESETS = {
+    "pascal-car": (
+        ["background", "body", "light", "plate", "wheel", "window"],
+        dict(min_crop_ratio=0.6, patch_size=512, patches_per_side=1),
+    ),
+    "pascal-horse": (
+        ["background", "head", "neck+torso", "leg", "tail"],
+        dict(min_crop_ratio=0.8, patch_size=512, patches_per_side=1),
+    ),
+    "celeba": (
+        ["background", "skin", "eye", "mouth", "nose", "brow", "ear", "neck", "cloth", "hair"],
+        dict(min_crop_ratio=0.6, rotation=10.0),
+    ),
+}
+
+
+def test_presets_set_the_release_values_and_explicit_flags_win(tiny_ckpt, tmp_path, monkeypatch):
+    """fit --preset records the release README's parts and values in emb.pt, every other setting its default
+    or its flag; a flag given with a preset wins over the preset's value, even when it gives the default."""
+    handed, _ = stand_in_model(monkeypatch)
+    img, mask = scene_files(tmp_path)  # classes 0..2: every preset's parts cover them
+    fit = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-q"]
+    for name, (parts, values) in RELEASE_PRESETS.items():
+        run(*fit, "--preset", name, "--epochs", 2, "-o", tmp_path / f"{name}.pt")
+        e = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        want = asdict(slime.Settings(epochs=2, **values))
+        del want["window"]  # recorded only when set
+        assert e["parts"] == parts and e["settings"] == want, name
+    flags = [
+        "--parts",
+        "background,square,disc",
+        "--min-crop-ratio",
+        0.9,
+        "--patch-size",
+        400,
+    ]  # 400: the default
+    run(*fit, "--preset", "pascal-car", *flags, "-o", tmp_path / "flags.pt")
+    run(*fit, "--preset", "celeba", "--rotation", 30, "-o", tmp_path / "default.pt")  # 30: the default
+    flags, default = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("flags", "default"))
+    assert flags["parts"] == ["background", "square", "disc"]
+    assert flags["settings"]["min_crop_ratio"] == 0.9 and flags["settings"]["patch_size"] == 400
+    assert flags["settings"]["patches_per_side"] == 1  # the preset's, not given
+    assert default["settings"]["rotation"] == 30.0 and default["settings"]["min_crop_ratio"] == 0.6
+    assert [s.epochs for s in handed] == [2, 2, 2, 200, 200]  # what fit got, not only what emb.pt says
+    assert [s.min_crop_ratio for s in handed] == [0.6, 0.8, 0.6, 0.9, 0.6]
+
+
+def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(tiny_ckpt, tmp_path, monkeypatch):
+    """README, Faithfulness, output size: slime's mask of a 96x160 image is 96x160, the argmax of the class
+    scores upsampled to that size; --out-size 512 (given to predict, or recorded by fit) writes the release's
+    512x512 mask, the argmax of the 512x512 scores themselves, and its overlay at 512."""
+    scores = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))  # the class scores, planted
+    stand_in_model(monkeypatch, scores)
+    img, mask = scene_files(tmp_path / "in")
+    fit = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-q", "-o"]
+    run(*fit, tmp_path / "own.pt")
+    run(*fit, tmp_path / "release.pt", "--out-size", 512)
+    for emb, out, flags in (
+        ("own", "own", []),
+        ("own", "flag", ["--out-size", 512]),
+        ("release", "recorded", []),
+    ):
+        run(
+            "predict",
+            tmp_path / f"{emb}.pt",
+            img,
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "-q",
+            "-o",
+            tmp_path / out,
+            *flags,
         )
-        == 0
-    )  # the names: the labelmap's
-    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
-    assert torch.equal(a["context"], b["context"])
+
+    def written(out):
+        mask = np.array(Image.open(tmp_path / out / "SegmentationClass" / "image.png"))
+        return torch.from_numpy(mask), Image.open(tmp_path / out / "overlays" / "image.png").size
+
+    own, own_overlay = written("own")
+    assert own.shape == (96, 160) and own_overlay == (160, 96)
+    # the scores' bilinear upsampling (test_method.py checks upsampled_argmax against F.interpolate)
+    assert torch.equal(own, slime.upsampled_argmax(scores, 96, 160))
+    for out in ("flag", "recorded"):
+        labels, overlay = written(out)
+        assert torch.equal(labels, scores.argmax(0).byte()) and overlay == (512, 512), out
+    # the comparison above tells the two rules apart: labels made at 512 and then resized (the release's masks
+    # resized afterwards) differ from slime's own-size mask on 67% of these pixels (measured; > 0.5 asserted)
+    squashed = slime.resize(scores.argmax(0)[None], (96, 160), "nearest")[0]
+    assert (squashed != own).float().mean() > 0.5
+
+
+def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt, tmp_path, monkeypatch):
+    """README, Faithfulness, colour order: fit --bgr records it (and hands it to fit: test_method.py checks
+    the training views); predict with that emb.pt, or with --bgr, feeds the model the image with its colour
+    channels reversed, exactly; without it, the RGB image."""
+    handed, seen = stand_in_model(monkeypatch, torch.rand(3, 512, 512))
+    img, mask = scene_files(tmp_path / "in")
+    one_patch = ["--patch-size", 512, "--patches-per-side", 1]  # the model sees the whole image, once
+    fit = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-q", *one_patch, "-o"]
+    run(*fit, tmp_path / "bgr.pt", "--bgr")
+    run(*fit, tmp_path / "rgb.pt")
+    assert [s.bgr for s in handed] == [True, False]
+    bgr, rgb = (
+        torch.load(tmp_path / f"{n}.pt", weights_only=True)["settings"]["bgr"] for n in ("bgr", "rgb")
+    )
+    assert bgr is True and rgb is False
+    for n, (emb, flags) in enumerate((("rgb", []), ("bgr", []), ("rgb", ["--bgr"]))):
+        run(
+            "predict",
+            tmp_path / f"{emb}.pt",
+            img,
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "-q",
+            "-o",
+            tmp_path / f"{n}",
+            *flags,
+        )
+    # the image as the file holds it, R G B, squashed to 512 as the model sees it
+    pixels = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1).float() / 255
+    image = slime.resize(pixels, (512, 512), "bilinear")[None]
+    assert len(seen) == 3 and all(x.shape == (1, 3, 512, 512) for x in seen)
+    assert torch.equal(seen[0], image)
+    assert torch.equal(seen[1], image[:, [2, 1, 0]]) and torch.equal(seen[2], image[:, [2, 1, 0]])
 
 
 @pytest.mark.parametrize(
@@ -361,7 +560,10 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
         iou[name] = json.loads((tmp_path / name / "summary.json").read_text())["iou"]
     print({name: (v, f"{seconds[name]:.0f} s") for name, v in iou.items()})  # pytest -s shows the evidence
     squash, native = ({k: float(v) for k, v in iou[name].items()} for name in ("squash", "native"))
+    # measured: the squash's disc 0 (README: IoU 0), < 0.1 lets through a squash that finds a tenth of it; the
+    # windows' 0.68, >= 0.6 lets through windows that find the disc 0.08 worse than measured
     assert squash["disc"] < 0.1 and native["disc"] >= 0.6, iou
+    # measured 0.92 -> 0.98; lets through windows that cost the large part up to 0.05 of IoU
     assert native["square"] >= squash["square"] - 0.05, iou
     # predict showed each window's progress, from emb.pt's setting alone
     assert "image 1/1  photo.png  window 20/20  " in stderr["native"] and "  window " not in stderr["squash"]

@@ -332,9 +332,9 @@ def test_the_fingerprint_sees_every_byte_of_the_checkpoint(tmp_path):
     """The run record's identity of the weights: one flipped bit anywhere (the header, the middle where a LoRA
     merged into the UNet lands, either end, across the 16 MiB chunks it hashes in threads) gives another
     fingerprint; the same bytes under another name and time give the same."""
-    raw = bytearray(
-        torch.randint(0, 256, (40 << 20,), generator=torch.Generator().manual_seed(0)).byte().numpy()
-    )
+    header = b'{"__metadata__": {"format": "pt"}}'  # a safetensors file's start, then 40 MiB of "tensors"
+    data = torch.randint(0, 256, (40 << 20,), generator=torch.Generator().manual_seed(0)).byte().numpy()
+    raw = bytearray(len(header).to_bytes(8, "little") + header + data.tobytes())
     (tmp_path / "a.safetensors").write_bytes(raw)
     seen = {slime.fingerprint(tmp_path / "a.safetensors")}
     for where in (0, 9, 1 << 24, len(raw) // 4, len(raw) // 2, 3 * len(raw) // 4, len(raw) - 1):
