@@ -10,6 +10,8 @@ SD 2.x: OpenCLIP ViT-H/14 text tower, stored with open_clip names under `cond_st
 Each class copies its checkpoint's names, so both load with strict=True after stripping the prefix.
 """
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +50,18 @@ _bpe = None
 def tokenize(texts, pad_token):
     """list of str -> (B, 77) int64: BOS, up to 75 BPE tokens, EOS, then pad_token."""
     global _bpe
-    if _bpe is None:
-        from open_clip.tokenizer import SimpleTokenizer  # ships its BPE file: works offline
-
-        _bpe = SimpleTokenizer()
+    if (
+        _bpe is None
+    ):  # open_clip's BPE tokenizer, which ships its vocabulary (works offline), from its own file:
+        # `import open_clip` would import its image models too, and with them torchvision, which the text side
+        # never uses (and which fails outright when built for another torch)
+        folder = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+        spec = importlib.util.spec_from_file_location(
+            "open_clip_tokenizer", os.path.join(folder, "tokenizer.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _bpe = module.SimpleTokenizer()
     out = torch.full((len(texts), CONTEXT_LENGTH), pad_token, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = [BOS] + _bpe.encode(text)[: CONTEXT_LENGTH - 2] + [EOS]

@@ -1275,11 +1275,6 @@ def duration(seconds):  # 12 s, 7.5 min, 3.2 h
 
 
 def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving emb.pt at each new best
-    try:  # fit tokenizes with open_clip, which needs the torchvision built for this torch
-        import open_clip.tokenizer  # noqa: F401
-    except Exception as e:
-        why = " ".join(str(e).split())
-        raise SlimeError(f"open_clip fails ({why}); torchvision must fit torch {torch.__version__}") from None
     s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
     con.progress(f"loading {ckpt}", force=True)
     sd, best, progress = load_models(ckpt, *device), {}, fit_progress(con, s, len(train))

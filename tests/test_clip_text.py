@@ -8,13 +8,14 @@ Proves that
   Hugging Face names (in_proj split into q/k/v) and reproduces ln_final(all 12 blocks), and its
   activation really is quick_gelu (exact GELU gives a different output);
 * `tokenize` matches `open_clip.tokenize` (pad 0), truncation keeps EOS at position 76, and
-  pad_token=49407 only changes the padding positions.
+  pad_token=49407 only changes the padding positions; it works where `import open_clip` fails.
 
 Uses open_clip's model code with random weights; nothing is downloaded.
 
     python -m pytest -q tests/test_clip_text.py
 """
 
+import builtins
 import os
 import sys
 
@@ -164,3 +165,19 @@ def test_tokenize_eos_padding_changes_only_padding():
         assert torch.equal(o[:n], r[:n]) and r[n - 1] == EOS
         assert (o[n:] == EOS).all() and (r[n:] == 0).all()
     assert 0 in ref[0, : int((ref[0] == EOS).nonzero()[0])]  # "!~" -> [0, 349]: a 0 inside the text
+
+
+def test_tokenize_never_imports_the_open_clip_package(monkeypatch):
+    """open_clip's package imports its image models and torchvision, which fails where torchvision was built for
+    another torch (installed from two indexes). tokenize reads only open_clip's tokenizer file, so such a
+    machine still fits (and starts 2 s sooner)."""
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name.split(".")[0] == "open_clip":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    monkeypatch.setattr(clip_text, "_bpe", None)  # loaded afresh, with the package unimportable
+    assert tokenize(["part part"], 0)[0, :5].tolist() == [BOS, 1551, 1551, EOS, 0]  # 1551: "part</w>"

@@ -1023,25 +1023,6 @@ def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_pa
     assert main("predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")) == 0
 
 
-def test_a_broken_torchvision_is_named_before_anything_is_read(
-    tmp_path, tiny_ckpt, capsys, monkeypatch, no_load
-):
-    """torch and torchvision from two indexes: open_clip's import fails. fit says so in one line, first."""
-    real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__
-
-    def broken(name, *args, **kwargs):
-        if name.startswith("open_clip"):
-            raise RuntimeError("operator torchvision::nms does not exist")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.__import__", broken)
-    assert main("fit", "nothing.png", "nothing_mask.png", "--ckpt", tiny_ckpt("sd2")) == 2 and no_load == []
-    assert capsys.readouterr().err == (
-        f"slime: error: open_clip fails (operator torchvision::nms does not exist); "
-        f"torchvision must fit torch {torch.__version__}\n"
-    )
-
-
 def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, capsys):
     """The reverse of the photo given as a mask: a mask in a folder of photos is segmented, with a warning."""
     (tmp_path / "in").mkdir()
