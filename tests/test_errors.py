@@ -756,7 +756,7 @@ def test_predict_refuses_hostile_input_leaving_the_folders_as_they_were(
 
 
 # ----------------------------------------------------------------------------- the run record
-def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, capsys, no_load):
+def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, capsys, no_load, segment_once):
     """out/slime-run.json says what made the masks. The same run skips the images whose mask and overlay are
     both there and redoes a half pair; another emb.pt or other settings are refused naming --overwrite, by the
     plan (before the model loads); --overwrite redoes every image and deletes nothing else; without a record,
@@ -819,7 +819,7 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
 
 
 def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_own(
-    tmp_path, tiny_ckpt, emb, capsys, monkeypatch
+    tmp_path, tiny_ckpt, emb, capsys, monkeypatch, segment_once
 ):
     """--overwrite stopped after its first image, then resumed: the images the old run made are redone, since
     --overwrite took their overlays, and a pair counts as done only whole. A record whose run made no outputs
@@ -1059,7 +1059,9 @@ def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, 
     assert outputs(tmp_path / "out") == outputs(None, ["a"])
 
 
-def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(tmp_path, tiny_ckpt, emb, capsys):
+def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(
+    tmp_path, tiny_ckpt, emb, capsys, segment_once
+):
     """emb.pt fitted on label masks colours its parts as VOC does; ground truth saved in those colours (as
     predict writes its masks), one of which lacks a class, scores exactly as the label masks do."""
     ckpt = tiny_ckpt("sd2")
