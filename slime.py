@@ -233,9 +233,7 @@ def part_crop(mask, part, min_ratio, gen, tries=1000):
     accepted when it keeps more than 30% of that part's pixels (always, if the part is absent)."""
     total = (mask == part).sum()
     for _ in range(tries):  # the release loops until accepted; a cap keeps a 1-pixel part from hanging
-        side = int(
-            (min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE
-        )  # int(): utils.py#L38
+        side = int((min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE)  # utils.py#L38
         # a full-size crop draws no origin, as release/src/utils.py#L39-L44
         y0, x0 = torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist() if side != SIZE else (0, 0)
         if total == 0 or (mask[y0 : y0 + side, x0 : x0 + side] == part).sum() / total > 0.3:
@@ -250,17 +248,12 @@ def augment(image, mask, part, s, gen):
         image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep their up and down
     if rand() < 0.5:  # A.GaussianBlur(blur_limit=(1, 5)) (release/src/dataset.py#L35)
         k = int(torch.randint(1, 6, (1,), generator=gen))
-        k += (
-            1 - k % 2
-        )  # albumentations maps an even kernel to the next odd one: k in {1: 20%, 3: 40%, 5: 40%}
+        k += 1 - k % 2  # albumentations maps an even kernel to the next odd one: k in {1, 3, 5} at 20/40/40%
         image = gaussian_blur(image, k) if k > 1 else image
     y0, x0, side = part_crop(mask, part, s.min_crop_ratio, gen)
-    image = resize(
-        image[:, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "bilinear"
-    )  # a zoom: parts look larger
-    mask = resize(mask[None, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "nearest")[
-        0
-    ]  # nearest: no mixed labels
+    # a zoom: parts look larger; the mask nearest, so no mixed labels
+    image = resize(image[:, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "bilinear")
+    mask = resize(mask[None, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "nearest")[0]
     if rand() < 0.5:  # uniform in [-rotation, rotation], A.Rotate's limit (release/src/dataset.py#L38-L50)
         angle = (2 * rand() - 1) * s.rotation
         # the corners the turn brings in are 0 in both: black pixels and background labels (mask_value=0)
@@ -274,9 +267,7 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     on_best(context, epoch, mIoU) at each new best; progress(event) after each step, around each validation."""
     on_best, progress = on_best or (lambda *a: None), progress or (lambda e: None)
     pairs = as_pairs(pairs, num_classes, s)
-    val_pairs = (
-        as_pairs(val_pairs, num_classes, s) if val_pairs else pairs
-    )  # without --val: the training pairs
+    val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs  # no --val: the training pairs
     # timesteps, VAE samples, noise on the device; the augmentations on a CPU stream, the same on any device
     gen, aug_gen = torch.Generator(sd.device).manual_seed(s.seed), torch.Generator().manual_seed(s.seed)
     cond, uncond = prompt_contexts(sd, num_classes)
@@ -428,9 +419,7 @@ def patch_votes(A_ca, A_sa, threshold, side):
     # its cross-attention covers the whole image, and its full WAS map would swallow the parts.
     cross[0] = torch.where(cross[0] > cross[0].mean(), cross[0], 0)
     was = was_map(cross.view(-1, MAP, MAP), A_sa)  # Eq. 6
-    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[
-        0
-    ]  # the patch's footprint
+    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[0]  # footprint
     # Min-max rescale each WAS map from its own range [w_min, w_max] onto its class's cross-attention range
     # [floor, peak]: WAS maps of different classes live on different scales, and the argmax should compare
     # the classes' confidences. As a line through two points: w_min -> floor, w_max -> peak.
@@ -866,13 +855,15 @@ EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other tor
 LAYERS = [list(CROSS_LAYERS), list(SELF_LAYERS)]
 
 
-def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=None):
-    """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True)."""
+def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=None, history=None):
+    """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True).
+    history: the fit's curve, {"step": [[epoch, ce, mse, sd], ...], "validation": [[epoch, mIoU], ...]}."""
     context = context.detach().float().cpu()  # whole: predict needs no text encoder
     emb = dict(format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts))
     emb.update(family=sd.family, fingerprint=sd.fingerprint, dtype=str(sd.dtype)[6:])
     emb.update(cross_layers=list(CROSS_LAYERS), self_layers=list(SELF_LAYERS))
     emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch or -1, val_miou=miou)
+    emb["history"] = history or dict(step=[], validation=[])
     emb["settings"] = {k: v for k, v in asdict(s).items() if k != "window" or v}  # an older slime reads it
     buffer = io.BytesIO()
     torch.save(emb, buffer)
@@ -1278,17 +1269,25 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
     s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
     con.progress(f"loading {ckpt}", force=True)
     sd, best, progress = load_models(ckpt, *device), {}, fit_progress(con, s, len(train))
+    history = dict(step=[], validation=[])  # emb.pt keeps the fit's curve (examples/maps.py --curve draws it)
     vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
     steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}"
     con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}")
 
+    def on_event(e):  # the curve: per step [epoch, ce, mse, sd], per validation [epoch, mIoU]
+        if e["event"] in history:
+            history[e["event"]].append([e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e])
+        progress(e)
+
     def on_best(context, epoch, miou):
-        save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou)
+        save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou, history)
         best.update(epoch=epoch, miou=miou)
 
-    fit(sd, train, len(parts), s, val or None, on_best, progress)
+    context = fit(sd, train, len(parts), s, val or None, on_best, on_event)
+    on_best(context, best["epoch"], best["miou"])  # saved once more: the curve's steps after the best too
     con.say(f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})")
-    con.say(f"next: python slime.py predict {args.output} IMAGES/ -o out/")
+    curve = f"python examples/maps.py {args.output} --curve -o curve.png"
+    con.say(f"next: python slime.py predict {args.output} IMAGES/ -o out/ (the fit's curve: {curve})")
 
 
 def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the last steps' and validation's time

@@ -325,9 +325,12 @@ def stand_in_model(monkeypatch, scores=None):
     )
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: sd)
 
-    def fit(sd, pairs, num_classes, s, val_pairs, on_best, progress):
+    def fit(
+        sd, pairs, num_classes, s, val_pairs, on_best, progress
+    ):  # as slime.fit: returns the best context
         handed.append(s)
         on_best(torch.zeros(1, 77, 64), 1, 0.5)
+        return torch.zeros(1, 77, 64)
 
     monkeypatch.setattr(slime, "fit", fit)
     monkeypatch.setattr(slime, "noisy_latent", lambda sd, images, t, gen: (seen.append(images), None))
@@ -588,6 +591,7 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(
     def fit(sd, pairs, num_classes, s, val_pairs, on_best, progress):  # records, then saves the start vectors
         handed.append([tuple(m.shape) for _, m in pairs])
         on_best(slime.prompt_contexts(sd, num_classes)[0], 0, 0.5)
+        return slime.prompt_contexts(sd, num_classes)[0]
 
     monkeypatch.setattr(slime, "fit", fit)
     base = ["fit", str(tmp_path / "photo.png"), str(tmp_path / "photo_mask.png"), "--ckpt", tiny_ckpt("sd2")]

@@ -36,7 +36,10 @@ LONG = " ".join(["an extremely long prompt about a red bicycle"] * 12)  # > 77 t
 def random_tower(name, seed):
     """open_clip's text tower for `name` (no visual tower), every parameter re-drawn away from 0/1."""
     cfg = open_clip.get_model_config(name)
-    tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+    with torch.device("meta"):  # no memory and no initialisation: every value is drawn below
+        tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+    tower = tower.to_empty(device="cpu")
+    tower.attn_mask = tower.build_causal_mask()  # the one buffer, open_clip's own causal mask
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in tower.named_parameters():
