@@ -232,7 +232,6 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
     reloaded = slime.load_embeddings(tmp_path / "emb.pt")
     in_memory = slime.segment(sd, context, image, 3, s)
     assert torch.equal(slime.segment(sd, reloaded["context"], image, 3, s), in_memory)
-    assert torch.equal(slime.segment(sd, context, image, 3, s), in_memory)  # same seed, same masks
     Image.fromarray(img).save(tmp_path / "scene.png")
     run(
         "predict",
