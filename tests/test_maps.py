@@ -1,0 +1,307 @@
+"""examples/maps.py: its arrays are slime's (A_ca Eq. 3, A_sa Eq. 5, the WAS map Eq. 6, the patches' votes),
+its picture grows by a row per part and never cuts a name, fit's history survives the round trip into
+emb.pt and --curve draws it, and every bad input ends in one `error:` line, exit status 2.
+
+The networks are the cost on 2 CPU cores (the VAE 3 s a 512 image, the UNet 1 s). In the module's `grid`,
+each patch's attention is computed once (a memo): maps.py and the references below are handed the same
+tensors, so what is compared is what maps.py makes of them; a wrong input (another patch, t or context) would
+miss the memo and differ. Its noisy patches stand in for the VAE's (tests/test_method.py tests those).
+"""
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import slime
+from conftest import ROOT, synthetic_scene
+
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import maps  # noqa: E402
+
+SIZE, MAP = slime.SIZE, slime.MAP
+PARTS = ["background", "square", "disc"]
+
+
+def digest(*values):  # a key for the memo: tensors by their bytes, the rest by repr
+    h = hashlib.sha256()
+    for v in values:
+        h.update(v.contiguous().numpy().tobytes() if isinstance(v, torch.Tensor) else repr(v).encode())
+    return h.hexdigest()
+
+
+REAL_ATTENTION = slime.attention_maps
+
+
+def stand_ins(mp, memo):
+    """slime.attention_maps through the memo (vote_sums calls it through slime's module too), and noisy
+    patches at predict's origins, each x_t seeded by what noisy_patches reads."""
+
+    def attention_maps(sd, x_t, t, context, num_classes, log_space):
+        key = digest(x_t, t, context, num_classes, log_space)
+        if key not in memo:
+            memo[key] = REAL_ATTENTION(sd, x_t, t, context, num_classes, log_space)
+        return tuple(x.clone() for x in memo[key])
+
+    def noisy_patches(sd, image, s):
+        seed = digest(image, s.patch_size, s.patches_per_side, s.seed, s.test_t, s.bgr)
+        g = torch.Generator().manual_seed(int(seed[:12], 16))
+        origins = slime.patch_origins(s.patch_size, s.patches_per_side)
+        return [(y0, x0, torch.randn(1, 4, MAP, MAP, generator=g)) for y0, x0 in origins]
+
+    mp.setattr(slime, "attention_maps", attention_maps)
+    mp.setattr(slime, "noisy_patches", noisy_patches)
+
+
+@pytest.fixture(scope="module")
+def grid_emb(tiny_ckpt, tmp_path_factory):
+    """predict's default grid (400 px, 2 per side: 4 patches) on the tiny random SD 2 checkpoint, a 384x512
+    image (squashed, as SD sees it) -> (sd, emb, image, memo). The threshold: the lowest A_ca peak at which
+    the first class to vote (whose below-mean pixels patch_votes zeroes) is the background in one patch and
+    a part in another."""
+    memo = {}
+    torch.set_flush_denormal(True)  # as maps.main and slime.main do: denormals slow the CPU's UNet 1.5x
+    sd = slime.load_models(tiny_ckpt("sd2"))
+    cond, _ = slime.prompt_contexts(sd, len(PARTS))
+    image = torch.from_numpy(synthetic_scene()[0][64:448]).permute(2, 0, 1).float() / 255  # (3, 384, 512)
+    s, t = slime.Settings(), torch.tensor([slime.Settings().test_t])  # 400 px, 2 per side
+    with pytest.MonkeyPatch.context() as mp:
+        stand_ins(mp, memo)
+        A_cas = [
+            slime.attention_maps(sd, x_t, t, cond, 3, False)[0]
+            for *_, x_t in slime.noisy_patches(sd, image, s)
+        ]
+    for threshold in sorted(A_ca[k].max().item() for A_ca in A_cas for k in range(len(PARTS))):
+        first = {votes[0] for votes in (inference_input(A_ca, threshold)[1] for A_ca in A_cas) if votes}
+        if 0 in first and len(first) > 1:  # the background first in a patch, a part in another
+            break
+    else:
+        pytest.fail("no threshold lets the background vote first in one patch and a part in another")
+    path = tmp_path_factory.mktemp("grid") / "emb.pt"
+    slime.save_embeddings(path, cond, PARTS, sd, slime.Settings(threshold=threshold))
+    return sd, slime.load_embeddings(path), image, memo
+
+
+@pytest.fixture
+def grid(grid_emb, monkeypatch):  # the stand-ins, for one test at a time
+    stand_ins(monkeypatch, grid_emb[3])
+    return grid_emb
+
+
+def inference_input(A_ca, threshold):
+    """What patch_votes feeds Eq. 6: A_ca, the first class whose A_ca peaks >= threshold zeroed at and below
+    its mean -> (P, the classes that vote)."""
+    votes = [k for k in range(len(A_ca)) if A_ca[k].max() >= threshold]
+    P = A_ca.clone()
+    if votes:
+        P[votes[0]][P[votes[0]] <= P[votes[0]].mean()] = 0
+    return P, votes
+
+
+def pixel_cell(pixel, hw, origin, side):
+    """--pixel X,Y in the image's pixels -> (row, col) in the 64x64 grid of the patch at origin."""
+    (x, y), (h, w) = pixel, hw
+    v, u = (y + 0.5) / h * SIZE - origin[0], (x + 0.5) / w * SIZE - origin[1]  # its centre, squashed to 512
+    return int(v // (side / MAP)), int(u // (side / MAP))
+
+
+def test_the_average_over_patches_is_slimes(grid):
+    """Without --patch: each patch's A_ca (attention_maps), WAS map (was_map of inference's input) and --pixel's
+    A_sa row, resized onto the patch's footprint and averaged where patches overlap; the score is vote_sums'
+    ratio, and the mask its argmax, which is slime.segment's at 512."""
+    sd, emb, image, memo = grid
+    s, K, side, pixel = emb["settings"], len(PARTS), emb["settings"].patch_size, (50, 200)
+    got = maps.maps(sd, emb, image, pixel=pixel)
+    t, context = torch.tensor([s.test_t]), emb["context"]
+    patches = slime.noisy_patches(sd, image, s)
+    A, W, R = torch.zeros(K, SIZE, SIZE), torch.zeros(K, SIZE, SIZE), torch.zeros(SIZE, SIZE)
+    n, n_pixel, voted = torch.zeros(SIZE, SIZE), torch.zeros(SIZE, SIZE), [0] * K
+    up = lambda m: F.interpolate(m[None], size=(side, side), mode="bilinear", align_corners=False)[0]  # noqa: E731
+    for y0, x0, x_t in patches:
+        A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, K, log_space=False)
+        P, votes = inference_input(A_ca, s.threshold)
+        box = (slice(y0, y0 + side), slice(x0, x0 + side))
+        A[:, box[0], box[1]] += up(A_ca)
+        W[:, box[0], box[1]] += up(slime.was_map(P, A_sa))
+        n[box] += 1
+        row, col = pixel_cell(pixel, image.shape[1:], (y0, x0), side)
+        if 0 <= row < MAP and 0 <= col < MAP:
+            R[box] += up(A_sa[row * MAP + col].view(1, MAP, MAP))[0]
+            n_pixel[box] += 1
+        voted = [v + (k in votes) for k, v in enumerate(voted)]
+    assert 0 < sum(voted) < K * len(patches)  # the threshold lets some votes through, not all
+    assert got["voted"].tolist() == voted
+    scores, votes = slime.vote_sums(sd, context, patches, K, s, (SIZE, SIZE), side)
+    assert got["A_ca"].shape == got["was"].shape == got["score"].shape == (K, SIZE, SIZE)
+    assert np.allclose(got["A_ca"], (A / n).numpy(), rtol=1e-5, atol=0)
+    assert np.allclose(got["was"], (W / n).numpy(), rtol=1e-5, atol=0)
+    assert np.array_equal(got["score"], (scores / votes).numpy())
+    assert 0 < n_pixel.max() < len(patches)  # the pixel lies in some patches only
+    assert np.allclose(got["pixel_row"], (R / n_pixel.clamp(min=1)).numpy(), rtol=1e-5, atol=0)
+    labels = slime.segment(sd, context, image, K, s, SIZE, inputs=patches)
+    assert np.array_equal(got["labels"], labels.numpy())
+    squashed = F.interpolate(image[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+    assert np.array_equal(got["image"], (squashed * 255).round().byte().permute(1, 2, 0).numpy())
+    assert len(memo) == len(patches)  # one UNet pass per patch: no other input reached it
+    picture = maps.draw(got, PARTS, slime.part_colors(emb), "title")
+    assert picture.height == maps.HEADER + K * maps.ROW
+
+
+def test_one_patch_is_slimes_and_the_pixel_row_is_A_sa(grid):
+    """--patch 2: the patch's own 64x64 A_ca and WAS map, unresized; its score is vote_sums of that patch alone
+    on its footprint; --pixel's row is A_sa's row of the pixel's cell (Eq. 5: where that query looks)."""
+    sd, emb, image, _ = grid
+    s, K, side, pixel = emb["settings"], len(PARTS), emb["settings"].patch_size, (6, 350)
+    got = maps.maps(sd, emb, image, patch=2, pixel=pixel)
+    y0, x0, x_t = slime.noisy_patches(sd, image, s)[2]
+    assert (y0, x0) == (112, 0)  # rows first: patch 2 is the lower left
+    A_ca, A_sa, _ = slime.attention_maps(
+        sd, x_t, torch.tensor([s.test_t]), emb["context"], K, log_space=False
+    )
+    P, votes = inference_input(A_ca, s.threshold)
+    assert np.array_equal(got["A_ca"], A_ca.numpy())
+    assert np.array_equal(got["was"], slime.was_map(P, A_sa).numpy())
+    assert got["voted"].tolist() == [int(k in votes) for k in range(K)]
+    scores, n = slime.vote_sums(sd, emb["context"], [(y0, x0, x_t)], K, s, (SIZE, SIZE), side)
+    assert np.array_equal(got["score"], (scores / n)[:, y0 : y0 + side, x0 : x0 + side].numpy())
+    row, col = pixel_cell(pixel, image.shape[1:], (y0, x0), side)
+    assert got["pixel_at"] == (row, col) == (56, 1)  # (350.5 / 384 * 512 - 112) / 6.25, 6.5 / 6.25: centres
+    assert np.array_equal(got["pixel_row"], A_sa[row * MAP + col].view(MAP, MAP).numpy())
+    assert not np.array_equal(got["pixel_row"], A_sa[row * MAP + col + 1].view(MAP, MAP).numpy())
+    assert got["box"] == (112, 0, 400)
+    patches = slime.noisy_patches(sd, image, s)  # the mask is still the whole prediction, every patch's votes
+    assert np.array_equal(got["labels"], slime.segment(sd, emb["context"], image, K, s, SIZE, inputs=patches))
+
+
+def fake_arrays(K):  # what maps() returns, to draw without a model
+    g = np.random.default_rng(0)
+    arrays = {key: g.random((K, SIZE, SIZE)) for key in ("A_ca", "was", "score")}
+    arrays.update(image=g.integers(0, 255, (SIZE, SIZE, 3), np.uint8), labels=g.integers(0, K, (SIZE, SIZE)))
+    arrays.update(
+        voted=np.ones(K, int), pixel_row=g.random((SIZE, SIZE)), pixel_at=(10, 20), patches=4, box=None
+    )
+    return arrays
+
+
+def test_the_picture_has_a_row_per_part_and_never_cuts_a_name():
+    """Height = header + K rows of a fixed height; at 8 parts still a readable picture; the label column
+    starts the panels after the longest name as the same font measures it, and that name is drawn whole."""
+    white = (255, 255, 255)
+    for K in (2, 5, 8):
+        names = ["background"] + [f"part {k}" + " with a long name" * 3 * (k == K - 1) for k in range(1, K)]
+        colors = slime.part_colors(dict(parts=names, colors=[]))
+        picture = maps.draw(fake_arrays(K), names, colors, "a title")
+        assert picture.height == maps.HEADER + K * maps.ROW
+        longest, y = names[-1], maps.HEADER + (K - 1) * maps.ROW  # the last row holds the longest name
+        pixels = np.asarray(picture)
+        # the first panel's left edge: the first column that is colour all the way down the row's panel
+        solid = (pixels[y : y + maps.PANEL] != 255).any(-1).all(0)
+        left = int(np.argmax(solid))
+        assert left == maps.label_width(names) >= maps.TEXT_X + maps.FONT.getlength(longest)
+        assert picture.width == left + 3 * maps.CELL
+        # the name as the font draws it alone, at the same place: every pixel of it is in the picture
+        alone = Image.new("RGB", (left, maps.LINE), white)
+        ImageDraw.Draw(alone).text((maps.TEXT_X, 0), longest, (0, 0, 0), maps.FONT)
+        band = picture.crop((0, y, left, y + maps.LINE))
+        assert np.array_equal(np.asarray(band)[:, maps.TEXT_X :], np.asarray(alone)[:, maps.TEXT_X :])
+    # readable at 8 parts: text at >= 12 px, panels >= 128 px, and under 2000 px high
+    assert maps.FONT.size >= 12 and maps.PANEL >= 128 and picture.height < 2000
+    assert picture.size == (left + 3 * maps.CELL, maps.HEADER + 8 * maps.ROW)
+
+
+# the flags of a fit on random tiny weights (tests/test_errors.py's FAST), 2 epochs each validated on one image
+FIT = "--epochs 2 --val-every 1 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 --dtype fp32".split()
+
+
+def test_fit_keeps_its_history_and_curve_draws_it(tmp_path, tiny_ckpt, capsys):
+    """A real fit, 2 images for 2 epochs: emb.pt's history has an [epoch, ce, mse, sd] per step (2 steps an
+    epoch: epochs, not step numbers) and an [epoch, mIoU] per validation, the mIoUs fit printed; --curve draws
+    it. An emb.pt without a history (an older slime's) still predicts; --curve says it has none, exit 2."""
+    for name, flip in (("a", False), ("b", True)):
+        img, mask = synthetic_scene(flip=flip)
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+        Image.fromarray(mask).save(tmp_path / f"{name}_mask.png")
+    emb, ckpt = tmp_path / "emb.pt", tiny_ckpt("sd2")
+    pairs = [tmp_path / f for f in ("a.png", "a_mask.png", "b.png", "b_mask.png")]
+    args = ["fit", *pairs, "--val", *pairs[:2], "--parts", ",".join(PARTS), "-o", emb, "--ckpt", ckpt, *FIT]
+    assert slime.main([str(a) for a in args]) == 0
+    printed = [
+        float(m) for m in re.findall(r"epoch ./2  validation mIoU (\d\.\d{4})", capsys.readouterr().err)
+    ]
+    e = torch.load(emb, weights_only=True)
+    steps, vals = e["history"]["step"], e["history"]["validation"]
+    assert [row[0] for row in steps] == [1, 1, 2, 2] and [row[0] for row in vals] == [1, 2]
+    assert all(len(row) == 4 and row[1] > 0 and row[2] > 0 and row[3] == 0 for row in steps)  # --beta 0: sd 0
+    assert [round(v, 4) for _, v in vals] == printed and len(printed) == 2
+    assert [e["epoch"], e["val_miou"]] in vals  # the epoch emb.pt kept
+    assert maps.main([str(emb), "--curve", "-o", str(tmp_path / "curve.png")]) == 0
+    curve = np.asarray(Image.open(tmp_path / "curve.png"))
+    assert curve.shape == (540, 960, 3) and (curve == (214, 39, 40)).all(-1).any()  # the mIoU line is there
+    kept = lambda emb: (np.asarray(maps.curve(emb, "emb.pt")) == maps.GREY).all(-1).sum()  # noqa: E731
+    loaded = slime.load_embeddings(emb)
+    assert kept(loaded) > kept(dict(loaded, epoch=-1)) + 100  # the kept epoch's dashed line and its label
+    for history in (dict(step=[], validation=[]), "absent"):  # the last, old.pt without a history, predicts
+        old = tmp_path / "old.pt"
+        e.pop("history") if history == "absent" else e.update(history=history)
+        torch.save(e, old)
+        capsys.readouterr()
+        assert maps.main([str(old), "--curve", "-o", str(tmp_path / "old.png")]) == 2
+        assert capsys.readouterr().err == f"error: {old} has no fit history (fitted before slime kept one)\n"
+        assert not os.path.exists(tmp_path / "old.png")
+    out = tmp_path / "out"
+    predict = ["predict", old, tmp_path / "a.png", "-o", out, "--ckpt", ckpt, "-q", "--dtype", "fp32"]
+    assert slime.main([str(a) for a in predict]) == 0
+    assert os.path.exists(out / "SegmentationClass" / "a.png")
+
+
+@pytest.fixture
+def files(tmp_path):
+    """An emb.pt (4 patches, as predict's default) and a 512x384 image, made without a model."""
+    sd = SimpleNamespace(family="sd2", fingerprint="0" * 16, dtype=torch.float32)
+    slime.save_embeddings(tmp_path / "emb.pt", torch.randn(1, 77, 64), PARTS, sd, slime.Settings())
+    Image.fromarray(synthetic_scene()[0][64:448]).save(tmp_path / "a.png")
+    return tmp_path
+
+
+NOT_EMB = "a.png: damaged, not a torch file, or holds pickled code, which slime never runs"
+BAD = {  # the arguments (a .pt or .png: in the fixture's folder) -> the line
+    "pixel": ("emb.pt a.png --pixel 512,10", "--pixel 512,10 is outside the image of 512x384 pixels"),
+    "pixel-format": (
+        "emb.pt a.png --pixel 10",
+        "argument --pixel: must be X,Y in the image's pixels, not '10'",
+    ),
+    "patch": ("emb.pt a.png --patch 4", "--patch 4 is outside the grid: patches 0..3"),
+    "pixel-patch": (
+        "emb.pt a.png --patch 0 --pixel 500,380",
+        "--pixel 500,380 is outside patch 0 (from y 0, x 0 of the 512x512 image)",
+    ),
+    "image": ("emb.pt nope.png", "{d}/nope.png: No such file or directory"),
+    "emb": ("a.png a.png", "{d}/" + NOT_EMB),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_a_bad_input_is_one_line(files, case, capsys, monkeypatch):
+    """Each mistake: one `error:` line on stderr, exit status 2, no picture, and no model loaded."""
+    monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    args, line = BAD[case]
+    argv = [str(files / a) if a.endswith((".pt", ".png")) else a for a in args.split()]
+    assert maps.main([*argv, "-o", str(files / "maps.png")]) == 2
+    assert capsys.readouterr().err == "error: " + line.replace("{d}", str(files)) + "\n"
+    assert not os.path.exists(files / "maps.png")
+
+
+def test_the_script_ends_a_mistake_in_one_line(files):
+    """As a program: the same line and exit status 2, no traceback."""
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "maps.py"), str(files / "a.png"), "--curve"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == f"error: {files}/{NOT_EMB}\n"
