@@ -1647,4 +1647,6 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
     ):
         assert stage in stages, stages
     assert shown[-3].startswith(f"fit finished: {tmp_path / 'emb.pt'} holds epoch 1 (validation mIoU "), shown
-    assert shown[-2] == f"next: python slime.py predict {tmp_path / 'emb.pt'} IMAGES/ -o out/", shown
+    emb = tmp_path / "emb.pt"
+    curve = f"(the fit's curve: python examples/maps.py {emb} --curve -o curve.png)"
+    assert shown[-2] == f"next: python slime.py predict {emb} IMAGES/ -o out/ {curve}", shown
