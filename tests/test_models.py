@@ -369,8 +369,8 @@ def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
 def test_the_models_match_diffusers_golden_values(tiny_ckpt, family):
     """Against an independent reference on identical weights where every branch carries signal (all random,
     none zeroed): tests/data/goldens-*.safetensors hold what diffusers' and transformers' own models compute
-    on the tiny checkpoint (made by tests/data/make_goldens.py; the command and versions are in each file's
-    metadata). The tokens, the text context, the VAE latent (posterior mean x 0.18215 of 2 x image - 1), the
+    on the tiny checkpoint. Each file's metadata holds the script that made them ("script": not kept as a file,
+    since the project imports no diffusers), its command, and the versions. The tokens, the text context, the VAE latent (posterior mean x 0.18215 of 2 x image - 1), the
     UNet's eps and the 8 attention maps SLiMe reads all match."""
     with safe_open(os.path.join(ROOT, "tests", "data", f"goldens-{family}.safetensors"), "pt") as f:
         gold, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
