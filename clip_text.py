@@ -98,6 +98,11 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp.fc2(quick_gelu(self.mlp.fc1(self.layer_norm2(x))))
 
 
+def embedding(n, width):  # nn.Embedding left empty, as the checkpoint fills it: its random init on the meta
+    # device (where slime builds the models) imports torch._dynamo, 1.2 s of every fit's and predict's start
+    return nn.Embedding(n, width, _weight=torch.empty(n, width))
+
+
 class CLIPTextModel(nn.Module):
     """The modules under `cond_stage_model.transformer.text_model.`."""
 
@@ -105,8 +110,8 @@ class CLIPTextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = nn.Module()
-        self.embeddings.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.embeddings.position_embedding = nn.Embedding(CONTEXT_LENGTH, cfg.width)
+        self.embeddings.token_embedding = embedding(cfg.vocab_size, cfg.width)
+        self.embeddings.position_embedding = embedding(CONTEXT_LENGTH, cfg.width)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.layers))
         self.final_layer_norm = LayerNorm32(cfg.width)
@@ -154,7 +159,7 @@ class OpenCLIPText(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.token_embedding = embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(CONTEXT_LENGTH, cfg.width))
         self.transformer = nn.Module()
         # only the blocks that run: the stored last block is skipped ("penultimate" layer, v2-inference.yaml)
