@@ -229,9 +229,8 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
         ),
     )
     assert context is saved["context"]
-    reloaded = slime.load_embeddings(tmp_path / "emb.pt")
-    in_memory = slime.segment(sd, context, image, 3, s)
-    assert torch.equal(slime.segment(sd, reloaded["context"], image, 3, s), in_memory)
+    assert torch.equal(slime.load_embeddings(tmp_path / "emb.pt")["context"], context)
+    in_memory = slime.segment(sd, context, image, 3, s)  # and predict, from the file, gives these very masks
     Image.fromarray(img).save(tmp_path / "scene.png")
     run(
         "predict",
