@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import synthetic_photo, synthetic_scene, write_sdlike_checkpoint  # noqa: E402
 
 FIT = "--epochs 10 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q".split()
+PARTS = ["--parts", "background,square,disc"]
 # part 2: more steps, each sees one view of the big photo
 FIT_PHOTO = "--epochs 40 --lr 0.3 --val-every 10 --beta 0 --patch-size 512 --patches-per-side 1 -q".split()
 ROWS = [(8, 0), (8, 256), (16, 0), (16, 512)]  # (disc radius in px, --window; 0 = the release's squash)
@@ -50,32 +51,23 @@ def main():
     quick = ap.parse_args().quick
     rows = [r for r in ROWS if r[0] == 16] if quick else ROWS
     d = tempfile.mkdtemp(prefix="slime-evidence-")
-    ckpt = write_sdlike_checkpoint(os.path.join(d, "sdlike.safetensors"))
+
+    def at(name):  # a file in the run's folder
+        return os.path.join(d, name)
+
+    ckpt = write_sdlike_checkpoint(at("sdlike.safetensors"))
     img, mask = synthetic_scene()
-    Image.fromarray(img).save(os.path.join(d, "scene.png"))
-    Image.fromarray(mask).save(os.path.join(d, "scene_mask.png"))
-    emb = os.path.join(d, "scene.pt")
-    slime(
-        "fit",
-        os.path.join(d, "scene.png"),
-        os.path.join(d, "scene_mask.png"),
-        "--ckpt",
-        ckpt,
-        "-o",
-        emb,
-        "--parts",
-        "background,square,disc",
-        *FIT,
-    )
+    Image.fromarray(img).save(at("scene.png"))
+    Image.fromarray(mask).save(at("scene_mask.png"))
+    emb = at("scene.pt")
+    slime("fit", at("scene.png"), at("scene_mask.png"), "--ckpt", ckpt, "-o", emb, *PARTS, *FIT)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32; photo 2048x1536")
     print(
         "| disc | path | UNet passes | large part IoU | disc IoU | predict time |\n|---|---|---|---|---|---|"
     )
     for radius, window in rows:
         path = f"`--window {window}`" if window else "release's squash"
-        predict(
-            os.path.join(d, f"r{radius}w{window}"), emb, ckpt, radius, 0, window, f"{2 * radius} px | {path}"
-        )
+        predict(at(f"r{radius}w{window}"), emb, ckpt, radius, 0, window, f"{2 * radius} px | {path}")
     if quick:
         return
     print(
@@ -96,37 +88,15 @@ def main():
         ("val.png", img[crop]),
         ("val_mask.png", mask[crop]),
     ):
-        Image.fromarray(array).save(os.path.join(d, name))
+        Image.fromarray(array).save(at(name))
     for window in (0, 256):
-        fitted = os.path.join(d, f"photo_w{window}.pt")
-        slime(
-            "fit",
-            os.path.join(d, "photo.png"),
-            os.path.join(d, "photo_mask.png"),
-            "--val",
-            os.path.join(d, "val.png"),
-            os.path.join(d, "val_mask.png"),
-            "--ckpt",
-            ckpt,
-            "-o",
-            fitted,
-            "--parts",
-            "background,square,disc",
-            "--window",
-            window,
-            *FIT_PHOTO,
-        )
+        fitted = at(f"photo_w{window}.pt")
+        val = ["--val", at("val.png"), at("val_mask.png")]
+        options = ["--ckpt", ckpt, "-o", fitted, *PARTS, "--window", window, *FIT_PHOTO]
+        slime("fit", at("photo.png"), at("photo_mask.png"), *val, *options)
         for seed in (0, 1):
             path = f"`--window {window}`" if window else "release's squash"
-            predict(
-                os.path.join(d, f"photo_w{window}_s{seed}"),
-                fitted,
-                ckpt,
-                8,
-                seed,
-                window,
-                f"{path} | seed {seed}",
-            )
+            predict(at(f"photo_w{window}_s{seed}"), fitted, ckpt, 8, seed, window, f"{path} | seed {seed}")
 
 
 def predict(run, emb, ckpt, radius, seed, window, row):

@@ -81,22 +81,9 @@ def fitted(tmp_path_factory, sdlike_ckpt):
     d = tmp_path_factory.mktemp("fit")
     img, mask = cvat_export(d / "export", "scene", *synthetic_scene())
     emb = d / "emb.pt"
+    args = ["fit", img, mask, "--ckpt", sdlike_ckpt, "-o", emb, *SDLIKE]
     r = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "slime.py"),
-            "fit",
-            str(img),
-            str(mask),
-            "--ckpt",
-            sdlike_ckpt,
-            "-o",
-            str(emb),
-            *SDLIKE,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+        [sys.executable, os.path.join(ROOT, "slime.py"), *args], capture_output=True, text=True, timeout=900
     )
     assert r.returncode == 0, r.stderr
     return d / "export", emb, sdlike_ckpt
@@ -392,7 +379,8 @@ def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(tiny_ckpt,
     scores = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))  # the class scores, planted
     stand_in_model(monkeypatch, scores)
     img, mask = scene_files(tmp_path / "in")
-    fit = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-q", "-o"]
+    ckpt = tiny_ckpt("sd2")
+    fit = ["fit", img, mask, "--ckpt", ckpt, "-q", "-o"]
     run(*fit, tmp_path / "own.pt")
     run(*fit, tmp_path / "release.pt", "--out-size", 512)
     for emb, out, flags in (
@@ -400,17 +388,7 @@ def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(tiny_ckpt,
         ("own", "flag", ["--out-size", 512]),
         ("release", "recorded", []),
     ):
-        run(
-            "predict",
-            tmp_path / f"{emb}.pt",
-            img,
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "-q",
-            "-o",
-            tmp_path / out,
-            *flags,
-        )
+        run("predict", tmp_path / f"{emb}.pt", img, "--ckpt", ckpt, "-q", "-o", tmp_path / out, *flags)
 
     def written(out):
         mask = np.array(Image.open(tmp_path / out / "SegmentationClass" / "image.png"))
@@ -435,8 +413,9 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt
     channels reversed, exactly; without it, the RGB image."""
     handed, seen = stand_in_model(monkeypatch, torch.rand(3, 512, 512))
     img, mask = scene_files(tmp_path / "in")
+    ckpt = tiny_ckpt("sd2")
     one_patch = ["--patch-size", 512, "--patches-per-side", 1]  # the model sees the whole image, once
-    fit = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-q", *one_patch, "-o"]
+    fit = ["fit", img, mask, "--ckpt", ckpt, "-q", *one_patch, "-o"]
     run(*fit, tmp_path / "bgr.pt", "--bgr")
     run(*fit, tmp_path / "rgb.pt")
     assert [s.bgr for s in handed] == [True, False]
@@ -445,17 +424,7 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt
     )
     assert bgr is True and rgb is False
     for n, (emb, flags) in enumerate((("rgb", []), ("bgr", []), ("rgb", ["--bgr"]))):
-        run(
-            "predict",
-            tmp_path / f"{emb}.pt",
-            img,
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "-q",
-            "-o",
-            tmp_path / f"{n}",
-            *flags,
-        )
+        run("predict", tmp_path / f"{emb}.pt", img, "--ckpt", ckpt, "-q", "-o", tmp_path / f"{n}", *flags)
     # the image as the file holds it, R G B, squashed to 512 as the model sees it
     pixels = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1).float() / 255
     image = slime.resize(pixels, (512, 512), "bilinear")[None]

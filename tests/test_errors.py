@@ -28,16 +28,12 @@ import slime
 from conftest import PEAK_MEMORY, ROOT, synthetic_scene, tiny_state_dict, write_tiny_checkpoint
 
 FAST = "--epochs 1 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 --dtype fp32".split()
+SLIME = [sys.executable, os.path.join(ROOT, "slime.py")]  # slime.py as a program
 
 
 def cli(*args, cwd=None, **kw):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-        **kw,
+        [*SLIME, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd, **kw
     )
 
 
@@ -443,12 +439,7 @@ def test_option_errors_are_one_line(tmp_path, tiny_ckpt, capsys, no_load, flags,
     """Each ends in its one line, exit 2, the folder as it was, before the model loads (no_load)."""
     img, mask = scene_files(tmp_path)
     before = listing(tmp_path)
-    assert (
-        main(
-            "fit", str(img), str(mask), "--ckpt", tiny_ckpt("sd2"), "-o", str(tmp_path / "e.pt"), "-q", *flags
-        )
-        == 2
-    )
+    assert main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "e.pt", "-q", *flags) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.startswith("slime: error: ") and err.count("\n") == 1, err
     assert listing(tmp_path) == before and no_load == []
@@ -965,17 +956,9 @@ def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
     another run."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
-    args = [
-        "predict",
-        str(emb),
-        str(tmp_path / "in"),
-        "-o",
-        str(tmp_path / "out"),
-        "--ckpt",
-        tiny_ckpt("sd2"),
-    ]
+    args = ["predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2")]
     no_load.refusing = False
-    assert slime.main(args) == 0  # auto; conftest's probe finds bf16 no faster: fp32
+    assert main(*args) == 0  # auto; conftest's probe finds bf16 no faster: fp32
     assert slime.load_embeddings(emb)["dtype"] == "float32"
     assert json.loads((tmp_path / "out" / "slime-run.json").read_text())["dtype"] == "float32"
     monkeypatch.setattr(slime, "cpu_has_bf16", lambda: True)
@@ -983,10 +966,10 @@ def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
         slime, "bf16_speedup", lambda: pytest.fail("a resume takes the record's format untimed")
     )
     capsys.readouterr()
-    assert slime.main(args) == 0
+    assert main(*args) == 0
     err = capsys.readouterr().err
     assert "fp32: the number format of the outputs it resumes" in err and "skipped 1 already done" in err
-    assert no_load.plan_refuses(slime.main, args + ["--dtype", "bf16"]) == 2
+    assert no_load.plan_refuses(main, *args, "--dtype", "bf16") == 2
     assert (
         "holds outputs of another run (another emb.pt, settings, checkpoint or dtype)"
         in capsys.readouterr().err
@@ -1030,35 +1013,18 @@ def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, caps
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     Image.fromarray(synthetic_scene()[1]).resize((64, 64), Image.NEAREST).save(tmp_path / "in" / "a_mask.png")
-    assert (
-        main(
-            "predict", str(emb), str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--ckpt", tiny_ckpt("sd2")
-        )
-        == 0
-    )
+    assert main("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2")) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert warned == [f"warning: {tmp_path / 'in' / 'a_mask.png'} has only 3 colours, like a mask"]
 
 
 def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, capsys):
     img, _ = scene_files(tmp_path, size=64)
-    os.symlink(img, tmp_path / "alias.png")
-    assert (
-        main(
-            "predict",
-            str(emb),
-            str(img),
-            str(img),
-            str(tmp_path / "alias.png"),
-            "-o",
-            str(tmp_path / "out"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-        )
-        == 0
-    )
+    alias, out = tmp_path / "alias.png", tmp_path / "out"
+    os.symlink(img, alias)
+    assert main("predict", emb, img, img, alias, "-o", out, "--ckpt", tiny_ckpt("sd2")) == 0
     assert "wrote masks and overlays of 1 image to" in capsys.readouterr().err
-    assert outputs(tmp_path / "out") == outputs(None, ["a"])
+    assert outputs(out) == outputs(None, ["a"])
 
 
 def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(
@@ -1078,21 +1044,8 @@ def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(
         Image.fromarray(slime.VOC_PALETTE[labels]).save(tmp_path / "gt_colours" / f"{name}.png")
     tables = []
     for gt in ("gt_labels", "gt_colours"):
-        assert (
-            main(
-                "predict",
-                str(emb),
-                str(tmp_path / "in"),
-                "-o",
-                str(tmp_path / f"out_{gt}"),
-                "--ckpt",
-                ckpt,
-                "--masks",
-                str(tmp_path / gt),
-                "-q",
-            )
-            == 0
-        )
+        args = ["predict", emb, tmp_path / "in", "-o", tmp_path / f"out_{gt}", "--ckpt", ckpt]
+        assert main(*args, "--masks", tmp_path / gt, "-q") == 0
         tables.append(capsys.readouterr().out)
     assert tables[0] == tables[1] and "mIoU" in tables[0]
 
@@ -1102,20 +1055,8 @@ def test_an_all_ignore_ground_truth_scores_nothing_instead_of_zero(tmp_path, tin
     (tmp_path / "gt").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     Image.fromarray(np.full((64, 64), 255, np.uint8)).save(tmp_path / "gt" / "a.png")
-    assert (
-        main(
-            "predict",
-            str(emb),
-            str(tmp_path / "in"),
-            "-o",
-            str(tmp_path / "out"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "--masks",
-            str(tmp_path / "gt"),
-        )
-        == 0
-    )
+    args = ["predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2")]
+    assert main(*args, "--masks", tmp_path / "gt") == 0
     out = capsys.readouterr()
     assert (
         "mIoU" not in out.out
@@ -1137,20 +1078,11 @@ def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    r = cli(
-        "predict",
-        emb,
-        tmp_path / "in",
-        "-o",
-        tmp_path / "out",
-        "--ckpt",
-        tiny_ckpt("sd2"),
-        "-q",
-        preexec_fn=limit,
-    )
-    assert_refused(r, f"slime: error: {tmp_path / 'out' / 'overlays' / 'a.png'}: File too large\n")
+    out = tmp_path / "out"
+    r = cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q", preexec_fn=limit)
+    assert_refused(r, f"slime: error: {out / 'overlays' / 'a.png'}: File too large\n")
     # the small run record fits; no mask without its overlay, no temp file
-    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*") if p.is_file()) == [
+    assert sorted(str(p.relative_to(tmp_path)) for p in out.rglob("*") if p.is_file()) == [
         "out/slime-run.json"
     ]
 
@@ -1162,25 +1094,8 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
     Either way emb.pt is the last complete best: every write goes to a temp file that is renamed over it."""
     img, mask = scene_files(tmp_path)
     out = tmp_path / "emb.pt"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(ROOT, "slime.py"),
-            "fit",
-            str(img),
-            str(mask),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            *FAST,
-            "--epochs",
-            "50",
-            "-o",
-            str(out),
-            "-q",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "50", "-o", out, "-q"]
+    proc = subprocess.Popen([*SLIME, *args], stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not out.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -1204,19 +1119,8 @@ def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt
     for i in range(4):
         Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(tmp_path / "in" / f"s{i}.png")
     out = tmp_path / "out"
-    args = [
-        sys.executable,
-        os.path.join(ROOT, "slime.py"),
-        "predict",
-        str(emb),
-        str(tmp_path / "in"),
-        "-o",
-        str(out),
-        "--ckpt",
-        tiny_ckpt("sd2"),
-        "-q",
-    ]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE)
+    args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", tiny_ckpt("sd2"), "-q"]
+    proc = subprocess.Popen(SLIME + args, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "overlays" / "s0.png").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -1224,7 +1128,7 @@ def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "overlays" / "s3.png").exists(), "predict finished before it was killed"
-    assert slime.main(args[2:-1]) == 0  # the rerun, in this process
+    assert slime.main(args[:-1]) == 0  # the rerun, in this process
     assert (
         " already done (--overwrite redoes them)" in capsys.readouterr().err.splitlines()[-1]
     )  # finished ones kept
@@ -1246,8 +1150,7 @@ def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tm
         Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(tmp_path / "in" / f"{stem}.png")
     out = tmp_path / "out"
     args = ["predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q"]
-    slime_py = [sys.executable, os.path.join(ROOT, "slime.py")]
-    proc = subprocess.Popen(slime_py + list(map(str, args)), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(SLIME + list(map(str, args)), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "overlays" / "s0.png").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -1286,22 +1189,8 @@ def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt,
         return (loss * float("nan"), terms) if len(calls) == 2 else (loss, terms)
 
     monkeypatch.setattr(slime, "training_step", diverging)
-    assert (
-        main(
-            "fit",
-            str(img),
-            str(mask),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            *FAST,
-            "--epochs",
-            "3",
-            "-o",
-            str(tmp_path / "emb.pt"),
-            "-q",
-        )
-        == 2
-    )
+    out = tmp_path / "emb.pt"
+    assert main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "3", "-o", out, "-q") == 2
     err = capsys.readouterr().err
     assert (
         "the loss became nan at step 2" in err
@@ -1309,7 +1198,7 @@ def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt,
         "checked finite at load): try a lower --lr; the best emb.pt so far is kept"
         in err
     ), err
-    kept = slime.load_embeddings(tmp_path / "emb.pt")  # epoch 1 was validated before the loss diverged
+    kept = slime.load_embeddings(out)  # epoch 1 was validated before the loss diverged
     assert kept["epoch"] == 1 and torch.isfinite(kept["context"]).all()  # counted from 1, as the console says
 
 
@@ -1318,29 +1207,16 @@ def test_half_precision_checkpoints_work_through_the_cli(emb, tmp_path):
     img, _ = scene_files(tmp_path, size=64)
     for dtype in (torch.float16, torch.bfloat16):
         ckpt = write_tiny_checkpoint(tmp_path / f"{dtype}.safetensors", "sd2", dtype=dtype)
-        assert (
-            main("predict", str(emb), str(img), "-o", str(tmp_path / str(dtype)), "--ckpt", ckpt, "-q") == 0
-        )
+        assert main("predict", emb, img, "-o", tmp_path / str(dtype), "--ckpt", ckpt, "-q") == 0
         assert (tmp_path / str(dtype) / "SegmentationClass" / "a.png").exists()
 
 
 def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
     (tmp_path / "în pùt").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "în pùt" / "my imäge ✓.png")
-    assert (
-        main(
-            "predict",
-            str(emb),
-            str(tmp_path / "în pùt"),
-            "-o",
-            str(tmp_path / "öut put"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "-q",
-        )
-        == 0
-    )
-    assert outputs(tmp_path / "öut put") == outputs(None, ["my imäge ✓"])
+    out = tmp_path / "öut put"
+    assert main("predict", emb, tmp_path / "în pùt", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q") == 0
+    assert outputs(out) == outputs(None, ["my imäge ✓"])
 
 
 def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
@@ -1374,18 +1250,7 @@ def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
 def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb, capsys):
     img, _ = scene_files(tmp_path, size=64)
     assert (
-        main(
-            "predict",
-            str(emb),
-            str(img),
-            "-o",
-            str(tmp_path / "out"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "--threshold",
-            "1",
-        )
-        == 0
+        main("predict", emb, img, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "--threshold", "1") == 0
     )
     assert capsys.readouterr().err.splitlines()[-2:] == [
         "warning: 1 of 1 image got no part; a lower --threshold helps",
@@ -1395,21 +1260,8 @@ def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb,
 
 def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, tiny_ckpt, capsys):
     img, mask = scene_files(tmp_path)
-    assert (
-        main(
-            "fit",
-            str(img),
-            str(mask),
-            "--parts",
-            "background,square,disc,wheel",
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            *FAST,
-            "-o",
-            str(tmp_path / "e.pt"),
-        )
-        == 0
-    )
+    parts = ["--parts", "background,square,disc,wheel"]
+    assert main("fit", img, mask, *parts, "--ckpt", tiny_ckpt("sd2"), *FAST, "-o", tmp_path / "e.pt") == 0
     assert (
         "warning: part 3 (wheel) has no pixels in any training mask: not learned" in capsys.readouterr().err
     )
@@ -1464,41 +1316,16 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
     img, mask = synthetic_scene()
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    photo, labels, e = tmp_path / "phone.jpg", tmp_path / "phone_mask.png", tmp_path / "e.pt"
     Image.fromarray(img).resize((32, 64)).transpose(Image.Transpose.ROTATE_90).save(
-        tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95
+        photo, exif=exif.tobytes(), quality=95
     )
-    Image.fromarray(mask).resize((32, 64), Image.NEAREST).save(tmp_path / "phone_mask.png")
-    assert (
-        main(
-            "fit",
-            str(tmp_path / "phone.jpg"),
-            str(tmp_path / "phone_mask.png"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            *FAST,
-            "-o",
-            str(tmp_path / "e.pt"),
-            "-q",
-        )
-        == 0
-    )
+    Image.fromarray(mask).resize((32, 64), Image.NEAREST).save(labels)
+    assert main("fit", photo, labels, "--ckpt", tiny_ckpt("sd2"), *FAST, "-o", e, "-q") == 0
     (tmp_path / "gt").mkdir()
-    os.replace(tmp_path / "phone_mask.png", tmp_path / "gt" / "phone.png")  # and scores against it in predict
-    assert (
-        main(
-            "predict",
-            str(tmp_path / "e.pt"),
-            str(tmp_path / "phone.jpg"),
-            "-o",
-            str(tmp_path / "out"),
-            "--masks",
-            str(tmp_path / "gt"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "-q",
-        )
-        == 0
-    )
+    os.replace(labels, tmp_path / "gt" / "phone.png")  # and scores against it in predict
+    flags = ["--masks", tmp_path / "gt", "--ckpt", tiny_ckpt("sd2"), "-q"]
+    assert main("predict", e, photo, "-o", tmp_path / "out", *flags) == 0
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "phone.png").size == (32, 64)
 
 
@@ -1518,17 +1345,7 @@ def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny
         tmp_path / "in" / "gray16.png"
     )
     assert (
-        main(
-            "predict",
-            str(emb),
-            str(tmp_path / "in"),
-            "-o",
-            str(tmp_path / "out"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "-q",
-        )
-        == 0
+        main("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q") == 0
     )
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "tiny.png").size == (16, 16)
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "gray16.png").size == (70, 50)
@@ -1550,31 +1367,17 @@ def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(
     code = (
         PEAK_MEMORY + "import sys, slime; rc = slime.main(sys.argv[1:]); print(peak_memory()); sys.exit(rc)"
     )
+    out = tmp_path / "out"
+    args = ["predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2")]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            "predict",
-            str(emb),
-            str(tmp_path / "in"),
-            "-o",
-            str(tmp_path / "out"),
-            "--ckpt",
-            tiny_ckpt("sd2"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=600
     )
     assert r.returncode == 0, r.stderr
     assert (
-        r.stderr.splitlines()[-1] == f"wrote masks and overlays of 1 image to {tmp_path / 'out'}"
+        r.stderr.splitlines()[-1] == f"wrote masks and overlays of 1 image to {out}"
         and "Warning" not in r.stderr
     )
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # no bomb warning for the test's own check
-    out = tmp_path / "out"
     assert (
         Image.open(out / "SegmentationClass" / "huge.png").size
         == (w, h)
@@ -1594,24 +1397,8 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
     colours[10:60, 10:60], colours[70:120, 50:110] = (200, 0, 0), (0, 200, 0)
     Image.fromarray(colours).save(mask)
     leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(ROOT, "slime.py"),
-            "fit",
-            img,
-            mask,
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            *FAST,
-            "--epochs",
-            "1",
-            "-o",
-            tmp_path / "emb.pt",
-        ],
-        stderr=follower,
-        stdout=follower,
-    )
+    args = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "1", "-o", tmp_path / "emb.pt"]
+    proc = subprocess.Popen([*SLIME, *args], stderr=follower, stdout=follower)
     os.close(follower)
     raw = b""
     while True:
