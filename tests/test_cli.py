@@ -3,7 +3,7 @@
 Random weights give near-uniform attention, from which nothing can be learned, so the runs that judge
 segmentation quality use the tiny SD-like checkpoint of conftest.write_sdlike_checkpoint (real layout,
 hand-set attention that follows the image's colours, SOT as the attention sink). Plumbing runs use the
-random tiny checkpoint. --window (native resolution): the README's claim on a 1280x960 synthetic
+random tiny checkpoint. --window (native resolution): the README's claim on an 896x672 synthetic
 photo, fit's full-resolution views and emb.pt's record of the flag, and its one-line refusals.
 """
 
@@ -44,8 +44,8 @@ README_MIOU = 0.945
 
 
 def run(*args, ok=True):
-    """slime's command line, in this process (each `python slime.py` costs an interpreter start; the fixture
-    below and the tests of signals, kills and a full disk run it as a program) -> its stdout and stderr."""
+    """slime's command line, in this process (each `python slime.py` costs an interpreter start; the tests of
+    signals, kills and a full disk run it as a program) -> its stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = slime.main([str(a) for a in args])
@@ -81,11 +81,7 @@ def fitted(tmp_path_factory, sdlike_ckpt):
     d = tmp_path_factory.mktemp("fit")
     img, mask = cvat_export(d / "export", "scene", *synthetic_scene())
     emb = d / "emb.pt"
-    args = ["fit", img, mask, "--ckpt", sdlike_ckpt, "-o", emb, *SDLIKE]
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "slime.py"), *args], capture_output=True, text=True, timeout=900
-    )
-    assert r.returncode == 0, r.stderr
+    run("fit", img, mask, "--ckpt", sdlike_ckpt, "-o", emb, *SDLIKE)
     return d / "export", emb, sdlike_ckpt
 
 
@@ -198,40 +194,27 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
     }
 
 
-def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path):
+def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path, monkeypatch):
     """The release's issue #5: reloading saved embeddings gave different (zero-IoU) masks."""
     sd = slime.load_models(tiny_ckpt("sd2"))
+    monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)  # the validation: no UNet pass, as
+    monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)  # one epoch keeps its vectors anyway
     img, mask = synthetic_scene()
-    image = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+    image, emb = torch.from_numpy(img).permute(2, 0, 1).float() / 255, tmp_path / "emb.pt"
     s = slime.Settings(epochs=1, beta=0, threshold=0, patch_size=512, patches_per_side=1)
     saved = {}
-    context = slime.fit(
-        sd,
-        [(image, torch.from_numpy(mask).long())],
-        3,
-        s,
-        on_best=lambda c, e, m: (
-            slime.save_embeddings(tmp_path / "emb.pt", c, ["bg", "a", "b"], sd, s),
-            saved.update(context=c),
-        ),
-    )
-    assert context is saved["context"]
-    assert torch.equal(slime.load_embeddings(tmp_path / "emb.pt")["context"], context)
+
+    def on_best(context, epoch, miou):
+        slime.save_embeddings(emb, context, ["bg", "a", "b"], sd, s)
+        saved.update(context=context)
+
+    context = slime.fit(sd, [(image, torch.from_numpy(mask).long())], 3, s, on_best=on_best)
+    assert context is saved["context"] and torch.equal(slime.load_embeddings(emb)["context"], context)
     in_memory = slime.segment(sd, context, image, 3, s)  # and predict, from the file, gives these very masks
     Image.fromarray(img).save(tmp_path / "scene.png")
-    run(
-        "predict",
-        tmp_path / "emb.pt",
-        tmp_path / "scene.png",
-        "-o",
-        tmp_path / "out",
-        "--ckpt",
-        tiny_ckpt("sd2"),
-        "-q",
-    )
-    assert np.array_equal(
-        np.array(Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")), in_memory.numpy()
-    )
+    run("predict", emb, tmp_path / "scene.png", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
+    out = np.array(Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png"))
+    assert np.array_equal(out, in_memory.numpy())
 
 
 def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path, monkeypatch):
@@ -490,16 +473,16 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
 
 
 # --window, the claim of README "Small parts in big photos" (its 2048x1536 rows: benchmarks/window_evidence.py).
-# CI checks a 24 px disc in a 1280x960 photo at --window 512 (9 windows, about 15 s); the README's 16 px disc in
+# CI checks a 24 px disc in an 896x672 photo at --window 512 (4 windows, about 7 s); the README's 16 px disc in
 # 2048x1536 needs --window 256 (88 windows, about 150 s: too long for the suite): 0.50 with the scene's vectors,
 # 0.84 with vectors fitted on the photo at the windows' scale (README).
-WINDOW, RADIUS, PHOTO = 512, 12, (960, 1280)
+WINDOW, RADIUS, PHOTO = 512, 12, (672, 896)
 
 
-def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(fitted, tmp_path, capsys):
-    """A 1280x960 photo with a large part and a 24 px disc, which the squash to 512 shrinks to about one latent
-    pixel. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt, finds it (measured
-    0.66) and keeps the large part (within 0.05; measured 0.93 -> 0.98). The mechanism, on the SD-like test
+def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(fitted, tmp_path):
+    """An 896x672 photo with a large part and a 24 px disc, which the squash to 512 shrinks to under two latent
+    pixels. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt, finds it (measured
+    0.59) and keeps the large part (within 0.05; measured 0.93 -> 0.96). The mechanism, on the SD-like test
     model: not real photos."""
     d, emb, ckpt = fitted
     for folder in ("in", "gt"):
@@ -514,34 +497,19 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     iou, stderr, seconds = {}, {}, {}
     for name, embeddings in (("squash", emb), ("native", native)):
         t0 = time.time()
-        assert (
-            slime.main(
-                [
-                    "predict",
-                    str(embeddings),
-                    str(tmp_path / "in"),
-                    "-o",
-                    str(tmp_path / name),
-                    "--masks",
-                    str(tmp_path / "gt"),
-                    "--ckpt",
-                    ckpt,
-                ]
-            )
-            == 0
-        )
-        stderr[name] = capsys.readouterr().err
+        args = ["predict", embeddings, tmp_path / "in", "-o", tmp_path / name, "--masks", tmp_path / "gt"]
+        stderr[name] = run(*args, "--ckpt", ckpt).stderr
         seconds[name] = time.time() - t0
         iou[name] = json.loads((tmp_path / name / "summary.json").read_text())["iou"]
     print({name: (v, f"{seconds[name]:.0f} s") for name, v in iou.items()})  # pytest -s shows the evidence
     squash, native = ({k: float(v) for k, v in iou[name].items()} for name in ("squash", "native"))
     # measured: the squash's disc 0 (README: IoU 0), < 0.1 lets through a squash that finds a tenth of it; the
-    # windows' 0.66, >= 0.6 lets through windows that find the disc 0.06 worse than measured
-    assert squash["disc"] < 0.1 and native["disc"] >= 0.6, iou
-    # measured 0.93 -> 0.98; lets through windows that cost the large part up to 0.05 of IoU
+    # windows' 0.59, >= 0.5 lets through windows that find the disc 0.09 worse than measured
+    assert squash["disc"] < 0.1 and native["disc"] >= 0.5, iou
+    # measured 0.93 -> 0.96; lets through windows that cost the large part up to 0.05 of IoU
     assert native["square"] >= squash["square"] - 0.05, iou
     # predict showed each window's progress, from emb.pt's setting alone
-    assert "image 1/1  photo.png  window 9/9  " in stderr["native"] and "  window " not in stderr["squash"]
+    assert "image 1/1  photo.png  window 4/4  " in stderr["native"] and "  window " not in stderr["squash"]
     assert Image.open(tmp_path / "native" / "SegmentationClass" / "photo.png").size == PHOTO[::-1]
 
 
