@@ -1030,8 +1030,11 @@ RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.
 
 def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
     emb, path, record = load_embeddings(args.emb), os.path.join(args.out, RECORD), None
-    if os.path.isfile(args.out):
-        raise SlimeError(f"-o {args.out} is a file; predict writes into a folder")
+    folder = os.path.abspath(args.out)  # -o, or the nearest folder above it that will hold it
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # found now, not after the model's load
+        raise SlimeError(f"-o {args.out}: {folder} is no folder slime may write in")
     s = settings_from(given(args), "the command line", emb["settings"])
     if os.path.exists(path) and not args.overwrite:
         with named(path, "not slime's run record; pass --overwrite, or choose another -o"), open(path) as f:

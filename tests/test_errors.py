@@ -570,6 +570,8 @@ def predict_case(d, ckpt, emb, case):
         args += ["--masks", d / "gt"]
     elif case == "output folder is a file":
         (d / "out").write_text("a file")
+    elif case == "output folder under a file":
+        args[-1] = img / "out"
     elif case in (
         "emb.pt of another width",
         "emb.pt with a nan",
@@ -673,7 +675,8 @@ PREDICT_CASES = [
         "a colour ground truth in other colours",
         "gt/a.png has colours that are not in the parts' colours, e.g. (0, 9, 0), (9, 0, 0)",
     ),
-    ("output folder is a file", "-o {d}/out is a file; predict writes into a folder"),
+    ("output folder is a file", "-o {d}/out: {d}/out is no folder slime may write in"),
+    ("output folder under a file", "-o {d}/in/a.png/out: {d}/in/a.png is no folder slime may write in"),
     ("emb.pt of another width", "odd.pt was fitted on another kind of checkpoint than"),
     ("emb.pt with a nan", "odd.pt is not a usable emb.pt: its context holds nan, inf or non-float values"),
     ("emb.pt without parts", "odd.pt is not a usable emb.pt: its parts None are not 2 to 77 distinct names"),
