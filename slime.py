@@ -1051,7 +1051,9 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
     outputs = [os.path.join(args.out, n) for n in RUN_FILES] + [p for j in jobs for p in (j.mask, j.overlay)]
     if (record["run"] != run if record else not args.overwrite) and any(map(os.path.exists, outputs)):
-        whose = "another emb.pt, settings, checkpoint or dtype" if record else f"no {RECORD} says whose"
+        whose = (
+            "another emb.pt, settings, checkpoint, device or dtype" if record else f"no {RECORD} says whose"
+        )
         raise SlimeError(f"{args.out} holds outputs of another run ({whose}); pass --overwrite, or -o")
     for job in jobs:  # the same run resumes: an image is done when both its files are there
         job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)

@@ -784,7 +784,7 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
     )
     refused = (
         2,
-        f"slime: error: {out} holds outputs of another run (another emb.pt, settings, checkpoint or dtype); "
+        f"slime: error: {out} holds outputs of another run (another emb.pt, settings, checkpoint, device or dtype); "
         "pass --overwrite, or -o",
     )
     assert no_load.plan_refuses(predict, e=other) == refused and images_made(out) == made
@@ -945,7 +945,7 @@ def test_the_run_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, e
     for flags in (["--ckpt", str(tmp_path / "tuned.safetensors")], ["--ckpt", ckpt, "--dtype", "bf16"]):
         assert no_load.plan_refuses(slime.main, args + flags) == 2
         assert (
-            "holds outputs of another run (another emb.pt, settings, checkpoint or dtype)"
+            "holds outputs of another run (another emb.pt, settings, checkpoint, device or dtype)"
             in capsys.readouterr().err
         )
     assert slime.main(args + ["--ckpt", ckpt]) == 0  # the same run resumes
@@ -974,7 +974,7 @@ def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
     assert "fp32: the number format of the outputs it resumes" in err and "skipped 1 already done" in err
     assert no_load.plan_refuses(main, *args, "--dtype", "bf16") == 2
     assert (
-        "holds outputs of another run (another emb.pt, settings, checkpoint or dtype)"
+        "holds outputs of another run (another emb.pt, settings, checkpoint, device or dtype)"
         in capsys.readouterr().err
     )
     e = torch.load(emb, weights_only=True)  # an emb.pt saved in bf16 is read as fit saves it, in fp32
