@@ -1340,9 +1340,8 @@ def cmd_predict(args, con):
         what = f"image {n}/{len(mine)}  {os.path.basename(job.image)}"
         eta = (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
         con.progress(what, eta, not job.done)
-        if job.done:  # its mask is read back, so the IoU table and the summary cover every image
-            with named(job.mask), Image.open(job.mask) as im:
-                labels = torch.from_numpy(np.array(im))
+        if job.done:  # its mask read back (as images are: no bomb warning), for the IoU table and summary
+            labels = torch.from_numpy(np.array(open_image(job.mask)[0]))
         else:
             try:
                 image = read_image(job.image)
