@@ -762,6 +762,8 @@ def read_mask(path, colors=False):
     else:
         m = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))[..., :3]
         m = m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m  # grey
+    if im.mode == "F" and not np.isin(m, np.arange(256)).all():  # a float TIFF: its values must be labels
+        raise SlimeError(f"{path}: a float mask must hold labels 0..255, not fractions, nan or inf")
     n = len(np.unique(pack_rgb(m) if m.ndim == 3 else m))
     if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1):  # before lossy: a JPEG photo is named as a photo
         what = "a photo, not a mask (or its edges are anti-aliased): give each image first, its mask second"

@@ -229,6 +229,11 @@ def fit_case(d, ckpt, case):
         m = np.array(Image.open(mask))
         np.save(d / "m.npy", m.astype(np.float32) if case == "npy float" else m[..., None])
         pair[1] = d / "m.npy"
+    elif case == "float tiff mask with a fraction":
+        m = np.array(Image.open(mask)).astype(np.float32)
+        m[100, 100] = 1.5
+        Image.fromarray(m).save(d / "m.tif")
+        pair[1] = d / "m.tif"
     elif case == "antialiased colours":
         m = np.array(Image.open(mask))
         rgb = np.zeros(m.shape + (3,), np.uint8)
@@ -320,6 +325,10 @@ FIT_CASES = [
     ("image truncated jpeg", "slime: error: {d}/a.jpg: "),
     ("npy float", "m.npy: a mask is a 2-D array of labels 0..255, not float32 (512, 512)"),
     ("npy rank", "m.npy: a mask is a 2-D array of labels 0..255, not uint8 (512, 512, 1)"),
+    (
+        "float tiff mask with a fraction",
+        "m.tif: a float mask must hold labels 0..255, not fractions, nan or inf",
+    ),
     (
         "antialiased colours",
         "a_mask.png has class values [3, 4] outside 0..2 (['background', 'square', 'disc'])",
