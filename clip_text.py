@@ -50,15 +50,12 @@ _bpe = None
 def tokenize(texts, pad_token):
     """list of str -> (B, 77) int64: BOS, up to 75 BPE tokens, EOS, then pad_token."""
     global _bpe
-    if (
-        _bpe is None
-    ):  # open_clip's BPE tokenizer, which ships its vocabulary (works offline), from its own file:
+    if _bpe is None:  # open_clip's BPE tokenizer (its vocabulary ships with it: offline), from its own file:
         # `import open_clip` would import its image models too, and with them torchvision, which the text side
         # never uses (and which fails outright when built for another torch)
         folder = importlib.util.find_spec("open_clip").submodule_search_locations[0]
-        spec = importlib.util.spec_from_file_location(
-            "open_clip_tokenizer", os.path.join(folder, "tokenizer.py")
-        )
+        path = os.path.join(folder, "tokenizer.py")
+        spec = importlib.util.spec_from_file_location("open_clip_tokenizer", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _bpe = module.SimpleTokenizer()
