@@ -857,15 +857,18 @@ EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other tor
 LAYERS = [list(CROSS_LAYERS), list(SELF_LAYERS)]
 
 
-def save_embeddings(path, context, parts, sd, s, colors=None, epoch=None, miou=None, history=None):
+def save_embeddings(
+    path, context, parts, sd, s, colors=None, epoch=None, miou=None, history=None, done=False
+):
     """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True).
-    history: the fit's curve, {"step": [[epoch, ce, mse, sd], ...], "validation": [[epoch, mIoU], ...]}."""
+    history: the fit's curve, {"step": [[epoch, ce, mse, sd], ...], "validation": [[epoch, mIoU], ...]};
+    done: the fit ran to its last epoch (an interrupted fit's emb.pt holds its best so far)."""
     context = context.detach().float().cpu()  # whole: predict needs no text encoder
     emb = dict(format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts))
     emb.update(family=sd.family, fingerprint=sd.fingerprint, dtype=str(sd.dtype)[6:])
     emb.update(cross_layers=list(CROSS_LAYERS), self_layers=list(SELF_LAYERS))
     emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch or -1, val_miou=miou)
-    emb["history"] = history or dict(step=[], validation=[])
+    emb["history"], emb["finished"] = history or dict(step=[], validation=[]), done
     emb["settings"] = {k: v for k, v in asdict(s).items() if k != "window" or v}  # an older slime reads it
     buffer = io.BytesIO()
     torch.save(emb, buffer)
@@ -980,9 +983,7 @@ def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pai
     preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "parts"}
     args.parts = args.parts or PRESETS.get(args.preset, {}).get("parts")  # explicit flags win over a preset
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
-    for what, pairs in (("fit", args.pairs), ("--val", args.val or [])):
-        if len(pairs) % 2:
-            raise SlimeError(f"{what} takes image/mask pairs, but {pairs[-1]} has no partner")
+    args.pairs, args.val = image_mask_pairs(args.pairs, "fit"), image_mask_pairs(args.val or [], "--val")
     if os.path.isdir(args.output):
         raise SlimeError(f"-o {args.output} is a folder; give a file path such as {args.output}/emb.pt")
     if os.path.exists(args.output):  # hours of work: replaced only when asked, and only an emb.pt
@@ -998,6 +999,47 @@ def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pai
     with named(folder):  # the last step: a refused plan leaves the folder as it was
         os.makedirs(folder, exist_ok=True)
     return s, device, ckpt, *pairs
+
+
+def image_mask_pairs(items, what):
+    """fit's (or --val's) arguments -> [image, mask, image, mask, ...]: files go in pairs, image first, and a
+    folder stands for its pairs, each image with the mask of its stem (the release's NAME.png beside NAME.npy)."""
+    out, files = [], []
+    for item in items + [None]:  # None: the end, which closes the last run of files as a folder does
+        if item is not None and not os.path.isdir(item):
+            files.append(item)
+            continue
+        if len(files) % 2:
+            raise SlimeError(f"{what} takes image/mask pairs or folders, but {files[-1]} has no partner")
+        for image, mask in zip(files[0::2], files[1::2]):
+            # a .npy is never an image: a shell's `train/*` lists NAME.npy before NAME.png
+            out += [mask, image] if image.lower().endswith(".npy") else [image, mask]
+        out, files = out + (folder_pairs(item) if item else []), []
+    return out
+
+
+def folder_pairs(folder):
+    """A folder's images and masks paired by file stem -> [image, mask, ...]; an unpaired file is refused."""
+    stems = {}
+    for name in sorted(
+        os.listdir(folder)
+    ):  # hidden files and files of other kinds (labelmap.txt) are not read
+        if name[0] != "." and name.lower().endswith(MASK_EXTS):
+            stems.setdefault(os.path.splitext(name)[0], []).append(os.path.join(folder, name))
+    out = []
+    for files in stems.values():
+        if len(files) != 2:
+            npy = files[0].lower().endswith(".npy")
+            why = "has no mask" if not npy else "has no image"
+            why = why if len(files) == 1 else f"shares its stem with {count(len(files) - 1, 'other file')}"
+            raise SlimeError(
+                f"{files[0]} {why}: a folder holds NAME.png (the image) beside NAME.npy (its mask)"
+            )
+        # the mask: the .npy (the release's), else the .png beside a photo of another format
+        out += sorted(files, key=lambda f: f.lower().endswith((".npy", ".png")) + f.lower().endswith(".npy"))
+    if not out:
+        raise SlimeError(f"{folder} holds no image/mask pairs (NAME.png beside NAME.npy)")
+    return out
 
 
 def read_pairs(args, con):
@@ -1046,8 +1088,11 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     ckpt, family, modules = checkpoint(args)
     if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
         raise SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})")
-    jobs = list_jobs(args, con)
+    jobs, skipped = list_jobs(args, con)
     find_ground_truth(jobs, args.masks, emb, con)
+    truth = {os.path.realpath(job.gt) for job in jobs if job.gt}  # the release's NAME.npy beside NAME.png
+    read = sum(os.path.realpath(p) in truth for p in skipped)
+    con.say(skipped_line(skipped, f" ({read} read as ground truth)" * bool(read))) if skipped else None
     # what makes the masks: the embeddings, parts, colours, settings, the weights, device type and dtype
     what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
     run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
@@ -1070,15 +1115,14 @@ def list_jobs(args, con):  # predict's images, each once, with its output paths;
         files = sorted(os.path.join(p, n) for n in os.listdir(p) if n[0] != ".") if os.path.isdir(p) else [p]
         for path in filter(os.path.isfile, files):  # hidden files (.DS_Store, temp files) are not listed
             if path != p and not path.lower().endswith(IMAGE_EXTS):
-                skipped.append(os.path.basename(path))
+                skipped.append(path)
                 continue
             stem = os.path.splitext(os.path.basename(path))[0] + ".png"
             mask, overlay = (os.path.join(args.out, d, stem) for d in ("SegmentationClass", "overlays"))
             job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
             jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
-    if skipped:
-        con.say(f"skipped {count(len(skipped), 'non-image file')}: {', '.join(skipped[:5])}")
     if not jobs:
+        con.say(skipped_line(skipped)) if skipped else None
         raise SlimeError(f"{', '.join(args.inputs)} holds no images ({', '.join(IMAGE_EXTS)})")
     masks = {}
     for job in jobs.values():
@@ -1090,7 +1134,11 @@ def list_jobs(args, con):  # predict's images, each once, with its output paths;
     for folder in (f for f in inputs if os.path.isdir(f)):
         if any(os.path.isdir(d) and os.path.samefile(folder, d) for d in outs):
             raise SlimeError(f"-o {args.out} holds inputs of this run ({folder}); choose another -o")
-    return list(jobs.values())
+    return list(jobs.values()), skipped
+
+
+def skipped_line(skipped, note=""):
+    return f"skipped {count(len(skipped), 'non-image file')}{note}: {', '.join(map(os.path.basename, skipped[:5]))}"
 
 
 def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground truth by file stem, checked
@@ -1098,9 +1146,13 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
         raise SlimeError(f"--masks {masks}: no such folder")
     for job in jobs if masks else []:
         stem = os.path.splitext(os.path.basename(job.mask))[0]
-        job.gt = next(filter(os.path.isfile, (os.path.join(masks, stem + e) for e in MASK_EXTS)), None)
-        if job.gt and os.path.samefile(job.gt, job.image):
-            raise SlimeError(f"--masks {masks} is the folder of {job.image}: keep the ground truth apart")
+        found = list(filter(os.path.isfile, (os.path.join(masks, stem + e) for e in MASK_EXTS)))
+        # in the images' own folder (the release's layout), the mask is the other file of the stem: NAME.npy
+        job.gt = next((p for p in found if not os.path.samefile(p, job.image)), None)
+        if found and not job.gt:
+            raise SlimeError(
+                f"--masks {masks} holds no mask of {job.image} but itself: keep the ground truth apart"
+            )
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
             continue
@@ -1287,12 +1339,12 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
             history[e["event"]].append([e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e])
         progress(e)
 
-    def on_best(context, epoch, miou):
-        save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou, history)
+    def on_best(context, epoch, miou, done=False):
+        save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou, history, done)
         best.update(epoch=epoch, miou=miou)
 
     context = fit(sd, train, len(parts), s, val or None, on_best, on_event)
-    on_best(context, best["epoch"], best["miou"])  # saved once more: the curve's steps after the best too
+    on_best(context, best["epoch"], best["miou"], done=True)  # once more: the steps after the best too
     con.say(f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})")
     curve = f"python examples/maps.py {args.output} --curve -o curve.png"
     con.say(f"next: python slime.py predict {args.output} IMAGES/ -o out/ (the fit's curve: {curve})")

@@ -419,7 +419,7 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["fit", "a.png"], "slime: error: fit takes image/mask pairs, but a.png has no partner\n"),
+        (["fit", "a.png"], "slime: error: fit takes image/mask pairs or folders, but a.png has no partner\n"),
         (
             ["fit", "missing.png", "missing_mask.png", "--ckpt", "TINY"],
             "slime: error: missing.png: No such file or directory\n",

@@ -335,7 +335,7 @@ FIT_CASES = [
     ),
     ("mask of another size", "small.png is (80, 100), its image (512, 512) (w, h)"),
     ("background-only mask", "holds only background (class 0); nothing to learn"),
-    ("odd number of paths", "fit takes image/mask pairs, but {d}/a.png has no partner"),
+    ("odd number of paths", "fit takes image/mask pairs or folders, but {d}/a.png has no partner"),
     ("output is a file fit did not write", "notes.txt is no slime emb.pt: choose another -o"),
     ("empty part name", "--parts background,square,disc,: the names must be non-empty and distinct"),
     ("repeated part name", "--parts background,disc,disc: the names must be non-empty and distinct"),
@@ -728,7 +728,7 @@ PREDICT_CASES = [
     ("fp16 on the CPU", "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32"),
     (
         "ground truth in the image folder",
-        "--masks {d}/in is the folder of {d}/in/a.png: keep the ground truth apart",
+        "--masks {d}/in holds no mask of {d}/in/a.png but itself: keep the ground truth apart",
     ),
     ("no ground-truth folder", "--masks {d}/nowhere: no such folder"),
     (

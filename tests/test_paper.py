@@ -1,0 +1,254 @@
+"""The paper's protocol on the authors' layout: `fit FOLDER`, `predict --masks` on the images' own folder, and
+benchmarks/paper.py's table, checked against IoUs computed here by hand from the masks predict wrote.
+
+The authors ship each dataset as train_1/, train_10/, val/ and test/, each image NAME.png beside its mask
+NAME.npy. synthetic_car below writes that layout with a "car" in flat colours (the car preset's 6 classes),
+which the SD-like checkpoint (attention follows colour) can learn in a few epochs.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import slime
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import paper  # noqa: E402
+
+# the SD-like fit of test_cli (5 epochs at lr 0.3, validated once, no SD loss), in fp32
+SDLIKE = "--epochs 5 --lr 0.3 --val-every 5 --beta 0 --dtype fp32".split()
+SPLITS = dict(train_1=1, train_10=2, val=1, test=2)  # the authors' folders, a few images each
+
+
+def synthetic_car(seed, h=384, w=512):
+    """A 'car' in flat colours and textures, moved a little per seed: body 1 (striped red), light 2 (yellow),
+    plate 3 (white), wheel 4 (black discs), window 5 (cyan), on a blue background."""
+    rng = np.random.default_rng(seed)
+    dy, dx = rng.integers(-30, 31, 2)
+    yy, xx = np.mgrid[:h, :w]
+    yy, xx = yy - dy, xx - dx
+    img = np.zeros((h, w, 3), np.float32) + [0.15, 0.2, 0.7] + rng.normal(0, 0.08, (h, w, 3))
+    mask = np.zeros((h, w), np.uint8)
+    body = (yy > 150) & (yy < 280) & (xx > 80) & (xx < 430)
+    regions = [
+        (body, [0.9, 0.15, 0.1], 1),
+        (body & ((yy // 8) % 2 == 0), [0.54, 0.09, 0.06], 1),
+        ((yy > 100) & (yy <= 150) & (xx > 150) & (xx < 360), [0.2, 0.9, 0.9], 5),
+        ((yy > 170) & (yy < 200) & (xx > 400) & (xx < 430), [1.0, 0.95, 0.1], 2),
+        ((yy > 240) & (yy < 270) & (xx > 80) & (xx < 140), [0.97, 0.97, 0.97], 3),
+        (
+            ((yy - 290) ** 2 + (xx - 150) ** 2 < 1600) | ((yy - 290) ** 2 + (xx - 360) ** 2 < 1600),
+            [0.05] * 3,
+            4,
+        ),
+    ]
+    for region, colour, label in regions:
+        img[region], mask[region] = colour, label
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask
+
+
+def authors_layout(root, splits=SPLITS):
+    """DATADIR/car as the authors ship it -> the dataset folder."""
+    seed = 0
+    for split, n in splits.items():
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            img, mask = synthetic_car(seed)
+            Image.fromarray(img).save(root / split / f"{i:04d}.png")
+            np.save(root / split / f"{i:04d}.npy", mask)
+            seed += 1
+    return root
+
+
+def hand_ious(pred, gt):
+    """{class: IoU} of the classes in gt, the ground truth first nearest-resized to the prediction's size."""
+    rows = (np.arange(pred.shape[0]) * gt.shape[0] // pred.shape[0]).astype(
+        int
+    )  # nearest: floor(i * in / out)
+    cols = (np.arange(pred.shape[1]) * gt.shape[1] // pred.shape[1]).astype(int)
+    gt = gt[rows][:, cols]
+    out = {}
+    for c in np.unique(gt):
+        inter, union = np.sum((pred == c) & (gt == c)), np.sum((pred == c) | (gt == c))
+        out[int(c)] = inter / (union + 1e-7)
+    return out
+
+
+def calls(monkeypatch):
+    """slime.main and slime.segment counted: [argv of each main], and how many images were segmented."""
+    seen, main, segment = SimpleCount(), slime.main, slime.segment
+
+    def counted_main(argv):
+        seen.mains.append(list(argv))
+        return main(argv)
+
+    def counted_segment(*args, **kwargs):
+        seen.segments += 1
+        return segment(*args, **kwargs)
+
+    monkeypatch.setattr(slime, "main", counted_main)
+    monkeypatch.setattr(slime, "segment", counted_segment)
+    return seen
+
+
+class SimpleCount:
+    def __init__(self):
+        self.mains, self.segments = [], 0
+
+
+def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resumes(
+    tmp_path, sdlike_ckpt, monkeypatch, capsys
+):
+    """paper.py on the authors' layout: interrupted (Ctrl-C in seed 1's predict), rerun, then rerun again. The
+    table equals IoUs computed here from the masks predict wrote and the .npy ground truth; std is 0 only where
+    the seeds agree; the published row of Table 2 stands under it; nothing finished is done twice."""
+    data, out = authors_layout(tmp_path / "car"), tmp_path / "paper"
+    argv = [str(data), "--seeds", "0,1", "--ckpt", sdlike_ckpt, "-o", str(out), *SDLIKE]
+    seen, segment = calls(monkeypatch), slime.segment
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while seed 1 segments its second test image
+        if seen.segments == 5:  # seed 0: 1 validation, 2 test images; seed 1: 1 validation, 2 test images
+            raise KeyboardInterrupt
+        return segment(*args, **kwargs)
+
+    monkeypatch.setattr(slime, "segment", interrupted)
+    assert paper.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "skipped 2 non-image files (2 read as ground truth): 0000.npy, 0001.npy" in err
+    assert err.endswith("paper.py: stopped (exit status 130); the same command resumes\n")
+    assert [m[0] for m in seen.mains] == ["fit", "predict", "fit", "predict"]
+
+    seen = calls(monkeypatch)
+    assert paper.main(argv) == 0  # seed 0 done, seed 1's fit finished: its predict resumes, 1 image to go
+    assert [m[0] for m in seen.mains] == ["predict"] and seen.segments == 1
+    printed = capsys.readouterr().out
+    table = json.loads((out / "table.json").read_text())
+
+    columns = ["Body", "Light", "Plate", "Wheel", "Window", "Background"]
+    by_hand = {}
+    for seed in (0, 1):
+        per_class = {c: [] for c in range(6)}
+        for stem in ("0000", "0001"):
+            pred = np.array(Image.open(out / f"seed{seed}" / "test" / "SegmentationClass" / f"{stem}.png"))
+            assert pred.shape == (512, 512)  # the release's protocol: masks and scores at 512x512
+            for c, v in hand_ious(pred, np.load(data / "test" / f"{stem}.npy")).items():
+                per_class[c].append(100 * v)
+        row = {name: np.mean(per_class[c]) for c, name in zip([1, 2, 3, 4, 5, 0], columns)}
+        by_hand[seed] = row | {"Average": np.mean(list(row.values()))}
+    assert table["columns"] == columns + ["Average"]
+    for c in table["columns"]:
+        values = [by_hand[0][c], by_hand[1][c]]
+        mean, std = table["slime"][c]
+        assert mean == pytest.approx(np.mean(values), abs=1e-9) and std == pytest.approx(
+            np.std(values), abs=1e-9
+        )
+        assert (std == 0) == (values[0] == values[1])
+    assert by_hand[0]["Average"] > 50  # the SD-like model learns the car's colours: a table of real numbers
+    assert table["paper"] == {
+        "table": "Table 2",
+        "row": dict(
+            zip(
+                table["columns"],
+                [[79.6, 0.4], [37.5, 5.4], [46.5, 2.6], [65.0, 1.4], [65.6, 1.6], [75.7, 3.1], [61.6, 0.5]],
+            )
+        ),
+    }
+    md = (out / "table.md").read_text()
+    lines = md.splitlines()
+    assert lines[2] == "| | Body | Light | Plate | Wheel | Window | Background | Average |"
+    assert (
+        lines[5]
+        == "| paper, Table 2 | 79.6 ± 0.4 | 37.5 ± 5.4 | 46.5 ± 2.6 | 65.0 ± 1.4 | 65.6 ± 1.6 | 75.7 ± 3.1 | 61.6 ± 0.5 |"
+    )
+    assert table["settings"]["out_size"] == 512 and table["settings"]["epochs"] == 5
+    assert (
+        table["settings"]["patch_size"] == 512 and table["settings"]["min_crop_ratio"] == 0.6
+    )  # the car preset
+    assert printed.endswith(md + "\n")  # after predict's own IoU tables, on stdout
+
+    seen = calls(monkeypatch)
+    assert paper.main(argv) == 0 and seen.mains == []  # all done: the table again, from the seeds' records
+    assert capsys.readouterr().out == md + "\n"
+
+
+PLAN_CASES = [
+    ("no such folder", [], "paper.py: error: {d}/nowhere: no such folder"),
+    (
+        "a dataset without a preset",
+        [],
+        "paper.py: error: {d}/bike: no preset for 'bike' (car, horse, celeba); give --parts",
+    ),
+    (
+        "a missing split",
+        [],
+        "paper.py: error: {d}/car/test: no such folder (the authors' layout: train_1, train_10, val, test)",
+    ),
+    (
+        "an empty split",
+        [],
+        "paper.py: error: {d}/car/test holds no image/mask pairs (NAME.png beside NAME.npy)",
+    ),
+    ("an image without its mask", [], "paper.py: error: {d}/car/test/0001.png has no mask: a folder holds"),
+    (
+        "a mask without its image",
+        [],
+        "paper.py: error: {d}/car/train_1/0000.npy has no image: a folder holds",
+    ),
+    ("bad seeds", ["--seeds", "0,0"], "paper.py: error: --seeds 0,0: distinct whole numbers"),
+    (
+        "another table in -o",
+        ["--shots", "10"],
+        "paper.py: error: -o {d}/out holds a table made with another shots",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, extra, line", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys, case, extra, line):
+    data, out = authors_layout(tmp_path / "car", dict(train_1=1, test=2)), str(tmp_path / "out")
+    folder = {"no such folder": tmp_path / "nowhere", "a dataset without a preset": tmp_path / "bike"}.get(
+        case, data
+    )
+    if case == "a dataset without a preset":
+        folder.mkdir()
+    elif case in ("a missing split", "an empty split"):
+        for f in (data / "test").iterdir():
+            f.unlink()
+        (data / "test").rmdir() if case == "a missing split" else None
+    elif case == "an image without its mask":
+        (data / "test" / "0001.npy").unlink()
+    elif case == "a mask without its image":
+        (data / "train_1" / "0000.png").unlink()
+    elif case == "another table in -o":  # a 1-shot table begun (its first fit stopped at once), then 10-shot
+        (data / "train_10").symlink_to(data / "train_1")
+        (data / "val").symlink_to(data / "train_1")
+        monkeypatch.setattr(slime, "main", lambda argv: 130)
+        assert paper.main([str(data), "-o", out]) == 130
+    monkeypatch.setattr(slime, "main", lambda argv: pytest.fail("slime ran before the plan refused"))
+    capsys.readouterr()
+    assert paper.main([str(folder), "-o", out, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line.replace("{d}", str(tmp_path))) and err.count("\n") == 1, err
+
+
+def test_an_unfinished_fit_is_fitted_again_and_a_finished_one_is_not(tmp_path, monkeypatch, capsys):
+    """A seed whose emb.pt an interrupt left unfinished is fitted again (--overwrite); a finished one goes
+    straight to predict. Watched through the argv paper.py hands slime (which stops at once with Ctrl-C's 130)."""
+    data = authors_layout(tmp_path / "car", dict(train_1=1, test=1))
+    for finished, first in ((False, "fit"), (True, "predict")):
+        out = tmp_path / f"out{finished}"
+        (out / "seed0").mkdir(parents=True)
+        emb = dict(format=slime.EMB_FORMAT, finished=finished)
+        monkeypatch.setattr(slime, "load_embeddings", lambda path, emb=emb: emb)
+        argvs = []
+        monkeypatch.setattr(slime, "main", lambda argv, argvs=argvs: argvs.append(argv) or 130)
+        torch.save({}, out / "seed0" / "emb.pt")
+        assert paper.main([str(data), "--seeds", "0", "-o", str(out)]) == 130
+        assert argvs[0][0] == first and ("--overwrite" in argvs[0]) == (first == "fit")
+    capsys.readouterr()
