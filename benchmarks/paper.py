@@ -4,7 +4,8 @@
     python benchmarks/paper.py DATADIR/horse --shots 10 -o paper-horse-10/ --epochs 20   # a quick look
     python benchmarks/paper.py DATADIR/celeba --embeddings TRAINED/ -o paper-celeba-authors/
 
-DATADIR holds the authors' data as it ships (release/README.md#L75): per dataset train_1/, train_10/, val/
+DATADIR holds the authors' data as it ships (the link at release/README.md#L75, the release being
+https://github.com/aliasgharkhani/SLiMe/tree/9de06f1a1e9ca83bd900a0b68646ce4885485f68): per dataset train_1/, train_10/, val/
 and test/, each image NAME.png beside its mask NAME.npy. The folder's name picks slime's preset (car, horse,
 celeba: the release README's parts, crop ratio and patching); any other folder needs --parts, and gets no
 published row. For each seed: `slime.py fit` on train_1 validated on train_1 (1-shot, as the release's
@@ -19,7 +20,7 @@ slime.miou_table); each in percent, mean ± std (population, ddof 0) over the se
 published SLiMe row ("conducted three times with different initializations", Sec. 5).
 
 Writes to -o: table.md and table.json (the command and the settings beside the numbers), paper-run.json
-(what a rerun must match), and per seed seed{N}/emb.pt, seed{N}/test/ (predict's own layout, so the table
+(what a rerun must match), emb.pt with --embeddings, and per seed seed{N}/emb.pt, seed{N}/test/ (predict's own layout, so the table
 can be recomputed from the masks) and seed{N}/ious.json. Resumable: a seed whose ious.json is there is done,
 a finished emb.pt is not fitted again, and predict resumes by its run record; Ctrl-C loses at most the image
 or fit in progress (slime has no fit --resume yet: an interrupted fit starts again). Not a test.
@@ -30,7 +31,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 
@@ -39,49 +39,24 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 import release_embeddings  # noqa: E402
 import slime  # noqa: E402
 
-# folder name -> (slime's preset, the paper's table, the paper's column per release part name, in its order)
+# folder name -> (slime's preset, the paper's table, "release part:paper column" in the paper's column order)
 DATASETS = {
-    "car": (
-        "pascal-car",
-        "Table 2",
-        dict(body="Body", light="Light", plate="Plate", wheel="Wheel", window="Window"),
-    ),
-    "horse": (
-        "pascal-horse",
-        "Table 3",
-        {"head": "Head", "leg": "Leg", "neck+torso": "Neck+Torso", "tail": "Tail"},
-    ),
-    "celeba": (
-        "celeba",
-        "Table 4",
-        dict(
-            cloth="Cloth",
-            brow="Eyebrow",
-            ear="Ear",
-            eye="Eye",
-            hair="Hair",
-            mouth="Mouth",
-            neck="Neck",
-            nose="Nose",
-        )
-        | dict(skin="Face"),
-    ),
-}
-# The paper's SLiMe rows: mean and std per column (the parts, Background, Average), as printed in its tables
+    "car": ("pascal-car", "Table 2", "body:Body light:Light plate:Plate wheel:Wheel window:Window"),
+    "horse": ("pascal-horse", "Table 3", "head:Head leg:Leg neck+torso:Neck+Torso tail:Tail"),
+    "celeba": ("celeba", "Table 4", "cloth:Cloth brow:Eyebrow ear:Ear eye:Eye hair:Hair mouth:Mouth neck:Neck "
+               "nose:Nose skin:Face"),
+}  # fmt: skip
+# The paper's SLiMe rows, copied from its Tables 2-4: mean and std per column (the parts, Background, Average)
 PUBLISHED = {
-    ("car", 10): "81.5 1.0 56.8 1.2 54.8 2.7 68.3 0.1 70.3 0.9 78.4 1.6 68.3 1.0",
-    ("car", 1): "79.6 0.4 37.5 5.4 46.5 2.6 65.0 1.4 65.6 1.6 75.7 3.1 61.6 0.5",
-    ("horse", 10): "63.8 0.7 59.5 2.1 68.1 4.4 45.4 2.4 79.6 2.5 63.3 2.4",
-    ("horse", 1): "61.5 1.0 50.3 0.7 55.7 1.1 40.1 2.9 74.4 0.6 56.4 0.8",
-    (
-        "celeba",
-        10,
-    ): "63.1 1.6 62.0 1.6 64.2 1.9 65.5 3.0 85.3 0.4 82.1 1.6 79.4 2.2 79.1 1.4 88.8 0.2 87.1 0.0 75.7 0.4",
-    (
-        "celeba",
-        1,
-    ): "52.6 1.4 44.2 2.1 57.1 3.6 61.3 4.6 80.9 0.5 74.8 2.9 78.9 1.3 77.5 1.8 86.8 0.3 81.6 0.8 69.6 0.3",
-}
+    ("car", 10): "81.5 1.0  56.8 1.2  54.8 2.7  68.3 0.1  70.3 0.9  78.4 1.6  68.3 1.0",
+    ("car", 1): "79.6 0.4  37.5 5.4  46.5 2.6  65.0 1.4  65.6 1.6  75.7 3.1  61.6 0.5",
+    ("horse", 10): "63.8 0.7  59.5 2.1  68.1 4.4  45.4 2.4  79.6 2.5  63.3 2.4",
+    ("horse", 1): "61.5 1.0  50.3 0.7  55.7 1.1  40.1 2.9  74.4 0.6  56.4 0.8",
+    ("celeba", 10): "63.1 1.6  62.0 1.6  64.2 1.9  65.5 3.0  85.3 0.4  82.1 1.6  79.4 2.2  79.1 1.4  88.8 0.2"
+                    "  87.1 0.0  75.7 0.4",
+    ("celeba", 1): "52.6 1.4  44.2 2.1  57.1 3.6  61.3 4.6  80.9 0.5  74.8 2.9  78.9 1.3  77.5 1.8  86.8 0.3"
+                   "  81.6 0.8  69.6 0.3",
+}  # fmt: skip
 RECORD = "paper-run.json"
 
 
@@ -101,7 +76,8 @@ def plan(args, passed):
     if not os.path.isdir(data):
         raise slime.SlimeError(f"{args.data}: no such folder")
     name = os.path.basename(data)
-    preset, table, names = DATASETS.get(name, (None, None, {}))
+    preset, table, names = DATASETS.get(name, (None, None, ""))
+    names = dict(pair.split(":") for pair in names.split())
     if not (preset or args.parts):
         raise slime.SlimeError(f"{args.data}: no preset for '{name}' ({', '.join(DATASETS)}); give --parts")
     parts = slime.part_names(args.parts or slime.PRESETS[preset]["parts"])
@@ -124,7 +100,7 @@ def plan(args, passed):
         raise slime.SlimeError(
             f"--seeds {args.seeds}: distinct whole numbers, comma-separated, such as 0,1,2"
         )
-    row = PUBLISHED.get((name, args.shots)) if ours and not args.embeddings else None
+    row = PUBLISHED.get((name, args.shots)) if ours else None  # --embeddings: --shots names the authors' row
     published = row and dict(zip([*columns.values(), "Average"], np.array(row.split(), float).reshape(-1, 2)))
     record = dict(data=os.path.abspath(data), shots=args.shots, parts=parts, passed=passed)
     record.update(embeddings=args.embeddings and os.path.abspath(args.embeddings), ckpt=args.ckpt)
@@ -160,10 +136,10 @@ def run_seed(args, passed, parts, splits, seed, say):
             [f"--{flag}", vars(args)[flag]] if vars(args)[flag] else []
         )
     model = ckpt + model
-    emb, fitted = os.path.join(folder, "emb.pt"), False
+    emb, fitted = emb_path(args, seed), False
     preset = ["--preset", DATASETS[args.name][0]] if args.name in DATASETS else []
     if args.embeddings and not os.path.exists(emb):
-        say(f"seed {seed}: the authors' embeddings {args.embeddings} -> {emb}")
+        say(f"the authors' embeddings {args.embeddings} -> {emb}")
         run(release_embeddings.main, [args.embeddings, "--parts", ",".join(parts), "-o", emb, *ckpt, *preset])
     elif not args.embeddings and not (os.path.exists(emb) and slime.load_embeddings(emb).get("finished")):
         again = os.path.exists(emb)  # an interrupted fit: slime has no --resume yet, so it starts again
@@ -186,6 +162,10 @@ def run_seed(args, passed, parts, splits, seed, say):
     return ious
 
 
+def emb_path(args, seed):  # each seed's fit, or the one conversion of the authors' embeddings
+    return os.path.join(args.output, "emb.pt" if args.embeddings else f"seed{seed}/emb.pt")
+
+
 def table(args, parts, columns, per_seed, paper, settings):
     """The paper's form -> (markdown, json): per column mean ± std (%) over the seeds, the published row below."""
     rows = {s: {columns[p]: 100 * v for p, v in ious.items()} for s, ious in per_seed.items()}
@@ -199,7 +179,7 @@ def table(args, parts, columns, per_seed, paper, settings):
     }
     cell = lambda ms: f"{ms[0]:.1f} ± {ms[1]:.1f}" if ms is not None else "-"  # noqa: E731
     seeds = ", ".join(map(str, per_seed))
-    what = "the authors' embeddings" if args.embeddings else f"{args.shots}-sample"
+    what = f"{args.shots}-sample" + ", the authors' embeddings" * bool(args.embeddings)
     lines = [f"SLiMe on {args.name}, {what}: IoU (%), mean ± std over seeds {seeds}", ""]
     lines += ["| | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     lines += ["| slime | " + " | ".join(cell(stats.get(c)) for c in header) + " |"]
@@ -252,9 +232,12 @@ def main(argv=None):
                 + (f"; the table's ETA {slime.duration(eta)}" if eta else "")
             )
             per_seed[seed], done_here = run_seed(args, passed, parts, splits, seed, say), done_here + 1
-        emb = slime.load_embeddings(os.path.join(args.output, f"seed{seeds[0]}", "emb.pt"))
-        settings = {k: v for k, v in asdict(emb["settings"]).items() if k != "seed"}
-        settings.update(checkpoint=emb["fingerprint"], parts=parts)
+        first = os.path.join(args.output, f"seed{seeds[0]}")  # the settings predict ran with, fit's included
+        with slime.named(first), open(os.path.join(first, "test", "summary.json")) as f:
+            settings = {k: v for k, v in json.load(f)["settings"].items() if k != "seed"}
+        settings.update(
+            checkpoint=slime.load_embeddings(emb_path(args, seeds[0]))["fingerprint"], parts=parts
+        )
         md, js = table(args, parts, columns, per_seed, paper, settings)
         slime.commit(
             {
@@ -271,9 +254,11 @@ def main(argv=None):
     except Stopped as e:  # slime said why
         say(f"stopped (exit status {e.args[0]}); the same command resumes")
         return e.args[0]
-    except KeyboardInterrupt:
+    except (
+        KeyboardInterrupt
+    ) as e:  # between slime's runs: Ctrl-C, or SIGTERM and SIGHUP through slime.interrupt
         say("interrupted; the same command resumes")
-        return 130
+        return 128 + (e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -252,3 +252,121 @@ def test_an_unfinished_fit_is_fitted_again_and_a_finished_one_is_not(tmp_path, m
         assert paper.main([str(data), "--seeds", "0", "-o", str(out)]) == 130
         assert argvs[0][0] == first and ("--overwrite" in argvs[0]) == (first == "fit")
     capsys.readouterr()
+
+
+def planned(*argv):
+    """fit's plan of these arguments (files read and checked, no model) -> (train pairs, val pairs)."""
+    args = slime.build_parser().parse_args(["fit", *map(str, argv), "--dtype", "fp32"])
+    _, _, _, train, val, _, _ = slime.plan_fit(args, slime.Console(True))
+    return [m.tolist() for _, m in train], [m.tolist() for _, m in val]
+
+
+def test_fit_takes_folders_pairs_and_the_shells_glob_in_any_mix(tmp_path, tiny_ckpt, no_load_here):
+    """`fit FOLDER` pairs each image with the mask of its stem; folders and pairs mix, for fit and --val; a
+    shell's `train_10/*` (NAME.npy before NAME.png) pairs as the folder does; a photo's mask may be a PNG."""
+    data = authors_layout(tmp_path / "car")
+    npy = lambda split, i: np.load(data / split / f"{i:04d}.npy").tolist()  # noqa: E731
+    ckpt, o = ["--ckpt", tiny_ckpt("sd2")], ["-o", tmp_path / "emb.pt"]
+    train_10, val = [npy("train_10", 0), npy("train_10", 1)], [npy("val", 0)]
+    assert planned(data / "train_10", *ckpt, *o) == (train_10, [])
+    assert planned(data / "train_10", "--val", data / "val", *ckpt, *o) == (train_10, val)
+    pair = [data / "train_1" / "0000.png", data / "train_1" / "0000.npy"]
+    both = (train_10 + [npy("train_1", 0)], [npy("train_1", 0)] + val)
+    assert planned(data / "train_10", *pair, "--val", *pair, data / "val", *ckpt, *o) == both
+    glob = sorted((data / "train_10").iterdir())  # 0000.npy, 0000.png, 0001.npy, 0001.png
+    assert planned(*glob, *ckpt, *o) == (train_10, [])
+    photo = tmp_path / "photos"
+    photo.mkdir()
+    img, mask = synthetic_car(7)
+    Image.fromarray(img).save(photo / "a.jpg")
+    Image.fromarray(mask).save(photo / "a.png")
+    assert planned(photo, *ckpt, *o) == ([mask.tolist()], [])
+
+
+FOLDER_CASES = [
+    (
+        "an image without its mask",
+        "{d}/car/train_10/0001.png has no mask: a folder holds NAME.png (the image)",
+    ),
+    (
+        "a mask without its image",
+        "{d}/car/train_10/0000.npy has no image: a folder holds NAME.png (the image)",
+    ),
+    (
+        "three files of one stem",
+        "{d}/car/train_10/0000.jpg shares its stem with 2 other files: a folder holds",
+    ),
+    ("a folder of no pairs", "{d}/car/train_10 holds no image/mask pairs (NAME.png beside NAME.npy)"),
+    (
+        "a file, then a folder",
+        "fit takes image/mask pairs or folders, but {d}/car/val/0000.png has no partner",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, line", FOLDER_CASES, ids=[c for c, _ in FOLDER_CASES])
+def test_fit_refuses_a_folder_with_an_unpaired_file_before_the_model_loads(
+    tmp_path, tiny_ckpt, capsys, no_load_here, case, line
+):
+    data = authors_layout(tmp_path / "car", dict(train_10=2, val=1))
+    folder, extra = data / "train_10", []
+    if case == "an image without its mask":
+        (folder / "0001.npy").unlink()
+    elif case == "a mask without its image":
+        (folder / "0000.png").unlink()
+    elif case == "three files of one stem":
+        Image.open(folder / "0000.png").save(folder / "0000.jpg")
+    elif case == "a folder of no pairs":
+        for f in folder.iterdir():
+            f.unlink()
+        (folder / "notes.txt").write_text("not an image")
+    else:
+        extra = [data / "val" / "0000.png"]
+    argv = ["fit", *extra, folder, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "emb.pt", "-q"]
+    assert slime.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slime: error: " + line.replace("{d}", str(tmp_path))) and err.count("\n") == 1, err
+    assert not (tmp_path / "emb.pt").exists()
+
+
+@pytest.fixture
+def no_load_here(monkeypatch):
+    monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("the model loaded before the plan"))
+
+
+def test_the_authors_embeddings_are_evaluated_without_a_fit(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    """--embeddings: the release's folder of embedding_{i}.pth becomes each seed's emb.pt (the release's
+    settings: BGR, 512x512), predict runs with the seed, and the table carries the row of --shots."""
+    ckpt = tiny_ckpt("sd2")
+    data, trained = authors_layout(tmp_path / "car", dict(test=1)), tmp_path / "trained"
+    trained.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(5):  # the car's 5 parts, each a (1, 1, D) vector as the release saves them
+        torch.save(torch.randn(1, 1, 64, generator=gen).requires_grad_(True), trained / f"embedding_{i}.pth")
+    seen = calls(monkeypatch)
+    argv = [str(data), "--embeddings", str(trained), "--shots", "10", "--seeds", "0,1", "--ckpt", ckpt]
+    assert paper.main([*argv, "-o", str(tmp_path / "out"), "--dtype", "fp32", "--threshold", "0"]) == 0
+    assert [m[0] for m in seen.mains] == ["predict", "predict"] and seen.segments == 2
+    assert seen.mains[1][seen.mains[1].index("--seed") + 1] == "1"
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert (
+        table["settings"]["bgr"]
+        and table["settings"]["out_size"] == 512
+        and table["settings"]["threshold"] == 0
+    )
+    assert table["paper"]["table"] == "Table 2" and table["paper"]["row"]["Average"] == [68.3, 1.0]
+    emb = slime.load_embeddings(tmp_path / "out" / "emb.pt")  # converted once, for every seed
+    assert torch.equal(emb["learned"][2], torch.load(trained / "embedding_2.pth").detach()[0, 0])
+    assert "SLiMe on car, 10-sample, the authors' embeddings" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("row", sorted(paper.PUBLISHED), ids=lambda r: f"{r[0]}-{r[1]}")
+def test_the_published_rows_are_copied_whole(row):
+    """Each of the paper's SLiMe rows has a mean and a std per part column, Background and Average, and its
+    Average is the mean of its columns to the paper's rounding: a dropped or swapped number shows."""
+    values = np.array(paper.PUBLISHED[row].split(), float).reshape(-1, 2)
+    columns = paper.DATASETS[row[0]][2].split()
+    assert len(values) == len(columns) + 2 and len(columns) + 1 == len(
+        slime.PRESETS[paper.DATASETS[row[0]][0]]["parts"].split(",")
+    )
+    assert abs(values[:-1, 0].mean() - values[-1, 0]) <= 0.05 + 1e-9
