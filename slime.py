@@ -857,9 +857,7 @@ EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other tor
 LAYERS = [list(CROSS_LAYERS), list(SELF_LAYERS)]
 
 
-def save_embeddings(
-    path, context, parts, sd, s, colors=None, epoch=None, miou=None, history=None, done=False
-):
+def save_embeddings(path, context, parts, sd, s, colors=None, epoch=-1, miou=None, history=None, done=False):
     """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True).
     history: the fit's curve, {"step": [[epoch, ce, mse, sd], ...], "validation": [[epoch, mIoU], ...]};
     done: the fit ran to its last epoch (an interrupted fit's emb.pt holds its best so far)."""
@@ -867,7 +865,7 @@ def save_embeddings(
     emb = dict(format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts))
     emb.update(family=sd.family, fingerprint=sd.fingerprint, dtype=str(sd.dtype)[6:])
     emb.update(cross_layers=list(CROSS_LAYERS), self_layers=list(SELF_LAYERS))
-    emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch or -1, val_miou=miou)
+    emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch, val_miou=miou)
     emb["history"], emb["finished"] = history or dict(step=[], validation=[]), done
     emb["settings"] = {k: v for k, v in asdict(s).items() if k != "window" or v}  # an older slime reads it
     buffer = io.BytesIO()
@@ -1021,9 +1019,8 @@ def image_mask_pairs(items, what):
 def folder_pairs(folder):
     """A folder's images and masks paired by file stem -> [image, mask, ...]; an unpaired file is refused."""
     stems = {}
-    for name in sorted(
-        os.listdir(folder)
-    ):  # hidden files and files of other kinds (labelmap.txt) are not read
+    # hidden files, and files of other kinds (labelmap.txt), are not read
+    for name in sorted(os.listdir(folder)):
         if name[0] != "." and name.lower().endswith(MASK_EXTS):
             stems.setdefault(os.path.splitext(name)[0], []).append(os.path.join(folder, name))
     out = []
@@ -1092,7 +1089,8 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     find_ground_truth(jobs, args.masks, emb, con)
     truth = {os.path.realpath(job.gt) for job in jobs if job.gt}  # the release's NAME.npy beside NAME.png
     read = sum(os.path.realpath(p) in truth for p in skipped)
-    con.say(skipped_line(skipped, f" ({read} read as ground truth)" * bool(read))) if skipped else None
+    if skipped:
+        con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else ""))
     # what makes the masks: the embeddings, parts, colours, settings, the weights, device type and dtype
     what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
     run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
@@ -1122,7 +1120,8 @@ def list_jobs(args, con):  # predict's images, each once, with its output paths;
             job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
             jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
     if not jobs:
-        con.say(skipped_line(skipped)) if skipped else None
+        if skipped:
+            con.say(skipped_line(skipped))
         raise SlimeError(f"{', '.join(args.inputs)} holds no images ({', '.join(IMAGE_EXTS)})")
     masks = {}
     for job in jobs.values():

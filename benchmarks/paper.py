@@ -246,7 +246,9 @@ def main(argv=None):
             }
         )
         print(md)
-        say(f"wrote {args.output}/table.md and table.json in {slime.duration(time.time() - t0)}")
+        say(
+            f"wrote {os.path.join(args.output, 'table.md')} and table.json in {slime.duration(time.time() - t0)}"
+        )
         return 0
     except slime.SlimeError as e:
         print(f"paper.py: error: {e}", file=sys.stderr)
