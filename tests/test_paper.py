@@ -397,3 +397,31 @@ def test_the_readmes_six_commands_run_as_written(tmp_path, monkeypatch, capsys):
         assert fit[:4] == ["fit", str(tmp_path / name / train), "--val", str(tmp_path / name / val)]
         assert fit[fit.index("--preset") + 1] == paper.DATASETS[name][0] and "--seed" in fit
     capsys.readouterr()
+
+
+def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(tmp_path, monkeypatch, capsys):
+    """Any other folder: fit gets --parts (no preset), the table's columns are its parts then Background, and
+    no paper row is printed. slime stands in here: its predict writes a summary.json of known IoUs."""
+    data = authors_layout(tmp_path / "bike", dict(train_1=1, test=1))
+    argvs = []
+
+    def fake(argv):  # two test images' IoUs: wing on one of them only
+        argvs.append(argv)
+        if argv[0] == "predict":
+            out = argv[argv.index("-o") + 1]
+            os.makedirs(out)
+            images = [dict(iou=dict(background=0.5, wing=0.25)), dict(iou=dict(background=0.75))]
+            with open(os.path.join(out, "summary.json"), "w") as f:
+                json.dump(dict(images=images, settings=dict(seed=0, threshold=0.2)), f)
+        return 0
+
+    monkeypatch.setattr(slime, "main", fake)
+    monkeypatch.setattr(slime, "load_embeddings", lambda path: dict(fingerprint="f" * 16))
+    assert (
+        paper.main([str(data), "--parts", "background,wing", "--seeds", "0", "-o", str(tmp_path / "o")]) == 0
+    )
+    fit = argvs[0]
+    assert fit[fit.index("--parts") + 1] == "background,wing" and "--preset" not in fit
+    md = capsys.readouterr().out
+    assert "| | wing | Background | Average |" in md and "paper," not in md
+    assert "| slime | 25.0 ± 0.0 | 62.5 ± 0.0 | 43.8 ± 0.0 |" in md  # background: the mean over both images
