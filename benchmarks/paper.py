@@ -106,7 +106,8 @@ def plan(args, passed):
     record.update(embeddings=args.embeddings and os.path.abspath(args.embeddings), ckpt=args.ckpt)
     record.update(device=args.device, dtype=args.dtype)
     path = os.path.join(args.output, RECORD)
-    if os.path.exists(path):  # the same folder, the same table: only --seeds may grow
+    # the same folder, the same table (only --seeds may grow), once any seed has begun
+    if os.path.exists(path) and set(os.listdir(args.output)) != {RECORD}:
         with slime.named(path), open(path) as f:
             old = json.load(f)
         differs = [k for k in record if old.get(k) != record[k]]
@@ -130,12 +131,8 @@ def seed_ious(summary_path, parts):
 
 def run_seed(args, passed, parts, splits, seed, say):
     """One seed: fit (or convert the authors' embeddings), then predict the test split -> {part: IoU}."""
-    folder, (ckpt, model) = os.path.join(args.output, f"seed{seed}"), ([], [])
-    for flag in ("ckpt", "device", "dtype"):
-        (ckpt if flag == "ckpt" else model).extend(
-            [f"--{flag}", vars(args)[flag]] if vars(args)[flag] else []
-        )
-    model = ckpt + model
+    folder, ckpt = os.path.join(args.output, f"seed{seed}"), ["--ckpt", args.ckpt] if args.ckpt else []
+    model = ckpt + [a for f in ("device", "dtype") if vars(args)[f] for a in (f"--{f}", vars(args)[f])]
     emb, fitted = emb_path(args, seed), False
     preset = ["--preset", DATASETS[args.name][0]] if args.name in DATASETS else []
     if args.embeddings and not os.path.exists(emb):

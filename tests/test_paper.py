@@ -226,11 +226,15 @@ def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch,
         (data / "test" / "0001.npy").unlink()
     elif case == "a mask without its image":
         (data / "train_1" / "0000.png").unlink()
-    elif case == "another table in -o":  # a 1-shot table begun (its first fit stopped at once), then 10-shot
+    elif case == "another table in -o":  # a 1-shot table begun, then a 10-shot one in the same -o
         (data / "train_10").symlink_to(data / "train_1")
         (data / "val").symlink_to(data / "train_1")
         monkeypatch.setattr(slime, "main", lambda argv: 130)
-        assert paper.main([str(data), "-o", out]) == 130
+        assert (
+            paper.main([str(data), "-o", out, "--epoch", "2"]) == 130
+        )  # fit refused the typo: nothing begun,
+        assert paper.main([str(data), "-o", out]) == 130  # so the corrected command takes the folder
+        (tmp_path / "out" / "seed0").mkdir()  # and once a seed has begun, the folder is that command's
     monkeypatch.setattr(slime, "main", lambda argv: pytest.fail("slime ran before the plan refused"))
     capsys.readouterr()
     assert paper.main([str(folder), "-o", out, *extra]) == 2
