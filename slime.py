@@ -982,16 +982,7 @@ def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pai
     args.parts = args.parts or PRESETS.get(args.preset, {}).get("parts")  # explicit flags win over a preset
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
     args.pairs, args.val = image_mask_pairs(args.pairs, "fit"), image_mask_pairs(args.val or [], "--val")
-    if os.path.isdir(args.output):
-        raise SlimeError(f"-o {args.output} is a folder; give a file path such as {args.output}/emb.pt")
-    if os.path.exists(args.output):  # hours of work: replaced only when asked, and only an emb.pt
-        try:  # weights_only: asking what a file is must not run it
-            ours = torch.load(args.output, weights_only=True).get("format") == EMB_FORMAT
-        except Exception:
-            ours = False
-        if not ours or not args.overwrite:
-            what = "already holds fitted embeddings; pass --overwrite, or" if ours else "is no slime emb.pt:"
-            raise SlimeError(f"{args.output} {what} choose another -o")
+    check_output(args.output, args.overwrite)
     device, ckpt, pairs = device_and_dtype(args, con), checkpoint(args)[0], read_pairs(args, con)
     folder = os.path.dirname(os.path.abspath(args.output))
     with named(folder):  # the last step: a refused plan leaves the folder as it was
@@ -999,11 +990,27 @@ def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pai
     return s, device, ckpt, *pairs
 
 
+def check_output(path, overwrite):
+    """An emb.pt's -o: a new file, or an emb.pt that --overwrite replaces; hours of work, never another file."""
+    if os.path.isdir(path):
+        raise SlimeError(f"-o {path} is a folder; give a file path such as {path}/emb.pt")
+    if os.path.exists(path):
+        try:  # weights_only: asking what a file is must not run it
+            ours = torch.load(path, weights_only=True).get("format") == EMB_FORMAT
+        except Exception:
+            ours = False
+        if not ours or not overwrite:
+            what = "already holds fitted embeddings; pass --overwrite, or" if ours else "is no slime emb.pt:"
+            raise SlimeError(f"{path} {what} choose another -o")
+
+
 def image_mask_pairs(items, what):
     """fit's (or --val's) arguments -> [image, mask, image, mask, ...]: files go in pairs, image first, and a
     folder stands for its pairs, each image with the mask of its stem (the release's NAME.png beside NAME.npy)."""
     out, files = [], []
     for item in items + [None]:  # None: the end, which closes the last run of files as a folder does
+        if item is not None and not os.path.exists(item):
+            raise SlimeError(f"{item}: no such file or folder")
         if item is not None and not os.path.isdir(item):
             files.append(item)
             continue
@@ -1011,20 +1018,16 @@ def image_mask_pairs(items, what):
             raise SlimeError(f"{what} takes image/mask pairs or folders, but {files[-1]} has no partner")
         for image, mask in zip(files[0::2], files[1::2]):
             # a .npy is never an image: a shell's `train/*` lists NAME.npy before NAME.png
-            out += [mask, image] if image.lower().endswith(".npy") else [image, mask]
+            swap = image.lower().endswith(".npy") and file_stem(image) == file_stem(mask)
+            out += [mask, image] if swap else [image, mask]
         out, files = out + (folder_pairs(item) if item else []), []
     return out
 
 
 def folder_pairs(folder):
     """A folder's images and masks paired by file stem -> [image, mask, ...]; an unpaired file is refused."""
-    stems = {}
-    # hidden files, and files of other kinds (labelmap.txt), are not read
-    for name in sorted(os.listdir(folder)):
-        if name[0] != "." and name.lower().endswith(MASK_EXTS):
-            stems.setdefault(os.path.splitext(name)[0], []).append(os.path.join(folder, name))
     out = []
-    for files in stems.values():
+    for files in by_stem(folder).values():
         if len(files) != 2:
             npy = files[0].lower().endswith(".npy")
             why = "has no mask" if not npy else "has no image"
@@ -1032,11 +1035,25 @@ def folder_pairs(folder):
             raise SlimeError(
                 f"{files[0]} {why}: a folder holds NAME.png (the image) beside NAME.npy (its mask)"
             )
-        # the mask: the .npy (the release's), else the .png beside a photo of another format
-        out += sorted(files, key=lambda f: f.lower().endswith((".npy", ".png")) + f.lower().endswith(".npy"))
+        out += files
     if not out:
         raise SlimeError(f"{folder} holds no image/mask pairs (NAME.png beside NAME.npy)")
     return out
+
+
+def by_stem(folder):
+    """{stem: the folder's image and mask files of that stem, the mask-like last}: how `fit FOLDER` and
+    `--masks` pair files. The mask-like: the .npy (the release's), else a .png beside a photo of another kind."""
+    with named(folder):  # hidden files, and files of other kinds (labelmap.txt), are not read
+        names = sorted(n for n in os.listdir(folder) if n[0] != "." and n.lower().endswith(MASK_EXTS))
+    stems, rank = {}, lambda f: f.lower().endswith((".npy", ".png")) + f.lower().endswith(".npy")
+    for name in names:
+        stems.setdefault(file_stem(name), []).append(os.path.join(folder, name))
+    return {k: sorted(files, key=rank) for k, files in stems.items()}
+
+
+def file_stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 def read_pairs(args, con):
@@ -1106,17 +1123,20 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
 
 
 def list_jobs(args, con):  # predict's images, each once, with its output paths; outputs kept from inputs
-    jobs, skipped = {}, []
+    jobs, skipped, truth = {}, [], set()
+    if args.masks and os.path.isdir(args.masks):  # its masks of images: in the images' own folder, not images
+        truth = {os.path.realpath(files[-1]) for files in by_stem(args.masks).values() if len(files) > 1}
     for p in args.inputs:
         if not os.path.exists(p):
             raise SlimeError(f"{p}: no such file or folder")
         files = sorted(os.path.join(p, n) for n in os.listdir(p) if n[0] != ".") if os.path.isdir(p) else [p]
         for path in filter(os.path.isfile, files):  # hidden files (.DS_Store, temp files) are not listed
-            if path != p and not path.lower().endswith(IMAGE_EXTS):
+            named_image = path == p and not path.lower().endswith(".npy")  # tried: it may be one
+            if not (path.lower().endswith(IMAGE_EXTS) or named_image) or os.path.realpath(path) in truth:
                 skipped.append(path)
                 continue
-            stem = os.path.splitext(os.path.basename(path))[0] + ".png"
-            mask, overlay = (os.path.join(args.out, d, stem) for d in ("SegmentationClass", "overlays"))
+            name = file_stem(path) + ".png"
+            mask, overlay = (os.path.join(args.out, d, name) for d in ("SegmentationClass", "overlays"))
             job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
             jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
     if not jobs:
@@ -1143,12 +1163,12 @@ def skipped_line(skipped, note=""):
 def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground truth by file stem, checked
     if masks and not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder")
+    found = by_stem(masks) if masks else {}
     for job in jobs if masks else []:
-        stem = os.path.splitext(os.path.basename(job.mask))[0]
-        found = list(filter(os.path.isfile, (os.path.join(masks, stem + e) for e in MASK_EXTS)))
         # in the images' own folder (the release's layout), the mask is the other file of the stem: NAME.npy
-        job.gt = next((p for p in found if not os.path.samefile(p, job.image)), None)
-        if found and not job.gt:
+        candidates = found.get(file_stem(job.image), [])[::-1]  # NAME.npy first, then NAME.png, ...
+        job.gt = next((p for p in candidates if not os.path.samefile(p, job.image)), None)
+        if candidates and not job.gt:
             raise SlimeError(
                 f"--masks {masks} holds no mask of {job.image} but itself: keep the ground truth apart"
             )
@@ -1455,7 +1475,7 @@ def report(args, con, emb, s, records, wrote, unread):
     summary["parts"] = [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))]
     summary.update(iou=rows or None, miou=miou if rows else None)
     labelmap = "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
-    stems = "".join(os.path.splitext(os.path.basename(r["mask"]))[0] + "\n" for r in records)
+    stems = "".join(file_stem(r["mask"]) + "\n" for r in records)
     texts = [LABELMAP_HEADER + "\n" + labelmap, stems, json.dumps(summary, indent=2) + "\n"]
     commit({os.path.join(args.out, n): t.encode(errors="surrogateescape") for n, t in zip(RUN_FILES, texts)})
     empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background

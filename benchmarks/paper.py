@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -72,10 +73,11 @@ def run(main, argv):
 
 def plan(args, passed):
     """Everything checked before any model loads -> (parts, columns {part: column}, splits, published row)."""
-    data = os.path.normpath(args.data)
+    data, name = os.path.normpath(args.data), args.name
     if not os.path.isdir(data):
-        raise slime.SlimeError(f"{args.data}: no such folder")
-    name = os.path.basename(data)
+        raise slime.SlimeError(
+            f"{args.data}: no such folder (DATADIR comes first, the flags for slime after it)"
+        )
     preset, table, names = DATASETS.get(name, (None, None, ""))
     names = dict(pair.split(":") for pair in names.split())
     if not (preset or args.parts):
@@ -95,8 +97,20 @@ def plan(args, passed):
                 f"{folder}: no such folder (the authors' layout: train_1, train_10, val, test)"
             )
         slime.folder_pairs(folder)
+    # the test split's ground truth checked now as predict will check it (sizes, labels), not after the fits;
+    # fit's plan checks the training and validation masks before its model loads
+    jobs = [SimpleNamespace(image=image, mask=image) for image in slime.folder_pairs(splits["test"])[0::2]]
+    slime.find_ground_truth(jobs, splits["test"], dict(parts=parts, colors=[]), slime.Console(True))
+    # the flags for slime, checked by slime's parser; the seed, preset and splits are paper.py's to set
+    mode = ["predict", "emb.pt", "test"] if args.embeddings else ["fit", "image", "mask"]
+    given = vars(slime.build_parser().parse_args([*mode, *passed]))
+    taken = [k for k in ("seed", "preset", "val", "masks", "overwrite") if given.get(k) not in (None, False)]
+    if taken:
+        raise slime.SlimeError(
+            f"--{taken[0]} is paper.py's to set (--seeds, the folder's preset, its splits)"
+        )
     seeds = args.seeds.split(",")
-    if not all(s.isdigit() for s in seeds) or len(set(seeds)) < len(seeds):
+    if not all(s.isdecimal() for s in seeds) or len({int(s) for s in seeds}) < len(seeds):
         raise slime.SlimeError(
             f"--seeds {args.seeds}: distinct whole numbers, comma-separated, such as 0,1,2"
         )
@@ -106,6 +120,8 @@ def plan(args, passed):
     record.update(embeddings=args.embeddings and os.path.abspath(args.embeddings), ckpt=args.ckpt)
     record.update(device=args.device, dtype=args.dtype)
     path = os.path.join(args.output, RECORD)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise slime.SlimeError(f"-o {args.output} is a file; give a folder for the table")
     # the same folder, the same table (only --seeds may grow), once any seed has begun
     if os.path.exists(path) and set(os.listdir(args.output)) != {RECORD}:
         with slime.named(path), open(path) as f:
@@ -124,7 +140,7 @@ def seed_ious(summary_path, parts):
     with slime.named(summary_path), open(summary_path) as f:
         images = json.load(f)["images"]
     per_class, _ = slime.miou_table(
-        [{parts.index(k): v for k, v in r["iou"].items()} for r in images], len(parts)
+        [{parts.index(k): v for k, v in r["iou"].items()} for r in images if "iou" in r], len(parts)
     )
     return {p: v for p, v in zip(parts, per_class) if v is not None}
 
@@ -197,7 +213,10 @@ def table(args, parts, columns, per_seed, paper, settings):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ap = slime.Parser(prog="paper.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    epilog = "Every other flag goes to slime.py fit (with --embeddings: to predict), e.g. --epochs 20 --dtype bf16."
+    ap = slime.Parser(
+        prog="paper.py", description=__doc__.split("\n\n")[0], epilog=epilog, allow_abbrev=False
+    )
     ap.add_argument(
         "data", help="a dataset folder of the authors' data: DATADIR/car, DATADIR/horse, DATADIR/celeba"
     )
@@ -213,7 +232,7 @@ def main(argv=None):
     t0, say = time.time(), lambda msg: print(f"paper.py: {msg}", file=sys.stderr, flush=True)
     try:
         args, passed = ap.parse_known_args(argv)
-        args.argv, args.name = argv, os.path.basename(os.path.normpath(args.data))
+        args.argv, args.name = argv, os.path.basename(os.path.abspath(args.data))
         args.output = args.output or f"paper-{args.name}-{args.shots}"
         parts, columns, splits, seeds, paper = plan(args, passed)
         per_seed, done_here = {}, 0
@@ -232,9 +251,12 @@ def main(argv=None):
         first = os.path.join(args.output, f"seed{seeds[0]}")  # the settings predict ran with, fit's included
         with slime.named(first), open(os.path.join(first, "test", "summary.json")) as f:
             settings = {k: v for k, v in json.load(f)["settings"].items() if k != "seed"}
-        settings.update(
-            checkpoint=slime.load_embeddings(emb_path(args, seeds[0]))["fingerprint"], parts=parts
-        )
+        emb = slime.load_embeddings(emb_path(args, seeds[0]))  # and the weights and number formats
+        with slime.named(first), open(os.path.join(first, "test", slime.RECORD)) as f:
+            settings.update(
+                checkpoint=emb["fingerprint"], fit_dtype=emb["dtype"], dtype=json.load(f)["dtype"]
+            )
+        settings["parts"] = parts
         md, js = table(args, parts, columns, per_seed, paper, settings)
         slime.commit(
             {
@@ -247,11 +269,12 @@ def main(argv=None):
             f"wrote {os.path.join(args.output, 'table.md')} and table.json in {slime.duration(time.time() - t0)}"
         )
         return 0
-    except slime.SlimeError as e:
-        print(f"paper.py: error: {e}", file=sys.stderr)
+    except slime.SlimeError as e:  # (slime.Parser's own errors start with the program's name)
+        print(f"paper.py: error: {str(e).removeprefix('paper.py: ')}", file=sys.stderr)
         return 2
     except Stopped as e:  # slime said why
-        say(f"stopped (exit status {e.args[0]}); the same command resumes")
+        again = "the same command resumes" if e.args[0] > 2 else "mend that, then run the command again"
+        say(f"stopped (exit status {e.args[0]}); {again}")
         return e.args[0]
     except (
         KeyboardInterrupt

@@ -37,7 +37,7 @@ NAME = re.compile(r"embedding_(0|[1-9][0-9]*)\.pth")
 def read_vectors(folder, num_parts, width, ckpt):
     """embedding_0.pth .. embedding_{num_parts-2}.pth, each checked -> (num_parts - 1, width) float32."""
     with slime.named(folder):  # the release counts every .pth as a part (release/src/slime.py#L40-L49)
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
+        files = sorted(f for f in os.listdir(folder) if f.endswith(".pth") and f[0] != ".")  # no ._ files
     stray = [f for f in files if not NAME.fullmatch(f)]
     if stray:
         raise slime.SlimeError(f"{os.path.join(folder, stray[0])} is not named embedding_<i>.pth")
@@ -101,8 +101,7 @@ def main(argv=None):
         if not text:
             raise slime.SlimeError("give --parts (background first) or --preset")
         parts = slime.part_names(text)
-        if os.path.exists(args.output) and not args.overwrite:
-            raise slime.SlimeError(f"{args.output} exists; pass --overwrite, or choose another -o")
+        slime.check_output(args.output, args.overwrite)  # as fit's: a new file, or an emb.pt with --overwrite
         context, s, sd = convert(args.folder, parts, args.ckpt, args.preset)
         slime.save_embeddings(args.output, context, parts, sd, s)
         where = f"--preset {args.preset}" if args.preset else "the release's defaults"

@@ -24,6 +24,7 @@ import paper  # noqa: E402
 # test_cli's SD-like fit, shorter: 3 epochs at lr 0.5 (Average 70.4 for seed 0; at lr 0.3 only the body is
 # learned in 3 epochs, 5 epochs cost 6 s more), validated once, no SD loss (its eps ignores the context), fp32
 SDLIKE = "--epochs 3 --lr 0.5 --val-every 3 --beta 0 --dtype fp32".split()
+LOAD_MODELS = slime.load_models  # before no_load_here replaces it
 SPLITS = dict(train_1=1, train_10=2, val=1, test=2)  # the authors' folders, a few images each
 
 
@@ -54,15 +55,15 @@ def synthetic_car(seed, h=384, w=512):
     return (np.clip(img, 0, 1) * 255).astype(np.uint8), mask
 
 
-def authors_layout(root, splits=SPLITS):
-    """DATADIR/car as the authors ship it -> the dataset folder."""
+def authors_layout(root, splits=SPLITS, classes=6):
+    """DATADIR/car as the authors ship it -> the dataset folder; classes: labels past it become the last."""
     seed = 0
     for split, n in splits.items():
         (root / split).mkdir(parents=True)
         for i in range(n):
             img, mask = synthetic_car(seed)
             Image.fromarray(img).save(root / split / f"{i:04d}.png")
-            np.save(root / split / f"{i:04d}.npy", mask)
+            np.save(root / split / f"{i:04d}.npy", np.minimum(mask, classes - 1))
             seed += 1
     return root
 
@@ -201,7 +202,27 @@ PLAN_CASES = [
         [],
         "paper.py: error: {d}/car/train_1/0000.npy has no image: a folder holds",
     ),
-    ("bad seeds", ["--seeds", "0,0"], "paper.py: error: --seeds 0,0: distinct whole numbers"),
+    ("bad seeds", ["--seeds", "0,00"], "paper.py: error: --seeds 0,00: distinct whole numbers"),
+    (
+        "a flag slime does not know",
+        ["--epoch", "2"],
+        "paper.py: error: slime.py: unrecognized arguments: --epoch 2",
+    ),
+    (
+        "a flag of slime out of range",
+        ["--lr", "0"],
+        "paper.py: error: slime.py fit: argument --lr: must be a number in",
+    ),
+    (
+        "a flag paper.py sets",
+        ["--seed", "5"],
+        "paper.py: error: --seed is paper.py's to set (--seeds, the folder's",
+    ),
+    (
+        "ground truth with a class past the parts",
+        [],
+        "paper.py: error: {d}/car/test/0001.npy has class values [7]",
+    ),
     (
         "another table in -o",
         ["--shots", "10"],
@@ -222,6 +243,8 @@ def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch,
         for f in (data / "test").iterdir():
             f.unlink()
         (data / "test").rmdir() if case == "a missing split" else None
+    elif case == "ground truth with a class past the parts":  # found now, not after a fit
+        np.save(data / "test" / "0001.npy", np.full((384, 512), 7, np.uint8))
     elif case == "an image without its mask":
         (data / "test" / "0001.npy").unlink()
     elif case == "a mask without its image":
@@ -229,11 +252,10 @@ def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch,
     elif case == "another table in -o":  # a 1-shot table begun, then a 10-shot one in the same -o
         (data / "train_10").symlink_to(data / "train_1")
         (data / "val").symlink_to(data / "train_1")
-        monkeypatch.setattr(slime, "main", lambda argv: 130)
-        assert (
-            paper.main([str(data), "-o", out, "--epoch", "2"]) == 130
-        )  # fit refused the typo: nothing begun,
-        assert paper.main([str(data), "-o", out]) == 130  # so the corrected command takes the folder
+        monkeypatch.setattr(slime, "main", lambda argv: 2)  # fit's own plan refused it: nothing begun,
+        assert paper.main([str(data), "-o", out, "--epochs", "3"]) == 2
+        monkeypatch.setattr(slime, "main", lambda argv: 130)  # so another command may take the folder
+        assert paper.main([str(data), "-o", out]) == 130
         (tmp_path / "out" / "seed0").mkdir()  # and once a seed has begun, the folder is that command's
     monkeypatch.setattr(slime, "main", lambda argv: pytest.fail("slime ran before the plan refused"))
     capsys.readouterr()
@@ -306,6 +328,9 @@ FOLDER_CASES = [
         "a file, then a folder",
         "fit takes image/mask pairs or folders, but {d}/car/val/0000.png has no partner",
     ),
+    # NAME.npy first is swapped with NAME.png (a shell's glob), never with another stem's image
+    ("a .npy, then another stem's image", "{d}/car/val/0000.npy: cannot identify image file"),
+    ("a path that is not there", "{d}/car/nowhere: no such file or folder"),
 ]
 
 
@@ -325,6 +350,10 @@ def test_fit_refuses_a_folder_with_an_unpaired_file_before_the_model_loads(
         for f in folder.iterdir():
             f.unlink()
         (folder / "notes.txt").write_text("not an image")
+    elif case == "a path that is not there":
+        folder = data / "nowhere"
+    elif case == "a .npy, then another stem's image":
+        extra, folder = [data / "val" / "0000.npy"], folder / "0001.png"
     else:
         extra = [data / "val" / "0000.png"]
     argv = ["fit", *extra, folder, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "emb.pt", "-q"]
@@ -388,7 +417,8 @@ def test_the_readmes_six_commands_run_as_written(tmp_path, monkeypatch, capsys):
     ]
     assert len(commands) == 6
     for name in ("car", "horse", "celeba"):
-        authors_layout(tmp_path / name, dict(train_1=1, train_10=1, val=1, test=1))
+        classes = len(slime.PRESETS[paper.DATASETS[name][0]]["parts"].split(","))
+        authors_layout(tmp_path / name, dict(train_1=1, train_10=1, val=1, test=1), classes)
     monkeypatch.chdir(tmp_path)
     for command in commands:
         argvs = []
@@ -406,7 +436,7 @@ def test_the_readmes_six_commands_run_as_written(tmp_path, monkeypatch, capsys):
 def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(tmp_path, monkeypatch, capsys):
     """Any other folder: fit gets --parts (no preset), the table's columns are its parts then Background, and
     no paper row is printed. slime stands in here: its predict writes a summary.json of known IoUs."""
-    data = authors_layout(tmp_path / "bike", dict(train_1=1, test=1))
+    data = authors_layout(tmp_path / "bike", dict(train_1=1, test=1), classes=2)
     argvs = []
 
     def fake(argv):  # two test images' IoUs: wing on one of them only
@@ -417,10 +447,12 @@ def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(tmp
             images = [dict(iou=dict(background=0.5, wing=0.25)), dict(iou=dict(background=0.75))]
             with open(os.path.join(out, "summary.json"), "w") as f:
                 json.dump(dict(images=images, settings=dict(seed=0, threshold=0.2)), f)
+            with open(os.path.join(out, slime.RECORD), "w") as f:
+                json.dump(dict(dtype="float32"), f)
         return 0
 
     monkeypatch.setattr(slime, "main", fake)
-    monkeypatch.setattr(slime, "load_embeddings", lambda path: dict(fingerprint="f" * 16))
+    monkeypatch.setattr(slime, "load_embeddings", lambda path: dict(fingerprint="f" * 16, dtype="float32"))
     assert (
         paper.main([str(data), "--parts", "background,wing", "--seeds", "0", "-o", str(tmp_path / "o")]) == 0
     )
@@ -429,3 +461,42 @@ def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(tmp
     md = capsys.readouterr().out
     assert "| | wing | Background | Average |" in md and "paper," not in md
     assert "| slime | 25.0 ± 0.0 | 62.5 ± 0.0 | 43.8 ± 0.0 |" in md  # background: the mean over both images
+
+
+def test_predict_finds_each_images_mask_in_its_own_folder_as_fit_pairs_them(
+    tmp_path, tiny_ckpt, capsys, no_load_here
+):
+    """--masks on the images' folder: the mask is the other file of the stem (NAME.npy, any case of the
+    extension; a PNG mask beside a JPEG photo), never itself an image; named files (a shell's glob) too."""
+    ckpt, data = tiny_ckpt("sd2"), authors_layout(tmp_path / "car", dict(test=2))
+    sd, emb = LOAD_MODELS(ckpt), tmp_path / "emb.pt"  # the model for emb.pt; predict's plan loads none
+    slime.save_embeddings(
+        emb,
+        slime.prompt_contexts(sd, 6)[0],
+        slime.PRESETS["pascal-car"]["parts"].split(","),
+        sd,
+        slime.Settings(),
+    )
+    test = data / "test"
+    (test / "0001.png").rename(test / "0001.PNG")
+    (test / "0001.npy").rename(test / "0001.NPY")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(synthetic_car(5)[0]).save(photos / "a.jpg")
+    Image.fromarray(synthetic_car(5)[1]).save(photos / "a.png")
+
+    def plan(*inputs, masks=None):  # predict's plan of these inputs -> [(image, its ground truth)]
+        truth = ["--masks", str(masks)] if masks else []
+        argv = ["predict", emb, *inputs, *truth, "--ckpt", ckpt, "-o", tmp_path / "out", "--dtype", "fp32"]
+        jobs = slime.plan_predict(slime.build_parser().parse_args(map(str, argv)), slime.Console(False))[4]
+        return [(os.path.basename(j.image), j.gt and os.path.basename(j.gt)) for j in jobs]
+
+    pairs = [("0000.png", "0000.npy"), ("0001.PNG", "0001.NPY")]
+    assert plan(test, masks=test) == pairs
+    assert "skipped 2 non-image files (2 read as ground truth): 0000.npy, 0001.NPY" in capsys.readouterr().err
+    assert plan(*sorted(test.iterdir()), masks=test) == pairs  # 0000.npy, 0000.png, 0001.NPY, 0001.PNG
+    assert plan(photos, masks=photos) == [("a.jpg", "a.png")]
+    assert plan(*sorted(test.iterdir())) == [
+        ("0000.png", None),
+        ("0001.PNG", None),
+    ]  # a .npy is never an image

@@ -48,8 +48,7 @@ def test_a_release_folder_becomes_the_emb_pt_fit_would_write_and_predict_reads(
     ckpt, folder, emb, K = tiny_ckpt("sd2"), str(tmp_path / "release"), str(tmp_path / "emb.pt"), len(CAR)
     fitted = cond + torch.randn(cond.shape, generator=torch.Generator().manual_seed(0))  # "trained" vectors
     write_release(folder, fitted, K - 1)
-    with open(emb, "wb") as f:  # --overwrite replaces an existing -o
-        f.write(b"an older emb.pt")
+    torch.save(dict(format=slime.EMB_FORMAT), emb)  # --overwrite replaces an existing emb.pt
     argv = [folder, "--preset", "pascal-car", "--ckpt", ckpt, "-o", emb, "--overwrite"]
     assert release_embeddings.main(argv) == 0
     assert capsys.readouterr().out == f"wrote {emb}: 5 parts from {folder}, settings of --preset pascal-car\n"
@@ -112,10 +111,12 @@ def test_refusals_are_one_line_before_the_model_loads_and_write_nothing(
         write_bad("nan", folder, ckpt)  # never read: the existing -o is refused first
         with open(emb, "wb") as f:
             f.write(b"keep")
-        why = f"{emb} exists; pass --overwrite, or choose another -o"
+        why = f"{emb} is no slime emb.pt: choose another -o"  # as fit: --overwrite replaces only an emb.pt
     else:
         why = write_bad(kind, folder, ckpt)
-    argv = [folder, "--parts", "background,a,b", "--ckpt", ckpt, "-o", emb]
+    argv = [folder, "--parts", "background,a,b", "--ckpt", ckpt, "-o", emb] + ["--overwrite"] * (
+        kind == "exists"
+    )
     assert release_embeddings.main(argv) == 2
     assert capsys.readouterr() == ("", f"error: {why}\n")
     if kind == "exists":
