@@ -422,7 +422,7 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt
         (["fit", "a.png"], "slime: error: fit takes image/mask pairs or folders, but a.png has no partner\n"),
         (
             ["fit", "missing.png", "missing_mask.png", "--ckpt", "TINY"],
-            "slime: error: missing.png: No such file or directory\n",
+            "slime: error: missing.png: no such file or folder\n",
         ),
         (["predict", "embb.pt", "."], "slime: error: embb.pt: No such file or directory\n"),
         (
