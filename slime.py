@@ -1495,9 +1495,7 @@ def build_parser():
     ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", allow_abbrev=False, help="learn a text vector per part from image/mask pairs")
-    f.add_argument(
-        "pairs", nargs="+", metavar="IMAGE MASK", help="image/mask pairs, or folders of NAME.png + NAME.npy"
-    )
+    f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="image/mask pairs, or folders of them")
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
     f.add_argument(
         "--val", nargs="+", metavar="IMAGE MASK", help="validation pairs or folders; default fit's"

@@ -91,15 +91,16 @@ def plan(args, passed):
         {} if args.embeddings else dict(train=train, val={1: train, 10: "val"}[args.shots])
     )
     splits = {k: os.path.join(data, v) for k, v in splits.items()}
-    for folder in splits.values():  # each image with its mask, or one line naming the one without
+    pairs = {}
+    for split, folder in splits.items():  # each image with its mask, or one line naming the one without
         if not os.path.isdir(folder):
             raise slime.SlimeError(
                 f"{folder}: no such folder (the authors' layout: train_1, train_10, val, test)"
             )
-        slime.folder_pairs(folder)
+        pairs[split] = slime.folder_pairs(folder)
     # the test split's ground truth checked now as predict will check it (sizes, labels), not after the fits;
     # fit's plan checks the training and validation masks before its model loads
-    jobs = [SimpleNamespace(image=image, mask=image) for image in slime.folder_pairs(splits["test"])[0::2]]
+    jobs = [SimpleNamespace(image=image, mask=image) for image in pairs["test"][0::2]]
     slime.find_ground_truth(jobs, splits["test"], dict(parts=parts, colors=[]), slime.Console(True))
     # the flags for slime, checked by slime's parser; the seed, preset and splits are paper.py's to set
     mode = ["predict", "emb.pt", "test"] if args.embeddings else ["fit", "image", "mask"]
