@@ -1,7 +1,7 @@
 """See what SD sees: the paper's Figure 2 for your own image, and the curve of your fit.
 
-    python examples/maps.py emb.pt image.png -o maps.png [--patch N] [--pixel X,Y] [--ckpt FILE]
-    python examples/maps.py emb.pt --curve -o curve.png
+    python examples/maps.py emb.pt image.png -o maps.png [--patch N] [--pixel X,Y] [--ckpt FILE] [--overwrite]
+    python examples/maps.py emb.pt --curve -o curve.png [--overwrite]
 
 The first draws, for every part (background included), the three maps SLiMe (arXiv 2309.03179, Sec. 4)
 reads a segmentation from, as `slime.py predict` computes them: the cross-attention map A_ca (Eq. 3), the
@@ -12,6 +12,7 @@ API; the model runs in fp32, on cuda when present.
 """
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -20,6 +21,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # slime.py's folder
 import slime  # noqa: E402
@@ -254,6 +256,24 @@ def curve(emb, path):
 
 
 # ----------------------------------------------------------------------------- command line
+MARK = ("Software", "slime examples/maps.py")  # a text chunk in its PNGs: the files at -o it may replace
+
+
+def check_output(path, overwrite):
+    """-o: a new file, or a picture maps.py made; another file only with --overwrite, a folder never."""
+    if os.path.isdir(path):
+        raise slime.SlimeError(f"-o {path} is a folder; give a picture's file path")
+    if os.path.lexists(path) and not overwrite:
+        try:  # PNGs only: a photo in another format is refused before PIL weighs its size
+            with Image.open(path, formats=["PNG"]) as im:
+                ours = im.info.get(MARK[0]) == MARK[1]  # a text chunk before the pixels: none decoded
+        except Exception:  # unreadable, not an image, not a PNG
+            ours = False
+        if not ours:
+            why = "exists and is not a picture maps.py made; pass --overwrite, or choose another -o"
+            raise slime.SlimeError(f"{path} {why}")
+
+
 class Parser(argparse.ArgumentParser):  # a mistake in the flags: one line, exit 2 (through main)
     def error(self, message):
         raise slime.SlimeError(message)
@@ -277,6 +297,7 @@ def main(argv=None):
     ap.add_argument("--patch", type=int, help="one patch (0..patches_per_side**2 - 1), not the average")
     ap.add_argument("--pixel", type=xy, metavar="X,Y", help="add where this pixel looks (its A_sa row)")
     ap.add_argument("--curve", action="store_true", help="draw the fit's losses and validation mIoU instead")
+    ap.add_argument("--overwrite", action="store_true", help="replace -o even if maps.py did not make it")
     try:  # the one error boundary: a mistake ends in one line and exit status 2
         args = ap.parse_args(argv)
         if bool(args.image) == args.curve:
@@ -285,6 +306,7 @@ def main(argv=None):
             args.output or ("curve.png" if args.curve else "maps.png"),
             slime.load_embeddings(args.emb),
         )
+        check_output(output, args.overwrite)  # before the model loads: a wrong -o costs seconds
         if args.curve:
             picture = curve(emb, args.emb)
         else:
@@ -301,8 +323,11 @@ def main(argv=None):
             where = f", pixel {args.pixel[0]},{args.pixel[1]}" if args.pixel else ""
             title = f"{args.emb} on {args.image}: t = {s.test_t}, {what} ({s.patch_size} px){where}"
             picture = draw(arrays, emb["parts"], slime.part_colors(emb), title)
-        with slime.named(output):
-            picture.save(output)
+        info, buffer = PngInfo(), io.BytesIO()
+        info.add_text(*MARK)
+        picture.save(buffer, format="PNG", pnginfo=info)  # PNG whatever -o's extension: what the mark says
+        slime.commit({output: buffer.getvalue()})  # whole or absent: a temp file beside it, renamed
+        print(f"wrote {output}", file=sys.stderr)
         return 0
     except slime.SlimeError as e:
         print(f"error: {e}", file=sys.stderr)

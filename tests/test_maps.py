@@ -302,3 +302,63 @@ def test_the_script_ends_a_mistake_in_one_line(files):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stdout) == (2, "")
     assert r.stderr == f"error: {files}/{NOT_EMB}\n"
+
+
+@pytest.fixture
+def fitted(files):
+    """The fixture's folder, its emb.pt given a fit's history (--curve draws it without a model), and
+    photo.jpg: a real JPEG, someone's photo."""
+    e = torch.load(files / "emb.pt", weights_only=True)
+    e.update(history=dict(step=[[1, 0.9, 0.1, 0.0], [1, 0.7, 0.1, 0.0]], validation=[[1, 0.5]]))
+    torch.save(e, files / "emb.pt")
+    Image.fromarray(synthetic_scene()[0]).save(files / "photo.jpg")
+    return files
+
+
+REFUSED = "exists and is not a picture maps.py made; pass --overwrite, or choose another -o"
+
+
+def test_a_file_maps_py_did_not_make_is_refused_before_any_work(fitted, capsys, monkeypatch):
+    """-o a photo (a JPEG, or a PNG without maps.py's mark) or a file that is no image: one line naming it,
+    exit 2, its bytes as they were; drawing maps, the refusal comes before the model loads."""
+    monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
+    Image.open(fitted / "photo.jpg").save(fitted / "photo.png")
+    (fitted / "notes.txt").write_text("not a picture\n")
+    for name in ("photo.jpg", "photo.png", "notes.txt"):
+        out, before = fitted / name, (fitted / name).read_bytes()
+        for args in (["--curve"], [str(fitted / "a.png")]):
+            assert maps.main([str(fitted / "emb.pt"), *args, "-o", str(out)]) == 2
+            assert capsys.readouterr().err == f"error: {out} {REFUSED}\n"
+            assert out.read_bytes() == before
+
+
+def test_maps_py_replaces_its_own_picture(fitted, capsys):
+    """--curve -o curve.png twice: the second run replaces the first's picture (its mark says whose), whole:
+    a new file renamed over it, no temp file left."""
+    out, inodes = fitted / "curve.png", []
+    for _ in range(2):
+        assert maps.main([str(fitted / "emb.pt"), "--curve", "-o", str(out)]) == 0
+        assert capsys.readouterr().err == f"wrote {out}\n"
+        inodes.append(os.stat(out).st_ino)
+    assert inodes[0] != inodes[1] and not [f for f in os.listdir(fitted) if f.endswith(".tmp")]
+    with Image.open(out) as im:
+        assert im.info["Software"] == "slime examples/maps.py" and im.size == (960, 540)
+
+
+def test_overwrite_replaces_any_file_with_a_png(fitted, capsys):
+    """--overwrite: the photo is replaced, and by a PNG whatever -o's extension says."""
+    photo = fitted / "photo.jpg"
+    assert maps.main([str(fitted / "emb.pt"), "--curve", "-o", str(photo), "--overwrite"]) == 0
+    assert capsys.readouterr().err == f"wrote {photo}\n"
+    with Image.open(photo) as im:
+        assert im.format == "PNG" and im.size == (960, 540)
+
+
+def test_a_folder_at_o_is_refused(fitted, capsys):
+    """-o a folder: refused, naming it, --overwrite or not; the folder is left as it was."""
+    folder = fitted / "pictures"
+    folder.mkdir()
+    for flags in ([], ["--overwrite"]):
+        assert maps.main([str(fitted / "emb.pt"), "--curve", "-o", str(folder), *flags]) == 2
+        assert capsys.readouterr().err == f"error: -o {folder} is a folder; give a picture's file path\n"
+    assert os.listdir(folder) == []
