@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -77,9 +78,7 @@ class Settings:
     patches_per_side: int = setting(2, 1, 16, "inference patches per side")
     threshold: float = setting(0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (real SD's)")
     test_t: int = setting(100, 1, 999, "inference timestep")
-    out_size: int = setting(
-        0, 0, SIZE, "mask side: 0 = the image's (slime's), 512 = the release's", step=SIZE
-    )
+    out_size: int = setting(0, 0, SIZE, "mask side: 0 the image's (slime's), 512 the release's", step=SIZE)
     bgr: bool = setting(False, help="feed the model BGR, as the release's cv2 did; default RGB", flag="--bgr")
     seed: int = setting(0, 0, 2**63 - 1, "seed of every random draw")
     window: int = setting(0, 0, 16384, "native resolution (slime's): pixels per window; 0 = squash", step=MAP)
@@ -88,9 +87,7 @@ class Settings:
 # ----------------------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
 # The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths. In its diffusers names:
 # up_blocks[1].attentions[0,1,2] and up_blocks[2].attentions[0,1] (attn2), up_blocks[3].attentions[0,1,2] (attn1).
-CROSS_LAYERS = tuple(
-    f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7)
-)  # 16x16, 32x32
+CROSS_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7))  # 16, 32 px
 SELF_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in (9, 10, 11))  # 64x64
 IGNORE = 255  # mask value that no loss and no score looks at (PASCAL VOC's "void")
 
@@ -261,11 +258,10 @@ def augment(image, mask, part, s, gen):
     return image, mask
 
 
-def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
+def fit(sd, pairs, num_classes, s, val_pairs=None, progress=lambda event: None, state=None):
     """Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): learn K-1 text
     vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], keep the best -> context (1, 77, D).
-    on_best(context, epoch, mIoU) at each new best; progress(event) after each step, around each validation."""
-    on_best, progress = on_best or (lambda *a: None), progress or (lambda e: None)
+    progress(event) each step, validation and epoch; an epoch's `state` continues the fit as if never stopped."""
     pairs = as_pairs(pairs, num_classes, s)
     val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs  # no --val: the training pairs
     # timesteps, VAE samples, noise on the device; the augmentations on a CPU stream, the same on any device
@@ -276,14 +272,18 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
     # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
     val_inputs = [noisy_inputs(sd, image, s) for image, _ in val_pairs]
     # best 0.0 with >=: the first validation always saves, as the release's (release/src/slime.py#L28)
-    best, best_context, part, step = 0.0, cond, 0, 0
-    for epoch in range(s.epochs):
+    best, best_context, step = 0.0, cond, 0
+    if state:  # a stopped fit goes on as it was: its best, its vectors, Adam's moments, the random streams
+        best, best_context, step = state["best"], state["best_context"], state["epoch"] * len(pairs)
+        learned.data.copy_(state["learned"]), optimizer.load_state_dict(state["adam"])
+        gen.set_state(state["gen"]), aug_gen.set_state(state["aug_gen"])
+    for epoch in range(state["epoch"] if state else 0, s.epochs):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
         for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
-            image, mask = training_view(*pairs[i], part, s, aug_gen)
-            # the part the next crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8 workers
+            # the part this crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8 workers
             # that restart each epoch at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
-            part = (part + 1) % num_classes if s.cycle_parts else 0
+            part = step % num_classes if s.cycle_parts else 0
+            image, mask = training_view(*pairs[i], part, s, aug_gen)
             image, mask = image.to(sd.device), mask.to(sd.device)
             loss, terms = training_step(sd, learned, cond, uncond, image, mask, s, gen)
             step += 1
@@ -293,16 +293,17 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, on_best=None, progress=None):
             loss.backward()  # through the frozen UNet into the K-1 vectors only
             optimizer.step()
             progress(dict(event="step", step=step, steps=s.epochs * len(pairs), epoch=epoch + 1, **terms))
-        if (epoch + 1) % s.val_every and epoch < s.epochs - 1:  # the last epoch is always validated
-            continue
-        progress(dict(event="validating", epoch=epoch + 1))
-        t0, context = time.time(), with_learned(learned.detach(), cond)
-        miou = validation_miou(sd, context, val_pairs, val_inputs, num_classes, s)
-        if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
-            best, best_context = miou, context
-            on_best(context, epoch + 1, miou)
-        best_now, seconds = best_context is context, time.time() - t0
-        progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best_now, seconds=seconds))
+        if not (epoch + 1) % s.val_every or epoch == s.epochs - 1:  # the last epoch is always validated
+            progress(dict(event="validating", epoch=epoch + 1))
+            t0, context = time.time(), with_learned(learned.detach(), cond)
+            miou = validation_miou(sd, context, val_pairs, val_inputs, num_classes, s)
+            if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
+                best, best_context = miou, context
+            best_now, seconds = best_context is context, time.time() - t0
+            progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best_now, seconds=seconds))
+        state = dict(epoch=epoch + 1, best=best, best_context=best_context, learned=learned.detach())
+        state.update(adam=optimizer.state_dict(), gen=gen.get_state(), aug_gen=aug_gen.get_state())
+        progress(dict(event="epoch", epoch=epoch + 1, state=state))
     return best_context
 
 
@@ -347,10 +348,8 @@ def as_pairs(pairs, num_classes, s):
         if bad:  # cross_entropy would end in a bare IndexError
             raise SlimeError(f"mask {n} holds class values {bad[:8]} outside 0..{num_classes - 1}")
         if not s.window:
-            image, mask = (
-                resize(image, (SIZE, SIZE), "bilinear"),
-                resize(mask[None], (SIZE,) * 2, "nearest")[0],
-            )
+            image = resize(image, (SIZE, SIZE), "bilinear")
+            mask = resize(mask[None], (SIZE, SIZE), "nearest")[0]
         out.append((image, mask))
     return out
 
@@ -469,9 +468,8 @@ def upsampled_argmax(scores, h, w, cell=None, band=256):
         used = R.any(0).nonzero()[:, 0]  # each output row mixes 2 score rows: skip the zero columns of R
         lo, hi = used.min().item(), used.max().item() + 1
         band_scores = torch.einsum("hr,krw->khw", R[:, lo:hi], scores_w[:, lo:hi])
-        labels[i : i + band] = band_scores.max(
-            0
-        ).indices  # = argmax(0), the first maximum, but 20x faster on CPU
+        # max(0).indices = argmax(0), the first maximum, but 20x faster on CPU
+        labels[i : i + band] = band_scores.max(0).indices
     return labels
 
 
@@ -857,16 +855,16 @@ EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other tor
 LAYERS = [list(CROSS_LAYERS), list(SELF_LAYERS)]
 
 
-def save_embeddings(path, context, parts, sd, s, colors=None, epoch=-1, miou=None, history=None, done=False):
+def save_embeddings(path, context, parts, sd, s, colors=None, epoch=-1, miou=None, history=None, resume=None):
     """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True).
     history: the fit's curve, {"step": [[epoch, ce, mse, sd], ...], "validation": [[epoch, mIoU], ...]};
-    done: the fit ran to its last epoch (an interrupted fit's emb.pt holds its best so far)."""
+    resume: an unfinished fit's state at its last epoch's end (fit --resume); a finished fit holds none."""
     context = context.detach().float().cpu()  # whole: predict needs no text encoder
     emb = dict(format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts))
     emb.update(family=sd.family, fingerprint=sd.fingerprint, dtype=str(sd.dtype)[6:])
     emb.update(cross_layers=list(CROSS_LAYERS), self_layers=list(SELF_LAYERS))
     emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch, val_miou=miou)
-    emb["history"], emb["finished"] = history or dict(step=[], validation=[]), done
+    emb.update(history=history or dict(step=[], validation=[]), finished=resume is None, resume=resume)
     emb["settings"] = {k: v for k, v in asdict(s).items() if k != "window" or v}  # an older slime reads it
     buffer = io.BytesIO()
     torch.save(emb, buffer)
@@ -923,9 +921,8 @@ def commit(files):
             with named(path):
                 os.replace(temp[path], path)  # atomic within a folder: readers see the old file or the new
     finally:
-        for tmp in temp.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        for tmp in filter(os.path.exists, temp.values()):
+            os.remove(tmp)
 
 
 def png(im, level=6):  # PIL's default compression; 1 writes a big photo's overlay several times faster
@@ -977,31 +974,47 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
 
 # ----------------------------------------------------------------------------- the plan of a run
 # A run's plan: every option, file it reads and path it writes, checked before the model loads (seconds, not a fit)
-def plan_fit(args, con):  # -> (settings, (device, dtype), checkpoint, train pairs, val pairs, parts, palette)
+def plan_fit(args, con):  # -> (settings, device, ckpt, train, val, parts, palette, identity, stopped fit)
     preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "parts"}
     args.parts = args.parts or PRESETS.get(args.preset, {}).get("parts")  # explicit flags win over a preset
     s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
     args.pairs, args.val = image_mask_pairs(args.pairs, "fit"), image_mask_pairs(args.val or [], "--val")
-    check_output(args.output, args.overwrite)
-    device, ckpt, pairs = device_and_dtype(args, con), checkpoint(args)[0], read_pairs(args, con)
+    stopped = check_output(args.output, args.overwrite, args.resume)  # --resume: emb.pt of the stopped fit
+    was = stopped["resume"]["identity"] if stopped else {}
+    device = device_and_dtype(args, con, args.dtype == "auto" and was.get("dtype"))  # auto: the stopped fit's
+    ckpt, pairs, files = checkpoint(args)[0], read_pairs(args, con), args.pairs + args.val
+    # what makes the fit, all that --resume requires unchanged: settings, data, weights, device type, dtype
+    identity = dict(asdict(s), parts=pairs[2], colors=pairs[3], checkpoint=fingerprint(ckpt))
+    identity.update(device=device[0].type, dtype=str(device[1])[6:], inputs=[fingerprint(p) for p in files])
+    for key in [k for k, v in identity.items() if stopped and was.get(k) != v][:1]:  # the first that differs
+        what = f"ran with {key} {was.get(key)}, this command with {identity[key]}"
+        what = "read other images or masks, or in another order" if key == "inputs" else what
+        raise SlimeError(f"fit --resume: the stopped fit in {args.output} {what}; resume it with its command")
     folder = os.path.dirname(os.path.abspath(args.output))
-    with named(folder):  # the last step: a refused plan leaves the folder as it was
-        os.makedirs(folder, exist_ok=True)
-    return s, device, ckpt, *pairs
+    with named(folder):  # the last step: a refused plan leaves the folder as it was; a temp file proves that
+        os.makedirs(folder, exist_ok=True)  # emb.pt's folder takes files: found now, not after the fit
+        tempfile.TemporaryFile(dir=folder).close()
+    return s, device, ckpt, *pairs, identity, stopped
 
 
-def check_output(path, overwrite):
-    """An emb.pt's -o: a new file, or an emb.pt that --overwrite replaces; hours of work, never another file."""
+def check_output(path, overwrite, resume=False):
+    """An emb.pt's -o: a new file, or an emb.pt that --overwrite replaces; hours of work, never another file.
+    resume: -o must hold a stopped fit, which is returned (fit saves what resuming needs at each epoch's end)."""
     if os.path.isdir(path):
         raise SlimeError(f"-o {path} is a folder; give a file path such as {path}/emb.pt")
-    if os.path.exists(path):
-        try:  # weights_only: asking what a file is must not run it
-            ours = torch.load(path, weights_only=True).get("format") == EMB_FORMAT
-        except Exception:
-            ours = False
-        if not ours or not overwrite:
-            what = "already holds fitted embeddings; pass --overwrite, or" if ours else "is no slime emb.pt:"
-            raise SlimeError(f"{path} {what} choose another -o")
+    emb = {} if os.path.exists(path) else None  # None: no file; {}: a file that is no usable emb.pt
+    with contextlib.suppress(SlimeError):  # read as predict reads it: never running code
+        emb = emb if emb is None else load_embeddings(path)
+    stopped = isinstance((emb or {}).get("resume"), dict) and emb["resume"]["epoch"]  # an epoch's end kept
+    if resume and not stopped:
+        why = "is a finished fit" if (emb or {}).get("finished") else "holds no stopped fit"
+        why = why if emb is not None else "does not exist"
+        raise SlimeError(f"fit --resume: {path} {why}; nothing to resume")
+    if emb is not None and not (emb and (overwrite or resume)):
+        what = "already holds fitted embeddings; pass --overwrite, or" if emb else "is no slime emb.pt:"
+        on = f"holds a fit stopped after epoch {stopped}; pass --resume to go on, --overwrite to start again, or"
+        raise SlimeError(f"{path} {on if stopped else what} choose another -o")
+    return emb if resume else None
 
 
 def image_mask_pairs(items, what):
@@ -1032,9 +1045,8 @@ def folder_pairs(folder):
             npy = files[0].lower().endswith(".npy")
             why = "has no mask" if not npy else "has no image"
             why = why if len(files) == 1 else f"shares its stem with {count(len(files) - 1, 'other file')}"
-            raise SlimeError(
-                f"{files[0]} {why}: a folder holds NAME.png (the image) beside NAME.npy (its mask)"
-            )
+            why += ": a folder holds NAME.png (the image) beside NAME.npy (its mask)"
+            raise SlimeError(f"{files[0]} {why}")
         out += files
     if not out:
         raise SlimeError(f"{folder} holds no image/mask pairs (NAME.png beside NAME.npy)")
@@ -1082,6 +1094,7 @@ def read_pairs(args, con):
 
 RECORD = "slime-run.json"  # what made the masks in an output folder; written before the first image
 RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
+OUT_DIRS = ("SegmentationClass", "overlays")  # each image's mask and overlay, NAME.png in each
 
 
 def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
@@ -1097,8 +1110,7 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
             record = json.load(f)
         if not isinstance(record, dict) or not isinstance(record.get("run"), str):
             raise SlimeError(f"{path} is not slime's run record; pass --overwrite, or choose another -o")
-    resume = {str(v)[6:]: k for k, v in DTYPES.items()}.get(record.get("dtype")) if record else None
-    device = device_and_dtype(args, con, resume if args.dtype == "auto" else None)  # auto: the record's
+    device = device_and_dtype(args, con, record and args.dtype == "auto" and record.get("dtype"))
     ckpt, family, modules = checkpoint(args)
     if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
         raise SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})")
@@ -1113,9 +1125,8 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
     outputs = [os.path.join(args.out, n) for n in RUN_FILES] + [p for j in jobs for p in (j.mask, j.overlay)]
     if (record["run"] != run if record else not args.overwrite) and any(map(os.path.exists, outputs)):
-        whose = (
-            "another emb.pt, settings, checkpoint, device or dtype" if record else f"no {RECORD} says whose"
-        )
+        whose = "another emb.pt, settings, checkpoint, device or dtype"
+        whose = whose if record else f"no {RECORD} says whose"
         raise SlimeError(f"{args.out} holds outputs of another run ({whose}); pass --overwrite, or -o")
     for job in jobs:  # the same run resumes: an image is done when both its files are there
         job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)
@@ -1136,19 +1147,18 @@ def list_jobs(args, con):  # predict's images, each once, with its output paths;
                 skipped.append(path)
                 continue
             name = file_stem(path) + ".png"
-            mask, overlay = (os.path.join(args.out, d, name) for d in ("SegmentationClass", "overlays"))
+            mask, overlay = (os.path.join(args.out, d, name) for d in OUT_DIRS)
             job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
             jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
     if not jobs:
-        if skipped:
-            con.say(skipped_line(skipped))
+        con.say(skipped_line(skipped)) if skipped else None
         raise SlimeError(f"{', '.join(args.inputs)} holds no images ({', '.join(IMAGE_EXTS)})")
     masks = {}
     for job in jobs.values():
         if masks.setdefault(job.mask, job.image) != job.image:
             raise SlimeError(f"{masks[job.mask]} and {job.image} would both be {job.mask}; rename one")
     # outputs never mix with inputs: a labelmap.txt written beside them would be read as theirs next time
-    outs = [os.path.join(args.out, d) for d in ("", "SegmentationClass", "overlays")]
+    outs = [os.path.join(args.out, d) for d in ("", *OUT_DIRS)]
     inputs = {os.path.dirname(os.path.abspath(j.image)) for j in jobs.values()} | {args.masks} - {None}
     for folder in (f for f in inputs if os.path.isdir(f)):
         if any(os.path.isdir(d) and os.path.samefile(folder, d) for d in outs):
@@ -1169,9 +1179,8 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
         candidates = found.get(file_stem(job.image), [])[::-1]  # NAME.npy first, then NAME.png, ...
         job.gt = next((p for p in candidates if not os.path.samefile(p, job.image)), None)
         if candidates and not job.gt:
-            raise SlimeError(
-                f"--masks {masks} holds no mask of {job.image} but itself: keep the ground truth apart"
-            )
+            why = "but itself: keep the ground truth apart"
+            raise SlimeError(f"--masks {masks} holds no mask of {job.image} {why}")
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
             continue
@@ -1203,6 +1212,7 @@ def device_and_dtype(args, con, resume=None):
     cuda = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
     if not (device.type == "cpu" or cuda or device.type == "mps" and torch.backends.mps.is_available()):
         raise SlimeError(f"--device {name}: not available on this machine; leave --device out")
+    resume = {str(v)[6:]: k for k, v in DTYPES.items()}.get(resume)  # the resumed outputs': "float32" -> fp32
     cpu, dtype, why = device.type == "cpu", resume or args.dtype, "as --dtype says"
     if cpu and dtype == "fp16":
         raise SlimeError("--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32")
@@ -1344,33 +1354,47 @@ def duration(seconds):  # 12 s, 7.5 min, 3.2 h
     return f"{seconds / 3600:.1f} h" if h else f"{seconds / 60:.1f} min" if m else f"{seconds:.0f} s"
 
 
-def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving emb.pt at each new best
-    s, device, ckpt, train, val, parts, palette = plan_fit(args, con)
+def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving emb.pt at each epoch's end
+    s, device, ckpt, train, val, parts, palette, identity, stopped = plan_fit(args, con)
     con.progress(f"loading {ckpt}", force=True)
-    sd, best, progress = load_models(ckpt, *device), {}, fit_progress(con, s, len(train))
-    history = dict(step=[], validation=[])  # emb.pt keeps the fit's curve (examples/maps.py --curve draws it)
+    sd = load_models(ckpt, *device)
+    sd.fingerprint = identity["checkpoint"]  # the plan's: hashed once
+    # emb.pt keeps the fit's curve (examples/maps.py --curve draws it) and the best; --resume: the stopped fit's
+    history = stopped["history"] if stopped else dict(step=[], validation=[])
+    state = dict(stopped["resume"], best_context=stopped["context"].to(sd.device)) if stopped else None
+    best = dict(epoch=stopped["epoch"], miou=stopped["val_miou"]) if stopped else dict(epoch=0, miou=None)
     vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
-    steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}"
+    steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}" + ", resumed" * bool(state)
     con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}")
+    progress = fit_progress(con, s, len(train), state["epoch"] if state else 0)
 
     def on_event(e):  # the curve: per step [epoch, ce, mse, sd], per validation [epoch, mIoU]
         if e["event"] in history:
             history[e["event"]].append([e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e])
-        progress(e)
+        if e.get("best"):
+            best.update(epoch=e["epoch"], miou=e["miou"])
+        if e["event"] != "epoch":
+            return progress(e)
+        # emb.pt, whole, at each epoch's end: the best so far, and all that resuming needs until the fit ends
+        context, resume = e["state"].pop("best_context"), dict(e["state"], identity=identity)
+        resume = resume if e["epoch"] < s.epochs else None
+        save_embeddings(args.output, context, parts, sd, s, palette, history=history, resume=resume, **best)
 
-    def on_best(context, epoch, miou, done=False):
-        save_embeddings(args.output, context, parts, sd, s, palette, epoch, miou, history, done)
-        best.update(epoch=epoch, miou=miou)
-
-    context = fit(sd, train, len(parts), s, val or None, on_best, on_event)
-    on_best(context, best["epoch"], best["miou"], done=True)  # once more: the steps after the best too
+    try:
+        fit(sd, train, len(parts), s, val or None, on_event, state)
+    except KeyboardInterrupt as e:  # the stop line says how to go on, from what emb.pt holds
+        with contextlib.suppress(SlimeError):  # unless no epoch's end was saved
+            at = check_output(args.output, False, resume=True)["resume"]["epoch"]
+            e.add_note(f"; {args.output} holds epoch {at}: the same command with --resume goes on from there")
+        raise
     con.say(f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})")
     curve = f"python examples/maps.py {args.output} --curve -o curve.png"
     con.say(f"next: python slime.py predict {args.output} IMAGES/ -o out/ (the fit's curve: {curve})")
 
 
-def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the last steps' and validation's time
-    state = SimpleNamespace(last=time.time(), steps=[], val_t=None, vals=-(-s.epochs // s.val_every))
+def fit_progress(con, s, steps_per_epoch, start=0):  # the stage; an ETA from recent steps and validations
+    vals = -(-s.epochs // s.val_every) - start // s.val_every  # the validations left, the last epoch's too
+    state = SimpleNamespace(last=time.time(), steps=[], val_t=None, vals=vals)
 
     def progress(e):
         what = "validating"
@@ -1382,7 +1406,7 @@ def fit_progress(con, s, steps_per_epoch):  # the stage, and an ETA from the las
             what = f"validation mIoU {e['miou']:.4f}" + ", the best so far: saved" * e["best"]
         state.last, recent = time.time(), state.steps[-5:]
         # before the first validation its cost is unknown: no ETA rather than one that leaves it out
-        steps = (s.epochs * steps_per_epoch - len(state.steps)) * sum(recent) / max(len(recent), 1)
+        steps = ((s.epochs - start) * steps_per_epoch - len(state.steps)) * sum(recent) / max(len(recent), 1)
         eta = None if state.val_t is None and state.vals else steps + state.vals * (state.val_t or 0)
         con.progress(f"epoch {e['epoch']}/{s.epochs}  {what}", eta, force=e["event"] != "step")
 
@@ -1402,8 +1426,9 @@ def cmd_predict(args, con):
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device, text_encoder=False)  # emb.pt holds the whole context
     if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
-        for job in jobs if args.overwrite else []:  # the other run's pairs: no longer whole, so never "done"
-            os.remove(job.overlay) if os.path.exists(job.overlay) else None
+        # --overwrite: one run per folder; the other run's outputs go, overlays first (done is both there)
+        for d in OUT_DIRS[::-1] if args.overwrite else ():
+            [os.remove(p) for p in glob.glob(os.path.join(glob.escape(args.out), d, "*.png"))]
         commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
     if world > 1:
         dist.barrier()
@@ -1413,22 +1438,25 @@ def cmd_predict(args, con):
         what = f"image {n}/{len(mine)}  {os.path.basename(job.image)}"
         eta = (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
         con.progress(what, eta, not job.done)
-        if job.done:  # its mask read back (as images are: no bomb warning), for the IoU table and summary
-            labels = torch.from_numpy(np.array(open_image(job.mask)[0]))
-        else:
-            try:
-                image = read_image(job.image)
-            except SlimeError as e:  # one bad image does not stop a folder: named, skipped, counted
-                con.say(f"skipped {e}")
-                unread.append(job.image)
-                continue
-            labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
-        records.append(image_record(job, labels, emb))
+        try:
+            if job.done:  # its mask read back (as images are: no bomb warning), for the IoU table and summary
+                labels = torch.from_numpy(np.array(open_image(job.mask)[0]))
+            else:
+                try:
+                    image = read_image(job.image)
+                except SlimeError as e:  # one bad image does not stop a folder: named, skipped, counted
+                    con.say(f"skipped {e}")
+                    unread.append(dict(image=job.image, mask=job.mask, reason=str(e)))
+                    continue
+                labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
+            records.append(image_record(job, labels, emb))
+        except KeyboardInterrupt:  # the run's files keep what is done (under torchrun, this process's part)
+            report(args, con, emb, s, records, wrote, unread) if rank == 0 else None
+            raise
     if world > 1:  # everyone's results, to write the run files once
-        everyone, order = [None] * world, {job.image: i for i, job in enumerate(jobs)}
+        everyone = [None] * world  # run_files sorts them
         dist.all_gather_object(everyone, (records, unread, wrote))
         records, unread, wrote = (sum(x, start) for x, start in zip(zip(*everyone), ([], [], 0)))
-        records.sort(key=lambda r: order[r["image"]])
         dist.destroy_process_group()
     if rank == 0:
         report(args, con, emb, s, records, wrote, unread)
@@ -1461,23 +1489,29 @@ def image_record(job, labels, emb):  # summary.json's entry: size, area of each 
 
 
 def report(args, con, emb, s, records, wrote, unread):
-    """The IoU table (with --masks), the run's files and the last line: what was written and skipped."""
-    parts, colors = emb["parts"], part_colors(emb)
-    scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in records if "iou" in r]
+    """The run's files (labelmap.txt, default.txt, summary.json) of every image the folder holds for this run,
+    earlier invocations' too, and of those this one could not read; their IoU table; what this one did."""
+    parts, colors, stem, earlier = emb["parts"], part_colors(emb), lambda r: file_stem(r["mask"]), {}
+    held = lambda r: all(os.path.isfile(os.path.join(args.out, d, stem(r) + ".png")) for d in OUT_DIRS)  # noqa: E731
+    # the images of this run's summary.json whose files are here (the plan refused another run's folder)
+    with contextlib.suppress(Exception), open(os.path.join(args.out, RUN_FILES[2])) as f:
+        earlier = {stem(r): r for r in ({} if args.overwrite else json.load(f))["images"] if held(r)}
+    listed = sorted({**earlier, **{stem(r): r for r in records}}.values(), key=stem)  # as one run lists all
+    scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in listed if "iou" in r]
     per_class, miou = miou_table(scored, len(parts))
     rows = {name: v for name, v in zip(parts, per_class) if v is not None}
+    summary = dict(written_by="slime predict", embeddings=args.emb, settings=asdict(s), images=listed)
+    summary["parts"] = [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))]
+    summary.update(iou=rows or None, miou=miou if rows else None, unread=unread)
+    labelmap = "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
+    stems = "".join(stem(r) + "\n" for r in listed)
+    texts = [LABELMAP_HEADER + "\n" + labelmap, stems, json.dumps(summary, indent=2) + "\n"]
+    commit({os.path.join(args.out, n): t.encode(errors="surrogateescape") for n, t in zip(RUN_FILES, texts)})
     if rows:  # on stdout, unlike every notice: the table is the result, and -q keeps it
         table = "".join(f"{name:<16} {v:.4f}\n" for name, v in rows.items())
         print(f"{'part':<16} IoU\n{table}{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
     elif args.masks:  # every ground-truth pixel is 255: a table would read as a score of 0
         con.say("nothing was scored: every ground-truth mask is all 'ignore' (255); no IoU table")
-    summary = dict(written_by="slime predict", embeddings=args.emb, settings=asdict(s), images=records)
-    summary["parts"] = [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))]
-    summary.update(iou=rows or None, miou=miou if rows else None)
-    labelmap = "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
-    stems = "".join(file_stem(r["mask"]) + "\n" for r in records)
-    texts = [LABELMAP_HEADER + "\n" + labelmap, stems, json.dumps(summary, indent=2) + "\n"]
-    commit({os.path.join(args.out, n): t.encode(errors="surrogateescape") for n, t in zip(RUN_FILES, texts)})
     empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background
     if empty:  # no part's cross-attention reached --threshold in any patch: unlike images, or other weights?
         con.say(f"warning: {empty} of {count(len(records), 'image')} got no part; a lower --threshold helps")
@@ -1497,12 +1531,12 @@ def build_parser():
     f = sub.add_parser("fit", allow_abbrev=False, help="learn a text vector per part from image/mask pairs")
     f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="image/mask pairs, or folders of them")
     f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
-    f.add_argument(
-        "--val", nargs="+", metavar="IMAGE MASK", help="validation pairs or folders; default fit's"
-    )
+    f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs/folders; default fit's")
     f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
     f.add_argument("--labelmap", help="labelmap.txt naming the colours; default one beside the masks")
     f.add_argument("--parts", help="class names, background first; default the labelmap's, else part1,...")
+    again = f.add_mutually_exclusive_group()  # fit: one of --resume and --overwrite
+    again.add_argument("--resume", action="store_true", help="continue the fit stopped in -o (same command)")
     p = sub.add_parser("predict", allow_abbrev=False, help="segment images; settings not given are emb.pt's")
     p.add_argument("emb", help="emb.pt written by fit")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
@@ -1512,7 +1546,8 @@ def build_parser():
         sp.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         sp.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
         sp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="default auto (README)")
-        sp.add_argument("--overwrite", action="store_true", help="replace emb.pt; predict: redo every image")
+        redo = "replace emb.pt; predict: redo every image"
+        (again if stage == "fit" else sp).add_argument("--overwrite", action="store_true", help=redo)
         sp.add_argument("-q", "--quiet", action="store_true", help="print only errors (and the IoU table)")
         for fld in (f for f in fields(Settings) if stage == "fit" or not f.metadata["fit"]):  # a flag each
             m, flag = fld.metadata, "--" + fld.name.replace("_", "-")
@@ -1552,7 +1587,8 @@ def main(argv=None):
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             name = signal.Signals(signum).name  # temp files are gone, and no output is half-made
-            print("\n" * con.open + f"slime: interrupted by {name}; finished outputs kept", file=sys.stderr)
+            on = "".join(getattr(e, "__notes__", []))  # fit's: how to go on
+            sys.stderr.write("\n" * con.open + f"slime: interrupted by {name}; finished outputs kept{on}\n")
             return 128 + signum
         return 2
 
