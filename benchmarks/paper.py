@@ -22,8 +22,8 @@ published SLiMe row ("conducted three times with different initializations", Sec
 Writes to -o: table.md and table.json (the command and the settings beside the numbers), paper-run.json
 (what a rerun must match), emb.pt with --embeddings, and per seed seed{N}/emb.pt, seed{N}/test/ (predict's own layout, so the table
 can be recomputed from the masks) and seed{N}/ious.json. Resumable: a seed whose ious.json is there is done,
-a finished emb.pt is not fitted again, and predict resumes by its run record; Ctrl-C loses at most the image
-or fit in progress (slime has no fit --resume yet: an interrupted fit starts again). Not a test.
+a finished emb.pt is not fitted again, an unfinished one goes on (fit --resume), and predict resumes by its
+run record; Ctrl-C loses at most the image or the epoch in progress. Not a test.
 """
 
 import json
@@ -105,7 +105,11 @@ def plan(args, passed):
     # the flags for slime, checked by slime's parser; the seed, preset and splits are paper.py's to set
     mode = ["predict", "emb.pt", "test"] if args.embeddings else ["fit", "image", "mask"]
     given = vars(slime.build_parser().parse_args([*mode, *passed]))
-    taken = [k for k in ("seed", "preset", "val", "masks", "overwrite") if given.get(k) not in (None, False)]
+    taken = [
+        k
+        for k in ("seed", "preset", "val", "masks", "overwrite", "resume")
+        if given.get(k) not in (None, False)
+    ]
     if taken:
         raise slime.SlimeError(
             f"--{taken[0]} is paper.py's to set (--seeds, the folder's preset, its splits)"
@@ -156,11 +160,11 @@ def run_seed(args, passed, parts, splits, seed, say):
         say(f"the authors' embeddings {args.embeddings} -> {emb}")
         run(release_embeddings.main, [args.embeddings, "--parts", ",".join(parts), "-o", emb, *ckpt, *preset])
     elif not args.embeddings and not (os.path.exists(emb) and slime.load_embeddings(emb).get("finished")):
-        again = os.path.exists(emb)  # an interrupted fit: slime has no --resume yet, so it starts again
-        say(f"seed {seed}: fit on {splits['train']}, validated on {splits['val']}" + " (again)" * again)
+        again = os.path.exists(emb)  # an interrupted fit goes on from its last epoch
+        say(f"seed {seed}: fit on {splits['train']}, validated on {splits['val']}" + " (resumed)" * again)
         size = [] if any(a.startswith(("--out-size", "--window")) for a in passed) else ["--out-size", "512"]
         fit = [splits["train"], "--val", splits["val"], "-o", emb, "--seed", str(seed), *preset, *size]
-        run(slime.main, ["fit", *fit, "--parts", ",".join(parts), *passed, *model] + ["--overwrite"] * again)
+        run(slime.main, ["fit", *fit, "--parts", ",".join(parts), *passed, *model] + ["--resume"] * again)
         fitted = True
     say(f"seed {seed}: predict {splits['test']}")
     out = os.path.join(folder, "test")

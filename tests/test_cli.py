@@ -204,11 +204,12 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path, 
     s = slime.Settings(epochs=1, beta=0, threshold=0, patch_size=512, patches_per_side=1)
     saved = {}
 
-    def on_best(context, epoch, miou):
-        slime.save_embeddings(emb, context, ["bg", "a", "b"], sd, s)
-        saved.update(context=context)
+    def progress(e):  # as fit's command saves it: the best context at the epoch's end
+        if e["event"] == "epoch":
+            slime.save_embeddings(emb, e["state"]["best_context"], ["bg", "a", "b"], sd, s)
+            saved.update(context=e["state"]["best_context"])
 
-    context = slime.fit(sd, [(image, torch.from_numpy(mask).long())], 3, s, on_best=on_best)
+    context = slime.fit(sd, [(image, torch.from_numpy(mask).long())], 3, s, progress=progress)
     assert context is saved["context"] and torch.equal(slime.load_embeddings(emb)["context"], context)
     in_memory = slime.segment(sd, context, image, 3, s)  # and predict, from the file, gives these very masks
     Image.fromarray(img).save(tmp_path / "scene.png")
@@ -293,11 +294,10 @@ def stand_in_model(monkeypatch, scores=None):
     )
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: sd)
 
-    def fit(
-        sd, pairs, num_classes, s, val_pairs, on_best, progress
-    ):  # as slime.fit: returns the best context
+    def fit(sd, pairs, num_classes, s, val_pairs, progress, state):  # as slime.fit: the last epoch's end
         handed.append(s)
-        on_best(torch.zeros(1, 77, 64), 1, 0.5)
+        progress(dict(event="validation", epoch=s.epochs, miou=0.5, best=True, seconds=0.0))
+        progress(dict(event="epoch", epoch=s.epochs, state=dict(best_context=torch.zeros(1, 77, 64))))
         return torch.zeros(1, 77, 64)
 
     monkeypatch.setattr(slime, "fit", fit)
@@ -467,7 +467,7 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
         env={**os.environ, "PYTHONPATH": ROOT},
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n") == ["step 1", "validating 1", "validation 1", ""]
+    assert r.stdout.split("\n") == ["step 1", "validating 1", "validation 1", "epoch 1", ""]
     labels = np.array(Image.open(tmp_path / "astronaut_labels.png"))
     assert labels.shape == (512, 512) and labels.max() <= 5
 

@@ -1119,8 +1119,10 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
     if how == "SIGKILL":
         assert proc.returncode == -sig  # a killed write may leave a temp file, never a half emb.pt
     else:
+        at = slime.load_embeddings(out)["resume"]["epoch"]  # the stop line says how to go on from there
         assert proc.returncode == 128 + sig and err.strip() == (
-            f"slime: interrupted by {how}; finished outputs kept"
+            f"slime: interrupted by {how}; finished outputs kept; {out} holds epoch {at}: the same command "
+            "with --resume goes on from there"
         ), err
         assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mask.png", "emb.pt"]  # no temp file
     assert slime.load_embeddings(out)["epoch"] >= 1
@@ -1181,10 +1183,12 @@ def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tm
     # whole pairs; the one mask alone this lets through is the last, from a signal between its pair's two
     # renames (a window of microseconds; the resume redoes it, see test_a_pair_interrupted_between_...)
     assert done in (masks, masks[:-1])
-    # the pairs and the run record only: the report's files come at the end; no hidden temp file either
+    # the pairs, the run record and the run's files, which list the images done; no hidden temp file either
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
-        ["slime-run.json"] + [f"{d}/{s}.png" for d, made_there in made.items() for s in made_there]
+        ["slime-run.json", *slime.RUN_FILES]
+        + [f"{d}/{s}.png" for d, made_there in made.items() for s in made_there]
     )
+    assert (out / slime.RUN_FILES[1]).read_text().split() == done
     for d, made_there in made.items():
         for s in made_there:
             Image.open(out / d / f"{s}.png").load()  # complete files

@@ -264,8 +264,8 @@ def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch,
     assert err.startswith(line.replace("{d}", str(tmp_path))) and err.count("\n") == 1, err
 
 
-def test_an_unfinished_fit_is_fitted_again_and_a_finished_one_is_not(tmp_path, monkeypatch, capsys):
-    """A seed whose emb.pt an interrupt left unfinished is fitted again (--overwrite); a finished one goes
+def test_an_unfinished_fit_resumes_and_a_finished_one_is_not_fitted_again(tmp_path, monkeypatch, capsys):
+    """A seed whose emb.pt an interrupt left unfinished goes on (fit --resume); a finished one goes
     straight to predict. Watched through the argv paper.py hands slime (which stops at once with Ctrl-C's 130)."""
     data = authors_layout(tmp_path / "car", dict(train_1=1, test=1))
     for finished, first in ((False, "fit"), (True, "predict")):
@@ -277,14 +277,14 @@ def test_an_unfinished_fit_is_fitted_again_and_a_finished_one_is_not(tmp_path, m
         monkeypatch.setattr(slime, "main", lambda argv, argvs=argvs: argvs.append(argv) or 130)
         torch.save({}, out / "seed0" / "emb.pt")
         assert paper.main([str(data), "--seeds", "0", "-o", str(out)]) == 130
-        assert argvs[0][0] == first and ("--overwrite" in argvs[0]) == (first == "fit")
+        assert argvs[0][0] == first and ("--resume" in argvs[0]) == (first == "fit")
     capsys.readouterr()
 
 
 def planned(*argv):
     """fit's plan of these arguments (files read and checked, no model) -> (train pairs, val pairs)."""
     args = slime.build_parser().parse_args(["fit", *map(str, argv), "--dtype", "fp32"])
-    _, _, _, train, val, _, _ = slime.plan_fit(args, slime.Console(True))
+    _, _, _, train, val, *_ = slime.plan_fit(args, slime.Console(True))
     return [m.tolist() for _, m in train], [m.tolist() for _, m in val]
 
 
