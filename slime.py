@@ -1002,9 +1002,10 @@ def check_output(path, overwrite, resume=False):
     resume: -o must hold a stopped fit, which is returned (fit saves what resuming needs at each epoch's end)."""
     if os.path.isdir(path):
         raise SlimeError(f"-o {path} is a folder; give a file path such as {path}/emb.pt")
-    emb = {} if os.path.exists(path) else None  # None: no file; {}: a file that is no usable emb.pt
-    with contextlib.suppress(SlimeError):  # read as predict reads it: never running code
-        emb = emb if emb is None else load_embeddings(path)
+    emb = {} if os.path.exists(path) else None  # None: no file; {}: a file that is no emb.pt
+    with contextlib.suppress(Exception):  # weights_only: asking what a file is must not run it
+        emb = emb if emb is None else torch.load(path, weights_only=True)
+    emb = emb if emb is None or isinstance(emb, dict) and emb.get("format") == EMB_FORMAT else {}
     stopped = isinstance((emb or {}).get("resume"), dict) and emb["resume"]["epoch"]  # an epoch's end kept
     if resume and not stopped:
         why = "is a finished fit" if (emb or {}).get("finished") else "holds no stopped fit"
@@ -1146,8 +1147,7 @@ def list_jobs(args, con):  # predict's images, each once, with its output paths;
             if not (path.lower().endswith(IMAGE_EXTS) or named_image) or os.path.realpath(path) in truth:
                 skipped.append(path)
                 continue
-            name = file_stem(path) + ".png"
-            mask, overlay = (os.path.join(args.out, d, name) for d in OUT_DIRS)
+            mask, overlay = (os.path.join(args.out, d, file_stem(path) + ".png") for d in OUT_DIRS)
             job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
             jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
     if not jobs:
@@ -1426,12 +1426,14 @@ def cmd_predict(args, con):
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device, text_encoder=False)  # emb.pt holds the whole context
     if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
-        # --overwrite: one run per folder; the other run's outputs go, overlays first (done is both there)
+        # --overwrite: one run per folder. Where slime ran (its record is there) the other run's masks and overlays
+        # go, overlays first (done is both there); elsewhere this run's alone. Nothing else is touched
+        ours = os.path.exists(os.path.join(args.out, RECORD)) or {os.path.basename(j.mask) for j in jobs}
         for d in OUT_DIRS[::-1] if args.overwrite else ():
-            [os.remove(p) for p in glob.glob(os.path.join(glob.escape(args.out), d, "*.png"))]
+            pngs = glob.glob(os.path.join(glob.escape(args.out), d, "*.png"))
+            [os.remove(p) for p in pngs if ours is True or os.path.basename(p) in ours]
         commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
-    if world > 1:
-        dist.barrier()
+    dist.barrier() if world > 1 else None
     mine, records, unread, t0 = jobs[rank::world], [], [], time.time()
     todo, wrote = sum(not j.done for j in mine), 0
     for n, job in enumerate(mine, 1):
@@ -1493,8 +1495,7 @@ def report(args, con, emb, s, records, wrote, unread):
     earlier invocations' too, and of those this one could not read; their IoU table; what this one did."""
     parts, colors, stem, earlier = emb["parts"], part_colors(emb), lambda r: file_stem(r["mask"]), {}
     held = lambda r: all(os.path.isfile(os.path.join(args.out, d, stem(r) + ".png")) for d in OUT_DIRS)  # noqa: E731
-    # the images of this run's summary.json whose files are here (the plan refused another run's folder)
-    with contextlib.suppress(Exception), open(os.path.join(args.out, RUN_FILES[2])) as f:
+    with contextlib.suppress(Exception), open(os.path.join(args.out, RUN_FILES[2])) as f:  # this run's
         earlier = {stem(r): r for r in ({} if args.overwrite else json.load(f))["images"] if held(r)}
     listed = sorted({**earlier, **{stem(r): r for r in records}}.values(), key=stem)  # as one run lists all
     scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in listed if "iou" in r]

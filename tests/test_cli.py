@@ -523,10 +523,16 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(
     Image.fromarray(mask).save(tmp_path / "photo_mask.png")
     handed = []
 
-    def fit(sd, pairs, num_classes, s, val_pairs, on_best, progress):  # records, then saves the start vectors
+    def fit(sd, pairs, num_classes, s, val_pairs, progress, state):  # records, then saves the start vectors
         handed.append([tuple(m.shape) for _, m in pairs])
-        on_best(slime.prompt_contexts(sd, num_classes)[0], 0, 0.5)
-        return slime.prompt_contexts(sd, num_classes)[0]
+        progress(dict(event="validation", epoch=s.epochs, miou=0.5, best=True, seconds=0.0))
+        progress(
+            dict(
+                event="epoch",
+                epoch=s.epochs,
+                state=dict(best_context=slime.prompt_contexts(sd, num_classes)[0]),
+            )
+        )
 
     monkeypatch.setattr(slime, "fit", fit)
     base = ["fit", str(tmp_path / "photo.png"), str(tmp_path / "photo_mask.png"), "--ckpt", tiny_ckpt("sd2")]

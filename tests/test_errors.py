@@ -376,8 +376,8 @@ def test_fit_refuses_hostile_input_leaving_the_folder_as_it_was(
 
 def test_fit_replaces_an_emb_pt_only_with_overwrite(tmp_path, tiny_ckpt, capsys, monkeypatch, no_load):
     """Without --overwrite an emb.pt stays byte for byte, refused by the plan; with it, emb.pt is the new fit's:
-    its parts, settings, and the vectors and epoch the fit handed to on_best, not the old file's. (The fit
-    itself is a stand-in that reports one best at once: what is tested is where its result goes.)"""
+    its parts, settings, and the vectors and epoch the fit reported, not the old file's. (The fit itself is a
+    stand-in that reports one best and its end at once: what is tested is where its result goes.)"""
     img, mask = scene_files(tmp_path)
     ckpt, path = tiny_ckpt("sd2"), tmp_path / "emb.pt"
     sd = SimpleNamespace(family="sd2", fingerprint=None, dtype=torch.float32)  # fit's format, without a model
@@ -385,9 +385,12 @@ def test_fit_replaces_an_emb_pt_only_with_overwrite(tmp_path, tiny_ckpt, capsys,
         path, torch.zeros(1, 77, 64), ["background", "square", "disc"], sd, slime.Settings()
     )
     raw, best = path.read_bytes(), torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(5))
-    monkeypatch.setattr(
-        slime, "fit", lambda sd, pairs, k, s, val, on_best, progress: on_best(best, 7, 0.5) or best
-    )
+
+    def fit(sd, pairs, k, s, val, progress, state):  # one validation, the best, then the last epoch's end
+        progress(dict(event="validation", epoch=7, miou=0.5, best=True, seconds=0.0))
+        progress(dict(event="epoch", epoch=s.epochs, state=dict(best_context=best)))
+
+    monkeypatch.setattr(slime, "fit", fit)
     flags = "--parts background,red,green --seed 1 -q".split()
     args = ["fit", img, mask, "--ckpt", ckpt, "-o", path, *FAST, *flags]
     assert main(*args) == 2 and path.read_bytes() == raw and no_load == []
@@ -827,7 +830,7 @@ def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_o
     tmp_path, tiny_ckpt, emb, capsys, monkeypatch, segment_once
 ):
     """--overwrite stopped after its first image, then resumed: the images the old run made are redone, since
-    --overwrite took their overlays, and a pair counts as done only whole. A record whose run made no outputs
+    --overwrite took its masks and overlays, and a pair counts as done only whole. A record whose run made no outputs
     yet (one stopped at its first image) does not stand in the way of another run."""
     ckpt = tiny_ckpt("sd2")
     (tmp_path / "in").mkdir()
@@ -838,6 +841,7 @@ def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_o
     out = tmp_path / "out"
     args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt]
     assert slime.main(args) == 0
+    old_q = (out / "SegmentationClass" / "q.png").read_bytes()
     other = make_emb(
         tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01))
     )
@@ -852,15 +856,15 @@ def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_o
     monkeypatch.setattr(slime, "segment_and_write", stopped_at_the_second)
     args[1] = str(other)
     assert slime.main(args + ["--overwrite"]) == 128 + signal.SIGTERM
-    assert not (out / "overlays" / "q.png").exists()  # q's pair is the old run's: no longer whole
+    assert not (out / "overlays" / "q.png").exists()  # q's pair was the old run's: gone
+    assert not (out / "SegmentationClass" / "q.png").exists()
     monkeypatch.undo()
-    made = images_made(out)
     capsys.readouterr()
     assert slime.main(args) == 0  # the same run (other.pt) resumes: p is done, q is redone
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"wrote masks and overlays of 1 image to {out}; skipped 1 already done (--overwrite redoes them)"
     )
-    assert images_made(out)["SegmentationClass/q.png"] != made["SegmentationClass/q.png"]
+    assert (out / "SegmentationClass" / "q.png").read_bytes() != old_q
     for f in [f for f in out.rglob("*") if f.is_file() and f.name != "slime-run.json"]:
         f.unlink()  # what a run stopped at its first image leaves: its record alone
     assert main("predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, "-q") == 0
@@ -1099,8 +1103,9 @@ def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt
     ]
 
 
-# SIGTERM, which goes through SIGHUP's handler, is sent to predict: test_a_stopped_predict_exits_128_plus_...
-@pytest.mark.parametrize("how", ["SIGINT", "SIGHUP", "SIGKILL"])
+# SIGTERM, which goes through SIGHUP's handler, is sent to predict: test_a_stopped_predict_exits_128_plus_...;
+# SIGINT to fit: tests/test_resume.py, which resumes the stopped fit
+@pytest.mark.parametrize("how", ["SIGHUP", "SIGKILL"])
 def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
     """Ctrl-C, SIGTERM and SIGHUP end in one line and exit 128 + the signal; kill -9 ends with nothing at all.
     Either way emb.pt is the last complete best: every write goes to a temp file that is renamed over it."""
