@@ -997,14 +997,13 @@ def plan_fit(args, con):  # -> (settings, device, ckpt, train, val, parts, palet
     return s, device, ckpt, *pairs, identity, stopped
 
 
-def check_output(path, overwrite, resume=False):
-    """An emb.pt's -o: a new file, or an emb.pt that --overwrite replaces; hours of work, never another file.
-    resume: -o must hold a stopped fit, which is returned (fit saves what resuming needs at each epoch's end)."""
+def check_output(path, overwrite, resume=None):
+    """emb.pt's -o: new, or an emb.pt that --overwrite replaces (never another file) -> --resume's stopped fit."""
     if os.path.isdir(path):
         raise SlimeError(f"-o {path} is a folder; give a file path such as {path}/emb.pt")
     emb = {} if os.path.exists(path) else None  # None: no file; {}: a file that is no emb.pt
     with contextlib.suppress(Exception):  # weights_only: asking what a file is must not run it
-        emb = emb if emb is None else torch.load(path, weights_only=True)
+        emb = emb if emb is None else torch.load(path, map_location="cpu", weights_only=True)
     emb = emb if emb is None or isinstance(emb, dict) and emb.get("format") == EMB_FORMAT else {}
     stopped = isinstance((emb or {}).get("resume"), dict) and emb["resume"]["epoch"]  # an epoch's end kept
     if resume and not stopped:
@@ -1014,7 +1013,7 @@ def check_output(path, overwrite, resume=False):
     if emb is not None and not (emb and (overwrite or resume)):
         what = "already holds fitted embeddings; pass --overwrite, or" if emb else "is no slime emb.pt:"
         on = f"holds a fit stopped after epoch {stopped}; pass --resume to go on, --overwrite to start again, or"
-        raise SlimeError(f"{path} {on if stopped else what} choose another -o")
+        raise SlimeError(f"{path} {on if stopped and resume is not None else what} choose another -o")
     return emb if resume else None
 
 
@@ -1119,8 +1118,7 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     find_ground_truth(jobs, args.masks, emb, con)
     truth = {os.path.realpath(job.gt) for job in jobs if job.gt}  # the release's NAME.npy beside NAME.png
     read = sum(os.path.realpath(p) in truth for p in skipped)
-    if skipped:
-        con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else ""))
+    con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else "")) if skipped else None
     # what makes the masks: the embeddings, parts, colours, settings, the weights, device type and dtype
     what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
     run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
@@ -1358,7 +1356,6 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
     s, device, ckpt, train, val, parts, palette, identity, stopped = plan_fit(args, con)
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device)
-    sd.fingerprint = identity["checkpoint"]  # the plan's: hashed once
     # emb.pt keeps the fit's curve (examples/maps.py --curve draws it) and the best; --resume: the stopped fit's
     history = stopped["history"] if stopped else dict(step=[], validation=[])
     state = dict(stopped["resume"], best_context=stopped["context"].to(sd.device)) if stopped else None
@@ -1382,10 +1379,11 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
 
     try:
         fit(sd, train, len(parts), s, val or None, on_event, state)
-    except KeyboardInterrupt as e:  # the stop line says how to go on, from what emb.pt holds
-        with contextlib.suppress(SlimeError):  # unless no epoch's end was saved
-            at = check_output(args.output, False, resume=True)["resume"]["epoch"]
-            e.add_note(f"; {args.output} holds epoch {at}: the same command with --resume goes on from there")
+    except KeyboardInterrupt as e:  # the stop line says how to go on, if emb.pt holds this fit's state
+        with contextlib.suppress(SlimeError):  # it holds none: no epoch's end saved
+            kept = check_output(args.output, False, resume=True)["resume"]
+            on = f"; {args.output} holds epoch {kept['epoch']}: rerun with --resume (no --overwrite) to go on"
+            e.add_note(on) if kept["identity"] == identity else None
         raise
     con.say(f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})")
     curve = f"python examples/maps.py {args.output} --curve -o curve.png"
@@ -1426,12 +1424,11 @@ def cmd_predict(args, con):
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device, text_encoder=False)  # emb.pt holds the whole context
     if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
-        # --overwrite: one run per folder. Where slime ran (its record is there) the other run's masks and overlays
-        # go, overlays first (done is both there); elsewhere this run's alone. Nothing else is touched
-        ours = os.path.exists(os.path.join(args.out, RECORD)) or {os.path.basename(j.mask) for j in jobs}
-        for d in OUT_DIRS[::-1] if args.overwrite else ():
-            pngs = glob.glob(os.path.join(glob.escape(args.out), d, "*.png"))
-            [os.remove(p) for p in pngs if ours is True or os.path.basename(p) in ours]
+        # --overwrite: one run per folder. Its masks, overlays (first) and summary.json go, the other run's listed
+        stems = {file_stem(r["mask"]) for r in listed_images(args.out)} | {file_stem(j.mask) for j in jobs}
+        paths = [os.path.join(args.out, d, f"{f}.png") for d in OUT_DIRS[::-1] for f in stems]
+        for path in paths + [os.path.join(args.out, RUN_FILES[2])] if args.overwrite else []:
+            os.remove(path) if os.path.exists(path) else None
         commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
     dist.barrier() if world > 1 else None
     mine, records, unread, t0 = jobs[rank::world], [], [], time.time()
@@ -1490,13 +1487,18 @@ def image_record(job, labels, emb):  # summary.json's entry: size, area of each 
     return record
 
 
+def listed_images(out):  # the images out/summary.json lists: the run's whose record is there, or none
+    with contextlib.suppress(Exception), open(os.path.join(out, RUN_FILES[2])) as f:
+        return [r for r in json.load(f)["images"] if isinstance(r["mask"], str)]
+    return []
+
+
 def report(args, con, emb, s, records, wrote, unread):
     """The run's files (labelmap.txt, default.txt, summary.json) of every image the folder holds for this run,
     earlier invocations' too, and of those this one could not read; their IoU table; what this one did."""
-    parts, colors, stem, earlier = emb["parts"], part_colors(emb), lambda r: file_stem(r["mask"]), {}
+    parts, colors, stem = emb["parts"], part_colors(emb), lambda r: file_stem(r["mask"])
     held = lambda r: all(os.path.isfile(os.path.join(args.out, d, stem(r) + ".png")) for d in OUT_DIRS)  # noqa: E731
-    with contextlib.suppress(Exception), open(os.path.join(args.out, RUN_FILES[2])) as f:  # this run's
-        earlier = {stem(r): r for r in ({} if args.overwrite else json.load(f))["images"] if held(r)}
+    earlier = {stem(r): r for r in listed_images(args.out) if held(r)}  # this run's (--overwrite took others)
     listed = sorted({**earlier, **{stem(r): r for r in records}}.values(), key=stem)  # as one run lists all
     scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in listed if "iou" in r]
     per_class, miou = miou_table(scored, len(parts))
@@ -1504,9 +1506,8 @@ def report(args, con, emb, s, records, wrote, unread):
     summary = dict(written_by="slime predict", embeddings=args.emb, settings=asdict(s), images=listed)
     summary["parts"] = [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))]
     summary.update(iou=rows or None, miou=miou if rows else None, unread=unread)
-    labelmap = "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
-    stems = "".join(stem(r) + "\n" for r in listed)
-    texts = [LABELMAP_HEADER + "\n" + labelmap, stems, json.dumps(summary, indent=2) + "\n"]
+    labelmap = LABELMAP_HEADER + "\n" + "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
+    texts = [labelmap, "".join(stem(r) + "\n" for r in listed), json.dumps(summary, indent=2) + "\n"]
     commit({os.path.join(args.out, n): t.encode(errors="surrogateescape") for n, t in zip(RUN_FILES, texts)})
     if rows:  # on stdout, unlike every notice: the table is the result, and -q keeps it
         table = "".join(f"{name:<16} {v:.4f}\n" for name, v in rows.items())
@@ -1547,7 +1548,7 @@ def build_parser():
         sp.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
         sp.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
         sp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="default auto (README)")
-        redo = "replace emb.pt; predict: redo every image"
+        redo = "replace emb.pt; predict: redo every image, drop the other run's"
         (again if stage == "fit" else sp).add_argument("--overwrite", action="store_true", help=redo)
         sp.add_argument("-q", "--quiet", action="store_true", help="print only errors (and the IoU table)")
         for fld in (f for f in fields(Settings) if stage == "fit" or not f.metadata["fit"]):  # a flag each
@@ -1587,8 +1588,7 @@ def main(argv=None):
             print("\n" * con.open + f"slime: error: {why}", file=sys.stderr)
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-            name = signal.Signals(signum).name  # temp files are gone, and no output is half-made
-            on = "".join(getattr(e, "__notes__", []))  # fit's: how to go on
+            name, on = signal.Signals(signum).name, "".join(getattr(e, "__notes__", []))  # fit's note: go on
             sys.stderr.write("\n" * con.open + f"slime: interrupted by {name}; finished outputs kept{on}\n")
             return 128 + signum
         return 2

@@ -160,11 +160,16 @@ def run_seed(args, passed, parts, splits, seed, say):
         say(f"the authors' embeddings {args.embeddings} -> {emb}")
         run(release_embeddings.main, [args.embeddings, "--parts", ",".join(parts), "-o", emb, *ckpt, *preset])
     elif not args.embeddings and not (os.path.exists(emb) and slime.load_embeddings(emb).get("finished")):
-        again = os.path.exists(emb)  # an interrupted fit goes on from its last epoch
-        say(f"seed {seed}: fit on {splits['train']}, validated on {splits['val']}" + " (resumed)" * again)
+        # an interrupted fit goes on from its last epoch; one an older slime stopped (no state kept) starts again
+        stopped = slime.load_embeddings(emb) if os.path.exists(emb) else {}
+        again = ["--resume"] if stopped.get("resume") else ["--overwrite"] * bool(stopped)
+        say(
+            f"seed {seed}: fit on {splits['train']}, validated on {splits['val']}"
+            + " (resumed)" * (again == ["--resume"])
+        )
         size = [] if any(a.startswith(("--out-size", "--window")) for a in passed) else ["--out-size", "512"]
         fit = [splits["train"], "--val", splits["val"], "-o", emb, "--seed", str(seed), *preset, *size]
-        run(slime.main, ["fit", *fit, "--parts", ",".join(parts), *passed, *model] + ["--resume"] * again)
+        run(slime.main, ["fit", *fit, "--parts", ",".join(parts), *passed, *model] + again)
         fitted = True
     say(f"seed {seed}: predict {splits['test']}")
     out = os.path.join(folder, "test")

@@ -260,11 +260,13 @@ MARK = ("Software", "slime examples/maps.py")  # a text chunk in its PNGs: the f
 
 
 def check_output(path, overwrite):
-    """-o: a new file, or a picture maps.py made; another file only with --overwrite, a folder never."""
+    """-o: a new NAME.png, or a picture maps.py made; another PNG only with --overwrite, a folder never."""
     if os.path.isdir(path):
         raise slime.SlimeError(f"-o {path} is a folder; give a picture's file path")
+    if not path.lower().endswith(".png"):  # what it writes is a PNG: a .jpg holding one would mislead
+        raise slime.SlimeError(f"-o {path}: maps.py draws PNG pictures; give a NAME.png")
     if os.path.lexists(path) and not overwrite:
-        try:  # PNGs only: a photo in another format is refused before PIL weighs its size
+        try:  # as a PNG only: another format saved as .png is not maps.py's
             with Image.open(path, formats=["PNG"]) as im:
                 ours = im.info.get(MARK[0]) == MARK[1]  # a text chunk before the pixels: none decoded
         except Exception:  # unreadable, not an image, not a PNG
@@ -325,7 +327,7 @@ def main(argv=None):
             picture = draw(arrays, emb["parts"], slime.part_colors(emb), title)
         info, buffer = PngInfo(), io.BytesIO()
         info.add_text(*MARK)
-        picture.save(buffer, format="PNG", pnginfo=info)  # PNG whatever -o's extension: what the mark says
+        picture.save(buffer, format="PNG", pnginfo=info)
         slime.commit({output: buffer.getvalue()})  # whole or absent: a temp file beside it, renamed
         print(f"wrote {output}", file=sys.stderr)
         return 0

@@ -1126,8 +1126,8 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
     else:
         at = slime.load_embeddings(out)["resume"]["epoch"]  # the stop line says how to go on from there
         assert proc.returncode == 128 + sig and err.strip() == (
-            f"slime: interrupted by {how}; finished outputs kept; {out} holds epoch {at}: the same command "
-            "with --resume goes on from there"
+            f"slime: interrupted by {how}; finished outputs kept; {out} holds epoch {at}: rerun with --resume "
+            "(no --overwrite) to go on"
         ), err
         assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mask.png", "emb.pt"]  # no temp file
     assert slime.load_embeddings(out)["epoch"] >= 1

@@ -323,12 +323,17 @@ def test_a_file_maps_py_did_not_make_is_refused_before_any_work(fitted, capsys, 
     exit 2, its bytes as they were; drawing maps, the refusal comes before the model loads."""
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     Image.open(fitted / "photo.jpg").save(fitted / "photo.png")
-    (fitted / "notes.txt").write_text("not a picture\n")
-    for name in ("photo.jpg", "photo.png", "notes.txt"):
+    (fitted / "notes.png").write_text("not a picture\n")  # a text file named .png
+    for name in ("photo.jpg", "photo.png", "notes.png"):
         out, before = fitted / name, (fitted / name).read_bytes()
         for args in (["--curve"], [str(fitted / "a.png")]):
             assert maps.main([str(fitted / "emb.pt"), *args, "-o", str(out)]) == 2
-            assert capsys.readouterr().err == f"error: {out} {REFUSED}\n"
+            refused = (
+                f"-o {out}: maps.py draws PNG pictures; give a NAME.png"
+                if name.endswith(".jpg")
+                else f"{out} {REFUSED}"
+            )
+            assert capsys.readouterr().err == f"error: {refused}\n"
             assert out.read_bytes() == before
 
 
@@ -345,9 +350,10 @@ def test_maps_py_replaces_its_own_picture(fitted, capsys):
         assert im.info["Software"] == "slime examples/maps.py" and im.size == (960, 540)
 
 
-def test_overwrite_replaces_any_file_with_a_png(fitted, capsys):
-    """--overwrite: the photo is replaced, and by a PNG whatever -o's extension says."""
-    photo = fitted / "photo.jpg"
+def test_overwrite_replaces_any_png(fitted, capsys):
+    """--overwrite: a PNG maps.py did not make (someone's photo) is replaced by the picture."""
+    photo = fitted / "photo.png"
+    Image.open(fitted / "photo.jpg").save(photo)
     assert maps.main([str(fitted / "emb.pt"), "--curve", "-o", str(photo), "--overwrite"]) == 0
     assert capsys.readouterr().err == f"wrote {photo}\n"
     with Image.open(photo) as im:

@@ -265,19 +265,28 @@ def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch,
 
 
 def test_an_unfinished_fit_resumes_and_a_finished_one_is_not_fitted_again(tmp_path, monkeypatch, capsys):
-    """A seed whose emb.pt an interrupt left unfinished goes on (fit --resume); a finished one goes
-    straight to predict. Watched through the argv paper.py hands slime (which stops at once with Ctrl-C's 130)."""
+    """A seed whose emb.pt an interrupt left unfinished goes on (fit --resume), or starts again if an older slime
+    kept no state to go on from (--overwrite); a finished one goes straight to predict. Watched through the argv
+    paper.py hands slime (which stops at once with Ctrl-C's 130)."""
     data = authors_layout(tmp_path / "car", dict(train_1=1, test=1))
-    for finished, first in ((False, "fit"), (True, "predict")):
-        out = tmp_path / f"out{finished}"
+    for n, (finished, resume, first, flag) in enumerate(
+        [
+            (False, dict(epoch=1), "fit", "--resume"),
+            (False, None, "fit", "--overwrite"),
+            (True, None, "predict", ""),
+        ]
+    ):
+        out = tmp_path / f"out{n}"
         (out / "seed0").mkdir(parents=True)
-        emb = dict(format=slime.EMB_FORMAT, finished=finished)
+        emb = dict(format=slime.EMB_FORMAT, finished=finished, resume=resume)
         monkeypatch.setattr(slime, "load_embeddings", lambda path, emb=emb: emb)
         argvs = []
         monkeypatch.setattr(slime, "main", lambda argv, argvs=argvs: argvs.append(argv) or 130)
         torch.save({}, out / "seed0" / "emb.pt")
         assert paper.main([str(data), "--seeds", "0", "-o", str(out)]) == 130
-        assert argvs[0][0] == first and ("--resume" in argvs[0]) == (first == "fit")
+        assert argvs[0][0] == first and [a for a in argvs[0] if a in ("--resume", "--overwrite")] == [
+            flag
+        ] * bool(flag)
     capsys.readouterr()
 
 

@@ -61,12 +61,10 @@ def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
     monkeypatch.undo()
     stopped = torch.load(out, weights_only=True)
     assert not stopped["finished"] and stopped["resume"]["epoch"] == 2 and stopped["epoch"] == 2
-    assert [v[0] for v in stopped["history"]["validation"]] == [
-        2
-    ]  # the validation that saved it: in its history
+    assert [v[0] for v in stopped["history"]["validation"]] == [2]  # the one that saved it, in its history
     assert capsys.readouterr().err == (
-        f"slime: interrupted by SIGINT; finished outputs kept; {out} holds epoch 2: the same command with "
-        "--resume goes on from there\n"
+        f"slime: interrupted by SIGINT; finished outputs kept; {out} holds epoch 2: rerun with --resume (no "
+        "--overwrite) to go on\n"
     )
     assert main(*args, "-o", out) == 2
     assert capsys.readouterr().err == (
@@ -84,6 +82,10 @@ def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
     assert (
         capsys.readouterr().err == f"slime: error: fit --resume: {out} is a finished fit; nothing to resume\n"
     )
+    # --overwrite stopped before its first epoch's end: emb.pt is still the finished fit, and no resume is offered
+    monkeypatch.setattr(slime, "training_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(*args, "-o", out, "--overwrite") == 130 and out.read_bytes() == whole
+    assert capsys.readouterr().err == "slime: interrupted by SIGINT; finished outputs kept\n"
 
 
 def test_a_fit_stopped_by_sigint_in_a_real_process_resumes_to_the_same_bytes(scene, tmp_path):
@@ -98,7 +100,7 @@ def test_a_fit_stopped_by_sigint_in_a_real_process_resumes_to_the_same_bytes(sce
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     at = torch.load(out, weights_only=True)["resume"]["epoch"]  # stopped, not finished
-    assert proc.returncode == 130 and f"holds epoch {at}: the same command with --resume" in err, err
+    assert proc.returncode == 130 and f"holds epoch {at}: rerun with --resume" in err, err
     assert sorted(os.listdir(tmp_path)) == ["emb.pt"]  # no temp file
     assert main(*args, "-o", out, "--resume") == 0
     assert out.read_bytes() == whole
@@ -270,14 +272,19 @@ def test_the_run_files_list_every_image_the_folder_holds_for_the_run(images, tmp
 
 def test_overwrite_with_fewer_images_leaves_one_run_in_the_folder(images, tmp_path):
     """a, b, c, then --overwrite with another setting on a alone: b's and c's masks and overlays go, the run
-    files list a alone, and nothing that is not slime's output is touched."""
+    files list a alone, and nothing that is not slime's output is touched (not even a PNG among the masks)."""
     out = tmp_path / "out"
     predict(images, out, "s0", "s1", "s2")
     (out / "notes.txt").write_text("mine")
     (out / "SegmentationClass" / "notes.txt").write_text("mine too")
+    (out / "SegmentationClass" / "mine.png").write_bytes((out / "SegmentationClass" / "s1.png").read_bytes())
     summary = predict(images, out, "s0", extra=["--overwrite", "--test-t", "50"])
     assert [os.path.basename(r["image"]) for r in summary["images"]] == ["s0.png"]
-    assert sorted(p.name for p in (out / "SegmentationClass").iterdir()) == ["notes.txt", "s0.png"]
+    assert sorted(p.name for p in (out / "SegmentationClass").iterdir()) == [
+        "mine.png",
+        "notes.txt",
+        "s0.png",
+    ]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["s0.png"]
     assert (out / "notes.txt").read_text() == "mine"
     assert np.array(Image.open(out / "SegmentationClass" / "s0.png")).shape == (64, 64)
