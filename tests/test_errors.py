@@ -1103,12 +1103,11 @@ def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt
     ]
 
 
-# SIGTERM, which goes through SIGHUP's handler, is sent to predict: test_a_stopped_predict_exits_128_plus_...;
-# SIGINT to fit: tests/test_resume.py, which resumes the stopped fit
-@pytest.mark.parametrize("how", ["SIGHUP", "SIGKILL"])
-def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
-    """Ctrl-C, SIGTERM and SIGHUP end in one line and exit 128 + the signal; kill -9 ends with nothing at all.
-    Either way emb.pt is the last complete best: every write goes to a temp file that is renamed over it."""
+# Ctrl-C to fit: tests/test_resume.py, which resumes the stopped fit; SIGTERM (whose handler SIGHUP shares) to
+# predict: test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs
+def test_a_killed_fit_leaves_a_whole_emb_pt(tmp_path, tiny_ckpt):
+    """kill -9 ends fit with nothing at all, and emb.pt is the last epoch's save, whole: every write goes to a
+    temp file that is renamed over it."""
     img, mask = scene_files(tmp_path)
     out = tmp_path / "emb.pt"
     args = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "50", "-o", out, "-q"]
@@ -1117,20 +1116,11 @@ def test_a_stopped_fit_keeps_the_best_embeddings(tmp_path, tiny_ckpt, how):
     while not out.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert out.exists(), "fit never wrote emb.pt"
-    time.sleep(0.5)  # stop it mid-run, possibly mid-write of a new best
-    sig = getattr(signal, how)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    if how == "SIGKILL":
-        assert proc.returncode == -sig  # a killed write may leave a temp file, never a half emb.pt
-    else:
-        at = slime.load_embeddings(out)["resume"]["epoch"]  # the stop line says how to go on from there
-        assert proc.returncode == 128 + sig and err.strip() == (
-            f"slime: interrupted by {how}; finished outputs kept; {out} holds epoch {at}: rerun with --resume "
-            "(no --overwrite) to go on"
-        ), err
-        assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mask.png", "emb.pt"]  # no temp file
-    assert slime.load_embeddings(out)["epoch"] >= 1
+    time.sleep(0.5)  # stop it mid-run, possibly mid-write of an epoch's emb.pt
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL  # a killed write may leave a temp file, never a half emb.pt
+    assert slime.load_embeddings(out)["resume"]["epoch"] >= 1
 
 
 def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt, capsys):
