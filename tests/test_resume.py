@@ -5,6 +5,8 @@ finds an -o it cannot write before the model loads.
     python -m pytest -q tests/test_resume.py
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,9 +24,9 @@ from PIL import Image
 import slime
 from conftest import ROOT, synthetic_scene, write_tiny_checkpoint
 
-# 3 epochs of one step on the random tiny checkpoint, validated after epochs 2 and 3 (a best kept across the
+# 2 epochs of one step on the random tiny checkpoint, each validated (the first's best is kept across the
 # stop), fp32; lr 0.5 so the vectors move visibly
-FLAGS = "--epochs 3 --val-every 2 --lr 0.5 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 -q"
+FLAGS = "--epochs 2 --val-every 1 --lr 0.5 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 -q"
 FLAGS = FLAGS.split() + ["--dtype", "fp32"]
 
 
@@ -40,43 +43,46 @@ def scene(tmp_path_factory, tiny_ckpt):
     Image.fromarray(mask).save(d / "a_mask.png")
     args = ["fit", d / "a.png", d / "a_mask.png", "--ckpt", tiny_ckpt("sd2"), *FLAGS]
     assert main(*args, "-o", d / "whole.pt") == 0
-    return d, args, (d / "whole.pt").read_bytes()
+    save, err = slime.save_embeddings, io.StringIO()
+
+    def stop_after_epoch_1(*a, resume=None, **k):  # Ctrl-C as the epoch's emb.pt lands
+        save(*a, resume=resume, **k)
+        if resume and resume["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m, contextlib.redirect_stderr(err):
+        m.setattr(slime, "save_embeddings", stop_after_epoch_1)
+        assert main(*args, "-o", d / "stopped.pt") == 130
+    return SimpleNamespace(
+        args=args, whole=(d / "whole.pt").read_bytes(), stopped=d / "stopped.pt", line=err.getvalue()
+    )
 
 
 def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
     scene, tmp_path, monkeypatch, capsys
 ):
-    """Stopped after epoch 2 of 3 (Ctrl-C as the epoch's emb.pt lands), resumed: the same emb.pt, byte for
+    """Stopped after epoch 1 of 2 (Ctrl-C as the epoch's emb.pt lands), resumed: the same emb.pt, byte for
     byte, its history every step once. The stop line, the refusal without --resume, and --resume once done."""
-    d, args, whole = scene
-    out, save = tmp_path / "emb.pt", slime.save_embeddings
-
-    def stop_after_epoch_2(*a, resume=None, **k):
-        save(*a, resume=resume, **k)
-        if resume and resume["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(slime, "save_embeddings", stop_after_epoch_2)
-    assert main(*args, "-o", out) == 130
-    monkeypatch.undo()
+    args, whole, out = scene.args, scene.whole, tmp_path / "emb.pt"
+    shutil.copy(scene.stopped, out)
     stopped = torch.load(out, weights_only=True)
-    assert not stopped["finished"] and stopped["resume"]["epoch"] == 2 and stopped["epoch"] == 2
-    assert [v[0] for v in stopped["history"]["validation"]] == [2]  # the one that saved it, in its history
-    assert capsys.readouterr().err == (
-        f"slime: interrupted by SIGINT; finished outputs kept; {out} holds epoch 2: rerun with --resume (no "
-        "--overwrite) to go on\n"
+    assert not stopped["finished"] and stopped["resume"]["epoch"] == 1 and stopped["epoch"] == 1
+    assert [v[0] for v in stopped["history"]["validation"]] == [1]  # the one that saved it, in its history
+    assert scene.line == (
+        f"slime: interrupted by SIGINT; finished outputs kept; {scene.stopped} holds epoch 1: rerun with --resume "
+        "(no --overwrite) to go on\n"
     )
     assert main(*args, "-o", out) == 2
     assert capsys.readouterr().err == (
-        f"slime: error: {out} holds a fit stopped after epoch 2; pass --resume to go on, --overwrite to "
+        f"slime: error: {out} holds a fit stopped after epoch 1; pass --resume to go on, --overwrite to "
         "start again, or choose another -o\n"
     )
     assert main(*args, "-o", out, "--resume") == 0
     assert out.read_bytes() == whole
     emb = torch.load(out, weights_only=True)
     assert emb["finished"] and emb["resume"] is None  # what only resuming needed is gone
-    assert [s[0] for s in emb["history"]["step"]] == [1, 2, 3]
-    assert [v[0] for v in emb["history"]["validation"]] == [2, 3]
+    assert [s[0] for s in emb["history"]["step"]] == [1, 2]
+    assert [v[0] for v in emb["history"]["validation"]] == [1, 2]
     capsys.readouterr()
     assert main(*args, "-o", out, "--resume") == 2
     assert (
@@ -90,7 +96,7 @@ def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
 
 def test_a_fit_stopped_by_sigint_in_a_real_process_resumes_to_the_same_bytes(scene, tmp_path):
     """Ctrl-C to a real fit as soon as its first epoch is saved, wherever it is then; --resume finishes it."""
-    d, args, whole = scene
+    args, whole = scene.args, scene.whole
     out = tmp_path / "emb.pt"
     cmd = [sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args), "-o", str(out)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -108,16 +114,8 @@ def test_a_fit_stopped_by_sigint_in_a_real_process_resumes_to_the_same_bytes(sce
 
 @pytest.fixture
 def stopped(scene, tmp_path, monkeypatch):
-    """emb.pt of the scene's fit, stopped after its epoch 1; the model must not load after it is made."""
-    d, args, _ = scene
-    save = slime.save_embeddings
-
-    def stop(*a, resume=None, **k):
-        save(*a, resume=resume, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(slime, "save_embeddings", stop)
-    assert main(*args, "-o", tmp_path / "emb.pt") == 130
+    """A copy of the scene's fit stopped after its epoch 1; the model must not load from here on."""
+    shutil.copy(scene.stopped, tmp_path / "emb.pt")
     monkeypatch.setattr(
         slime, "load_models", lambda *a, **k: pytest.fail("the model loaded before the refusal")
     )
@@ -125,7 +123,7 @@ def stopped(scene, tmp_path, monkeypatch):
 
 
 def test_a_resume_of_another_fit_is_refused_naming_what_differs(scene, stopped, tmp_path, capsys):
-    d, args, _ = scene
+    args = scene.args
     other_image = tmp_path / "b.png"
     Image.fromarray(synthetic_scene(seed=1)[0]).save(other_image)
     other_ckpt = tmp_path / "other.safetensors"
@@ -177,7 +175,7 @@ def test_a_resume_of_another_fit_is_refused_naming_what_differs(scene, stopped, 
 def test_fit_finds_an_unwritable_output_folder_before_the_model_loads(scene, tmp_path, monkeypatch, capsys):
     """A temp file made and removed beside -o proves the folder takes files (chmod proves nothing as root, so
     the probe is made to fail as a read-only folder fails it); -o under a file fails the same way."""
-    d, args, _ = scene
+    args = scene.args
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("the model loaded first"))
     read_only = tmp_path / "ro"
 
@@ -215,13 +213,19 @@ def images(tmp_path_factory, tiny_ckpt, monkeypatch):
     # what is tested is the bookkeeping: a stand-in segmentation, each image's own (its colours, quantised)
     stand_in = lambda sd, context, image, k, s, **kw: (image.mean(0) * k).long().clamp(max=k - 1).byte()  # noqa
     monkeypatch.setattr(slime, "segment", stand_in)
+    monkeypatch.setattr(slime, "load_models", lambda *a, **k: SimpleNamespace(device=torch.device("cpu")))
     return d / "in", d / "gt", d / "emb.pt", ckpt
 
 
 def predict(images, out, *inputs, ok=0, extra=()):
     folder, gt, emb, ckpt = images
     named = [folder / f"{n}.png" for n in inputs] if inputs else [folder]
-    assert main("predict", emb, *named, "--masks", gt, "-o", out, "--ckpt", ckpt, "-q", *extra) == ok
+    assert (
+        main(
+            "predict", emb, *named, "--masks", gt, "-o", out, "--ckpt", ckpt, "-q", "--dtype", "fp32", *extra
+        )
+        == ok
+    )
     summary = json.loads((out / "summary.json").read_text())
     listed = (out / "ImageSets" / "Segmentation" / "default.txt").read_text().split()
     assert listed == [os.path.basename(r["mask"])[:-4] for r in summary["images"]]
@@ -254,14 +258,29 @@ def test_the_run_files_list_every_image_the_folder_holds_for_the_run(images, tmp
 
     monkeypatch.setattr(slime, "segment_and_write", stop_at_the_third)
     folder, gt, emb, ckpt = images
-    assert main("predict", emb, folder, "--masks", gt, "-o", out, "--ckpt", ckpt, "-q") == 130
-    monkeypatch.undo()
+    assert (
+        main("predict", emb, folder, "--masks", gt, "-o", out, "--ckpt", ckpt, "-q", "--dtype", "fp32") == 130
+    )
+    monkeypatch.setattr(slime, "segment_and_write", write)  # the stand-ins stay
     assert sorted(scores(json.loads((out / "summary.json").read_text()))) == ["s0.png", "s1.png"]
     assert sorted(scores(predict(images, out, "s0"))) == ["s0.png", "s1.png"]
     # an unreadable image: listed with the reason, exit 1
     shutil.copytree(folder, tmp_path / "in2")
     (tmp_path / "in2" / "s2.png").write_bytes(b"not a png")
-    main("predict", emb, tmp_path / "in2", "--masks", gt, "-o", tmp_path / "bad", "--ckpt", ckpt, "-q")
+    main(
+        "predict",
+        emb,
+        tmp_path / "in2",
+        "--masks",
+        gt,
+        "-o",
+        tmp_path / "bad",
+        "--ckpt",
+        ckpt,
+        "-q",
+        "--dtype",
+        "fp32",
+    )
     summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
     assert [(u["image"], u["reason"][:40]) for u in summary["unread"]] == [
         (str(tmp_path / "in2" / "s2.png"), f"{tmp_path / 'in2' / 's2.png'}: cannot identify"[:40])
