@@ -604,19 +604,17 @@ def build_models(shapes, path="checkpoint"):
     if missing or any(k.startswith("conditioner.") for k in shapes):  # SDXL: its text encoders are there
         raise SlimeError(f"{path} is no SD 1.x or 2.x checkpoint: it lacks {(missing + needed)[0]}")
     width = {k: shapes[key][dim] for k, (key, dim) in WIDTHS.items() if key in shapes}
-    config = UNetConfig.sd15 if family == "sd1" else UNetConfig.sd21
+    sd1, text = family == "sd1", TEXT_PREFIX[family]
+    config = UNetConfig.sd15 if sd1 else UNetConfig.sd21
     unet_cfg = config(model_channels=width["unet"], context_dim=width["context"])
     # the text depth is counted from the block names, as no header field states it
-    block = r"encoder\.layers\.(\d+)\." if family == "sd1" else r"transformer\.resblocks\.(\d+)\."
-    text = TEXT_PREFIX[family]
+    block = r"encoder\.layers\.(\d+)\." if sd1 else r"transformer\.resblocks\.(\d+)\."
     depth = 1 + max([int(m[1]) for k in shapes if (m := re.match(re.escape(text) + block, k))], default=-1)
-    if family == "sd1":
-        text_cfg = TextConfig.sd15(width=width["sd1"], layers=depth)
-    else:  # SD2 conditions on the penultimate layer (ldm's FrozenOpenCLIPEmbedder, layer "penultimate"): the
-        # last block is never built, and its tensors are on the ignore list ({last})
-        text_cfg = TextConfig.sd21(width=width["sd2"], layers=depth - 1)
+    # SD2 conditions on the penultimate layer (ldm's FrozenOpenCLIPEmbedder, layer "penultimate"): the last
+    # block is never built, and its tensors are on the ignore list ({last})
+    text_cfg = (TextConfig.sd15 if sd1 else TextConfig.sd21)(width=width[family], layers=depth - (not sd1))
     with torch.device("meta"):  # shapes without memory: the weights are assigned as they are read
-        text_model = (CLIPTextModel if family == "sd1" else OpenCLIPText)(text_cfg)
+        text_model = (CLIPTextModel if sd1 else OpenCLIPText)(text_cfg)
         vae = AutoencoderKL(VAEConfig(ch=width["vae"]))
         modules = {UNET_PREFIX: UNetModel(unet_cfg), VAE_PREFIX: vae, text: text_model}
     return family, modules, [re.compile(p.replace("{last}", str(depth - 1))) for p in IGNORED_KEYS]
@@ -707,6 +705,8 @@ MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be ref
 @contextlib.contextmanager
 def named(path, why=None):
     """The one boundary of file errors: a failure to read or write `path` -> `slime: error: <path>: <why>`."""
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):  # a pipe: open() waits
+        raise SlimeError(f"{path} is no regular file (a pipe, socket or device): slime reads only files")
     try:
         yield
     except SlimeError:
@@ -749,8 +749,8 @@ def read_image(path):
 def read_mask(path, colors=False):
     """A mask file -> (H, W) int64 labels (index or grey value; 255: ignore), or (H, W, 3) colours."""
     if str(path).lower().endswith(".npy"):  # the release's format; never unpickled
-        with named(path):
-            m = np.load(path, allow_pickle=False)
+        with named(path, "not one plain array (.npz? pickled?): save the mask with np.save"):
+            m = np.load(path, allow_pickle=False).view()  # an .npz archive has no view(): it fails here
         if m.dtype.kind not in "biu" or m.ndim != 2 or m.size and (m.min() < 0 or m.max() > 255):
             raise SlimeError(f"{path}: a mask is a 2-D array of labels 0..255, not {m.dtype} {m.shape}")
         return m.astype(np.int64)
@@ -1002,7 +1002,7 @@ def check_output(path, overwrite, resume=None):
     if os.path.isdir(path):
         raise SlimeError(f"-o {path} is a folder; give a file path such as {path}/emb.pt")
     emb = {} if os.path.exists(path) else None  # None: no file; {}: a file that is no emb.pt
-    with contextlib.suppress(Exception):  # weights_only: asking what a file is must not run it
+    with contextlib.suppress(Exception), named(path):  # weights_only: asking what a file is must not run it
         emb = emb if emb is None else torch.load(path, map_location="cpu", weights_only=True)
     emb = emb if emb is None or isinstance(emb, dict) and emb.get("format") == EMB_FORMAT else {}
     stopped = isinstance((emb or {}).get("resume"), dict) and emb["resume"]["epoch"]  # an epoch's end kept
@@ -1204,7 +1204,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def device_and_dtype(args, con, resume=None):
     """--device and --dtype, checked and said in one line -> (device, dtype); auto: see README, Speed."""
     name = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+    if not re.fullmatch(r"(cpu|mps)(:0)?|cuda(:\d+)?", name):
         raise SlimeError(f"--device {name}: not a device slime knows; use cpu, cuda, cuda:N or mps")
     device = torch.device(name)
     cuda = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
@@ -1262,6 +1262,7 @@ def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, f
 
 # ----------------------------------------------------------------------------- command line
 HERE = os.path.dirname(os.path.abspath(__file__))
+SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each ends a run as Ctrl-C does: interrupt()
 ONE_PATCH = dict(patch_size=512, patches_per_side=1)  # the whole image
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
     "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, **ONE_PATCH),
@@ -1331,8 +1332,8 @@ class Console:
     def __init__(self, quiet, prefix=""):
         self.quiet, self.prefix, self.open, self.shown, self.t0 = quiet, prefix, False, 0.0, time.time()
 
-    def say(self, msg):
-        if not self.quiet:
+    def say(self, msg, always=False):
+        if always or not self.quiet:
             print(("\n" if self.open else "") + self.prefix + msg, file=sys.stderr, flush=True)
             self.open = False
 
@@ -1368,8 +1369,7 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
     def on_event(e):  # the curve: per step [epoch, ce, mse, sd], per validation [epoch, mIoU]
         if e["event"] in history:
             history[e["event"]].append([e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e])
-        if e.get("best"):
-            best.update(epoch=e["epoch"], miou=e["miou"])
+        best.update(epoch=e["epoch"], miou=e["miou"]) if e.get("best") else None
         if e["event"] != "epoch":
             return progress(e)
         # emb.pt, whole, at each epoch's end: the best so far, and all that resuming needs until the fit ends
@@ -1444,7 +1444,7 @@ def cmd_predict(args, con):
                 try:
                     image = read_image(job.image)
                 except SlimeError as e:  # one bad image does not stop a folder: named, skipped, counted
-                    con.say(f"skipped {e}")
+                    con.say(f"skipped {e}", always=True)  # -q too: a script must know
                     unread.append(dict(image=job.image, mask=job.mask, reason=str(e)))
                     continue
                 labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
@@ -1453,7 +1453,7 @@ def cmd_predict(args, con):
             report(args, con, emb, s, records, wrote, unread) if rank == 0 else None
             raise
     if world > 1:  # everyone's results, to write the run files once
-        everyone = [None] * world  # run_files sorts them
+        everyone = [None] * world  # report sorts them
         dist.all_gather_object(everyone, (records, unread, wrote))
         records, unread, wrote = (sum(x, start) for x, start in zip(zip(*everyone), ([], [], 0)))
         dist.destroy_process_group()
@@ -1488,14 +1488,13 @@ def image_record(job, labels, emb):  # summary.json's entry: size, area of each 
 
 
 def listed_images(out):  # the images out/summary.json lists: the run's whose record is there, or none
-    with contextlib.suppress(Exception), open(os.path.join(out, RUN_FILES[2])) as f:
+    with contextlib.suppress(Exception), named(path := os.path.join(out, RUN_FILES[2])), open(path) as f:
         return [r for r in json.load(f)["images"] if isinstance(r["mask"], str)]
     return []
 
 
 def report(args, con, emb, s, records, wrote, unread):
-    """The run's files (labelmap.txt, default.txt, summary.json) of every image the folder holds for this run,
-    earlier invocations' too, and of those this one could not read; their IoU table; what this one did."""
+    """The run files of all the folder holds for this run (earlier invocations' too), their IoUs; what was done."""
     parts, colors, stem = emb["parts"], part_colors(emb), lambda r: file_stem(r["mask"])
     held = lambda r: all(os.path.isfile(os.path.join(args.out, d, stem(r) + ".png")) for d in OUT_DIRS)  # noqa: E731
     earlier = {stem(r): r for r in listed_images(args.out) if held(r)}  # this run's (--overwrite took others)
@@ -1564,8 +1563,9 @@ def build_parser():
     return ap
 
 
-def interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM and SIGHUP end a run as Ctrl-C does
+def interrupt(signum, frame):  # Ctrl-C, SIGTERM and SIGHUP end a run alike, once: later ones are ignored
+    [signal.signal(getattr(signal, name, signal.SIGINT), signal.SIG_IGN) for name in SIGNALS]
+    raise KeyboardInterrupt(signum)
 
 
 def main(argv=None):
@@ -1595,6 +1595,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    for name in ("SIGTERM", "SIGHUP"):  # only when run as a program: importing slime leaves them alone
+    for name in SIGNALS:  # only when run as a program: importing slime leaves them alone
         signal.signal(getattr(signal, name, signal.SIGTERM), interrupt)
     sys.exit(main())

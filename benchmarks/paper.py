@@ -294,6 +294,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in slime.SIGNALS:  # each ends it once, as slime's own runs end
         signal.signal(getattr(signal, name), slime.interrupt)
     sys.exit(main())

@@ -9,10 +9,12 @@ The table runs slime.main in-process (no interpreter start-up per case); signals
 run slime.py as a real process.
 """
 
+import contextlib
 import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -254,6 +256,31 @@ def fit_case(d, ckpt, case):
         args += ["--parts", "background,square,disc,"]
     elif case == "repeated part name":
         args += ["--parts", "background,disc,disc"]
+    elif case in ("a pipe as the mask", "a pipe as the image", "a pipe as the checkpoint", "a pipe as -o"):
+        special = (
+            d
+            / {"mask": "p.png", "image": "p.png", "checkpoint": "p.safetensors", "-o": "p.pt"}[
+                case.split()[-1]
+            ]
+        )
+        os.mkfifo(special)  # opened for reading, a pipe waits for a writer: forever
+        where = {"mask": (pair, 1), "image": (pair, 0), "checkpoint": (args, 1), "-o": (args, 3)}[
+            case.split()[-1]
+        ]
+        where[0][where[1]] = special
+    elif case == "a socket as the mask":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(d / "s.png"))
+        pair[1] = d / "s.png"
+    elif case == "/dev/zero as the mask":
+        pair[1] = "/dev/zero"
+    elif case == "a pipe as the labelmap":
+        os.mkfifo(d / "labels.txt")
+        args += ["--labelmap", d / "labels.txt"]
+    elif case == "an .npz named .npy as the mask":
+        np.savez(d / "m.npz", mask=np.array(Image.open(mask)))
+        os.replace(d / "m.npz", d / "m.npy")
+        pair[1] = d / "m.npy"
     elif case == "huge value in a .npy mask":
         m = np.array(Image.open(mask)).astype(np.uint64)
         m[0, 0] = 2**63
@@ -288,7 +315,20 @@ def fit_case(d, ckpt, case):
     return pair + args
 
 
+SPECIAL = "is no regular file (a pipe, socket or device): slime reads only files"
 FIT_CASES = [
+    # a special file where a file is read: refused before any read, which would block
+    ("a pipe as the mask", f"{{d}}/p.png {SPECIAL}"),
+    ("a pipe as the image", f"{{d}}/p.png {SPECIAL}"),
+    ("a pipe as the checkpoint", f"{{d}}/p.safetensors {SPECIAL}"),
+    ("a pipe as -o", "{d}/p.pt is no slime emb.pt: choose another -o"),
+    ("a socket as the mask", f"{{d}}/s.png {SPECIAL}"),
+    ("/dev/zero as the mask", f"/dev/zero {SPECIAL}"),
+    ("a pipe as the labelmap", f"{{d}}/labels.txt {SPECIAL}"),
+    (
+        "an .npz named .npy as the mask",
+        "{d}/m.npy: not one plain array (.npz? pickled?): save the mask with np.save",
+    ),
     (
         "--parts against the labelmap",
         "--parts background,disc,square differs from the labels of {d}/labelmap.txt: leave --parts out",
@@ -878,6 +918,37 @@ def pair_bytes(out, stem):
     return [(out / d / f"{stem}.png").read_bytes() for d in ("SegmentationClass", "overlays")]
 
 
+@contextlib.contextmanager
+def handlers_kept():  # slime.interrupt ignores the signals after the first: this process's handlers come back
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def test_after_the_first_signal_the_next_ones_are_ignored():
+    """Ctrl-C, SIGTERM and SIGHUP end a run once: a second one, while the first's cleanup runs (temp files,
+    the run's files), must not raise inside it (it did: a traceback after the interrupt line)."""
+    with handlers_kept(), pytest.raises(KeyboardInterrupt) as e:
+        slime.interrupt(signal.SIGTERM, None)
+    assert e.value.args == (signal.SIGTERM,)
+    with handlers_kept():
+        with pytest.raises(KeyboardInterrupt):
+            slime.interrupt(signal.SIGHUP, None)
+        assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] == [
+            signal.SIG_IGN
+        ] * 3
+
+
+def test_device_strings_torch_takes(capsys):
+    """cpu:0 is a device torch takes: so does slime (it said "not a device slime knows")."""
+    for name in ("cpu", "cpu:0"):
+        args = SimpleNamespace(device=name, dtype="fp32")
+        assert slime.device_and_dtype(args, slime.Console(True)) == (torch.device(name), torch.float32)
+
+
 def test_a_pair_interrupted_between_its_renames_is_redone_whole(
     tmp_path, tiny_ckpt, emb, capsys, monkeypatch, segment_once
 ):
@@ -916,7 +987,8 @@ def test_a_pair_interrupted_between_its_renames_is_redone_whole(
         raise KeyboardInterrupt  # as Python's own SIGINT handler raises it
 
     def sigterm():
-        slime.interrupt(signal.SIGTERM, None)  # slime's handler of SIGTERM (and SIGHUP)
+        with handlers_kept():
+            slime.interrupt(signal.SIGTERM, None)  # slime's handler of SIGTERM (and SIGHUP)
 
     for e, flags, stop, sig in (
         (emb, [], ctrl_c, signal.SIGINT),
@@ -999,7 +1071,8 @@ def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
 # ----------------------------------------------------------------------------- one bad image
 def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_path, tiny_ckpt, emb, capsys):
     """Found when its turn comes: a truncated PNG, an empty file, a float TIFF with nan. Each is named in one
-    line and skipped; the good image is done; the last line counts them; exit status 1. A rerun resumes."""
+    line and skipped, -q or not (a script must know), and summary.json lists it with the reason; the good image
+    is done; the last line counts them; exit status 1. A rerun resumes."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "good.png")
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "cut.png")
@@ -1020,7 +1093,11 @@ def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_pa
     assert [r["image"] for r in json.loads((out / "summary.json").read_text())["images"]] == [
         str(d / "good.png")
     ]
-    assert slime.main(args + ["-q"]) == 1  # the good one is done; the bad ones are still bad
+    assert slime.main(args + ["-q"]) == 1  # the good one is done; the bad ones are still bad, and said
+    skipped = [line for line in lines if line.startswith("skipped ")]
+    assert capsys.readouterr().err.splitlines() == skipped
+    unread = json.loads((out / "summary.json").read_text())["unread"]
+    assert [f"skipped {u['reason']}" for u in unread] == skipped
     assert main("predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")) == 0
 
 
