@@ -700,6 +700,7 @@ MAX_CLASSES = 77  # one text token per class: <start-of-text> (background) + up 
 GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit int) gray images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be refused
+file_stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731  "a/b.png" -> "b"
 
 
 @contextlib.contextmanager
@@ -749,10 +750,11 @@ def read_image(path):
 def read_mask(path, colors=False):
     """A mask file -> (H, W) int64 labels (index or grey value; 255: ignore), or (H, W, 3) colours."""
     if str(path).lower().endswith(".npy"):  # the release's format; never unpickled
-        with named(path, "not one plain array (.npz? pickled?): save the mask with np.save"):
-            m = np.load(path, allow_pickle=False).view()  # an .npz archive has no view(): it fails here
+        with named(path):
+            m = np.load(path, allow_pickle=False)  # an .npz archive named .npy: a stand-in that is refused
+            m, what = (m, f"{m.dtype} {m.shape}") if isinstance(m, np.ndarray) else (np.zeros(()), "an .npz")
         if m.dtype.kind not in "biu" or m.ndim != 2 or m.size and (m.min() < 0 or m.max() > 255):
-            raise SlimeError(f"{path}: a mask is a 2-D array of labels 0..255, not {m.dtype} {m.shape}")
+            raise SlimeError(f"{path}: a mask is a 2-D array of labels 0..255, not {what}")
         return m.astype(np.int64)
     im, lossy = open_image(path)
     if im.mode in ("P", "L", "1", "PA", "LA", "F") + GRAY16 and not (colors and im.mode == "P"):
@@ -1062,10 +1064,6 @@ def by_stem(folder):
     for name in names:
         stems.setdefault(file_stem(name), []).append(os.path.join(folder, name))
     return {k: sorted(files, key=rank) for k, files in stems.items()}
-
-
-def file_stem(path):
-    return os.path.splitext(os.path.basename(path))[0]
 
 
 def read_pairs(args, con):

@@ -327,7 +327,7 @@ FIT_CASES = [
     ("a pipe as the labelmap", f"{{d}}/labels.txt {SPECIAL}"),
     (
         "an .npz named .npy as the mask",
-        "{d}/m.npy: not one plain array (.npz? pickled?): save the mask with np.save",
+        "{d}/m.npy: a mask is a 2-D array of labels 0..255, not an .npz",
     ),
     (
         "--parts against the labelmap",
