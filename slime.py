@@ -1119,6 +1119,8 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else "")) if skipped else None
     # what makes the masks: the embeddings, parts, colours, settings, the weights, device type and dtype
     what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
+    if emb["fingerprint"] != what[3]:  # the same kind of model, other weights: it may be meant, so a warning
+        con.say(f"warning: {args.emb} was fitted on another checkpoint than {ckpt} (a fine-tune, a copy?)")
     run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
     outputs = [os.path.join(args.out, n) for n in RUN_FILES] + [p for j in jobs for p in (j.mask, j.overlay)]
     if (record["run"] != run if record else not args.overwrite) and any(map(os.path.exists, outputs)):

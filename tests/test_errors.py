@@ -1101,6 +1101,21 @@ def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_pa
     assert main("predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")) == 0
 
 
+def test_another_checkpoint_of_the_same_kind_is_said(tmp_path, emb, capsys, monkeypatch):
+    """emb.pt keeps the fingerprint of the weights it was fitted on: other weights of the same kind (a
+    fine-tune, an edited copy) are used, as they may be meant, with one warning line naming both files."""
+    other = tmp_path / "other.safetensors"
+    write_tiny_checkpoint(other, "sd2", seed=1)
+    Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "a.png")
+    monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("the warning comes with the plan"))
+    assert (
+        main("predict", emb, tmp_path / "a.png", "-o", tmp_path / "out", "--ckpt", other, "--dtype", "fp32")
+        == 1
+    )
+    warning = f"warning: {emb} was fitted on another checkpoint than {other} (a fine-tune, a copy?)"
+    assert warning in capsys.readouterr().err.splitlines()
+
+
 def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, capsys):
     """The reverse of the photo given as a mask: a mask in a folder of photos is segmented, with a warning."""
     (tmp_path / "in").mkdir()
