@@ -1082,7 +1082,7 @@ def read_pairs(args, con):
     for image, mask, mask_path in zip(images, labels, paths[1::2]):
         check_labels(mask, mask_path, image.shape[1:], parts)
     if top == 0:
-        raise SlimeError(f"{paths[1]} holds only background (class 0); nothing to learn")
+        raise SlimeError(f"{paths[1]} has no part, only background 0 or ignore 255: label parts 1, 2, ...")
     if palette is not None and not names:  # colours sorted by value: say which became which part
         con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts)))
     for c in sorted(set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))):

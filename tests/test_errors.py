@@ -248,8 +248,10 @@ def fit_case(d, ckpt, case):
     elif case == "mask of another size":
         Image.fromarray(np.zeros((100, 80), np.uint8)).save(d / "small.png")
         pair[1] = d / "small.png"
-    elif case == "background-only mask":
-        Image.fromarray(np.zeros((512, 512), np.uint8)).save(mask)
+    elif case in ("background-only mask", "a 0/255 binary mask"):  # 255: VOC's ignore, not a part
+        m = np.zeros((512, 512), np.uint8)
+        m[100:300, 100:300] = 255 if case[0] == "a" else 0
+        Image.fromarray(m).save(mask)
     elif case == "odd number of paths":
         pair = [img]
     elif case == "empty part name":
@@ -374,7 +376,14 @@ FIT_CASES = [
         "a_mask.png has class values [3, 4] outside 0..2 (['background', 'square', 'disc'])",
     ),
     ("mask of another size", "small.png is (80, 100), its image (512, 512) (w, h)"),
-    ("background-only mask", "holds only background (class 0); nothing to learn"),
+    (
+        "background-only mask",
+        "a_mask.png has no part, only background 0 or ignore 255: label parts 1, 2, ...",
+    ),
+    (
+        "a 0/255 binary mask",
+        "a_mask.png has no part, only background 0 or ignore 255: label parts 1, 2, ...",
+    ),
     ("odd number of paths", "fit takes image/mask pairs or folders, but {d}/a.png has no partner"),
     ("output is a file fit did not write", "notes.txt is no slime emb.pt: choose another -o"),
     ("empty part name", "--parts background,square,disc,: the names must be non-empty and distinct"),
