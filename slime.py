@@ -765,10 +765,10 @@ def read_mask(path, colors=False):
     if im.mode == "F" and not np.isin(m, np.arange(256)).all():  # a float TIFF: its values must be labels
         raise SlimeError(f"{path}: a float mask must hold labels 0..255, not fractions, nan or inf")
     n = len(np.unique(pack_rgb(m) if m.ndim == 3 else m))
-    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1):  # before lossy: a JPEG photo is named as a photo
+    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1) and not (lossy and n * 50 < m.shape[0] * m.shape[1]):
         what = "a photo, not a mask (or its edges are anti-aliased): give each image first, its mask second"
         raise SlimeError(f"{path} holds {n:,} distinct values, so it is {what}")
-    if lossy:  # compression invents colours at every edge, which would become classes of their own
+    if lossy:  # a mask, however many colours compression invented at its edges (a photo has 1 per 50 pixels)
         raise SlimeError(f"{path} is stored lossily ({lossy}); save the mask as PNG or .npy")
     return np.ascontiguousarray(m) if m.ndim == 3 else m.astype(np.int64)
 

@@ -337,6 +337,13 @@ def test_a_lossy_mask_is_refused_and_a_float_mask_of_few_values_read_as_labels(t
     with pytest.raises(SlimeError) as e:
         read_mask(save(tmp_path, "m.jpg", Image.new("L", (64, 64), 0)))
     assert str(e.value) == f"{tmp_path / 'm.jpg'} is stored lossily (JPEG); save the mask as PNG or .npy"
+    # a colour mask as JPEG: 3,340 colours, from compression at the edges of two shapes, is a mask, not a photo
+    m = np.zeros((512, 512, 3), np.uint8)
+    yy, xx = np.mgrid[:512, :512]
+    m[100:300, 50:400], m[(yy - 380) ** 2 + (xx - 250) ** 2 < 90**2] = (200, 30, 30), (30, 180, 60)
+    with pytest.raises(SlimeError) as e:
+        read_mask(save(tmp_path, "shapes.jpg", Image.fromarray(m)))
+    assert str(e.value) == f"{tmp_path / 'shapes.jpg'} is stored lossily (JPEG); save the mask as PNG or .npy"
     labels = np.array([[0, 1, 2], [2, 1, 0]])
     m = read_mask(save(tmp_path, "m.tif", Image.fromarray(labels.astype(np.float32))))
     assert m.dtype == np.int64 and np.array_equal(m, labels)
