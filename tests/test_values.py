@@ -1,5 +1,5 @@
 """Numbers written out by hand: each test pins a value that a plausible one-token mistake in slime.py (or
-attention.py) changes while every other test still passes.
+attention.py) changes while the other test files still pass (but for resize's antialiasing, see its test).
 
 Each test states the mistake it catches. Every expected value is derived in the test's comments from the
 definition (the paper, the release, OpenCV, torch.optim.Adam) on inputs small enough to do by hand; none is
@@ -12,7 +12,7 @@ pixel (8i, 8j); a patch is cropped at (y0, x0); a class whose cross-attention pe
 votes; the blur pads reflect-101; bf16 attention maps are the fp32 softmax of the scores; emb.pt's colours are
 checked at load; and (slime's own choices) patch origins step by floor division, the bilinear resize does not
 antialias when it shrinks, the background's WAS seed keeps only pixels strictly above its mean, validation
-averages the images' mIoUs, and fit's optimizer is Adam at --lr.
+averages the images' mIoUs, fit's optimizer is Adam at --lr, and the overlay's tint rounds down.
 
     python -m pytest -q tests/test_values.py
 """
@@ -105,7 +105,8 @@ def test_fit_takes_adam_steps_of_lr(monkeypatch):
     """fit's optimizer is Adam at --lr (release/src/slime.py#L410-L416). On the loss sum(c * learned), a
     constant gradient c, Adam's bias-corrected step is lr * m / (sqrt(v) + 1e-8) = lr * c / |c|: every entry
     moves by exactly lr against the sign of its gradient, whatever its size. From 0, lr 0.1: -0.1 sign(c)
-    after epoch 1, -0.2 sign(c) after epoch 2. SGD would move by lr * c (-0.1, 0.2, -0.05, 0.4, ...)."""
+    after epoch 1, -0.2 sign(c) after epoch 2. SGD would move by lr * c (-0.1, 0.2, -0.05, 0.4, ...), AdamW's
+    default decay 0.01 would give -0.1 * 0.999 - 0.1 = -0.1999 sign(c) after epoch 2, half the lr -0.05."""
     c = torch.tensor([[1.0, -2.0, 0.5, -4.0], [-3.0, 0.25, 2.0, -1.0]])
     *_, learned = stubbed_fit(monkeypatch, [0.5, 0.5], 2, step_loss=lambda learned: (c * learned).sum())
     one = torch.tensor([[-0.1, 0.1, -0.1, 0.1], [0.1, -0.1, -0.1, 0.1]])
@@ -190,8 +191,9 @@ def test_a_class_whose_peak_equals_the_threshold_votes():
     """patch_votes: a class votes when its cross-attention peak is >= the threshold (release/src/
     slime.py#L233): the background peaks at exactly 0.25 = the threshold and votes. With A_sa = I, side 64
     (no resize): background: 0.05 on the left half, 0.25 on the right; mean 0.15, so its WAS seed keeps the
-    right half (0.25) and zeroes the left. Its WAS range [0, 0.25] maps onto its cross-attention's [0.05, 0.25]: 0.05 on
-    the left, 0.25 on the right. Part 1: 0.5 left, 0.1 right; its WAS map is itself, already on its range."""
+    right half (0.25) and zeroes the left. Its WAS range [0, 0.25] maps onto its cross-attention's
+    [0.05, 0.25] (per_unit 0.25 / 0.2 = 1.25): 0.05 on the left, 0.25 on the right. Part 1: 0.5 left, 0.1
+    right; its WAS map is itself, already on its range."""
     A_ca = torch.empty(2, 64, 64)
     A_ca[0, :, :32], A_ca[0, :, 32:] = 0.05, 0.25
     A_ca[1, :, :32], A_ca[1, :, 32:] = 0.5, 0.1
@@ -239,12 +241,28 @@ def test_the_bilinear_resize_does_not_antialias_when_it_shrinks():
     (i + 0.5) * 2 - 0.5 = 2i + 0.5, the mean of pixels 2i and 2i + 1: an impulse at 3 gives [0, 0.5, 0, 0].
     (Antialiased, the triangle widens to 4 taps: [0, 0.375, 0.125, 0].) Growing 2 -> 4 samples at
     (i + 0.5) / 2 - 0.5 = -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1):
-    [a, 3a/4 + b/4, a/4 + 3b/4, b] (align_corners=True would give thirds)."""
+    [a, 3a/4 + b/4, a/4 + 3b/4, b] (align_corners=True would give thirds). test_maps notices antialiasing too,
+    but only through examples/maps.py's picture of the squashed image; this pins resize itself."""
     x = torch.zeros(1, 1, 8)
     x[0, 0, 3] = 1
     assert torch.allclose(slime.resize(x, (1, 4), "bilinear"), torch.tensor([[[0, 0.5, 0, 0]]]))
     grown = slime.resize(torch.tensor([[[4.0, 8.0]]]), (1, 4), "bilinear")
     assert torch.allclose(grown, torch.tensor([[[4.0, 5.0, 7.0, 8.0]]]))
+
+
+def test_the_overlay_tints_half_and_half_rounded_down():
+    """overlay_image: a part's pixel is (image + the part's colour) // 2 per channel, rounded down; the
+    background keeps the image; the pixels whose label differs from the one below (or right) are white.
+    Grey 101 under VOC's colour 1 (128, 0, 0): (229 // 2, 101 // 2, 101 // 2) = (114, 50, 50); rounding to
+    nearest would give (115, 51, 51), which test_io's overlay check (within 1) lets through."""
+    image = torch.full((3, 64, 64), 101 / 255)
+    labels = torch.zeros(64, 64, dtype=torch.uint8)
+    labels[32:] = 1  # background above, the part below: row 31 is the boundary
+    out = slime.overlay_image(image, labels.numpy(), ["background", "wheel"])
+    rgb = lambda y, x: out.getpixel((x, y))  # noqa: E731  (PIL takes (x, y))
+    # the legend (6 px text, 2 lines: 18 px high) covers the top-left corner: the pixels read lie below it
+    assert rgb(63, 63) == rgb(40, 5) == (114, 50, 50)
+    assert rgb(25, 60) == (101, 101, 101) and rgb(31, 5) == rgb(31, 63) == (255, 255, 255)
 
 
 # ----------------------------------------------------------------------------- attention maps in bf16
