@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -371,7 +372,7 @@ def noisy_patches(sd, image, s):
 
 
 def noisy_inputs(sd, image, s):  # what segment feeds the UNet for an image: its noisy patches, or windows
-    return list(noisy_windows(sd, image, s)) if s.window else noisy_patches(sd, image, s)
+    return noisy_windows(sd, image, s) if s.window else noisy_patches(sd, image, s)
 
 
 def noised(sd, s, views):
@@ -386,7 +387,7 @@ def noised(sd, s, views):
 @torch.no_grad()
 def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
     """The release's accumulation (release/src/slime.py#L188-L279): each patch adds its votes to the side x
-    side cells from (y0, x0) -> (sum of votes, number of votes), (K, *grid) each."""
+    side cells from (y0, x0) -> (sum of votes, number of votes), (K, *grid) each; progress(n, of) after each."""
     scores = torch.zeros(num_classes, *grid, device=sd.device)
     votes = torch.full((num_classes, *grid), 1e-7, device=sd.device)
     t = torch.tensor([s.test_t], device=sd.device)
@@ -394,7 +395,7 @@ def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
         A_ca, A_sa, _ = attention_maps(sd, x_t, t, context, num_classes, log_space=False)
         seen, patch_scores = patch_votes(A_ca, A_sa, s.threshold, side)
         if progress:
-            progress(n)
+            progress(n, len(patches))
         if patch_scores is None:
             continue  # no class was confident anywhere in this patch
         region = (seen, slice(y0, y0 + side), slice(x0, x0 + side))
@@ -432,14 +433,14 @@ def patch_votes(A_ca, A_sa, threshold, side):
 
 def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, progress=None):
     """image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size). inputs: its noisy patches,
-    when the caller keeps them; progress(n, windows) after each --window window."""
+    when the caller keeps them; progress(n, of) after each patch or --window window."""
     # The model sees the image squashed to 512x512, as in the release; slime upsamples the class SCORES, not
     # the labels, to the image's own size and takes the argmax there (--out-size 512: the release's masks)
     if s.window:
         scores, cell = native_scores(sd, context, image, num_classes, s, inputs, progress)
     else:
         inputs = inputs or noisy_patches(sd, image, s)
-        scores, votes = vote_sums(sd, context, inputs, num_classes, s, (SIZE, SIZE), s.patch_size)
+        scores, votes = vote_sums(sd, context, inputs, num_classes, s, (SIZE, SIZE), s.patch_size, progress)
         scores, cell = scores / votes, None
     scores = scores.cpu()  # the labels go to files from the CPU, and upsampled_argmax works there
     if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
@@ -550,18 +551,17 @@ def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
 
 
 def noisy_windows(sd, image, s):
-    """noisy_patches at the image's own resolution: the windows, one on the device at a time -> (y0, x0, x_t)."""
+    """noisy_patches at the image's own resolution: the windows -> [(y0, x0, x_t)], each crop made as it is encoded."""
     cell, _, origins = window_layout(*image.shape[1:], s.window)
     crops = ((y0, x0, window_crop(image, y0 * cell, x0 * cell, s.window)) for y0, x0 in origins)
-    yield from noised(sd, s, crops)
+    return list(noised(sd, s, crops))
 
 
 def native_scores(sd, context, image, num_classes, s, windows=None, progress=None):
     """Class scores (K, gh, gw) by the release's rule over the windows -> (scores, cell)."""
-    cell, grid, origins = window_layout(*image.shape[1:], s.window)
-    on_window = progress and (lambda n: progress(n, len(origins)))
+    cell, grid, _ = window_layout(*image.shape[1:], s.window)
     windows = windows or noisy_windows(sd, image, s)
-    scores, votes = vote_sums(sd, context, windows, num_classes, s, grid, MAP, on_window)
+    scores, votes = vote_sums(sd, context, windows, num_classes, s, grid, MAP, progress)
     return scores / votes, cell
 
 
@@ -1218,11 +1218,9 @@ def device_and_dtype(args, con, resume=None):
         why = "the number format of the outputs it resumes"
     elif cpu and dtype == "bf16" and not cpu_has_bf16():
         why += ", though this CPU has no bf16 instructions: 25x to 100x slower"
-    elif dtype == "auto" and cpu and cpu_has_bf16():  # a fit epoch: 0.5x-0.85x on one CPU, 1.4x on another
-        speedup = bf16_speedup()  # 1.3: a fit epoch gains less than the probe
-        dtype, why = "bf16" if speedup >= 1.3 else "fp32", f"bf16 ran {speedup:.1f}x as fast as fp32 here"
-    elif dtype == "auto":
-        dtype, why = "fp32", "this CPU has no bf16 instructions" if cpu else "bf16 was slower on GPUs"
+    elif dtype == "auto":  # the release's format; bf16 is the user's choice (README, Speed), never a timing's
+        hint = "; this CPU has bf16 instructions: --dtype bf16 may be faster" * (cpu and cpu_has_bf16())
+        dtype, why = "fp32", "the release's format" + hint
     where = f"the CPU ({count(torch.get_num_threads(), 'thread')})" if cpu else str(device)
     slow = "; no GPU found, so each image takes minutes" * (cpu and not args.device)
     con.say(f"running on {where}, {dtype}: {why}{slow}")
@@ -1234,22 +1232,6 @@ def cpu_has_bf16():
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def bf16_speedup(repeats=3):
-    """fp32's time / bf16's here for a 3x3 conv at the UNet's 64x64 level and a head's q k^T (0.4 s on 2 cores)."""
-    x, w, q = torch.randn(1, 320, 64, 64), torch.randn(320, 320, 3, 3) / 60, torch.randn(4096, 64)
-
-    def best(dtype):
-        x_, w_, q_, times = x.to(dtype), w.to(dtype), q.to(dtype), []
-        for _ in range(repeats + 1):  # the first run also sets the kernels up: not counted
-            t = time.perf_counter()
-            F.conv2d(x_, w_, padding=1), q_ @ q_.T
-            times.append(time.perf_counter() - t)
-        return min(times[1:])
-
-    with torch.no_grad():
-        return best(torch.float32) / best(torch.bfloat16)
 
 
 def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, family, modules)
@@ -1327,25 +1309,43 @@ def count(n, noun):
 
 
 class Console:
-    """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA."""
+    """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA. A ticker
+    thread redraws that line every second (in a log: a line each 10 s), so no stage is ever silent."""
 
     def __init__(self, quiet, prefix=""):
         self.quiet, self.prefix, self.open, self.shown, self.t0 = quiet, prefix, False, 0.0, time.time()
+        self.lock, self.line, self.done, self.ticker = threading.Lock(), None, threading.Event(), None
 
     def say(self, msg, always=False):
         if always or not self.quiet:
-            print(("\n" if self.open else "") + self.prefix + msg, file=sys.stderr, flush=True)
-            self.open = False
+            with self.lock:
+                print(("\n" if self.open else "") + self.prefix + msg, file=sys.stderr, flush=True)
+                self.open, self.line = False, None  # the stage line is drawn anew by the next progress()
 
     def progress(self, text, eta=None, force=False):
-        line = f"{self.prefix}{text}  {duration(time.time() - self.t0)} elapsed"
-        line += f", ETA {duration(eta)}" if eta else ""
-        if not self.quiet and sys.stderr.isatty():  # \x1b[K clears what a longer line left behind
-            print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
-            self.open = True
-        elif not self.quiet and (force or time.time() - self.shown >= 10):
-            print(line, file=sys.stderr, flush=True)
-            self.shown = time.time()
+        self.line = (text, eta and time.time() + eta)
+        if not (self.quiet or self.ticker):
+            self.ticker = threading.Thread(target=self.tick, daemon=True)
+            self.ticker.start()
+        self.show(force)
+
+    def tick(self):  # until main() ends: the stage line with its clock moving, while a step or a patch runs
+        while not self.done.wait(1):
+            self.show()
+
+    def show(self, force=False):
+        with self.lock:
+            if self.quiet or not self.line:
+                return
+            text, end = self.line
+            line = f"{self.prefix}{text}  {duration(time.time() - self.t0)} elapsed"
+            line += f", ETA {duration(max(end - time.time(), 0))}" if end else ""
+            if sys.stderr.isatty():  # \x1b[K clears what a longer line left behind
+                print(f"\r{line}\x1b[K", end="", file=sys.stderr, flush=True)
+                self.open = True
+            elif force or time.time() - self.shown >= 10:
+                print(line, file=sys.stderr, flush=True)
+                self.shown = time.time()
 
 
 def duration(seconds):  # 12 s, 7.5 min, 3.2 h
@@ -1364,7 +1364,9 @@ def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving e
     vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
     steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}" + ", resumed" * bool(state)
     con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}")
-    progress = fit_progress(con, s, len(train), state["epoch"] if state else 0)
+    start = state["epoch"] if state else 0
+    progress = fit_progress(con, s, len(train), start)
+    con.progress(f"epoch {start + 1}/{s.epochs}  setting up: the validation's noisy patches", force=True)
 
     def on_event(e):  # the curve: per step [epoch, ce, mse, sd], per validation [epoch, mIoU]
         if e["event"] in history:
@@ -1419,8 +1421,8 @@ def cmd_predict(args, con):
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # CPU objects only, waits long
         plans = [None] * world
         dist.all_gather_object(plans, (run, [job.image for job in jobs]))
-        if plans != plans[:1] * world:  # --dtype auto measured near 1.3x, or the folder changed meanwhile
-            raise SlimeError("the processes made different plans: give --dtype, keep the folders as they are")
+        if plans != plans[:1] * world:  # the folder changed meanwhile
+            raise SlimeError("the processes made different plans: keep the folders as they are")
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device, text_encoder=False)  # emb.pt holds the whole context
     if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
@@ -1465,7 +1467,8 @@ def cmd_predict(args, con):
 def segment_and_write(sd, emb, job, image, s, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
     t0, context, parts, colors = time.time(), emb["context"].to(sd.device), emb["parts"], part_colors(emb)
-    progress = lambda i, n: con.progress(f"{what}  window {i}/{n}", (time.time() - t0) / i * (n - i), i == n)  # noqa: E731
+    where = f"{what}  {'window' if s.window else 'patch'}"
+    progress = lambda i, n: con.progress(f"{where} {i}/{n}", (time.time() - t0) / i * (n - i), i == n)  # noqa: E731
     try:
         labels = segment(sd, context, image, len(parts), s, progress=progress)
     except SlimeError as e:  # its scores are not finite, say
@@ -1591,6 +1594,8 @@ def main(argv=None):
             name, on = signal.Signals(signum).name, "".join(getattr(e, "__notes__", []))  # fit's note: go on
             sys.stderr.write("\n" * con.open + f"slime: interrupted by {name}; finished outputs kept{on}\n")
             return 128 + signum
+        finally:
+            con.done.set()  # the ticker stops
         return 2
 
 

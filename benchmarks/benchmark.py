@@ -197,7 +197,7 @@ def measure_one(mode, args):
     torch.set_flush_denormal(True)
     t0 = time.perf_counter()
     if args.dtype == "auto":
-        # the command line's default: slime's own choice on this machine, its probe timed
+        # the command line's default (fp32 since 2026-12-08: no timing probe)
         auto = argparse.Namespace(device=device, dtype="auto")
         dtype = slime.device_and_dtype(auto, slime.Console(True))[1]
     else:

@@ -1,4 +1,4 @@
-"""The command line's default number format (--dtype auto) against --dtype fp32: one fit epoch of the full
+"""--dtype bf16 against the command line's default, fp32: one fit epoch of the full
 SD 2.1-base architecture through `python slime.py fit`, each in a fresh process, side by side.
 
     python benchmarks/cli_epoch.py                       # about 8 minutes on 2 CPU cores, 5.2 GB of disk
@@ -11,7 +11,7 @@ defaults except --epochs, with --threshold 0 (random weights never reach 0.2, wh
 per-class work). Each stderr line is timestamped as it arrives. "first epoch": from the line announcing
 the fit to the first validation's line (kernels set up, the validation patches encoded once); "later
 epochs": the mean time between validation lines after it, what the rest of a 200-epoch fit repeats;
-"command": the whole run, load and probe included. Not a test: pytest does not collect it.
+"command": the whole run, load included. Not a test: pytest does not collect it.
 """
 
 import argparse
@@ -116,7 +116,7 @@ def main():
     Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
     Image.fromarray(m.numpy().astype(np.uint8)).save(mask)
     rows = []
-    for name, flags in (("--dtype fp32", ["--dtype", "fp32"]), ("default (--dtype auto)", [])):
+    for name, flags in (("--dtype fp32", ["--dtype", "fp32"]), ("--dtype bf16", ["--dtype", "bf16"])):
         print(f"{name}:", file=sys.stderr, flush=True)
         rows.append((name, *timed_fit(args, ckpt, image, mask, flags, os.path.join(args.folder, "emb.pt"))))
     print(f"\n{args.epochs} fit epoch(s), full SD 2.1-base (random weights), torch {torch.__version__}\n")

@@ -196,14 +196,6 @@ def write_layout_only(path, family, dtype="F16"):
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def bf16_no_faster(monkeypatch):
-    """In this process, --dtype auto's probe measures bf16 as fast as fp32, so auto chooses fp32 on every CPU:
-    the suite's numbers do not depend on the machine, and no run pays the probe. Its tests undo this;
-    runs in a subprocess pin fp32 with --dtype fp32."""
-    monkeypatch.setattr(slime, "bf16_speedup", lambda: 1.0)
-
-
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """family -> path of a tiny fp32 checkpoint (written once per test session)."""

@@ -510,6 +510,7 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     assert native["square"] >= squash["square"] - 0.05, iou
     # predict showed each window's progress, from emb.pt's setting alone
     assert "image 1/1  photo.png  window 4/4  " in stderr["native"] and "  window " not in stderr["squash"]
+    assert "image 1/1  photo.png  patch " in stderr["squash"]  # the release's patches, by number too
     assert Image.open(tmp_path / "native" / "SegmentationClass" / "photo.png").size == PHOTO[::-1]
 
 
