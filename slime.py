@@ -387,7 +387,7 @@ def noised(sd, s, views):
 @torch.no_grad()
 def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
     """The release's accumulation (release/src/slime.py#L188-L279): each patch adds its votes to the side x
-    side cells from (y0, x0) -> (sum of votes, number of votes), (K, *grid) each; progress(n, of) after each."""
+    side cells from (y0, x0) -> (sum of votes, number of votes), (K, *grid) each; progress(n, of, A_ca, A_sa)."""
     scores = torch.zeros(num_classes, *grid, device=sd.device)
     votes = torch.full((num_classes, *grid), 1e-7, device=sd.device)
     t = torch.tensor([s.test_t], device=sd.device)
@@ -395,7 +395,7 @@ def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
         A_ca, A_sa, _ = attention_maps(sd, x_t, t, context, num_classes, log_space=False)
         seen, patch_scores = patch_votes(A_ca, A_sa, s.threshold, side)
         if progress:
-            progress(n, len(patches))
+            progress(n, len(patches), A_ca, A_sa)  # examples/maps.py draws these maps
         if patch_scores is None:
             continue  # no class was confident anywhere in this patch
         region = (seen, slice(y0, y0 + side), slice(x0, x0 + side))
@@ -433,7 +433,7 @@ def patch_votes(A_ca, A_sa, threshold, side):
 
 def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, progress=None):
     """image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size). inputs: its noisy patches,
-    when the caller keeps them; progress(n, of) after each patch or --window window."""
+    when the caller keeps them; progress(n, of, A_ca, A_sa) after each patch or --window window."""
     # The model sees the image squashed to 512x512, as in the release; slime upsamples the class SCORES, not
     # the labels, to the image's own size and takes the argmax there (--out-size 512: the release's masks)
     if s.window:
@@ -1468,7 +1468,7 @@ def segment_and_write(sd, emb, job, image, s, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
     t0, context, parts, colors = time.time(), emb["context"].to(sd.device), emb["parts"], part_colors(emb)
     where = f"{what}  {'window' if s.window else 'patch'}"
-    progress = lambda i, n: con.progress(f"{where} {i}/{n}", (time.time() - t0) / i * (n - i), i == n)  # noqa: E731
+    progress = lambda i, n, *maps: con.progress(f"{where} {i}/{n}", (time.time() - t0) / i * (n - i), i == n)  # noqa: E731
     try:
         labels = segment(sd, context, image, len(parts), s, progress=progress)
     except SlimeError as e:  # its scores are not finite, say
