@@ -697,6 +697,8 @@ def finite(tensor, name, path):  # the tensor, if every value is finite; else on
 
 # ----------------------------------------------------------------------------- files: images and masks
 MAX_CLASSES = 77  # one text token per class: <start-of-text> (background) + up to 76 parts
+MAX_PIXELS = 250_000_000  # slime's limit on an image's pixels, checked from its header; PIL's own is off:
+Image.MAX_IMAGE_PIXELS = None  # it refuses 179 MP as a "decompression bomb", and slime reads in bands
 GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit int) gray images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be refused
@@ -719,8 +721,8 @@ def named(path, why=None):
 
 def open_image(path):
     """PIL's first frame, decoded, EXIF orientation applied -> (image, its format if lossy else False)."""
-    with named(path), warnings.catch_warnings():  # PIL warns above 89 MP: slime reads in bands
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with named(path):
+        shown_size(path)  # over MAX_PIXELS: refused before anything is decoded
         with Image.open(path) as im:  # closed: a folder of 10,000 photos must not run out of file handles
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
@@ -730,8 +732,23 @@ def open_image(path):
             return ImageOps.exif_transpose(im), lossy and im.format  # as shown: phones store EXIF rotations
 
 
-def read_image(path):
-    """An image file -> (3, H, W) float32 RGB in [0, 1], any alpha dropped; a warning if it looks like a mask."""
+def shown_size(path):
+    """An image's (height, width) as shown, from its header (EXIF orientations 5-8 swap the sides), or None if
+    PIL cannot read it (open_image says why); over MAX_PIXELS, refused."""
+    size = None
+    with contextlib.suppress(Exception), Image.open(path) as im:
+        # a PNG's getexif() decodes every pixel to look for an eXIf chunk after them (PIL saves it before)
+        exif = {} if im.format == "PNG" and "exif" not in im.info else im.getexif()
+        size = im.size if exif.get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
+    if size and size[0] * size[1] > MAX_PIXELS:
+        mp, why = f"{size[0] * size[1] / 1e6:.3g} megapixels", "as float32 it alone takes 12 bytes a pixel"
+        raise SlimeError(f"{path} has {mp}, over slime's limit of {MAX_PIXELS / 1e6:.3g} ({why}): shrink it")
+    return size
+
+
+def read_image(path, mask_like="a warning"):
+    """An image file -> (3, H, W) float32 RGB in [0, 1], any alpha dropped; if it looks like a mask, a warning
+    (predict: a folder may hold one) or, for fit's images, an error."""
     im, _ = open_image(path)
     if im.mode in GRAY16 + ("F",):  # 16-bit gray: full scale is 65535; float TIFFs are taken as 0..1
         gray = np.asarray(im, dtype=np.float32) / (1 if im.mode == "F" else 65535)
@@ -742,7 +759,10 @@ def read_image(path):
     im = im if im.mode == "RGB" else im.convert("RGB")
     colours = im.getcolors(MAX_CLASSES + 1)  # None when there are more
     if colours and len(colours) * 64 <= im.width * im.height:  # a few flat colours: what masks are made of
-        warnings.warn(f"{path} has only {count(len(colours), 'colour')}, like a mask", stacklevel=2)
+        like = f"{path} has only {count(len(colours), 'colour')}, like a mask"
+        if mask_like == "an error":
+            raise SlimeError(f"{like}: give each image first, its mask second")
+        warnings.warn(like, stacklevel=2)
     rgb = torch.from_numpy(np.array(im, dtype=np.uint8))
     return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
 
@@ -784,6 +804,14 @@ def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colou
     return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
 
 
+def edge_colors(keys):  # the colours of (H, W) with no pixel whose 4 neighbours are all of its colour
+    inner = keys[1:-1, 1:-1]
+    whole = (inner == keys[:-2, 1:-1]) & (inner == keys[2:, 1:-1])
+    whole &= (inner == keys[1:-1, :-2]) & (inner == keys[1:-1, 2:])
+    solid = np.unique(inner[whole])
+    return np.setdiff1d(keys, solid) if len(solid) > 1 else solid[:0]  # between others: 2 solid colours
+
+
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
     """Colour masks -> (label masks, palette or None), ONE mapping for all: `palette` ([r, g, b] per class), or
     black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore)."""
@@ -791,11 +819,17 @@ def colors_to_labels(masks, palette=None, names=None, source="the palette"):
     keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]
     if all(k is None for k in keys):  # label masks only
         return list(masks), None
+    for name, mask in zip(names, masks) if palette is None else ():  # a drawing tool's smoothing: refused
+        slivers = np.setdiff1d(edge_colors(pack_rgb(mask)), pack_rgb(VOID)) if mask.ndim == 3 else []
+        if len(slivers):  # anti-aliased edges; a part that thin needs a labelmap.txt naming its colour
+            what = f"{count(len(slivers), 'colour')} only along the edges between others (anti-aliasing)"
+            raise SlimeError(f"{name} has {what}: save it unsmoothed, or name its colours in a labelmap.txt")
     if palette is None:  # from ALL the masks: mapped one by one, a part absent from one would shift the rest
         present = np.union1d(np.zeros(1, np.int32), np.concatenate([k[0] for k in keys if k is not None]))
         present = present[present != pack_rgb(VOID)]  # black first even where absent; void is no class
         if len(present) > MAX_CLASSES:  # more classes than SD has text tokens
-            raise SlimeError(f"the mask colours make {len(present)} classes, over 77: anti-aliased edges?")
+            most = max(zip(keys, names), key=lambda kn: -1 if kn[0] is None else len(kn[0][0]))[1]
+            raise SlimeError(f"the colours of {most} and the others make {len(present)} classes, over 77")
         palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in present]
     table = {k: i for i, k in enumerate(pack_rgb(np.array(palette)).tolist())}
     table.setdefault(int(pack_rgb(VOID)), IGNORE)  # VOC's void colour means ignore, in any palette without it
@@ -844,9 +878,12 @@ def find_labelmap(mask_paths, given=None):
     return given or min(found, default=None)
 
 
-def check_labels(labels, mask_path, size, parts):  # a mask against its image's size and the parts
+def check_labels(labels, mask_path, size, parts, image_path):  # a mask against its image's size and the parts
     if tuple(labels.shape) != tuple(size):
-        raise SlimeError(f"{mask_path} is {labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h)")
+        with Image.open(image_path) as im:  # the mask fits the image as stored: a phone's photo, shown turned
+            exif = im.size == labels.shape[::-1]
+        turned = "; its EXIF orientation turns it as shown: turn the mask too" if exif else ""
+        raise SlimeError(f"{mask_path} is {labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h){turned}")
     bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
     if bad:
         raise SlimeError(f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} ({parts})")
@@ -1071,7 +1108,7 @@ def read_pairs(args, con):
     paths, n = args.pairs + (args.val or []), len(args.pairs) // 2
     labelmap = find_labelmap(paths[1::2], args.labelmap)
     names, colors = read_labelmap(labelmap) if labelmap else (None, None)
-    images = [read_image(p) for p in paths[0::2]]
+    images = [read_image(p, mask_like="an error") for p in paths[0::2]]
     masks = [read_mask(p, colors=bool(names)) for p in paths[1::2]]
     labels, palette = colors_to_labels(masks, colors, paths[1::2], labelmap or "the palette")
     if names and args.parts and part_names(args.parts) != names:
@@ -1079,8 +1116,8 @@ def read_pairs(args, con):
     top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
     default = ",".join(["background"] + [f"part{i}" for i in range(1, top + 1)])
     parts = names or part_names(args.parts or default)
-    for image, mask, mask_path in zip(images, labels, paths[1::2]):
-        check_labels(mask, mask_path, image.shape[1:], parts)
+    for image, mask, mask_path, image_path in zip(images, labels, paths[1::2], paths[0::2]):
+        check_labels(mask, mask_path, image.shape[1:], parts, image_path)
     if top == 0:
         raise SlimeError(f"{paths[1]} has no part, only background 0 or ignore 255: label parts 1, 2, ...")
     if palette is not None and not names:  # colours sorted by value: say which became which part
@@ -1113,23 +1150,33 @@ def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, 
     if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
         raise SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})")
     jobs, skipped = list_jobs(args, con)
+    for job in jobs:  # from the header: an image over MAX_PIXELS is refused now, not after the model's load
+        job.size = shown_size(job.image)
     find_ground_truth(jobs, args.masks, emb, con)
     truth = {os.path.realpath(job.gt) for job in jobs if job.gt}  # the release's NAME.npy beside NAME.png
     read = sum(os.path.realpath(p) in truth for p in skipped)
     con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else "")) if skipped else None
-    # what makes the masks: the embeddings, parts, colours, settings, the weights, device type and dtype
-    what = [emb["parts"], part_colors(emb), asdict(s), fingerprint(ckpt), device[0].type, str(device[1])]
-    if emb["fingerprint"] != what[3]:  # the same kind of model, other weights: it may be meant, so a warning
+    # what makes the masks, kept in the record, so that a refusal names what differs
+    vectors = hashlib.sha256(emb["context"].numpy().tobytes()).hexdigest()[:16]
+    made = dict(embeddings=vectors, parts=emb["parts"], colors=part_colors(emb), **asdict(s))
+    made.update(checkpoint=fingerprint(ckpt), device=device[0].type, dtype=str(device[1])[6:])
+    if emb["fingerprint"] != made["checkpoint"]:  # the same kind of model, other weights: maybe meant
         con.say(f"warning: {args.emb} was fitted on another checkpoint than {ckpt} (a fine-tune, a copy?)")
-    run = hashlib.sha256(emb["context"].numpy().tobytes() + json.dumps(what).encode()).hexdigest()[:16]
-    outputs = [os.path.join(args.out, n) for n in RUN_FILES] + [p for j in jobs for p in (j.mask, j.overlay)]
-    if (record["run"] != run if record else not args.overwrite) and any(map(os.path.exists, outputs)):
-        whose = "another emb.pt, settings, checkpoint, device or dtype"
-        whose = whose if record else f"no {RECORD} says whose"
-        raise SlimeError(f"{args.out} holds outputs of another run ({whose}); pass --overwrite, or -o")
+    run = hashlib.sha256(json.dumps(made).encode()).hexdigest()[:16]
+    outputs = {os.path.join(args.out, n): f"this run's {n}" for n in RUN_FILES}
+    outputs.update({p: f"the mask or overlay of {j.image}" for j in jobs for p in (j.mask, j.overlay)})
+    first = next((p for p in outputs if os.path.exists(p)), None)
+    was = record and record.get("made_of", {})  # None: no record
+    key = next((k for k, v in made.items() if was and was.get(k) != v), "emb.pt, settings, weights or dtype")
+    if first and not record and not args.overwrite:  # the user's file, or an older slime's
+        why = f"is in the way of {outputs[first]}, and no {RECORD} says whose it is"
+        raise SlimeError(f"{first} {why}; pass --overwrite, or choose another -o")
+    if first and record and record["run"] != run:
+        why = f"{key} {was[key]} there, {made[key]} here" if key in made else f"another {key}"
+        raise SlimeError(f"{args.out} holds outputs of another run ({why}); pass --overwrite, or -o")
     for job in jobs:  # the same run resumes: an image is done when both its files are there
         job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)
-    return emb, s, device, ckpt, jobs, dict(run=run, dtype=str(device[1])[6:], embeddings=args.emb)
+    return emb, s, device, ckpt, jobs, dict(run=run, dtype=made["dtype"], embeddings=args.emb, made_of=made)
 
 
 def list_jobs(args, con):  # predict's images, each once, with its output paths; outputs kept from inputs
@@ -1146,7 +1193,7 @@ def list_jobs(args, con):  # predict's images, each once, with its output paths;
                 skipped.append(path)
                 continue
             mask, overlay = (os.path.join(args.out, d, file_stem(path) + ".png") for d in OUT_DIRS)
-            job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
+            job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay, size=None)
             jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
     if not jobs:
         con.say(skipped_line(skipped)) if skipped else None
@@ -1182,12 +1229,8 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
             continue
-        try:  # its size as shown, from the header: EXIF orientations 5-8 swap the sides
-            with Image.open(job.image) as im:
-                size = im.size if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
-        except Exception:
-            continue  # a damaged image is skipped when its turn comes
-        check_labels(ground_truth(job, emb), job.gt, size, emb["parts"])
+        if job.size:  # a damaged image is skipped when its turn comes
+            check_labels(ground_truth(job, emb), job.gt, job.size, emb["parts"], job.image)
     if masks and not any(job.gt for job in jobs):  # an IoU table of nothing would read as a score of 0
         raise SlimeError(f"--masks {masks} holds no mask for any image (found by file stem: a.jpg -> a.png)")
 
@@ -1246,6 +1289,7 @@ def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, f
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each ends a run as Ctrl-C does: interrupt()
 ONE_PATCH = dict(patch_size=512, patches_per_side=1)  # the whole image
+SETTING_FLAGS = {f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(Settings)}
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
     "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, **ONE_PATCH),
     "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8, **ONE_PATCH),
@@ -1524,9 +1568,31 @@ def report(args, con, emb, s, records, wrote, unread):
     con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}{skipped}{unread}")
 
 
+# The release's flags (release/src/arguments.py#L46-L91) that slime names otherwise; the rest: _ -> -
+RELEASE_FLAGS = {
+    "--part_names": "--parts a,b,c",
+    "--num_patchs_per_side": "--patches-per-side",
+    "--patch_threshold": "--threshold",
+    "--self_attention_loss_coef": "--alpha",
+    "--sd_loss_coef": "--beta",
+    "--test_mask_size": "--out-size",
+    "--train_t": "--t-min and --t-max",
+    "--dataset_name": "--preset",
+    "--gpu_id": "--device cuda:N",
+    "--checkpoint_dir": "-o",
+    "--train_data_dir": "fit FOLDER (its NAME.png and NAME.npy pairs)",
+    "--val_data_dir": "--val FOLDER",
+    "--test_data_dir": "predict EMB FOLDER --masks FOLDER",
+}
+
+
 class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
     def error(self, message):
-        raise SlimeError(f"{self.prog}: {message}")
+        flag = re.search(r"unrecognized arguments: (--\w+)", message)  # spelt the release's way: slime's name
+        dashed = flag and "--" + flag[1][2:].replace("_", "-")
+        slimes = RELEASE_FLAGS.get(flag and flag[1]) or dashed in SETTING_FLAGS and dashed
+        hint = f"; {flag[1]} is {slimes} in slime" if slimes else ""
+        raise SlimeError(f"{self.prog}: {message}{hint}")
 
 
 def build_parser():

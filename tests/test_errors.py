@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -296,8 +297,10 @@ def fit_case(d, ckpt, case):
             SimpleNamespace(family="sd2", fingerprint=None, dtype=torch.float32),
             slime.Settings(),
         )
-    elif case in ("image and mask swapped", "the mask as the image"):
+    elif case == "image and mask swapped":
         pair = [mask, img]
+    elif case == "the mask as the image too":  # fit mask.png mask.png
+        pair = [mask, mask]
     elif case == "a grey photo as the mask":
         Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)).save(mask)
     elif case == "output is a file fit did not write":
@@ -373,7 +376,8 @@ FIT_CASES = [
     ),
     (
         "antialiased colours",
-        "a_mask.png has class values [3, 4] outside 0..2 (['background', 'square', 'disc'])",
+        "a_mask.png has 2 colours only along the edges between others (anti-aliasing): save it unsmoothed, "
+        "or name its colours in a labelmap.txt",
     ),
     ("mask of another size", "small.png is (80, 100), its image (512, 512) (w, h)"),
     (
@@ -393,12 +397,11 @@ FIT_CASES = [
         "a finished emb.pt, no --overwrite",
         "emb.pt already holds fitted embeddings; pass --overwrite, or choose another -o",
     ),
-    ("image and mask swapped", "{d}/a.png holds 144,492 distinct values, so it is a photo"),
     (
-        "the mask as the image",
-        "distinct values, so it is a photo, not a mask (or its edges are anti-aliased): give "
-        "each image first, its mask second",
+        "image and mask swapped",
+        "a_mask.png has only 3 colours, like a mask: give each image first, its mask second",
     ),
+    ("the mask as the image too", "a_mask.png has only 3 colours, like a mask: give each image first"),
     ("a grey photo as the mask", "a_mask.png holds 256 distinct values, so it is a photo, not a mask"),
 ]
 # refused by load_models itself, as it reads each tensor: a weight's value is no header's; every other row is
@@ -476,7 +479,19 @@ OPTION_CASES = [
     (["--dtype", "fp64"], "argument --dtype: invalid choice: 'fp64'"),
     (["--frobnicate"], "slime.py: unrecognized arguments: --frobnicate\n"),
     (["--epoch", "5"], "slime.py: unrecognized arguments: --epoch 5\n"),  # no abbreviations
-    (["--val_every", "1"], "slime.py: unrecognized arguments: --val_every 1\n"),
+    (
+        ["--val_every", "1"],
+        "slime.py: unrecognized arguments: --val_every 1; --val_every is --val-every in slime\n",
+    ),
+    # the release's flags (release/src/arguments.py): slime's name, or what slime does instead
+    (["--min_crop_ratio", "0.6"], "--min_crop_ratio 0.6; --min_crop_ratio is --min-crop-ratio in slime\n"),
+    (["--num_patchs_per_side", "1"], "--num_patchs_per_side is --patches-per-side in slime\n"),
+    (["--part_names", "a", "b"], "--part_names a b; --part_names is --parts a,b,c in slime\n"),
+    (
+        ["--train_data_dir", "x"],
+        "--train_data_dir is fit FOLDER (its NAME.png and NAME.npy pairs) in slime\n",
+    ),
+    (["--batch_size", "1"], "slime.py: unrecognized arguments: --batch_size 1\n"),  # no such thing in slime
     (["--lr=0.1", "--parts-names", "a,b"], "unrecognized arguments: --parts-names a,b\n"),
     (["--device", "banana"], "--device banana: not a device slime knows; use cpu, cuda, cuda:N or mps"),
     (["--device", "cuda:7"], "--device cuda:7: not available on this machine; leave --device out"),
@@ -663,7 +678,9 @@ def predict_case(d, ckpt, emb, case):
     return args
 
 
-ANOTHER_RUN = "{d}/out holds outputs of another run (no slime-run.json says whose); pass --overwrite, or -o"
+IN_THE_WAY = (
+    "is in the way of {}, and no slime-run.json says whose it is; pass --overwrite, or choose another -o"
+)
 PREDICT_CASES = [
     # outputs never mix with inputs: a labelmap.txt written there would be read as the inputs' next time
     (
@@ -680,10 +697,22 @@ PREDICT_CASES = [
         "{d}/in/a.jpg and {d}/in/a.png would both be {d}/out/SegmentationClass/a.png; rename one",
     ),
     # files at slime's output paths with no run record: whose they are cannot be told
-    ("the user's labelmap.txt in the output folder", ANOTHER_RUN),
-    ("the user's image list in the output folder", ANOTHER_RUN),
-    ("the user's summary.json in the output folder", ANOTHER_RUN),
-    ("the user's photo where a mask goes", ANOTHER_RUN),
+    (
+        "the user's labelmap.txt in the output folder",
+        "{d}/out/labelmap.txt " + IN_THE_WAY.format("this run's labelmap.txt"),
+    ),
+    (
+        "the user's image list in the output folder",
+        "default.txt " + IN_THE_WAY.format("this run's ImageSets/Segmentation/default.txt"),
+    ),
+    (
+        "the user's summary.json in the output folder",
+        "out/summary.json " + IN_THE_WAY.format("this run's summary.json"),
+    ),
+    (
+        "the user's photo where a mask goes",
+        "{d}/out/SegmentationClass/a.png is in the way of the mask or overlay of",
+    ),
     (
         "the user's file where the run record goes",
         "{d}/out/slime-run.json is not slime's run record; pass --overwrite, or choose another -o",
@@ -804,14 +833,16 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
     other = make_emb(
         tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01))
     )
-    refused = (
+    refused = f"slime: error: {out} holds outputs of another run ({{}}); pass --overwrite, or -o"
+    code, line = no_load.plan_refuses(predict, e=other)  # the record names what differs: here the vectors
+    differs = "embeddings [0-9a-f]{16} there, [0-9a-f]{16} here"
+    assert code == 2 and re.fullmatch(re.escape(refused).replace(r"\{\}", differs), line), line
+    assert images_made(out) == made
+    assert no_load.plan_refuses(predict, "--threshold", "0.5") == (
         2,
-        f"slime: error: {out} holds outputs of another run (another emb.pt, settings, checkpoint, device or dtype); "
-        "pass --overwrite, or -o",
+        refused.format("threshold 0.0 there, 0.5 here"),
     )
-    assert no_load.plan_refuses(predict, e=other) == refused and images_made(out) == made
-    assert no_load.plan_refuses(predict, "--threshold", "0.5") == refused  # other settings
-    assert no_load.plan_refuses(predict, "--seed", "1") == refused
+    assert no_load.plan_refuses(predict, "--seed", "1") == (2, refused.format("seed 0 there, 1 here"))
     os.remove(out / "overlays" / "p.png")  # an interrupted pair: its mask alone does not count as done
     assert predict() == (
         0,
@@ -831,8 +862,8 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
     os.remove(out / "slime-run.json")
     assert no_load.plan_refuses(predict, e=other) == (
         2,
-        f"slime: error: {out} holds outputs of another run (no slime-run.json says "
-        "whose); pass --overwrite, or -o",
+        f"slime: error: {out / 'labelmap.txt'} is in the way of this run's labelmap.txt, and no slime-run.json "
+        "says whose it is; pass --overwrite, or choose another -o",
     )
 
 
@@ -997,12 +1028,13 @@ def test_the_run_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, e
     img, _ = scene_files(tmp_path, size=64)
     args = ["predict", str(emb), str(img), "-o", str(tmp_path / "out"), "-q"]
     assert slime.main(args + ["--ckpt", ckpt]) == 0
-    for flags in (["--ckpt", str(tmp_path / "tuned.safetensors")], ["--ckpt", ckpt, "--dtype", "bf16"]):
+    tuned, dtype = ["--ckpt", str(tmp_path / "tuned.safetensors")], ["--ckpt", ckpt, "--dtype", "bf16"]
+    for flags, differs in (
+        (tuned, r"checkpoint [0-9a-f]{16} there, [0-9a-f]{16} here"),
+        (dtype, "dtype float32 there, bfloat16 here"),
+    ):
         assert no_load.plan_refuses(slime.main, args + flags) == 2
-        assert (
-            "holds outputs of another run (another emb.pt, settings, checkpoint, device or dtype)"
-            in capsys.readouterr().err
-        )
+        assert re.search(f"holds outputs of another run \\({differs}\\)", capsys.readouterr().err)
     assert slime.main(args + ["--ckpt", ckpt]) == 0  # the same run resumes
 
 
@@ -1023,10 +1055,7 @@ def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
     err = capsys.readouterr().err
     assert "fp32: the number format of the outputs it resumes" in err and "skipped 1 already done" in err
     assert no_load.plan_refuses(main, *args, "--dtype", "bf16") == 2
-    assert (
-        "holds outputs of another run (another emb.pt, settings, checkpoint, device or dtype)"
-        in capsys.readouterr().err
-    )
+    assert "holds outputs of another run (dtype float32 there, bfloat16 here)" in capsys.readouterr().err
     e = torch.load(emb, weights_only=True)  # an emb.pt saved in bf16 is read as fit saves it, in fp32
     e["context"], e["learned"] = e["context"].bfloat16(), e["learned"].bfloat16()
     torch.save(e, tmp_path / "bf16.pt")
@@ -1378,7 +1407,7 @@ def test_empty_folders_and_skipped_files(emb, tmp_path, tiny_ckpt, capsys, no_lo
     assert "void holds no images" in capsys.readouterr().err and no_load == []
 
 
-def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, tiny_ckpt):
+def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, tiny_ckpt, capsys):
     """A phone photo stored 64x32 with EXIF orientation 6 shows as 32x64; its mask is drawn on what shows."""
     img, mask = synthetic_scene()
     exif = Image.Exif()
@@ -1394,6 +1423,16 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
     flags = ["--masks", tmp_path / "gt", "--ckpt", tiny_ckpt("sd2"), "-q"]
     assert main("predict", e, photo, "-o", tmp_path / "out", *flags) == 0
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "phone.png").size == (32, 64)
+    # a mask drawn on the file as stored (64x32) fits no image as shown: the refusal names EXIF
+    Image.fromarray(mask).resize((64, 32), Image.NEAREST).save(labels)
+    assert main("fit", photo, labels, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "f.pt", "-q") == 2
+    assert capsys.readouterr().err == (
+        f"slime: error: {labels} is (64, 32), its image (32, 64) (w, h); its EXIF orientation turns it as shown: "
+        "turn the mask too\n"
+    )
+    os.replace(labels, tmp_path / "gt" / "phone.png")  # predict's ground truth too
+    assert main("predict", e, photo, "-o", tmp_path / "out2", *flags) == 2
+    assert "its EXIF orientation turns it as shown: turn the mask too" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(
@@ -1418,18 +1457,19 @@ def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "gray16.png").size == (70, 50)
 
 
-def test_a_resume_reads_the_masks_it_keeps_as_it_reads_images(tmp_path, tiny_ckpt, emb, capsys, monkeypatch):
-    """A resume reads each mask already done (for the IoU table and summary.json) without PIL's bomb warning,
-    which slime silences for images (12000x9000 photos are fine): here a 64x64 mask against a 3,000-pixel limit."""
-    (tmp_path / "in").mkdir()
-    Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
-    args = ["predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2")]
-    assert main(*args) == 0
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4,096 pixels: PIL warns (and refuses above 6,000)
-    capsys.readouterr()
-    assert main(*args) == 0
-    err = capsys.readouterr().err
-    assert "skipped 1 already done" in err and "warning" not in err, err
+def test_an_image_over_slimes_pixel_limit_is_refused_by_the_plan(
+    tmp_path, tiny_ckpt, emb, capsys, monkeypatch, no_load
+):
+    """The header's size against slime.MAX_PIXELS, before the model loads: in predict's plan for every image
+    listed, in fit's as it reads its images. Here the limit is 3,000 pixels and the images are 64x64."""
+    img, mask = scene_files(tmp_path, size=64)
+    monkeypatch.setattr(slime, "MAX_PIXELS", 3000)
+    line = f"slime: error: {img} has 0.0041 megapixels, over slime's limit of 0.003 (as float32 it alone takes 12 bytes a pixel): shrink it\n"
+    before = listing(tmp_path)
+    assert main("predict", emb, tmp_path, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q") == 2
+    assert capsys.readouterr().err == line and no_load == [] and listing(tmp_path) == before
+    assert main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "e.pt", "-q") == 2
+    assert capsys.readouterr().err == line and no_load == [] and listing(tmp_path) == before
 
 
 def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(
