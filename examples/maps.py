@@ -1,14 +1,17 @@
 """See what SD sees: the paper's Figure 2 for your own image, and the curve of your fit.
 
-    python examples/maps.py emb.pt image.png -o maps.png [--patch N] [--pixel X,Y] [--ckpt FILE] [--overwrite]
-    python examples/maps.py emb.pt --curve -o curve.png [--overwrite]
+    python examples/maps.py emb.pt image.png -o maps.png [--patch N] [--pixel X,Y] [--ckpt FILE]
+    python examples/maps.py emb.pt --curve -o curve.png    (either: --overwrite replaces any PNG)
 
-The first draws, for every part (background included), the three maps SLiMe (arXiv 2309.03179, Sec. 4)
-reads a segmentation from, as `slime.py predict` computes them: the cross-attention map A_ca (Eq. 3), the
-WAS map (Eq. 6) and the score the part votes with, each on its own viridis scale with its min and max;
-above them SD's input, the predicted mask and, with --pixel, where that pixel looks (A_sa, Eq. 5). The
-second draws the losses and validation mIoUs that fit kept in emb.pt. A worked example of slime's public
-API; the model runs in fp32, on cuda when present.
+The first draws, per part (background included), what SLiMe (arXiv 2309.03179, Sec. 4) reads a
+mask from, out of `slime.py predict`'s one UNet pass per patch: the cross-attention map A_ca
+(Eq. 3); the WAS map (Eq. 6), where the part votes (A_ca peaks >= --threshold) the one it votes
+with (patch_votes': of A_ca, the first voter's kept above its mean only, rescaled onto A_ca's
+range), else was_map of A_ca as it is; each on its own viridis scale; and the score, the mean of
+its votes, on one scale for all parts, as the mask, their argmax, compares them. Above: SD's input,
+the mask, and with --pixel where it looks (A_sa, Eq. 5). The patches' average, or with --patch
+that patch. The second draws the fit's losses and validation mIoUs kept in emb.pt. A worked
+example of slime's API; the model runs in fp32, on cuda when present.
 """
 
 import argparse
@@ -29,120 +32,114 @@ import slime  # noqa: E402
 SIZE, MAP = slime.SIZE, slime.MAP  # SD's input side (512) and the maps' grid (64)
 
 
-# ----------------------------------------------------------------------------- the maps, as predict computes them
-def cell(at, y0, x0, side):  # the point (v, u) of the 512x512 image -> (row, col) of a patch's 64x64 grid
+# ------------------------------------------------------------------ the maps, from predict's passes
+def cell(at, y0, x0, side):  # (v, u) in the 512x512 image -> (row, col) in a patch's 64x64 grid
     row, col = math.floor((at[0] - y0) * MAP / side), math.floor((at[1] - x0) * MAP / side)
     return (row, col) if 0 <= row < MAP and 0 <= col < MAP else None
 
 
 def locate(s, size, patch=None, pixel=None):
-    """--patch and --pixel checked against the patch grid and the image's (H, W) -> (the patches shown, the
-    pixel's centre (v, u) in the image squashed to 512x512, or None)."""
-    origins, side = slime.patch_origins(s.patch_size, s.patches_per_side), s.patch_size
-    if patch is not None and not 0 <= patch < len(origins):
-        raise slime.SlimeError(f"--patch {patch} is outside the grid: patches 0..{len(origins) - 1}")
-    shown = [patch] if patch is not None else list(range(len(origins)))
+    """--patch, --pixel checked for an image (H, W) -> (patches shown, --pixel's (v, u) at 512)."""
+    grid, side = slime.patch_origins(s.patch_size, s.patches_per_side), s.patch_size
+    if patch is not None and not 0 <= patch < len(grid):
+        raise slime.SlimeError(f"--patch {patch} is outside the grid: patches 0..{len(grid) - 1}")
+    shown = [patch] if patch is not None else list(range(len(grid)))
     if pixel is None:
         return shown, None
     (x, y), (h, w) = pixel, size
     if not (0 <= x < w and 0 <= y < h):
         raise slime.SlimeError(f"--pixel {x},{y} is outside the image of {w}x{h} pixels")
     at = ((y + 0.5) * SIZE / h, (x + 0.5) * SIZE / w)
-    if not any(cell(at, *origins[n], side) for n in shown):
-        where = f"patch {patch} (from y {origins[patch][0]}, x {origins[patch][1]} of the 512x512 image)"
-        raise slime.SlimeError(f"--pixel {x},{y} is outside {where if patch is not None else 'every patch'}")
+    if not any(cell(at, *grid[n], side) for n in shown):
+        (y0, x0), where = grid[shown[0]], "every patch"
+        if patch is not None:
+            where = f"patch {patch} (from y {y0}, x {x0} of the 512x512 image)"
+        raise slime.SlimeError(f"--pixel {x},{y} is outside {where}")
     return shown, at
 
 
 def average(views, side):
-    """[(y0, x0, maps (C, 64, 64))] -> (C, 512, 512): each patch's maps resized onto its footprint (bilinear,
-    as patch_votes resizes the WAS maps), averaged where patches overlap; 0 where none covers."""
+    """[(y0, x0, maps (C, 64, 64))] -> (C, 512, 512): each resized onto its footprint, averaged."""
     total, count = torch.zeros(len(views[0][2]), SIZE, SIZE), torch.zeros(SIZE, SIZE)
     for y0, x0, m in views:
-        total[:, y0 : y0 + side, x0 : x0 + side] += slime.resize(m.cpu(), (side, side), "bilinear")
+        total[:, y0 : y0 + side, x0 : x0 + side] += slime.resize(m, (side, side), "bilinear")
         count[y0 : y0 + side, x0 : x0 + side] += 1
     return total / count.clamp(min=1)
 
 
 @torch.no_grad()
 def maps(sd, emb, image, patch=None, pixel=None):
-    """image (3, H, W) in [0, 1] -> the arrays drawn, before colouring: `image` (512, 512, 3) uint8 and
-    `labels` (512, 512), the predicted mask; per part `A_ca`, `was`, `score` (K, h, w) and `voted` (the
-    patches it voted in); `pixel_row` (h, w), where --pixel X,Y looks, at `pixel_at` (row, col), or None.
-    (h, w): with --patch the patch's 64x64 grid (`score`: its footprint), else the 512x512 image."""
+    """image (3, H, W) in [0, 1] -> the arrays drawn: `image` (512, 512, 3) uint8; per part `A_ca`,
+    `was` (K, h, w), `score` (K, h', w'), `voted` (in how many patches); `labels` (h', w'): the
+    mask; `pixel_row` (h, w) at `pixel_at` (row, col), or None. (h, w) = (h', w') = (512, 512); with
+    --patch (64, 64), its grid, and (h', w') its footprint. One UNet pass a patch: vote_sums'."""
     s, K, side = emb["settings"], len(emb["parts"]), emb["settings"].patch_size
     shown, at = locate(s, image.shape[1:], patch, pixel)
-    context, t = emb["context"].to(sd.device), torch.tensor([s.test_t], device=sd.device)
-    patches = slime.noisy_patches(sd, image, s)  # [(y0, x0, x_t)]: predict's noisy inputs, its noise too
-    A_cas, wass, rows, voted = [], [], [], torch.zeros(K, dtype=torch.long)
-    for y0, x0, x_t in (patches[n] for n in shown):
-        # A_ca, Eq. 3: the K tokens' attention probabilities (the softmax over all 77 tokens), averaged over
-        # heads and layers: attention_maps' A_ca as inference asks for it (log_space=False). These are what
-        # the paper's Eq. 3 averages and what inference reads; the K-way softmax comes after them, in the
-        # losses (Eq. 4's cross-entropy; training's WAS input, segmentation_losses). Inference thresholds
-        # these 77-way probabilities at --threshold and rescales the WAS maps onto their range.
-        A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, K, log_space=False)
-        # the WAS map, Eq. 6, of what inference feeds it (patch_votes), not of training's A_ca.softmax(0):
-        # the cross-attention maps themselves, the first class that votes (the background, whenever it does)
-        # keeping only its above-mean pixels. A class votes in a patch where its A_ca peaks >= --threshold;
-        # the others' WAS maps are drawn too, though that patch's vote leaves them out.
-        votes = A_ca.flatten(1).max(1).values >= s.threshold
-        P = A_ca.clone()
-        if votes.any():
-            k = int(votes.nonzero()[0])
-            P[k] = torch.where(P[k] > P[k].mean(), P[k], 0)
-        A_cas.append((y0, x0, A_ca))
-        wass.append((y0, x0, slime.was_map(P, A_sa)))
-        voted += votes.cpu()
-        if at and cell(at, y0, x0, side):  # A_sa, Eq. 5: row q is where query pixel q looks (its keys)
-            row, col = cell(at, y0, x0, side)
-            rows.append((y0, x0, A_sa[row * MAP + col].view(1, MAP, MAP)))
-    # the score segment takes the argmax of: each patch's WAS maps rescaled onto its A_ca's range, summed
-    # over the patches where the class voted, over their number
-    scores, votes = slime.vote_sums(sd, context, patches, K, s, (SIZE, SIZE), side)
-    score = (scores / votes).cpu()
-    labels = score.argmax(0)  # = slime.segment(..., out_size=SIZE, inputs=patches), without its UNet passes
+    patches = slime.noisy_patches(sd, image, s)  # [(y0, x0, x_t)]: predict's inputs, its noise too
+    views, rows, voted = [], [], torch.zeros(K, dtype=torch.long)  # views: (y0, x0, A_ca and WAS)
+
+    def look(n, _, A_ca, A_sa):  # vote_sums' progress: patch n's maps, from its UNet pass
+        y0, x0 = patches[shown[n - 1]][:2]
+        # Eq. 6 of each A_ca; a voter's, the map it votes with (on the 64x64 grid)
+        seen, votes = slime.patch_votes(A_ca, A_sa, s.threshold, MAP)
+        was = slime.was_map(A_ca, A_sa)
+        if len(seen):
+            was[seen] = votes
+        views.append((y0, x0, torch.cat([A_ca, was]).cpu()))
+        voted[seen.cpu()] += 1
+        # A_sa, Eq. 5: row q is where query pixel q looks (its keys)
+        if at and (q := cell(at, y0, x0, side)):
+            rows.append((y0, x0, A_sa[q[0] * MAP + q[1]].view(1, MAP, MAP).cpu()))
+
+    context, inputs = emb["context"].to(sd.device), [patches[n] for n in shown]
+    scores, votes = slime.vote_sums(sd, context, inputs, K, s, (SIZE, SIZE), side, look)
+    score = (scores / votes).cpu()  # the votes' sum over their number: segment takes its argmax
     if patch is None:  # the average over the patches, on the 512x512 image
-        A_ca, was = average(A_cas, side), average(wass, side)
-        pixel_row, pixel_at = (average(rows, side)[0], (int(at[0]), int(at[1]))) if at else (None, None)
-    else:  # one patch, on its own 64x64 grid; its score alone, on its footprint
-        (y0, x0, A_ca), (_, _, was) = A_cas[0], wass[0]
-        one, n = slime.vote_sums(sd, context, [patches[patch]], K, s, (SIZE, SIZE), side)
-        score = (one / n)[:, y0 : y0 + side, x0 : x0 + side]
+        A_ca, was = average(views, side).split(K)
+        pixel_row = average(rows, side)[0] if rows else None
+        pixel_at = (int(at[0]), int(at[1])) if at else None
+    else:  # one patch: its maps on its own 64x64 grid, its score on its footprint
+        y0, x0, stacked = views[0]
+        A_ca, was = stacked.split(K)
+        score = score[:, y0 : y0 + side, x0 : x0 + side]
         pixel_row, pixel_at = (rows[0][2][0], cell(at, y0, x0, side)) if at else (None, None)
     squashed = slime.resize(image, (SIZE, SIZE), "bilinear").clamp(0, 1).mul(255).round().byte()
-    out = dict(A_ca=A_ca, was=was, score=score, pixel_row=pixel_row, voted=voted)
-    out = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
-    out.update(image=squashed.permute(1, 2, 0).numpy(), labels=labels.byte().numpy(), pixel_at=pixel_at)
+    out = dict(A_ca=A_ca, was=was, score=score, voted=voted, labels=score.argmax(0).byte())
+    out.update(image=squashed.permute(1, 2, 0), pixel_row=pixel_row, pixel_at=pixel_at)
     out.update(patches=len(patches), box=None if patch is None else (y0, x0, side))
-    return out
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
-# ----------------------------------------------------------------------------- drawing
+# ----------------------------------------------------------------------------------------- drawing
 FONT = ImageFont.load_default(size=14)
 PAD, PANEL, BAR, LINE = 8, 176, 12, 18  # LINE: one line of text
 NUMBERS = int(FONT.getlength("-0.000e-00")) + PAD  # a panel's max and min, beside its colour bar
 CELL = PANEL + PAD + BAR + PAD // 2 + NUMBERS  # one column: a panel, its colour bar and its numbers
-HEADER = 2 * PAD + 3 * LINE + PANEL  # the caption, the header's titles, its panels, the columns' titles
+HEADER = 2 * PAD + 4 * LINE + PANEL  # caption, legend, header titles, its panels, columns' titles
 ROW = PANEL + PAD  # one part: the picture is HEADER + K * ROW pixels high
 TEXT_X = PAD + LINE + PAD // 2  # a part's name, after its colour swatch
-# viridis (perceptually uniform; matplotlib's default) at 8 even stops, linearly interpolated between them
-VIRIDIS = np.array([[68, 1, 84], [70, 51, 126], [54, 92, 141], [39, 127, 142],
-                    [31, 161, 135], [74, 193, 109], [159, 218, 58], [253, 231, 37]], float)  # fmt: skip
-BLACK, GREY, WHITE = (0, 0, 0), (110, 110, 110), (255, 255, 255)
+LEGEND = "score: a part's WAS maps (rescaled onto its A_ca's range) averaged over the patches it"
+LEGEND += " voted in; mask: the argmax; one scale for all parts"
+# viridis (perceptually uniform; matplotlib's default) at 8 even stops, linearly interpolated
+VIRIDIS = np.array([[68, 1, 84], [70, 51, 126], [54, 92, 141], [39, 127, 142], [31, 161, 135],
+                    [74, 193, 109], [159, 218, 58], [253, 231, 37]], float)  # fmt: skip
+BLACK, GREY, WHITE, RED = (0, 0, 0), (110, 110, 110), (255, 255, 255), (214, 39, 40)
 
 
 def viridis(unit):  # values in [0, 1] -> (..., 3) uint8 colours
-    stops = np.linspace(0, 1, len(VIRIDIS))
-    return np.stack([np.interp(unit, stops, VIRIDIS[:, c]) for c in range(3)], -1).round().astype(np.uint8)
+    rgb = [np.interp(unit, np.linspace(0, 1, len(VIRIDIS)), VIRIDIS[:, c]) for c in range(3)]
+    return np.stack(rgb, -1).round().astype(np.uint8)
 
 
-def panel(canvas, x, y, values, marker=None):
-    """values (h, w) on their own scale, min to max, at (x, y); the colour bar and the two numbers beside."""
-    lo, hi, d, right = float(values.min()), float(values.max()), ImageDraw.Draw(canvas), x + PANEL + PAD
+def panel(canvas, x, y, values, marker=None, scale=None):
+    """values (h, w) at (x, y), coloured from lo to hi: scale's, or the values' own min and max; the
+    colour bar and the two numbers beside."""
+    lo, hi = scale or (float(values.min()), float(values.max()))
+    d, right = ImageDraw.Draw(canvas), x + PANEL + PAD
     im = Image.fromarray(viridis((values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)))
-    canvas.paste(im.resize((PANEL, PANEL), Image.NEAREST if im.width < PANEL else Image.BOX), (x, y))
-    canvas.paste(Image.fromarray(viridis(np.linspace(1, 0, PANEL)[:, None].repeat(BAR, 1))), (right, y))
+    fit = Image.NEAREST if im.width < PANEL else Image.BOX  # blocks up, averages down
+    canvas.paste(im.resize((PANEL, PANEL), fit), (x, y))
+    canvas.paste(Image.fromarray(viridis(np.linspace([1] * BAR, 0, PANEL))), (right, y))
     d.text((right + BAR + PAD // 2, y), f"{hi:.3g}", BLACK, FONT)
     d.text((right + BAR + PAD // 2, y + PANEL - LINE), f"{lo:.3g}", BLACK, FONT)
     if marker:  # a white cross on the pixel's cell
@@ -156,35 +153,38 @@ def label_width(texts):  # the label column: the swatch, then the longest name o
 
 
 def draw(arrays, parts, colors, title=""):
-    """The picture: a header row (SD's input, the mask, --pixel's A_sa row), then one row per part."""
-    n = arrays["patches"]
-    where = "this patch" if arrays["box"] else "its patch" if n == 1 else f"{{}} of {n} patches"
-    notes = [f"voted in {where.format(v)}" if v else "no vote: A_ca < threshold" for v in arrays["voted"]]
+    """The picture: a header row (SD's input, the mask, --pixel's A_sa row), then one row per part:
+    A_ca and WAS map each on its own scale, the score on all parts' (the argmax compares them)."""
+    n, voted = arrays["patches"], arrays["voted"]
+    where = "the patch" if arrays["box"] or n == 1 else f"{{}} of {n} patches"
+    notes = [f"voted in {where.format(v)}" if v else "no vote: A_ca < threshold" for v in voted]
     label = label_width([*parts, *notes])
-    canvas = Image.new("RGB", (max(label + 3 * CELL, label_width([title])), HEADER + len(parts) * ROW), WHITE)
-    d, y = ImageDraw.Draw(canvas), PAD + 2 * LINE  # y: the header's panels, under the caption and titles
+    width = max(label + 3 * CELL, label_width([title, LEGEND]))
+    canvas = Image.new("RGB", (width, HEADER + len(parts) * ROW), WHITE)
+    d, y = ImageDraw.Draw(canvas), PAD + 3 * LINE  # y: the header's panels, under 3 lines of text
     d.text((PAD, PAD), title, BLACK, FONT)
-    heads = ["SD's input (squashed to 512x512)", "predicted mask"]
-    heads += ["where --pixel looks: A_sa, Eq. 5"] if arrays["pixel_row"] is not None else []
-    for i, head in enumerate(heads):
+    d.text((PAD, PAD + LINE), LEGEND, GREY, FONT)
+    for i, head in enumerate(["SD's input (squashed to 512x512)", "mask: the scores' argmax"]):
         d.text((label + i * CELL, y - LINE), head, BLACK, FONT)
     canvas.paste(Image.fromarray(arrays["image"]).resize((PANEL, PANEL), Image.BOX), (label, y))
     mask = slime.mask_image(arrays["labels"], colors).convert("RGB")
     canvas.paste(mask.resize((PANEL, PANEL), Image.NEAREST), (label + CELL, y))
     if arrays["box"]:  # --patch: its footprint on SD's input
         y0, x0, side = (v * PANEL / SIZE for v in arrays["box"])
-        d.rectangle([label + x0, y + y0, label + x0 + side - 2, y + y0 + side - 2], outline=WHITE, width=2)
+        d.rectangle([label + x0, y + y0, label + x0 + side - 2, y + y0 + side - 2], None, WHITE, 2)
     if arrays["pixel_row"] is not None:
+        d.text((label + 2 * CELL, y - LINE), "where --pixel looks: A_sa, Eq. 5", BLACK, FONT)
         panel(canvas, label + 2 * CELL, y, arrays["pixel_row"], arrays["pixel_at"])
-    for i, head in enumerate(["cross-attention A_ca, Eq. 3", "WAS map, Eq. 6", "score (patches' votes)"]):
+    for i, head in enumerate(["cross-attention A_ca, Eq. 3", "WAS map, Eq. 6", "score"]):
         d.text((label + i * CELL, HEADER - LINE), head, BLACK, FONT)
+    scales = dict(A_ca=None, was=None, score=(arrays["score"].min(), arrays["score"].max()))
     for k, name in enumerate(parts):
         y = HEADER + k * ROW
         d.rectangle([PAD, y, PAD + LINE - 4, y + LINE - 4], tuple(colors[k]), BLACK)
         d.text((TEXT_X, y), name, BLACK, FONT)
         d.text((TEXT_X, y + LINE), notes[k], GREY, FONT)
-        for i, key in enumerate(("A_ca", "was", "score")):
-            panel(canvas, label + i * CELL, y, arrays[key][k])
+        for i, key in enumerate(scales):
+            panel(canvas, label + i * CELL, y, arrays[key][k], scale=scales[key])
     return canvas
 
 
@@ -196,16 +196,18 @@ def ticks(hi, n=5):  # 0 and round steps (1, 2 or 5 times a power of 10) up to t
 
 
 def curve(emb, path):
-    """Eq. 8's terms as it weighs them (ce Eq. 4, alpha * mse Eq. 7, beta * SD's loss) at each step and the
-    validation mIoUs against the epoch, and the epoch emb.pt kept."""
+    """Eq. 8's terms as it weighs them (ce Eq. 4, alpha * mse Eq. 7, beta * SD's loss) at each step
+    and the validation mIoUs against the epoch, and the epoch emb.pt kept."""
     history, s = emb.get("history") or {}, emb["settings"]
     if not history.get("step") and not history.get("validation"):
         raise slime.SlimeError(f"{path} has no fit history (fitted before slime kept one)")
     try:
-        steps = np.asarray(history.get("step") or [], float).reshape(-1, 4) * [1, 1, s.alpha, s.beta]
+        steps = np.array(history.get("step") or [], float).reshape(-1, 4)
+        steps *= [1, 1, s.alpha, s.beta]
         vals = np.asarray(history.get("validation") or [], float).reshape(-1, 2)
     except (TypeError, ValueError):
-        raise slime.SlimeError(f"{path}: its history is not fit's [[epoch, ce, mse, sd], ...]") from None
+        why = "its history is not fit's [[epoch, ce, mse, sd], ...]"
+        raise slime.SlimeError(f"{path}: {why}") from None
     x = steps[:, 0].copy()  # the n steps of epoch e at e - 1 + 1/n, ..., e
     for e in np.unique(x):
         i = steps[:, 0] == e
@@ -230,45 +232,42 @@ def curve(emb, path):
     d.text(((L + R) / 2, B + 26), "epoch", BLACK, FONT, "ma")
     d.text((L - 6, T - 6), "loss", BLACK, FONT, "rd")
     d.text((R + 6, T - 6), "mIoU", BLACK, FONT, "ld")
-    if emb.get("epoch", -1) > 0:  # the epoch emb.pt kept: a dashed line
+    if emb.get("epoch", -1) > 0:  # the epoch emb.pt kept: a dashed line, labelled on the roomy side
+        at = px(emb["epoch"])
         for y in range(T, B, 10):
-            d.line([(px(emb["epoch"]), y), (px(emb["epoch"]), min(y + 5, B))], GREY, 2)
+            d.line([(at, y), (at, min(y + 5, B))], GREY, 2)
         miou = f", mIoU {emb['val_miou']:.4f}" if emb.get("val_miou") is not None else ""
-        label, left = (
-            f"emb.pt: epoch {emb['epoch']}{miou}",
-            px(emb["epoch"]) > (L + R) / 2,
-        )  # on the roomy side
-        d.text((px(emb["epoch"]) + (-4 if left else 4), T + 4), label, GREY, FONT, "ra" if left else "la")
+        label, left = f"emb.pt: epoch {emb['epoch']}{miou}", at > (L + R) / 2
+        d.text((at - 4 if left else at + 4, T + 4), label, GREY, FONT, "ra" if left else "la")
     series = [(1, "ce (Eq. 4)", (31, 119, 180)), (2, f"{s.alpha:g} x mse (Eq. 7)", (255, 127, 14))]
     series += [(3, f"{s.beta:g} x sd (SD's loss)", (44, 160, 44))]
     for c, _, color in series:
         d.line([(px(e), py(v)) for e, v in zip(x, steps[:, c])], color, 2)
-    red = (214, 39, 40)
-    d.line([(px(e), py(v, 1)) for e, v in vals], red, 2)
+    d.line([(px(e), py(v, 1)) for e, v in vals], RED, 2)
     for e, v in vals:
-        d.ellipse([px(e) - 3, py(v, 1) - 3, px(e) + 3, py(v, 1) + 3], red)
+        d.ellipse([px(e) - 3, py(v, 1) - 3, px(e) + 3, py(v, 1) + 3], RED)
     x0 = L
-    for _, name, color in [*series, (0, "validation mIoU (right axis)", red)]:  # the legend, below
+    for _, name, color in [*series, (0, "validation mIoU (right axis)", RED)]:  # the legend, below
         d.line([(x0, H - 30), (x0 + 24, H - 30)], color, 3)
         d.text((x0 + 30, H - 30), name, BLACK, FONT, "lm")
         x0 += 30 + FONT.getlength(name) + 24
     return canvas
 
 
-# ----------------------------------------------------------------------------- command line
-MARK = ("Software", "slime examples/maps.py")  # a text chunk in its PNGs: the files at -o it may replace
+# -------------------------------------------------------------------------------- command line
+MARK = ("Software", "slime examples/maps.py")  # a text chunk in its PNGs: the files -o may replace
 
 
 def check_output(path, overwrite):
-    """-o: a new NAME.png, or a picture maps.py made; another PNG only with --overwrite, a folder never."""
+    """-o: a new NAME.png or a picture maps.py made; another PNG with --overwrite; no folder."""
     if os.path.isdir(path):
         raise slime.SlimeError(f"-o {path} is a folder; give a picture's file path")
-    if not path.lower().endswith(".png"):  # what it writes is a PNG: a .jpg holding one would mislead
+    if not path.lower().endswith(".png"):  # a .jpg holding a PNG would mislead
         raise slime.SlimeError(f"-o {path}: maps.py draws PNG pictures; give a NAME.png")
     if os.path.lexists(path) and not overwrite:
         try:  # as a PNG only: another format saved as .png is not maps.py's
             with Image.open(path, formats=["PNG"]) as im:
-                ours = im.info.get(MARK[0]) == MARK[1]  # a text chunk before the pixels: none decoded
+                ours = im.info.get(MARK[0]) == MARK[1]  # a text chunk before the pixels
         except Exception:  # unreadable, not an image, not a PNG
             ours = False
         if not ours:
@@ -285,46 +284,46 @@ def xy(text):  # "X,Y" -> (x, y)
     try:
         x, y = (int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be X,Y in the image's pixels, not {text!r}") from None
+        why = f"must be X,Y in the image's pixels, not {text!r}"
+        raise argparse.ArgumentTypeError(why) from None
     return x, y
 
 
+def figure(args, emb):  # the maps' picture of args.image; a wrong flag is refused before the model
+    s, image = emb["settings"], slime.read_image(args.image)
+    if s.window:
+        raise slime.SlimeError(f"{args.emb} predicts with --window; maps.py draws squashed patches")
+    locate(s, image.shape[1:], args.patch, args.pixel)
+    ckpt, family, _ = slime.checkpoint(args)
+    if emb["family"] != family:
+        raise slime.SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt}")
+    sd = slime.load_models(ckpt, "cuda" if torch.cuda.is_available() else "cpu", text_encoder=False)
+    arrays = maps(sd, emb, image, args.patch, args.pixel)
+    what = f"patch {args.patch} of {arrays['patches']}" if arrays["box"] else "patches' average"
+    where = f", pixel {args.pixel[0]},{args.pixel[1]}" if args.pixel else ""
+    title = f"{args.emb} on {args.image}: t = {s.test_t}, {what} ({s.patch_size} px){where}"
+    return draw(arrays, emb["parts"], slime.part_colors(emb), title)
+
+
 def main(argv=None):
-    torch.set_flush_denormal(True)  # as slime.main: exp() of peaked attention underflows into slow denormals
+    torch.set_flush_denormal(True)  # as slime.main: peaked attention's exp() makes slow denormals
     ap = Parser(prog="maps.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("emb", help="emb.pt written by slime.py fit")
     ap.add_argument("image", nargs="?", help="the image whose maps to draw")
-    ap.add_argument("-o", "--output", help="the picture (PNG); default maps.png, or curve.png with --curve")
-    ap.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
-    ap.add_argument("--patch", type=int, help="one patch (0..patches_per_side**2 - 1), not the average")
-    ap.add_argument("--pixel", type=xy, metavar="X,Y", help="add where this pixel looks (its A_sa row)")
-    ap.add_argument("--curve", action="store_true", help="draw the fit's losses and validation mIoU instead")
-    ap.add_argument("--overwrite", action="store_true", help="replace -o even if maps.py did not make it")
+    ap.add_argument("-o", "--output", help="the picture (PNG); default maps.png, or curve.png")
+    ap.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one in weights/")
+    ap.add_argument("--patch", type=int, help="one patch (0..patches_per_side**2 - 1), not all")
+    ap.add_argument("--pixel", type=xy, metavar="X,Y", help="add where this pixel looks (A_sa)")
+    ap.add_argument("--curve", action="store_true", help="draw the fit's losses and mIoU instead")
+    ap.add_argument("--overwrite", action="store_true", help="replace -o, whoever made it")
     try:  # the one error boundary: a mistake ends in one line and exit status 2
         args = ap.parse_args(argv)
         if bool(args.image) == args.curve:
             raise slime.SlimeError("give an IMAGE, or --curve (without one)")
-        output, emb = (
-            args.output or ("curve.png" if args.curve else "maps.png"),
-            slime.load_embeddings(args.emb),
-        )
+        output = args.output or ("curve.png" if args.curve else "maps.png")
+        emb = slime.load_embeddings(args.emb)
         check_output(output, args.overwrite)  # before the model loads: a wrong -o costs seconds
-        if args.curve:
-            picture = curve(emb, args.emb)
-        else:
-            s, image = emb["settings"], slime.read_image(args.image)
-            if s.window:
-                raise slime.SlimeError(f"{args.emb} predicts with --window; maps.py draws the squashed path")
-            locate(s, image.shape[1:], args.patch, args.pixel)  # refused before the model loads
-            ckpt, family, _ = slime.checkpoint(args)
-            if emb["family"] != family:
-                raise slime.SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt}")
-            sd = slime.load_models(ckpt, "cuda" if torch.cuda.is_available() else "cpu", text_encoder=False)
-            arrays = maps(sd, emb, image, args.patch, args.pixel)
-            what = f"patch {args.patch} of {arrays['patches']}" if arrays["box"] else "the patches' average"
-            where = f", pixel {args.pixel[0]},{args.pixel[1]}" if args.pixel else ""
-            title = f"{args.emb} on {args.image}: t = {s.test_t}, {what} ({s.patch_size} px){where}"
-            picture = draw(arrays, emb["parts"], slime.part_colors(emb), title)
+        picture = curve(emb, args.emb) if args.curve else figure(args, emb)
         info, buffer = PngInfo(), io.BytesIO()
         info.add_text(*MARK)
         picture.save(buffer, format="PNG", pnginfo=info)
@@ -337,5 +336,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    warnings.showwarning = lambda message, *_: print(f"warning: {message}", file=sys.stderr)  # one line each
+    warnings.showwarning = lambda m, *_: print(f"warning: {m}", file=sys.stderr)  # one line each
     sys.exit(main())
