@@ -499,12 +499,8 @@ def image_miou(pred, gt, num_classes):
 def miou_table(per_image, num_classes):
     """[{class: IoU}] -> (per-class IoU, mIoU) as the release reports a test set: a class's IoU is the mean
     over the images that contain it; the mIoU is the mean over classes seen in any image."""
-    sums, counts = [0.0] * num_classes, [0] * num_classes
-    for ious in per_image:
-        for c, v in ious.items():
-            sums[c] += v
-            counts[c] += 1
-    per_class = [sums[c] / counts[c] if counts[c] else None for c in range(num_classes)]
+    per_class = [[ious[c] for ious in per_image if c in ious] for c in range(num_classes)]
+    per_class = [sum(v) / len(v) if v else None for v in per_class]
     seen = [v for v in per_class if v is not None]
     return per_class, sum(seen) / max(len(seen), 1)
 
