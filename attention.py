@@ -18,7 +18,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32 whatever the weights' dtype (ldm's GroupNorm32)."""
 
     def forward(self, x):
-        y = F.group_norm(x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps)
+        y = F.group_norm(
+            x.float(), self.num_groups, self.weight.float(), self.bias.float(), self.eps
+        )
         return y.to(x.dtype)
 
 
@@ -26,7 +28,9 @@ class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the weights' dtype."""
 
     def forward(self, x):
-        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        y = F.layer_norm(
+            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+        )
         return y.to(x.dtype)
 
 
@@ -42,9 +46,13 @@ def attention(q, k, v, heads, want=None, causal=False):
     if want is None:
         out, amap = F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
     else:
-        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, heads, Nq, Nk)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[
+            -1
+        ] ** -0.5  # (B, heads, Nq, Nk)
         if causal:
-            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+            scores = scores.masked_fill(
+                torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf")
+            )
         probs = scores.softmax(-1)
         out = probs.to(v.dtype) @ v
         amap = (scores.log_softmax(-1) if want == "log_probs" else probs).mean(1)
@@ -68,7 +76,9 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())  # slot 1: ldm's Dropout
+        self.to_out = nn.Sequential(
+            nn.Linear(inner, query_dim), nn.Identity()
+        )  # slot 1: ldm's Dropout
         self.name = ""  # the checkpoint module path, set by UNetModel so maps can be keyed by it
 
     def forward(self, x, context=None, record=None):

@@ -29,7 +29,9 @@ class TextConfig:
     width: int = 768
     layers: int = 12  # layers that run (SD2 stores 24 and runs 23: the "penultimate" output)
     vocab_size: int = 49408
-    pad_token: int = EOS  # SD1's HF tokenizer pads with <|endoftext|>; open_clip.tokenize pads with 0
+    pad_token: int = (
+        EOS  # SD1's HF tokenizer pads with <|endoftext|>; open_clip.tokenize pads with 0
+    )
 
     @property
     def heads(self):
@@ -50,7 +52,9 @@ _bpe = None
 def tokenize(texts, pad_token):
     """list of str -> (B, 77) int64: BOS, up to 75 BPE tokens, EOS, then pad_token."""
     global _bpe
-    if _bpe is None:  # open_clip's BPE tokenizer (its vocabulary ships with it: offline), from its own file:
+    if (
+        _bpe is None
+    ):  # open_clip's BPE tokenizer (its vocabulary ships with it: offline), from its own file:
         # `import open_clip` would import its image models too, and with them torchvision, which the text side
         # never uses (and which fails outright when built for another torch)
         folder = importlib.util.find_spec("open_clip").submodule_search_locations[0]
@@ -75,7 +79,9 @@ class CLIPAttention(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(width, width) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(width, width) for _ in range(4)
+        )
 
     def forward(self, x):
         out, _ = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
@@ -95,7 +101,9 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp.fc2(quick_gelu(self.mlp.fc1(self.layer_norm2(x))))
 
 
-def embedding(n, width):  # nn.Embedding left empty, as the checkpoint fills it: its random init on the meta
+def embedding(
+    n, width
+):  # nn.Embedding left empty, as the checkpoint fills it: its random init on the meta
     # device (where slime builds the models) imports torch._dynamo, 1.2 s of every fit's and predict's start
     return nn.Embedding(n, width, _weight=torch.empty(n, width))
 
@@ -110,7 +118,9 @@ class CLIPTextModel(nn.Module):
         self.embeddings.token_embedding = embedding(cfg.vocab_size, cfg.width)
         self.embeddings.position_embedding = embedding(CONTEXT_LENGTH, cfg.width)
         self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.layers))
+        self.encoder.layers = nn.ModuleList(
+            CLIPEncoderLayer(cfg.width, cfg.heads) for _ in range(cfg.layers)
+        )
         self.final_layer_norm = LayerNorm32(cfg.width)
 
     def forward(self, tokens):

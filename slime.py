@@ -56,7 +56,9 @@ MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_ma
 
 def setting(default, lo=None, hi=None, help="", fit=False, step=None, flag=None):
     """A field of Settings: default, range (and step), --help text; fit=True: training only."""
-    return field(default=default, metadata=dict(range=(lo, hi), step=step, help=help, fit=fit, flag=flag))
+    return field(
+        default=default, metadata=dict(range=(lo, hi), step=step, help=help, fit=fit, flag=flag)
+    )
 
 
 @dataclass(frozen=True)
@@ -69,26 +71,44 @@ class Settings:
     t_max: int = setting(100, 1, 999, "largest training timestep, inclusive", fit=True)
     alpha: float = setting(1.0, 0.0, 1e6, "Eq. 8 weight of the WAS-map loss (Eq. 7)", fit=True)
     beta: float = setting(0.005, 0.0, 1e6, "Eq. 8 weight of SD's noise-prediction loss", fit=True)
-    guidance: float = setting(100.0, 0.0, 1e6, "classifier-free guidance inside the SD loss", fit=True)
-    min_crop_ratio: float = setting(0.8, 0.05, 1.0, "smallest training crop, a fraction of a side", fit=True)
+    guidance: float = setting(
+        100.0, 0.0, 1e6, "classifier-free guidance inside the SD loss", fit=True
+    )
+    min_crop_ratio: float = setting(
+        0.8, 0.05, 1.0, "smallest training crop, a fraction of a side", fit=True
+    )
     rotation: float = setting(30.0, 0.0, 180.0, "largest training rotation in degrees", fit=True)
     # slime's crops cycle through the parts; --no-cycle: they favour the background, as the release's do in effect
-    cycle_parts: bool = setting(True, help="crops favour the background", fit=True, flag="--no-cycle")
-    val_every: int = setting(1, 1, 100_000, "epochs between validations (and after the last)", fit=True)
+    cycle_parts: bool = setting(
+        True, help="crops favour the background", fit=True, flag="--no-cycle"
+    )
+    val_every: int = setting(
+        1, 1, 100_000, "epochs between validations (and after the last)", fit=True
+    )
     patch_size: int = setting(400, 8, SIZE, "inference patch side, in pixels of the 512 image")
     patches_per_side: int = setting(2, 1, 16, "inference patches per side")
-    threshold: float = setting(0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (real SD's)")
+    threshold: float = setting(
+        0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (real SD's)"
+    )
     test_t: int = setting(100, 1, 999, "inference timestep")
-    out_size: int = setting(0, 0, SIZE, "mask side: 0 the image's (slime's), 512 the release's", step=SIZE)
-    bgr: bool = setting(False, help="feed the model BGR, as the release's cv2 did; default RGB", flag="--bgr")
+    out_size: int = setting(
+        0, 0, SIZE, "mask side: 0 the image's (slime's), 512 the release's", step=SIZE
+    )
+    bgr: bool = setting(
+        False, help="feed the model BGR, as the release's cv2 did; default RGB", flag="--bgr"
+    )
     seed: int = setting(0, 0, 2**63 - 1, "seed of every random draw")
-    window: int = setting(0, 0, 16384, "native resolution (slime's): pixels per window; 0 = squash", step=MAP)
+    window: int = setting(
+        0, 0, 16384, "native resolution (slime's): pixels per window; 0 = squash", step=MAP
+    )
 
 
 # ----------------------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
 # The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths. In its diffusers names:
 # up_blocks[1].attentions[0,1,2] and up_blocks[2].attentions[0,1] (attn2), up_blocks[3].attentions[0,1,2] (attn1).
-CROSS_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7))  # 16, 32 px
+CROSS_LAYERS = tuple(
+    f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7)
+)  # 16, 32 px
 SELF_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in (9, 10, 11))  # 64x64
 IGNORE = 255  # mask value that no loss and no score looks at (PASCAL VOC's "void")
 
@@ -100,14 +120,18 @@ def prompt_contexts(sd, num_classes):
     # background and is never learned: SD's cross-attention parks on it wherever no word fits.
     with torch.no_grad():
         tokens = sd.tokenize([" ".join(["part"] * num_classes), ""]).to(sd.device)
-        cond, uncond = sd.text_encoder(tokens).float().split(1)  # fp32: Adam updates the vectors in place
+        cond, uncond = (
+            sd.text_encoder(tokens).float().split(1)
+        )  # fp32: Adam updates the vectors in place
     return cond, uncond
 
 
 def with_learned(learned, cond):
     """The conditional context with the learned vectors (K-1, D) at token positions 1..K-1."""
     # positions after K-1 (<end-of-text>, padding) keep the prompt's outputs: SD attends to them too
-    return torch.cat([cond[:, :1], learned[None].to(cond.dtype), cond[:, 1 + len(learned) :]], dim=1)
+    return torch.cat(
+        [cond[:, :1], learned[None].to(cond.dtype), cond[:, 1 + len(learned) :]], dim=1
+    )
 
 
 def noisy_latent(sd, images, t, gen):
@@ -117,7 +141,9 @@ def noisy_latent(sd, images, t, gen):
         z = sd.vae.encode(images, sample=True, generator=gen)  # the VAE is frozen: no graph needed
     # drawn after the VAE's sample from the same generator: the order of the draws is part of what --seed repeats
     noise = torch.randn(z.shape, generator=gen, device=z.device)
-    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)  # the fraction of the signal's variance left at step t
+    a = sd.alphas_cumprod[t].view(
+        -1, 1, 1, 1
+    )  # the fraction of the signal's variance left at step t
     return a.sqrt() * z + (1 - a).sqrt() * noise, noise
 
 
@@ -127,7 +153,9 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
     (release/src/stable_difusion.py#L155-L264); A_sa averages the 64x64 layers' self-attention."""
     # only these 8 of the UNet's 32 attention layers materialise their maps; the rest take the fast path.
     # log_space (training): log-probabilities, the input of Eq. 4's cross-entropy; inference: probabilities
-    prob_layers, log_layers = (SELF_LAYERS, CROSS_LAYERS) if log_space else (SELF_LAYERS + CROSS_LAYERS, ())
+    prob_layers, log_layers = (
+        (SELF_LAYERS, CROSS_LAYERS) if log_space else (SELF_LAYERS + CROSS_LAYERS, ())
+    )
     eps, maps = sd.unet(x_t, t, context, attn_layers=prob_layers, log_attn_layers=log_layers)
     resized = []
     for name in CROSS_LAYERS:
@@ -138,7 +166,9 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
         resized.append(F.interpolate(m, size=(MAP, MAP), mode="bilinear", align_corners=False)[0])
     # every layer weighs the same, 16x16 or 32x32, as the release's mean over its stacked layers (#L250-L256)
     A_ca = sum(resized) / len(resized)
-    A_sa = sum(maps[name][0] for name in SELF_LAYERS) / len(SELF_LAYERS)  # row q: P(query q -> key j)
+    A_sa = sum(maps[name][0] for name in SELF_LAYERS) / len(
+        SELF_LAYERS
+    )  # row q: P(query q -> key j)
     return A_ca, A_sa, eps
 
 
@@ -154,7 +184,9 @@ def class_weights(mask, num_classes):
     n = torch.bincount(mask[mask != IGNORE].flatten(), minlength=num_classes)[:num_classes].float()
     n[0] = 0  # so n.sum() counts the foreground only
     w = torch.where(n > 0, n.sum() / (n + 1e-6), torch.zeros_like(n))  # 1e-6: the release's
-    w[0] = 1  # a part weighs >= 1, so the background, often most of the pixels, weighs no more than any part
+    w[0] = (
+        1  # a part weighs >= 1, so the background, often most of the pixels, weighs no more than any part
+    )
     return w
 
 
@@ -192,7 +224,9 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
         with torch.no_grad():
             eps_uncond = sd.unet(x_t, t, uncond)[0]
         eps = eps_uncond + s.guidance * (eps_cond - eps_uncond)
-        loss_sd = F.mse_loss(eps, noise)  # against the noise actually added: SD 2.1-base's eps objective
+        loss_sd = F.mse_loss(
+            eps, noise
+        )  # against the noise actually added: SD 2.1-base's eps objective
     loss = loss_ce + s.alpha * loss_mse + s.beta * loss_sd  # Eq. 8
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
 
@@ -201,17 +235,25 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
 # that favours one part, rotation. They let one annotated image stand for many views.
 def resize(x, size, mode):
     """(C, H, W) -> (C, *size). Bilinear without antialiasing (cv2.INTER_LINEAR), or nearest (INTER_NEAREST)."""
-    if mode == "nearest":  # interpolate takes no integer tensors: through float and back (exact up to 255)
+    if (
+        mode == "nearest"
+    ):  # interpolate takes no integer tensors: through float and back (exact up to 255)
         return F.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def gaussian_blur(image, k):
     """cv2.GaussianBlur(k, sigma=0), reflect-101 borders: for k <= 7 OpenCV takes fixed binomial kernels."""
-    g = torch.tensor({3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype)  # augment draws k in {3, 5}
+    g = torch.tensor(
+        {3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype
+    )  # augment draws k in {3, 5}
     g = g / g.sum()
-    pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")  # torch's "reflect" is OpenCV's REFLECT_101
-    out = F.conv2d(pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)  # separable: rows, then columns
+    pad = F.pad(
+        image[None], (k // 2,) * 4, mode="reflect"
+    )  # torch's "reflect" is OpenCV's REFLECT_101
+    out = F.conv2d(
+        pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3
+    )  # separable: rows, then columns
     return F.conv2d(out, g.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)[0]
 
 
@@ -220,9 +262,13 @@ def rotate(x, degrees, mode):
     a = torch.tensor(degrees * torch.pi / 180)
     # positive angles turn clockwise on screen (cv2's counter-clockwise); the angle is drawn symmetric about 0,
     # so the distribution of views is the release's
-    theta = torch.tensor([[torch.cos(a), torch.sin(a), 0.0], [-torch.sin(a), torch.cos(a), 0.0]])[None]
+    theta = torch.tensor([[torch.cos(a), torch.sin(a), 0.0], [-torch.sin(a), torch.cos(a), 0.0]])[
+        None
+    ]
     grid = F.affine_grid(theta, (1, *x.shape), align_corners=False)
-    out = F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)[0]
+    out = F.grid_sample(
+        x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False
+    )[0]
     return out.to(x.dtype)
 
 
@@ -230,13 +276,25 @@ def part_crop(mask, part, min_ratio, gen, tries=1000):
     """The crop that favours one part (release/src/dataset.py#L67-L83): side r * 512, r ~ U(min_ratio, 1),
     accepted when it keeps more than 30% of that part's pixels (always, if the part is absent)."""
     total = (mask == part).sum()
-    for _ in range(tries):  # the release loops until accepted; a cap keeps a 1-pixel part from hanging
-        side = int((min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE)  # utils.py#L38
+    for _ in range(
+        tries
+    ):  # the release loops until accepted; a cap keeps a 1-pixel part from hanging
+        side = int(
+            (min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE
+        )  # utils.py#L38
         # a full-size crop draws no origin, as release/src/utils.py#L39-L44
-        y0, x0 = torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist() if side != SIZE else (0, 0)
+        y0, x0 = (
+            torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist()
+            if side != SIZE
+            else (0, 0)
+        )
         if total == 0 or (mask[y0 : y0 + side, x0 : x0 + side] == part).sum() / total > 0.3:
             return y0, x0, side
-    return 0, 0, SIZE  # the whole image keeps all of the part: the release's loop would accept it too
+    return (
+        0,
+        0,
+        SIZE,
+    )  # the whole image keeps all of the part: the release's loop would accept it too
 
 
 def augment(image, mask, part, s, gen):
@@ -246,13 +304,17 @@ def augment(image, mask, part, s, gen):
         image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep their up and down
     if rand() < 0.5:  # A.GaussianBlur(blur_limit=(1, 5)) (release/src/dataset.py#L35)
         k = int(torch.randint(1, 6, (1,), generator=gen))
-        k += 1 - k % 2  # albumentations maps an even kernel to the next odd one: k in {1, 3, 5} at 20/40/40%
+        k += (
+            1 - k % 2
+        )  # albumentations maps an even kernel to the next odd one: k in {1, 3, 5} at 20/40/40%
         image = gaussian_blur(image, k) if k > 1 else image
     y0, x0, side = part_crop(mask, part, s.min_crop_ratio, gen)
     # a zoom: parts look larger; the mask nearest, so no mixed labels
     image = resize(image[:, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "bilinear")
     mask = resize(mask[None, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "nearest")[0]
-    if rand() < 0.5:  # uniform in [-rotation, rotation], A.Rotate's limit (release/src/dataset.py#L38-L50)
+    if (
+        rand() < 0.5
+    ):  # uniform in [-rotation, rotation], A.Rotate's limit (release/src/dataset.py#L38-L50)
         angle = (2 * rand() - 1) * s.rotation
         # the corners the turn brings in are 0 in both: black pixels and background labels (mask_value=0)
         image, mask = rotate(image, angle, "bilinear"), rotate(mask[None], angle, "nearest")[0]
@@ -264,9 +326,14 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, progress=lambda event: None, 
     vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], keep the best -> context (1, 77, D).
     progress(event) each step, validation and epoch; an epoch's `state` continues the fit as if never stopped."""
     pairs = as_pairs(pairs, num_classes, s)
-    val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs  # no --val: the training pairs
+    val_pairs = (
+        as_pairs(val_pairs, num_classes, s) if val_pairs else pairs
+    )  # no --val: the training pairs
     # timesteps, VAE samples, noise on the device; the augmentations on a CPU stream, the same on any device
-    gen, aug_gen = torch.Generator(sd.device).manual_seed(s.seed), torch.Generator().manual_seed(s.seed)
+    gen, aug_gen = (
+        torch.Generator(sd.device).manual_seed(s.seed),
+        torch.Generator().manual_seed(s.seed),
+    )
     cond, uncond = prompt_contexts(sd, num_classes)
     learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
     optimizer = torch.optim.Adam([learned], lr=s.lr)  # the only parameters: SD itself stays frozen
@@ -274,13 +341,17 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, progress=lambda event: None, 
     val_inputs = [noisy_inputs(sd, image, s) for image, _ in val_pairs]
     # best 0.0 with >=: the first validation always saves, as the release's (release/src/slime.py#L28)
     best, best_context, step = 0.0, cond, 0
-    if state:  # a stopped fit goes on as it was: its best, its vectors, Adam's moments, the random streams
+    if (
+        state
+    ):  # a stopped fit goes on as it was: its best, its vectors, Adam's moments, the random streams
         best, best_context, step = state["best"], state["best_context"], state["epoch"] * len(pairs)
         learned.data.copy_(state["learned"]), optimizer.load_state_dict(state["adam"])
         gen.set_state(state["gen"]), aug_gen.set_state(state["aug_gen"])
     for epoch in range(state["epoch"] if state else 0, s.epochs):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
-        for i in torch.randperm(len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)).tolist():
+        for i in torch.randperm(
+            len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)
+        ).tolist():
             # the part this crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8 workers
             # that restart each epoch at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
             part = step % num_classes if s.cycle_parts else 0
@@ -288,21 +359,33 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, progress=lambda event: None, 
             image, mask = image.to(sd.device), mask.to(sd.device)
             loss, terms = training_step(sd, learned, cond, uncond, image, mask, s, gen)
             step += 1
-            if not torch.isfinite(loss):  # before backward: one nan step would make Adam's moments nan
+            if not torch.isfinite(
+                loss
+            ):  # before backward: one nan step would make Adam's moments nan
                 raise SlimeError(diverged(sd, loss, step, terms))
             optimizer.zero_grad()
             loss.backward()  # through the frozen UNet into the K-1 vectors only
             optimizer.step()
-            progress(dict(event="step", step=step, steps=s.epochs * len(pairs), epoch=epoch + 1, **terms))
-        if not (epoch + 1) % s.val_every or epoch == s.epochs - 1:  # the last epoch is always validated
+            progress(
+                dict(event="step", step=step, steps=s.epochs * len(pairs), epoch=epoch + 1, **terms)
+            )
+        if (
+            not (epoch + 1) % s.val_every or epoch == s.epochs - 1
+        ):  # the last epoch is always validated
             progress(dict(event="validating", epoch=epoch + 1))
             t0, context = time.time(), with_learned(learned.detach(), cond)
             miou = validation_miou(sd, context, val_pairs, val_inputs, num_classes, s)
-            if miou >= best:  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
+            if (
+                miou >= best
+            ):  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
                 best, best_context = miou, context
             best_now, seconds = best_context is context, time.time() - t0
-            progress(dict(event="validation", epoch=epoch + 1, miou=miou, best=best_now, seconds=seconds))
-        state = dict(epoch=epoch + 1, best=best, best_context=best_context, learned=learned.detach())
+            progress(
+                dict(event="validation", epoch=epoch + 1, miou=miou, best=best_now, seconds=seconds)
+            )
+        state = dict(
+            epoch=epoch + 1, best=best, best_context=best_context, learned=learned.detach()
+        )
         state.update(adam=optimizer.state_dict(), gen=gen.get_state(), aug_gen=aug_gen.get_state())
         progress(dict(event="epoch", epoch=epoch + 1, state=state))
     return best_context
@@ -313,7 +396,9 @@ def validation_miou(sd, context, val_pairs, val_inputs, num_classes, s):
     val_inputs: each pair's noisy_inputs."""
     total = 0.0
     for (image, gt), inputs in zip(val_pairs, val_inputs):
-        total += image_miou(segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes)
+        total += image_miou(
+            segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes
+        )
     return total / len(val_pairs)
 
 
@@ -340,11 +425,17 @@ def as_pairs(pairs, num_classes, s):
     (image bilinear, mask nearest), or with --window kept at their own resolution."""
     out = []
     for n, (image, mask) in enumerate(pairs, 1):
-        mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).long()
+        mask = torch.as_tensor(
+            np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask
+        ).long()
         if mask.ndim == 3:
-            raise SlimeError(f"mask {n} is a colour mask: turn it into labels with slime.colors_to_labels")
+            raise SlimeError(
+                f"mask {n} is a colour mask: turn it into labels with slime.colors_to_labels"
+            )
         if tuple(mask.shape) != tuple(image.shape[1:]):
-            raise SlimeError(f"mask {n} of {tuple(mask.shape)} does not match its image {tuple(image.shape)}")
+            raise SlimeError(
+                f"mask {n} of {tuple(mask.shape)} does not match its image {tuple(image.shape)}"
+            )
         bad = sorted(set(mask.unique().tolist()) - set(range(num_classes)) - {IGNORE})
         if bad:  # cross_entropy would end in a bare IndexError
             raise SlimeError(f"mask {n} holds class values {bad[:8]} outside 0..{num_classes - 1}")
@@ -368,17 +459,24 @@ def noisy_patches(sd, image, s):
     patches -> [(y0, x0, x_t)]."""
     x, side = resize(image.to(sd.device), (SIZE, SIZE), "bilinear"), s.patch_size
     origins = patch_origins(side, s.patches_per_side)
-    return list(noised(sd, s, ((y0, x0, x[:, y0 : y0 + side, x0 : x0 + side]) for y0, x0 in origins)))
+    return list(
+        noised(sd, s, ((y0, x0, x[:, y0 : y0 + side, x0 : x0 + side]) for y0, x0 in origins))
+    )
 
 
-def noisy_inputs(sd, image, s):  # what segment feeds the UNet for an image: its noisy patches, or windows
+def noisy_inputs(
+    sd, image, s
+):  # what segment feeds the UNet for an image: its noisy patches, or windows
     return noisy_windows(sd, image, s) if s.window else noisy_patches(sd, image, s)
 
 
 def noised(sd, s, views):
     """(y0, x0, crop) -> (y0, x0, x_t): each crop zoomed to 512 (SD sees its parts larger), in the release's BGR
     order with --bgr, noised at test_t. Seeded per image, so an image gets the same noise in any order."""
-    gen, t = torch.Generator(sd.device).manual_seed(s.seed), torch.tensor([s.test_t], device=sd.device)
+    gen, t = (
+        torch.Generator(sd.device).manual_seed(s.seed),
+        torch.tensor([s.test_t], device=sd.device),
+    )
     for y0, x0, crop in views:
         x = resize(crop.to(sd.device), (SIZE, SIZE), "bilinear")
         yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
@@ -411,7 +509,9 @@ def patch_votes(A_ca, A_sa, threshold, side):
     # the threshold and the rescale use the 64x64 maps (release/src/slime.py#L233-L237)
     cross = A_ca.flatten(1)  # (K, 4096)
     peak, floor = cross.max(1).values, cross.min(1).values
-    seen = (peak >= threshold).nonzero()[:, 0]  # a class votes only where its cross-attention is confident
+    seen = (peak >= threshold).nonzero()[
+        :, 0
+    ]  # a class votes only where its cross-attention is confident
     if len(seen) == 0:
         return seen, None
     cross = cross[seen]
@@ -419,14 +519,21 @@ def patch_votes(A_ca, A_sa, threshold, side):
     # its cross-attention covers the whole image, and its full WAS map would swallow the parts.
     cross[0] = torch.where(cross[0] > cross[0].mean(), cross[0], 0)
     was = was_map(cross.view(-1, MAP, MAP), A_sa)  # Eq. 6
-    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[0]  # footprint
+    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[
+        0
+    ]  # footprint
     # Min-max rescale each WAS map from its own range [w_min, w_max] onto its class's cross-attention range
     # [floor, peak]: WAS maps of different classes live on different scales, and the argmax should compare
     # the classes' confidences. As a line through two points: w_min -> floor, w_max -> peak.
-    w_min, w_max = was.flatten(1).min(1).values[:, None, None], was.flatten(1).max(1).values[:, None, None]
+    w_min, w_max = (
+        was.flatten(1).min(1).values[:, None, None],
+        was.flatten(1).max(1).values[:, None, None],
+    )
     floor, peak = floor[seen][:, None, None], peak[seen][:, None, None]
     per_unit = (w_max - w_min) / (peak - floor)  # WAS units per unit of cross-attention
-    per_unit[torch.isnan(per_unit) | (per_unit == 0)] = 1e-7  # a flat map (0/0, or 0): its values stay put
+    per_unit[torch.isnan(per_unit) | (per_unit == 0)] = (
+        1e-7  # a flat map (0/0, or 0): its values stay put
+    )
     # = floor + (was - w_min) / per_unit, written in the release's order of operations (the same bits)
     return seen, was / per_unit + (floor - w_min / per_unit)
 
@@ -440,12 +547,16 @@ def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, prog
         scores, cell = native_scores(sd, context, image, num_classes, s, inputs, progress)
     else:
         inputs = inputs or noisy_patches(sd, image, s)
-        scores, votes = vote_sums(sd, context, inputs, num_classes, s, (SIZE, SIZE), s.patch_size, progress)
+        scores, votes = vote_sums(
+            sd, context, inputs, num_classes, s, (SIZE, SIZE), s.patch_size, progress
+        )
         scores, cell = scores / votes, None
     scores = scores.cpu()  # the labels go to files from the CPU, and upsampled_argmax works there
     if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
         fp16 = sd.dtype == torch.float16
-        raise SlimeError("its class scores are not finite" + ", as fp16 overflows: use bf16 or fp32" * fp16)
+        raise SlimeError(
+            "its class scores are not finite" + ", as fp16 overflows: use bf16 or fp32" * fp16
+        )
     if cell:
         return upsampled_argmax(scores, *image.shape[1:], cell)
     size = out_size or s.out_size  # 0: the image's own size
@@ -466,7 +577,9 @@ def upsampled_argmax(scores, h, w, cell=None, band=256):
     labels = torch.empty(h, w, dtype=torch.uint8)
     for i in range(0, h, band):
         R = rows[i : i + band]
-        used = R.any(0).nonzero()[:, 0]  # each output row mixes 2 score rows: skip the zero columns of R
+        used = R.any(0).nonzero()[
+            :, 0
+        ]  # each output row mixes 2 score rows: skip the zero columns of R
         lo, hi = used.min().item(), used.max().item() + 1
         band_scores = torch.einsum("hr,krw->khw", R[:, lo:hi], scores_w[:, lo:hi])
         # max(0).indices = argmax(0), the first maximum, but 20x faster on CPU
@@ -486,7 +599,9 @@ def iou_per_class(pred, gt, num_classes):
     valid = gt != IGNORE
     pred, gt = pred[valid], gt[valid]
     # classes absent from gt are not scored, even where predicted: the release's rule
-    iou = lambda c: ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)  # noqa: E731
+    iou = lambda c: (
+        ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)
+    )  # noqa: E731
     return {c: iou(c) for c in gt.unique().tolist() if c < num_classes}
 
 
@@ -523,13 +638,22 @@ def native_view(image, mask, part, window, gen):
     ys, xs = (mask == part).nonzero(as_tuple=True)
     pick = int(torch.randint(0, len(ys), (1,), generator=gen)) if len(ys) else None
     origin = []
-    for found, n in ((ys, mask.shape[0]), (xs, mask.shape[1])):  # the favoured part is in every view
+    for found, n in (
+        (ys, mask.shape[0]),
+        (xs, mask.shape[1]),
+    ):  # the favoured part is in every view
         p = int(found[pick]) if pick is not None else int(torch.randint(0, n, (1,), generator=gen))
-        offset = int(torch.randint(0, window, (1,), generator=gen))  # where in the view that pixel lands
-        origin.append(min(max(p - offset, 0), max(n - window, 0)))  # inside the image where the view fits
+        offset = int(
+            torch.randint(0, window, (1,), generator=gen)
+        )  # where in the view that pixel lands
+        origin.append(
+            min(max(p - offset, 0), max(n - window, 0))
+        )  # inside the image where the view fits
     image = resize(window_crop(image, *origin, window), (SIZE, SIZE), "bilinear")
     # the padding past a small image is nobody's part: no loss looks at it
-    return image, resize(window_crop(mask, *origin, window, IGNORE)[None], (SIZE, SIZE), "nearest")[0]
+    return image, resize(window_crop(mask, *origin, window, IGNORE)[None], (SIZE, SIZE), "nearest")[
+        0
+    ]
 
 
 def window_layout(h, w, window):
@@ -594,10 +718,16 @@ def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
 
 def build_models(shapes, path="checkpoint"):
     """{key: shape} -> (family, {prefix: module on the meta device}, ignore patterns); widths from the shapes."""
-    family = next((f for f, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in shapes)), None)
-    needed = [WIDTHS[k][0] for k in ("unet", "context", "vae", family)] if family else ["a text encoder"]
+    family = next(
+        (f for f, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in shapes)), None
+    )
+    needed = (
+        [WIDTHS[k][0] for k in ("unet", "context", "vae", family)] if family else ["a text encoder"]
+    )
     missing = [k for k in needed if k not in shapes]
-    if missing or any(k.startswith("conditioner.") for k in shapes):  # SDXL: its text encoders are there
+    if missing or any(
+        k.startswith("conditioner.") for k in shapes
+    ):  # SDXL: its text encoders are there
         raise SlimeError(f"{path} is no SD 1.x or 2.x checkpoint: it lacks {(missing + needed)[0]}")
     width = {k: shapes[key][dim] for k, (key, dim) in WIDTHS.items() if key in shapes}
     sd1, text = family == "sd1", TEXT_PREFIX[family]
@@ -605,10 +735,14 @@ def build_models(shapes, path="checkpoint"):
     unet_cfg = config(model_channels=width["unet"], context_dim=width["context"])
     # the text depth is counted from the block names, as no header field states it
     block = r"encoder\.layers\.(\d+)\." if sd1 else r"transformer\.resblocks\.(\d+)\."
-    depth = 1 + max([int(m[1]) for k in shapes if (m := re.match(re.escape(text) + block, k))], default=-1)
+    depth = 1 + max(
+        [int(m[1]) for k in shapes if (m := re.match(re.escape(text) + block, k))], default=-1
+    )
     # SD2 conditions on the penultimate layer (ldm's FrozenOpenCLIPEmbedder, layer "penultimate"): the last
     # block is never built, and its tensors are on the ignore list ({last})
-    text_cfg = (TextConfig.sd15 if sd1 else TextConfig.sd21)(width=width[family], layers=depth - (not sd1))
+    text_cfg = (TextConfig.sd15 if sd1 else TextConfig.sd21)(
+        width=width[family], layers=depth - (not sd1)
+    )
     with torch.device("meta"):  # shapes without memory: the weights are assigned as they are read
         text_model = (CLIPTextModel if sd1 else OpenCLIPText)(text_cfg)
         vae = AutoencoderKL(VAEConfig(ch=width["vae"]))
@@ -626,12 +760,18 @@ def read_header(path):
     shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
     floats = {k for k, v in slices.items() if v.get_dtype() in ("F64", "F32", "F16", "BF16")}
     family, modules, ignored = build_models(shapes, path)
-    wanted = {prefix + k: tuple(v.shape) for prefix, m in modules.items() for k, v in m.state_dict().items()}
+    wanted = {
+        prefix + k: tuple(v.shape)
+        for prefix, m in modules.items()
+        for k, v in m.state_dict().items()
+    }
     # the shapes are the real test of the architecture: build_models read only a few widths from the file.
     # An integer tensor would be cast to float silently and give garbage: a damaged or foreign file.
     problems = {
         "lacks": set(wanted) - set(shapes),
-        "has unexpected": {k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored)},
+        "has unexpected": {
+            k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored)
+        },
         "has wrongly shaped": {k for k in wanted if k in shapes and shapes[k] != wanted[k]},
         "has non-float": {k for k in wanted if k in shapes and k not in floats},
     }
@@ -659,7 +799,13 @@ class StableDiffusion:
     """What `load_models` returns: the three frozen networks, the tokenizer and the noise schedule."""
 
     def __init__(self, family, unet, vae, text_encoder, path):
-        self.family, self.unet, self.vae, self.text_encoder, self.path = family, unet, vae, text_encoder, path
+        self.family, self.unet, self.vae, self.text_encoder, self.path = (
+            family,
+            unet,
+            vae,
+            text_encoder,
+            path,
+        )
         self.device, self.dtype = unet.out[2].weight.device, unet.out[2].weight.dtype
         self.alphas_cumprod = alphas_cumprod().to(self.device)
 
@@ -667,7 +813,9 @@ class StableDiffusion:
     def fingerprint(self):  # read when fit saves emb.pt; predict takes its plan's
         return fingerprint(self.path)
 
-    def tokenize(self, texts):  # SD1's HF tokenizer pads with <|endoftext|>, SD2's open_clip.tokenize with 0
+    def tokenize(
+        self, texts
+    ):  # SD1's HF tokenizer pads with <|endoftext|>, SD2's open_clip.tokenize with 0
         return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)
 
 
@@ -675,11 +823,18 @@ def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
     """An original single-file SD 1.x / 2.x checkpoint, each tensor read once, checked, cast and assigned."""
     family, modules = read_header(path)
     with named(path), safe_open(str(path), framework="pt", device="cpu") as f:
-        for prefix, module in list(modules.items())[: 3 if text_encoder else 2]:  # UNet, VAE, text encoder
+        for prefix, module in list(modules.items())[
+            : 3 if text_encoder else 2
+        ]:  # UNet, VAE, text encoder
             # cast per tensor as read: the file is never in memory whole, nor in two formats at once
             keys = module.state_dict()
-            state = {k: finite(f.get_tensor(prefix + k), prefix + k, path).to(device, dtype) for k in keys}
-            module.load_state_dict(state, strict=True, assign=True)  # assign: in place of the meta tensors
+            state = {
+                k: finite(f.get_tensor(prefix + k), prefix + k, path).to(device, dtype)
+                for k in keys
+            }
+            module.load_state_dict(
+                state, strict=True, assign=True
+            )  # assign: in place of the meta tensors
             module.eval().requires_grad_(False)  # frozen: only the learned vectors get gradients
     unet, vae, text = modules.values()
     return StableDiffusion(family, unet, vae, text if text_encoder else None, str(path))
@@ -693,9 +848,19 @@ def finite(tensor, name, path):  # the tensor, if every value is finite; else on
 
 # ----------------------------------------------------------------------------- files: images and masks
 MAX_CLASSES = 77  # one text token per class: <start-of-text> (background) + up to 76 parts
-MAX_PIXELS = 250_000_000  # slime's limit on an image's pixels, checked from its header; PIL's own is off:
-Image.MAX_IMAGE_PIXELS = None  # it refuses 179 MP as a "decompression bomb", and slime reads in bands
-GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes of 16-bit (and 32-bit int) gray images
+MAX_PIXELS = (
+    250_000_000  # slime's limit on an image's pixels, checked from its header; PIL's own is off:
+)
+Image.MAX_IMAGE_PIXELS = (
+    None  # it refuses 179 MP as a "decompression bomb", and slime reads in bands
+)
+GRAY16 = (
+    "I;16",
+    "I;16L",
+    "I;16B",
+    "I;16N",
+    "I",
+)  # PIL's modes of 16-bit (and 32-bit int) gray images
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be refused
 file_stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731  "a/b.png" -> "b"
@@ -704,28 +869,42 @@ file_stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E7
 @contextlib.contextmanager
 def named(path, why=None):
     """The one boundary of file errors: a failure to read or write `path` -> `slime: error: <path>: <why>`."""
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):  # a pipe: open() waits
-        raise SlimeError(f"{path} is no regular file (a pipe, socket or device): slime reads only files")
+    if os.path.exists(path) and not (
+        os.path.isfile(path) or os.path.isdir(path)
+    ):  # a pipe: open() waits
+        raise SlimeError(
+            f"{path} is no regular file (a pipe, socket or device): slime reads only files"
+        )
     try:
         yield
     except SlimeError:
         raise
     except Exception as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else why or " ".join(str(e).split())
-        raise SlimeError(f"{path}: {reason.replace(f' {str(path)!r}', '') or type(e).__name__}") from None
+        reason = (
+            e.strerror if isinstance(e, OSError) and e.strerror else why or " ".join(str(e).split())
+        )
+        raise SlimeError(
+            f"{path}: {reason.replace(f' {str(path)!r}', '') or type(e).__name__}"
+        ) from None
 
 
 def open_image(path):
     """PIL's first frame, decoded, EXIF orientation applied -> (image, its format if lossy else False)."""
     with named(path):
         shown_size(path)  # over MAX_PIXELS: refused before anything is decoded
-        with Image.open(path) as im:  # closed: a folder of 10,000 photos must not run out of file handles
+        with Image.open(
+            path
+        ) as im:  # closed: a folder of 10,000 photos must not run out of file handles
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
             # by what the file IS: a JPEG saved as .png is still JPEG (MPO: a phone's); WebP is lossless as VP8L
-            lossy = im.format in ("JPEG", "MPO", "JPEG2000") or "jpeg" in str(im.info.get("compression"))
+            lossy = im.format in ("JPEG", "MPO", "JPEG2000") or "jpeg" in str(
+                im.info.get("compression")
+            )
             lossy = lossy or im.format == "WEBP" and b"VP8L" not in open(path, "rb").read(64)
-            return ImageOps.exif_transpose(im), lossy and im.format  # as shown: phones store EXIF rotations
+            return ImageOps.exif_transpose(
+                im
+            ), lossy and im.format  # as shown: phones store EXIF rotations
 
 
 def shown_size(path):
@@ -737,8 +916,13 @@ def shown_size(path):
         exif = {} if im.format == "PNG" and "exif" not in im.info else im.getexif()
         size = im.size if exif.get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
     if size and size[0] * size[1] > MAX_PIXELS:
-        mp, why = f"{size[0] * size[1] / 1e6:.3g} megapixels", "as float32 it alone takes 12 bytes a pixel"
-        raise SlimeError(f"{path} has {mp}, over slime's limit of {MAX_PIXELS / 1e6:.3g} ({why}): shrink it")
+        mp, why = (
+            f"{size[0] * size[1] / 1e6:.3g} megapixels",
+            "as float32 it alone takes 12 bytes a pixel",
+        )
+        raise SlimeError(
+            f"{path} has {mp}, over slime's limit of {MAX_PIXELS / 1e6:.3g} ({why}): shrink it"
+        )
     return size
 
 
@@ -746,42 +930,64 @@ def read_image(path, mask_like="a warning"):
     """An image file -> (3, H, W) float32 RGB in [0, 1], any alpha dropped; if it looks like a mask, a warning
     (predict: a folder may hold one) or, for fit's images, an error."""
     im, _ = open_image(path)
-    if im.mode in GRAY16 + ("F",):  # 16-bit gray: full scale is 65535; float TIFFs are taken as 0..1
+    if im.mode in GRAY16 + (
+        "F",
+    ):  # 16-bit gray: full scale is 65535; float TIFFs are taken as 0..1
         gray = np.asarray(im, dtype=np.float32) / (1 if im.mode == "F" else 65535)
         if not np.isfinite(gray).all():
             raise SlimeError(f"{path} holds nan or inf pixel values")
         return torch.from_numpy(np.clip(gray, 0, 1))[None].repeat(3, 1, 1)
-    im = im.convert("RGBA") if im.mode in ("P", "PA", "LA", "La", "RGBa") else im  # palette transparency
+    im = (
+        im.convert("RGBA") if im.mode in ("P", "PA", "LA", "La", "RGBa") else im
+    )  # palette transparency
     im = im if im.mode == "RGB" else im.convert("RGB")
     colours = im.getcolors(MAX_CLASSES + 1)  # None when there are more
-    if colours and len(colours) * 64 <= im.width * im.height:  # a few flat colours: what masks are made of
+    if (
+        colours and len(colours) * 64 <= im.width * im.height
+    ):  # a few flat colours: what masks are made of
         like = f"{path} has only {count(len(colours), 'colour')}, like a mask"
         if mask_like == "an error":
             raise SlimeError(f"{like}: give each image first, its mask second")
         warnings.warn(like, stacklevel=2)
     rgb = torch.from_numpy(np.array(im, dtype=np.uint8))
-    return rgb.permute(2, 0, 1).float().div_(255)  # in place: a 12000x9000 photo is 1.3 GB as float32
+    return (
+        rgb.permute(2, 0, 1).float().div_(255)
+    )  # in place: a 12000x9000 photo is 1.3 GB as float32
 
 
 def read_mask(path, colors=False):
     """A mask file -> (H, W) int64 labels (index or grey value; 255: ignore), or (H, W, 3) colours."""
     if str(path).lower().endswith(".npy"):  # the release's format; never unpickled
         with named(path):
-            m = np.load(path, allow_pickle=False)  # an .npz archive named .npy: a stand-in that is refused
-            m, what = (m, f"{m.dtype} {m.shape}") if isinstance(m, np.ndarray) else (np.zeros(()), "an .npz")
+            m = np.load(
+                path, allow_pickle=False
+            )  # an .npz archive named .npy: a stand-in that is refused
+            m, what = (
+                (m, f"{m.dtype} {m.shape}")
+                if isinstance(m, np.ndarray)
+                else (np.zeros(()), "an .npz")
+            )
         if m.dtype.kind not in "biu" or m.ndim != 2 or m.size and (m.min() < 0 or m.max() > 255):
             raise SlimeError(f"{path}: a mask is a 2-D array of labels 0..255, not {what}")
         return m.astype(np.int64)
     im, lossy = open_image(path)
     if im.mode in ("P", "L", "1", "PA", "LA", "F") + GRAY16 and not (colors and im.mode == "P"):
-        m = np.asarray(im)[..., 0] if im.mode in ("PA", "LA") else np.asarray(im)  # alpha is no label
+        m = (
+            np.asarray(im)[..., 0] if im.mode in ("PA", "LA") else np.asarray(im)
+        )  # alpha is no label
     else:
         m = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))[..., :3]
-        m = m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m  # grey
-    if im.mode == "F" and not np.isin(m, np.arange(256)).all():  # a float TIFF: its values must be labels
+        m = (
+            m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m
+        )  # grey
+    if (
+        im.mode == "F" and not np.isin(m, np.arange(256)).all()
+    ):  # a float TIFF: its values must be labels
         raise SlimeError(f"{path}: a float mask must hold labels 0..255, not fractions, nan or inf")
     n = len(np.unique(pack_rgb(m) if m.ndim == 3 else m))
-    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1) and not (lossy and n * 50 < m.shape[0] * m.shape[1]):
+    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1) and not (
+        lossy and n * 50 < m.shape[0] * m.shape[1]
+    ):
         what = "a photo, not a mask (or its edges are anti-aliased): give each image first, its mask second"
         raise SlimeError(f"{path} holds {n:,} distinct values, so it is {what}")
     if lossy:  # a mask, however many colours compression invented at its edges (a photo has 1 per 50 pixels)
@@ -790,49 +996,81 @@ def read_mask(path, colors=False):
 
 
 # PASCAL VOC's colour map: bits 3b, 3b + 1, 3b + 2 of a class index set bit 7 - b of its r, g, b
-VOC_PALETTE = sum(((np.arange(256)[:, None] >> (3 * b + np.arange(3))) & 1) << (7 - b) for b in range(8))
+VOC_PALETTE = sum(
+    ((np.arange(256)[:, None] >> (3 * b + np.arange(3))) & 1) << (7 - b) for b in range(8)
+)
 VOC_PALETTE = VOC_PALETTE.astype(np.uint8)
 VOID = (224, 224, 192)  # VOC's colour of index 255, "ignore" (object borders, unlabelled pixels)
 
 
-def pack_rgb(colors):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare as single numbers
+def pack_rgb(
+    colors,
+):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare as single numbers
     c = np.asarray(colors).astype(np.int32)
     return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
 
 
-def edge_colors(keys):  # the colours of (H, W) with no pixel whose 4 neighbours are all of its colour
+def edge_colors(
+    keys,
+):  # the colours of (H, W) with no pixel whose 4 neighbours are all of its colour
     inner = keys[1:-1, 1:-1]
     whole = (inner == keys[:-2, 1:-1]) & (inner == keys[2:, 1:-1])
     whole &= (inner == keys[1:-1, :-2]) & (inner == keys[1:-1, 2:])
     solid = np.unique(inner[whole])
-    return np.setdiff1d(keys, solid) if len(solid) > 1 else solid[:0]  # between others: 2 solid colours
+    return (
+        np.setdiff1d(keys, solid) if len(solid) > 1 else solid[:0]
+    )  # between others: 2 solid colours
 
 
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
     """Colour masks -> (label masks, palette or None), ONE mapping for all: `palette` ([r, g, b] per class), or
     black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore)."""
-    names = [str(n) for n in names] if names is not None else [f"mask {i + 1}" for i in range(len(masks))]
+    names = (
+        [str(n) for n in names]
+        if names is not None
+        else [f"mask {i + 1}" for i in range(len(masks))]
+    )
     keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]
     if all(k is None for k in keys):  # label masks only
         return list(masks), None
-    for name, mask in zip(names, masks) if palette is None else ():  # a drawing tool's smoothing: refused
-        slivers = np.setdiff1d(edge_colors(pack_rgb(mask)), pack_rgb(VOID)) if mask.ndim == 3 else []
-        if len(slivers):  # anti-aliased edges; a part that thin needs a labelmap.txt naming its colour
+    for name, mask in (
+        zip(names, masks) if palette is None else ()
+    ):  # a drawing tool's smoothing: refused
+        slivers = (
+            np.setdiff1d(edge_colors(pack_rgb(mask)), pack_rgb(VOID)) if mask.ndim == 3 else []
+        )
+        if len(
+            slivers
+        ):  # anti-aliased edges; a part that thin needs a labelmap.txt naming its colour
             what = f"{count(len(slivers), 'colour')} only along the edges between others (anti-aliasing)"
-            raise SlimeError(f"{name} has {what}: save it unsmoothed, or name its colours in a labelmap.txt")
-    if palette is None:  # from ALL the masks: mapped one by one, a part absent from one would shift the rest
-        present = np.union1d(np.zeros(1, np.int32), np.concatenate([k[0] for k in keys if k is not None]))
-        present = present[present != pack_rgb(VOID)]  # black first even where absent; void is no class
+            raise SlimeError(
+                f"{name} has {what}: save it unsmoothed, or name its colours in a labelmap.txt"
+            )
+    if (
+        palette is None
+    ):  # from ALL the masks: mapped one by one, a part absent from one would shift the rest
+        present = np.union1d(
+            np.zeros(1, np.int32), np.concatenate([k[0] for k in keys if k is not None])
+        )
+        present = present[
+            present != pack_rgb(VOID)
+        ]  # black first even where absent; void is no class
         if len(present) > MAX_CLASSES:  # more classes than SD has text tokens
             most = max(zip(keys, names), key=lambda kn: -1 if kn[0] is None else len(kn[0][0]))[1]
-            raise SlimeError(f"the colours of {most} and the others make {len(present)} classes, over 77")
+            raise SlimeError(
+                f"the colours of {most} and the others make {len(present)} classes, over 77"
+            )
         palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in present]
     table = {k: i for i, k in enumerate(pack_rgb(np.array(palette)).tolist())}
-    table.setdefault(int(pack_rgb(VOID)), IGNORE)  # VOC's void colour means ignore, in any palette without it
+    table.setdefault(
+        int(pack_rgb(VOID)), IGNORE
+    )  # VOC's void colour means ignore, in any palette without it
     out = []
     for name, mask, k in zip(names, masks, keys):
         colours = k[0].tolist() if k is not None else []
-        unknown = [c for c in colours if c not in table]  # refused, not guessed: anti-aliased edges, often
+        unknown = [
+            c for c in colours if c not in table
+        ]  # refused, not guessed: anti-aliased edges, often
         if unknown:
             examples = ", ".join(str((c >> 16, (c >> 8) & 255, c & 255)) for c in unknown[:3])
             raise SlimeError(f"{name} has colours that are not in {source}, e.g. {examples}")
@@ -846,9 +1084,13 @@ def colors_to_labels(masks, palette=None, names=None, source="the palette"):
 LABELMAP_HEADER = "# label:color_rgb:parts:actions"
 
 
-def read_labelmap(path):  # labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i
+def read_labelmap(
+    path,
+):  # labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i
     with named(path), open(path, encoding="utf-8", errors="replace") as f:
-        lines = [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip() and line[0] != "#"]
+        lines = [
+            (n, line.strip()) for n, line in enumerate(f, 1) if line.strip() and line[0] != "#"
+        ]
     names, colors = [], []
     for n, line in lines:
         m = re.fullmatch(r"([^:]+):(\d+),(\d+),(\d+)(:.*)?", line)
@@ -857,7 +1099,9 @@ def read_labelmap(path):  # labelmap.txt -> (names, colours [[r, g, b]]), in its
         names.append(m[1].strip())
         colors.append([int(v) for v in m.groups()[1:4]])
     if not 2 <= len(names) <= MAX_CLASSES or len({tuple(c) for c in colors}) < len(colors):
-        raise SlimeError(f"{path} lists {count(len(names), 'label')}; slime needs 2 to 77, each its colour")
+        raise SlimeError(
+            f"{path} lists {count(len(names), 'label')}; slime needs 2 to 77, each its colour"
+        )
     return names, colors
 
 
@@ -866,23 +1110,35 @@ def find_labelmap(mask_paths, given=None):
     found = set()
     for folder in {os.path.dirname(os.path.abspath(m)) for m in mask_paths} if not given else ():
         up = os.path.dirname(folder) if os.path.basename(folder) == "SegmentationClass" else folder
-        here = [p for p in (os.path.join(d, "labelmap.txt") for d in (folder, up)) if os.path.isfile(p)]
+        here = [
+            p for p in (os.path.join(d, "labelmap.txt") for d in (folder, up)) if os.path.isfile(p)
+        ]
         found.update(here[:1])
     # compared by content: the same labelmap copied beside the training and the validation masks is no conflict
     if len({open(p, "rb").read() for p in found}) > 1:
-        raise SlimeError("the masks come with different labelmap.txt files: choose one with --labelmap")
+        raise SlimeError(
+            "the masks come with different labelmap.txt files: choose one with --labelmap"
+        )
     return given or min(found, default=None)
 
 
-def check_labels(labels, mask_path, size, parts, image_path):  # a mask against its image's size and the parts
+def check_labels(
+    labels, mask_path, size, parts, image_path
+):  # a mask against its image's size and the parts
     if tuple(labels.shape) != tuple(size):
-        with Image.open(image_path) as im:  # the mask fits the image as stored: a phone's photo, shown turned
+        with Image.open(
+            image_path
+        ) as im:  # the mask fits the image as stored: a phone's photo, shown turned
             exif = im.size == labels.shape[::-1]
         turned = "; its EXIF orientation turns it as shown: turn the mask too" if exif else ""
-        raise SlimeError(f"{mask_path} is {labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h){turned}")
+        raise SlimeError(
+            f"{mask_path} is {labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h){turned}"
+        )
     bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
     if bad:
-        raise SlimeError(f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} ({parts})")
+        raise SlimeError(
+            f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} ({parts})"
+        )
 
 
 # ----------------------------------------------------------------------------- files: emb.pt, and outputs
@@ -890,17 +1146,25 @@ EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other tor
 LAYERS = [list(CROSS_LAYERS), list(SELF_LAYERS)]
 
 
-def save_embeddings(path, context, parts, sd, s, colors=None, epoch=-1, miou=None, history=None, resume=None):
+def save_embeddings(
+    path, context, parts, sd, s, colors=None, epoch=-1, miou=None, history=None, resume=None
+):
     """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True).
     history: the fit's curve, {"step": [[epoch, ce, mse, sd], ...], "validation": [[epoch, mIoU], ...]};
     resume: an unfinished fit's state at its last epoch's end (fit --resume); a finished fit holds none."""
     context = context.detach().float().cpu()  # whole: predict needs no text encoder
-    emb = dict(format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts))
+    emb = dict(
+        format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts)
+    )
     emb.update(family=sd.family, fingerprint=sd.fingerprint, dtype=str(sd.dtype)[6:])
     emb.update(cross_layers=list(CROSS_LAYERS), self_layers=list(SELF_LAYERS))
     emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch, val_miou=miou)
-    emb.update(history=history or dict(step=[], validation=[]), finished=resume is None, resume=resume)
-    emb["settings"] = {k: v for k, v in asdict(s).items() if k != "window" or v}  # an older slime reads it
+    emb.update(
+        history=history or dict(step=[], validation=[]), finished=resume is None, resume=resume
+    )
+    emb["settings"] = {
+        k: v for k, v in asdict(s).items() if k != "window" or v
+    }  # an older slime reads it
     buffer = io.BytesIO()
     torch.save(emb, buffer)
     commit({path: buffer.getvalue()})  # a kill during the save leaves the previous best emb.pt
@@ -909,11 +1173,17 @@ def save_embeddings(path, context, parts, sd, s, colors=None, epoch=-1, miou=Non
 def load_embeddings(path):
     """emb.pt as fit wrote it, checked, so an edited or damaged file ends in one line; never unpickles code."""
     with named(path, "damaged, not a torch file, or holds pickled code, which slime never runs"):
-        emb = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no code is ever run
+        emb = torch.load(
+            path, map_location="cpu", weights_only=True
+        )  # weights_only: no code is ever run
     emb = emb if isinstance(emb, dict) else {}
-    parts, context, colors, learned = (emb.get(k) for k in ("parts", "context", "colors", "learned"))
+    parts, context, colors, learned = (
+        emb.get(k) for k in ("parts", "context", "colors", "learned")
+    )
     names = isinstance(parts, list) and all(isinstance(p, str) and p for p in parts)
-    rgb = lambda c: isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c)  # noqa
+    rgb = lambda c: (
+        isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c)
+    )  # noqa
     if emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         bad = f"no '{EMB_FORMAT}' format tag"
     elif not names or not 2 <= len(set(parts)) == len(parts) <= MAX_CLASSES:
@@ -922,9 +1192,14 @@ def load_embeddings(path):
         bad = "its context is not a (1, 77, width) tensor"
     elif not context.is_floating_point() or not torch.isfinite(context).all():
         bad = "its context holds nan, inf or non-float values"
-    elif not isinstance(learned, torch.Tensor) or not torch.equal(learned, context[0, 1 : len(parts)]):
+    elif not isinstance(learned, torch.Tensor) or not torch.equal(
+        learned, context[0, 1 : len(parts)]
+    ):
         bad = f"its {len(parts)} parts do not match its learned vectors"
-    elif emb.get("family") not in TEXT_PREFIX or [emb.get("cross_layers"), emb.get("self_layers")] != LAYERS:
+    elif (
+        emb.get("family") not in TEXT_PREFIX
+        or [emb.get("cross_layers"), emb.get("self_layers")] != LAYERS
+    ):
         bad = "it was fitted on another model or other attention layers than this slime reads"
     elif not isinstance(colors, list) or not all(rgb(c) for c in colors):
         bad = "its colors are not [r, g, b] lists of 0..255"
@@ -943,7 +1218,10 @@ def part_colors(emb):  # each part's colour: its masks' (labelmap or colour mask
 
 def commit(files):
     """Outputs, whole or absent: {path: bytes} to hidden temp files beside the targets, renamed when all are."""
-    temp = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}.tmp") for p in files}
+    temp = {
+        p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}.tmp")
+        for p in files
+    }
     try:
         for path, data in files.items():
             with named(path):
@@ -954,13 +1232,17 @@ def commit(files):
                     os.fsync(f.fileno())
         for path in files:
             with named(path):
-                os.replace(temp[path], path)  # atomic within a folder: readers see the old file or the new
+                os.replace(
+                    temp[path], path
+                )  # atomic within a folder: readers see the old file or the new
     finally:
         for tmp in filter(os.path.exists, temp.values()):
             os.remove(tmp)
 
 
-def png(im, level=6):  # PIL's default compression; 1 writes a big photo's overlay several times faster
+def png(
+    im, level=6
+):  # PIL's default compression; 1 writes a big photo's overlay several times faster
     buffer = io.BytesIO()
     im.save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()
@@ -968,10 +1250,14 @@ def png(im, level=6):  # PIL's default compression; 1 writes a big photo's overl
 
 def output_palette(colors=()):
     """The 256-colour palette of masks and overlays: the parts' colours first, VOC's for the rest (255: void)."""
-    return np.concatenate([np.asarray(colors, dtype=np.uint8).reshape(-1, 3), VOC_PALETTE[len(colors) :]])
+    return np.concatenate(
+        [np.asarray(colors, dtype=np.uint8).reshape(-1, 3), VOC_PALETTE[len(colors) :]]
+    )
 
 
-def mask_image(labels, colors=()):  # (H, W) labels -> indexed PNG image: value = class, in the parts' colours
+def mask_image(
+    labels, colors=()
+):  # (H, W) labels -> indexed PNG image: value = class, in the parts' colours
     im = Image.fromarray(np.asarray(labels).astype(np.uint8))
     im.putpalette(output_palette(colors).tobytes())  # an "L" image with a palette becomes "P"
     return im
@@ -980,12 +1266,21 @@ def mask_image(labels, colors=()):  # (H, W) labels -> indexed PNG image: value 
 def overlay_image(image, labels, part_names, colors=(), band=256):
     """The image tinted per part (half image, half the part's colour, rounded down), with white boundaries and a
     legend; `band` rows at a time, in int16 tensors (12000x9000 photos: 3.6 s, float64 numpy took 8.9 s)."""
-    labels, palette = torch.as_tensor(np.asarray(labels)), torch.from_numpy(output_palette(colors)).short()
+    labels, palette = (
+        torch.as_tensor(np.asarray(labels)),
+        torch.from_numpy(output_palette(colors)).short(),
+    )
     out, counts = Image.new("RGB", labels.shape[::-1]), 0
     for i in range(0, labels.shape[0], band):
         lab = labels[i : i + band + 1].long() & 255  # one row more: the boundary with the next band
         counts = counts + torch.bincount(lab[:band].flatten(), minlength=256)
-        rgb = (image[:, i : i + band].float().clamp(0, 1) * 255).round().short().permute(1, 2, 0).cpu()
+        rgb = (
+            (image[:, i : i + band].float().clamp(0, 1) * 255)
+            .round()
+            .short()
+            .permute(1, 2, 0)
+            .cpu()
+        )
         tinted = torch.where((lab[:band] != 0)[..., None], (rgb + palette[lab[:band]]) // 2, rgb)
         edge = torch.zeros(lab.shape, dtype=torch.bool)  # boundary: unlike the pixel right or below
         edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
@@ -1003,31 +1298,56 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
     for c, name in enumerate(names):
         y, white = pad + c * (size + pad), (255, 255, 255)
         draw.rectangle([pad, y, pad + size - 1, y + size - 1], tuple(map(int, palette[c])), white)
-        draw.text((2 * pad + size, y), name, fill=white if counts[c] else (150, 150, 150), font=font)
+        draw.text(
+            (2 * pad + size, y), name, fill=white if counts[c] else (150, 150, 150), font=font
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- the plan of a run
 # A run's plan: every option, file it reads and path it writes, checked before the model loads (seconds, not a fit)
-def plan_fit(args, con):  # -> (settings, device, ckpt, train, val, parts, palette, identity, stopped fit)
+def plan_fit(
+    args, con
+):  # -> (settings, device, ckpt, train, val, parts, palette, identity, stopped fit)
     preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "parts"}
-    args.parts = args.parts or PRESETS.get(args.preset, {}).get("parts")  # explicit flags win over a preset
-    s = settings_from(given(args), "the command line", settings_from(preset, f"--preset {args.preset}"))
-    args.pairs, args.val = image_mask_pairs(args.pairs, "fit"), image_mask_pairs(args.val or [], "--val")
-    stopped = check_output(args.output, args.overwrite, args.resume)  # --resume: emb.pt of the stopped fit
+    args.parts = args.parts or PRESETS.get(args.preset, {}).get(
+        "parts"
+    )  # explicit flags win over a preset
+    s = settings_from(
+        given(args), "the command line", settings_from(preset, f"--preset {args.preset}")
+    )
+    args.pairs, args.val = (
+        image_mask_pairs(args.pairs, "fit"),
+        image_mask_pairs(args.val or [], "--val"),
+    )
+    stopped = check_output(
+        args.output, args.overwrite, args.resume
+    )  # --resume: emb.pt of the stopped fit
     was = stopped["resume"]["identity"] if stopped else {}
-    device = device_and_dtype(args, con, args.dtype == "auto" and was.get("dtype"))  # auto: the stopped fit's
+    device = device_and_dtype(
+        args, con, args.dtype == "auto" and was.get("dtype")
+    )  # auto: the stopped fit's
     ckpt, pairs, files = checkpoint(args)[0], read_pairs(args, con), args.pairs + args.val
     # what makes the fit, all that --resume requires unchanged: settings, data, weights, device type, dtype
     identity = dict(asdict(s), parts=pairs[2], colors=pairs[3], checkpoint=fingerprint(ckpt))
-    identity.update(device=device[0].type, dtype=str(device[1])[6:], inputs=[fingerprint(p) for p in files])
-    for key in [k for k, v in identity.items() if stopped and was.get(k) != v][:1]:  # the first that differs
+    identity.update(
+        device=device[0].type, dtype=str(device[1])[6:], inputs=[fingerprint(p) for p in files]
+    )
+    for key in [k for k, v in identity.items() if stopped and was.get(k) != v][
+        :1
+    ]:  # the first that differs
         what = f"ran with {key} {was.get(key)}, this command with {identity[key]}"
         what = "read other images or masks, or in another order" if key == "inputs" else what
-        raise SlimeError(f"fit --resume: the stopped fit in {args.output} {what}; resume it with its command")
+        raise SlimeError(
+            f"fit --resume: the stopped fit in {args.output} {what}; resume it with its command"
+        )
     folder = os.path.dirname(os.path.abspath(args.output))
-    with named(folder):  # the last step: a refused plan leaves the folder as it was; a temp file proves that
-        os.makedirs(folder, exist_ok=True)  # emb.pt's folder takes files: found now, not after the fit
+    with named(
+        folder
+    ):  # the last step: a refused plan leaves the folder as it was; a temp file proves that
+        os.makedirs(
+            folder, exist_ok=True
+        )  # emb.pt's folder takes files: found now, not after the fit
         tempfile.TemporaryFile(dir=folder).close()
     return s, device, ckpt, *pairs, identity, stopped
 
@@ -1037,18 +1357,29 @@ def check_output(path, overwrite, resume=None):
     if os.path.isdir(path):
         raise SlimeError(f"-o {path} is a folder; give a file path such as {path}/emb.pt")
     emb = {} if os.path.exists(path) else None  # None: no file; {}: a file that is no emb.pt
-    with contextlib.suppress(Exception), named(path):  # weights_only: asking what a file is must not run it
+    with (
+        contextlib.suppress(Exception),
+        named(path),
+    ):  # weights_only: asking what a file is must not run it
         emb = emb if emb is None else torch.load(path, map_location="cpu", weights_only=True)
     emb = emb if emb is None or isinstance(emb, dict) and emb.get("format") == EMB_FORMAT else {}
-    stopped = isinstance((emb or {}).get("resume"), dict) and emb["resume"]["epoch"]  # an epoch's end kept
+    stopped = (
+        isinstance((emb or {}).get("resume"), dict) and emb["resume"]["epoch"]
+    )  # an epoch's end kept
     if resume and not stopped:
         why = "is a finished fit" if (emb or {}).get("finished") else "holds no stopped fit"
         why = why if emb is not None else "does not exist"
         raise SlimeError(f"fit --resume: {path} {why}; nothing to resume")
     if emb is not None and not (emb and (overwrite or resume)):
-        what = "already holds fitted embeddings; pass --overwrite, or" if emb else "is no slime emb.pt:"
+        what = (
+            "already holds fitted embeddings; pass --overwrite, or"
+            if emb
+            else "is no slime emb.pt:"
+        )
         on = f"holds a fit stopped after epoch {stopped}; pass --resume to go on, --overwrite to start again, or"
-        raise SlimeError(f"{path} {on if stopped and resume is not None else what} choose another -o")
+        raise SlimeError(
+            f"{path} {on if stopped and resume is not None else what} choose another -o"
+        )
     return emb if resume else None
 
 
@@ -1056,14 +1387,18 @@ def image_mask_pairs(items, what):
     """fit's (or --val's) arguments -> [image, mask, image, mask, ...]: files go in pairs, image first, and a
     folder stands for its pairs, each image with the mask of its stem (the release's NAME.png beside NAME.npy)."""
     out, files = [], []
-    for item in items + [None]:  # None: the end, which closes the last run of files as a folder does
+    for item in items + [
+        None
+    ]:  # None: the end, which closes the last run of files as a folder does
         if item is not None and not os.path.exists(item):
             raise SlimeError(f"{item}: no such file or folder")
         if item is not None and not os.path.isdir(item):
             files.append(item)
             continue
         if len(files) % 2:
-            raise SlimeError(f"{what} takes image/mask pairs or folders, but {files[-1]} has no partner")
+            raise SlimeError(
+                f"{what} takes image/mask pairs or folders, but {files[-1]} has no partner"
+            )
         for image, mask in zip(files[0::2], files[1::2]):
             # a .npy is never an image: a shell's `train/*` lists NAME.npy before NAME.png
             swap = image.lower().endswith(".npy") and file_stem(image) == file_stem(mask)
@@ -1079,7 +1414,11 @@ def folder_pairs(folder):
         if len(files) != 2:
             npy = files[0].lower().endswith(".npy")
             why = "has no mask" if not npy else "has no image"
-            why = why if len(files) == 1 else f"shares its stem with {count(len(files) - 1, 'other file')}"
+            why = (
+                why
+                if len(files) == 1
+                else f"shares its stem with {count(len(files) - 1, 'other file')}"
+            )
             why += ": a folder holds NAME.png (the image) beside NAME.npy (its mask)"
             raise SlimeError(f"{files[0]} {why}")
         out += files
@@ -1092,7 +1431,9 @@ def by_stem(folder):
     """{stem: the folder's image and mask files of that stem, the mask-like last}: how `fit FOLDER` and
     `--masks` pair files. The mask-like: the .npy (the release's), else a .png beside a photo of another kind."""
     with named(folder):  # hidden files, and files of other kinds (labelmap.txt), are not read
-        names = sorted(n for n in os.listdir(folder) if n[0] != "." and n.lower().endswith(MASK_EXTS))
+        names = sorted(
+            n for n in os.listdir(folder) if n[0] != "." and n.lower().endswith(MASK_EXTS)
+        )
     stems, rank = {}, lambda f: f.lower().endswith((".npy", ".png")) + f.lower().endswith(".npy")
     for name in names:
         stems.setdefault(file_stem(name), []).append(os.path.join(folder, name))
@@ -1108,102 +1449,181 @@ def read_pairs(args, con):
     masks = [read_mask(p, colors=bool(names)) for p in paths[1::2]]
     labels, palette = colors_to_labels(masks, colors, paths[1::2], labelmap or "the palette")
     if names and args.parts and part_names(args.parts) != names:
-        raise SlimeError(f"--parts {args.parts} differs from the labels of {labelmap}: leave --parts out")
+        raise SlimeError(
+            f"--parts {args.parts} differs from the labels of {labelmap}: leave --parts out"
+        )
     top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
     default = ",".join(["background"] + [f"part{i}" for i in range(1, top + 1)])
     parts = names or part_names(args.parts or default)
     for image, mask, mask_path, image_path in zip(images, labels, paths[1::2], paths[0::2]):
         check_labels(mask, mask_path, image.shape[1:], parts, image_path)
     if top == 0:
-        raise SlimeError(f"{paths[1]} has no part, only background 0 or ignore 255: label parts 1, 2, ...")
+        raise SlimeError(
+            f"{paths[1]} has no part, only background 0 or ignore 255: label parts 1, 2, ..."
+        )
     if palette is not None and not names:  # colours sorted by value: say which became which part
-        con.say("mask colours -> parts: " + ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts)))
-    for c in sorted(set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))):
-        warnings.warn(f"part {c} ({parts[c]}) has no pixels in any training mask: not learned", stacklevel=2)
-    return list(zip(images[:n], labels[:n])), list(zip(images[n:], labels[n:])), parts, colors or palette
+        con.say(
+            "mask colours -> parts: " + ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts))
+        )
+    for c in sorted(
+        set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))
+    ):
+        warnings.warn(
+            f"part {c} ({parts[c]}) has no pixels in any training mask: not learned", stacklevel=2
+        )
+    return (
+        list(zip(images[:n], labels[:n])),
+        list(zip(images[n:], labels[n:])),
+        parts,
+        colors or palette,
+    )
 
 
 RECORD = "slime-run.json"  # what made the masks in an output folder; written before the first image
-RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"), "summary.json")
+RUN_FILES = (
+    "labelmap.txt",
+    os.path.join("ImageSets", "Segmentation", "default.txt"),
+    "summary.json",
+)
 OUT_DIRS = ("SegmentationClass", "overlays")  # each image's mask and overlay, NAME.png in each
 
 
-def plan_predict(args, con):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
+def plan_predict(
+    args, con
+):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
     emb, path, record = load_embeddings(args.emb), os.path.join(args.out, RECORD), None
     folder = os.path.abspath(args.out)  # -o, or the nearest folder above it that will hold it
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
-    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # found now, not after the model's load
+    if not (
+        os.path.isdir(folder) and os.access(folder, os.W_OK)
+    ):  # found now, not after the model's load
         raise SlimeError(f"-o {args.out}: {folder} is no folder slime may write in")
     s = settings_from(given(args), "the command line", emb["settings"])
     if os.path.exists(path) and not args.overwrite:
-        with named(path, "not slime's run record; pass --overwrite, or choose another -o"), open(path) as f:
+        with (
+            named(path, "not slime's run record; pass --overwrite, or choose another -o"),
+            open(path) as f,
+        ):
             record = json.load(f)
         if not isinstance(record, dict) or not isinstance(record.get("run"), str):
-            raise SlimeError(f"{path} is not slime's run record; pass --overwrite, or choose another -o")
+            raise SlimeError(
+                f"{path} is not slime's run record; pass --overwrite, or choose another -o"
+            )
     device = device_and_dtype(args, con, record and args.dtype == "auto" and record.get("dtype"))
     ckpt, family, modules = checkpoint(args)
     if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
-        raise SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})")
+        raise SlimeError(
+            f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})"
+        )
     jobs, skipped = list_jobs(args, con)
-    for job in jobs:  # from the header: an image over MAX_PIXELS is refused now, not after the model's load
+    for job in (
+        jobs
+    ):  # from the header: an image over MAX_PIXELS is refused now, not after the model's load
         job.size = shown_size(job.image)
     find_ground_truth(jobs, args.masks, emb, con)
-    truth = {os.path.realpath(job.gt) for job in jobs if job.gt}  # the release's NAME.npy beside NAME.png
+    truth = {
+        os.path.realpath(job.gt) for job in jobs if job.gt
+    }  # the release's NAME.npy beside NAME.png
     read = sum(os.path.realpath(p) in truth for p in skipped)
-    con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else "")) if skipped else None
+    con.say(
+        skipped_line(skipped, f" ({read} read as ground truth)" if read else "")
+    ) if skipped else None
     # what makes the masks, kept in the record, so that a refusal names what differs
     vectors = hashlib.sha256(emb["context"].numpy().tobytes()).hexdigest()[:16]
     made = dict(embeddings=vectors, parts=emb["parts"], colors=part_colors(emb), **asdict(s))
     made.update(checkpoint=fingerprint(ckpt), device=device[0].type, dtype=str(device[1])[6:])
-    if emb["fingerprint"] != made["checkpoint"]:  # the same kind of model, other weights: maybe meant
-        con.say(f"warning: {args.emb} was fitted on another checkpoint than {ckpt} (a fine-tune, a copy?)")
+    if (
+        emb["fingerprint"] != made["checkpoint"]
+    ):  # the same kind of model, other weights: maybe meant
+        con.say(
+            f"warning: {args.emb} was fitted on another checkpoint than {ckpt} (a fine-tune, a copy?)"
+        )
     run = hashlib.sha256(json.dumps(made).encode()).hexdigest()[:16]
     outputs = {os.path.join(args.out, n): f"this run's {n}" for n in RUN_FILES}
-    outputs.update({p: f"the mask or overlay of {j.image}" for j in jobs for p in (j.mask, j.overlay)})
+    outputs.update(
+        {p: f"the mask or overlay of {j.image}" for j in jobs for p in (j.mask, j.overlay)}
+    )
     first = next((p for p in outputs if os.path.exists(p)), None)
     was = record and record.get("made_of", {})  # None: no record
-    key = next((k for k, v in made.items() if was and was.get(k) != v), "emb.pt, settings, weights or dtype")
+    key = next(
+        (k for k, v in made.items() if was and was.get(k) != v),
+        "emb.pt, settings, weights or dtype",
+    )
     if first and not record and not args.overwrite:  # the user's file, or an older slime's
         why = f"is in the way of {outputs[first]}, and no {RECORD} says whose it is"
         raise SlimeError(f"{first} {why}; pass --overwrite, or choose another -o")
     if first and record and record["run"] != run:
         why = f"{key} {was[key]} there, {made[key]} here" if key in made else f"another {key}"
-        raise SlimeError(f"{args.out} holds outputs of another run ({why}); pass --overwrite, or -o")
+        raise SlimeError(
+            f"{args.out} holds outputs of another run ({why}); pass --overwrite, or -o"
+        )
     for job in jobs:  # the same run resumes: an image is done when both its files are there
         job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)
-    return emb, s, device, ckpt, jobs, dict(run=run, dtype=made["dtype"], embeddings=args.emb, made_of=made)
+    return (
+        emb,
+        s,
+        device,
+        ckpt,
+        jobs,
+        dict(run=run, dtype=made["dtype"], embeddings=args.emb, made_of=made),
+    )
 
 
-def list_jobs(args, con):  # predict's images, each once, with its output paths; outputs kept from inputs
+def list_jobs(
+    args, con
+):  # predict's images, each once, with its output paths; outputs kept from inputs
     jobs, skipped, truth = {}, [], set()
-    if args.masks and os.path.isdir(args.masks):  # its masks of images: in the images' own folder, not images
-        truth = {os.path.realpath(files[-1]) for files in by_stem(args.masks).values() if len(files) > 1}
+    if args.masks and os.path.isdir(
+        args.masks
+    ):  # its masks of images: in the images' own folder, not images
+        truth = {
+            os.path.realpath(files[-1]) for files in by_stem(args.masks).values() if len(files) > 1
+        }
     for p in args.inputs:
         if not os.path.exists(p):
             raise SlimeError(f"{p}: no such file or folder")
-        files = sorted(os.path.join(p, n) for n in os.listdir(p) if n[0] != ".") if os.path.isdir(p) else [p]
-        for path in filter(os.path.isfile, files):  # hidden files (.DS_Store, temp files) are not listed
+        files = (
+            sorted(os.path.join(p, n) for n in os.listdir(p) if n[0] != ".")
+            if os.path.isdir(p)
+            else [p]
+        )
+        for path in filter(
+            os.path.isfile, files
+        ):  # hidden files (.DS_Store, temp files) are not listed
             named_image = path == p and not path.lower().endswith(".npy")  # tried: it may be one
-            if not (path.lower().endswith(IMAGE_EXTS) or named_image) or os.path.realpath(path) in truth:
+            if (
+                not (path.lower().endswith(IMAGE_EXTS) or named_image)
+                or os.path.realpath(path) in truth
+            ):
                 skipped.append(path)
                 continue
             mask, overlay = (os.path.join(args.out, d, file_stem(path) + ".png") for d in OUT_DIRS)
-            job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay, size=None)
-            jobs.setdefault(os.path.realpath(path), job)  # the same image named twice is segmented once
+            job = SimpleNamespace(
+                image=path, gt=None, done=False, mask=mask, overlay=overlay, size=None
+            )
+            jobs.setdefault(
+                os.path.realpath(path), job
+            )  # the same image named twice is segmented once
     if not jobs:
         con.say(skipped_line(skipped)) if skipped else None
         raise SlimeError(f"{', '.join(args.inputs)} holds no images ({', '.join(IMAGE_EXTS)})")
     masks = {}
     for job in jobs.values():
         if masks.setdefault(job.mask, job.image) != job.image:
-            raise SlimeError(f"{masks[job.mask]} and {job.image} would both be {job.mask}; rename one")
+            raise SlimeError(
+                f"{masks[job.mask]} and {job.image} would both be {job.mask}; rename one"
+            )
     # outputs never mix with inputs: a labelmap.txt written beside them would be read as theirs next time
     outs = [os.path.join(args.out, d) for d in ("", *OUT_DIRS)]
-    inputs = {os.path.dirname(os.path.abspath(j.image)) for j in jobs.values()} | {args.masks} - {None}
+    inputs = {os.path.dirname(os.path.abspath(j.image)) for j in jobs.values()} | {args.masks} - {
+        None
+    }
     for folder in (f for f in inputs if os.path.isdir(f)):
         if any(os.path.isdir(d) and os.path.samefile(folder, d) for d in outs):
-            raise SlimeError(f"-o {args.out} holds inputs of this run ({folder}); choose another -o")
+            raise SlimeError(
+                f"-o {args.out} holds inputs of this run ({folder}); choose another -o"
+            )
     return list(jobs.values()), skipped
 
 
@@ -1211,7 +1631,9 @@ def skipped_line(skipped, note=""):
     return f"skipped {count(len(skipped), 'non-image file')}{note}: {', '.join(map(os.path.basename, skipped[:5]))}"
 
 
-def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground truth by file stem, checked
+def find_ground_truth(
+    jobs, masks, emb, con
+):  # --masks: each image's ground truth by file stem, checked
     if masks and not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder")
     found = by_stem(masks) if masks else {}
@@ -1227,12 +1649,20 @@ def find_ground_truth(jobs, masks, emb, con):  # --masks: each image's ground tr
             continue
         if job.size:  # a damaged image is skipped when its turn comes
             check_labels(ground_truth(job, emb), job.gt, job.size, emb["parts"], job.image)
-    if masks and not any(job.gt for job in jobs):  # an IoU table of nothing would read as a score of 0
-        raise SlimeError(f"--masks {masks} holds no mask for any image (found by file stem: a.jpg -> a.png)")
+    if masks and not any(
+        job.gt for job in jobs
+    ):  # an IoU table of nothing would read as a score of 0
+        raise SlimeError(
+            f"--masks {masks} holds no mask for any image (found by file stem: a.jpg -> a.png)"
+        )
 
 
-def ground_truth(job, emb):  # ground truth as labels: label masks as they are, colours in the parts' colours
-    (gt,), _ = colors_to_labels([read_mask(job.gt)], part_colors(emb), [job.gt], "the parts' colours")
+def ground_truth(
+    job, emb
+):  # ground truth as labels: label masks as they are, colours in the parts' colours
+    (gt,), _ = colors_to_labels(
+        [read_mask(job.gt)], part_colors(emb), [job.gt], "the parts' colours"
+    )
     return gt
 
 
@@ -1242,23 +1672,35 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def device_and_dtype(args, con, resume=None):
     """--device and --dtype, checked and said in one line -> (device, dtype); auto: see README, Speed."""
-    name = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    name = args.device or (
+        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    )
     if not re.fullmatch(r"(cpu|mps)(:0)?|cuda(:\d+)?", name):
         raise SlimeError(f"--device {name}: not a device slime knows; use cpu, cuda, cuda:N or mps")
     device = torch.device(name)
     cuda = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
-    if not (device.type == "cpu" or cuda or device.type == "mps" and torch.backends.mps.is_available()):
+    if not (
+        device.type == "cpu" or cuda or device.type == "mps" and torch.backends.mps.is_available()
+    ):
         raise SlimeError(f"--device {name}: not available on this machine; leave --device out")
-    resume = {str(v)[6:]: k for k, v in DTYPES.items()}.get(resume)  # the resumed outputs': "float32" -> fp32
+    resume = {str(v)[6:]: k for k, v in DTYPES.items()}.get(
+        resume
+    )  # the resumed outputs': "float32" -> fp32
     cpu, dtype, why = device.type == "cpu", resume or args.dtype, "as --dtype says"
     if cpu and dtype == "fp16":
-        raise SlimeError("--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32")
+        raise SlimeError(
+            "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32"
+        )
     if resume:
         why = "the number format of the outputs it resumes"
     elif cpu and dtype == "bf16" and not cpu_has_bf16():
         why += ", though this CPU has no bf16 instructions: 25x to 100x slower"
-    elif dtype == "auto":  # the release's format; bf16 is the user's choice (README, Speed), never a timing's
-        hint = "; this CPU has bf16 instructions: --dtype bf16 may be faster" * (cpu and cpu_has_bf16())
+    elif (
+        dtype == "auto"
+    ):  # the release's format; bf16 is the user's choice (README, Speed), never a timing's
+        hint = "; this CPU has bf16 instructions: --dtype bf16 may be faster" * (
+            cpu and cpu_has_bf16()
+        )
         dtype, why = "fp32", "the release's format" + hint
     where = f"the CPU ({count(torch.get_num_threads(), 'thread')})" if cpu else str(device)
     slow = "; no GPU found, so each image takes minutes" * (cpu and not args.device)
@@ -1277,7 +1719,9 @@ def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, f
     found = sorted(glob.glob(os.path.join(glob.escape(HERE), "weights", "*.safetensors")))
     if not args.ckpt and len(found) != 1:
         what = "see weights/README.md" if not found else f"choose one of {len(found)}"
-        raise SlimeError(f"{HERE}/weights holds {count(len(found), 'checkpoint')}: {what}, or pass --ckpt")
+        raise SlimeError(
+            f"{HERE}/weights holds {count(len(found), 'checkpoint')}: {what}, or pass --ckpt"
+        )
     return (args.ckpt or found[0], *read_header(args.ckpt or found[0]))
 
 
@@ -1287,9 +1731,15 @@ SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each ends a run as Ctrl-C does: int
 ONE_PATCH = dict(patch_size=512, patches_per_side=1)  # the whole image
 SETTING_FLAGS = {f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(Settings)}
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
-    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, **ONE_PATCH),
-    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8, **ONE_PATCH),
-    "celeba": dict(parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6),
+    "pascal-car": dict(
+        parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, **ONE_PATCH
+    ),
+    "pascal-horse": dict(
+        parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8, **ONE_PATCH
+    ),
+    "celeba": dict(
+        parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6
+    ),
 }
 PRESETS["celeba"]["rotation"] = 10.0
 
@@ -1297,12 +1747,18 @@ PRESETS["celeba"]["rotation"] = 10.0
 def check_setting(f, value):
     """A value for the Settings field f, typed or emb.pt's -> the value, or ArgumentTypeError saying why."""
     kind, (lo, hi), step = type(f.default), f.metadata["range"], f.metadata["step"]
-    if kind is bool and type(value) is not bool:  # not bool(value): bool("false") is True; 1 is no switch
+    if (
+        kind is bool and type(value) is not bool
+    ):  # not bool(value): bool("false") is True; 1 is no switch
         raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
     if kind is bool:
         return value
     try:  # text from the command line; an int where a float is due (emb.pt, JSON) is taken as it is
-        x = kind(value) if isinstance(value, str) or (kind is float and type(value) is int) else value
+        x = (
+            kind(value)
+            if isinstance(value, str) or (kind is float and type(value) is int)
+            else value
+        )
     except ValueError:
         x = None
     # type() and not isinstance(): True is an int to Python, but no number of epochs; nan and inf never pass
@@ -1317,7 +1773,9 @@ def settings_from(values, source, base=None):
     known, checked = {f.name: f for f in fields(Settings)}, {}
     unknown = ", ".join(sorted(map(str, set(values) - set(known))))
     if unknown:  # made by a newer slime: update slime rather than guess what they mean
-        raise SlimeError(f"{source} has settings this slime does not know ({unknown}); update slime")
+        raise SlimeError(
+            f"{source} has settings this slime does not know ({unknown}); update slime"
+        )
     for name, value in values.items():
         try:
             checked[name] = check_setting(known[name], value)
@@ -1326,21 +1784,31 @@ def settings_from(values, source, base=None):
     s = replace(base or Settings(), **checked)  # only what was given replaces the base
     if s.t_min > s.t_max:  # randint(t_min, t_max + 1) would otherwise fail at fit's first step
         raise SlimeError(f"{source}: t_min {s.t_min} exceeds t_max {s.t_max}")
-    if s.window and s.out_size:  # the window path writes each image's own size: refused, not ignored
-        raise SlimeError(f"{source}: --window makes masks of each image's own size; give --out-size 0")
+    if (
+        s.window and s.out_size
+    ):  # the window path writes each image's own size: refused, not ignored
+        raise SlimeError(
+            f"{source}: --window makes masks of each image's own size; give --out-size 0"
+        )
     return s
 
 
 def given(args):  # the settings given on the command line ({} for the ones left out)
-    return {f.name: vars(args)[f.name] for f in fields(Settings) if vars(args).get(f.name) is not None}
+    return {
+        f.name: vars(args)[f.name] for f in fields(Settings) if vars(args).get(f.name) is not None
+    }
 
 
 def part_names(text):  # "a,b,c" -> ["a", "b", "c"]: 2 to 77 names, not empty and not repeated
     parts = [p.strip() for p in text.split(",")]
     if not all(parts) or len(set(parts)) != len(parts):
-        raise SlimeError(f"--parts {text}: the names must be non-empty and distinct, comma-separated")
+        raise SlimeError(
+            f"--parts {text}: the names must be non-empty and distinct, comma-separated"
+        )
     if len(parts) > MAX_CLASSES:
-        raise SlimeError(f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)")
+        raise SlimeError(
+            f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)"
+        )
     return parts
 
 
@@ -1353,14 +1821,28 @@ class Console:
     thread redraws that line every second (in a log: a line each 10 s), so no stage is ever silent."""
 
     def __init__(self, quiet, prefix=""):
-        self.quiet, self.prefix, self.open, self.shown, self.t0 = quiet, prefix, False, 0.0, time.time()
-        self.lock, self.line, self.done, self.ticker = threading.Lock(), None, threading.Event(), None
+        self.quiet, self.prefix, self.open, self.shown, self.t0 = (
+            quiet,
+            prefix,
+            False,
+            0.0,
+            time.time(),
+        )
+        self.lock, self.line, self.done, self.ticker = (
+            threading.Lock(),
+            None,
+            threading.Event(),
+            None,
+        )
 
     def say(self, msg, always=False):
         if always or not self.quiet:
             with self.lock:
                 print(("\n" if self.open else "") + self.prefix + msg, file=sys.stderr, flush=True)
-                self.open, self.line = False, None  # the stage line is drawn anew by the next progress()
+                self.open, self.line = (
+                    False,
+                    None,
+                )  # the stage line is drawn anew by the next progress()
 
     def progress(self, text, eta=None, force=False):
         self.line = (text, eta and time.time() + eta)
@@ -1369,7 +1851,9 @@ class Console:
             self.ticker.start()
         self.show(force)
 
-    def tick(self):  # until main() ends: the stage line with its clock moving, while a step or a patch runs
+    def tick(
+        self,
+    ):  # until main() ends: the stage line with its clock moving, while a step or a patch runs
         while not self.done.wait(1):
             self.show()
 
@@ -1390,50 +1874,81 @@ class Console:
 
 def duration(seconds):  # 12 s, 7.5 min, 3.2 h
     h, m = seconds >= 5400, seconds >= 90
-    return f"{seconds / 3600:.1f} h" if h else f"{seconds / 60:.1f} min" if m else f"{seconds:.0f} s"
+    return (
+        f"{seconds / 3600:.1f} h" if h else f"{seconds / 60:.1f} min" if m else f"{seconds:.0f} s"
+    )
 
 
-def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving emb.pt at each epoch's end
+def cmd_fit(
+    args, con
+):  # plan (the data read and checked); load; fit, saving emb.pt at each epoch's end
     s, device, ckpt, train, val, parts, palette, identity, stopped = plan_fit(args, con)
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device)
     # emb.pt keeps the fit's curve (examples/maps.py --curve draws it) and the best; --resume: the stopped fit's
     history = stopped["history"] if stopped else dict(step=[], validation=[])
-    state = dict(stopped["resume"], best_context=stopped["context"].to(sd.device)) if stopped else None
-    best = dict(epoch=stopped["epoch"], miou=stopped["val_miou"]) if stopped else dict(epoch=0, miou=None)
+    state = (
+        dict(stopped["resume"], best_context=stopped["context"].to(sd.device)) if stopped else None
+    )
+    best = (
+        dict(epoch=stopped["epoch"], miou=stopped["val_miou"])
+        if stopped
+        else dict(epoch=0, miou=None)
+    )
     vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
-    steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}" + ", resumed" * bool(state)
-    con.say(f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}")
+    steps = (
+        f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}"
+        + ", resumed" * bool(state)
+    )
+    con.say(
+        f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}"
+    )
     start = state["epoch"] if state else 0
     progress = fit_progress(con, s, len(train), start)
-    con.progress(f"epoch {start + 1}/{s.epochs}  setting up: the validation's noisy patches", force=True)
+    con.progress(
+        f"epoch {start + 1}/{s.epochs}  setting up: the validation's noisy patches", force=True
+    )
 
     def on_event(e):  # the curve: per step [epoch, ce, mse, sd], per validation [epoch, mIoU]
         if e["event"] in history:
-            history[e["event"]].append([e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e])
+            history[e["event"]].append(
+                [e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e]
+            )
         best.update(epoch=e["epoch"], miou=e["miou"]) if e.get("best") else None
         if e["event"] != "epoch":
             return progress(e)
         # emb.pt, whole, at each epoch's end: the best so far, and all that resuming needs until the fit ends
         context, resume = e["state"].pop("best_context"), dict(e["state"], identity=identity)
         resume = resume if e["epoch"] < s.epochs else None
-        save_embeddings(args.output, context, parts, sd, s, palette, history=history, resume=resume, **best)
+        save_embeddings(
+            args.output, context, parts, sd, s, palette, history=history, resume=resume, **best
+        )
 
     try:
         fit(sd, train, len(parts), s, val or None, on_event, state)
-    except KeyboardInterrupt as e:  # the stop line says how to go on, if emb.pt holds this fit's state
+    except (
+        KeyboardInterrupt
+    ) as e:  # the stop line says how to go on, if emb.pt holds this fit's state
         with contextlib.suppress(SlimeError):  # it holds none: no epoch's end saved
             kept = check_output(args.output, False, resume=True)["resume"]
             on = f"; {args.output} holds epoch {kept['epoch']}: rerun with --resume (no --overwrite) to go on"
             e.add_note(on) if kept["identity"] == identity else None
         raise
-    con.say(f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})")
+    con.say(
+        f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})"
+    )
     curve = f"python examples/maps.py {args.output} --curve -o curve.png"
-    con.say(f"next: python slime.py predict {args.output} IMAGES/ -o out/ (the fit's curve: {curve})")
+    con.say(
+        f"next: python slime.py predict {args.output} IMAGES/ -o out/ (the fit's curve: {curve})"
+    )
 
 
-def fit_progress(con, s, steps_per_epoch, start=0):  # the stage; an ETA from recent steps and validations
-    vals = -(-s.epochs // s.val_every) - start // s.val_every  # the validations left, the last epoch's too
+def fit_progress(
+    con, s, steps_per_epoch, start=0
+):  # the stage; an ETA from recent steps and validations
+    vals = (
+        -(-s.epochs // s.val_every) - start // s.val_every
+    )  # the validations left, the last epoch's too
     state = SimpleNamespace(last=time.time(), steps=[], val_t=None, vals=vals)
 
     def progress(e):
@@ -1446,8 +1961,14 @@ def fit_progress(con, s, steps_per_epoch, start=0):  # the stage; an ETA from re
             what = f"validation mIoU {e['miou']:.4f}" + ", the best so far: saved" * e["best"]
         state.last, recent = time.time(), state.steps[-5:]
         # before the first validation its cost is unknown: no ETA rather than one that leaves it out
-        steps = ((s.epochs - start) * steps_per_epoch - len(state.steps)) * sum(recent) / max(len(recent), 1)
-        eta = None if state.val_t is None and state.vals else steps + state.vals * (state.val_t or 0)
+        steps = (
+            ((s.epochs - start) * steps_per_epoch - len(state.steps))
+            * sum(recent)
+            / max(len(recent), 1)
+        )
+        eta = (
+            None if state.val_t is None and state.vals else steps + state.vals * (state.val_t or 0)
+        )
         con.progress(f"epoch {e['epoch']}/{s.epochs}  {what}", eta, force=e["event"] != "step")
 
     return progress
@@ -1458,7 +1979,9 @@ def cmd_predict(args, con):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     emb, s, device, ckpt, jobs, run = plan_predict(args, con)
     if world > 1:  # every process makes its plan before the record changes
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # CPU objects only, waits long
+        dist.init_process_group(
+            "gloo", timeout=datetime.timedelta(days=7)
+        )  # CPU objects only, waits long
         plans = [None] * world
         dist.all_gather_object(plans, (run, [job.image for job in jobs]))
         if plans != plans[:1] * world:  # the folder changed meanwhile
@@ -1467,7 +1990,9 @@ def cmd_predict(args, con):
     sd = load_models(ckpt, *device, text_encoder=False)  # emb.pt holds the whole context
     if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
         # --overwrite: one run per folder. Its masks, overlays (first) and summary.json go, the other run's listed
-        stems = {file_stem(r["mask"]) for r in listed_images(args.out)} | {file_stem(j.mask) for j in jobs}
+        stems = {file_stem(r["mask"]) for r in listed_images(args.out)} | {
+            file_stem(j.mask) for j in jobs
+        }
         paths = [os.path.join(args.out, d, f"{f}.png") for d in OUT_DIRS[::-1] for f in stems]
         for path in paths + [os.path.join(args.out, RUN_FILES[2])] if args.overwrite else []:
             os.remove(path) if os.path.exists(path) else None
@@ -1480,18 +2005,24 @@ def cmd_predict(args, con):
         eta = (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
         con.progress(what, eta, not job.done)
         try:
-            if job.done:  # its mask read back (as images are: no bomb warning), for the IoU table and summary
+            if (
+                job.done
+            ):  # its mask read back (as images are: no bomb warning), for the IoU table and summary
                 labels = torch.from_numpy(np.array(open_image(job.mask)[0]))
             else:
                 try:
                     image = read_image(job.image)
-                except SlimeError as e:  # one bad image does not stop a folder: named, skipped, counted
+                except (
+                    SlimeError
+                ) as e:  # one bad image does not stop a folder: named, skipped, counted
                     con.say(f"skipped {e}", always=True)  # -q too: a script must know
                     unread.append(dict(image=job.image, mask=job.mask, reason=str(e)))
                     continue
                 labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
             records.append(image_record(job, labels, emb))
-        except KeyboardInterrupt:  # the run's files keep what is done (under torchrun, this process's part)
+        except (
+            KeyboardInterrupt
+        ):  # the run's files keep what is done (under torchrun, this process's part)
             report(args, con, emb, s, records, wrote, unread) if rank == 0 else None
             raise
     if world > 1:  # everyone's results, to write the run files once
@@ -1506,15 +2037,26 @@ def cmd_predict(args, con):
 
 def segment_and_write(sd, emb, job, image, s, con, what):
     """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
-    t0, context, parts, colors = time.time(), emb["context"].to(sd.device), emb["parts"], part_colors(emb)
+    t0, context, parts, colors = (
+        time.time(),
+        emb["context"].to(sd.device),
+        emb["parts"],
+        part_colors(emb),
+    )
     where = f"{what}  {'window' if s.window else 'patch'}"
-    progress = lambda i, n, *maps: con.progress(f"{where} {i}/{n}", (time.time() - t0) / i * (n - i), i == n)  # noqa: E731
+    progress = lambda i, n, *maps: con.progress(
+        f"{where} {i}/{n}", (time.time() - t0) / i * (n - i), i == n
+    )  # noqa: E731
     try:
         labels = segment(sd, context, image, len(parts), s, progress=progress)
     except SlimeError as e:  # its scores are not finite, say
         raise SlimeError(f"{job.image}: {e}") from None
-    shown = image if image.shape[1:] == labels.shape else resize(image, tuple(labels.shape), "bilinear")
-    overlay = overlay_image(shown, labels.numpy(), parts, colors)  # --out-size 512: on the image resized
+    shown = (
+        image if image.shape[1:] == labels.shape else resize(image, tuple(labels.shape), "bilinear")
+    )
+    overlay = overlay_image(
+        shown, labels.numpy(), parts, colors
+    )  # --out-size 512: on the image resized
     commit({job.mask: png(mask_image(labels.numpy(), colors)), job.overlay: png(overlay, level=1)})
     return labels
 
@@ -1522,16 +2064,28 @@ def segment_and_write(sd, emb, job, image, s, con, what):
 def image_record(job, labels, emb):  # summary.json's entry: size, area of each part in pixels, IoUs
     parts, area = emb["parts"], np.bincount(labels.numpy().ravel(), minlength=len(emb["parts"]))
     record = dict(image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done)
-    record.update(width=labels.shape[1], height=labels.shape[0], area=dict(zip(parts, area.tolist())))
-    if job.gt:  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
-        gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[0]
+    record.update(
+        width=labels.shape[1], height=labels.shape[0], area=dict(zip(parts, area.tolist()))
+    )
+    if (
+        job.gt
+    ):  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
+        gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[
+            0
+        ]
         ious = iou_per_class(labels, gt, len(parts))
         record.update(ground_truth=job.gt, iou={parts[c]: v for c, v in ious.items()})
     return record
 
 
-def listed_images(out):  # the images out/summary.json lists: the run's whose record is there, or none
-    with contextlib.suppress(Exception), named(path := os.path.join(out, RUN_FILES[2])), open(path) as f:
+def listed_images(
+    out,
+):  # the images out/summary.json lists: the run's whose record is there, or none
+    with (
+        contextlib.suppress(Exception),
+        named(path := os.path.join(out, RUN_FILES[2])),
+        open(path) as f,
+    ):
         return [r for r in json.load(f)["images"] if isinstance(r["mask"], str)]
     return []
 
@@ -1539,18 +2093,41 @@ def listed_images(out):  # the images out/summary.json lists: the run's whose re
 def report(args, con, emb, s, records, wrote, unread):
     """The run files of all the folder holds for this run (earlier invocations' too), their IoUs; what was done."""
     parts, colors, stem = emb["parts"], part_colors(emb), lambda r: file_stem(r["mask"])
-    held = lambda r: all(os.path.isfile(os.path.join(args.out, d, stem(r) + ".png")) for d in OUT_DIRS)  # noqa: E731
-    earlier = {stem(r): r for r in listed_images(args.out) if held(r)}  # this run's (--overwrite took others)
-    listed = sorted({**earlier, **{stem(r): r for r in records}}.values(), key=stem)  # as one run lists all
+    held = lambda r: all(
+        os.path.isfile(os.path.join(args.out, d, stem(r) + ".png")) for d in OUT_DIRS
+    )  # noqa: E731
+    earlier = {
+        stem(r): r for r in listed_images(args.out) if held(r)
+    }  # this run's (--overwrite took others)
+    listed = sorted(
+        {**earlier, **{stem(r): r for r in records}}.values(), key=stem
+    )  # as one run lists all
     scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in listed if "iou" in r]
     per_class, miou = miou_table(scored, len(parts))
     rows = {name: v for name, v in zip(parts, per_class) if v is not None}
-    summary = dict(written_by="slime predict", embeddings=args.emb, settings=asdict(s), images=listed)
-    summary["parts"] = [dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))]
+    summary = dict(
+        written_by="slime predict", embeddings=args.emb, settings=asdict(s), images=listed
+    )
+    summary["parts"] = [
+        dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))
+    ]
     summary.update(iou=rows or None, miou=miou if rows else None, unread=unread)
-    labelmap = LABELMAP_HEADER + "\n" + "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
-    texts = [labelmap, "".join(stem(r) + "\n" for r in listed), json.dumps(summary, indent=2) + "\n"]
-    commit({os.path.join(args.out, n): t.encode(errors="surrogateescape") for n, t in zip(RUN_FILES, texts)})
+    labelmap = (
+        LABELMAP_HEADER
+        + "\n"
+        + "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
+    )
+    texts = [
+        labelmap,
+        "".join(stem(r) + "\n" for r in listed),
+        json.dumps(summary, indent=2) + "\n",
+    ]
+    commit(
+        {
+            os.path.join(args.out, n): t.encode(errors="surrogateescape")
+            for n, t in zip(RUN_FILES, texts)
+        }
+    )
     if rows:  # on stdout, unlike every notice: the table is the result, and -q keeps it
         table = "".join(f"{name:<16} {v:.4f}\n" for name, v in rows.items())
         print(f"{'part':<16} IoU\n{table}{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
@@ -1558,8 +2135,13 @@ def report(args, con, emb, s, records, wrote, unread):
         con.say("nothing was scored: every ground-truth mask is all 'ignore' (255); no IoU table")
     empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background
     if empty:  # no part's cross-attention reached --threshold in any patch: unlike images, or other weights?
-        con.say(f"warning: {empty} of {count(len(records), 'image')} got no part; a lower --threshold helps")
-    done, unread = len(records) - wrote, f"; could not read {count(len(unread), 'image')}" * bool(unread)
+        con.say(
+            f"warning: {empty} of {count(len(records), 'image')} got no part; a lower --threshold helps"
+        )
+    done, unread = (
+        len(records) - wrote,
+        f"; could not read {count(len(unread), 'image')}" * bool(unread),
+    )
     skipped = f"; skipped {done} already done (--overwrite redoes them)" * bool(done)
     con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}{skipped}{unread}")
 
@@ -1584,7 +2166,9 @@ RELEASE_FLAGS = {
 
 class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
     def error(self, message):
-        flag = re.search(r"unrecognized arguments: (--\w+)", message)  # spelt the release's way: slime's name
+        flag = re.search(
+            r"unrecognized arguments: (--\w+)", message
+        )  # spelt the release's way: slime's name
         dashed = flag and "--" + flag[1][2:].replace("_", "-")
         slimes = RELEASE_FLAGS.get(flag and flag[1]) or dashed in SETTING_FLAGS and dashed
         hint = f"; {flag[1]} is {slimes} in slime" if slimes else ""
@@ -1594,41 +2178,83 @@ class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
 def build_parser():
     ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser("fit", allow_abbrev=False, help="learn a text vector per part from image/mask pairs")
-    f.add_argument("pairs", nargs="+", metavar="IMAGE MASK", help="image/mask pairs, or folders of them")
-    f.add_argument("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
-    f.add_argument("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs/folders; default fit's")
-    f.add_argument("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
-    f.add_argument("--labelmap", help="labelmap.txt naming the colours; default one beside the masks")
-    f.add_argument("--parts", help="class names, background first; default the labelmap's, else part1,...")
+    f = sub.add_parser(
+        "fit", allow_abbrev=False, help="learn a text vector per part from image/mask pairs"
+    )
+    f.add_argument(
+        "pairs", nargs="+", metavar="IMAGE MASK", help="image/mask pairs, or folders of them"
+    )
+    f.add_argument(
+        "-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt"
+    )
+    f.add_argument(
+        "--val", nargs="+", metavar="IMAGE MASK", help="validation pairs/folders; default fit's"
+    )
+    f.add_argument(
+        "--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings"
+    )
+    f.add_argument(
+        "--labelmap", help="labelmap.txt naming the colours; default one beside the masks"
+    )
+    f.add_argument(
+        "--parts", help="class names, background first; default the labelmap's, else part1,..."
+    )
     again = f.add_mutually_exclusive_group()  # fit: one of --resume and --overwrite
-    again.add_argument("--resume", action="store_true", help="continue the fit stopped in -o (same command)")
-    p = sub.add_parser("predict", allow_abbrev=False, help="segment images; settings not given are emb.pt's")
+    again.add_argument(
+        "--resume", action="store_true", help="continue the fit stopped in -o (same command)"
+    )
+    p = sub.add_parser(
+        "predict", allow_abbrev=False, help="segment images; settings not given are emb.pt's"
+    )
     p.add_argument("emb", help="emb.pt written by fit")
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("-o", "--out", default="out", help="output folder, slime's alone; default out")
-    p.add_argument("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")
+    p.add_argument(
+        "--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU"
+    )
     for stage, sp in (("fit", f), ("predict", p)):
-        sp.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
-        sp.add_argument("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
-        sp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="default auto (README)")
+        sp.add_argument(
+            "--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/"
+        )
+        sp.add_argument(
+            "--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu"
+        )
+        sp.add_argument(
+            "--dtype", choices=["auto", *DTYPES], default="auto", help="default auto (README)"
+        )
         redo = "replace emb.pt; predict: redo every image, drop the other run's"
-        (again if stage == "fit" else sp).add_argument("--overwrite", action="store_true", help=redo)
-        sp.add_argument("-q", "--quiet", action="store_true", help="print only errors (and the IoU table)")
-        for fld in (f for f in fields(Settings) if stage == "fit" or not f.metadata["fit"]):  # a flag each
+        (again if stage == "fit" else sp).add_argument(
+            "--overwrite", action="store_true", help=redo
+        )
+        sp.add_argument(
+            "-q", "--quiet", action="store_true", help="print only errors (and the IoU table)"
+        )
+        for fld in (
+            f for f in fields(Settings) if stage == "fit" or not f.metadata["fit"]
+        ):  # a flag each
             m, flag = fld.metadata, "--" + fld.name.replace("_", "-")
-            default = f"emb.pt's (fit's default: {fld.default})" if stage == "predict" else fld.default
-            if type(fld.default) is bool:  # a switch flips the default; left out it is None: emb.pt's stays
-                sp.add_argument(m["flag"], dest=fld.name, action="store_const", const=not fld.default)
+            default = (
+                f"emb.pt's (fit's default: {fld.default})" if stage == "predict" else fld.default
+            )
+            if (
+                type(fld.default) is bool
+            ):  # a switch flips the default; left out it is None: emb.pt's stays
+                sp.add_argument(
+                    m["flag"], dest=fld.name, action="store_const", const=not fld.default
+                )
             else:  # the same check as emb.pt's values
                 check = functools.partial(check_setting, fld)
                 sp.add_argument(flag, dest=fld.name, metavar=fld.name.upper(), type=check)
-            sp._actions[-1].help = m["help"] + f"; default {default}" * (type(fld.default) is not bool)
+            sp._actions[-1].help = m["help"] + f"; default {default}" * (
+                type(fld.default) is not bool
+            )
         sp.set_defaults(run=cmd_fit if stage == "fit" else cmd_predict)
     return ap
 
 
-def interrupt(signum, frame):  # Ctrl-C, SIGTERM and SIGHUP end a run alike, once: later ones are ignored
+def interrupt(
+    signum, frame
+):  # Ctrl-C, SIGTERM and SIGHUP end a run alike, once: later ones are ignored
     [signal.signal(getattr(signal, name, signal.SIGINT), signal.SIG_IGN) for name in SIGNALS]
     raise KeyboardInterrupt(signum)
 
@@ -1646,15 +2272,24 @@ def main(argv=None):
             rank = int(os.environ.get("RANK", 0))  # torchrun: the other processes' lines say whose
             con.quiet, con.prefix = args.quiet, f"[process {rank}] " if rank else ""
             return args.run(args, con) or 0
-        except (SlimeError, OSError, torch.cuda.OutOfMemoryError) as e:  # OSError: a folder we may not list
+        except (
+            SlimeError,
+            OSError,
+            torch.cuda.OutOfMemoryError,
+        ) as e:  # OSError: a folder we may not list
             why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
             if isinstance(e, torch.cuda.OutOfMemoryError):  # the remedies, not torch's traceback
                 why = "the GPU ran out of memory: try --dtype bf16, --patches-per-side 1"
             print("\n" * con.open + f"slime: error: {why}", file=sys.stderr)
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-            name, on = signal.Signals(signum).name, "".join(getattr(e, "__notes__", []))  # fit's note: go on
-            sys.stderr.write("\n" * con.open + f"slime: interrupted by {name}; finished outputs kept{on}\n")
+            name, on = (
+                signal.Signals(signum).name,
+                "".join(getattr(e, "__notes__", [])),
+            )  # fit's note: go on
+            sys.stderr.write(
+                "\n" * con.open + f"slime: interrupted by {name}; finished outputs kept{on}\n"
+            )
             return 128 + signum
         finally:
             con.done.set()  # the ticker stops

@@ -23,7 +23,9 @@ from attention import AttentionMaps, CrossAttention, GroupNorm32, LayerNorm32
 def timestep_embedding(t, dim, max_period=10000):
     """Sinusoidal embedding, cos first: ldm's diffusionmodules/util.py timestep_embedding (fp32)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -36,7 +38,9 @@ class ResBlock(nn.Module):
         # in_layers.0/.2, emb_layers.1, out_layers.0/.3 as in the checkpoint. GroupNorm32: eps 1e-5
         # (ldm normalization()).
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
@@ -51,7 +55,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb, context=None, record=None):
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]  # added per channel (use_scale_shift_norm=False)
+        h = (
+            h + self.emb_layers(emb)[:, :, None, None]
+        )  # added per channel (use_scale_shift_norm=False)
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -72,7 +78,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = nn.Module()
         # slot 1 (nn.Identity): ldm's Dropout
         self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
-        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)  # cross-attention to the text
+        self.attn2 = CrossAttention(
+            dim, context_dim, heads, dim_head
+        )  # cross-attention to the text
         self.norm1, self.norm2, self.norm3 = LayerNorm32(dim), LayerNorm32(dim), LayerNorm32(dim)
 
     def forward(self, x, context, record=None):
@@ -180,7 +188,9 @@ class UNetConfig:
 
     @classmethod
     def sd21(cls, **kw):
-        sd21 = dict(num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+        sd21 = dict(
+            num_heads=-1, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True
+        )
         return cls(**{**sd21, **kw})
 
 
@@ -194,7 +204,12 @@ class UNetModel(nn.Module):
 
         def transformer(ch):
             return SpatialTransformer(
-                ch, cfg.context_dim, *cfg.heads(ch), cfg.transformer_depth, cfg.use_linear_in_transformer, g
+                ch,
+                cfg.context_dim,
+                *cfg.heads(ch),
+                cfg.transformer_depth,
+                cfg.use_linear_in_transformer,
+                g,
             )
 
         # down path: remember every block's output width for the skip connections of the up path
@@ -229,7 +244,9 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(layers))
-        self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            GroupNorm32(g, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        )
         for name, module in self.named_modules():
             if isinstance(module, CrossAttention):
                 module.name = name

@@ -61,7 +61,9 @@ OPS = {
 }
 # slime's default patches; the PASCAL preset's
 PATCHES = {"val": (400, 2), "p400x2": (400, 2), "p512x1": (512, 1)}
-EPOCHS = 200  # the release's default 1-shot fit: 200 epochs of 1 step, each followed by a validation
+EPOCHS = (
+    200  # the release's default 1-shot fit: 200 epochs of 1 step, each followed by a validation
+)
 
 
 # ----------------------------------------------------------------------------- models with random weights
@@ -97,7 +99,11 @@ def build(tiny, device, dtype):
         )
     else:
         cfgs = unet_mod.UNetConfig.sd21(), vae_mod.VAEConfig(), clip_text.TextConfig.sd21()
-    nets = [unet_mod.UNetModel(cfgs[0]), vae_mod.AutoencoderKL(cfgs[1]), clip_text.OpenCLIPText(cfgs[2])]
+    nets = [
+        unet_mod.UNetModel(cfgs[0]),
+        vae_mod.AutoencoderKL(cfgs[1]),
+        clip_text.OpenCLIPText(cfgs[2]),
+    ]
     for net in nets:
         randomize(net, gen)
         net.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -107,7 +113,9 @@ def build(tiny, device, dtype):
 def synthetic_pair():
     """A smooth random image (3, 512, 512) in [0, 1] and a mask with all 6 car classes (512, 512) int64."""
     g = torch.Generator().manual_seed(1)
-    image = F.interpolate(torch.rand(1, 3, 16, 16, generator=g), size=(512, 512), mode="bilinear")[0]
+    image = F.interpolate(torch.rand(1, 3, 16, 16, generator=g), size=(512, 512), mode="bilinear")[
+        0
+    ]
     y, x = torch.meshgrid(torch.arange(512.0), torch.arange(512.0), indexing="ij")
     mask = torch.zeros(512, 512, dtype=torch.int64)
     mask[((x - 256) / 220) ** 2 + ((y - 280) / 110) ** 2 < 1] = 1  # body
@@ -130,7 +138,9 @@ class ReleaseCFGUNet:
     def __init__(self, unet, uncond):
         self.unet, self.uncond, self.eps_uncond = unet, uncond, None
 
-    def __getattr__(self, name):  # anything else slime asks of sd.unet (parameters(), ...): the real UNet's
+    def __getattr__(
+        self, name
+    ):  # anything else slime asks of sd.unet (parameters(), ...): the real UNet's
         return getattr(self.unet, name)
 
     def __call__(self, x, t, context, attn_layers=(), log_attn_layers=()):
@@ -142,7 +152,9 @@ class ReleaseCFGUNet:
             attn_layers=every,
             log_attn_layers=log_attn_layers,
         )
-        self.eps_uncond = eps[:1]  # in training it carries the graph: the release backpropagated both halves
+        self.eps_uncond = eps[
+            :1
+        ]  # in training it carries the graph: the release backpropagated both halves
         return eps[1:], {name: m[1:] for name, m in maps.items()}
 
 
@@ -171,9 +183,17 @@ def release_training_step(base, learned, cond, image, mask, s, gen):
         ps = replace(s, threshold=0.0)
         # the release's output grid of 64: each patch on its 8x smaller footprint
         ratio = slime.SIZE // slime.MAP
-        patches = [(y0 // ratio, x0 // ratio, x_t) for y0, x0, x_t in slime.noisy_patches(base, image, ps)]
+        patches = [
+            (y0 // ratio, x0 // ratio, x_t) for y0, x0, x_t in slime.noisy_patches(base, image, ps)
+        ]
         scores, votes = slime.vote_sums(
-            base, slime.with_learned(learned, cond), patches, K, ps, (slime.MAP,) * 2, ps.patch_size // ratio
+            base,
+            slime.with_learned(learned, cond),
+            patches,
+            K,
+            ps,
+            (slime.MAP,) * 2,
+            ps.patch_size // ratio,
         )
         (scores / votes).argmax(0)
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
@@ -268,13 +288,19 @@ def measure_one(mode, args):
     except Exception as e:  # e.g. CUDA out of memory: the table shows why
         print(
             "RESULT "
-            + json.dumps(dict(mode=mode, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
+            + json.dumps(
+                dict(mode=mode, error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            )
         )
         return
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = rss_kb("VmHWM") * 1024 if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = (
+            rss_kb("VmHWM") * 1024
+            if reset
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
     print(
         "RESULT "
         + json.dumps(
@@ -315,7 +341,9 @@ def run_mode(mode, device, dtype, args):
 
 def gb(r):
     return (
-        "-" if "error" in r else f"{(r['peak'] - r['before']) / 2**30:.2f} GB (total {r['peak'] / 2**30:.2f})"
+        "-"
+        if "error" in r
+        else f"{(r['peak'] - r['before']) / 2**30:.2f} GB (total {r['peak'] / 2**30:.2f})"
     )
 
 
@@ -334,18 +362,26 @@ def machine(device, dtype):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu, then cuda when available")
-    ap.add_argument("--repeats", type=int, help="timed runs after 1 warm-up (default: 2 on cpu, 5 on cuda)")
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), help="default: cpu, then cuda when available"
+    )
+    ap.add_argument(
+        "--repeats", type=int, help="timed runs after 1 warm-up (default: 2 on cpu, 5 on cuda)"
+    )
     ap.add_argument(
         "--dtype",
         default="fp32",
         help="slime's number format(s), comma-separated, e.g. fp32,bf16 or "
         "fp32,auto (each measured side by side; auto: slime's default, its own choice); default fp32",
     )
-    ap.add_argument("--no-release", action="store_true", help="skip the release-style baseline (always fp32)")
+    ap.add_argument(
+        "--no-release", action="store_true", help="skip the release-style baseline (always fp32)"
+    )
     ap.add_argument("--only", choices=("fit", "predict"))
     ap.add_argument(
-        "--tiny", action="store_true", help="small widths (tests/conftest.py's), to debug the script"
+        "--tiny",
+        action="store_true",
+        help="small widths (tests/conftest.py's), to debug the script",
     )
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement in this process
     args = ap.parse_args()
@@ -354,7 +390,9 @@ def main():
     dtypes = args.dtype.split(",")
     if not set(dtypes) <= {"fp32", "bf16", "fp16", "auto"}:
         ap.error(f"--dtype: fp32, bf16, fp16 or auto, comma-separated, not {args.dtype!r}")
-    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = (
+        [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     ops = [op for op in OPS if args.only is None or (op in ("fit", "val")) == (args.only == "fit")]
     who = [(d, "slime") for d in dtypes] + ([] if args.no_release else [("fp32", "release")])
     t_start = time.time()
@@ -407,18 +445,30 @@ def table(ops, who, results):
             )
             for r, (d, w) in zip(rs, who, strict=True)
         ]
-        ratios = [f"{b / seconds[op][0]:.2f}x" if b and seconds[op][0] else "-" for b in seconds[op][1:]]
+        ratios = [
+            f"{b / seconds[op][0]:.2f}x" if b and seconds[op][0] else "-" for b in seconds[op][1:]
+        ]
         print(f"| {OPS[op]} | " + " | ".join(cells + ratios + [gb(r) for r in rs]) + " |")
     if "fit" in seconds and "val" in seconds:
         for label, n in (
             ("one fit epoch (step + validation)", 1),
             (f"1-shot fit, release defaults ({EPOCHS} epochs), projected", EPOCHS),
         ):
-            total = [a + b if a and b else None for a, b in zip(seconds["fit"], seconds["val"], strict=True)]
-            cells = [(f"{n * t:.1f}" if n == 1 else f"{n * t / 60:.0f} min") if t else "-" for t in total]
+            total = [
+                a + b if a and b else None
+                for a, b in zip(seconds["fit"], seconds["val"], strict=True)
+            ]
+            cells = [
+                (f"{n * t:.1f}" if n == 1 else f"{n * t / 60:.0f} min") if t else "-" for t in total
+            ]
             ratios = [f"{b / total[0]:.2f}x" if b and total[0] else "-" for b in total[1:]]
             print(f"| {label} | " + " | ".join(cells + ratios + ["-"] * len(total)) + " |")
-    for d, w in who:  # auto: what each measurement's own probe chose, and what choosing cost (once per run)
+    for (
+        d,
+        w,
+    ) in (
+        who
+    ):  # auto: what each measurement's own probe chose, and what choosing cost (once per run)
         if d == "auto":
             print(
                 "\nauto chose "

@@ -101,8 +101,12 @@ def timed_fit(args, ckpt, image, mask, flags, out):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--folder", default="/tmp/slime-cli-epoch", help="where the checkpoint and data go")
-    ap.add_argument("--epochs", type=int, default=3, help="default 3: the first, and two later epochs")
+    ap.add_argument(
+        "--folder", default="/tmp/slime-cli-epoch", help="where the checkpoint and data go"
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=3, help="default 3: the first, and two later epochs"
+    )
     ap.add_argument("--device", help="slime's --device; default: slime's (cuda when present)")
     args = ap.parse_args()
     os.makedirs(args.folder, exist_ok=True)
@@ -116,10 +120,17 @@ def main():
     Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(image)
     Image.fromarray(m.numpy().astype(np.uint8)).save(mask)
     rows = []
-    for name, flags in (("--dtype fp32", ["--dtype", "fp32"]), ("--dtype bf16", ["--dtype", "bf16"])):
+    for name, flags in (
+        ("--dtype fp32", ["--dtype", "fp32"]),
+        ("--dtype bf16", ["--dtype", "bf16"]),
+    ):
         print(f"{name}:", file=sys.stderr, flush=True)
-        rows.append((name, *timed_fit(args, ckpt, image, mask, flags, os.path.join(args.folder, "emb.pt"))))
-    print(f"\n{args.epochs} fit epoch(s), full SD 2.1-base (random weights), torch {torch.__version__}\n")
+        rows.append(
+            (name, *timed_fit(args, ckpt, image, mask, flags, os.path.join(args.folder, "emb.pt")))
+        )
+    print(
+        f"\n{args.epochs} fit epoch(s), full SD 2.1-base (random weights), torch {torch.__version__}\n"
+    )
     print(
         "| run | first line | first epoch | later epochs, mean | their step | their validation | command |\n"
         "|---|---|---|---|---|---|---|"
@@ -127,7 +138,9 @@ def main():
     for name, first, *seconds in rows:
         print(
             f"| {name} | `{first}` | "
-            + " | ".join(f"{t:.1f} s ({t / t0:.2f}x)" for t, t0 in zip(seconds, rows[0][2:], strict=True))
+            + " | ".join(
+                f"{t:.1f} s ({t / t0:.2f}x)" for t, t0 in zip(seconds, rows[0][2:], strict=True)
+            )
             + " |"
         )
 

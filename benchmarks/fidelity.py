@@ -46,7 +46,9 @@ def full_part(device, dtype, tiny):
     mask64 = slime.resize(mask[None], (slime.MAP, slime.MAP), "nearest")[0].to(device)
     s = replace(slime.Settings(), patch_size=400, patches_per_side=2, threshold=0.0)
     sd32 = build(tiny, device, torch.float32)
-    cond, uncond = slime.prompt_contexts(sd32, K)  # the same fp32 prompt for both: only the UNet differs
+    cond, uncond = slime.prompt_contexts(
+        sd32, K
+    )  # the same fp32 prompt for both: only the UNet differs
     out = {}
     for name, sd in (("fp32", sd32), ("low", None)):
         if sd is None:  # the same random weights, cast
@@ -56,9 +58,13 @@ def full_part(device, dtype, tiny):
         learned = cond[0, 1:K].clone().requires_grad_(True)
         gen = torch.Generator(device).manual_seed(0)
         t0 = time.perf_counter()
-        loss, terms = slime.training_step(sd, learned, cond, uncond, image.to(device), mask64, s, gen)
+        loss, terms = slime.training_step(
+            sd, learned, cond, uncond, image.to(device), mask64, s, gen
+        )
         loss.backward()
-        gen = torch.Generator(device).manual_seed(0)  # again: the same t and noise, for the maps alone
+        gen = torch.Generator(device).manual_seed(
+            0
+        )  # again: the same t and noise, for the maps alone
         t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=device)
         x_t, _ = slime.noisy_latent(sd, image[None].to(device), t, gen)
         with torch.no_grad():
@@ -66,7 +72,9 @@ def full_part(device, dtype, tiny):
                 sd, x_t, t, slime.with_learned(learned, cond), K, log_space=True
             )
             was = slime.was_map(A_ca.softmax(0), A_sa)
-            labels = slime.segment(sd, slime.with_learned(learned.detach(), cond), image.to(device), K, s)
+            labels = slime.segment(
+                sd, slime.with_learned(learned.detach(), cond), image.to(device), K, s
+            )
         out[name] = dict(
             terms=terms,
             grad=learned.grad.flatten().double().cpu(),
@@ -86,12 +94,29 @@ def full_part(device, dtype, tiny):
         for k in a["terms"]
     ]
     rows.append(
-        ("gradient cosine", "1", "", f"{torch.nn.functional.cosine_similarity(a['grad'], b['grad'], 0):.6f}")
+        (
+            "gradient cosine",
+            "1",
+            "",
+            f"{torch.nn.functional.cosine_similarity(a['grad'], b['grad'], 0):.6f}",
+        )
     )
-    rows.append(("Eq. 3 cross-attention map (log space)", "", "", f"{rel(a['ca'], b['ca']):.2e} relative L2"))
+    rows.append(
+        (
+            "Eq. 3 cross-attention map (log space)",
+            "",
+            "",
+            f"{rel(a['ca'], b['ca']):.2e} relative L2",
+        )
+    )
     rows.append(("Eq. 6 WAS map", "", "", f"{rel(a['was'], b['was']):.2e} relative L2"))
     rows.append(
-        ("400x2 mask, pixels that agree", "", "", f"{(a['labels'] == b['labels']).double().mean():.4%}")
+        (
+            "400x2 mask, pixels that agree",
+            "",
+            "",
+            f"{(a['labels'] == b['labels']).double().mean():.4%}",
+        )
     )
     rows.append(("seconds (step + maps + predict)", f"{a['secs']:.1f}", f"{b['secs']:.1f}", ""))
     return rows
@@ -100,7 +125,13 @@ def full_part(device, dtype, tiny):
 def sdlike_part(device, dtype, tiny=None):
     """fit then predict on the SD-like checkpoint in fp32 and in dtype: mIoU and agreement."""
     s = replace(
-        slime.Settings(), epochs=10, lr=0.3, val_every=5, beta=0.0, patch_size=512, patches_per_side=1
+        slime.Settings(),
+        epochs=10,
+        lr=0.3,
+        val_every=5,
+        beta=0.0,
+        patch_size=512,
+        patches_per_side=1,
     )
     scenes = {"same": synthetic_scene(), "moved": synthetic_scene(shift=40, flip=True, seed=1)}
     tensors = {
@@ -115,7 +146,8 @@ def sdlike_part(device, dtype, tiny=None):
             t0 = time.perf_counter()
             context = slime.fit(sd, [tensors["same"]], 3, s)
             labels = {
-                k: slime.segment(sd, context, im.to(device), 3, s).cpu() for k, (im, _) in tensors.items()
+                k: slime.segment(sd, context, im.to(device), 3, s).cpu()
+                for k, (im, _) in tensors.items()
             }
             out[name] = dict(
                 labels=labels,
@@ -142,7 +174,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--part", choices=("full", "sdlike", "both"), default="both")
-    ap.add_argument("--tiny", action="store_true", help="the full part at tiny widths, to check the script")
+    ap.add_argument(
+        "--tiny", action="store_true", help="the full part at tiny widths, to check the script"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     gpu = f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
@@ -153,7 +187,9 @@ def main():
     print(f"| measure | fp32 | {args.dtype} | difference |\n|---|---|---|---|")
     parts = ["full", "sdlike"] if args.part == "both" else [args.part]
     for part in parts:
-        rows = (full_part if part == "full" else sdlike_part)(args.device, DTYPES[args.dtype], args.tiny)
+        rows = (full_part if part == "full" else sdlike_part)(
+            args.device, DTYPES[args.dtype], args.tiny
+        )
         for row in rows:
             print(f"| {part}: " + " | ".join(row) + " |", flush=True)
 

@@ -21,7 +21,10 @@ for label in ("with the check", "without", "with the check", "without"):
     t0 = time.perf_counter()
     sd = slime.load_models(path)
     n = sum(p.numel() for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters())
-    print(f"load_models {label}: {time.perf_counter() - t0:.2f} s ({n / 1e9:.3f} G values kept)", flush=True)
+    print(
+        f"load_models {label}: {time.perf_counter() - t0:.2f} s ({n / 1e9:.3f} G values kept)",
+        flush=True,
+    )
 kept = [p for m in (sd.unet, sd.vae, sd.text_encoder) for p in m.parameters()]
 t0 = time.perf_counter()
 for t in kept:

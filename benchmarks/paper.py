@@ -67,7 +67,9 @@ class Stopped(Exception):
 
 def run(main, argv):
     status = main(argv)
-    if status:  # 130 and 143: Ctrl-C and SIGTERM; 1: predict could not read a test image; 2: a mistake
+    if (
+        status
+    ):  # 130 and 143: Ctrl-C and SIGTERM; 1: predict could not read a test image; 2: a mistake
         raise Stopped(status)
 
 
@@ -81,9 +83,13 @@ def plan(args, passed):
     preset, table, names = DATASETS.get(name, (None, None, ""))
     names = dict(pair.split(":") for pair in names.split())
     if not (preset or args.parts):
-        raise slime.SlimeError(f"{args.data}: no preset for '{name}' ({', '.join(DATASETS)}); give --parts")
+        raise slime.SlimeError(
+            f"{args.data}: no preset for '{name}' ({', '.join(DATASETS)}); give --parts"
+        )
     parts = slime.part_names(args.parts or slime.PRESETS[preset]["parts"])
-    ours = preset and parts == slime.part_names(slime.PRESETS[preset]["parts"])  # the paper's columns and row
+    ours = preset and parts == slime.part_names(
+        slime.PRESETS[preset]["parts"]
+    )  # the paper's columns and row
     columns = {p: names[p] for p in names} if ours else {p: p for p in parts[1:]}
     columns[parts[0]] = "Background"
     train = "train_1" if args.shots == 1 else "train_10"
@@ -92,7 +98,10 @@ def plan(args, passed):
     )
     splits = {k: os.path.join(data, v) for k, v in splits.items()}
     pairs = {}
-    for split, folder in splits.items():  # each image with its mask, or one line naming the one without
+    for (
+        split,
+        folder,
+    ) in splits.items():  # each image with its mask, or one line naming the one without
         if not os.path.isdir(folder):
             raise slime.SlimeError(
                 f"{folder}: no such folder (the authors' layout: train_1, train_10, val, test)"
@@ -119,8 +128,12 @@ def plan(args, passed):
         raise slime.SlimeError(
             f"--seeds {args.seeds}: distinct whole numbers, comma-separated, such as 0,1,2"
         )
-    row = PUBLISHED.get((name, args.shots)) if ours else None  # --embeddings: --shots names the authors' row
-    published = row and dict(zip([*columns.values(), "Average"], np.array(row.split(), float).reshape(-1, 2)))
+    row = (
+        PUBLISHED.get((name, args.shots)) if ours else None
+    )  # --embeddings: --shots names the authors' row
+    published = row and dict(
+        zip([*columns.values(), "Average"], np.array(row.split(), float).reshape(-1, 2))
+    )
     record = dict(data=os.path.abspath(data), shots=args.shots, parts=parts, passed=passed)
     record.update(embeddings=args.embeddings and os.path.abspath(args.embeddings), ckpt=args.ckpt)
     record.update(device=args.device, dtype=args.dtype)
@@ -152,14 +165,24 @@ def seed_ious(summary_path, parts):
 
 def run_seed(args, passed, parts, splits, seed, say):
     """One seed: fit (or convert the authors' embeddings), then predict the test split -> {part: IoU}."""
-    folder, ckpt = os.path.join(args.output, f"seed{seed}"), ["--ckpt", args.ckpt] if args.ckpt else []
-    model = ckpt + [a for f in ("device", "dtype") if vars(args)[f] for a in (f"--{f}", vars(args)[f])]
+    folder, ckpt = (
+        os.path.join(args.output, f"seed{seed}"),
+        ["--ckpt", args.ckpt] if args.ckpt else [],
+    )
+    model = ckpt + [
+        a for f in ("device", "dtype") if vars(args)[f] for a in (f"--{f}", vars(args)[f])
+    ]
     emb, fitted = emb_path(args, seed), False
     preset = ["--preset", DATASETS[args.name][0]] if args.name in DATASETS else []
     if args.embeddings and not os.path.exists(emb):
         say(f"the authors' embeddings {args.embeddings} -> {emb}")
-        run(release_embeddings.main, [args.embeddings, "--parts", ",".join(parts), "-o", emb, *ckpt, *preset])
-    elif not args.embeddings and not (os.path.exists(emb) and slime.load_embeddings(emb).get("finished")):
+        run(
+            release_embeddings.main,
+            [args.embeddings, "--parts", ",".join(parts), "-o", emb, *ckpt, *preset],
+        )
+    elif not args.embeddings and not (
+        os.path.exists(emb) and slime.load_embeddings(emb).get("finished")
+    ):
         # an interrupted fit goes on from its last epoch; one an older slime stopped (no state kept) starts again
         stopped = slime.load_embeddings(emb) if os.path.exists(emb) else {}
         again = ["--resume"] if stopped.get("resume") else ["--overwrite"] * bool(stopped)
@@ -167,8 +190,22 @@ def run_seed(args, passed, parts, splits, seed, say):
             f"seed {seed}: fit on {splits['train']}, validated on {splits['val']}"
             + " (resumed)" * (again == ["--resume"])
         )
-        size = [] if any(a.startswith(("--out-size", "--window")) for a in passed) else ["--out-size", "512"]
-        fit = [splits["train"], "--val", splits["val"], "-o", emb, "--seed", str(seed), *preset, *size]
+        size = (
+            []
+            if any(a.startswith(("--out-size", "--window")) for a in passed)
+            else ["--out-size", "512"]
+        )
+        fit = [
+            splits["train"],
+            "--val",
+            splits["val"],
+            "-o",
+            emb,
+            "--seed",
+            str(seed),
+            *preset,
+            *size,
+        ]
         run(slime.main, ["fit", *fit, "--parts", ",".join(parts), *passed, *model] + again)
         fitted = True
     say(f"seed {seed}: predict {splits['test']}")
@@ -207,16 +244,23 @@ def table(args, parts, columns, per_seed, paper, settings):
     lines += ["| | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     lines += ["| slime | " + " | ".join(cell(stats.get(c)) for c in header) + " |"]
     if paper[1]:
-        lines += [f"| paper, {paper[0]} | " + " | ".join(cell(paper[1].get(c)) for c in header) + " |"]
+        lines += [
+            f"| paper, {paper[0]} | " + " | ".join(cell(paper[1].get(c)) for c in header) + " |"
+        ]
     lines += [
         f"| seed {s} | " + " | ".join(f"{r[c]:.1f}" if c in r else "-" for c in header) + " |"
         for s, r in rows.items()
     ]
     command = "python benchmarks/paper.py " + " ".join(args.argv)
     lines += ["", f"made by `{command}`", f"settings: {json.dumps(settings)}", ""]
-    record = dict(command=command, dataset=args.name, shots=args.shots, seeds=list(per_seed), columns=header)
+    record = dict(
+        command=command, dataset=args.name, shots=args.shots, seeds=list(per_seed), columns=header
+    )
     record.update(
-        slime=stats, per_seed=rows, settings=settings, paper=paper[1] and dict(table=paper[0], row=paper[1])
+        slime=stats,
+        per_seed=rows,
+        settings=settings,
+        paper=paper[1] and dict(table=paper[0], row=paper[1]),
     )
     return "\n".join(lines), json.dumps(record, indent=2, default=lambda x: x.tolist()) + "\n"
 
@@ -228,14 +272,21 @@ def main(argv=None):
         prog="paper.py", description=__doc__.split("\n\n")[0], epilog=epilog, allow_abbrev=False
     )
     ap.add_argument(
-        "data", help="a dataset folder of the authors' data: DATADIR/car, DATADIR/horse, DATADIR/celeba"
+        "data",
+        help="a dataset folder of the authors' data: DATADIR/car, DATADIR/horse, DATADIR/celeba",
     )
-    ap.add_argument("--shots", type=int, choices=[1, 10], default=1, help="1-sample or 10-sample; default 1")
     ap.add_argument(
-        "--seeds", default="0,1,2", help="one fit and predict per seed; default 0,1,2 (the paper's 3 runs)"
+        "--shots", type=int, choices=[1, 10], default=1, help="1-sample or 10-sample; default 1"
+    )
+    ap.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="one fit and predict per seed; default 0,1,2 (the paper's 3 runs)",
     )
     ap.add_argument("--parts", help="class names, background first; default the dataset's preset")
-    ap.add_argument("--embeddings", help="a folder of the authors' trained embedding_{i}.pth: no fit")
+    ap.add_argument(
+        "--embeddings", help="a folder of the authors' trained embedding_{i}.pth: no fit"
+    )
     ap.add_argument("-o", "--output", help="the table's folder; default paper-DATASET-SHOTS")
     for flag in ("--ckpt", "--device", "--dtype"):
         ap.add_argument(flag, help=f"slime's {flag}, for fit and predict")
@@ -257,8 +308,13 @@ def main(argv=None):
                 f"seed {seed}, {n} of {len(seeds)}"
                 + (f"; the table's ETA {slime.duration(eta)}" if eta else "")
             )
-            per_seed[seed], done_here = run_seed(args, passed, parts, splits, seed, say), done_here + 1
-        first = os.path.join(args.output, f"seed{seeds[0]}")  # the settings predict ran with, fit's included
+            per_seed[seed], done_here = (
+                run_seed(args, passed, parts, splits, seed, say),
+                done_here + 1,
+            )
+        first = os.path.join(
+            args.output, f"seed{seeds[0]}"
+        )  # the settings predict ran with, fit's included
         with slime.named(first), open(os.path.join(first, "test", "summary.json")) as f:
             settings = {k: v for k, v in json.load(f)["settings"].items() if k != "seed"}
         emb = slime.load_embeddings(emb_path(args, seeds[0]))  # and the weights and number formats
@@ -283,7 +339,9 @@ def main(argv=None):
         print(f"paper.py: error: {str(e).removeprefix('paper.py: ')}", file=sys.stderr)
         return 2
     except Stopped as e:  # slime said why
-        again = "the same command resumes" if e.args[0] > 2 else "mend that, then run the command again"
+        again = (
+            "the same command resumes" if e.args[0] > 2 else "mend that, then run the command again"
+        )
         say(f"stopped (exit status {e.args[0]}); {again}")
         return e.args[0]
     except (

@@ -28,7 +28,9 @@ from cli_epoch import write_checkpoint  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "checkpoint", nargs="?", help="an SD 2.1-base .safetensors; default: a random one in --folder"
+        "checkpoint",
+        nargs="?",
+        help="an SD 2.1-base .safetensors; default: a random one in --folder",
     )
     ap.add_argument(
         "--folder",

@@ -32,13 +32,22 @@ from conftest import synthetic_photo, synthetic_scene, write_sdlike_checkpoint  
 FIT = "--epochs 10 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q".split()
 PARTS = ["--parts", "background,square,disc"]
 # part 2: more steps, each sees one view of the big photo
-FIT_PHOTO = "--epochs 40 --lr 0.3 --val-every 10 --beta 0 --patch-size 512 --patches-per-side 1 -q".split()
-ROWS = [(8, 0), (8, 256), (16, 0), (16, 512)]  # (disc radius in px, --window; 0 = the release's squash)
+FIT_PHOTO = (
+    "--epochs 40 --lr 0.3 --val-every 10 --beta 0 --patch-size 512 --patches-per-side 1 -q".split()
+)
+ROWS = [
+    (8, 0),
+    (8, 256),
+    (16, 0),
+    (16, 512),
+]  # (disc radius in px, --window; 0 = the release's squash)
 
 
 def slime(*args):
     r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)], capture_output=True, text=True
+        [sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
     )
     if r.returncode:
         sys.exit(r.stderr)
@@ -67,7 +76,9 @@ def main():
     )
     for radius, window in rows:
         path = f"`--window {window}`" if window else "release's squash"
-        predict(at(f"r{radius}w{window}"), emb, ckpt, radius, 0, window, f"{2 * radius} px | {path}")
+        predict(
+            at(f"r{radius}w{window}"), emb, ckpt, radius, 0, window, f"{2 * radius} px | {path}"
+        )
     if quick:
         return
     print(
@@ -96,7 +107,15 @@ def main():
         slime("fit", at("photo.png"), at("photo_mask.png"), *val, *options)
         for seed in (0, 1):
             path = f"`--window {window}`" if window else "release's squash"
-            predict(at(f"photo_w{window}_s{seed}"), fitted, ckpt, 8, seed, window, f"{path} | seed {seed}")
+            predict(
+                at(f"photo_w{window}_s{seed}"),
+                fitted,
+                ckpt,
+                8,
+                seed,
+                window,
+                f"{path} | seed {seed}",
+            )
 
 
 def predict(run, emb, ckpt, radius, seed, window, row):

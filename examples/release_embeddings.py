@@ -30,14 +30,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # slime.py's folder
 import slime  # noqa: E402
 
-RELEASE = dict(bgr=True, out_size=512, cycle_parts=False)  # the release's settings where slime's differ
+RELEASE = dict(
+    bgr=True, out_size=512, cycle_parts=False
+)  # the release's settings where slime's differ
 NAME = re.compile(r"embedding_(0|[1-9][0-9]*)\.pth")
 
 
 def read_vectors(folder, num_parts, width, ckpt):
     """embedding_0.pth .. embedding_{num_parts-2}.pth, each checked -> (num_parts - 1, width) float32."""
-    with slime.named(folder):  # the release counts every .pth as a part (release/src/slime.py#L40-L49)
-        files = sorted(f for f in os.listdir(folder) if f.endswith(".pth") and f[0] != ".")  # no ._ files
+    with slime.named(
+        folder
+    ):  # the release counts every .pth as a part (release/src/slime.py#L40-L49)
+        files = sorted(
+            f for f in os.listdir(folder) if f.endswith(".pth") and f[0] != "."
+        )  # no ._ files
     stray = [f for f in files if not NAME.fullmatch(f)]
     if stray:
         raise slime.SlimeError(f"{os.path.join(folder, stray[0])} is not named embedding_<i>.pth")
@@ -45,22 +51,34 @@ def read_vectors(folder, num_parts, width, ckpt):
     # the release loads embedding_0 .. embedding_{K-2} (release/src/slime.py#L344-L348)
     missing = next((i for i in range(n) if f"embedding_{i}.pth" not in files), None)
     if missing is not None:
-        raise slime.SlimeError(f"{os.path.join(folder, f'embedding_{missing}.pth')} is missing: a gap")
+        raise slime.SlimeError(
+            f"{os.path.join(folder, f'embedding_{missing}.pth')} is missing: a gap"
+        )
     if n != num_parts - 1:  # one vector per part after the background, which keeps <start-of-text>
         have = slime.count(n, "embedding file")
-        raise slime.SlimeError(f"{folder} holds {have}, but {num_parts} classes take {num_parts - 1}")
+        raise slime.SlimeError(
+            f"{folder} holds {have}, but {num_parts} classes take {num_parts - 1}"
+        )
     vectors = []
     for i in range(n):
         path = os.path.join(folder, f"embedding_{i}.pth")
         with slime.named(path, "not a torch file, or holds pickled code, which is never unpickled"):
-            x = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: runs no code
+            x = torch.load(
+                path, map_location="cpu", weights_only=True
+            )  # weights_only: runs no code
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise slime.SlimeError(f"{path} holds a {what}, not a float tensor")
-        if x.ndim == 0 or x.numel() != x.shape[-1]:  # the release's are (1, 1, D) (release/src/slime.py#L62)
-            raise slime.SlimeError(f"{path} holds a tensor of shape {tuple(x.shape)}, not (1, 1, {width})")
+        if (
+            x.ndim == 0 or x.numel() != x.shape[-1]
+        ):  # the release's are (1, 1, D) (release/src/slime.py#L62)
+            raise slime.SlimeError(
+                f"{path} holds a tensor of shape {tuple(x.shape)}, not (1, 1, {width})"
+            )
         if x.shape[-1] != width:
-            raise slime.SlimeError(f"{path} is {x.shape[-1]} wide, but {ckpt}'s text width is {width}")
+            raise slime.SlimeError(
+                f"{path} is {x.shape[-1]} wide, but {ckpt}'s text width is {width}"
+            )
         if not torch.isfinite(x).all():
             raise slime.SlimeError(f"{path} holds nan or inf values")
         vectors.append(x.detach().reshape(width).float())
@@ -72,8 +90,12 @@ def convert(folder, parts, ckpt=None, preset=None):
     model they were made with (slime.save_embeddings records its family and fingerprint). ckpt None: the
     one file in weights/."""
     values = {k: v for k, v in slime.PRESETS.get(preset, {}).items() if k != "parts"}
-    s = slime.settings_from(values, f"--preset {preset}", slime.settings_from(RELEASE, "the release"))
-    ckpt, _, modules = slime.checkpoint(SimpleNamespace(ckpt=ckpt))  # the header alone: no weights yet
+    s = slime.settings_from(
+        values, f"--preset {preset}", slime.settings_from(RELEASE, "the release")
+    )
+    ckpt, _, modules = slime.checkpoint(
+        SimpleNamespace(ckpt=ckpt)
+    )  # the header alone: no weights yet
     vectors = read_vectors(folder, len(parts), modules[slime.UNET_PREFIX].cfg.context_dim, ckpt)
     sd = slime.load_models(ckpt)  # CPU, fp32, text encoder included
     cond, _ = slime.prompt_contexts(sd, len(parts))  # "part" K times (release/src/slime.py#L68-L76)
@@ -87,12 +109,18 @@ class Parser(argparse.ArgumentParser):  # a mistake in the flags: one line, exit
 
 
 def main(argv=None):
-    torch.set_flush_denormal(True)  # as slime.main: the text encoder's tiny values would be slow denormals
-    ap = Parser(prog="release_embeddings.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    torch.set_flush_denormal(
+        True
+    )  # as slime.main: the text encoder's tiny values would be slow denormals
+    ap = Parser(
+        prog="release_embeddings.py", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     ap.add_argument("folder", help="the release's checkpoint folder of embedding_<i>.pth files")
     ap.add_argument("--parts", help="class names, background first; default --preset's")
     ap.add_argument("--preset", choices=sorted(slime.PRESETS), help="the release README's settings")
-    ap.add_argument("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
+    ap.add_argument(
+        "--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/"
+    )
     ap.add_argument("-o", "--output", default="emb.pt", help="the emb.pt to write; default emb.pt")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing -o")
     try:  # the one error boundary: a mistake ends in one line and exit status 2
@@ -101,7 +129,9 @@ def main(argv=None):
         if not text:
             raise slime.SlimeError("give --parts (background first) or --preset")
         parts = slime.part_names(text)
-        slime.check_output(args.output, args.overwrite)  # as fit's: a new file, or an emb.pt with --overwrite
+        slime.check_output(
+            args.output, args.overwrite
+        )  # as fit's: a new file, or an emb.pt with --overwrite
         context, s, sd = convert(args.folder, parts, args.ckpt, args.preset)
         slime.save_embeddings(args.output, context, parts, sd, s)
         where = f"--preset {args.preset}" if args.preset else "the release's defaults"

@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "tests")]  # maps.py (it finds slime), conftest.py
+sys.path[:0] = [
+    HERE,
+    os.path.join(os.path.dirname(HERE), "tests"),
+]  # maps.py (it finds slime), conftest.py
 import maps  # noqa: E402
 
 import slime  # noqa: E402
@@ -31,19 +34,28 @@ TITLE = "the tests' SD-like model, NOT SD (its attention follows colour): a move
 
 def main():
     with tempfile.TemporaryDirectory() as d:
-        ckpt, emb = write_sdlike_checkpoint(os.path.join(d, "sdlike.safetensors")), os.path.join(d, "emb.pt")
+        ckpt, emb = (
+            write_sdlike_checkpoint(os.path.join(d, "sdlike.safetensors")),
+            os.path.join(d, "emb.pt"),
+        )
         image, mask = synthetic_scene()
         pair = [os.path.join(d, "scene.png"), os.path.join(d, "scene_mask.png")]
         Image.fromarray(image).save(pair[0])
         Image.fromarray(mask).save(pair[1])
-        if slime.main(["fit", *pair, "--parts", ",".join(PARTS), "--ckpt", ckpt, "-o", emb, *SDLIKE.split()]):
+        if slime.main(
+            ["fit", *pair, "--parts", ",".join(PARTS), "--ckpt", ckpt, "-o", emb, *SDLIKE.split()]
+        ):
             sys.exit("the fit failed")
         emb = slime.load_embeddings(emb)
-        sd = slime.load_models(ckpt, "cpu", text_encoder=False)  # the CPU: the same picture on any machine
+        sd = slime.load_models(
+            ckpt, "cpu", text_encoder=False
+        )  # the CPU: the same picture on any machine
     moved, moved_mask = synthetic_scene(shift=SHIFT)
     arrays = maps.maps(sd, emb, torch.from_numpy(moved).permute(2, 0, 1).float() / 255, pixel=PIXEL)
     title = f"{TITLE}, pixel {PIXEL[0]},{PIXEL[1]}"
-    maps.draw(arrays, emb["parts"], slime.part_colors(emb), title).save(os.path.join(HERE, "maps-sdlike.png"))
+    maps.draw(arrays, emb["parts"], slime.part_colors(emb), title).save(
+        os.path.join(HERE, "maps-sdlike.png")
+    )
     miou = slime.image_miou(
         torch.from_numpy(arrays["labels"]), torch.from_numpy(moved_mask).long(), len(PARTS)
     )

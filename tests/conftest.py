@@ -51,9 +51,14 @@ def tiny_state_dict(family, seed=0):
     shapes = real_layout(family)
     u, v, t = slime.UNET_PREFIX, slime.VAE_PREFIX, slime.TEXT_PREFIX[family]
     shapes[u + "input_blocks.0.0.weight"] = (TINY_UNET[family], 4, 3, 3)
-    shapes[u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (TINY_UNET[family], TINY_TEXT)
+    shapes[u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"] = (
+        TINY_UNET[family],
+        TINY_TEXT,
+    )
     shapes[v + "encoder.conv_in.weight"] = (32, 3, 3, 3)
-    token_embedding = "embeddings.token_embedding.weight" if family == "sd1" else "token_embedding.weight"
+    token_embedding = (
+        "embeddings.token_embedding.weight" if family == "sd1" else "token_embedding.weight"
+    )
     shapes[t + token_embedding] = (49408, TINY_TEXT)
     _, modules, ignored = slime.build_models(shapes)
     gen = torch.Generator().manual_seed(seed)
@@ -72,10 +77,14 @@ def tiny_state_dict(family, seed=0):
         if k not in state:
             if k == t + "embeddings.position_ids":
                 state[k] = torch.arange(77)[None]
-            elif k.startswith(t + "transformer.resblocks."):  # SD2's unused last text block, tiny width
+            elif k.startswith(
+                t + "transformer.resblocks."
+            ):  # SD2's unused last text block, tiny width
                 state[k] = torch.randn(2, generator=gen)
             else:
-                state[k] = torch.randn(shapes[k] if math.prod(shapes[k]) <= 1000 else (2,), generator=gen)
+                state[k] = torch.randn(
+                    shapes[k] if math.prod(shapes[k]) <= 1000 else (2,), generator=gen
+                )
     assert set(state) == set(real_layout(family))
     return state
 
@@ -89,7 +98,8 @@ def state_digest(state):  # a checkpoint's identity: SHA-256 of every name and v
 
 def write_tiny_checkpoint(path, family, seed=0, dtype=torch.float32):
     state = {
-        k: (x.to(dtype) if x.is_floating_point() else x) for k, x in tiny_state_dict(family, seed).items()
+        k: (x.to(dtype) if x.is_floating_point() else x)
+        for k, x in tiny_state_dict(family, seed).items()
     }
     save_file(state, str(path), metadata={"format": "pt"})
     return str(path)
@@ -133,11 +143,15 @@ def write_sdlike_checkpoint(path, seed=0):
         elif k.startswith(U):
             if re.search(r"(out_layers\.3|proj_out|to_out\.0|ff\.net\.2)\.|^out\.2\.", k[len(U) :]):
                 state[k] = torch.zeros_like(v)
-            elif k.endswith("input_blocks.0.0.weight"):  # f = R latent, blurred 3x3; channels 60-63 reserved
+            elif k.endswith(
+                "input_blocks.0.0.weight"
+            ):  # f = R latent, blurred 3x3; channels 60-63 reserved
                 R = torch.randn(v.shape[0], 4, generator=g)
                 R[torch.arange(v.shape[0]) % 64 >= 60] = 0
                 state[k] = R[:, :, None, None].expand(v.shape) / 9
-            elif k.endswith("skip_connection.weight"):  # take f from the last 64 input channels (the skip)
+            elif k.endswith(
+                "skip_connection.weight"
+            ):  # take f from the last 64 input channels (the skip)
                 w = torch.zeros(v.shape[:2])
                 w[torch.arange(len(w)), v.shape[1] - 64 + torch.arange(len(w)) % 64] = 1
                 state[k] = w.view(v.shape)
@@ -149,23 +163,39 @@ def write_sdlike_checkpoint(path, seed=0):
                 state[k] = 2 * torch.eye(len(v))
             elif k.endswith("attn2.to_q.weight"):
                 state[k] = 3 * torch.block_diag(
-                    *[torch.linalg.qr(torch.randn(64, 64, generator=g))[0] for _ in range(len(v) // 64)]
+                    *[
+                        torch.linalg.qr(torch.randn(64, 64, generator=g))[0]
+                        for _ in range(len(v) // 64)
+                    ]
                 )
             elif k.endswith("norm2.weight"):
                 reserved = torch.arange(len(v)) % 64 >= 60
                 shared = torch.randn(4, generator=g).repeat(len(v) // 64) * 0.5
                 state[k] = (~reserved).float()
-                state[k.replace("weight", "bias")] = torch.zeros(len(v)).masked_scatter(reserved, shared)
-    q = slime.VAE_PREFIX + "quant_conv."  # latent = 8 x colour (about unit std after x 0.18215), logvar -12
-    state[q + "weight"] = 8 * torch.eye(8)[:, :, None, None] * (torch.arange(8) < 4)[:, None, None, None]
+                state[k.replace("weight", "bias")] = torch.zeros(len(v)).masked_scatter(
+                    reserved, shared
+                )
+    q = (
+        slime.VAE_PREFIX + "quant_conv."
+    )  # latent = 8 x colour (about unit std after x 0.18215), logvar -12
+    state[q + "weight"] = (
+        8 * torch.eye(8)[:, :, None, None] * (torch.arange(8) < 4)[:, None, None, None]
+    )
     state[q + "bias"] = torch.tensor([0.0] * 4 + [-12.0] * 4)
     state[E + "conv_out.bias"] = torch.tensor([0.0] * 4 + [-30.0] * 4)
     state[T + "positional_embedding"][0, 5] = 100.0  # SOT's massive activation
     save_file(state, str(path))
-    sot = slime.prompt_contexts(slime.load_models(str(path)), 2)[0][0, 0]  # the text encoder's SOT output
+    sot = slime.prompt_contexts(slime.load_models(str(path)), 2)[0][
+        0, 0
+    ]  # the text encoder's SOT output
     for k in [k for k in state if k.endswith("attn2.to_k.weight")]:
-        u = state[k.replace("attn2.to_k", "attn2.to_q")] @ state[k.replace("attn2.to_k.weight", "norm2.bias")]
-        target = torch.cat([10 * uh / uh.norm() ** 2 * 8 for uh in u.split(64)])  # (q . k) / sqrt(64) = 10
+        u = (
+            state[k.replace("attn2.to_k", "attn2.to_q")]
+            @ state[k.replace("attn2.to_k.weight", "norm2.bias")]
+        )
+        target = torch.cat(
+            [10 * uh / uh.norm() ** 2 * 8 for uh in u.split(64)]
+        )  # (q . k) / sqrt(64) = 10
         state[k] = state[k] + torch.outer(target - state[k] @ sot, sot) / sot.norm() ** 2
     save_file(state, str(path), metadata={"format": "pt"})
     return str(path)

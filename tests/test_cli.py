@@ -33,9 +33,7 @@ TINY = "--beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 -q --dtype 
 # rate, validated once, after the last (10 epochs kept epoch 5's vectors: 0.9545, then 0.9388 at epoch 10), one
 # 512 patch, and no SD loss (its UNet predicts eps = 0 whatever the context, so L_SD has no gradient and would
 # only cost a second UNet pass).
-SDLIKE = (
-    "--epochs 5 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
-)
+SDLIKE = "--epochs 5 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
 # README, Tests: "mIoU >= 0.945 (0.954 measured) on the fitted image and on a moved copy". Measured on a 2-core
 # CPU: 0.9545 (fitted image), 0.9525 (moved copy), 0.9521 (the moved copy as JPEG, the CVAT round trip); bf16 and
 # the H100 moved them by 0.0012 at most (README, Speed). Lets through a loss of 0.0075: eroding both parts of the
@@ -91,7 +89,9 @@ def test_a_cvat_export_round_trips(fitted, tmp_path):
     colours looked up in the labelmap."""
     _, emb, ckpt = fitted
     e = torch.load(emb, weights_only=True)
-    assert e["parts"] == list(CVAT_COLORS) and e["colors"] == [list(c) for c in CVAT_COLORS.values()]
+    assert e["parts"] == list(CVAT_COLORS) and e["colors"] == [
+        list(c) for c in CVAT_COLORS.values()
+    ]
     (tmp_path / "in").mkdir()
     img, mask = synthetic_scene(shift=40, flip=True, seed=1)
     Image.fromarray(img).save(tmp_path / "in" / "moved.jpg")
@@ -103,9 +103,13 @@ def test_a_cvat_export_round_trips(fitted, tmp_path):
         if not line.startswith("#")
     ]
     colors = {tuple(map(int, rgb.split(","))): i for i, (_, rgb, *_) in enumerate(labelmap)}
-    assert [name for name, *_ in labelmap] == list(CVAT_COLORS) and list(colors) == list(CVAT_COLORS.values())
+    assert [name for name, *_ in labelmap] == list(CVAT_COLORS) and list(colors) == list(
+        CVAT_COLORS.values()
+    )
     assert (out / "ImageSets" / "Segmentation" / "default.txt").read_text() == "moved\n"
-    rgb = np.array(Image.open(out / "SegmentationClass" / "moved.png").convert("RGB")).reshape(-1, 3)
+    rgb = np.array(Image.open(out / "SegmentationClass" / "moved.png").convert("RGB")).reshape(
+        -1, 3
+    )
     labels = np.array([colors[tuple(c)] for c in rgb]).reshape(
         mask.shape
     )  # KeyError: a colour CVAT cannot map
@@ -128,7 +132,17 @@ def test_fit_then_predict_segments_the_scene_and_a_moved_copy(fitted, tmp_path):
     for name, (img, mask) in scenes.items():
         Image.fromarray(img).save(tmp_path / "in" / f"{name}.png")
         Image.fromarray(mask).save(tmp_path / "gt" / f"{name}.png")
-    run("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--masks", tmp_path / "gt", "--ckpt", ckpt)
+    run(
+        "predict",
+        emb,
+        tmp_path / "in",
+        "-o",
+        tmp_path / "out",
+        "--masks",
+        tmp_path / "gt",
+        "--ckpt",
+        ckpt,
+    )
     miou = {
         name: slime.image_miou(
             torch.from_numpy(
@@ -176,7 +190,15 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
     gt.mkdir()
     Image.fromarray(mask).save(gt / "scene.png")
     r = run(
-        "predict", emb, d / "JPEGImages" / "scene.png", "-o", tmp_path / "out", "--masks", gt, "--ckpt", ckpt
+        "predict",
+        emb,
+        d / "JPEGImages" / "scene.png",
+        "-o",
+        tmp_path / "out",
+        "--masks",
+        gt,
+        "--ckpt",
+        ckpt,
     )
     out = Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png")
     assert out.mode == "P" and out.size == (512, 512) and set(np.unique(np.array(out))) <= {0, 1, 2}
@@ -197,8 +219,12 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
 def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path, monkeypatch):
     """The release's issue #5: reloading saved embeddings gave different (zero-IoU) masks."""
     sd = slime.load_models(tiny_ckpt("sd2"))
-    monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)  # the validation: no UNet pass, as
-    monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)  # one epoch keeps its vectors anyway
+    monkeypatch.setattr(
+        slime, "noisy_inputs", lambda sd, image, s: None
+    )  # the validation: no UNet pass, as
+    monkeypatch.setattr(
+        slime, "validation_miou", lambda *a: 0.5
+    )  # one epoch keeps its vectors anyway
     img, mask = synthetic_scene()
     image, emb = torch.from_numpy(img).permute(2, 0, 1).float() / 255, tmp_path / "emb.pt"
     s = slime.Settings(epochs=1, beta=0, threshold=0, patch_size=512, patches_per_side=1)
@@ -210,10 +236,23 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path, 
             saved.update(context=e["state"]["best_context"])
 
     context = slime.fit(sd, [(image, torch.from_numpy(mask).long())], 3, s, progress=progress)
-    assert context is saved["context"] and torch.equal(slime.load_embeddings(emb)["context"], context)
-    in_memory = slime.segment(sd, context, image, 3, s)  # and predict, from the file, gives these very masks
+    assert context is saved["context"] and torch.equal(
+        slime.load_embeddings(emb)["context"], context
+    )
+    in_memory = slime.segment(
+        sd, context, image, 3, s
+    )  # and predict, from the file, gives these very masks
     Image.fromarray(img).save(tmp_path / "scene.png")
-    run("predict", emb, tmp_path / "scene.png", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
+    run(
+        "predict",
+        emb,
+        tmp_path / "scene.png",
+        "-o",
+        tmp_path / "out",
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        "-q",
+    )
     out = np.array(Image.open(tmp_path / "out" / "SegmentationClass" / "scene.png"))
     assert np.array_equal(out, in_memory.numpy())
 
@@ -226,13 +265,28 @@ def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path,
     # what the validation decides (which epoch to keep) one epoch cannot change: skipped, one UNet pass less
     monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
-    starts, prompt_contexts = [], slime.prompt_contexts  # the vectors each fit starts from: "part part part"
+    starts, prompt_contexts = (
+        [],
+        slime.prompt_contexts,
+    )  # the vectors each fit starts from: "part part part"
     monkeypatch.setattr(
         slime, "prompt_contexts", lambda sd, k: starts.append(prompt_contexts(sd, k)) or starts[-1]
     )
 
     def fit(name, *flags):
-        run("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "--epochs", 1, "-o", tmp_path / name, *TINY, *flags)
+        run(
+            "fit",
+            img,
+            mask,
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "--epochs",
+            1,
+            "-o",
+            tmp_path / name,
+            *TINY,
+            *flags,
+        )
         return torch.load(tmp_path / name, weights_only=True)["learned"]
 
     a = fit("a.pt", "--parts", "background,square,disc")
@@ -240,7 +294,9 @@ def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path,
     c = fit("c.pt", "--seed", "1")
     assert torch.equal(a, b)
     start = starts[0][0][0, 1:3]
-    assert start.shape == a.shape == (2, 64) and all(torch.equal(s[0][0, 1:3], start) for s in starts)
+    assert start.shape == a.shape == (2, 64) and all(
+        torch.equal(s[0][0, 1:3], start) for s in starts
+    )
     # Adam's first step moves coordinate i by lr * |g_i| / (|g_i| + 1e-8) (lr 0.1, the default): by 0.1, short
     # of it only where |g_i| < 1e-5. Measured: all 128 coordinates by 0.09995 to 0.1. Lets through a step that
     # leaves up to 5% of the coordinates in place; not lr 0, a skipped step, or a smaller or larger lr
@@ -261,7 +317,9 @@ def scene_files(folder, h=96, w=160):
     return folder / "image.png", folder / "mask.png"
 
 
-@pytest.mark.parametrize("flags, favoured", [([], [0, 1, 2, 0, 1]), (["--no-cycle"], [0, 0, 0, 0, 0])])
+@pytest.mark.parametrize(
+    "flags, favoured", [([], [0, 1, 2, 0, 1]), (["--no-cycle"], [0, 0, 0, 0, 0])]
+)
 def test_training_crops_cycle_through_the_parts_unless_no_cycle(
     tiny_ckpt, tmp_path, monkeypatch, flags, favoured
 ):
@@ -277,9 +335,23 @@ def test_training_crops_cycle_through_the_parts_unless_no_cycle(
     monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
     img, mask = scene_files(tmp_path)
-    run("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "--epochs", 5, "-o", tmp_path / "emb.pt", "-q", *flags)
+    run(
+        "fit",
+        img,
+        mask,
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        "--epochs",
+        5,
+        "-o",
+        tmp_path / "emb.pt",
+        "-q",
+        *flags,
+    )
     assert parts == favoured  # 5 epochs of one image: 5 steps, one crop each
-    assert torch.load(tmp_path / "emb.pt", weights_only=True)["settings"]["cycle_parts"] is (not flags)
+    assert torch.load(tmp_path / "emb.pt", weights_only=True)["settings"]["cycle_parts"] is (
+        not flags
+    )
     assert slime.load_embeddings(tmp_path / "emb.pt")["settings"].cycle_parts is (not flags)
 
 
@@ -294,14 +366,20 @@ def stand_in_model(monkeypatch, scores=None):
     )
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: sd)
 
-    def fit(sd, pairs, num_classes, s, val_pairs, progress, state):  # as slime.fit: the last epoch's end
+    def fit(
+        sd, pairs, num_classes, s, val_pairs, progress, state
+    ):  # as slime.fit: the last epoch's end
         handed.append(s)
         progress(dict(event="validation", epoch=s.epochs, miou=0.5, best=True, seconds=0.0))
-        progress(dict(event="epoch", epoch=s.epochs, state=dict(best_context=torch.zeros(1, 77, 64))))
+        progress(
+            dict(event="epoch", epoch=s.epochs, state=dict(best_context=torch.zeros(1, 77, 64)))
+        )
         return torch.zeros(1, 77, 64)
 
     monkeypatch.setattr(slime, "fit", fit)
-    monkeypatch.setattr(slime, "noisy_latent", lambda sd, images, t, gen: (seen.append(images), None))
+    monkeypatch.setattr(
+        slime, "noisy_latent", lambda sd, images, t, gen: (seen.append(images), None)
+    )
     monkeypatch.setattr(slime, "vote_sums", lambda *a, **k: (scores, torch.ones(())))
     return handed, seen
 
@@ -345,21 +423,35 @@ def test_presets_set_the_release_values_and_explicit_flags_win(tiny_ckpt, tmp_pa
         400,
     ]  # 400: the default
     run(*fit, "--preset", "pascal-car", *flags, "-o", tmp_path / "flags.pt")
-    run(*fit, "--preset", "celeba", "--rotation", 30, "-o", tmp_path / "default.pt")  # 30: the default
-    flags, default = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("flags", "default"))
+    run(
+        *fit, "--preset", "celeba", "--rotation", 30, "-o", tmp_path / "default.pt"
+    )  # 30: the default
+    flags, default = (
+        torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("flags", "default")
+    )
     assert flags["parts"] == ["background", "square", "disc"]
     assert flags["settings"]["min_crop_ratio"] == 0.9 and flags["settings"]["patch_size"] == 400
     assert flags["settings"]["patches_per_side"] == 1  # the preset's, not given
     assert default["settings"]["rotation"] == 30.0 and default["settings"]["min_crop_ratio"] == 0.6
-    assert [s.epochs for s in handed] == [2, 2, 2, 200, 200]  # what fit got, not only what emb.pt says
+    assert [s.epochs for s in handed] == [
+        2,
+        2,
+        2,
+        200,
+        200,
+    ]  # what fit got, not only what emb.pt says
     assert [s.min_crop_ratio for s in handed] == [0.6, 0.8, 0.6, 0.9, 0.6]
 
 
-def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(tiny_ckpt, tmp_path, monkeypatch):
+def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(
+    tiny_ckpt, tmp_path, monkeypatch
+):
     """README, Faithfulness, output size: slime's mask of a 96x160 image is 96x160, the argmax of the class
     scores upsampled to that size; --out-size 512 (given to predict, or recorded by fit) writes the release's
     512x512 mask, the argmax of the 512x512 scores themselves, and its overlay at 512."""
-    scores = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))  # the class scores, planted
+    scores = torch.rand(
+        3, 512, 512, generator=torch.Generator().manual_seed(0)
+    )  # the class scores, planted
     stand_in_model(monkeypatch, scores)
     img, mask = scene_files(tmp_path / "in")
     ckpt = tiny_ckpt("sd2")
@@ -371,7 +463,17 @@ def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(tiny_ckpt,
         ("own", "flag", ["--out-size", 512]),
         ("release", "recorded", []),
     ):
-        run("predict", tmp_path / f"{emb}.pt", img, "--ckpt", ckpt, "-q", "-o", tmp_path / out, *flags)
+        run(
+            "predict",
+            tmp_path / f"{emb}.pt",
+            img,
+            "--ckpt",
+            ckpt,
+            "-q",
+            "-o",
+            tmp_path / out,
+            *flags,
+        )
 
     def written(out):
         mask = np.array(Image.open(tmp_path / out / "SegmentationClass" / "image.png"))
@@ -390,24 +492,42 @@ def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(tiny_ckpt,
     assert (squashed != own).float().mean() > 0.5
 
 
-def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt, tmp_path, monkeypatch):
+def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(
+    tiny_ckpt, tmp_path, monkeypatch
+):
     """README, Faithfulness, colour order: fit --bgr records it (and hands it to fit: test_method.py checks
     the training views); predict with that emb.pt, or with --bgr, feeds the model the image with its colour
     channels reversed, exactly; without it, the RGB image."""
     handed, seen = stand_in_model(monkeypatch, torch.rand(3, 512, 512))
     img, mask = scene_files(tmp_path / "in")
     ckpt = tiny_ckpt("sd2")
-    one_patch = ["--patch-size", 512, "--patches-per-side", 1]  # the model sees the whole image, once
+    one_patch = [
+        "--patch-size",
+        512,
+        "--patches-per-side",
+        1,
+    ]  # the model sees the whole image, once
     fit = ["fit", img, mask, "--ckpt", ckpt, "-q", *one_patch, "-o"]
     run(*fit, tmp_path / "bgr.pt", "--bgr")
     run(*fit, tmp_path / "rgb.pt")
     assert [s.bgr for s in handed] == [True, False]
     bgr, rgb = (
-        torch.load(tmp_path / f"{n}.pt", weights_only=True)["settings"]["bgr"] for n in ("bgr", "rgb")
+        torch.load(tmp_path / f"{n}.pt", weights_only=True)["settings"]["bgr"]
+        for n in ("bgr", "rgb")
     )
     assert bgr is True and rgb is False
     for n, (emb, flags) in enumerate((("rgb", []), ("bgr", []), ("rgb", ["--bgr"]))):
-        run("predict", tmp_path / f"{emb}.pt", img, "--ckpt", ckpt, "-q", "-o", tmp_path / f"{n}", *flags)
+        run(
+            "predict",
+            tmp_path / f"{emb}.pt",
+            img,
+            "--ckpt",
+            ckpt,
+            "-q",
+            "-o",
+            tmp_path / f"{n}",
+            *flags,
+        )
     # the image as the file holds it, R G B, squashed to 512 as the model sees it
     pixels = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1).float() / 255
     image = slime.resize(pixels, (512, 512), "bilinear")[None]
@@ -419,7 +539,10 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["fit", "a.png"], "slime: error: fit takes image/mask pairs or folders, but a.png has no partner\n"),
+        (
+            ["fit", "a.png"],
+            "slime: error: fit takes image/mask pairs or folders, but a.png has no partner\n",
+        ),
         (
             ["fit", "missing.png", "missing_mask.png", "--ckpt", "TINY"],
             "slime: error: missing.png: no such file or folder\n",
@@ -431,7 +554,9 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(tiny_ckpt
         ),
     ],
 )
-def test_user_errors_are_one_sentence_without_traceback(tmp_path, tiny_ckpt, monkeypatch, args, message):
+def test_user_errors_are_one_sentence_without_traceback(
+    tmp_path, tiny_ckpt, monkeypatch, args, message
+):
     """main() is the one error boundary: a user's mistake is one line and exit status 2. The first case runs
     `python slime.py` as a program (the boundary is what the program runs); the others main() in-process."""
     (tmp_path / "model.ckpt").write_bytes(b"a pickle")
@@ -454,7 +579,11 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
     """README's Python API block, run unchanged in a folder holding what it names: the tiny checkpoint as
     weights/v2-1_512-ema-pruned.safetensors, and examples/ as shipped (a 6-class indexed mask)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
-    block = readme.split("## emb.pt and the Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    block = (
+        readme.split("## emb.pt and the Python API", 1)[1]
+        .split("```python\n", 1)[1]
+        .split("```", 1)[0]
+    )
     (tmp_path / "weights").mkdir()
     os.symlink(tiny_ckpt("sd2"), tmp_path / "weights" / "v2-1_512-ema-pruned.safetensors")
     os.symlink(os.path.join(ROOT, "examples"), tmp_path / "examples")
@@ -479,7 +608,9 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
 WINDOW, RADIUS, PHOTO = 512, 12, (672, 896)
 
 
-def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(fitted, tmp_path):
+def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(
+    fitted, tmp_path
+):
     """An 896x672 photo with a large part and a 24 px disc, which the squash to 512 shrinks to under two latent
     pixels. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt, finds it (measured
     0.59) and keeps the large part (within 0.05; measured 0.93 -> 0.96). The mechanism, on the SD-like test
@@ -497,11 +628,21 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     iou, stderr, seconds = {}, {}, {}
     for name, embeddings in (("squash", emb), ("native", native)):
         t0 = time.time()
-        args = ["predict", embeddings, tmp_path / "in", "-o", tmp_path / name, "--masks", tmp_path / "gt"]
+        args = [
+            "predict",
+            embeddings,
+            tmp_path / "in",
+            "-o",
+            tmp_path / name,
+            "--masks",
+            tmp_path / "gt",
+        ]
         stderr[name] = run(*args, "--ckpt", ckpt).stderr
         seconds[name] = time.time() - t0
         iou[name] = json.loads((tmp_path / name / "summary.json").read_text())["iou"]
-    print({name: (v, f"{seconds[name]:.0f} s") for name, v in iou.items()})  # pytest -s shows the evidence
+    print(
+        {name: (v, f"{seconds[name]:.0f} s") for name, v in iou.items()}
+    )  # pytest -s shows the evidence
     squash, native = ({k: float(v) for k, v in iou[name].items()} for name in ("squash", "native"))
     # measured: the squash's disc 0 (README: IoU 0), < 0.1 lets through a squash that finds a tenth of it; the
     # windows' 0.59, >= 0.5 lets through windows that find the disc 0.09 worse than measured
@@ -509,8 +650,13 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
     # measured 0.93 -> 0.96; lets through windows that cost the large part up to 0.05 of IoU
     assert native["square"] >= squash["square"] - 0.05, iou
     # predict showed each window's progress, from emb.pt's setting alone
-    assert "image 1/1  photo.png  window 4/4  " in stderr["native"] and "  window " not in stderr["squash"]
-    assert "image 1/1  photo.png  patch " in stderr["squash"]  # the release's patches, by number too
+    assert (
+        "image 1/1  photo.png  window 4/4  " in stderr["native"]
+        and "  window " not in stderr["squash"]
+    )
+    assert (
+        "image 1/1  photo.png  patch " in stderr["squash"]
+    )  # the release's patches, by number too
     assert Image.open(tmp_path / "native" / "SegmentationClass" / "photo.png").size == PHOTO[::-1]
 
 
@@ -524,7 +670,9 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(
     Image.fromarray(mask).save(tmp_path / "photo_mask.png")
     handed = []
 
-    def fit(sd, pairs, num_classes, s, val_pairs, progress, state):  # records, then saves the start vectors
+    def fit(
+        sd, pairs, num_classes, s, val_pairs, progress, state
+    ):  # records, then saves the start vectors
         handed.append([tuple(m.shape) for _, m in pairs])
         progress(dict(event="validation", epoch=s.epochs, miou=0.5, best=True, seconds=0.0))
         progress(
@@ -536,7 +684,13 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(
         )
 
     monkeypatch.setattr(slime, "fit", fit)
-    base = ["fit", str(tmp_path / "photo.png"), str(tmp_path / "photo_mask.png"), "--ckpt", tiny_ckpt("sd2")]
+    base = [
+        "fit",
+        str(tmp_path / "photo.png"),
+        str(tmp_path / "photo_mask.png"),
+        "--ckpt",
+        tiny_ckpt("sd2"),
+    ]
     assert slime.main(base + ["-o", str(tmp_path / "native.pt"), "--window", "512", "-q"]) == 0
     assert slime.main(base + ["-o", str(tmp_path / "squash.pt"), "-q"]) == 0
     assert handed == [[(600, 800)], [(600, 800)]]  # fit squashes them itself, unless --window
@@ -544,7 +698,8 @@ def test_fit_with_window_trains_on_full_resolution_views_and_records_it(
     assert slime.as_pairs([(image, m)], 2, slime.Settings(window=512))[0][1].shape == (600, 800)
     assert slime.as_pairs([(image, m)], 2, slime.Settings())[0][1].shape == (512, 512)
     native, squash = (
-        torch.load(tmp_path / f"{n}.pt", weights_only=True)["settings"] for n in ("native", "squash")
+        torch.load(tmp_path / f"{n}.pt", weights_only=True)["settings"]
+        for n in ("native", "squash")
     )
     assert native["window"] == 512 and "window" not in squash
     assert slime.load_embeddings(tmp_path / "native.pt")["settings"].window == 512
@@ -576,25 +731,37 @@ def test_window_flags_refuse_nonsense_in_one_line(tmp_path, capsys, command, fla
     else:  # an emb.pt of the default settings: predict's flags are checked with the ones it stores
         sd = type("SD", (), {"family": "sd2", "fingerprint": None, "dtype": torch.float32})
         slime.save_embeddings(
-            tmp_path / "emb.pt", torch.zeros(1, 77, 64), ["background", "disc"], sd, slime.Settings()
+            tmp_path / "emb.pt",
+            torch.zeros(1, 77, 64),
+            ["background", "disc"],
+            sd,
+            slime.Settings(),
         )
         args = ["predict", str(tmp_path / "emb.pt"), str(tmp_path), "-o", str(tmp_path / "out")]
     assert slime.main(args + ["-q", *flags]) == 2
-    prog = f"slime.py {command}: " if message.startswith("argument") else ""  # argparse names the command
+    prog = (
+        f"slime.py {command}: " if message.startswith("argument") else ""
+    )  # argparse names the command
     assert capsys.readouterr().err == f"slime: error: {prog}{message}\n"
 
 
-def test_torchrun_shares_the_images_and_leaves_the_bytes_one_process_leaves(tiny_ckpt, tmp_path, monkeypatch):
+def test_torchrun_shares_the_images_and_leaves_the_bytes_one_process_leaves(
+    tiny_ckpt, tmp_path, monkeypatch
+):
     """torchrun --nproc-per-node 2 on the CPU (gloo): each process takes every 2nd image, and the run files are
     written once, from everyone's results. The folder ends byte for byte as one process leaves it at the same
     thread count per process (torchrun's OMP_NUM_THREADS=1); only the folder's own name in summary.json differs."""
     ckpt, emb = tiny_ckpt("sd2"), tmp_path / "emb.pt"
     sd = slime.load_models(ckpt)
     s = slime.Settings(threshold=0, patch_size=512, patches_per_side=1)
-    slime.save_embeddings(emb, slime.prompt_contexts(sd, 3)[0], ["background", "square", "disc"], sd, s)
+    slime.save_embeddings(
+        emb, slime.prompt_contexts(sd, 3)[0], ["background", "square", "disc"], sd, s
+    )
     (tmp_path / "in").mkdir()
     for i in range(3):
-        Image.fromarray(synthetic_scene(size=64, seed=i, shift=3 * i)[0]).save(tmp_path / "in" / f"im{i}.png")
+        Image.fromarray(synthetic_scene(size=64, seed=i, shift=3 * i)[0]).save(
+            tmp_path / "in" / f"im{i}.png"
+        )
     predict = ["predict", str(emb), str(tmp_path / "in"), "--ckpt", ckpt, "--dtype", "fp32", "-o"]
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
@@ -603,7 +770,14 @@ def test_torchrun_shares_the_images_and_leaves_the_bytes_one_process_leaves(tiny
         run(*predict, "one")
     finally:
         torch.set_num_threads(threads)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+    ]
     two = subprocess.run(
         [*torchrun, os.path.join(ROOT, "slime.py"), *predict, "two"],
         cwd=tmp_path,

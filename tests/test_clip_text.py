@@ -29,7 +29,9 @@ import clip_text
 from clip_text import BOS, EOS, CLIPTextModel, OpenCLIPText, TextConfig, tokenize
 
 
-def installed(dist):  # a distribution's version from its metadata, without importing it (None: absent)
+def installed(
+    dist,
+):  # a distribution's version from its metadata, without importing it (None: absent)
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -59,7 +61,9 @@ def random_tower(name, seed):
     """open_clip's text tower for `name` (no visual tower), every parameter re-drawn away from 0/1."""
     cfg = open_clip.get_model_config(name)
     with torch.device("meta"):  # no memory and no initialisation: every value is drawn below
-        tower = _build_text_tower(cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+        tower = _build_text_tower(
+            cfg["embed_dim"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False)
+        )
     tower = tower.to_empty(device="cpu")
     tower.attn_mask = tower.build_causal_mask()  # the one buffer, open_clip's own causal mask
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +98,9 @@ def run_blocks(tower, tokens, n_blocks):
 def assert_close(ours, ref):
     scale = ref.abs().max().item()
     err = (ours - ref).abs().max().item()
-    assert ours.shape == ref.shape and err <= 1e-5 * scale, f"max abs err {err:.3g} vs max |ref| {scale:.3g}"
+    assert ours.shape == ref.shape and err <= 1e-5 * scale, (
+        f"max abs err {err:.3g} vs max |ref| {scale:.3g}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +119,9 @@ def sd2(tokens):
         if k.startswith(f"transformer.resblocks.{last}.")
         or k in ("text_projection", "logit_scale", "attn_mask")
     }
-    assert "text_projection" in dropped and len(dropped) == 13  # 12 tensors of the last block + projection
+    assert (
+        "text_projection" in dropped and len(dropped) == 13
+    )  # 12 tensors of the last block + projection
     ours = OpenCLIPText(TextConfig.sd21()).eval()
     ours.load_state_dict({k: v for k, v in sd.items() if k not in dropped}, strict=True)
     with torch.no_grad():
@@ -177,7 +185,9 @@ def test_tokenize_matches_open_clip():
     texts = PROMPTS + [LONG, ""]
     ours, ref = tokenize(texts, pad_token=0), open_clip.tokenize(texts)
     assert ours.dtype == torch.long and torch.equal(ours, ref)
-    assert ours[2, -1] == EOS and (ours[2] == EOS).sum() == 1  # truncated: 75 text tokens, EOS at 76
+    assert (
+        ours[2, -1] == EOS and (ours[2] == EOS).sum() == 1
+    )  # truncated: 75 text tokens, EOS at 76
     assert ours[3, :2].tolist() == [BOS, EOS] and (ours[3, 2:] == 0).all()
 
 
@@ -186,7 +196,9 @@ def test_tokenize_eos_padding_changes_only_padding():
     ours, ref = tokenize(texts, pad_token=EOS), open_clip.tokenize(texts)
     assert (ours[:, 0] == BOS).all()
     for o, r in zip(ours, ref, strict=True):
-        n = int((r == EOS).nonzero()[0]) + 1  # length incl. EOS ("!" is id 0, so don't count non-zeros)
+        n = (
+            int((r == EOS).nonzero()[0]) + 1
+        )  # length incl. EOS ("!" is id 0, so don't count non-zeros)
         assert torch.equal(o[:n], r[:n]) and r[n - 1] == EOS
         assert (o[n:] == EOS).all() and (r[n:] == 0).all()
     assert 0 in ref[0, : int((ref[0] == EOS).nonzero()[0])]  # "!~" -> [0, 349]: a 0 inside the text
@@ -205,4 +217,10 @@ def test_tokenize_never_imports_the_open_clip_package(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", broken)
     monkeypatch.setattr(clip_text, "_bpe", None)  # loaded afresh, with the package unimportable
-    assert tokenize(["part part"], 0)[0, :5].tolist() == [BOS, 1551, 1551, EOS, 0]  # 1551: "part</w>"
+    assert tokenize(["part part"], 0)[0, :5].tolist() == [
+        BOS,
+        1551,
+        1551,
+        EOS,
+        0,
+    ]  # 1551: "part</w>"

@@ -30,7 +30,9 @@ from safetensors.torch import save_file
 import slime
 from conftest import PEAK_MEMORY, ROOT, synthetic_scene, tiny_state_dict, write_tiny_checkpoint
 
-FAST = "--epochs 1 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 --dtype fp32".split()
+FAST = (
+    "--epochs 1 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 --dtype fp32".split()
+)
 SLIME = [sys.executable, os.path.join(ROOT, "slime.py")]  # slime.py as a program
 
 
@@ -48,10 +50,14 @@ def assert_refused(r, fragment):
     assert r.returncode == 2, r.stderr
     assert fragment in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("slime: error: ") == 1
-    assert r.stderr.splitlines()[-1].startswith("slime: error: ")  # notices may come first; the error ends it
+    assert r.stderr.splitlines()[-1].startswith(
+        "slime: error: "
+    )  # notices may come first; the error ends it
 
 
-LOAD_MODELS = slime.load_models  # the real loader: the tests' own emb.pt files are made with it, unwatched
+LOAD_MODELS = (
+    slime.load_models
+)  # the real loader: the tests' own emb.pt files are made with it, unwatched
 
 
 class Loads(list):
@@ -62,7 +68,9 @@ class Loads(list):
 
     refusing = True
 
-    def plan_refuses(self, run, *args, **kwargs):  # run(...) -> its result, which the plan gives: no load
+    def plan_refuses(
+        self, run, *args, **kwargs
+    ):  # run(...) -> its result, which the plan gives: no load
         n, self.refusing = len(self), True
         try:
             result = run(*args, **kwargs)
@@ -102,9 +110,17 @@ def segment_once(monkeypatch):
         return memo[key]
 
     def segmented(sd, context, image, *args, progress=None, **kwargs):
-        key = (id(sd), context.cpu().numpy().tobytes(), image.numpy().tobytes(), repr(args), repr(kwargs))
+        key = (
+            id(sd),
+            context.cpu().numpy().tobytes(),
+            image.numpy().tobytes(),
+            repr(args),
+            repr(kwargs),
+        )
         memo[key] = (
-            memo[key] if key in memo else segment(sd, context, image, *args, progress=progress, **kwargs)
+            memo[key]
+            if key in memo
+            else segment(sd, context, image, *args, progress=progress, **kwargs)
         )
         return memo[key].clone()
 
@@ -114,7 +130,8 @@ def segment_once(monkeypatch):
 
 def listing(folder):
     return sorted(
-        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
     )
 
 
@@ -129,9 +146,13 @@ RUN_FILES = [
 def outputs(out, stems=None):
     """predict's files under `out` (hidden ones aside), or the ones it writes for these image stems."""
     if stems is not None:
-        return sorted(RUN_FILES + [f"{d}/{s}.png" for s in stems for d in ("SegmentationClass", "overlays")])
+        return sorted(
+            RUN_FILES + [f"{d}/{s}.png" for s in stems for d in ("SegmentationClass", "overlays")]
+        )
     return sorted(
-        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
     )
 
 
@@ -167,7 +188,9 @@ def scene_files(d, size=512, name="a"):
     return d / f"{name}.png", d / f"{name}_mask.png"
 
 
-def nan_checkpoint(d, family="sd2", key="model.diffusion_model.out.2.bias", value=float("nan"), dtype=None):
+def nan_checkpoint(
+    d, family="sd2", key="model.diffusion_model.out.2.bias", value=float("nan"), dtype=None
+):
     state = tiny_state_dict(family)
     state[key] = state[key].to(dtype) if dtype else state[key].clone()
     if value is not None:
@@ -213,9 +236,13 @@ def fit_case(d, ckpt, case):
     elif case == "nan weight":
         args[1] = nan_checkpoint(d)
     elif case == "inf weight in the text encoder":
-        args[1] = nan_checkpoint(d, key="cond_stage_model.model.ln_final.weight", value=float("inf"))
+        args[1] = nan_checkpoint(
+            d, key="cond_stage_model.model.ln_final.weight", value=float("inf")
+        )
     elif case == "integer weight":
-        args[1] = nan_checkpoint(d, key="model.diffusion_model.out.2.bias", value=None, dtype=torch.int32)
+        args[1] = nan_checkpoint(
+            d, key="model.diffusion_model.out.2.bias", value=None, dtype=torch.int32
+        )
     elif case in ("ckpt truncated", "ckpt .ckpt"):
         name = "cut.safetensors" if case == "ckpt truncated" else "sd.ckpt"
         (d / name).write_bytes(open(ckpt, "rb").read(4000))
@@ -259,7 +286,12 @@ def fit_case(d, ckpt, case):
         args += ["--parts", "background,square,disc,"]
     elif case == "repeated part name":
         args += ["--parts", "background,disc,disc"]
-    elif case in ("a pipe as the mask", "a pipe as the image", "a pipe as the checkpoint", "a pipe as -o"):
+    elif case in (
+        "a pipe as the mask",
+        "a pipe as the image",
+        "a pipe as the checkpoint",
+        "a pipe as -o",
+    ):
         special = (
             d
             / {"mask": "p.png", "image": "p.png", "checkpoint": "p.safetensors", "-o": "p.pt"}[
@@ -302,11 +334,17 @@ def fit_case(d, ckpt, case):
     elif case == "the mask as the image too":  # fit mask.png mask.png
         pair = [mask, mask]
     elif case == "a grey photo as the mask":
-        Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)).save(mask)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)).save(
+            mask
+        )
     elif case == "output is a file fit did not write":
         (d / "notes.txt").write_text("my notes")
         args[-1] = d / "notes.txt"
-    elif case in ("--parts against the labelmap", "a mask colour the labelmap lacks", "a broken --labelmap"):
+    elif case in (
+        "--parts against the labelmap",
+        "a mask colour the labelmap lacks",
+        "a broken --labelmap",
+    ):
         (d / "labelmap.txt").write_text("background:0,0,0::\nsquare:128,0,0::\ndisc:0,128,0::\n")
         if case == "--parts against the labelmap":
             args += ["--parts", "background,disc,square"]
@@ -355,8 +393,14 @@ FIT_CASES = [
     ("jpeg mask named .png", "m2.png is stored lossily (JPEG)"),
     ("lossy webp mask", "m.webp is stored lossily (WEBP)"),
     ("nan pixel in a float tiff", "f.tif holds nan or inf pixel values"),
-    ("nan weight", "odd.safetensors: the tensor model.diffusion_model.out.2.bias holds nan or inf values"),
-    ("inf weight in the text encoder", "the tensor cond_stage_model.model.ln_final.weight holds nan or inf"),
+    (
+        "nan weight",
+        "odd.safetensors: the tensor model.diffusion_model.out.2.bias holds nan or inf values",
+    ),
+    (
+        "inf weight in the text encoder",
+        "the tensor cond_stage_model.model.ln_final.weight holds nan or inf",
+    ),
     (
         "integer weight",
         "odd.safetensors has non-float tensors for sd2: model.diffusion_model.out.2.bias (1 in all)",
@@ -390,9 +434,18 @@ FIT_CASES = [
     ),
     ("odd number of paths", "fit takes image/mask pairs or folders, but {d}/a.png has no partner"),
     ("output is a file fit did not write", "notes.txt is no slime emb.pt: choose another -o"),
-    ("empty part name", "--parts background,square,disc,: the names must be non-empty and distinct"),
-    ("repeated part name", "--parts background,disc,disc: the names must be non-empty and distinct"),
-    ("huge value in a .npy mask", "m.npy: a mask is a 2-D array of labels 0..255, not uint64 (512, 512)"),
+    (
+        "empty part name",
+        "--parts background,square,disc,: the names must be non-empty and distinct",
+    ),
+    (
+        "repeated part name",
+        "--parts background,disc,disc: the names must be non-empty and distinct",
+    ),
+    (
+        "huge value in a .npy mask",
+        "m.npy: a mask is a 2-D array of labels 0..255, not uint64 (512, 512)",
+    ),
     (
         "a finished emb.pt, no --overwrite",
         "emb.pt already holds fitted embeddings; pass --overwrite, or choose another -o",
@@ -401,8 +454,14 @@ FIT_CASES = [
         "image and mask swapped",
         "a_mask.png has only 3 colours, like a mask: give each image first, its mask second",
     ),
-    ("the mask as the image too", "a_mask.png has only 3 colours, like a mask: give each image first"),
-    ("a grey photo as the mask", "a_mask.png holds 256 distinct values, so it is a photo, not a mask"),
+    (
+        "the mask as the image too",
+        "a_mask.png has only 3 colours, like a mask: give each image first",
+    ),
+    (
+        "a grey photo as the mask",
+        "a_mask.png holds 256 distinct values, so it is a photo, not a mask",
+    ),
 ]
 # refused by load_models itself, as it reads each tensor: a weight's value is no header's; every other row is
 # the plan's (the "integer weight" row too: a tensor's dtype is in the header)
@@ -420,25 +479,36 @@ def test_fit_refuses_hostile_input_leaving_the_folder_as_it_was(
     no_load.refusing = case not in FIT_AT_LOAD
     assert main("fit", *map(str, args), *FAST, "-q") == 2
     err = capsys.readouterr().err
-    fragment = fragment.replace("{d}", str(tmp_path))  # the case's folder, where a message names a file in it
+    fragment = fragment.replace(
+        "{d}", str(tmp_path)
+    )  # the case's folder, where a message names a file in it
     assert fragment in err and err.startswith("slime: error: ") and err.count("\n") == 1, err
     assert listing(tmp_path) == before  # no emb.pt, no temp file, nothing touched
     assert no_load == ([str(args[args.index("--ckpt") + 1])] if case in FIT_AT_LOAD else [])
 
 
-def test_fit_replaces_an_emb_pt_only_with_overwrite(tmp_path, tiny_ckpt, capsys, monkeypatch, no_load):
+def test_fit_replaces_an_emb_pt_only_with_overwrite(
+    tmp_path, tiny_ckpt, capsys, monkeypatch, no_load
+):
     """Without --overwrite an emb.pt stays byte for byte, refused by the plan; with it, emb.pt is the new fit's:
     its parts, settings, and the vectors and epoch the fit reported, not the old file's. (The fit itself is a
     stand-in that reports one best and its end at once: what is tested is where its result goes.)"""
     img, mask = scene_files(tmp_path)
     ckpt, path = tiny_ckpt("sd2"), tmp_path / "emb.pt"
-    sd = SimpleNamespace(family="sd2", fingerprint=None, dtype=torch.float32)  # fit's format, without a model
+    sd = SimpleNamespace(
+        family="sd2", fingerprint=None, dtype=torch.float32
+    )  # fit's format, without a model
     slime.save_embeddings(
         path, torch.zeros(1, 77, 64), ["background", "square", "disc"], sd, slime.Settings()
     )
-    raw, best = path.read_bytes(), torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(5))
+    raw, best = (
+        path.read_bytes(),
+        torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(5)),
+    )
 
-    def fit(sd, pairs, k, s, val, progress, state):  # one validation, the best, then the last epoch's end
+    def fit(
+        sd, pairs, k, s, val, progress, state
+    ):  # one validation, the best, then the last epoch's end
         progress(dict(event="validation", epoch=7, miou=0.5, best=True, seconds=0.0))
         progress(dict(event="epoch", epoch=s.epochs, state=dict(best_context=best)))
 
@@ -453,7 +523,12 @@ def test_fit_replaces_an_emb_pt_only_with_overwrite(tmp_path, tiny_ckpt, capsys,
     assert main(*args, "--overwrite") == 0 and no_load == [ckpt]
     new = slime.load_embeddings(path)
     assert torch.equal(new["context"], best) and new["parts"] == ["background", "red", "green"]
-    assert (new["epoch"], new["val_miou"], new["settings"].seed, new["settings"].epochs) == (7, 0.5, 1, 1)
+    assert (new["epoch"], new["val_miou"], new["settings"].seed, new["settings"].epochs) == (
+        7,
+        0.5,
+        1,
+        1,
+    )
     assert sorted(os.listdir(tmp_path)) == ["a.png", "a_mask.png", "emb.pt"]  # and no temp file
 
 
@@ -472,7 +547,10 @@ OPTION_CASES = [
     (["--patch-size", "600"], "argument --patch-size: must be an integer in [8, 512]"),
     (["--patches-per-side", "0"], "argument --patches-per-side: must be an integer in [1, 16]"),
     (["--test-t", "1000"], "argument --test-t: must be an integer in [1, 999]"),
-    (["--out-size", "256"], "argument --out-size: must be a multiple of 512 in [0, 512], not '256'"),
+    (
+        ["--out-size", "256"],
+        "argument --out-size: must be a multiple of 512 in [0, 512], not '256'",
+    ),
     (["--seed", "-1"], "argument --seed: must be an integer in [0, "),
     (["--t-min", "100", "--t-max", "5"], "the command line: t_min 100 exceeds t_max 5"),
     (["--preset", "coco"], "argument --preset: invalid choice: 'coco'"),
@@ -484,16 +562,25 @@ OPTION_CASES = [
         "slime.py: unrecognized arguments: --val_every 1; --val_every is --val-every in slime\n",
     ),
     # the release's flags (release/src/arguments.py): slime's name, or what slime does instead
-    (["--min_crop_ratio", "0.6"], "--min_crop_ratio 0.6; --min_crop_ratio is --min-crop-ratio in slime\n"),
+    (
+        ["--min_crop_ratio", "0.6"],
+        "--min_crop_ratio 0.6; --min_crop_ratio is --min-crop-ratio in slime\n",
+    ),
     (["--num_patchs_per_side", "1"], "--num_patchs_per_side is --patches-per-side in slime\n"),
     (["--part_names", "a", "b"], "--part_names a b; --part_names is --parts a,b,c in slime\n"),
     (
         ["--train_data_dir", "x"],
         "--train_data_dir is fit FOLDER (its NAME.png and NAME.npy pairs) in slime\n",
     ),
-    (["--batch_size", "1"], "slime.py: unrecognized arguments: --batch_size 1\n"),  # no such thing in slime
+    (
+        ["--batch_size", "1"],
+        "slime.py: unrecognized arguments: --batch_size 1\n",
+    ),  # no such thing in slime
     (["--lr=0.1", "--parts-names", "a,b"], "unrecognized arguments: --parts-names a,b\n"),
-    (["--device", "banana"], "--device banana: not a device slime knows; use cpu, cuda, cuda:N or mps"),
+    (
+        ["--device", "banana"],
+        "--device banana: not a device slime knows; use cpu, cuda, cuda:N or mps",
+    ),
     (["--device", "cuda:7"], "--device cuda:7: not available on this machine; leave --device out"),
     (
         ["--device", "cpu", "--dtype", "fp16"],
@@ -510,12 +597,17 @@ OPTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("flags, fragment", OPTION_CASES, ids=[" ".join(f)[:40] for f, _ in OPTION_CASES])
+@pytest.mark.parametrize(
+    "flags, fragment", OPTION_CASES, ids=[" ".join(f)[:40] for f, _ in OPTION_CASES]
+)
 def test_option_errors_are_one_line(tmp_path, tiny_ckpt, capsys, no_load, flags, fragment):
     """Each ends in its one line, exit 2, the folder as it was, before the model loads (no_load)."""
     img, mask = scene_files(tmp_path)
     before = listing(tmp_path)
-    assert main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "e.pt", "-q", *flags) == 2
+    assert (
+        main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "e.pt", "-q", *flags)
+        == 2
+    )
     err = capsys.readouterr().err
     assert fragment in err and err.startswith("slime: error: ") and err.count("\n") == 1, err
     assert listing(tmp_path) == before and no_load == []
@@ -541,7 +633,10 @@ def test_dtype_auto_is_fp32_and_names_bf16_where_the_cpu_has_it(capsys, monkeypa
     makes the same masks. A CPU with bf16 instructions gets the hint. The first line names the choice and why."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    n, line = torch.get_num_threads(), lambda *flags, **kw: first_line(capsys, monkeypatch, *flags, **kw)
+    n, line = (
+        torch.get_num_threads(),
+        lambda *flags, **kw: first_line(capsys, monkeypatch, *flags, **kw),
+    )
     cpu, gpu = (
         f"running on the CPU ({n} thread{'s' * (n != 1)}), ",
         "; no GPU found, so each image takes minutes\n",
@@ -551,10 +646,17 @@ def test_dtype_auto_is_fp32_and_names_bf16_where_the_cpu_has_it(capsys, monkeypa
     assert line() == (torch.float32, cpu + hint + gpu)
     assert line("--device", "cpu") == (torch.float32, cpu + hint + "\n")
     # an explicit format is used as given; bf16 where the CPU would emulate it is named for its cost
-    assert line("--dtype", "fp32", "--device", "cpu") == (torch.float32, cpu + "fp32: as --dtype says\n")
-    assert line("--dtype", "bf16", "--device", "cpu") == (torch.bfloat16, cpu + "bf16: as --dtype says\n")
+    assert line("--dtype", "fp32", "--device", "cpu") == (
+        torch.float32,
+        cpu + "fp32: as --dtype says\n",
+    )
+    assert line("--dtype", "bf16", "--device", "cpu") == (
+        torch.bfloat16,
+        cpu + "bf16: as --dtype says\n",
+    )
     assert line("--dtype", "bf16", "--device", "cpu", native=False)[1] == (
-        cpu + "bf16: as --dtype says, though this CPU has no bf16 instructions: 25x to 100x slower\n"
+        cpu
+        + "bf16: as --dtype says, though this CPU has no bf16 instructions: 25x to 100x slower\n"
     )
     with pytest.raises(
         slime.SlimeError, match="^--dtype fp16: a CPU emulates fp16, which takes minutes per image"
@@ -589,7 +691,9 @@ def predict_case(d, ckpt, emb, case):
         "the user's file where the run record goes",
     ):
         (d / "out").mkdir()
-        (d / "out" / ("summary.json" if "summary" in case else "slime-run.json")).write_text('{"mine": 1}\n')
+        (d / "out" / ("summary.json" if "summary" in case else "slime-run.json")).write_text(
+            '{"mine": 1}\n'
+        )
     elif case == "output folder is the image folder":
         args[-1] = d / "in"
     elif case == "output folder holds the ground truth":
@@ -678,16 +782,17 @@ def predict_case(d, ckpt, emb, case):
     return args
 
 
-IN_THE_WAY = (
-    "is in the way of {}, and no slime-run.json says whose it is; pass --overwrite, or choose another -o"
-)
+IN_THE_WAY = "is in the way of {}, and no slime-run.json says whose it is; pass --overwrite, or choose another -o"
 PREDICT_CASES = [
     # outputs never mix with inputs: a labelmap.txt written there would be read as the inputs' next time
     (
         "outputs over the ground truth",
         "-o {d}/out holds inputs of this run ({d}/out/SegmentationClass); choose another -o",
     ),
-    ("output folder is the image folder", "-o {d}/in holds inputs of this run ({d}/in); choose another -o"),
+    (
+        "output folder is the image folder",
+        "-o {d}/in holds inputs of this run ({d}/in); choose another -o",
+    ),
     (
         "output folder holds the ground truth",
         "-o {d}/gt holds inputs of this run ({d}/gt); choose another -o",
@@ -727,16 +832,31 @@ PREDICT_CASES = [
         "gt/a.png has colours that are not in the parts' colours, e.g. (0, 9, 0), (9, 0, 0)",
     ),
     ("output folder is a file", "-o {d}/out: {d}/out is no folder slime may write in"),
-    ("output folder under a file", "-o {d}/in/a.png/out: {d}/in/a.png is no folder slime may write in"),
+    (
+        "output folder under a file",
+        "-o {d}/in/a.png/out: {d}/in/a.png is no folder slime may write in",
+    ),
     ("emb.pt of another width", "odd.pt was fitted on another kind of checkpoint than"),
-    ("emb.pt with a nan", "odd.pt is not a usable emb.pt: its context holds nan, inf or non-float values"),
-    ("emb.pt without parts", "odd.pt is not a usable emb.pt: its parts None are not 2 to 77 distinct names"),
+    (
+        "emb.pt with a nan",
+        "odd.pt is not a usable emb.pt: its context holds nan, inf or non-float values",
+    ),
+    (
+        "emb.pt without parts",
+        "odd.pt is not a usable emb.pt: its parts None are not 2 to 77 distinct names",
+    ),
     (
         "emb.pt with parts and vectors disagreeing",
         "odd.pt is not a usable emb.pt: its 4 parts do not match its learned vectors",
     ),
-    ("emb.pt from a newer slime", "has settings this slime does not know (native_scale); update slime"),
-    ("emb.pt with a setting out of range", "the setting threshold must be a number in [0.0, 1.0], not 7.0"),
+    (
+        "emb.pt from a newer slime",
+        "has settings this slime does not know (native_scale); update slime",
+    ),
+    (
+        "emb.pt with a setting out of range",
+        "the setting threshold must be a number in [0.0, 1.0], not 7.0",
+    ),
     (
         "emb.pt with a setting of the wrong type",
         "the setting epochs must be an integer in [1, 100000], not True",
@@ -767,7 +887,10 @@ PREDICT_CASES = [
     ("no emb.pt", "{d}/nothing.pt: No such file or directory"),
     ("a folder as the emb.pt", "{d}/in: Is a directory"),
     ("device cuda without a GPU", "--device cuda: not available on this machine"),
-    ("fp16 on the CPU", "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32"),
+    (
+        "fp16 on the CPU",
+        "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32",
+    ),
     (
         "ground truth in the image folder",
         "--masks {d}/in holds no mask of {d}/in/a.png but itself: keep the ground truth apart",
@@ -780,7 +903,9 @@ PREDICT_CASES = [
 ]
 
 
-PREDICT_AT_LOAD = {"nan weight"}  # refused by load_models itself, as it reads each tensor (see FIT_AT_LOAD)
+PREDICT_AT_LOAD = {
+    "nan weight"
+}  # refused by load_models itself, as it reads each tensor (see FIT_AT_LOAD)
 
 
 @pytest.mark.parametrize("case, fragment", PREDICT_CASES, ids=[c for c, _ in PREDICT_CASES])
@@ -803,7 +928,9 @@ def test_predict_refuses_hostile_input_leaving_the_folders_as_they_were(
 
 
 # ----------------------------------------------------------------------------- the run record
-def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, capsys, no_load, segment_once):
+def test_the_same_run_resumes_and_another_is_refused(
+    tmp_path, tiny_ckpt, emb, capsys, no_load, segment_once
+):
     """out/slime-run.json says what made the masks. The same run skips the images whose mask and overlay are
     both there and redoes a half pair; another emb.pt or other settings are refused naming --overwrite, by the
     plan (before the model loads); --overwrite redoes every image and deletes nothing else; without a record,
@@ -823,7 +950,11 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
     assert predict() == (0, f"wrote masks and overlays of 2 images to {out}")
     assert outputs(out) == outputs(out, ["p", "q"])
     record = json.loads((out / "slime-run.json").read_text())
-    assert record["dtype"] == "float32" and record["embeddings"] == str(emb) and len(record["run"]) == 16
+    assert (
+        record["dtype"] == "float32"
+        and record["embeddings"] == str(emb)
+        and len(record["run"]) == 16
+    )
     made = images_made(out)
     assert predict() == (
         0,
@@ -834,7 +965,9 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
         tmp_path / "other.pt", ckpt, lambda e: (e["context"].add_(0.01), e["learned"].add_(0.01))
     )
     refused = f"slime: error: {out} holds outputs of another run ({{}}); pass --overwrite, or -o"
-    code, line = no_load.plan_refuses(predict, e=other)  # the record names what differs: here the vectors
+    code, line = no_load.plan_refuses(
+        predict, e=other
+    )  # the record names what differs: here the vectors
     differs = "embeddings [0-9a-f]{16} there, [0-9a-f]{16} here"
     assert code == 2 and re.fullmatch(re.escape(refused).replace(r"\{\}", differs), line), line
     assert images_made(out) == made
@@ -842,8 +975,13 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
         2,
         refused.format("threshold 0.0 there, 0.5 here"),
     )
-    assert no_load.plan_refuses(predict, "--seed", "1") == (2, refused.format("seed 0 there, 1 here"))
-    os.remove(out / "overlays" / "p.png")  # an interrupted pair: its mask alone does not count as done
+    assert no_load.plan_refuses(predict, "--seed", "1") == (
+        2,
+        refused.format("seed 0 there, 1 here"),
+    )
+    os.remove(
+        out / "overlays" / "p.png"
+    )  # an interrupted pair: its mask alone does not count as done
     assert predict() == (
         0,
         f"wrote masks and overlays of 1 image to {out}; skipped 1 already done (--overwrite redoes them)",
@@ -854,7 +992,9 @@ def test_the_same_run_resumes_and_another_is_refused(tmp_path, tiny_ckpt, emb, c
     assert images_made(out)["SegmentationClass/q.png"] == made["SegmentationClass/q.png"]
     (out / "notes.txt").write_text("mine")
     assert predict("--overwrite", e=other) == (0, f"wrote masks and overlays of 2 images to {out}")
-    assert (out / "notes.txt").read_text() == "mine"  # --overwrite replaces slime's paths, nothing else
+    assert (
+        out / "notes.txt"
+    ).read_text() == "mine"  # --overwrite replaces slime's paths, nothing else
     assert json.loads((out / "slime-run.json").read_text())["embeddings"] == str(other)
     assert predict(e=other)[1].endswith(
         "skipped 2 already done (--overwrite redoes them)"
@@ -908,7 +1048,9 @@ def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_o
     assert (out / "SegmentationClass" / "q.png").read_bytes() != old_q
     for f in [f for f in out.rglob("*") if f.is_file() and f.name != "slime-run.json"]:
         f.unlink()  # what a run stopped at its first image leaves: its record alone
-    assert main("predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, "-q") == 0
+    assert (
+        main("predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", ckpt, "-q") == 0
+    )
 
 
 def hidden_files(folder):  # what a commit leaves when it fails to clean up: its .NAME.PID.tmp files
@@ -947,7 +1089,10 @@ def test_device_strings_torch_takes(capsys):
     """cpu:0 is a device torch takes: so does slime (it said "not a device slime knows")."""
     for name in ("cpu", "cpu:0"):
         args = SimpleNamespace(device=name, dtype="fp32")
-        assert slime.device_and_dtype(args, slime.Console(True)) == (torch.device(name), torch.float32)
+        assert slime.device_and_dtype(args, slime.Console(True)) == (
+            torch.device(name),
+            torch.float32,
+        )
 
 
 def test_a_pair_interrupted_between_its_renames_is_redone_whole(
@@ -976,7 +1121,9 @@ def test_a_pair_interrupted_between_its_renames_is_redone_whole(
     out, real_replace = tmp_path / "out", os.replace
     mask, overlay = out / "SegmentationClass" / "p.png", out / "overlays" / "p.png"
 
-    def stopped_at_the_overlay(stop):  # os.replace, stopped where it would rename the overlay into place
+    def stopped_at_the_overlay(
+        stop,
+    ):  # os.replace, stopped where it would rename the overlay into place
         def replace(src, dst):
             if str(dst) == str(overlay):
                 stop()
@@ -999,7 +1146,9 @@ def test_a_pair_interrupted_between_its_renames_is_redone_whole(
         with monkeypatch.context() as m:
             m.setattr(os, "replace", stopped_at_the_overlay(stop))
             assert predict(e, out, *flags) == 128 + sig
-        assert capsys.readouterr().err == f"slime: interrupted by {sig.name}; finished outputs kept\n"
+        assert (
+            capsys.readouterr().err == f"slime: interrupted by {sig.name}; finished outputs kept\n"
+        )
         # stopped at the pair's second rename: this run's mask is in place, the overlay is not, no temp file
         assert mask.read_bytes() == fresh[e][0] and not overlay.exists() and hidden_files(out) == []
         assert predict(e, out) == 0  # the same run resumes: the mask alone is no finished image
@@ -1018,7 +1167,9 @@ def test_bmp_images_and_masks_are_read(tmp_path):
     assert np.array_equal(slime.read_mask(tmp_path / "m.bmp"), mask)
 
 
-def test_the_run_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, emb, capsys, no_load):
+def test_the_run_covers_the_weights_and_the_number_format(
+    tmp_path, tiny_ckpt, emb, capsys, no_load
+):
     """Other weights in a file of the same size and header (a merged LoRA) or another dtype are another run,
     refused by the plan (before the model loads)."""
     ckpt, no_load.refusing = tiny_ckpt("sd2"), False
@@ -1028,7 +1179,10 @@ def test_the_run_covers_the_weights_and_the_number_format(tmp_path, tiny_ckpt, e
     img, _ = scene_files(tmp_path, size=64)
     args = ["predict", str(emb), str(img), "-o", str(tmp_path / "out"), "-q"]
     assert slime.main(args + ["--ckpt", ckpt]) == 0
-    tuned, dtype = ["--ckpt", str(tmp_path / "tuned.safetensors")], ["--ckpt", ckpt, "--dtype", "bf16"]
+    tuned, dtype = (
+        ["--ckpt", str(tmp_path / "tuned.safetensors")],
+        ["--ckpt", ckpt, "--dtype", "bf16"],
+    )
     for flags, differs in (
         (tuned, r"checkpoint [0-9a-f]{16} there, [0-9a-f]{16} here"),
         (dtype, "dtype float32 there, bfloat16 here"),
@@ -1053,17 +1207,27 @@ def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
     capsys.readouterr()
     assert main(*args) == 0
     err = capsys.readouterr().err
-    assert "fp32: the number format of the outputs it resumes" in err and "skipped 1 already done" in err
+    assert (
+        "fp32: the number format of the outputs it resumes" in err
+        and "skipped 1 already done" in err
+    )
     assert no_load.plan_refuses(main, *args, "--dtype", "bf16") == 2
-    assert "holds outputs of another run (dtype float32 there, bfloat16 here)" in capsys.readouterr().err
-    e = torch.load(emb, weights_only=True)  # an emb.pt saved in bf16 is read as fit saves it, in fp32
+    assert (
+        "holds outputs of another run (dtype float32 there, bfloat16 here)"
+        in capsys.readouterr().err
+    )
+    e = torch.load(
+        emb, weights_only=True
+    )  # an emb.pt saved in bf16 is read as fit saves it, in fp32
     e["context"], e["learned"] = e["context"].bfloat16(), e["learned"].bfloat16()
     torch.save(e, tmp_path / "bf16.pt")
     assert slime.load_embeddings(tmp_path / "bf16.pt")["context"].dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- one bad image
-def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_path, tiny_ckpt, emb, capsys):
+def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(
+    tmp_path, tiny_ckpt, emb, capsys
+):
     """Found when its turn comes: a truncated PNG, an empty file, a float TIFF with nan. Each is named in one
     line and skipped, -q or not (a script must know), and summary.json lists it with the reason; the good image
     is done; the last line counts them; exit status 1. A rerun resumes."""
@@ -1087,12 +1251,17 @@ def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(tmp_pa
     assert [r["image"] for r in json.loads((out / "summary.json").read_text())["images"]] == [
         str(d / "good.png")
     ]
-    assert slime.main(args + ["-q"]) == 1  # the good one is done; the bad ones are still bad, and said
+    assert (
+        slime.main(args + ["-q"]) == 1
+    )  # the good one is done; the bad ones are still bad, and said
     skipped = [line for line in lines if line.startswith("skipped ")]
     assert capsys.readouterr().err.splitlines() == skipped
     unread = json.loads((out / "summary.json").read_text())["unread"]
     assert [f"skipped {u['reason']}" for u in unread] == skipped
-    assert main("predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2")) == 0
+    assert (
+        main("predict", str(emb), str(d / "good.png"), "-o", str(out), "--ckpt", tiny_ckpt("sd2"))
+        == 0
+    )
 
 
 def test_another_checkpoint_of_the_same_kind_is_said(tmp_path, emb, capsys, monkeypatch):
@@ -1104,7 +1273,10 @@ def test_another_checkpoint_of_the_same_kind_is_said(tmp_path, emb, capsys, monk
     stop = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731  the plan said it: stop
     monkeypatch.setattr(slime, "load_models", stop)
     out = tmp_path / "out"
-    assert main("predict", emb, tmp_path / "a.png", "-o", out, "--ckpt", other, "--dtype", "fp32") == 130
+    assert (
+        main("predict", emb, tmp_path / "a.png", "-o", out, "--ckpt", other, "--dtype", "fp32")
+        == 130
+    )
     warning = f"warning: {emb} was fitted on another checkpoint than {other} (a fine-tune, a copy?)"
     assert warning in capsys.readouterr().err.splitlines()
 
@@ -1113,8 +1285,13 @@ def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, caps
     """The reverse of the photo given as a mask: a mask in a folder of photos is segmented, with a warning."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
-    Image.fromarray(synthetic_scene()[1]).resize((64, 64), Image.NEAREST).save(tmp_path / "in" / "a_mask.png")
-    assert main("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2")) == 0
+    Image.fromarray(synthetic_scene()[1]).resize((64, 64), Image.NEAREST).save(
+        tmp_path / "in" / "a_mask.png"
+    )
+    assert (
+        main("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"))
+        == 0
+    )
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
     assert warned == [f"warning: {tmp_path / 'in' / 'a_mask.png'} has only 3 colours, like a mask"]
 
@@ -1151,7 +1328,9 @@ def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(
     assert tables[0] == tables[1] and "mIoU" in tables[0]
 
 
-def test_an_all_ignore_ground_truth_scores_nothing_instead_of_zero(tmp_path, tiny_ckpt, emb, capsys):
+def test_an_all_ignore_ground_truth_scores_nothing_instead_of_zero(
+    tmp_path, tiny_ckpt, emb, capsys
+):
     (tmp_path / "in").mkdir()
     (tmp_path / "gt").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
@@ -1180,7 +1359,17 @@ def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     out = tmp_path / "out"
-    r = cli("predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q", preexec_fn=limit)
+    r = cli(
+        "predict",
+        emb,
+        tmp_path / "in",
+        "-o",
+        out,
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        "-q",
+        preexec_fn=limit,
+    )
     assert_refused(r, f"slime: error: {out / 'overlays' / 'a.png'}: File too large\n")
     # the small run record fits; no mask without its overlay, no temp file
     assert sorted(str(p.relative_to(tmp_path)) for p in out.rglob("*") if p.is_file()) == [
@@ -1204,16 +1393,29 @@ def test_a_killed_fit_leaves_a_whole_emb_pt(tmp_path, tiny_ckpt):
     time.sleep(0.5)  # stop it mid-run, possibly mid-write of an epoch's emb.pt
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=120)
-    assert proc.returncode == -signal.SIGKILL  # a killed write may leave a temp file, never a half emb.pt
+    assert (
+        proc.returncode == -signal.SIGKILL
+    )  # a killed write may leave a temp file, never a half emb.pt
     assert slime.load_embeddings(out)["resume"]["epoch"] >= 1
 
 
 def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt, capsys):
     (tmp_path / "in").mkdir()
     for i in range(4):
-        Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(tmp_path / "in" / f"s{i}.png")
+        Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(
+            tmp_path / "in" / f"s{i}.png"
+        )
     out = tmp_path / "out"
-    args = ["predict", str(emb), str(tmp_path / "in"), "-o", str(out), "--ckpt", tiny_ckpt("sd2"), "-q"]
+    args = [
+        "predict",
+        str(emb),
+        str(tmp_path / "in"),
+        "-o",
+        str(out),
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        "-q",
+    ]
     proc = subprocess.Popen(SLIME + args, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not (out / "overlays" / "s0.png").exists() and time.time() < deadline:
@@ -1241,12 +1443,18 @@ def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tm
     (tmp_path / "in").mkdir()
     stems = [f"s{i}" for i in range(4)]
     for i, stem in enumerate(stems):
-        Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(tmp_path / "in" / f"{stem}.png")
+        Image.fromarray(synthetic_scene(seed=i)[0]).resize((64, 64)).save(
+            tmp_path / "in" / f"{stem}.png"
+        )
     out = tmp_path / "out"
     args = ["predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q"]
     proc = subprocess.Popen(SLIME + list(map(str, args)), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (out / "overlays" / "s0.png").exists() and time.time() < deadline and proc.poll() is None:
+    while (
+        not (out / "overlays" / "s0.png").exists()
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -1256,10 +1464,13 @@ def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tm
     )
     assert not (out / "overlays" / "s3.png").exists(), "predict finished before it was stopped"
     made = {
-        d: [s for s in stems if (out / d / f"{s}.png").exists()] for d in ("SegmentationClass", "overlays")
+        d: [s for s in stems if (out / d / f"{s}.png").exists()]
+        for d in ("SegmentationClass", "overlays")
     }
     masks, done = made["SegmentationClass"], made["overlays"]
-    assert masks == stems[: len(masks)] and done[:1] == ["s0"]  # in order; how many is the timing's (1 to 3)
+    assert masks == stems[: len(masks)] and done[:1] == [
+        "s0"
+    ]  # in order; how many is the timing's (1 to 3)
     # whole pairs; the one mask alone this lets through is the last, from a signal between its pair's two
     # renames (a window of microseconds; the resume redoes it, see test_a_pair_interrupted_between_...)
     assert done in (masks, masks[:-1])
@@ -1274,7 +1485,9 @@ def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tm
             Image.open(out / d / f"{s}.png").load()  # complete files
 
 
-def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt, capsys, monkeypatch):
+def test_a_diverging_loss_stops_fit_naming_the_likely_cause(
+    tmp_path, tiny_ckpt, capsys, monkeypatch
+):
     """The weights are checked finite at load, so a non-finite loss is the optimisation's: the message says so."""
     img, mask = scene_files(tmp_path)
     step, calls = slime.training_step, []
@@ -1286,7 +1499,10 @@ def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt,
 
     monkeypatch.setattr(slime, "training_step", diverging)
     out = tmp_path / "emb.pt"
-    assert main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "3", "-o", out, "-q") == 2
+    assert (
+        main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "3", "-o", out, "-q")
+        == 2
+    )
     err = capsys.readouterr().err
     assert (
         "the loss became nan at step 2" in err
@@ -1295,7 +1511,9 @@ def test_a_diverging_loss_stops_fit_naming_the_likely_cause(tmp_path, tiny_ckpt,
         in err
     ), err
     kept = slime.load_embeddings(out)  # epoch 1 was validated before the loss diverged
-    assert kept["epoch"] == 1 and torch.isfinite(kept["context"]).all()  # counted from 1, as the console says
+    assert (
+        kept["epoch"] == 1 and torch.isfinite(kept["context"]).all()
+    )  # counted from 1, as the console says
 
 
 # ----------------------------------------------------------------------------- inputs that work
@@ -1311,17 +1529,24 @@ def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
     (tmp_path / "în pùt").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "în pùt" / "my imäge ✓.png")
     out = tmp_path / "öut put"
-    assert main("predict", emb, tmp_path / "în pùt", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q") == 0
+    assert (
+        main("predict", emb, tmp_path / "în pùt", "-o", out, "--ckpt", tiny_ckpt("sd2"), "-q") == 0
+    )
     assert outputs(out) == outputs(None, ["my imäge ✓"])
 
 
 def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
     """fit's ETA: the steps left at the pace of the last 5 steps, and the validations left at the time of the last
     one (the first one also encodes the validation patches, once per fit); none before the first validation."""
-    lines, clock = [], iter([0.0, 10, 10, 20, 20, 20, 170, 180, 180])  # each step reads the clock twice
+    lines, clock = (
+        [],
+        iter([0.0, 10, 10, 20, 20, 20, 170, 180, 180]),
+    )  # each step reads the clock twice
     monkeypatch.setattr(slime.time, "time", lambda: next(clock))
     con = SimpleNamespace(progress=lambda text, eta=None, force=False: lines.append((text, eta)))
-    progress = slime.fit_progress(con, slime.Settings(epochs=4, val_every=2), 2)  # 8 steps, 2 validations
+    progress = slime.fit_progress(
+        con, slime.Settings(epochs=4, val_every=2), 2
+    )  # 8 steps, 2 validations
     step = dict(event="step", steps=8, epoch=1, ce=1, mse=2, sd=3)
     for e in (
         dict(step, step=1),
@@ -1346,7 +1571,18 @@ def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
 def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb, capsys):
     img, _ = scene_files(tmp_path, size=64)
     assert (
-        main("predict", emb, img, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "--threshold", "1") == 0
+        main(
+            "predict",
+            emb,
+            img,
+            "-o",
+            tmp_path / "out",
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "--threshold",
+            "1",
+        )
+        == 0
     )
     assert capsys.readouterr().err.splitlines()[-2:] == [
         "warning: 1 of 1 image got no part; a lower --threshold helps",
@@ -1357,11 +1593,20 @@ def test_an_empty_result_is_said_with_its_likely_cause(tmp_path, tiny_ckpt, emb,
 def test_a_part_without_pixels_warns_and_fit_goes_on(tmp_path, tiny_ckpt, capsys):
     img, mask = scene_files(tmp_path)
     parts = ["--parts", "background,square,disc,wheel"]
-    assert main("fit", img, mask, *parts, "--ckpt", tiny_ckpt("sd2"), *FAST, "-o", tmp_path / "e.pt") == 0
     assert (
-        "warning: part 3 (wheel) has no pixels in any training mask: not learned" in capsys.readouterr().err
+        main("fit", img, mask, *parts, "--ckpt", tiny_ckpt("sd2"), *FAST, "-o", tmp_path / "e.pt")
+        == 0
     )
-    assert slime.load_embeddings(tmp_path / "e.pt")["parts"] == ["background", "square", "disc", "wheel"]
+    assert (
+        "warning: part 3 (wheel) has no pixels in any training mask: not learned"
+        in capsys.readouterr().err
+    )
+    assert slime.load_embeddings(tmp_path / "e.pt")["parts"] == [
+        "background",
+        "square",
+        "disc",
+        "wheel",
+    ]
 
 
 def test_cuda_out_of_memory_says_what_to_try(monkeypatch, capsys, tmp_path):
@@ -1371,7 +1616,9 @@ def test_cuda_out_of_memory_says_what_to_try(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(slime, "cmd_fit", oom)
     assert main("fit", *map(str, scene_files(tmp_path, size=64))) == 2
     err = capsys.readouterr().err
-    assert err == "slime: error: the GPU ran out of memory: try --dtype bf16, --patches-per-side 1\n"
+    assert (
+        err == "slime: error: the GPU ran out of memory: try --dtype bf16, --patches-per-side 1\n"
+    )
 
 
 class Evil:
@@ -1384,9 +1631,18 @@ def test_predict_never_runs_pickled_code(tmp_path, tiny_ckpt):
         pickle.dump({"format": "slime-embeddings/1", "x": Evil()}, f)
     img, _ = scene_files(tmp_path, size=64)
     r = cli(
-        "predict", tmp_path / "evil.pt", img, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), cwd=tmp_path
+        "predict",
+        tmp_path / "evil.pt",
+        img,
+        "-o",
+        tmp_path / "out",
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        cwd=tmp_path,
     )
-    assert_refused(r, "evil.pt: damaged, not a torch file, or holds pickled code, which slime never runs")
+    assert_refused(
+        r, "evil.pt: damaged, not a torch file, or holds pickled code, which slime never runs"
+    )
     assert not (tmp_path / "pwned").exists()
 
 
@@ -1425,7 +1681,9 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "phone.png").size == (32, 64)
     # a mask drawn on the file as stored (64x32) fits no image as shown: the refusal names EXIF
     Image.fromarray(mask).resize((64, 32), Image.NEAREST).save(labels)
-    assert main("fit", photo, labels, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "f.pt", "-q") == 2
+    assert (
+        main("fit", photo, labels, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "f.pt", "-q") == 2
+    )
     assert capsys.readouterr().err == (
         f"slime: error: {labels} is (64, 32), its image (32, 64) (w, h); its EXIF orientation turns it as shown: "
         "turn the mask too\n"
@@ -1441,7 +1699,10 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
 )
 def test_no_checkpoint_in_weights(tmp_path, capsys, no_load):
     assert main("fit", *map(str, scene_files(tmp_path, size=64))) == 2 and no_load == []
-    assert "weights holds 0 checkpoints: see weights/README.md, or pass --ckpt" in capsys.readouterr().err
+    assert (
+        "weights holds 0 checkpoints: see weights/README.md, or pass --ckpt"
+        in capsys.readouterr().err
+    )
 
 
 def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny_ckpt):
@@ -1451,7 +1712,17 @@ def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny
         tmp_path / "in" / "gray16.png"
     )
     assert (
-        main("predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q") == 0
+        main(
+            "predict",
+            emb,
+            tmp_path / "in",
+            "-o",
+            tmp_path / "out",
+            "--ckpt",
+            tiny_ckpt("sd2"),
+            "-q",
+        )
+        == 0
     )
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "tiny.png").size == (16, 16)
     assert Image.open(tmp_path / "out" / "SegmentationClass" / "gray16.png").size == (70, 50)
@@ -1466,7 +1737,10 @@ def test_an_image_over_slimes_pixel_limit_is_refused_by_the_plan(
     monkeypatch.setattr(slime, "MAX_PIXELS", 3000)
     line = f"slime: error: {img} has 0.0041 megapixels, over slime's limit of 0.003 (as float32 it alone takes 12 bytes a pixel): shrink it\n"
     before = listing(tmp_path)
-    assert main("predict", emb, tmp_path, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q") == 2
+    assert (
+        main("predict", emb, tmp_path, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
+        == 2
+    )
     assert capsys.readouterr().err == line and no_load == [] and listing(tmp_path) == before
     assert main("fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "e.pt", "-q") == 2
     assert capsys.readouterr().err == line and no_load == [] and listing(tmp_path) == before
@@ -1480,13 +1754,15 @@ def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(
     (tmp_path / "in").mkdir()
     h, w = 9000, 12000
     ramp = (
-        np.arange(w, dtype=np.uint16)[None] * 255 // w + np.arange(h, dtype=np.uint16)[:, None] * 255 // h
+        np.arange(w, dtype=np.uint16)[None] * 255 // w
+        + np.arange(h, dtype=np.uint16)[:, None] * 255 // h
     ) // 2
     Image.fromarray(np.repeat(ramp.astype(np.uint8)[..., None], 3, -1)).save(
         tmp_path / "in" / "huge.jpg", quality=80
     )
     code = (
-        PEAK_MEMORY + "import sys, slime; rc = slime.main(sys.argv[1:]); print(peak_memory()); sys.exit(rc)"
+        PEAK_MEMORY
+        + "import sys, slime; rc = slime.main(sys.argv[1:]); print(peak_memory()); sys.exit(rc)"
     )
     out = tmp_path / "out"
     args = ["predict", emb, tmp_path / "in", "-o", out, "--ckpt", tiny_ckpt("sd2")]
@@ -1518,7 +1794,18 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
     colours[10:60, 10:60], colours[70:120, 50:110] = (200, 0, 0), (0, 200, 0)
     Image.fromarray(colours).save(mask)
     leader, follower = pty.openpty()
-    args = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "1", "-o", tmp_path / "emb.pt"]
+    args = [
+        "fit",
+        img,
+        mask,
+        "--ckpt",
+        tiny_ckpt("sd2"),
+        *FAST,
+        "--epochs",
+        "1",
+        "-o",
+        tmp_path / "emb.pt",
+    ]
     proc = subprocess.Popen([*SLIME, *args], stderr=follower, stdout=follower)
     os.close(follower)
     raw = b""
@@ -1532,7 +1819,8 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
         raw += chunk
     assert proc.wait(timeout=300) == 0, raw
     shown = [
-        line.split("\r")[-1].replace("\x1b[K", "") for line in raw.decode().replace("\r\n", "\n").split("\n")
+        line.split("\r")[-1].replace("\x1b[K", "")
+        for line in raw.decode().replace("\r\n", "\n").split("\n")
     ]
     starts = (
         "running on the CPU",
@@ -1544,9 +1832,13 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
         "epoch ",
     )
     for line in filter(None, shown):
-        assert line.startswith(starts) and sum(line.count(s.strip()) for s in starts[:-1]) <= 1, shown
+        assert line.startswith(starts) and sum(line.count(s.strip()) for s in starts[:-1]) <= 1, (
+            shown
+        )
     assert "fitting 2 parts ['part1', 'part2'] on 1 image: 1 epoch of 1 step, 1 validation" in shown
-    stages = raw.decode().replace("\r\n", "\n").replace("\r", "\n")  # every state of the progress line, too
+    stages = (
+        raw.decode().replace("\r\n", "\n").replace("\r", "\n")
+    )  # every state of the progress line, too
     for stage in (
         "loading " + str(tiny_ckpt("sd2")),
         "epoch 1/1  step 1/1  ce ",
@@ -1554,7 +1846,9 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
         "epoch 1/1  validation mIoU ",
     ):
         assert stage in stages, stages
-    assert shown[-3].startswith(f"fit finished: {tmp_path / 'emb.pt'} holds epoch 1 (validation mIoU "), shown
+    assert shown[-3].startswith(
+        f"fit finished: {tmp_path / 'emb.pt'} holds epoch 1 (validation mIoU "
+    ), shown
     emb = tmp_path / "emb.pt"
     curve = f"(the fit's curve: python examples/maps.py {emb} --curve -o curve.png)"
     assert shown[-2] == f"next: python slime.py predict {emb} IMAGES/ -o out/ {curve}", shown

@@ -57,7 +57,13 @@ def animated_gif(tmp_path):
         f.putpalette(VOC_PALETTE.tobytes())
     # optimize=False keeps the palette indices as they are
     return save(
-        tmp_path, "anim.gif", frames[0], save_all=True, append_images=frames[1:], duration=100, optimize=False
+        tmp_path,
+        "anim.gif",
+        frames[0],
+        save_all=True,
+        append_images=frames[1:],
+        duration=100,
+        optimize=False,
     )
 
 
@@ -93,14 +99,18 @@ def test_read_image_palette_with_transparency(tmp_path):
     im = Image.fromarray(np.array([[0, 1], [2, 3]], np.uint8))
     im.putpalette(VOC_PALETTE.tobytes())
     x = read_image(save(tmp_path, "p.png", im, transparency=0))
-    assert torch.equal(x.permute(1, 2, 0).reshape(4, 3), torch.from_numpy(VOC_PALETTE[:4]).float() / 255)
+    assert torch.equal(
+        x.permute(1, 2, 0).reshape(4, 3), torch.from_numpy(VOC_PALETTE[:4]).float() / 255
+    )
 
 
 @pytest.mark.filterwarnings(
     "ignore:.*like a mask"
 )  # one flat colour: the warning is right, and beside the point
 def test_read_image_cmyk_jpeg(tmp_path):
-    x = read_image(save(tmp_path, "c.jpg", Image.new("CMYK", (8, 8), (255, 0, 0, 0)), quality=100))  # cyan
+    x = read_image(
+        save(tmp_path, "c.jpg", Image.new("CMYK", (8, 8), (255, 0, 0, 0)), quality=100)
+    )  # cyan
     assert x.shape == (3, 8, 8)
     assert torch.allclose(x.mean((1, 2)), torch.tensor([0.0, 1.0, 1.0]), atol=0.02)
 
@@ -110,7 +120,9 @@ def test_read_image_gif_first_frame(tmp_path):
     assert x.shape == (3, 6, 8) and torch.equal(x[:, 0, 0], torch.tensor([128, 0, 0]) / 255.0)
 
 
-@pytest.mark.filterwarnings("ignore:.*like a mask")  # black and white halves: a mask, to read_image's eye
+@pytest.mark.filterwarnings(
+    "ignore:.*like a mask"
+)  # black and white halves: a mask, to read_image's eye
 def test_read_image_exif_rotation(tmp_path):
     im, exif = exif_rotated("RGB", (0, 0, 0), (255, 255, 255))
     x = read_image(save(tmp_path, "r.jpg", im, exif=exif, quality=95))
@@ -188,12 +200,16 @@ def test_an_image_of_a_few_flat_colours_is_read_with_a_warning_that_it_looks_lik
     labels[:, 8:] += 2  # 4 colours of 68 pixels on average
     with pytest.warns(UserWarning) as record:
         x = read_image(save(tmp_path, "m.png", Image.fromarray(VOC_PALETTE[labels])))
-    assert [str(w.message) for w in record] == [f"{tmp_path / 'm.png'} has only 4 colours, like a mask"]
+    assert [str(w.message) for w in record] == [
+        f"{tmp_path / 'm.png'} has only 4 colours, like a mask"
+    ]
     assert x.shape == (3, 17, 16)
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # 4 colours of 60 pixels on average: a small image, no warning
+        warnings.simplefilter(
+            "error"
+        )  # 4 colours of 60 pixels on average: a small image, no warning
         read_image(save(tmp_path, "small.png", Image.fromarray(VOC_PALETTE[labels[2:]])))
 
 
@@ -239,14 +255,18 @@ def test_read_mask_npy(tmp_path):
         np.save(tmp_path / name, array)
         with pytest.raises(SlimeError) as e:
             read_mask(tmp_path / name)
-        assert str(e.value) == f"{tmp_path / name}: a mask is a 2-D array of labels 0..255, not {what}"
+        assert (
+            str(e.value) == f"{tmp_path / name}: a mask is a 2-D array of labels 0..255, not {what}"
+        )
     (tmp_path / "empty.npy").write_bytes(b"")
     with pytest.raises(SlimeError, match=r"empty.npy: No data left in file$"):
         read_mask(tmp_path / "empty.npy")
     with pytest.raises(SlimeError, match="none.npy: No such file or directory$"):
         read_mask(tmp_path / "none.npy")
     np.save(tmp_path / "obj.npy", np.array([[None]], dtype=object), allow_pickle=True)
-    with pytest.raises(SlimeError, match="obj.npy: Object arrays cannot be loaded when allow_pickle=False$"):
+    with pytest.raises(
+        SlimeError, match="obj.npy: Object arrays cannot be loaded when allow_pickle=False$"
+    ):
         read_mask(tmp_path / "obj.npy")  # never unpickled
 
 
@@ -254,7 +274,11 @@ def test_read_mask_npy(tmp_path):
 def test_voc_palette():
     assert VOC_PALETTE.shape == (256, 3) and VOC_PALETTE.dtype == np.uint8
     assert VOC_PALETTE[:4].tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]]
-    assert VOC_PALETTE[15].tolist() == [192, 128, 128] and VOC_PALETTE[255].tolist() == [224, 224, 192]
+    assert VOC_PALETTE[15].tolist() == [192, 128, 128] and VOC_PALETTE[255].tolist() == [
+        224,
+        224,
+        192,
+    ]
     assert len({tuple(c) for c in VOC_PALETTE.tolist()}) == 256
 
 
@@ -264,7 +288,11 @@ def test_colors_voc_void_is_ignore_not_a_class(tmp_path):
     m = read_mask(save(tmp_path, "voc.png", Image.fromarray(VOC_PALETTE[idx])))
     assert m.shape == (2, 3, 3)
     (labels,), palette = colors_to_labels([m])
-    assert palette == [[0, 0, 0], [0, 128, 0], [128, 0, 0]]  # black first, then sorted: void is no class
+    assert palette == [
+        [0, 0, 0],
+        [0, 128, 0],
+        [128, 0, 0],
+    ]  # black first, then sorted: void is no class
     assert labels.dtype == np.int64 and labels.tolist() == [[0, 2, 255], [1, 255, 0]]
     (labels,), _ = colors_to_labels([m], VOC_PALETTE[:3].tolist())
     assert np.array_equal(labels, idx)
@@ -294,10 +322,14 @@ def test_colors_given_palette():
     bad = np.array([[[0, 0, 0], [9, 9, 9], [9, 9, 9], [8, 8, 8]]], np.uint8)
     with pytest.raises(SlimeError) as e:
         colors_to_labels([bad], palette=[[0, 0, 0]], names=["m.png"])
-    assert str(e.value) == "m.png has colours that are not in the palette, e.g. (8, 8, 8), (9, 9, 9)"
+    assert (
+        str(e.value) == "m.png has colours that are not in the palette, e.g. (8, 8, 8), (9, 9, 9)"
+    )
     with pytest.raises(SlimeError) as e:
         colors_to_labels([bad], palette=[[0, 0, 0]], names=["m.png"], source="labelmap.txt")
-    assert str(e.value) == "m.png has colours that are not in labelmap.txt, e.g. (8, 8, 8), (9, 9, 9)"
+    assert (
+        str(e.value) == "m.png has colours that are not in labelmap.txt, e.g. (8, 8, 8), (9, 9, 9)"
+    )
 
 
 def test_colors_too_many_name_the_mask_with_the_most():
@@ -309,7 +341,9 @@ def test_colors_too_many_name_the_mask_with_the_most():
     assert len(colors_to_labels([colors[:, : 76 * 4]])[1]) == 77
     with pytest.raises(SlimeError) as e:
         colors_to_labels([few, colors, few], names=["a.png", "soft.png", "b.png"])
-    assert str(e.value) == "the colours of soft.png and the others make 78 classes, over 77"  # black included
+    assert (
+        str(e.value) == "the colours of soft.png and the others make 78 classes, over 77"
+    )  # black included
 
 
 def test_anti_aliased_colours_are_refused_by_their_count():
@@ -368,14 +402,20 @@ def test_a_lossy_mask_is_refused_and_a_float_mask_of_few_values_read_as_labels(t
     """JPEG invents colours at every edge, each a class of its own; a float TIFF of class values is labels."""
     with pytest.raises(SlimeError) as e:
         read_mask(save(tmp_path, "m.jpg", Image.new("L", (64, 64), 0)))
-    assert str(e.value) == f"{tmp_path / 'm.jpg'} is stored lossily (JPEG); save the mask as PNG or .npy"
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'm.jpg'} is stored lossily (JPEG); save the mask as PNG or .npy"
+    )
     # a colour mask as JPEG: 3,340 colours, from compression at the edges of two shapes, is a mask, not a photo
     m = np.zeros((512, 512, 3), np.uint8)
     yy, xx = np.mgrid[:512, :512]
     m[100:300, 50:400], m[(yy - 380) ** 2 + (xx - 250) ** 2 < 90**2] = (200, 30, 30), (30, 180, 60)
     with pytest.raises(SlimeError) as e:
         read_mask(save(tmp_path, "shapes.jpg", Image.fromarray(m)))
-    assert str(e.value) == f"{tmp_path / 'shapes.jpg'} is stored lossily (JPEG); save the mask as PNG or .npy"
+    assert (
+        str(e.value)
+        == f"{tmp_path / 'shapes.jpg'} is stored lossily (JPEG); save the mask as PNG or .npy"
+    )
     labels = np.array([[0, 1, 2], [2, 1, 0]])
     m = read_mask(save(tmp_path, "m.tif", Image.fromarray(labels.astype(np.float32))))
     assert m.dtype == np.int64 and np.array_equal(m, labels)
@@ -418,7 +458,12 @@ def test_write_overlay(tmp_path, h, w):
     assert np.array_equal(out[2 : h // 2 - 2, w // 2 + 40 :], rgb[2 : h // 2 - 2, w // 2 + 40 :])
     # tinted 50% with VOC colour 1 inside the part, white on its boundary
     expect = np.round(0.5 * rgb + 0.5 * VOC_PALETTE[1]).astype(int)
-    assert np.abs(out[h // 2 + 1 :, w // 2 + 1 :].astype(int) - expect[h // 2 + 1 :, w // 2 + 1 :]).max() <= 1
+    assert (
+        np.abs(
+            out[h // 2 + 1 :, w // 2 + 1 :].astype(int) - expect[h // 2 + 1 :, w // 2 + 1 :]
+        ).max()
+        <= 1
+    )
     assert (out[h // 2 :, w // 2 - 1] == 255).all() and (out[h // 2 - 1, w // 2 :] == 255).all()
 
 
@@ -432,14 +477,17 @@ def test_the_legend_lists_every_part_even_when_absent(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "h, w, parts, box", [(512, 512, 6, 124), (512, 512, 10, 153), (96, 128, 6, None), (16, 16, 2, None)]
+    "h, w, parts, box",
+    [(512, 512, 6, 124), (512, 512, 10, 153), (96, 128, 6, None), (16, 16, 2, None)],
 )
 def test_the_legend_scales_with_the_image_and_never_hides_a_third_of_it(h, w, parts, box):
     """16 px text at 512 (6 parts: 6 lines of 20 px); fewer pixels per line when many parts must fit in a
     third of the height; on a small image, where even 6 px text would hide more than a third, no legend at
     all."""
     image = torch.full((3, h, w), 0.5)
-    out = np.array(overlay_image(image, np.zeros((h, w), np.int64), [f"p{i}" for i in range(parts)]))
+    out = np.array(
+        overlay_image(image, np.zeros((h, w), np.int64), [f"p{i}" for i in range(parts)])
+    )
     dark = (out[:, 0] == 32).all(-1)
     if box is None:
         assert not dark.any() and (out == 128).all()  # the image as it is
@@ -452,8 +500,12 @@ def test_write_overlay_band_by_band_equals_whole(tmp_path):
     image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     labels = np.random.default_rng(1).integers(0, 4, (50, 40)).astype(np.uint8)
     for band in (7, 50):
-        write_overlay(tmp_path / f"{band}.png", image, labels, ["background", "a", "b", "c"], band=band)
-    assert np.array_equal(np.array(Image.open(tmp_path / "7.png")), np.array(Image.open(tmp_path / "50.png")))
+        write_overlay(
+            tmp_path / f"{band}.png", image, labels, ["background", "a", "b", "c"], band=band
+        )
+    assert np.array_equal(
+        np.array(Image.open(tmp_path / "7.png")), np.array(Image.open(tmp_path / "50.png"))
+    )
 
 
 def test_commit_writes_every_file_or_none(tmp_path, monkeypatch):
@@ -468,7 +520,10 @@ def test_commit_writes_every_file_or_none(tmp_path, monkeypatch):
     with pytest.raises(SlimeError) as e:
         commit({tmp_path / "a.png": b"new", tmp_path / "b.png": b"new", blocked: b"x"})
     assert str(e.value) == f"{blocked}: File exists"
-    assert sorted(os.listdir(tmp_path)) == ["b.png", "file"] and (tmp_path / "b.png").read_bytes() == b"old"
+    assert (
+        sorted(os.listdir(tmp_path)) == ["b.png", "file"]
+        and (tmp_path / "b.png").read_bytes() == b"old"
+    )
     (tmp_path / "file").unlink()
     real_fsync, temps = os.fsync, []
 
@@ -503,7 +558,10 @@ def test_commit_writes_every_file_or_none(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["b.png"] and (tmp_path / "b.png").read_bytes() == b"old"
     monkeypatch.setattr(os, "replace", real_replace)
     commit({tmp_path / "a.png": b"new", tmp_path / "b.png": b"new"})
-    assert sorted(os.listdir(tmp_path)) == ["a.png", "b.png"] and (tmp_path / "b.png").read_bytes() == b"new"
+    assert (
+        sorted(os.listdir(tmp_path)) == ["a.png", "b.png"]
+        and (tmp_path / "b.png").read_bytes() == b"new"
+    )
 
 
 # ----------------------------------------------------------------------------- labelling tools
@@ -514,11 +572,17 @@ def test_a_labelmap_names_the_colours_in_its_order(tmp_path):
         "# label:color_rgb:parts:actions\n\nbackground:0,0,0::\nhead:250,50,50:eye,ear:\nsuit:40,40,200::\n"
     )
     names, colors = slime.read_labelmap(tmp_path / "labelmap.txt")
-    assert names == ["background", "head", "suit"] and colors == [[0, 0, 0], [250, 50, 50], [40, 40, 200]]
+    assert names == ["background", "head", "suit"] and colors == [
+        [0, 0, 0],
+        [250, 50, 50],
+        [40, 40, 200],
+    ]
     rgb = np.array([[[250, 50, 50], [224, 224, 192]], [[0, 0, 0], [40, 40, 200]]], np.uint8)
     (labels,), _ = colors_to_labels([rgb], colors)
     assert labels.tolist() == [[1, 255], [0, 2]]
-    assert slime.read_labelmap(tmp_path / "labelmap.txt") == slime.read_labelmap(tmp_path / "labelmap.txt")
+    assert slime.read_labelmap(tmp_path / "labelmap.txt") == slime.read_labelmap(
+        tmp_path / "labelmap.txt"
+    )
     for text, fragment in [
         (
             "background:0,0,0::\nhead:0,0,0::\n",
@@ -532,13 +596,18 @@ def test_a_labelmap_names_the_colours_in_its_order(tmp_path):
             "background:0,0,0::\nhead:1,2,300::\n",
             "line 2: 'head:1,2,300::' is not `name:r,g,b::`, a new name",
         ),
-        ("background:0,0,0::\nhead:1,2::\n", "line 2: 'head:1,2::' is not `name:r,g,b::`, a new name"),
+        (
+            "background:0,0,0::\nhead:1,2::\n",
+            "line 2: 'head:1,2::' is not `name:r,g,b::`, a new name",
+        ),
         ("background:0,0,0::\n", "lists 1 label; slime needs 2 to 77, each its colour"),
     ]:
         (tmp_path / "bad.txt").write_text(text)
         with pytest.raises(SlimeError) as e:
             slime.read_labelmap(tmp_path / "bad.txt")
-        assert str(e.value) == f"{tmp_path / 'bad.txt'}{',' * fragment.startswith('line')} {fragment}"
+        assert (
+            str(e.value) == f"{tmp_path / 'bad.txt'}{',' * fragment.startswith('line')} {fragment}"
+        )
 
 
 def test_the_labelmap_is_found_beside_the_masks_or_at_the_export_root(tmp_path):

@@ -34,7 +34,9 @@ PARTS = ["background", "square", "disc"]
 def digest(*values):  # a key for the memo: tensors by their bytes, the rest by repr
     h = hashlib.sha256()
     for v in values:
-        h.update(v.contiguous().numpy().tobytes() if isinstance(v, torch.Tensor) else repr(v).encode())
+        h.update(
+            v.contiguous().numpy().tobytes() if isinstance(v, torch.Tensor) else repr(v).encode()
+        )
     return h.hexdigest()
 
 
@@ -68,10 +70,14 @@ def grid_emb(tiny_ckpt, tmp_path_factory):
     the first class to vote (whose below-mean pixels patch_votes zeroes) is the background in one patch and
     a part in another."""
     memo = {}
-    torch.set_flush_denormal(True)  # as maps.main and slime.main do: denormals slow the CPU's UNet 1.5x
+    torch.set_flush_denormal(
+        True
+    )  # as maps.main and slime.main do: denormals slow the CPU's UNet 1.5x
     sd = slime.load_models(tiny_ckpt("sd2"))
     cond, _ = slime.prompt_contexts(sd, len(PARTS))
-    image = torch.from_numpy(synthetic_scene()[0][64:448]).permute(2, 0, 1).float() / 255  # (3, 384, 512)
+    image = (
+        torch.from_numpy(synthetic_scene()[0][64:448]).permute(2, 0, 1).float() / 255
+    )  # (3, 384, 512)
     s, t = slime.Settings(), torch.tensor([slime.Settings().test_t])  # 400 px, 2 per side
     with pytest.MonkeyPatch.context() as mp:
         stand_ins(mp, memo)
@@ -80,11 +86,15 @@ def grid_emb(tiny_ckpt, tmp_path_factory):
             for *_, x_t in slime.noisy_patches(sd, image, s)
         ]
     for threshold in sorted(A_ca[k].max().item() for A_ca in A_cas for k in range(len(PARTS))):
-        first = {votes[0] for votes in (inference_input(A_ca, threshold)[1] for A_ca in A_cas) if votes}
+        first = {
+            votes[0] for votes in (inference_input(A_ca, threshold)[1] for A_ca in A_cas) if votes
+        }
         if 0 in first and len(first) > 1:  # the background first in a patch, a part in another
             break
     else:
-        pytest.fail("no threshold lets the background vote first in one patch and a part in another")
+        pytest.fail(
+            "no threshold lets the background vote first in one patch and a part in another"
+        )
     path = tmp_path_factory.mktemp("grid") / "emb.pt"
     slime.save_embeddings(path, cond, PARTS, sd, slime.Settings(threshold=threshold))
     return sd, slime.load_embeddings(path), image, memo
@@ -120,7 +130,10 @@ def was_column(A_ca, A_sa, threshold):
 def pixel_cell(pixel, hw, origin, side):
     """--pixel X,Y in the image's pixels -> (row, col) in the 64x64 grid of the patch at origin."""
     (x, y), (h, w) = pixel, hw
-    v, u = (y + 0.5) / h * SIZE - origin[0], (x + 0.5) / w * SIZE - origin[1]  # its centre, squashed to 512
+    v, u = (
+        (y + 0.5) / h * SIZE - origin[0],
+        (x + 0.5) / w * SIZE - origin[1],
+    )  # its centre, squashed to 512
     return int(v // (side / MAP)), int(u // (side / MAP))
 
 
@@ -135,7 +148,9 @@ def test_the_average_over_patches_is_slimes(grid):
     patches = slime.noisy_patches(sd, image, s)
     A, W, R = torch.zeros(K, SIZE, SIZE), torch.zeros(K, SIZE, SIZE), torch.zeros(SIZE, SIZE)
     n, n_pixel, voted = torch.zeros(SIZE, SIZE), torch.zeros(SIZE, SIZE), [0] * K
-    up = lambda m: F.interpolate(m[None], size=(side, side), mode="bilinear", align_corners=False)[0]  # noqa: E731
+    up = lambda m: F.interpolate(m[None], size=(side, side), mode="bilinear", align_corners=False)[
+        0
+    ]  # noqa: E731
     for y0, x0, x_t in patches:
         A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, K, log_space=False)
         votes = inference_input(A_ca, s.threshold)[1]
@@ -159,7 +174,9 @@ def test_the_average_over_patches_is_slimes(grid):
     assert np.allclose(got["pixel_row"], (R / n_pixel.clamp(min=1)).numpy(), rtol=1e-5, atol=0)
     labels = slime.segment(sd, context, image, K, s, SIZE, inputs=patches)
     assert np.array_equal(got["labels"], labels.numpy())
-    squashed = F.interpolate(image[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+    squashed = F.interpolate(image[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[
+        0
+    ]
     assert np.array_equal(got["image"], (squashed * 255).round().byte().permute(1, 2, 0).numpy())
     assert len(memo) == len(patches)  # one UNet pass per patch: no other input reached it
     picture = maps.draw(got, PARTS, slime.part_colors(emb), "title")
@@ -180,13 +197,17 @@ def test_one_patch_is_slimes_and_the_pixel_row_is_A_sa(grid):
     )
     votes = inference_input(A_ca, s.threshold)[1]
     assert np.array_equal(got["A_ca"], A_ca.numpy())
-    assert np.allclose(got["was"], was_column(A_ca, A_sa, s.threshold).numpy(), rtol=1e-4, atol=1e-7)
+    assert np.allclose(
+        got["was"], was_column(A_ca, A_sa, s.threshold).numpy(), rtol=1e-4, atol=1e-7
+    )
     assert votes and not np.allclose(got["was"], slime.was_map(A_ca, A_sa).numpy(), rtol=1e-3)
     assert got["voted"].tolist() == [int(k in votes) for k in range(K)]
     scores, n = slime.vote_sums(sd, emb["context"], [(y0, x0, x_t)], K, s, (SIZE, SIZE), side)
     assert np.array_equal(got["score"], (scores / n)[:, y0 : y0 + side, x0 : x0 + side].numpy())
     row, col = pixel_cell(pixel, image.shape[1:], (y0, x0), side)
-    assert got["pixel_at"] == (row, col) == (56, 1)  # (350.5 / 384 * 512 - 112) / 6.25, 6.5 / 6.25: centres
+    assert (
+        got["pixel_at"] == (row, col) == (56, 1)
+    )  # (350.5 / 384 * 512 - 112) / 6.25, 6.5 / 6.25: centres
     assert np.array_equal(got["pixel_row"], A_sa[row * MAP + col].view(MAP, MAP).numpy())
     assert not np.array_equal(got["pixel_row"], A_sa[row * MAP + col + 1].view(MAP, MAP).numpy())
     assert got["box"] == (112, 0, 400)
@@ -198,7 +219,11 @@ def test_one_unet_pass_per_patch(grid, monkeypatch):
     """maps() draws from vote_sums' own UNet passes: one per patch for the average of 4 patches, one for
     --patch 2, each on that patch's noisy input; --pixel adds none."""
     sd, emb, image, _ = grid
-    patches, inputs, memoized = slime.noisy_patches(sd, image, emb["settings"]), [], slime.attention_maps
+    patches, inputs, memoized = (
+        slime.noisy_patches(sd, image, emb["settings"]),
+        [],
+        slime.attention_maps,
+    )
 
     def counted(sd, x_t, *args, **kwargs):  # the memo's attention_maps, each call's x_t noted
         inputs.append(x_t)
@@ -216,9 +241,15 @@ def test_one_unet_pass_per_patch(grid, monkeypatch):
 def fake_arrays(K):  # what maps() returns, to draw without a model
     g = np.random.default_rng(0)
     arrays = {key: g.random((K, SIZE, SIZE)) for key in ("A_ca", "was", "score")}
-    arrays.update(image=g.integers(0, 255, (SIZE, SIZE, 3), np.uint8), labels=g.integers(0, K, (SIZE, SIZE)))
     arrays.update(
-        voted=np.ones(K, int), pixel_row=g.random((SIZE, SIZE)), pixel_at=(10, 20), patches=4, box=None
+        image=g.integers(0, 255, (SIZE, SIZE, 3), np.uint8), labels=g.integers(0, K, (SIZE, SIZE))
+    )
+    arrays.update(
+        voted=np.ones(K, int),
+        pixel_row=g.random((SIZE, SIZE)),
+        pixel_at=(10, 20),
+        patches=4,
+        box=None,
     )
     return arrays
 
@@ -233,7 +264,10 @@ def test_the_picture_has_a_row_per_part_and_never_cuts_a_name():
         colors = slime.part_colors(dict(parts=names, colors=[]))
         picture = maps.draw(fake_arrays(K), names, colors, "a title")
         assert picture.height == maps.HEADER + K * maps.ROW
-        longest, y = names[-1], maps.HEADER + (K - 1) * maps.ROW  # the last row holds the longest name
+        longest, y = (
+            names[-1],
+            maps.HEADER + (K - 1) * maps.ROW,
+        )  # the last row holds the longest name
         pixels = np.asarray(picture)
         # the first panel's left edge: the first column that is colour all the way down the row's panel
         solid = (pixels[y : y + maps.PANEL] != 255).any(-1).all(0)
@@ -244,7 +278,9 @@ def test_the_picture_has_a_row_per_part_and_never_cuts_a_name():
         alone = Image.new("RGB", (left, maps.LINE), white)
         ImageDraw.Draw(alone).text((maps.TEXT_X, 0), longest, (0, 0, 0), maps.FONT)
         band = picture.crop((0, y, left, y + maps.LINE))
-        assert np.array_equal(np.asarray(band)[:, maps.TEXT_X :], np.asarray(alone)[:, maps.TEXT_X :])
+        assert np.array_equal(
+            np.asarray(band)[:, maps.TEXT_X :], np.asarray(alone)[:, maps.TEXT_X :]
+        )
     # readable at 8 parts: text at >= 12 px, panels >= 128 px, and under 2000 px high
     assert maps.FONT.size >= 12 and maps.PANEL >= 128 and picture.height < 2000
     assert picture.size == (left + 3 * maps.CELL, maps.HEADER + 8 * maps.ROW)
@@ -293,30 +329,55 @@ def test_fit_keeps_its_history_and_curve_draws_it(tmp_path, tiny_ckpt, capsys):
         Image.fromarray(mask).save(tmp_path / f"{name}_mask.png")
     emb, ckpt = tmp_path / "emb.pt", tiny_ckpt("sd2")
     pairs = [tmp_path / f for f in ("a.png", "a_mask.png", "b.png", "b_mask.png")]
-    args = ["fit", *pairs, "--val", *pairs[:2], "--parts", ",".join(PARTS), "-o", emb, "--ckpt", ckpt, *FIT]
+    args = [
+        "fit",
+        *pairs,
+        "--val",
+        *pairs[:2],
+        "--parts",
+        ",".join(PARTS),
+        "-o",
+        emb,
+        "--ckpt",
+        ckpt,
+        *FIT,
+    ]
     assert slime.main([str(a) for a in args]) == 0
     printed = [
-        float(m) for m in re.findall(r"epoch 1/1  validation mIoU (\d\.\d{4})", capsys.readouterr().err)
+        float(m)
+        for m in re.findall(r"epoch 1/1  validation mIoU (\d\.\d{4})", capsys.readouterr().err)
     ]
     e = torch.load(emb, weights_only=True)
     steps, vals = e["history"]["step"], e["history"]["validation"]
     assert [row[0] for row in steps] == [1, 1] and [row[0] for row in vals] == [1]
-    assert all(len(row) == 4 and row[1] > 0 and row[2] > 0 and row[3] == 0 for row in steps)  # --beta 0: sd 0
+    assert all(
+        len(row) == 4 and row[1] > 0 and row[2] > 0 and row[3] == 0 for row in steps
+    )  # --beta 0: sd 0
     assert [round(v, 4) for _, v in vals] == printed and len(printed) == 1
     assert [e["epoch"], e["val_miou"]] in vals  # the epoch emb.pt kept
     assert maps.main([str(emb), "--curve", "-o", str(tmp_path / "curve.png")]) == 0
     curve = np.asarray(Image.open(tmp_path / "curve.png"))
-    assert curve.shape == (540, 960, 3) and (curve == (214, 39, 40)).all(-1).any()  # the mIoU line is there
+    assert (
+        curve.shape == (540, 960, 3) and (curve == (214, 39, 40)).all(-1).any()
+    )  # the mIoU line is there
     kept = lambda emb: (np.asarray(maps.curve(emb, "emb.pt")) == maps.GREY).all(-1).sum()  # noqa: E731
     loaded = slime.load_embeddings(emb)
-    assert kept(loaded) > kept(dict(loaded, epoch=-1)) + 100  # the kept epoch's dashed line and its label
-    for history in (dict(step=[], validation=[]), "absent"):  # the last, old.pt without a history, loads
+    assert (
+        kept(loaded) > kept(dict(loaded, epoch=-1)) + 100
+    )  # the kept epoch's dashed line and its label
+    for history in (
+        dict(step=[], validation=[]),
+        "absent",
+    ):  # the last, old.pt without a history, loads
         old = tmp_path / "old.pt"
         e.pop("history") if history == "absent" else e.update(history=history)
         torch.save(e, old)
         capsys.readouterr()
         assert maps.main([str(old), "--curve", "-o", str(tmp_path / "old.png")]) == 2
-        assert capsys.readouterr().err == f"error: {old} has no fit history (fitted before slime kept one)\n"
+        assert (
+            capsys.readouterr().err
+            == f"error: {old} has no fit history (fitted before slime kept one)\n"
+        )
         assert not os.path.exists(tmp_path / "old.png")
     assert torch.equal(slime.load_embeddings(old)["context"], e["context"])  # what predict reads
 
@@ -332,7 +393,10 @@ def files(tmp_path):
 
 NOT_EMB = "a.png: damaged, not a torch file, or holds pickled code, which slime never runs"
 BAD = {  # the arguments (a .pt or .png: in the fixture's folder) -> the line
-    "pixel": ("emb.pt a.png --pixel 512,10", "--pixel 512,10 is outside the image of 512x384 pixels"),
+    "pixel": (
+        "emb.pt a.png --pixel 512,10",
+        "--pixel 512,10 is outside the image of 512x384 pixels",
+    ),
     "pixel-format": (
         "emb.pt a.png --pixel 10",
         "argument --pixel: must be X,Y in the image's pixels, not '10'",
@@ -360,7 +424,12 @@ def test_a_bad_input_is_one_line(files, case, capsys, monkeypatch):
 
 def test_the_script_ends_a_mistake_in_one_line(files):
     """As a program: the same line and exit status 2, no traceback."""
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "maps.py"), str(files / "a.png"), "--curve"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "examples", "maps.py"),
+        str(files / "a.png"),
+        "--curve",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert (r.returncode, r.stdout) == (2, "")
     assert r.stderr == f"error: {files}/{NOT_EMB}\n"
@@ -428,5 +497,8 @@ def test_a_folder_at_o_is_refused(fitted, capsys):
     folder.mkdir()
     for flags in ([], ["--overwrite"]):
         assert maps.main([str(fitted / "emb.pt"), "--curve", "-o", str(folder), *flags]) == 2
-        assert capsys.readouterr().err == f"error: -o {folder} is a folder; give a picture's file path\n"
+        assert (
+            capsys.readouterr().err
+            == f"error: -o {folder} is a folder; give a picture's file path\n"
+        )
     assert os.listdir(folder) == []

@@ -64,7 +64,9 @@ class FakeSD:
     def __init__(self, unet):
         self.unet, self.alphas_cumprod = unet, slime.alphas_cumprod()
         self.vae = type(
-            "V", (), {"encode": lambda self, x, sample, generator: torch.zeros(x.shape[0], 4, 64, 64)}
+            "V",
+            (),
+            {"encode": lambda self, x, sample, generator: torch.zeros(x.shape[0], 4, 64, 64)},
         )()
 
 
@@ -82,7 +84,12 @@ def random_maps(K, seed):
 def test_eq3_cross_attention_average_and_eq5_self_attention_average():
     K, maps = 3, random_maps(3, 0)
     A_ca, A_sa, _ = slime.attention_maps(
-        FakeSD(FakeUNet([maps])), torch.zeros(1, 4, 64, 64), torch.tensor([5]), None, K, log_space=False
+        FakeSD(FakeUNet([maps])),
+        torch.zeros(1, 4, 64, 64),
+        torch.tensor([5]),
+        None,
+        K,
+        log_space=False,
     )
     for k in range(K):
         want = (
@@ -124,10 +131,14 @@ def test_eq4_cross_entropy_and_eq7_mse():
     w = slime.class_weights(mask, K)
     logp = A.log_softmax(0)
     nll = sum(-w[mask[y, x]] * logp[mask[y, x], y, x] for y in range(0, 64) for x in range(0, 64))
-    assert math.isclose(loss_ce, nll / w[mask].sum(), rel_tol=1e-4)  # weighted mean (F.cross_entropy)
+    assert math.isclose(
+        loss_ce, nll / w[mask].sum(), rel_tol=1e-4
+    )  # weighted mean (F.cross_entropy)
     W = torch.einsum("kj,qj->kq", A.softmax(0).flatten(1), S).view(K, 64, 64)
     onehot = torch.stack([(mask == k).float() for k in range(K)])
-    assert math.isclose(loss_mse, ((W - onehot) ** 2).mean() * K, rel_tol=1e-4)  # the release: mean x K
+    assert math.isclose(
+        loss_mse, ((W - onehot) ** 2).mean() * K, rel_tol=1e-4
+    )  # the release: mean x K
 
 
 class ScoreUNet:
@@ -154,7 +165,9 @@ class ScoreUNet:
 
     def __call__(self, x, t, context, attn_layers=(), log_attn_layers=()):
         maps = {}
-        for n, want in [(n, "probs") for n in attn_layers] + [(n, "log_probs") for n in log_attn_layers]:
+        for n, want in [(n, "probs") for n in attn_layers] + [
+            (n, "log_probs") for n in log_attn_layers
+        ]:
             if n in slime.SELF_LAYERS:
                 maps[n] = self.self_map if want == "probs" else self.self_map.log()
             else:
@@ -187,10 +200,15 @@ def test_eq4_log_space_equals_the_release_logits():
         torch.Generator().manual_seed(0),
     )
     # the release: average the logits over heads, resize each layer to 64x64, average the layers
-    layers = [unet.logits(n)[:, :K].T for n in slime.CROSS_LAYERS]  # (K, N) each, N = 16x16 or 32x32
+    layers = [
+        unet.logits(n)[:, :K].T for n in slime.CROSS_LAYERS
+    ]  # (K, N) each, N = 16x16 or 32x32
     logits = sum(
         F.interpolate(
-            x.reshape(1, K, int(x.shape[1] ** 0.5), -1), size=(64, 64), mode="bilinear", align_corners=False
+            x.reshape(1, K, int(x.shape[1] ** 0.5), -1),
+            size=(64, 64),
+            mode="bilinear",
+            align_corners=False,
         )[0]
         for x in layers
     ) / len(layers)
@@ -198,7 +216,9 @@ def test_eq4_log_space_equals_the_release_logits():
     n = torch.tensor([float((mask == c).sum()) for c in range(K)])
     w = torch.cat([torch.ones(1), n[1:].sum() / n[1:]])  # every part present in this mask
     logp = logits.log_softmax(0)
-    nll = sum(-w[mask[y, x]] * logp[mask[y, x], y, x] for y in range(64) for x in range(64) if valid[y, x])
+    nll = sum(
+        -w[mask[y, x]] * logp[mask[y, x], y, x] for y in range(64) for x in range(64) if valid[y, x]
+    )
     assert math.isclose(terms["ce"], nll / w[mask[valid]].sum(), rel_tol=1e-4)
     W = torch.einsum("kj,qj->kq", logits.softmax(0).flatten(1), S).view(K, 64, 64)
     onehot = torch.stack([(mask == k).float() for k in range(K)])
@@ -212,7 +232,9 @@ class Eq8UNet:
     self-attention map. It records (x_t, t, context) of each call."""
 
     def __init__(self, v):
-        lp = torch.tensor(v + [0.0] * (77 - len(v))).log_softmax(0)  # tokens 0, 1, ...: logits v; the rest 0
+        lp = torch.tensor(v + [0.0] * (77 - len(v))).log_softmax(
+            0
+        )  # tokens 0, 1, ...: logits v; the rest 0
         side = {n: 16 if n in slime.CROSS_LAYERS[:3] else 32 for n in slime.CROSS_LAYERS}
         self.maps = {n: lp.expand(1, side[n] ** 2, 77) for n in slime.CROSS_LAYERS}
         self.maps.update({n: torch.full((1, 4096, 4096), 1 / 4096) for n in slime.SELF_LAYERS})
@@ -234,7 +256,9 @@ def stub_sd(unet, alphas_cumprod):
 
     vae = SimpleNamespace(encode=encode)
     cpu, fp32 = torch.device("cpu"), torch.float32
-    return SimpleNamespace(unet=unet, vae=vae, alphas_cumprod=alphas_cumprod, device=cpu, dtype=fp32)
+    return SimpleNamespace(
+        unet=unet, vae=vae, alphas_cumprod=alphas_cumprod, device=cpu, dtype=fp32
+    )
 
 
 def test_eq8_total_loss_and_the_sd_loss_by_hand():
@@ -263,7 +287,9 @@ def test_eq8_total_loss_and_the_sd_loss_by_hand():
     loss, terms = slime.training_step(
         sd, learned, cond, uncond, image, mask, s, torch.Generator().manual_seed(5)
     )
-    assert loss.requires_grad, "only the SD loss can reach the learned vectors here, and it does not"
+    assert loss.requires_grad, (
+        "only the SD loss can reach the learned vectors here, and it does not"
+    )
     loss.backward()
 
     # the generator's draws replayed in training_step's order: the timestep, the VAE's sample, the noise
@@ -271,7 +297,9 @@ def test_eq8_total_loss_and_the_sd_loss_by_hand():
     t = torch.randint(5, 101, (1,), generator=replay)  # t_min = 5 .. t_max = 100, inclusive
     z = 0.5 + 0.1 * torch.randn(1, 4, 64, 64, generator=replay)
     noise = torch.randn(1, 4, 64, 64, generator=replay).double()
-    (x_c, t_c, _), (x_u, t_u, context_u) = unet.calls  # the conditional pass, then the unconditional one
+    (x_c, t_c, _), (x_u, t_u, context_u) = (
+        unet.calls
+    )  # the conditional pass, then the unconditional one
     assert context_u is uncond and t_c == t and t_u == t and torch.equal(x_c, x_u)
     assert torch.allclose(x_c, 0.8 * z + 0.6 * noise.float(), atol=1e-6)  # float32 rounding only
 
@@ -287,7 +315,9 @@ def test_eq8_total_loss_and_the_sd_loss_by_hand():
     sd_loss = ((eps - noise) ** 2).mean().item()
     total = ce + 0.6 * mse + 0.25 * sd_loss
     # rel 1e-5: float32 rounding of the code's sums; each wrong reading below is over 1e-3 away
-    assert math.isclose(terms["ce"], ce, rel_tol=1e-5) and math.isclose(terms["mse"], mse, rel_tol=1e-5)
+    assert math.isclose(terms["ce"], ce, rel_tol=1e-5) and math.isclose(
+        terms["mse"], mse, rel_tol=1e-5
+    )
     assert math.isclose(terms["sd"], sd_loss, rel_tol=1e-5)
     assert math.isclose(loss.item(), total, rel_tol=1e-5)
 
@@ -299,13 +329,19 @@ def test_eq8_total_loss_and_the_sd_loss_by_hand():
         "no guidance, or eps_c alone": ce + 0.6 * mse + sd_term(0.5, noise),
         "the guidance the other way": ce + 0.6 * mse + sd_term(0.5 + 3.0 * (-0.25 - 0.5), noise),
         "the latent as the target": ce + 0.6 * mse + sd_term(eps, z.double()),
-        "another N(0, I) draw as the target": ce + 0.6 * mse + sd_term(eps, (z.double() - 0.5) / 0.1),
+        "another N(0, I) draw as the target": ce
+        + 0.6 * mse
+        + sd_term(eps, (z.double() - 0.5) / 0.1),
     }
     assert all(abs(x - total) > 1e-3 * total for x in wrong.values()), wrong
 
     grad = torch.zeros(K - 1, 4, dtype=torch.float64)
-    grad[0, 0] = 0.25 * 3.0 * (2 * (eps - noise)).mean()  # beta * d SD / d eps_c, and d eps / d eps_c = g
-    assert torch.allclose(learned.grad.double(), grad, rtol=1e-5, atol=1e-7)  # float32 rounding only
+    grad[0, 0] = (
+        0.25 * 3.0 * (2 * (eps - noise)).mean()
+    )  # beta * d SD / d eps_c, and d eps / d eps_c = g
+    assert torch.allclose(
+        learned.grad.double(), grad, rtol=1e-5, atol=1e-7
+    )  # float32 rounding only
 
 
 def test_the_noise_schedule_is_sd_scaled_linear():
@@ -352,8 +388,12 @@ def test_the_vae_encodes_2x_minus_1_and_scales_the_posterior_by_0_18215():
     vae = AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4)).eval()
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        by_parts = 0.18215 * vae.quant_conv(vae.encoder(2 * x - 1))[:, :4]  # the mean half of the moments
-        assert torch.allclose(vae.encode(x), by_parts, rtol=1e-5, atol=1e-7)  # float32 rounding only
+        by_parts = (
+            0.18215 * vae.quant_conv(vae.encoder(2 * x - 1))[:, :4]
+        )  # the mean half of the moments
+        assert torch.allclose(
+            vae.encode(x), by_parts, rtol=1e-5, atol=1e-7
+        )  # float32 rounding only
 
     seen = []
 
@@ -390,7 +430,9 @@ def patched_masking_slow(calls, K, s, out):
     Facc, passed_per_patch = torch.zeros(K, out, out), []
     C = torch.zeros(K, out, out) + 1e-7
     ratio, m = 512 // out, s.patch_size // (512 // out)
-    for (y0, x0), maps in zip(slime.patch_origins(s.patch_size, s.patches_per_side), calls, strict=True):
+    for (y0, x0), maps in zip(
+        slime.patch_origins(s.patch_size, s.patches_per_side), calls, strict=True
+    ):
         A = (
             sum(
                 torch.stack(
@@ -413,7 +455,9 @@ def patched_masking_slow(calls, K, s, out):
         Ap[0][Ap[0] <= Ap[0].mean()] = 0
         for i, k in enumerate(passed):
             W = (S @ Ap[i]).view(64, 64)  # W[q] = sum_j A'[k, j] S[q, j]
-            W = F.interpolate(W[None, None], size=(m, m), mode="bilinear", align_corners=False)[0, 0]
+            W = F.interpolate(W[None, None], size=(m, m), mode="bilinear", align_corners=False)[
+                0, 0
+            ]
             coef = (W.max() - W.min()) / (A[k].max() - A[k].min())
             if torch.isnan(coef) or coef == 0:
                 coef = torch.tensor(1e-7)
@@ -455,7 +499,9 @@ def test_segment_upsamples_scores_not_labels(monkeypatch, h, w, band):
     monkeypatch.setattr(slime, "vote_sums", lambda *a, **k: (scores, torch.ones(())))
     got = slime.segment(FakeSD(FakeUNet([{}])), None, torch.rand(3, h, w), 4, slime.Settings())
     assert torch.equal(slime.upsampled_argmax(scores, h, w, band=band), got)  # bands change nothing
-    want = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(0)
+    want = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0].argmax(
+        0
+    )
     assert got.dtype == torch.uint8 and got.shape == (h, w)
     assert (got.long() != want).float().mean() < 1e-4  # equal up to float ties of two classes
 
@@ -507,7 +553,9 @@ def test_blur_uses_opencv_small_kernels():
     img = torch.zeros(3, 9, 9)
     img[:, 4, 4] = 1
     out = slime.gaussian_blur(img, 3)
-    assert torch.allclose(out[0, 3:6, 4], torch.tensor([0.25, 0.5, 0.25]) * 0.5)  # outer product of [1,2,1]/4
+    assert torch.allclose(
+        out[0, 3:6, 4], torch.tensor([0.25, 0.5, 0.25]) * 0.5
+    )  # outer product of [1,2,1]/4
     out = slime.gaussian_blur(img, 5)
     assert torch.allclose(out[0, 4, 2:7], torch.tensor([1, 4, 6, 4, 1]) / 16 * 6 / 16)
 
@@ -526,8 +574,13 @@ def labelled_scene():
 
 
 def read_labels(image):
-    best, labels = 1 - image.sum(0), torch.zeros(image.shape[1:], dtype=torch.long)  # the background's share
-    for c in range(3):  # an argmax over the 4 shares, written out (argmax over dim 0 is slow on CPU)
+    best, labels = (
+        1 - image.sum(0),
+        torch.zeros(image.shape[1:], dtype=torch.long),
+    )  # the background's share
+    for c in range(
+        3
+    ):  # an argmax over the 4 shares, written out (argmax over dim 0 is slow on CPU)
         more = image[c] > best
         best, labels = torch.where(more, image[c], best), torch.where(more, c + 1, labels)
     return labels
@@ -536,7 +589,9 @@ def read_labels(image):
 def one_label_around(mask, ys, xs, r):
     """For each pixel (ys[i], xs[i]): whether the (2r + 1) x (2r + 1) square around it holds a single label."""
     d = range(-r, r + 1)
-    around = torch.stack([mask[(ys + dy).clamp(0, 511), (xs + dx).clamp(0, 511)] for dy in d for dx in d])
+    around = torch.stack(
+        [mask[(ys + dy).clamp(0, 511), (xs + dx).clamp(0, 511)] for dy in d for dx in d]
+    )
     return (around == around[0]).all(0)
 
 
@@ -564,13 +619,17 @@ def test_augment_flips_the_image_and_the_mask_together():
     mask = torch.zeros(512, 512, dtype=torch.long)
     mask[200:300, 40:140] = 1  # on the left: centre x = 89.5
     image = F.one_hot(mask, 4).permute(2, 0, 1)[1:].float()
-    s = slime.Settings(min_crop_ratio=1.0, rotation=0.0)  # the whole image, unturned: only flip and blur act
+    s = slime.Settings(
+        min_crop_ratio=1.0, rotation=0.0
+    )  # the whole image, unturned: only flip and blur act
     flips = []
     for seed in range(8):
         img, m = slime.augment(image, mask, 1, s, torch.Generator().manual_seed(seed))
         flips.append(torch.equal(m, mask.flip(-1)))
         assert flips[-1] or torch.equal(m, mask)
-        x = (img[0].sum(0) * torch.arange(512)).sum() / img[0].sum()  # the image's part: its centre x
+        x = (img[0].sum(0) * torch.arange(512)).sum() / img[
+            0
+        ].sum()  # the image's part: its centre x
         # 0.01 px: float32 sums; the blur is symmetric and keeps the centre. A one-pixel shift would fail
         assert abs(x - (511 - 89.5 if flips[-1] else 89.5)) < 0.01, seed
     assert any(flips) and not all(flips)  # both cases occurred
@@ -607,7 +666,9 @@ def test_rotate_turns_the_image_and_the_mask_by_the_same_angle_and_brings_in_zer
     screen for positive angles: an off-centre square's centre lands where the turn by hand puts it, in both.
     The corners the turn brings in are 0 in both: black pixels, background labels."""
     mask = torch.zeros(512, 512, dtype=torch.long)
-    mask[100:140, 300:340] = 3  # centre (119.5, 319.5): 150 px from the image's centre (255.5, 255.5)
+    mask[100:140, 300:340] = (
+        3  # centre (119.5, 319.5): 150 px from the image's centre (255.5, 255.5)
+    )
     image = (mask == 3).float().expand(3, 512, 512)
     yy, xx = torch.meshgrid(torch.arange(512.0), torch.arange(512.0), indexing="ij")
 
@@ -616,8 +677,14 @@ def test_rotate_turns_the_image_and_the_mask_by_the_same_angle_and_brings_in_zer
 
     for degrees in (20.0, -25.0):
         a, dy, dx = math.radians(degrees), 119.5 - 255.5, 319.5 - 255.5
-        want = (255.5 + dx * math.sin(a) + dy * math.cos(a), 255.5 + dx * math.cos(a) - dy * math.sin(a))
-        img, m = slime.rotate(image, degrees, "bilinear"), slime.rotate(mask[None], degrees, "nearest")[0]
+        want = (
+            255.5 + dx * math.sin(a) + dy * math.cos(a),
+            255.5 + dx * math.cos(a) - dy * math.sin(a),
+        )
+        img, m = (
+            slime.rotate(image, degrees, "bilinear"),
+            slime.rotate(mask[None], degrees, "nearest")[0],
+        )
         # 0.01 px (bilinear, 0.001 here) and 0.1 px (nearest rounds each pixel, 0.02 here): lets through a
         # turn off by under 0.04 degrees (0.1 degree moves the centre 0.26 px)
         assert all(abs(g - w) < 0.01 for g, w in zip(centre(img[0]), want)), degrees
@@ -675,7 +742,9 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
     assert miou == slime.image_miou(fresh, gt, 3)  # the mIoU of the masks made from scratch
 
 
-def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_validation(tiny_ckpt, monkeypatch):
+def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_validation(
+    tiny_ckpt, monkeypatch
+):
     """One noisy_inputs per validation pair, before the first step; every validation gets those very ones."""
     sd = slime.load_models(tiny_ckpt("sd2"))
     image, gt = torch.rand(3, 64, 64), torch.zeros(64, 64, dtype=torch.long)
@@ -742,8 +811,14 @@ def test_window_crops_pad_images_with_their_edge_and_masks_with_ignore():
     assert crop.shape == (3, 8, 8) and torch.equal(crop[:, :3, :4], image[:, 2:, 3:])
     assert torch.equal(crop[:, 3:, :4], image[:, -1:, 3:].expand(3, 5, 4))  # the last row, repeated
     m = slime.window_crop(mask, 2, 3, 8, slime.IGNORE)
-    assert (m[:3, :4] == 1).all() and (m[3:] == slime.IGNORE).all() and (m[:, 4:] == slime.IGNORE).all()
-    assert slime.window_crop(image, 0, 0, 4).data_ptr() == image.data_ptr()  # inside: a view, no copy
+    assert (
+        (m[:3, :4] == 1).all()
+        and (m[3:] == slime.IGNORE).all()
+        and (m[:, 4:] == slime.IGNORE).all()
+    )
+    assert (
+        slime.window_crop(image, 0, 0, 4).data_ptr() == image.data_ptr()
+    )  # inside: a view, no copy
 
 
 def test_native_view_holds_the_favoured_part_at_predicts_scale():
@@ -756,22 +831,30 @@ def test_native_view_holds_the_favoured_part_at_predicts_scale():
         view, view_mask = slime.native_view(image, mask, 2, 512, gen)
         assert view.shape == (3, 512, 512) and view_mask.shape == (512, 512)
         seen.append((view_mask == 2).sum().item())
-    assert min(seen) > 0 and max(seen) == 14 * 14  # some of it always; whole, at scale 1 (window 512), mostly
+    assert (
+        min(seen) > 0 and max(seen) == 14 * 14
+    )  # some of it always; whole, at scale 1 (window 512), mostly
     small, small_mask = slime.native_view(
         torch.rand(3, 100, 60), torch.ones(100, 60, dtype=torch.long), 1, 256, gen
     )
-    assert small.shape == (3, 512, 512) and (small_mask[:200, :120] == 1).all()  # 2x, as a 256 window
+    assert (
+        small.shape == (3, 512, 512) and (small_mask[:200, :120] == 1).all()
+    )  # 2x, as a 256 window
     assert (small_mask[200:] == slime.IGNORE).all() and (small_mask[:, 120:] == slime.IGNORE).all()
 
 
-@pytest.mark.parametrize("h, w, cell, band", [(1000, 700, 8, 37), (300, 200, 8, 256), (96, 130, 2, 50)])
+@pytest.mark.parametrize(
+    "h, w, cell, band", [(1000, 700, 8, 37), (300, 200, 8, 256), (96, 130, 2, 50)]
+)
 def test_window_grid_scores_are_upsampled_band_by_band_and_cut_at_the_border(h, w, cell, band):
     gh, gw = max(64, -(-h // cell)), max(64, -(-w // cell))
     scores = torch.rand(3, gh, gw, generator=torch.Generator().manual_seed(h))
     got = slime.upsampled_argmax(scores, h, w, cell, band=band)
     # bands change nothing
     assert got.shape == (h, w) and torch.equal(got, slime.upsampled_argmax(scores, h, w, cell))
-    full = F.interpolate(scores[None], size=(gh * cell, gw * cell), mode="bilinear", align_corners=False)[0]
+    full = F.interpolate(
+        scores[None], size=(gh * cell, gw * cell), mode="bilinear", align_corners=False
+    )[0]
     assert (got.long() != full[:, :h, :w].argmax(0)).float().mean() < 1e-4  # equal up to float ties
 
 
@@ -788,14 +871,23 @@ def test_native_scores_are_the_release_rule_over_the_windows():
     scores, votes = torch.zeros(K, 64, 112), torch.full((K, 64, 112), 1e-7)
     for x0, maps in zip((0, 48), calls, strict=True):
         A_ca, A_sa, _ = slime.attention_maps(
-            FakeSD(FakeUNet([maps])), torch.zeros(1, 4, 64, 64), torch.tensor([100]), None, K, log_space=False
+            FakeSD(FakeUNet([maps])),
+            torch.zeros(1, 4, 64, 64),
+            torch.tensor([100]),
+            None,
+            K,
+            log_space=False,
         )
         seen, v = slime.patch_votes(A_ca, A_sa, s.threshold, 64)
         scores[seen, :, x0 : x0 + 64] += v
         votes[seen, :, x0 : x0 + 64] += 1
     assert torch.allclose(got, scores / votes, atol=1e-6)
     # classes 0 and 2 pass in the first window, 1 and 2 in the second (test_patched_masking_arithmetic)
-    assert votes[:, 0, 10].round().tolist() == [1, 0, 1] and votes[:, 0, 50].round().tolist() == [1, 1, 2]
+    assert votes[:, 0, 10].round().tolist() == [1, 0, 1] and votes[:, 0, 50].round().tolist() == [
+        1,
+        1,
+        2,
+    ]
     # one window on a 512 image: the squash path with one 512 patch, up to where bilinear steps land
     one = slime.segment(FakeSD(FakeUNet(calls[:1])), None, image[:, :, :512], K, s)
     squash = slime.segment(

@@ -51,7 +51,9 @@ def test_real_layout_maps_onto_the_models(tmp_path, family):
     """Every tensor of the real release file has a module slot of its shape, or is on the ignore list:
     read_header (which refuses missing, unexpected and mis-shaped tensors) accepts the real header."""
     shapes = real_layout(family)
-    got_family, modules = slime.read_header(write_layout_only(tmp_path / "real.safetensors", family))
+    got_family, modules = slime.read_header(
+        write_layout_only(tmp_path / "real.safetensors", family)
+    )
     assert got_family == family
     _, _, ignored = slime.build_models(shapes, "layout")
     used = {p + k for p, m in modules.items() for k in m.state_dict()}
@@ -78,7 +80,9 @@ def test_norm_eps_and_timestep_embedding_match_ldm():
     assert len(transformer_norms) == 16 and len(group_norms) > 16 and len(layer_norms) == 3 * 16
     for name, m in group_norms.items():
         assert isinstance(m, GroupNorm32)
-        assert m.eps == (1e-6 if name in transformer_norms else 1e-5), name  # SpatialTransformer.norm: 1e-6
+        assert m.eps == (1e-6 if name in transformer_norms else 1e-5), (
+            name
+        )  # SpatialTransformer.norm: 1e-6
     assert all(isinstance(m, LayerNorm32) and m.eps == 1e-5 for m in layer_norms.values())
     vae = slime.AutoencoderKL(slime.VAEConfig(ch=32))
     vae_norms = [m for m in vae.modules() if isinstance(m, torch.nn.GroupNorm)]
@@ -98,7 +102,9 @@ def test_vae_downsample_pads_right_and_bottom_only():
         down.conv.weight[0, 0, 0, 0] = 1  # picks the top-left input of each 3x3 window
         down.conv.bias.zero_()
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    assert torch.equal(down(x), x[:, :, ::2, ::2])  # symmetric padding would shift this by one pixel
+    assert torch.equal(
+        down(x), x[:, :, ::2, ::2]
+    )  # symmetric padding would shift this by one pixel
 
 
 def test_attention_maps_equal_a_per_head_loop():
@@ -115,7 +121,9 @@ def test_attention_maps_equal_a_per_head_loop():
     assert none is None
     assert torch.allclose(probs, torch.stack(per_head).mean(0), atol=1e-6)
     assert torch.allclose(logp, torch.stack(per_head).log().mean(0), atol=1e-5)
-    assert torch.allclose(out, torch.cat(outs, -1), atol=1e-5) and torch.allclose(fast, out, atol=1e-5)
+    assert torch.allclose(out, torch.cat(outs, -1), atol=1e-5) and torch.allclose(
+        fast, out, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
@@ -133,15 +141,23 @@ def test_tiny_checkpoint_runs_and_returns_maps(tiny_ckpt, family):
     g = torch.Generator().manual_seed(0)
     assert not torch.equal(m.vae.encode(img, sample=True, generator=g), lat)
     t = torch.tensor([10, 500])
-    eps, maps = m.unet(lat, t, ctx, attn_layers=SLIME_LAYERS[:-1], log_attn_layers=SLIME_LAYERS[-1:])
+    eps, maps = m.unet(
+        lat, t, ctx, attn_layers=SLIME_LAYERS[:-1], log_attn_layers=SLIME_LAYERS[-1:]
+    )
     assert eps.shape == lat.shape and torch.isfinite(eps).all()
     assert set(maps) == set(SLIME_LAYERS)
-    assert maps["output_blocks.3.1.transformer_blocks.0.attn2"].shape == (2, 4, 77)  # 2x2 query grid at 1/4
+    assert maps["output_blocks.3.1.transformer_blocks.0.attn2"].shape == (
+        2,
+        4,
+        77,
+    )  # 2x2 query grid at 1/4
     assert maps["output_blocks.9.1.transformer_blocks.0.attn1"].shape == (2, 64, 64)
     for name, p in maps.items():
         assert p.dtype == torch.float32 and torch.isfinite(p).all()
         if name != SLIME_LAYERS[-1]:  # probabilities: a distribution over the keys
-            assert (p >= 0).all() and torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5), name
+            assert (p >= 0).all() and torch.allclose(
+                p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5
+            ), name
     # the log layer holds the head average of log-probabilities: by Jensen <= the log of the head-averaged
     # probability (so at most 1 in total over the keys), equal to it with one head, below it where heads
     # differ
@@ -150,7 +166,9 @@ def test_tiny_checkpoint_runs_and_returns_maps(tiny_ckpt, family):
         m.unet(lat, t, ctx, attn_layers=SLIME_LAYERS[-1:])[1][SLIME_LAYERS[-1]],
     )
     assert (logp <= probs.log() + 1e-5).all() and (logp.logsumexp(-1) <= 1e-5).all()
-    if dict(m.unet.named_modules())[SLIME_LAYERS[-1]].heads == 1:  # SD2's 64-channel heads at tiny width
+    if (
+        dict(m.unet.named_modules())[SLIME_LAYERS[-1]].heads == 1
+    ):  # SD2's 64-channel heads at tiny width
         assert torch.allclose(logp, probs.log(), atol=1e-5)
     else:  # SD1: 8 heads. The log of the averaged probabilities would be equal here
         assert (logp < probs.log() - 1e-3).any()
@@ -169,7 +187,9 @@ def test_gradients_reach_the_context_through_the_maps(tiny_ckpt):
     )
     loss = sum((p * torch.randn_like(p)).sum() for p in maps.values())
     loss.backward()
-    assert ctx.grad is not None and torch.isfinite(ctx.grad).all() and ctx.grad[0, 1].abs().sum() > 0
+    assert (
+        ctx.grad is not None and torch.isfinite(ctx.grad).all() and ctx.grad[0, 1].abs().sum() > 0
+    )
     assert all(p.grad is None for p in m.unet.parameters())  # the networks stay frozen
 
 
@@ -182,11 +202,15 @@ def test_half_precision_files_load(tmp_path, dtype):
     for prefix, net in [(slime.UNET_PREFIX, m32.unet), (slime.VAE_PREFIX, m32.vae)]:
         # the file's values, upcast
         for k, p in net.state_dict().items():
-            assert stored[prefix + k].dtype == dtype and torch.equal(p, stored[prefix + k].float()), k
+            assert stored[prefix + k].dtype == dtype and torch.equal(
+                p, stored[prefix + k].float()
+            ), k
     ctx = m32.text_encoder(m32.tokenize(["part"]))
     mb = slime.load_models(path, dtype=torch.bfloat16)
     assert next(mb.unet.parameters()).dtype == torch.bfloat16
-    eps, maps = mb.unet(torch.randn(1, 4, 8, 8), torch.tensor([5]), ctx, attn_layers=SLIME_LAYERS[:1])
+    eps, maps = mb.unet(
+        torch.randn(1, 4, 8, 8), torch.tensor([5]), ctx, attn_layers=SLIME_LAYERS[:1]
+    )
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
     assert maps[SLIME_LAYERS[0]].dtype == torch.float32
 
@@ -213,12 +237,18 @@ def write_bytes(path, data):
             "novae",
             r" is no SD 1\.x or 2\.x checkpoint: it lacks first_stage_model\.encoder\.conv_in\.weight$",
         ),
-        ("incomplete", r" lacks tensors for sd1: model\.diffusion_model\.out\.2\.bias \(1 in all\)$"),
+        (
+            "incomplete",
+            r" lacks tensors for sd1: model\.diffusion_model\.out\.2\.bias \(1 in all\)$",
+        ),
         (
             "shaped",
             r" has wrongly shaped tensors for sd2: model\.diffusion_model\.out\.2\.bias \(1 in all\)$",
         ),
-        ("integer", r" has non-float tensors for sd2: model\.diffusion_model\.out\.2\.bias \(1 in all\)$"),
+        (
+            "integer",
+            r" has non-float tensors for sd2: model\.diffusion_model\.out\.2\.bias \(1 in all\)$",
+        ),
         (
             "nan",
             r": the tensor model\.diffusion_model\.out\.2\.bias holds nan or inf values; the file is damaged$",
@@ -232,7 +262,10 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
     out = "model.diffusion_model.out.2.bias"
     path = {
         "missing": lambda: str(tmp_path / "nope.safetensors"),
-        "directory": lambda: ((tmp_path / "d.safetensors").mkdir(), str(tmp_path / "d.safetensors"))[1],
+        "directory": lambda: (
+            (tmp_path / "d.safetensors").mkdir(),
+            str(tmp_path / "d.safetensors"),
+        )[1],
         "pickle": lambda: (
             torch.save({"state_dict": {}}, tmp_path / "sd.ckpt"),
             str(tmp_path / "sd.ckpt"),
@@ -243,7 +276,9 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
         "garbage": lambda: write_bytes(tmp_path / "g.safetensors", b"\x00" * 64),
         "empty": lambda: write_bytes(tmp_path / "e.safetensors", b""),
         "lora": lambda: (
-            save_file({"lora_unet_down.lora_up.weight": torch.zeros(2)}, tmp_path / "l.safetensors"),
+            save_file(
+                {"lora_unet_down.lora_up.weight": torch.zeros(2)}, tmp_path / "l.safetensors"
+            ),
             str(tmp_path / "l.safetensors"),
         )[1],
         "sdxl": lambda: (
@@ -257,7 +292,9 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
             str(tmp_path / "x.safetensors"),
         )[1],
         "notext": lambda: (
-            save_file({"model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "u.safetensors"),
+            save_file(
+                {"model.diffusion_model.out.2.bias": torch.zeros(2)}, tmp_path / "u.safetensors"
+            ),
             str(tmp_path / "u.safetensors"),
         )[1],
         "vae": lambda: _edited(
@@ -270,8 +307,12 @@ def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, messa
         "shaped": lambda: _edited(
             tmp_path, tiny_ckpt("sd2"), lambda k, v: torch.zeros(len(v) + 1) if k == out else v
         ),
-        "integer": lambda: _edited(tmp_path, tiny_ckpt("sd2"), lambda k, v: v.int() if k == out else v),
-        "nan": lambda: _edited(tmp_path, tiny_ckpt("sd2"), lambda k, v: v * math.nan if k == out else v),
+        "integer": lambda: _edited(
+            tmp_path, tiny_ckpt("sd2"), lambda k, v: v.int() if k == out else v
+        ),
+        "nan": lambda: _edited(
+            tmp_path, tiny_ckpt("sd2"), lambda k, v: v * math.nan if k == out else v
+        ),
     }[case]()
     with pytest.raises(slime.SlimeError) as e:
         slime.load_models(path)
@@ -303,7 +344,8 @@ def test_unexpected_tensor_is_named(tmp_path, tiny_ckpt):
     state["model.diffusion_model.extra.weight"] = torch.zeros(1)
     save_file(state, tmp_path / "extra.safetensors")
     with pytest.raises(
-        slime.SlimeError, match=re.escape("has unexpected tensors") + ".*model.diffusion_model.extra.weight"
+        slime.SlimeError,
+        match=re.escape("has unexpected tensors") + ".*model.diffusion_model.extra.weight",
     ):
         slime.load_models(tmp_path / "extra.safetensors")
 
@@ -333,7 +375,11 @@ def test_the_fingerprint_sees_every_byte_of_the_checkpoint(tmp_path):
     merged into the UNet lands, either end, across the 16 MiB chunks it hashes in threads) gives another
     fingerprint; the same bytes under another name and time give the same."""
     header = b'{"__metadata__": {"format": "pt"}}'  # a safetensors file's start, then 40 MiB of "tensors"
-    data = torch.randint(0, 256, (40 << 20,), generator=torch.Generator().manual_seed(0)).byte().numpy()
+    data = (
+        torch.randint(0, 256, (40 << 20,), generator=torch.Generator().manual_seed(0))
+        .byte()
+        .numpy()
+    )
     raw = bytearray(len(header).to_bytes(8, "little") + header + data.tobytes())
     (tmp_path / "a.safetensors").write_bytes(raw)
     seen = {slime.fingerprint(tmp_path / "a.safetensors")}
@@ -345,7 +391,9 @@ def test_the_fingerprint_sees_every_byte_of_the_checkpoint(tmp_path):
     assert len(seen) == 8
     os.utime(tmp_path / "a.safetensors", (0, 0))
     (tmp_path / "c.safetensors").write_bytes(raw)
-    assert slime.fingerprint(tmp_path / "a.safetensors") == slime.fingerprint(tmp_path / "c.safetensors")
+    assert slime.fingerprint(tmp_path / "a.safetensors") == slime.fingerprint(
+        tmp_path / "c.safetensors"
+    )
 
 
 def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
@@ -359,7 +407,9 @@ def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
     x_t, _ = slime.noisy_latent(sd, image[None], t, torch.Generator().manual_seed(0))
     with torch.no_grad():
         A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, cond, 3, log_space=False)
-    assert A_ca[0].min() > 0.8  # SOT's share of every pixel's attention, averaged over heads and layers
+    assert (
+        A_ca[0].min() > 0.8
+    )  # SOT's share of every pixel's attention, averaged over heads and layers
     labels = torch.from_numpy(mask).long()[4::8, 4::8].flatten()
     same_region = (A_sa * (labels[:, None] == labels[None])).sum(1)
     assert same_region.mean() > 0.95  # near-uniform attention would give about 0.6 here
@@ -384,7 +434,8 @@ def test_the_models_match_diffusers_golden_values(tiny_ckpt, family):
     with torch.no_grad():  # each network on the reference's inputs, so an error is its own
         eps, maps = sd.unet(gold["x_t"], gold["t"], gold["context"], attn_layers=layers)
         ours = dict(
-            context=sd.text_encoder(gold["tokens"]), latent=sd.vae.encode(gold["image"], sample=False)
+            context=sd.text_encoder(gold["tokens"]),
+            latent=sd.vae.encode(gold["image"], sample=False),
         )
     ours.update(eps=eps, **{f"attn:{k}": maps[k][0] for k in layers})
     for name, value in ours.items():

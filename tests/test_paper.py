@@ -115,7 +115,9 @@ def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resum
     seen, segment = calls(monkeypatch), slime.segment
 
     def interrupted(*args, **kwargs):  # Ctrl-C while seed 1 segments its second test image
-        if seen.segments == 5:  # seed 0: 1 validation, 2 test images; seed 1: 1 validation, 2 test images
+        if (
+            seen.segments == 5
+        ):  # seed 0: 1 validation, 2 test images; seed 1: 1 validation, 2 test images
             raise KeyboardInterrupt
         return segment(*args, **kwargs)
 
@@ -127,7 +129,9 @@ def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resum
     assert [m[0] for m in seen.mains] == ["fit", "predict", "fit", "predict"]
 
     seen = calls(monkeypatch)
-    assert paper.main(argv) == 0  # seed 0 done, seed 1's fit finished: its predict resumes, 1 image to go
+    assert (
+        paper.main(argv) == 0
+    )  # seed 0 done, seed 1's fit finished: its predict resumes, 1 image to go
     assert [m[0] for m in seen.mains] == ["predict"] and seen.segments == 1
     printed = capsys.readouterr().out
     table = json.loads((out / "table.json").read_text())
@@ -137,7 +141,9 @@ def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resum
     for seed in (0, 1):
         per_class = {c: [] for c in range(6)}
         for stem in ("0000", "0001"):
-            pred = np.array(Image.open(out / f"seed{seed}" / "test" / "SegmentationClass" / f"{stem}.png"))
+            pred = np.array(
+                Image.open(out / f"seed{seed}" / "test" / "SegmentationClass" / f"{stem}.png")
+            )
             assert pred.shape == (512, 512)  # the release's protocol: masks and scores at 512x512
             for c, v in hand_ious(pred, np.load(data / "test" / f"{stem}.npy")).items():
                 per_class[c].append(100 * v)
@@ -151,13 +157,23 @@ def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resum
             np.std(values), abs=1e-9
         )
         assert (std == 0) == (values[0] == values[1])
-    assert by_hand[0]["Average"] > 50  # the SD-like model learns the car's colours: a table of real numbers
+    assert (
+        by_hand[0]["Average"] > 50
+    )  # the SD-like model learns the car's colours: a table of real numbers
     assert table["paper"] == {
         "table": "Table 2",
         "row": dict(
             zip(
                 table["columns"],
-                [[79.6, 0.4], [37.5, 5.4], [46.5, 2.6], [65.0, 1.4], [65.6, 1.6], [75.7, 3.1], [61.6, 0.5]],
+                [
+                    [79.6, 0.4],
+                    [37.5, 5.4],
+                    [46.5, 2.6],
+                    [65.0, 1.4],
+                    [65.6, 1.6],
+                    [75.7, 3.1],
+                    [61.6, 0.5],
+                ],
             )
         ),
     }
@@ -175,7 +191,9 @@ def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resum
     assert printed.endswith(md + "\n")  # after predict's own IoU tables, on stdout
 
     seen = calls(monkeypatch)
-    assert paper.main(argv) == 0 and seen.mains == []  # all done: the table again, from the seeds' records
+    assert (
+        paper.main(argv) == 0 and seen.mains == []
+    )  # all done: the table again, from the seeds' records
     assert capsys.readouterr().out == md + "\n"
 
 
@@ -196,7 +214,11 @@ PLAN_CASES = [
         [],
         "paper.py: error: {d}/car/test holds no image/mask pairs (NAME.png beside NAME.npy)",
     ),
-    ("an image without its mask", [], "paper.py: error: {d}/car/test/0001.png has no mask: a folder holds"),
+    (
+        "an image without its mask",
+        [],
+        "paper.py: error: {d}/car/test/0001.png has no mask: a folder holds",
+    ),
     (
         "a mask without its image",
         [],
@@ -232,11 +254,14 @@ PLAN_CASES = [
 
 
 @pytest.mark.parametrize("case, extra, line", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
-def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys, case, extra, line):
+def test_paper_refuses_in_one_line_before_any_model_loads(
+    tmp_path, monkeypatch, capsys, case, extra, line
+):
     data, out = authors_layout(tmp_path / "car", dict(train_1=1, test=2)), str(tmp_path / "out")
-    folder = {"no such folder": tmp_path / "nowhere", "a dataset without a preset": tmp_path / "bike"}.get(
-        case, data
-    )
+    folder = {
+        "no such folder": tmp_path / "nowhere",
+        "a dataset without a preset": tmp_path / "bike",
+    }.get(case, data)
     if case == "a dataset without a preset":
         folder.mkdir()
     elif case in ("a missing split", "an empty split"):
@@ -252,19 +277,29 @@ def test_paper_refuses_in_one_line_before_any_model_loads(tmp_path, monkeypatch,
     elif case == "another table in -o":  # a 1-shot table begun, then a 10-shot one in the same -o
         (data / "train_10").symlink_to(data / "train_1")
         (data / "val").symlink_to(data / "train_1")
-        monkeypatch.setattr(slime, "main", lambda argv: 2)  # fit's own plan refused it: nothing begun,
+        monkeypatch.setattr(
+            slime, "main", lambda argv: 2
+        )  # fit's own plan refused it: nothing begun,
         assert paper.main([str(data), "-o", out, "--epochs", "3"]) == 2
-        monkeypatch.setattr(slime, "main", lambda argv: 130)  # so another command may take the folder
+        monkeypatch.setattr(
+            slime, "main", lambda argv: 130
+        )  # so another command may take the folder
         assert paper.main([str(data), "-o", out]) == 130
-        (tmp_path / "out" / "seed0").mkdir()  # and once a seed has begun, the folder is that command's
-    monkeypatch.setattr(slime, "main", lambda argv: pytest.fail("slime ran before the plan refused"))
+        (
+            tmp_path / "out" / "seed0"
+        ).mkdir()  # and once a seed has begun, the folder is that command's
+    monkeypatch.setattr(
+        slime, "main", lambda argv: pytest.fail("slime ran before the plan refused")
+    )
     capsys.readouterr()
     assert paper.main([str(folder), "-o", out, *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(line.replace("{d}", str(tmp_path))) and err.count("\n") == 1, err
 
 
-def test_an_unfinished_fit_resumes_and_a_finished_one_is_not_fitted_again(tmp_path, monkeypatch, capsys):
+def test_an_unfinished_fit_resumes_and_a_finished_one_is_not_fitted_again(
+    tmp_path, monkeypatch, capsys
+):
     """A seed whose emb.pt an interrupt left unfinished goes on (fit --resume), or starts again if an older slime
     kept no state to go on from (--overwrite); a finished one goes straight to predict. Watched through the argv
     paper.py hands slime (which stops at once with Ctrl-C's 130)."""
@@ -284,9 +319,9 @@ def test_an_unfinished_fit_resumes_and_a_finished_one_is_not_fitted_again(tmp_pa
         monkeypatch.setattr(slime, "main", lambda argv, argvs=argvs: argvs.append(argv) or 130)
         torch.save({}, out / "seed0" / "emb.pt")
         assert paper.main([str(data), "--seeds", "0", "-o", str(out)]) == 130
-        assert argvs[0][0] == first and [a for a in argvs[0] if a in ("--resume", "--overwrite")] == [
-            flag
-        ] * bool(flag)
+        assert argvs[0][0] == first and [
+            a for a in argvs[0] if a in ("--resume", "--overwrite")
+        ] == [flag] * bool(flag)
     capsys.readouterr()
 
 
@@ -332,7 +367,10 @@ FOLDER_CASES = [
         "three files of one stem",
         "{d}/car/train_10/0000.jpg shares its stem with 2 other files: a folder holds",
     ),
-    ("a folder of no pairs", "{d}/car/train_10 holds no image/mask pairs (NAME.png beside NAME.npy)"),
+    (
+        "a folder of no pairs",
+        "{d}/car/train_10 holds no image/mask pairs (NAME.png beside NAME.npy)",
+    ),
     (
         "a file, then a folder",
         "fit takes image/mask pairs or folders, but {d}/car/val/0000.png has no partner",
@@ -368,16 +406,23 @@ def test_fit_refuses_a_folder_with_an_unpaired_file_before_the_model_loads(
     argv = ["fit", *extra, folder, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "emb.pt", "-q"]
     assert slime.main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("slime: error: " + line.replace("{d}", str(tmp_path))) and err.count("\n") == 1, err
+    assert (
+        err.startswith("slime: error: " + line.replace("{d}", str(tmp_path)))
+        and err.count("\n") == 1
+    ), err
     assert not (tmp_path / "emb.pt").exists()
 
 
 @pytest.fixture
 def no_load_here(monkeypatch):
-    monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("the model loaded before the plan"))
+    monkeypatch.setattr(
+        slime, "load_models", lambda *a, **k: pytest.fail("the model loaded before the plan")
+    )
 
 
-def test_the_authors_embeddings_are_evaluated_without_a_fit(tmp_path, tiny_ckpt, monkeypatch, capsys):
+def test_the_authors_embeddings_are_evaluated_without_a_fit(
+    tmp_path, tiny_ckpt, monkeypatch, capsys
+):
     """--embeddings: the release's folder of embedding_{i}.pth becomes each seed's emb.pt (the release's
     settings: BGR, 512x512), predict runs with the seed, and the table carries the row of --shots."""
     ckpt = tiny_ckpt("sd2")
@@ -385,10 +430,25 @@ def test_the_authors_embeddings_are_evaluated_without_a_fit(tmp_path, tiny_ckpt,
     trained.mkdir()
     gen = torch.Generator().manual_seed(0)
     for i in range(5):  # the car's 5 parts, each a (1, 1, D) vector as the release saves them
-        torch.save(torch.randn(1, 1, 64, generator=gen).requires_grad_(True), trained / f"embedding_{i}.pth")
+        torch.save(
+            torch.randn(1, 1, 64, generator=gen).requires_grad_(True),
+            trained / f"embedding_{i}.pth",
+        )
     seen = calls(monkeypatch)
-    argv = [str(data), "--embeddings", str(trained), "--shots", "10", "--seeds", "0,1", "--ckpt", ckpt]
-    assert paper.main([*argv, "-o", str(tmp_path / "out"), "--dtype", "fp32", "--threshold", "0"]) == 0
+    argv = [
+        str(data),
+        "--embeddings",
+        str(trained),
+        "--shots",
+        "10",
+        "--seeds",
+        "0,1",
+        "--ckpt",
+        ckpt,
+    ]
+    assert (
+        paper.main([*argv, "-o", str(tmp_path / "out"), "--dtype", "fp32", "--threshold", "0"]) == 0
+    )
     assert [m[0] for m in seen.mains] == ["predict", "predict"] and seen.segments == 2
     assert seen.mains[1][seen.mains[1].index("--seed") + 1] == "1"
     table = json.loads((tmp_path / "out" / "table.json").read_text())
@@ -442,7 +502,9 @@ def test_the_readmes_six_commands_run_as_written(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
 
 
-def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(tmp_path, monkeypatch, capsys):
+def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(
+    tmp_path, monkeypatch, capsys
+):
     """Any other folder: fit gets --parts (no preset), the table's columns are its parts then Background, and
     no paper row is printed. slime stands in here: its predict writes a summary.json of known IoUs."""
     data = authors_layout(tmp_path / "bike", dict(train_1=1, test=1), classes=2)
@@ -461,15 +523,22 @@ def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(tmp
         return 0
 
     monkeypatch.setattr(slime, "main", fake)
-    monkeypatch.setattr(slime, "load_embeddings", lambda path: dict(fingerprint="f" * 16, dtype="float32"))
+    monkeypatch.setattr(
+        slime, "load_embeddings", lambda path: dict(fingerprint="f" * 16, dtype="float32")
+    )
     assert (
-        paper.main([str(data), "--parts", "background,wing", "--seeds", "0", "-o", str(tmp_path / "o")]) == 0
+        paper.main(
+            [str(data), "--parts", "background,wing", "--seeds", "0", "-o", str(tmp_path / "o")]
+        )
+        == 0
     )
     fit = argvs[0]
     assert fit[fit.index("--parts") + 1] == "background,wing" and "--preset" not in fit
     md = capsys.readouterr().out
     assert "| | wing | Background | Average |" in md and "paper," not in md
-    assert "| slime | 25.0 ± 0.0 | 62.5 ± 0.0 | 43.8 ± 0.0 |" in md  # background: the mean over both images
+    assert (
+        "| slime | 25.0 ± 0.0 | 62.5 ± 0.0 | 43.8 ± 0.0 |" in md
+    )  # background: the mean over both images
 
 
 def test_predict_finds_each_images_mask_in_its_own_folder_as_fit_pairs_them(
@@ -478,7 +547,10 @@ def test_predict_finds_each_images_mask_in_its_own_folder_as_fit_pairs_them(
     """--masks on the images' folder: the mask is the other file of the stem (NAME.npy, any case of the
     extension; a PNG mask beside a JPEG photo), never itself an image; named files (a shell's glob) too."""
     ckpt, data = tiny_ckpt("sd2"), authors_layout(tmp_path / "car", dict(test=2))
-    sd, emb = LOAD_MODELS(ckpt), tmp_path / "emb.pt"  # the model for emb.pt; predict's plan loads none
+    sd, emb = (
+        LOAD_MODELS(ckpt),
+        tmp_path / "emb.pt",
+    )  # the model for emb.pt; predict's plan loads none
     slime.save_embeddings(
         emb,
         slime.prompt_contexts(sd, 6)[0],
@@ -496,14 +568,32 @@ def test_predict_finds_each_images_mask_in_its_own_folder_as_fit_pairs_them(
 
     def plan(*inputs, masks=None):  # predict's plan of these inputs -> [(image, its ground truth)]
         truth = ["--masks", str(masks)] if masks else []
-        argv = ["predict", emb, *inputs, *truth, "--ckpt", ckpt, "-o", tmp_path / "out", "--dtype", "fp32"]
-        jobs = slime.plan_predict(slime.build_parser().parse_args(map(str, argv)), slime.Console(False))[4]
+        argv = [
+            "predict",
+            emb,
+            *inputs,
+            *truth,
+            "--ckpt",
+            ckpt,
+            "-o",
+            tmp_path / "out",
+            "--dtype",
+            "fp32",
+        ]
+        jobs = slime.plan_predict(
+            slime.build_parser().parse_args(map(str, argv)), slime.Console(False)
+        )[4]
         return [(os.path.basename(j.image), j.gt and os.path.basename(j.gt)) for j in jobs]
 
     pairs = [("0000.png", "0000.npy"), ("0001.PNG", "0001.NPY")]
     assert plan(test, masks=test) == pairs
-    assert "skipped 2 non-image files (2 read as ground truth): 0000.npy, 0001.NPY" in capsys.readouterr().err
-    assert plan(*sorted(test.iterdir()), masks=test) == pairs  # 0000.npy, 0000.png, 0001.NPY, 0001.PNG
+    assert (
+        "skipped 2 non-image files (2 read as ground truth): 0000.npy, 0001.NPY"
+        in capsys.readouterr().err
+    )
+    assert (
+        plan(*sorted(test.iterdir()), masks=test) == pairs
+    )  # 0000.npy, 0000.png, 0001.NPY, 0001.PNG
     assert plan(photos, masks=photos) == [("a.jpg", "a.png")]
     assert plan(*sorted(test.iterdir())) == [
         ("0000.png", None),

@@ -38,26 +38,40 @@ def write_release(folder, text_embedding, n):
 
 
 @pytest.fixture(scope="module")
-def cond(tiny_ckpt):  # the tiny SD 2 model's text encoder output for "part" x 6 (6 = the car's classes)
+def cond(
+    tiny_ckpt,
+):  # the tiny SD 2 model's text encoder output for "part" x 6 (6 = the car's classes)
     return slime.prompt_contexts(slime.load_models(tiny_ckpt("sd2")), len(CAR))[0]
 
 
 def test_a_release_folder_becomes_the_emb_pt_fit_would_write_and_predict_reads(
     tiny_ckpt, cond, tmp_path, capsys
 ):
-    ckpt, folder, emb, K = tiny_ckpt("sd2"), str(tmp_path / "release"), str(tmp_path / "emb.pt"), len(CAR)
-    fitted = cond + torch.randn(cond.shape, generator=torch.Generator().manual_seed(0))  # "trained" vectors
+    ckpt, folder, emb, K = (
+        tiny_ckpt("sd2"),
+        str(tmp_path / "release"),
+        str(tmp_path / "emb.pt"),
+        len(CAR),
+    )
+    fitted = cond + torch.randn(
+        cond.shape, generator=torch.Generator().manual_seed(0)
+    )  # "trained" vectors
     write_release(folder, fitted, K - 1)
     torch.save(dict(format=slime.EMB_FORMAT), emb)  # --overwrite replaces an existing emb.pt
     argv = [folder, "--preset", "pascal-car", "--ckpt", ckpt, "-o", emb, "--overwrite"]
     assert release_embeddings.main(argv) == 0
-    assert capsys.readouterr().out == f"wrote {emb}: 5 parts from {folder}, settings of --preset pascal-car\n"
+    assert (
+        capsys.readouterr().out
+        == f"wrote {emb}: 5 parts from {folder}, settings of --preset pascal-car\n"
+    )
     e = slime.load_embeddings(emb)
     # the release's test-time context (release/src/slime.py#L349-L356), written out by hand
     want = torch.cat([cond[:, :1], fitted[:, 1:K], cond[:, K:]], dim=1)
     assert torch.equal(e["context"], want)
     assert torch.equal(e["context"], slime.with_learned(fitted[0, 1:K], cond))  # as fit builds it
-    assert e["parts"] == CAR and e["family"] == "sd2" and e["fingerprint"] == slime.fingerprint(ckpt)
+    assert (
+        e["parts"] == CAR and e["family"] == "sd2" and e["fingerprint"] == slime.fingerprint(ckpt)
+    )
     s = e["settings"]
     assert s.bgr and s.out_size == 512 and not s.cycle_parts  # the release's, not slime's defaults
     assert (s.patch_size, s.patches_per_side, s.min_crop_ratio, s.rotation) == (512, 1, 0.6, 30.0)
@@ -101,7 +115,9 @@ def write_bad(kind, folder, ckpt):
     return why
 
 
-@pytest.mark.parametrize("kind", ["pickled object", "dict", "nan", "width", "gap", "fewer", "more", "exists"])
+@pytest.mark.parametrize(
+    "kind", ["pickled object", "dict", "nan", "width", "gap", "fewer", "more", "exists"]
+)
 def test_refusals_are_one_line_before_the_model_loads_and_write_nothing(
     kind, tiny_ckpt, tmp_path, capsys, monkeypatch
 ):
@@ -124,4 +140,6 @@ def test_refusals_are_one_line_before_the_model_loads_and_write_nothing(
             assert f.read() == b"keep"
     else:
         assert not os.path.exists(emb)
-    assert sorted(os.listdir(tmp_path)) == ["emb.pt"] * (kind == "exists") + ["release"]  # no temp files
+    assert sorted(os.listdir(tmp_path)) == ["emb.pt"] * (kind == "exists") + [
+        "release"
+    ]  # no temp files

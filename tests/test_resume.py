@@ -54,7 +54,10 @@ def scene(tmp_path_factory, tiny_ckpt):
         m.setattr(slime, "save_embeddings", stop_after_epoch_1)
         assert main(*args, "-o", d / "stopped.pt") == 130
     return SimpleNamespace(
-        args=args, whole=(d / "whole.pt").read_bytes(), stopped=d / "stopped.pt", line=err.getvalue()
+        args=args,
+        whole=(d / "whole.pt").read_bytes(),
+        stopped=d / "stopped.pt",
+        line=err.getvalue(),
     )
 
 
@@ -67,7 +70,9 @@ def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
     shutil.copy(scene.stopped, out)
     stopped = torch.load(out, weights_only=True)
     assert not stopped["finished"] and stopped["resume"]["epoch"] == 1 and stopped["epoch"] == 1
-    assert [v[0] for v in stopped["history"]["validation"]] == [1]  # the one that saved it, in its history
+    assert [v[0] for v in stopped["history"]["validation"]] == [
+        1
+    ]  # the one that saved it, in its history
     assert scene.line == (
         f"slime: interrupted by SIGINT; finished outputs kept; {scene.stopped} holds epoch 1: rerun with --resume "
         "(no --overwrite) to go on\n"
@@ -86,7 +91,8 @@ def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
     capsys.readouterr()
     assert main(*args, "-o", out, "--resume") == 2
     assert (
-        capsys.readouterr().err == f"slime: error: fit --resume: {out} is a finished fit; nothing to resume\n"
+        capsys.readouterr().err
+        == f"slime: error: fit --resume: {out} is a finished fit; nothing to resume\n"
     )
     # --overwrite stopped before its first epoch's end: emb.pt is still the finished fit, and no resume is offered
     monkeypatch.setattr(slime, "training_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -135,7 +141,10 @@ def test_a_resume_of_another_fit_is_refused_naming_what_differs(scene, stopped, 
             [*args, "--lr", "0.2"],
             f"{stop} ran with lr 0.5, this command with 0.2; resume it with its command",
         ),
-        ([*args, "--seed", "1"], f"{stop} ran with seed 0, this command with 1; resume it with its command"),
+        (
+            [*args, "--seed", "1"],
+            f"{stop} ran with seed 0, this command with 1; resume it with its command",
+        ),
         (
             [*args, "--parts", "bg,a,b"],
             f"{stop} ran with parts ['background', 'part1', 'part2'], this command "
@@ -172,7 +181,9 @@ def test_a_resume_of_another_fit_is_refused_naming_what_differs(scene, stopped, 
     assert stopped.read_bytes() == before
 
 
-def test_fit_finds_an_unwritable_output_folder_before_the_model_loads(scene, tmp_path, monkeypatch, capsys):
+def test_fit_finds_an_unwritable_output_folder_before_the_model_loads(
+    scene, tmp_path, monkeypatch, capsys
+):
     """A temp file made and removed beside -o proves the folder takes files (chmod proves nothing as root, so
     the probe is made to fail as a read-only folder fails it); -o under a file fails the same way."""
     args = scene.args
@@ -211,9 +222,13 @@ def images(tmp_path_factory, tiny_ckpt, monkeypatch):
         d / "emb.pt", slime.prompt_contexts(sd, 3)[0], ["background", "square", "disc"], sd, s
     )
     # what is tested is the bookkeeping: a stand-in segmentation, each image's own (its colours, quantised)
-    stand_in = lambda sd, context, image, k, s, **kw: (image.mean(0) * k).long().clamp(max=k - 1).byte()  # noqa
+    stand_in = lambda sd, context, image, k, s, **kw: (
+        (image.mean(0) * k).long().clamp(max=k - 1).byte()
+    )  # noqa
     monkeypatch.setattr(slime, "segment", stand_in)
-    monkeypatch.setattr(slime, "load_models", lambda *a, **k: SimpleNamespace(device=torch.device("cpu")))
+    monkeypatch.setattr(
+        slime, "load_models", lambda *a, **k: SimpleNamespace(device=torch.device("cpu"))
+    )
     return d / "in", d / "gt", d / "emb.pt", ckpt
 
 
@@ -222,7 +237,19 @@ def predict(images, out, *inputs, ok=0, extra=()):
     named = [folder / f"{n}.png" for n in inputs] if inputs else [folder]
     assert (
         main(
-            "predict", emb, *named, "--masks", gt, "-o", out, "--ckpt", ckpt, "-q", "--dtype", "fp32", *extra
+            "predict",
+            emb,
+            *named,
+            "--masks",
+            gt,
+            "-o",
+            out,
+            "--ckpt",
+            ckpt,
+            "-q",
+            "--dtype",
+            "fp32",
+            *extra,
         )
         == ok
     )
@@ -236,14 +263,18 @@ def scores(summary):  # what a run says of each image: area and IoUs, by image n
     return {os.path.basename(r["image"]): (r["area"], r["iou"]) for r in summary["images"]}
 
 
-def test_the_run_files_list_every_image_the_folder_holds_for_the_run(images, tmp_path, monkeypatch, capsys):
+def test_the_run_files_list_every_image_the_folder_holds_for_the_run(
+    images, tmp_path, monkeypatch, capsys
+):
     """Three images, then one of them again, then two others: summary.json and default.txt list all five, with
     the areas and IoUs (and mIoU) of one run over all five. An interrupted run lists what it finished, and a
     rerun on fewer images keeps them; an image that cannot be read is listed with the reason."""
     single = predict(images, tmp_path / "single")
     out = tmp_path / "out"
     assert len(predict(images, out, "s0", "s1", "s2")["images"]) == 3
-    assert scores(predict(images, out, "s1")) == {f"s{i}.png": scores(single)[f"s{i}.png"] for i in range(3)}
+    assert scores(predict(images, out, "s1")) == {
+        f"s{i}.png": scores(single)[f"s{i}.png"] for i in range(3)
+    }
     summary = predict(images, out, "s3", "s4")
     assert scores(summary) == scores(single) and summary["miou"] == single["miou"]
     assert summary["iou"] == single["iou"]
@@ -259,7 +290,21 @@ def test_the_run_files_list_every_image_the_folder_holds_for_the_run(images, tmp
     monkeypatch.setattr(slime, "segment_and_write", stop_at_the_third)
     folder, gt, emb, ckpt = images
     assert (
-        main("predict", emb, folder, "--masks", gt, "-o", out, "--ckpt", ckpt, "-q", "--dtype", "fp32") == 130
+        main(
+            "predict",
+            emb,
+            folder,
+            "--masks",
+            gt,
+            "-o",
+            out,
+            "--ckpt",
+            ckpt,
+            "-q",
+            "--dtype",
+            "fp32",
+        )
+        == 130
     )
     monkeypatch.setattr(slime, "segment_and_write", write)  # the stand-ins stay
     assert sorted(scores(json.loads((out / "summary.json").read_text()))) == ["s0.png", "s1.png"]
@@ -296,7 +341,9 @@ def test_overwrite_with_fewer_images_leaves_one_run_in_the_folder(images, tmp_pa
     predict(images, out, "s0", "s1", "s2")
     (out / "notes.txt").write_text("mine")
     (out / "SegmentationClass" / "notes.txt").write_text("mine too")
-    (out / "SegmentationClass" / "mine.png").write_bytes((out / "SegmentationClass" / "s1.png").read_bytes())
+    (out / "SegmentationClass" / "mine.png").write_bytes(
+        (out / "SegmentationClass" / "s1.png").read_bytes()
+    )
     summary = predict(images, out, "s0", extra=["--overwrite", "--test-t", "50"])
     assert [os.path.basename(r["image"]) for r in summary["images"]] == ["s0.png"]
     assert sorted(p.name for p in (out / "SegmentationClass").iterdir()) == [

@@ -27,7 +27,9 @@ import torch
 import slime
 from attention import attention
 
-CPU = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)  # what fit and noised read of `sd`
+CPU = SimpleNamespace(
+    device=torch.device("cpu"), dtype=torch.float32
+)  # what fit and noised read of `sd`
 
 
 # ----------------------------------------------------------------------------- scores
@@ -49,7 +51,9 @@ def test_iou_is_scored_per_ground_truth_class_with_255_ignored():
     ious = slime.iou_per_class(pred, gt, 3)
     assert ious.keys() == {0, 2}
     assert ious[0] == pytest.approx(2 / 3) and ious[2] == pytest.approx(1.0)
-    assert slime.image_miou(pred, gt, 3) == pytest.approx(5 / 6)  # (2/3 + 1) / 2; over 3 classes: 5/9
+    assert slime.image_miou(pred, gt, 3) == pytest.approx(
+        5 / 6
+    )  # (2/3 + 1) / 2; over 3 classes: 5/9
 
 
 # ----------------------------------------------------------------------------- fit: best epoch, validations
@@ -68,7 +72,9 @@ def stubbed_fit(monkeypatch, mious, epochs, val_every=1):
     monkeypatch.setattr(slime, "prompt_contexts", lambda sd, K: (zeros, zeros))
     monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "training_view", lambda image, mask, part, s, gen: (image, mask))
-    monkeypatch.setattr(slime, "training_step", lambda sd, learned, *a: (((learned - 1) ** 2).sum(), {}))
+    monkeypatch.setattr(
+        slime, "training_step", lambda sd, learned, *a: (((learned - 1) ** 2).sum(), {})
+    )
     monkeypatch.setattr(slime, "validation_miou", validation)
     mask = torch.zeros(8, 8, dtype=torch.long)
     mask[4:, :4], mask[4:, 4:] = 1, 2
@@ -84,7 +90,12 @@ def test_fit_gives_a_tie_to_the_later_epoch(monkeypatch):
     out, validated, val, epochs = stubbed_fit(monkeypatch, [0.2, 0.5, 0.5, 0.4], 4)
     assert [e["best"] for e in val] == [True, True, True, False]
     assert out is validated[2][0]  # epoch 3's
-    assert [e["state"]["best_context"] is validated[2][0] for e in epochs] == [False, False, True, True]
+    assert [e["state"]["best_context"] is validated[2][0] for e in epochs] == [
+        False,
+        False,
+        True,
+        True,
+    ]
     assert epochs[-1]["state"]["best"] == 0.5
 
 
@@ -93,7 +104,9 @@ def test_fit_saves_the_first_validation_even_at_zero(monkeypatch):
     all 0.0 (nothing found yet) still hands back its last epoch's vectors, not the untrained prompt."""
     out, validated, val, epochs = stubbed_fit(monkeypatch, [0.0, 0.0, 0.0], 3)
     assert [e["best"] for e in val] == [True, True, True]
-    assert out is validated[2][0] and not torch.equal(out, torch.zeros(1, 77, 4))  # trained: moved off 0
+    assert out is validated[2][0] and not torch.equal(
+        out, torch.zeros(1, 77, 4)
+    )  # trained: moved off 0
     assert epochs[0]["state"]["best_context"] is validated[0][0]  # saved at the first epoch's end
 
 
@@ -138,7 +151,13 @@ def test_the_training_mask_takes_pixel_8i_8j(monkeypatch):
     assert m.shape == (64, 64) and m.dtype == torch.long
     # (0, 0) -> pixel (0, 0); (0, 1) -> (0, 8); (1, 0) -> (8, 0); (1, 1) -> (8, 8); (63, 63) -> (504, 504).
     # The centres would give 2052 = 4 * 512 + 4 at (0, 0)
-    assert m[0, 0] == 0 and m[0, 1] == 8 and m[1, 0] == 4096 and m[1, 1] == 4104 and m[63, 63] == 258552
+    assert (
+        m[0, 0] == 0
+        and m[0, 1] == 8
+        and m[1, 0] == 4096
+        and m[1, 1] == 4104
+        and m[63, 63] == 258552
+    )
     i = torch.arange(64)
     assert torch.equal(m, (8 * i)[:, None] * 512 + 8 * i[None, :])
 
@@ -163,7 +182,9 @@ def test_patches_are_cropped_at_y0_x0(monkeypatch):
     assert [(y0, x0) for y0, x0, _ in patches] == [(0, 0), (0, 256), (256, 0), (256, 256)]
     # each crop zoomed 2x (bilinear: a constant stays that constant, exactly, for these values)
     for crop, value in zip(given, (0.25, 0.5, 0.75, 1.0), strict=True):
-        assert crop.shape == (1, 3, 512, 512) and torch.equal(crop, torch.full_like(crop, value)), value
+        assert crop.shape == (1, 3, 512, 512) and torch.equal(crop, torch.full_like(crop, value)), (
+            value
+        )
 
 
 def test_patch_origins_step_by_floor_division():
@@ -171,7 +192,9 @@ def test_patch_origins_step_by_floor_division():
     down. 401, 3 per side: 111 // 2 = 55 (55.5 rounded would be 56), so the last patch ends at 110 + 401 =
     511 and pixel 511 gets no vote. 300, 4 per side: 212 // 3 = 70 (70.67 rounded: 71)."""
     assert slime.patch_origins(401, 3) == [(y, x) for y in (0, 55, 110) for x in (0, 55, 110)]
-    assert slime.patch_origins(300, 4) == [(y, x) for y in (0, 70, 140, 210) for x in (0, 70, 140, 210)]
+    assert slime.patch_origins(300, 4) == [
+        (y, x) for y in (0, 70, 140, 210) for x in (0, 70, 140, 210)
+    ]
 
 
 def identity_self_attention():
@@ -190,7 +213,10 @@ def test_a_class_whose_peak_equals_the_threshold_votes():
     A_ca[0, :, :32], A_ca[0, :, 32:] = 0.05, 0.25
     A_ca[1, :, :32], A_ca[1, :, 32:] = 0.5, 0.1
     seen, votes = slime.patch_votes(A_ca, identity_self_attention(), 0.25, 64)
-    assert seen.tolist() == [0, 1]  # > would drop the background, and part 1 would be seeded as it is
+    assert seen.tolist() == [
+        0,
+        1,
+    ]  # > would drop the background, and part 1 would be seeded as it is
     want = torch.empty(2, 64, 64)
     want[0, :, :32], want[0, :, 32:] = 0.05, 0.25  # 0 / 1.25 + 0.05 and 0.25 / 1.25 + 0.05
     want[1, :, :32], want[1, :, 32:] = 0.5, 0.1
@@ -298,9 +324,14 @@ def emb_file(path, colors):
     """A hand-made emb.pt (what save_embeddings writes, without a checkpoint) with the given colours."""
     context = torch.zeros(1, 77, 8)
     emb = dict(
-        format=slime.EMB_FORMAT, parts=["background", "wheel"], context=context, learned=context[0, 1:2]
+        format=slime.EMB_FORMAT,
+        parts=["background", "wheel"],
+        context=context,
+        learned=context[0, 1:2],
     )
-    emb.update(family="sd2", cross_layers=list(slime.CROSS_LAYERS), self_layers=list(slime.SELF_LAYERS))
+    emb.update(
+        family="sd2", cross_layers=list(slime.CROSS_LAYERS), self_layers=list(slime.SELF_LAYERS)
+    )
     emb.update(colors=colors, settings={})
     torch.save(emb, path)
     return path
@@ -308,7 +339,12 @@ def emb_file(path, colors):
 
 @pytest.mark.parametrize(
     "colors",
-    [[[0, 0, 0], [300, 0, 0]], [[0, 0, 0], [-1, 0, 0]], [[0, 0, 0], [255, 0]], [[0, 0, 0], [1.0, 0, 0]]],
+    [
+        [[0, 0, 0], [300, 0, 0]],
+        [[0, 0, 0], [-1, 0, 0]],
+        [[0, 0, 0], [255, 0]],
+        [[0, 0, 0], [1.0, 0, 0]],
+    ],
 )
 def test_emb_pt_colours_outside_0_255_are_refused_at_load(tmp_path, colors):
     """emb.pt's colours become a uint8 palette: 300 would end later in an OverflowError (or wrap to 44). They
@@ -318,4 +354,7 @@ def test_emb_pt_colours_outside_0_255_are_refused_at_load(tmp_path, colors):
     path = emb_file(tmp_path / "odd.pt", colors)
     with pytest.raises(slime.SlimeError) as e:
         slime.load_embeddings(path)
-    assert str(e.value) == f"{path} is not a usable emb.pt: its colors are not [r, g, b] lists of 0..255"
+    assert (
+        str(e.value)
+        == f"{path} is not a usable emb.pt: its colors are not [r, g, b] lists of 0..255"
+    )
