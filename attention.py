@@ -1,10 +1,10 @@
-"""The pieces the three networks (unet.py, vae.py, clip_text.py) share: multi-head attention that can
-hand back its probabilities, and the norms computed in fp32.
+"""The pieces the three networks (unet.py, vae.py, clip_text.py) share: multi-head attention that
+can hand back its probabilities, and the norms computed in fp32.
 
-One attention function serves the UNet, the VAE and the text encoders. Layers whose maps nobody asked for
-take the fast path (`F.scaled_dot_product_attention`); a layer whose maps are wanted computes the
-scores explicitly in fp32, like Stability's ldm/modules/attention.py ("force cast to fp32 to avoid
-overflowing") and whisper's qk path, and returns them averaged over heads.
+One attention function serves the UNet, the VAE and the text encoders. Layers whose maps nobody
+asked for take the fast path (`F.scaled_dot_product_attention`); a layer whose maps are wanted
+computes the scores explicitly in fp32, like Stability's ldm/modules/attention.py ("force cast to
+fp32 to avoid overflowing") and whisper's qk path, and returns them averaged over heads.
   https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/ldm/modules/attention.py
   https://github.com/openai/whisper/blob/main/whisper/model.py (qkv_attention)
 """
@@ -41,7 +41,8 @@ def attention(q, k, v, heads, want=None, causal=False):
     want="log_probs": log_softmax of the same scores averaged over heads (computed from the
     scores, never as log(probs), so a probability that underflows to 0 cannot give -inf).
     """
-    # split heads: (B, N, heads * d) -> (B, heads, N, d); channels are head-major, as in ldm's rearrange
+    # split heads: (B, N, heads * d) -> (B, heads, N, d); channels are head-major, as in ldm's
+    # rearrange
     q, k, v = (x.unflatten(-1, (heads, -1)).transpose(1, 2) for x in (q, k, v))
     if want is None:
         out, amap = F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
@@ -60,14 +61,16 @@ def attention(q, k, v, heads, want=None, causal=False):
 
 
 class AttentionMaps:
-    """What one UNet call was asked to record ({layer name: "probs" | "log_probs"}) and what it got."""
+    """What one UNet call was asked to record ({layer name: "probs" | "log_probs"}) and what it
+    got."""
 
     def __init__(self, wanted):
         self.wanted, self.maps = dict(wanted), {}
 
 
 class CrossAttention(nn.Module):
-    """ldm's CrossAttention: self-attention when context is None (attn1), else cross-attention (attn2)."""
+    """ldm's CrossAttention: self-attention when context is None (attn1), else cross-attention
+    (attn2)."""
 
     def __init__(self, query_dim, context_dim, heads, dim_head):
         super().__init__()

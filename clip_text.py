@@ -55,8 +55,8 @@ def tokenize(texts, pad_token):
     if (
         _bpe is None
     ):  # open_clip's BPE tokenizer (its vocabulary ships with it: offline), from its own file:
-        # `import open_clip` would import its image models too, and with them torchvision, which the text side
-        # never uses (and which fails outright when built for another torch)
+        # `import open_clip` would import its image models too, and with them torchvision, which the
+        # text side never uses (and which fails outright when built for another torch)
         folder = importlib.util.find_spec("open_clip").submodule_search_locations[0]
         path = os.path.join(folder, "tokenizer.py")
         spec = importlib.util.spec_from_file_location("open_clip_tokenizer", path)
@@ -104,7 +104,8 @@ class CLIPEncoderLayer(nn.Module):
 def embedding(
     n, width
 ):  # nn.Embedding left empty, as the checkpoint fills it: its random init on the meta
-    # device (where slime builds the models) imports torch._dynamo, 1.2 s of every fit's and predict's start
+    # device (where slime builds the models) imports torch._dynamo, 1.2 s of every fit's and
+    # predict's start
     return nn.Embedding(n, width, _weight=torch.empty(n, width))
 
 
@@ -130,7 +131,7 @@ class CLIPTextModel(nn.Module):
         return self.final_layer_norm(x)  # last_hidden_state
 
 
-# ----------------------------------------------------------------------------- SD 2.x (open_clip names)
+# ------------------------------------------------------------------------- SD 2.x (open_clip names)
 class MultiheadAttention(nn.Module):
     """nn.MultiheadAttention's parameters: packed in_proj (rows q, k, v) and out_proj."""
 
@@ -169,7 +170,8 @@ class OpenCLIPText(nn.Module):
         self.token_embedding = embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(CONTEXT_LENGTH, cfg.width))
         self.transformer = nn.Module()
-        # only the blocks that run: the stored last block is skipped ("penultimate" layer, v2-inference.yaml)
+        # only the blocks that run: the stored last block is skipped ("penultimate" layer,
+        # v2-inference.yaml)
         self.transformer.resblocks = nn.ModuleList(
             ResidualAttentionBlock(cfg.width, cfg.heads) for _ in range(cfg.layers)
         )

@@ -1,13 +1,14 @@
 """The Stable Diffusion UNet (SD 1.x and SD 2.x), with attention maps as return values.
 
-Module names copy ldm's openaimodel.UNetModel, so the `model.diffusion_model.*` tensors of an original
-single-file checkpoint load with strict=True after stripping that prefix:
+Module names copy ldm's openaimodel.UNetModel, so the `model.diffusion_model.*` tensors of an
+original single-file checkpoint load with strict=True after stripping that prefix:
   https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/openaimodel.py
   https://github.com/Stability-AI/stablediffusion/blob/cf1d67a6fd5ea1aa600c4df58e5b47da45f6bdbf/ldm/modules/diffusionmodules/openaimodel.py
-`unet(x_t, t, context, attn_layers=[...])` returns (eps, maps): maps[name] is the head-averaged attention
-probability of that layer, keyed by its checkpoint path, e.g. "output_blocks.6.1.transformer_blocks.0.attn2".
-The release's diffusers names map as: down_blocks[i].attentions[j] = input_blocks.{3i+j+1}.1,
-mid_block.attentions[0] = middle_block.1, up_blocks[i].attentions[j] = output_blocks.{3i+j}.1.
+`unet(x_t, t, context, attn_layers=[...])` returns (eps, maps): maps[name] is the head-averaged
+attention probability of that layer, keyed by its checkpoint path, e.g.
+"output_blocks.6.1.transformer_blocks.0.attn2". The release's diffusers names map as:
+down_blocks[i].attentions[j] = input_blocks.{3i+j+1}.1, mid_block.attentions[0] = middle_block.1,
+up_blocks[i].attentions[j] = output_blocks.{3i+j}.1.
 """
 
 import math
@@ -93,7 +94,8 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels, context_dim, heads, dim_head, depth, use_linear, groups):
         super().__init__()
         self.norm = GroupNorm32(groups, channels, eps=1e-6)  # eps 1e-6 here, unlike the ResBlocks
-        # SD1: 1x1 convs; SD2 (use_linear_in_transformer): Linear. Same maths, different weight shapes.
+        # SD1: 1x1 convs; SD2 (use_linear_in_transformer): Linear. Same maths, different weight
+        # shapes.
         proj = (
             (lambda: nn.Linear(channels, channels))
             if use_linear
@@ -232,7 +234,8 @@ class UNetModel(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             [ResBlock(ch, emb_ch, ch, g), transformer(ch), ResBlock(ch, emb_ch, ch, g)]
         )
-        # up path: each block consumes one skip; the last block of a level (but the top one) upsamples
+        # up path: each block consumes one skip; the last block of a level (but the top one)
+        # upsamples
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
@@ -255,7 +258,8 @@ class UNetModel(nn.Module):
         return [n for n, m in self.named_modules() if isinstance(m, CrossAttention)]
 
     def forward(self, x, t, context, attn_layers=(), log_attn_layers=()):
-        """x (B, 4, h, w), t (B,) int, context (B, 77, D) -> (eps, {layer name: map (B, Nq, Nk) float32}).
+        """x (B, 4, h, w), t (B,) int, context (B, 77, D) -> (eps, {layer name: map (B, Nq, Nk)
+        float32}).
 
         attn_layers: layers whose head-averaged attention probabilities are returned.
         log_attn_layers: layers whose head-averaged log-probabilities are returned instead (the

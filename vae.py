@@ -65,8 +65,8 @@ class Downsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x):
-        # ldm: "no asymmetric padding in torch conv, must do it ourselves". Padding right and bottom only;
-        # a symmetric padding=1 gives the same shapes but shifts the latent by half a pixel.
+        # ldm: "no asymmetric padding in torch conv, must do it ourselves". Padding right and bottom
+        # only; a symmetric padding=1 gives the same shapes but shifts the latent by half a pixel.
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 

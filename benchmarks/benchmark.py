@@ -1,29 +1,35 @@
-"""Speed and memory of slime vs the authors' release way of computing, on the full SD 2.1-base architecture.
+"""Speed and memory of slime vs the authors' release way of computing, on the full SD 2.1-base
+architecture.
 
-    python benchmarks/benchmark.py                 # full size, random weights: CPU, and CUDA when present
-    python benchmarks/benchmark.py --tiny          # small widths, to check the script (minutes on 2 cores)
+    # full size, random weights: CPU, and CUDA when present
+    python benchmarks/benchmark.py
+    # small widths, to check the script (minutes on 2 cores)
+    python benchmarks/benchmark.py --tiny
     python benchmarks/benchmark.py --device cpu --only fit --repeats 2
-    python benchmarks/benchmark.py --device cpu --dtype fp32,bf16 --no-release   # formats side by side
-    python benchmarks/benchmark.py --device cpu --dtype fp32,auto --no-release   # the default against fp32
+    # formats side by side
+    python benchmarks/benchmark.py --device cpu --dtype fp32,bf16 --no-release
+    # the default against fp32
+    python benchmarks/benchmark.py --device cpu --dtype fp32,auto --no-release
 
-Run from anywhere (it finds slime.py one folder up). Not a test: pytest does not collect it, and a full
-run takes about 16 minutes on 2 CPU cores.
+Run from anywhere (it finds slime.py one folder up). Not a test: pytest does not collect it, and a
+full run takes about 16 minutes on 2 CPU cores.
 
 No checkpoint is needed: the three networks are built with random weights (timing does not depend on
 the values). K = 6 classes (PASCAL-Part car), a synthetic 512x512 image and mask, fixed seeds.
-Each measurement runs in a fresh subprocess (`--one MODE`), 1 warm-up then --repeats timed runs (median),
-with fp32 denormals flushed to zero as slime's command line does (from 2026-12-02; earlier tables did not).
-Peak memory: CPU = peak RSS of that subprocess while the operation runs (VmHWM, reset right after the
-models are built), shown as working memory (peak minus the RSS after the build) and total; CUDA =
-torch.cuda.max_memory_allocated, likewise minus what was allocated after the build.
+Each measurement runs in a fresh subprocess (`--one MODE`), 1 warm-up then --repeats timed runs
+(median), with fp32 denormals flushed to zero as slime's command line does (from 2026-12-02; earlier
+tables did not). Peak memory: CPU = peak RSS of that subprocess while the operation runs
+(VmHWM, reset right after the models are built), shown as working memory (peak minus the RSS after
+the build) and total; CUDA = torch.cuda.max_memory_allocated, likewise minus what was allocated
+after the build.
 
 slime   = slime.fit's inner loop (augment + training_step + backward + Adam step) and slime.segment.
 release = a BASELINE built here from slime's own functions, computing as the release did (README,
-          Faithfulness; aliasgharkhani/SLiMe at 9de06f1, src/slime.py and src/stable_difusion.py): a CFG
-          batch of 2 [uncond; cond] in every UNet call, with grad through both halves in training; the
-          attention probabilities of EVERY UNet attention layer materialised (no SDPA fast path); and, in
-          every training step, the patched inference (the patch votes at out=64, CFG batch) that the
-          release ran only to log a training IoU.
+          Faithfulness; aliasgharkhani/SLiMe at 9de06f1, src/slime.py and src/stable_difusion.py): a
+          CFG batch of 2 [uncond; cond] in every UNet call, with grad through both halves in
+          training; the attention probabilities of EVERY UNet attention layer materialised
+          (no SDPA fast path); and, in every training step, the patched inference (the patch votes
+          at out=64, CFG batch) that the release ran only to log a training IoU.
 Every patched inference uses threshold 0: with random weights no class reaches 0.2, and a class
 that does not pass skips its per-class work, which would flatter both sides.
 """
@@ -66,9 +72,10 @@ EPOCHS = (
 )
 
 
-# ----------------------------------------------------------------------------- models with random weights
+# ----------------------------------------------------------------------- models with random weights
 class RandomSD(slime.StableDiffusion):
-    """slime.StableDiffusion (its tokenizer and properties), without a checkpoint file to fingerprint."""
+    """slime.StableDiffusion (its tokenizer and properties), without a checkpoint file to
+    fingerprint."""
 
     def __init__(self, unet, vae, text_encoder, device):
         self.family, self.path, self.fingerprint = "sd2", None, "random-weights"
@@ -79,8 +86,9 @@ class RandomSD(slime.StableDiffusion):
 
 @torch.no_grad()
 def randomize(module, gen):
-    """Matrices ~ N(0, 1/fan_in) (variance-preserving, so 1.3 B random weights keep activations finite),
-    embeddings ~ N(0, 0.02), norm weights 1, biases 0. Covers OpenCLIPText's torch.empty parameters."""
+    """Matrices ~ N(0, 1/fan_in) (variance-preserving, so 1.3 B random weights keep activations
+    finite), embeddings ~ N(0, 0.02), norm weights 1, biases 0. Covers OpenCLIPText's torch.empty
+    parameters."""
     for name, p in module.named_parameters():
         if p.dim() >= 2:
             std = 0.02 if "embedding" in name else 1 / math.sqrt(math.prod(p.shape[1:]))
@@ -111,7 +119,8 @@ def build(tiny, device, dtype):
 
 
 def synthetic_pair():
-    """A smooth random image (3, 512, 512) in [0, 1] and a mask with all 6 car classes (512, 512) int64."""
+    """A smooth random image (3, 512, 512) in [0, 1] and a mask with all 6 car classes (512, 512)
+    int64."""
     g = torch.Generator().manual_seed(1)
     image = F.interpolate(torch.rand(1, 3, 16, 16, generator=g), size=(512, 512), mode="bilinear")[
         0
@@ -127,13 +136,14 @@ def synthetic_pair():
     return image, mask
 
 
-# ----------------------------------------------------------------------------- release-style baseline
+# --------------------------------------------------------------------------- release-style baseline
 class ReleaseCFGUNet:
-    """release-style baseline: stands in for sd.unet. Every call runs the CFG batch of 2 (x duplicated,
-    context [uncond; cond]) and materialises the attention probabilities of EVERY UNet attention layer
-    (the release computed explicit scores in all of them); returns the cond half, keeps the uncond eps.
-    Not modelled: the release also materialised the VAE's attention scores, and computed every attention
-    twice (scores + SDPA); slime's explicit path computes it once, so this baseline is if anything cheap."""
+    """release-style baseline: stands in for sd.unet. Every call runs the CFG batch of 2 (x
+    duplicated, context [uncond; cond]) and materialises the attention probabilities of EVERY UNet
+    attention layer (the release computed explicit scores in all of them); returns the cond half,
+    keeps the uncond eps. Not modelled: the release also materialised the VAE's attention scores,
+    and computed every attention twice (scores + SDPA); slime's explicit path computes it once, so
+    this baseline is if anything cheap."""
 
     def __init__(self, unet, uncond):
         self.unet, self.uncond, self.eps_uncond = unet, uncond, None
@@ -199,7 +209,7 @@ def release_training_step(base, learned, cond, image, mask, s, gen):
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
 
 
-# ----------------------------------------------------------------------------- one measurement (subprocess)
+# --------------------------------------------------------------------- one measurement (subprocess)
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -248,13 +258,15 @@ def measure_one(mode, args):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    else:  # one image through slime.segment; threshold 0 so every class does its work in every patch
+    else:
+        # one image through slime.segment; threshold 0 so every class does its work in every patch
         size, per_side = PATCHES[op]
         ps = replace(s, patch_size=size, patches_per_side=per_side, threshold=0.0)
         context = slime.with_learned(cond[0, 1:K], cond)
 
         model = sd if who == "slime" else base
-        # validation inside fit segments the same image every epoch from noisy patches made once per fit
+        # validation inside fit segments the same image every epoch from noisy patches made once
+        # per fit
         # the release: not
         kept = slime.noisy_patches(model, image, ps) if op == "val" and who == "slime" else None
 
@@ -372,7 +384,8 @@ def main():
         "--dtype",
         default="fp32",
         help="slime's number format(s), comma-separated, e.g. fp32,bf16 or "
-        "fp32,auto (each measured side by side; auto: slime's default, its own choice); default fp32",
+        "fp32,auto (each measured side by side; auto: slime's default, its own choice); "
+        "default fp32",
     )
     ap.add_argument(
         "--no-release", action="store_true", help="skip the release-style baseline (always fp32)"
@@ -410,18 +423,18 @@ def main():
         )
         table(ops, who, results)
         print(
-            "\nthreshold 0 in every patched inference (random weights never reach 0.2, which would skip the "
-            "per-class work); baseline fit step = CFG batch with grad + per-step logging inference (400x2, "
-            "out 64); baseline validation = from scratch (the release kept no patches); VAE attention not "
-            "materialised in the baseline"
+            "\nthreshold 0 in every patched inference (random weights never reach 0.2, which "
+            "would skip the per-class work); baseline fit step = CFG batch with grad + per-step "
+            "logging inference (400x2, out 64); baseline validation = from scratch (the release "
+            "kept no patches); VAE attention not materialised in the baseline"
         )
     print(f"\nwall time {time.time() - t_start:.0f} s", flush=True)
 
 
 def table(ops, who, results):
-    """One row per operation, one time and one peak memory per (dtype, who); the speed-ups against the first
-    column; then the rows a user plans with: one fit epoch (step + validation) and the release's default
-    1-shot fit (200 of them), projected from the measured rows."""
+    """One row per operation, one time and one peak memory per (dtype, who); the speed-ups against
+    the first column; then the rows a user plans with: one fit epoch (step + validation) and the
+    release's default 1-shot fit (200 of them), projected from the measured rows."""
     names = [f"{w} {d}" if w == "slime" else "release-style fp32" for d, w in who]
     print(
         "| operation | "

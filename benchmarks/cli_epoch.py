@@ -1,17 +1,17 @@
 """--dtype bf16 against the command line's default, fp32: one fit epoch of the full
 SD 2.1-base architecture through `python slime.py fit`, each in a fresh process, side by side.
 
-    python benchmarks/cli_epoch.py                       # about 8 minutes on 2 CPU cores, 5.2 GB of disk
+    python benchmarks/cli_epoch.py                 # about 8 minutes on 2 CPU cores, 5.2 GB of disk
     python benchmarks/cli_epoch.py --device cuda --epochs 10
 
 It writes a checkpoint of random weights in the real file's layout (tests/layouts/sd21-base.json:
-every tensor name and shape of v2-1_512-ema-pruned.safetensors, fp32, 5.2 GB; speed does not depend on
-the values) and the benchmark's synthetic 512x512 image and 6-class mask, then runs the release's
+every tensor name and shape of v2-1_512-ema-pruned.safetensors, fp32, 5.2 GB; speed does not depend
+on the values) and the benchmark's synthetic 512x512 image and 6-class mask, then runs the release's
 defaults except --epochs, with --threshold 0 (random weights never reach 0.2, which would skip the
-per-class work). Each stderr line is timestamped as it arrives. "first epoch": from the line announcing
-the fit to the first validation's line (kernels set up, the validation patches encoded once); "later
-epochs": the mean time between validation lines after it, what the rest of a 200-epoch fit repeats;
-"command": the whole run, load included. Not a test: pytest does not collect it.
+per-class work). Each stderr line is timestamped as it arrives. "first epoch": from the line
+announcing the fit to the first validation's line (kernels set up, the validation patches encoded
+once); "later epochs": the mean time between validation lines after it, what the rest of a 200-epoch
+fit repeats; "command": the whole run, load included. Not a test: pytest does not collect it.
 """
 
 import argparse
@@ -34,7 +34,8 @@ from benchmark import synthetic_pair  # noqa: E402
 
 
 def write_checkpoint(path):
-    """Random values scaled as tests/conftest.py's (activations stay sane), in the real names and shapes."""
+    """Random values scaled as tests/conftest.py's (activations stay sane), in the real names and
+    shapes."""
     with open(os.path.join(ROOT, "tests", "layouts", "sd21-base.json")) as f:
         shapes = json.load(f)
     gen, state = torch.Generator().manual_seed(0), {}
@@ -53,8 +54,9 @@ def write_checkpoint(path):
 
 
 def timed_fit(args, ckpt, image, mask, flags, out):
-    """One `slime.py fit` -> (its first line, seconds of: the first epoch, a later epoch, a later step, a
-    later validation, the command); "later" ones are means over the epochs after the first."""
+    """One `slime.py fit` -> (its first line, seconds of: the first epoch, a later epoch, a later
+    step, a later validation, the command); "later" ones are means over the epochs after the
+    first."""
     cmd = [
         sys.executable,
         os.path.join(ROOT, "slime.py"),
@@ -129,10 +131,12 @@ def main():
             (name, *timed_fit(args, ckpt, image, mask, flags, os.path.join(args.folder, "emb.pt")))
         )
     print(
-        f"\n{args.epochs} fit epoch(s), full SD 2.1-base (random weights), torch {torch.__version__}\n"
+        f"\n{args.epochs} fit epoch(s), full SD 2.1-base (random weights), "
+        f"torch {torch.__version__}\n"
     )
     print(
-        "| run | first line | first epoch | later epochs, mean | their step | their validation | command |\n"
+        "| run | first line | first epoch | later epochs, mean | their step | their validation "
+        "| command |\n"
         "|---|---|---|---|---|---|---|"
     )
     for name, first, *seconds in rows:

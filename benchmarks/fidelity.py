@@ -1,19 +1,21 @@
-"""How far a reduced precision (bf16, fp16) moves slime's numbers from fp32: what decides --dtype's default.
+"""How far a reduced precision (bf16, fp16) moves slime's numbers from fp32: what decides --dtype's
+default.
 
     python benchmarks/fidelity.py --device cpu --dtype bf16
     python benchmarks/fidelity.py --device cuda --dtype bf16 --part sdlike
 
-Not a test (pytest does not collect it). Each part runs the same method on identical inputs (same weights,
-same timestep, same noise) once in fp32 and once in --dtype, and prints what moved:
+Not a test (pytest does not collect it). Each part runs the same method on identical inputs (same
+weights, same timestep, same noise) once in fp32 and once in --dtype, and prints what moved:
 
-full    full SD 2.1-base, random weights (benchmarks/benchmark.py's): one training step (each loss term's
-        relative difference, the gradient's cosine to fp32's), the Eq. 3 cross-attention map and the Eq. 6
-        WAS map (relative L2 difference), and one 400x2 patched prediction (the share of pixels whose class
-        agrees; threshold 0, since random weights never reach 0.2 and every pixel would be background).
-sdlike  the SD-like tiny checkpoint of tests/conftest.py (its attention follows colour regions and peaks
-        as real SD's does, where rounding matters most): fit on a synthetic scene (10 epochs, lr 0.3, no
-        SD loss, as tests/test_cli.py), then predict the scene and a moved, mirrored copy: mIoU in each
-        precision, and the share of pixels that agree.
+full    full SD 2.1-base, random weights (benchmarks/benchmark.py's): one training step (each loss
+        term's relative difference, the gradient's cosine to fp32's), the Eq. 3 cross-attention map
+        and the Eq. 6 WAS map (relative L2 difference), and one 400x2 patched prediction (the share
+        of pixels whose class agrees; threshold 0, since random weights never reach 0.2 and every
+        pixel would be background).
+sdlike  the SD-like tiny checkpoint of tests/conftest.py (its attention follows colour regions and
+        peaks as real SD's does, where rounding matters most): fit on a synthetic scene (10 epochs,
+        lr 0.3, no SD loss, as tests/test_cli.py), then predict the scene and a moved, mirrored
+        copy: mIoU in each precision, and the share of pixels that agree.
 """
 
 import argparse
@@ -41,7 +43,8 @@ def rel(a, b):
 
 
 def full_part(device, dtype, tiny):
-    """One training step, its maps, and one prediction, in fp32 and in dtype, on the full random model."""
+    """One training step, its maps, and one prediction, in fp32 and in dtype, on the full random
+    model."""
     image, mask = synthetic_pair()
     mask64 = slime.resize(mask[None], (slime.MAP, slime.MAP), "nearest")[0].to(device)
     s = replace(slime.Settings(), patch_size=400, patches_per_side=2, threshold=0.0)

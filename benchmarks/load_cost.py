@@ -1,6 +1,7 @@
-"""What the finite check costs at load: load_models with and without slime.finite, alternating, then the
-check alone against torch.isfinite, on a full-size checkpoint (random weights are fine: the cost does not
-depend on the values). The first load also pulls the file into the page cache, so read the later ones.
+"""What the finite check costs at load: load_models with and without slime.finite, alternating, then
+the check alone against torch.isfinite, on a full-size checkpoint (random weights are fine: the cost
+does not depend on the values). The first load also pulls the file into the page cache, so read the
+later ones.
 
     python benchmarks/load_cost.py weights/v2-1_512-ema-pruned.safetensors
 """

@@ -1,29 +1,33 @@
 """The paper's protocol, one command per table row: SLiMe (arXiv 2309.03179), Sec. 5, Tables 2-4.
 
     python benchmarks/paper.py DATADIR/car --shots 1 --seeds 0,1,2 [--ckpt FILE] -o paper-car-1/
-    python benchmarks/paper.py DATADIR/horse --shots 10 -o paper-horse-10/ --epochs 20   # a quick look
+    # a quick look
+    python benchmarks/paper.py DATADIR/horse --shots 10 -o paper-horse-10/ --epochs 20
     python benchmarks/paper.py DATADIR/celeba --embeddings TRAINED/ -o paper-celeba-authors/
 
 DATADIR holds the authors' data as it ships (the link at release/README.md#L75, the release being
-https://github.com/aliasgharkhani/SLiMe/tree/9de06f1a1e9ca83bd900a0b68646ce4885485f68): per dataset train_1/, train_10/, val/
-and test/, each image NAME.png beside its mask NAME.npy. The folder's name picks slime's preset (car, horse,
-celeba: the release README's parts, crop ratio and patching); any other folder needs --parts, and gets no
-published row. For each seed: `slime.py fit` on train_1 validated on train_1 (1-shot, as the release's
-README runs it) or on train_10 validated on val (10-shot), then `slime.py predict` on test with its ground
-truth, at the release's 512x512 (--out-size 512). --embeddings FOLDER skips the fit and evaluates the
-authors' trained `embedding_{i}.pth` (examples/release_embeddings.py); the seeds then vary predict's noise.
-Every other flag goes to fit (--epochs 20, --dtype bf16, ...), or with --embeddings to predict.
+https://github.com/aliasgharkhani/SLiMe/tree/9de06f1a1e9ca83bd900a0b68646ce4885485f68): per dataset
+train_1/, train_10/, val/ and test/, each image NAME.png beside its mask NAME.npy. The folder's name
+picks slime's preset (car, horse, celeba: the release README's parts, crop ratio and patching); any
+other folder needs --parts, and gets no published row. For each seed: `slime.py fit` on train_1
+validated on train_1 (1-shot, as the release's README runs it) or on train_10 validated on val
+(10-shot), then `slime.py predict` on test with its ground truth, at the release's 512x512
+(--out-size 512). --embeddings FOLDER skips the fit and evaluates the authors' trained
+`embedding_{i}.pth` (examples/release_embeddings.py); the seeds then vary predict's noise. Every
+other flag goes to fit (--epochs 20, --dtype bf16, ...), or with --embeddings to predict.
 
-The table, as the paper's: a column per part in the paper's order and names, then Background and Average
-(the mean of the columns); a part's IoU is the mean over the test images that hold it (the release's rule,
-slime.miou_table); each in percent, mean ± std (population, ddof 0) over the seeds; under it the paper's
-published SLiMe row ("conducted three times with different initializations", Sec. 5).
+The table, as the paper's: a column per part in the paper's order and names, then Background and
+Average (the mean of the columns); a part's IoU is the mean over the test images that hold it (the
+release's rule, slime.miou_table); each in percent, mean ± std (population, ddof 0) over the seeds;
+under it the paper's published SLiMe row ("conducted three times with different initializations",
+Sec. 5).
 
-Writes to -o: table.md and table.json (the command and the settings beside the numbers), paper-run.json
-(what a rerun must match), emb.pt with --embeddings, and per seed seed{N}/emb.pt, seed{N}/test/ (predict's own layout, so the table
-can be recomputed from the masks) and seed{N}/ious.json. Resumable: a seed whose ious.json is there is done,
-a finished emb.pt is not fitted again, an unfinished one goes on (fit --resume), and predict resumes by its
-run record; Ctrl-C loses at most the image or the epoch in progress. Not a test.
+Writes to -o: table.md and table.json (the command and the settings beside the numbers),
+paper-run.json (what a rerun must match), emb.pt with --embeddings, and per seed seed{N}/emb.pt,
+seed{N}/test/ (predict's own layout, so the table can be recomputed from the masks) and
+seed{N}/ious.json. Resumable: a seed whose ious.json is there is done, a finished emb.pt is not
+fitted again, an unfinished one goes on (fit --resume), and predict resumes by its run record;
+Ctrl-C loses at most the image or the epoch in progress. Not a test.
 """
 
 import json
@@ -40,23 +44,25 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 import release_embeddings  # noqa: E402
 import slime  # noqa: E402
 
-# folder name -> (slime's preset, the paper's table, "release part:paper column" in the paper's column order)
+# folder name -> (slime's preset, the paper's table, "release part:paper column" in the paper's
+# column order)
 DATASETS = {
     "car": ("pascal-car", "Table 2", "body:Body light:Light plate:Plate wheel:Wheel window:Window"),
     "horse": ("pascal-horse", "Table 3", "head:Head leg:Leg neck+torso:Neck+Torso tail:Tail"),
-    "celeba": ("celeba", "Table 4", "cloth:Cloth brow:Eyebrow ear:Ear eye:Eye hair:Hair mouth:Mouth neck:Neck "
-               "nose:Nose skin:Face"),
+    "celeba": ("celeba", "Table 4", "cloth:Cloth brow:Eyebrow ear:Ear eye:Eye hair:Hair "
+               "mouth:Mouth neck:Neck nose:Nose skin:Face"),
 }  # fmt: skip
-# The paper's SLiMe rows, copied from its Tables 2-4: mean and std per column (the parts, Background, Average)
+# The paper's SLiMe rows, copied from its Tables 2-4: mean and std per column (the parts,
+# Background, Average)
 PUBLISHED = {
     ("car", 10): "81.5 1.0  56.8 1.2  54.8 2.7  68.3 0.1  70.3 0.9  78.4 1.6  68.3 1.0",
     ("car", 1): "79.6 0.4  37.5 5.4  46.5 2.6  65.0 1.4  65.6 1.6  75.7 3.1  61.6 0.5",
     ("horse", 10): "63.8 0.7  59.5 2.1  68.1 4.4  45.4 2.4  79.6 2.5  63.3 2.4",
     ("horse", 1): "61.5 1.0  50.3 0.7  55.7 1.1  40.1 2.9  74.4 0.6  56.4 0.8",
-    ("celeba", 10): "63.1 1.6  62.0 1.6  64.2 1.9  65.5 3.0  85.3 0.4  82.1 1.6  79.4 2.2  79.1 1.4  88.8 0.2"
-                    "  87.1 0.0  75.7 0.4",
-    ("celeba", 1): "52.6 1.4  44.2 2.1  57.1 3.6  61.3 4.6  80.9 0.5  74.8 2.9  78.9 1.3  77.5 1.8  86.8 0.3"
-                   "  81.6 0.8  69.6 0.3",
+    ("celeba", 10): "63.1 1.6  62.0 1.6  64.2 1.9  65.5 3.0  85.3 0.4  82.1 1.6  79.4 2.2"
+                    "  79.1 1.4  88.8 0.2  87.1 0.0  75.7 0.4",
+    ("celeba", 1): "52.6 1.4  44.2 2.1  57.1 3.6  61.3 4.6  80.9 0.5  74.8 2.9  78.9 1.3"
+                   "  77.5 1.8  86.8 0.3  81.6 0.8  69.6 0.3",
 }  # fmt: skip
 RECORD = "paper-run.json"
 
@@ -74,7 +80,8 @@ def run(main, argv):
 
 
 def plan(args, passed):
-    """Everything checked before any model loads -> (parts, columns {part: column}, splits, published row)."""
+    """Everything checked before any model loads -> (parts, columns {part: column}, splits,
+    published row)."""
     data, name = os.path.normpath(args.data), args.name
     if not os.path.isdir(data):
         raise slime.SlimeError(
@@ -107,11 +114,12 @@ def plan(args, passed):
                 f"{folder}: no such folder (the authors' layout: train_1, train_10, val, test)"
             )
         pairs[split] = slime.folder_pairs(folder)
-    # the test split's ground truth checked now as predict will check it (sizes, labels), not after the fits;
-    # fit's plan checks the training and validation masks before its model loads
+    # the test split's ground truth checked now as predict will check it (sizes, labels), not after
+    # the fits; fit's plan checks the training and validation masks before its model loads
     jobs = [SimpleNamespace(image=image, mask=image) for image in pairs["test"][0::2]]
     slime.find_ground_truth(jobs, splits["test"], dict(parts=parts, colors=[]), slime.Console(True))
-    # the flags for slime, checked by slime's parser; the seed, preset and splits are paper.py's to set
+    # the flags for slime, checked by slime's parser; the seed, preset and splits are paper.py's to
+    # set
     mode = ["predict", "emb.pt", "test"] if args.embeddings else ["fit", "image", "mask"]
     given = vars(slime.build_parser().parse_args([*mode, *passed]))
     taken = [
@@ -164,7 +172,8 @@ def seed_ious(summary_path, parts):
 
 
 def run_seed(args, passed, parts, splits, seed, say):
-    """One seed: fit (or convert the authors' embeddings), then predict the test split -> {part: IoU}."""
+    """One seed: fit (or convert the authors' embeddings), then predict the test
+    split -> {part: IoU}."""
     folder, ckpt = (
         os.path.join(args.output, f"seed{seed}"),
         ["--ckpt", args.ckpt] if args.ckpt else [],
@@ -183,7 +192,8 @@ def run_seed(args, passed, parts, splits, seed, say):
     elif not args.embeddings and not (
         os.path.exists(emb) and slime.load_embeddings(emb).get("finished")
     ):
-        # an interrupted fit goes on from its last epoch; one an older slime stopped (no state kept) starts again
+        # an interrupted fit goes on from its last epoch; one an older slime stopped (no state kept)
+        # starts again
         stopped = slime.load_embeddings(emb) if os.path.exists(emb) else {}
         again = ["--resume"] if stopped.get("resume") else ["--overwrite"] * bool(stopped)
         say(
@@ -227,7 +237,8 @@ def emb_path(args, seed):  # each seed's fit, or the one conversion of the autho
 
 
 def table(args, parts, columns, per_seed, paper, settings):
-    """The paper's form -> (markdown, json): per column mean ± std (%) over the seeds, the published row below."""
+    """The paper's form -> (markdown, json): per column mean ± std (%) over the seeds, the published
+    row below."""
     rows = {s: {columns[p]: 100 * v for p, v in ious.items()} for s, ious in per_seed.items()}
     for r in rows.values():  # the paper's Average: the mean of the columns
         r["Average"] = float(np.mean(list(r.values())))
@@ -267,7 +278,10 @@ def table(args, parts, columns, per_seed, paper, settings):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    epilog = "Every other flag goes to slime.py fit (with --embeddings: to predict), e.g. --epochs 20 --dtype bf16."
+    epilog = (
+        "Every other flag goes to slime.py fit (with --embeddings: to predict), "
+        "e.g. --epochs 20 --dtype bf16."
+    )
     ap = slime.Parser(
         prog="paper.py", description=__doc__.split("\n\n")[0], epilog=epilog, allow_abbrev=False
     )
@@ -332,7 +346,8 @@ def main(argv=None):
         )
         print(md)
         say(
-            f"wrote {os.path.join(args.output, 'table.md')} and table.json in {slime.duration(time.time() - t0)}"
+            f"wrote {os.path.join(args.output, 'table.md')} and table.json "
+            f"in {slime.duration(time.time() - t0)}"
         )
         return 0
     except slime.SlimeError as e:  # (slime.Parser's own errors start with the program's name)

@@ -3,13 +3,15 @@ validation from scratch (VAE encode + UNet per patch, as before) against one wit
 (UNet only), on the full SD 2.1-base architecture with random weights (speed does not depend on the
 values), 400 px x 2 per side, K = 6, fp32, threshold 0 (random weights never reach 0.2).
 
-    python benchmarks/validation_cache.py              # writes a random checkpoint first (5.2 GB, once)
-    python benchmarks/validation_cache.py CHECKPOINT   # any SD 2.1-base file, e.g. the real weights
+    # writes a random checkpoint first (5.2 GB, once)
+    python benchmarks/validation_cache.py
+    # any SD 2.1-base file, e.g. the real weights
+    python benchmarks/validation_cache.py CHECKPOINT
 
-Without CHECKPOINT it writes the same random checkpoint as benchmarks/cli_epoch.py (its write_checkpoint:
-every tensor name and shape of v2-1_512-ema-pruned.safetensors, from tests/layouts/sd21-base.json) into
---folder, reusing one already there, and loads it with slime.load_models as the command line does.
-Not a test: pytest does not collect it.
+Without CHECKPOINT it writes the same random checkpoint as benchmarks/cli_epoch.py (its
+write_checkpoint: every tensor name and shape of v2-1_512-ema-pruned.safetensors, from
+tests/layouts/sd21-base.json) into --folder, reusing one already there, and loads it with
+slime.load_models as the command line does. Not a test: pytest does not collect it.
 """
 
 import argparse
@@ -35,7 +37,8 @@ def main():
     ap.add_argument(
         "--folder",
         default="/tmp/slime-cli-epoch",
-        help="where the random checkpoint goes (default: cli_epoch.py's, so the two share one file)",
+        help="where the random checkpoint goes "
+        "(default: cli_epoch.py's, so the two share one file)",
     )
     args = ap.parse_args()
     ckpt = args.checkpoint

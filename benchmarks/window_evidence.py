@@ -1,17 +1,18 @@
-"""The evidence table of README "Small parts in big photos": the release's squash path against --window,
-through the command line, on the SD-like test checkpoint (tests/conftest.py: real layout, hand-set
-weights whose attention follows colour regions). It shows the mechanism, not quality on real photos.
+"""The evidence table of README "Small parts in big photos": the release's squash path against
+--window, through the command line, on the SD-like test checkpoint (tests/conftest.py: real layout,
+hand-set weights whose attention follows colour regions). It shows the mechanism, not quality on
+real photos.
 
-    python benchmarks/window_evidence.py              # every row: about 15 minutes on 2 CPU cores
-    python benchmarks/window_evidence.py --quick      # the 32 px disc only (the rows CI's test checks)
+    python benchmarks/window_evidence.py          # every row: about 15 minutes on 2 CPU cores
+    python benchmarks/window_evidence.py --quick  # the 32 px disc only (the rows CI's test checks)
 
-Part 1: one emb.pt is fitted on the 512x512 synthetic scene (the suite's SD-like fit: 10 epochs, lr 0.3,
-one 512 patch, beta 0); then a 2048x1536 synthetic photo (conftest.synthetic_photo: a large striped
-rectangle and a plain disc) is segmented with and without --window.
-Part 2 (not with --quick): fit on the photo itself (16 px disc), 40 epochs, validated on a 640x512 crop
-holding the disc, once squashed as the release and once with --window 256 (views at the photo's own
-scale); each emb.pt then segments the photo and a copy with other noise (seed 1) the way it was fitted.
-The IoUs are read back from each run's summary.json. Not a test: pytest does not collect it.
+Part 1: one emb.pt is fitted on the 512x512 synthetic scene (the suite's SD-like fit: 10 epochs, lr
+0.3, one 512 patch, beta 0); then a 2048x1536 synthetic photo (conftest.synthetic_photo: a large
+striped rectangle and a plain disc) is segmented with and without --window.
+Part 2 (not with --quick): fit on the photo itself (16 px disc), 40 epochs, validated on a 640x512
+crop holding the disc, once squashed as the release and once with --window 256 (views at the photo's
+own scale); each emb.pt then segments the photo and a copy with other noise (seed 1) the way it was
+fitted. The IoUs are read back from each run's summary.json. Not a test: pytest does not collect it.
 """
 
 import argparse
@@ -72,7 +73,8 @@ def main():
     slime("fit", at("scene.png"), at("scene_mask.png"), "--ckpt", ckpt, "-o", emb, *PARTS, *FIT)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, fp32; photo 2048x1536")
     print(
-        "| disc | path | UNet passes | large part IoU | disc IoU | predict time |\n|---|---|---|---|---|---|"
+        "| disc | path | UNet passes | large part IoU | disc IoU | predict time |\n"
+        "|---|---|---|---|---|---|"
     )
     for radius, window in rows:
         path = f"`--window {window}`" if window else "release's squash"
@@ -82,8 +84,8 @@ def main():
     if quick:
         return
     print(
-        "\nfit on the photo itself (16 px disc, 40 epochs), then predict the photo (seed 0) and a copy with "
-        "other noise (seed 1)\n"
+        "\nfit on the photo itself (16 px disc, 40 epochs), then predict the photo (seed 0) "
+        "and a copy with other noise (seed 1)\n"
     )
     print(
         "| fit and predict | photo | UNet passes | large part IoU | disc IoU | predict time |\n"
@@ -119,8 +121,8 @@ def main():
 
 
 def predict(run, emb, ckpt, radius, seed, window, row):
-    """Segment the synthetic photo (disc `radius`, noise `seed`) with --window (0: squash) and print the
-    row."""
+    """Segment the synthetic photo (disc `radius`, noise `seed`) with --window (0: squash) and print
+    the row."""
     for sub in ("in", "gt"):
         os.makedirs(os.path.join(run, sub))
     img, mask = synthetic_photo(radius=radius, seed=seed)
@@ -145,7 +147,8 @@ def predict(run, emb, ckpt, radius, seed, window, row):
     said = [line for line in r.stderr.splitlines() if line.startswith("--window")]
     passes = said[0].split(": ")[1].split(" window")[0] if said else "1"
     print(
-        f"| {row} | {passes} | {float(iou['square']):.4f} | {float(iou['disc']):.4f} | {seconds:.1f} s |",
+        f"| {row} | {passes} | {float(iou['square']):.4f} | {float(iou['disc']):.4f} "
+        f"| {seconds:.1f} s |",
         flush=True,
     )
 

@@ -1,22 +1,24 @@
-"""Turn the authors' trained embeddings (a folder of embedding_0.pth ...) into a slime emb.pt.
+r"""Turn the authors' trained embeddings (a folder of embedding_0.pth ...) into a slime emb.pt.
 
-    python examples/release_embeddings.py FOLDER --parts background,body,light,plate,wheel,window -o emb.pt
-    python examples/release_embeddings.py FOLDER --preset pascal-car [--ckpt FILE] [-o emb.pt] [--overwrite]
+    python examples/release_embeddings.py FOLDER --parts background,body,light,plate,wheel,window \
+        -o emb.pt
+    python examples/release_embeddings.py FOLDER --preset pascal-car [--ckpt FILE] [-o emb.pt] \
+        [--overwrite]
     python slime.py predict emb.pt images/ -o out/
 
-The release (https://github.com/aliasgharkhani/SLiMe at 9de06f1a1e9ca83bd900a0b68646ce4885485f68, cited as
-release/<file>#L<line>) fits SD 2.1 base (release/src/slime.py#L31-L34). For K classes its vectors are
-(1, 1, D) slices 1..K-1 of the text encoder's output for "part" repeated K times, cloned to be learned
-(release/src/slime.py#L61-L64), saved as embedding_0.pth .. embedding_{K-2}.pth
-(release/src/slime.py#L327-L330); at test time that output with positions 1..K-1 replaced by the loaded
-vectors is the context (release/src/slime.py#L341-L357). That context is what slime's emb.pt holds, and
-what this script writes, from the checkpoint given (whose text width must be D).
+The release (https://github.com/aliasgharkhani/SLiMe at 9de06f1a1e9ca83bd900a0b68646ce4885485f68,
+cited as release/<file>#L<line>) fits SD 2.1 base (release/src/slime.py#L31-L34). For K classes its
+vectors are (1, 1, D) slices 1..K-1 of the text encoder's output for "part" repeated K times, cloned
+to be learned (release/src/slime.py#L61-L64), saved as embedding_0.pth .. embedding_{K-2}.pth
+(release/src/slime.py#L327-L330); at test time that output with positions 1..K-1 replaced by the
+loaded vectors is the context (release/src/slime.py#L341-L357). That context is what slime's emb.pt
+holds, and what this script writes, from the checkpoint given (whose text width must be D).
 
-The settings written are the release's defaults, which differ from slime's in three: bgr=True (the release
-read its images with cv2, in BGR order, release/src/dataset.py#L58, so the authors' vectors were fitted on
-BGR), out_size=512 (its 512x512 masks, release/src/arguments.py#L91) and cycle_parts=False (its crops
-favour the background in effect); then --preset's values over them. Each file is read with
-torch.load(weights_only=True): no code is ever unpickled.
+The settings written are the release's defaults, which differ from slime's in three: bgr=True (the
+release read its images with cv2, in BGR order, release/src/dataset.py#L58, so the authors' vectors
+were fitted on BGR), out_size=512 (its 512x512 masks, release/src/arguments.py#L91) and
+cycle_parts=False (its crops favour the background in effect); then --preset's values over them.
+Each file is read with torch.load(weights_only=True): no code is ever unpickled.
 """
 
 import argparse
@@ -37,7 +39,8 @@ NAME = re.compile(r"embedding_(0|[1-9][0-9]*)\.pth")
 
 
 def read_vectors(folder, num_parts, width, ckpt):
-    """embedding_0.pth .. embedding_{num_parts-2}.pth, each checked -> (num_parts - 1, width) float32."""
+    """embedding_0.pth .. embedding_{num_parts-2}.pth, each checked -> (num_parts - 1, width)
+    float32."""
     with slime.named(
         folder
     ):  # the release counts every .pth as a part (release/src/slime.py#L40-L49)
@@ -86,9 +89,9 @@ def read_vectors(folder, num_parts, width, ckpt):
 
 
 def convert(folder, parts, ckpt=None, preset=None):
-    """The release's folder -> (context (1, 77, D), settings, sd): the emb.pt's contents, and the CPU fp32
-    model they were made with (slime.save_embeddings records its family and fingerprint). ckpt None: the
-    one file in weights/."""
+    """The release's folder -> (context (1, 77, D), settings, sd): the emb.pt's contents, and the
+    CPU fp32 model they were made with (slime.save_embeddings records its family and fingerprint).
+    ckpt None: the one file in weights/."""
     values = {k: v for k, v in slime.PRESETS.get(preset, {}).items() if k != "parts"}
     s = slime.settings_from(
         values, f"--preset {preset}", slime.settings_from(RELEASE, "the release")

@@ -37,7 +37,8 @@ def real_layout(family):
 
 
 def random_tensor(key, shape, gen):
-    """Every value random (nothing exactly 0 or 1), scaled like a trained network so activations stay sane."""
+    """Every value random (nothing exactly 0 or 1), scaled like a trained network so activations
+    stay sane."""
     leaf = key.rsplit(".", 1)[-1]
     x = torch.randn(shape, generator=gen)
     if "embedding" in key:
@@ -66,9 +67,10 @@ def tiny_state_dict(family, seed=0):
     for prefix, module in modules.items():
         for k, p in module.state_dict().items():
             state[prefix + k] = random_tensor(k, tuple(p.shape), gen)
-    # A random VAE gives latents of std ~0.1 and a posterior std of ~0.2 (after x 0.18215), so the sampled
-    # noise would drown the image. The real VAE gives latents of about unit std and a narrow posterior:
-    # rescale quant_conv's mean half and push its logvar half down so the tiny model sees the image too.
+    # A random VAE gives latents of std ~0.1 and a posterior std of ~0.2 (after x 0.18215), so the
+    # sampled noise would drown the image. The real VAE gives latents of about unit std and a narrow
+    # posterior: rescale quant_conv's mean half and push its logvar half down so the tiny model sees
+    # the image too.
     q = v + "quant_conv."
     state[q + "weight"][:4] *= 10
     state[q + "weight"][4:] *= 0.01
@@ -108,18 +110,19 @@ def write_tiny_checkpoint(path, family, seed=0, dtype=torch.float32):
 def write_sdlike_checkpoint(path, seed=0):
     """A tiny SD 2 checkpoint (real layout, tiny widths) whose attention behaves like real SD's.
 
-    Random weights give near-uniform attention, from which no segmentation can be learned. Here the weights
-    that matter are set by hand, everything else stays random:
-    - VAE encoder: a pass-through (identity convs, zeroed residual branches, 2x2-average downsampling), so
-      the latent is the image's colour averaged over 8x8 pixels (as SD's latent carries the image);
-    - UNet: every residual branch and attention output zeroed, so each attention layer sees f, a fixed
-      random projection of the 3x3-blurred latent, averaged down to its resolution;
+    Random weights give near-uniform attention, from which no segmentation can be learned. Here the
+    weights that matter are set by hand, everything else stays random:
+    - VAE encoder: a pass-through (identity convs, zeroed residual branches, 2x2-average
+      downsampling), so the latent is the image's colour averaged over 8x8 pixels (as SD's latent
+      carries the image);
+    - UNet: every residual branch and attention output zeroed, so each attention layer sees f, a
+      fixed random projection of the 3x3-blurred latent, averaged down to its resolution;
     - self-attention (attn1): q = k = 2 LayerNorm(f), so pixels attend to pixels of similar colour;
-    - cross-attention (attn2): q = 3 Q LayerNorm(f) with Q orthogonal per head, so a learned token's logit
-      is a linear function of a pixel's colour; and <start-of-text> is the attention sink it is in real SD:
-      a massive activation in its positional embedding makes its text output point along one dimension,
-      norm2 gives every query the same component in 4 reserved channels, and to_k maps SOT onto that
-      component, for a logit of +10 at every pixel.
+    - cross-attention (attn2): q = 3 Q LayerNorm(f) with Q orthogonal per head, so a learned token's
+      logit is a linear function of a pixel's colour; and <start-of-text> is the attention sink it
+      is in real SD: a massive activation in its positional embedding makes its text output point
+      along one dimension, norm2 gives every query the same component in 4 reserved channels, and
+      to_k maps SOT onto that component, for a logit of +10 at every pixel.
     """
     state = tiny_state_dict("sd2", seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -201,8 +204,8 @@ def write_sdlike_checkpoint(path, seed=0):
     return str(path)
 
 
-# For a subprocess to print its own peak resident memory ("VmHWM:  123 kB"). Not ru_maxrss: Linux carries
-# that high-water mark across exec from the forked parent, i.e. from pytest.
+# For a subprocess to print its own peak resident memory ("VmHWM:  123 kB"). Not ru_maxrss: Linux
+# carries that high-water mark across exec from the forked parent, i.e. from pytest.
 PEAK_MEMORY = (
     "def peak_memory():\n"
     "    return [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].strip()\n"
@@ -210,8 +213,8 @@ PEAK_MEMORY = (
 
 
 def write_layout_only(path, family, dtype="F16"):
-    """A checkpoint with the real file's full header (every name and shape) whose data is a sparse hole of
-    zeros: gigabytes in size, nothing on disk, for checks that must not read the tensors."""
+    """A checkpoint with the real file's full header (every name and shape) whose data is a sparse
+    hole of zeros: gigabytes in size, nothing on disk, for checks that must not read the tensors."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     size = {"F16": 2, "F32": 4}[dtype]
     for k, shape in sorted(real_layout(family).items()):
@@ -243,12 +246,14 @@ def tiny_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sdlike_ckpt(tmp_path_factory):
-    """Path of the tiny SD 2 checkpoint whose attention behaves like real SD's (write_sdlike_checkpoint)."""
+    """Path of the tiny SD 2 checkpoint whose attention behaves like real SD's
+    (write_sdlike_checkpoint)."""
     return write_sdlike_checkpoint(tmp_path_factory.mktemp("sdlike") / "sdlike.safetensors")
 
 
 def synthetic_scene(shift=0, flip=False, size=512, seed=0):
-    """An image whose three regions differ in colour and texture, and its mask (0 bg, 1 square, 2 disc).
+    """An image whose three regions differ in colour and texture, and its mask
+    (0 bg, 1 square, 2 disc).
 
     shift moves both objects right/down by that many pixels; flip mirrors the scene left-right.
     """
@@ -272,9 +277,9 @@ def synthetic_scene(shift=0, flip=False, size=512, seed=0):
 
 
 def synthetic_photo(h=1536, w=2048, radius=8, seed=0):
-    """A big photo in synthetic_scene's colours and its mask: a large striped red rectangle (1) and a plain
-    green disc of `radius` px (2; 197 px at radius 8), which the squash to 512x512 shrinks below a latent
-    pixel."""
+    """A big photo in synthetic_scene's colours and its mask: a large striped red rectangle (1) and
+    a plain green disc of `radius` px (2; 197 px at radius 8), which the squash to 512x512 shrinks
+    below a latent pixel."""
     import numpy as np
 
     rng = np.random.default_rng(seed)

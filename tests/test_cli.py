@@ -1,10 +1,11 @@
 """End to end through the command line: fit, then predict, then score.
 
-Random weights give near-uniform attention, from which nothing can be learned, so the runs that judge
-segmentation quality use the tiny SD-like checkpoint of conftest.write_sdlike_checkpoint (real layout,
-hand-set attention that follows the image's colours, SOT as the attention sink). Plumbing runs use the
-random tiny checkpoint. --window (native resolution): the README's claim on an 896x672 synthetic
-photo, fit's full-resolution views and emb.pt's record of the flag, and its one-line refusals.
+Random weights give near-uniform attention, from which nothing can be learned, so the runs that
+judge segmentation quality use the tiny SD-like checkpoint of conftest.write_sdlike_checkpoint (real
+layout, hand-set attention that follows the image's colours, SOT as the attention sink). Plumbing
+runs use the random tiny checkpoint. --window (native resolution): the README's claim on an 896x672
+synthetic photo, fit's full-resolution views and emb.pt's record of the flag, and its one-line
+refusals.
 """
 
 import contextlib
@@ -25,25 +26,30 @@ from PIL import Image
 import slime
 from conftest import ROOT, synthetic_photo, synthetic_scene
 
-# Flags for random tiny weights: the SD loss (guidance 100 on random eps) would dominate Eq. 8, and the
-# release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it. Both lists pin
-# fp32: --dtype auto would choose by this CPU's speed (conftest.py: in-process runs choose fp32 anyway).
+# Flags for random tiny weights: the SD loss (guidance 100 on random eps) would dominate Eq. 8, and
+# the release's 0.2 threshold is calibrated on real SD, where no random-weight class reaches it.
+# Both lists pin fp32: --dtype auto would choose by this CPU's speed (conftest.py: in-process runs
+# choose fp32 anyway).
 TINY = "--beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
-# Flags for the SD-like checkpoint: the release's defaults (threshold 0.2 included) except 5 epochs at a higher
-# rate, validated once, after the last (10 epochs kept epoch 5's vectors: 0.9545, then 0.9388 at epoch 10), one
-# 512 patch, and no SD loss (its UNet predicts eps = 0 whatever the context, so L_SD has no gradient and would
-# only cost a second UNet pass).
-SDLIKE = "--epochs 5 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q --dtype fp32".split()
-# README, Tests: "mIoU >= 0.945 (0.954 measured) on the fitted image and on a moved copy". Measured on a 2-core
-# CPU: 0.9545 (fitted image), 0.9525 (moved copy), 0.9521 (the moved copy as JPEG, the CVAT round trip); bf16 and
-# the H100 moved them by 0.0012 at most (README, Speed). Lets through a loss of 0.0075: eroding both parts of the
-# ground truth by one pixel all round costs 0.017, so masks whose part boundaries are under half a pixel worse.
+# Flags for the SD-like checkpoint: the release's defaults (threshold 0.2 included) except 5 epochs
+# at a higher rate, validated once, after the last (10 epochs kept epoch 5's vectors: 0.9545, then
+# 0.9388 at epoch 10), one 512 patch, and no SD loss (its UNet predicts eps = 0 whatever the
+# context, so L_SD has no gradient and would only cost a second UNet pass).
+SDLIKE = (
+    "--epochs 5 --lr 0.3 --val-every 5 --beta 0 --patch-size 512 --patches-per-side 1 -q "
+    "--dtype fp32"
+).split()
+# README, Tests: "mIoU >= 0.945 (0.954 measured) on the fitted image and on a moved copy". Measured
+# on a 2-core CPU: 0.9545 (fitted image), 0.9525 (moved copy), 0.9521 (the moved copy as JPEG, the
+# CVAT round trip); bf16 and the H100 moved them by 0.0012 at most (README, Speed). Lets through a
+# loss of 0.0075: eroding both parts of the ground truth by one pixel all round costs 0.017, so
+# masks whose part boundaries are under half a pixel worse.
 README_MIOU = 0.945
 
 
 def run(*args, ok=True):
-    """slime's command line, in this process (each `python slime.py` costs an interpreter start; the tests of
-    signals, kills and a full disk run it as a program) -> its stdout and stderr."""
+    """slime's command line, in this process (each `python slime.py` costs an interpreter start; the
+    tests of signals, kills and a full disk run it as a program) -> its stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = slime.main([str(a) for a in args])
@@ -51,13 +57,14 @@ def run(*args, ok=True):
     return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
 
 
-# The parts and colours of a labelling tool's task; not VOC's colours, so only its labelmap.txt can name them
+# The parts and colours of a labelling tool's task; not VOC's colours, so only its labelmap.txt can
+# name them
 CVAT_COLORS = {"background": (0, 0, 0), "square": (255, 200, 0), "disc": (0, 180, 255)}
 
 
 def cvat_export(folder, stem, image, labels):
-    """What CVAT exports as "Segmentation mask 1.1" (with images): labelmap.txt, the image list, the class
-    masks in the labelmap's colours, the image. -> (image path, mask path)."""
+    """What CVAT exports as "Segmentation mask 1.1" (with images): labelmap.txt, the image list, the
+    class masks in the labelmap's colours, the image. -> (image path, mask path)."""
     for sub in ("SegmentationClass", "ImageSets/Segmentation", "JPEGImages"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     (folder / "labelmap.txt").write_text(
@@ -74,8 +81,8 @@ def cvat_export(folder, stem, image, labels):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, sdlike_ckpt):
-    """fit on the SD-like checkpoint, through the CLI, on one synthetic scene exported as CVAT would (the
-    parts and their colours come from its labelmap.txt): (export folder, emb.pt, ckpt)."""
+    """fit on the SD-like checkpoint, through the CLI, on one synthetic scene exported as CVAT would
+    (the parts and their colours come from its labelmap.txt): (export folder, emb.pt, ckpt)."""
     d = tmp_path_factory.mktemp("fit")
     img, mask = cvat_export(d / "export", "scene", *synthetic_scene())
     emb = d / "emb.pt"
@@ -84,9 +91,9 @@ def fitted(tmp_path_factory, sdlike_ckpt):
 
 
 def test_a_cvat_export_round_trips(fitted, tmp_path):
-    """Label one image in CVAT, export it, fit (the fixture), predict another image, and read the output folder
-    back as CVAT's "Segmentation mask 1.1" import does: the labelmap's lines, the image list, each class mask's
-    colours looked up in the labelmap."""
+    """Label one image in CVAT, export it, fit (the fixture), predict another image, and read the
+    output folder back as CVAT's "Segmentation mask 1.1" import does: the labelmap's lines, the
+    image list, each class mask's colours looked up in the labelmap."""
     _, emb, ckpt = fitted
     e = torch.load(emb, weights_only=True)
     assert e["parts"] == list(CVAT_COLORS) and e["colors"] == [
@@ -123,8 +130,9 @@ def test_a_cvat_export_round_trips(fitted, tmp_path):
 
 
 def test_fit_then_predict_segments_the_scene_and_a_moved_copy(fitted, tmp_path):
-    """SLiMe's promise, end to end: one annotated image -> emb.pt -> masks of that image and of a shifted,
-    mirrored, re-textured copy, each at the README's mIoU >= 0.945 (README_MIOU; all-background scores about 0.25)."""
+    """SLiMe's promise, end to end: one annotated image -> emb.pt -> masks of that image and of a
+    shifted, mirrored, re-textured copy, each at the README's mIoU >= 0.945 (README_MIOU;
+    all-background scores about 0.25)."""
     d, emb, ckpt = fitted
     (tmp_path / "in").mkdir()
     (tmp_path / "gt").mkdir()
@@ -182,8 +190,9 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
             A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, 3, log_space=True)
         return slime.segmentation_losses(A_ca, A_sa, mask64, 3)[0].item()
 
-    # measured 0.237 against the word "part"'s 2.82 (0.084 of it); lets through a fit that leaves a fifth of the
-    # start's cross-entropy, but not vectors that stayed where they started or barely moved
+    # measured 0.237 against the word "part"'s 2.82 (0.084 of it); lets through a fit that leaves a
+    # fifth of the start's cross-entropy, but not vectors that stayed where they started or barely
+    # moved
     assert cross_entropy(e["context"]) < 0.2 * cross_entropy(cond)
     # predict writes an indexed mask and an overlay at the image's size, and scores them
     gt = tmp_path / "gt"
@@ -205,10 +214,12 @@ def test_fit_learns_and_predict_writes_scored_masks(fitted, tmp_path):
     assert Image.open(tmp_path / "out" / "overlays" / "scene.png").size == (512, 512)
     pred = torch.from_numpy(np.array(out)).long()
     want = np.mean(list(slime.iou_per_class(pred, torch.from_numpy(mask).long(), 3).values()))
-    # the table prints 4 decimals: lets through a rounding of the last one (truncating, say), no wrong score
+    # the table prints 4 decimals: lets through a rounding of the last one (truncating, say), no
+    # wrong score
     assert miou_of(r.stdout) == pytest.approx(want, abs=1e-4)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    # JSON keeps the float; 1e-6 lets through only the order of a 3-term sum, no class's IoU wrong by 3e-6
+    # JSON keeps the float; 1e-6 lets through only the order of a 3-term sum, no class's IoU wrong
+    # by 3e-6
     assert summary["miou"] == pytest.approx(want, abs=1e-6) and set(summary["iou"]) == {
         "background",
         "square",
@@ -258,11 +269,13 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path, 
 
 
 def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path, monkeypatch):
-    """One epoch, one Adam step, on the tiny checkpoint, three fits through the command line: the same seed
-    gives bit-identical vectors (names from --parts or from the labelmap alike); the step moved every vector
-    off the word "part" it starts from, by Adam's first step; --seed 1 gives other vectors."""
+    """One epoch, one Adam step, on the tiny checkpoint, three fits through the command line: the
+    same seed gives bit-identical vectors (names from --parts or from the labelmap alike); the step
+    moved every vector off the word "part" it starts from, by Adam's first step; --seed 1 gives
+    other vectors."""
     img, mask = cvat_export(tmp_path / "export", "scene", *synthetic_scene())
-    # what the validation decides (which epoch to keep) one epoch cannot change: skipped, one UNet pass less
+    # what the validation decides (which epoch to keep) one epoch cannot change: skipped, one UNet
+    # pass less
     monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
     starts, prompt_contexts = (
@@ -297,19 +310,21 @@ def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path,
     assert start.shape == a.shape == (2, 64) and all(
         torch.equal(s[0][0, 1:3], start) for s in starts
     )
-    # Adam's first step moves coordinate i by lr * |g_i| / (|g_i| + 1e-8) (lr 0.1, the default): by 0.1, short
-    # of it only where |g_i| < 1e-5. Measured: all 128 coordinates by 0.09995 to 0.1. Lets through a step that
-    # leaves up to 5% of the coordinates in place; not lr 0, a skipped step, or a smaller or larger lr
+    # Adam's first step moves coordinate i by lr * |g_i| / (|g_i| + 1e-8) (lr 0.1, the default): by
+    # 0.1, short of it only where |g_i| < 1e-5. Measured: all 128 coordinates by 0.09995 to 0.1.
+    # Lets through a step that leaves up to 5% of the coordinates in place; not lr 0, a skipped
+    # step, or a smaller or larger lr
     moved = (a - start).abs()
     assert moved.max() <= 0.1 + 1e-6 and (moved > 0.099).float().mean() >= 0.95, moved
-    # seed 1 draws another timestep, noise and augmentation: measured, 15 of the 128 coordinates (12%) step the
-    # other way (2 lr = 0.2 apart). Lets through a seed that changes 6 of them; not an ignored --seed (none)
+    # seed 1 draws another timestep, noise and augmentation: measured, 15 of the 128 coordinates
+    # (12%) step the other way (2 lr = 0.2 apart). Lets through a seed that changes 6 of them; not
+    # an ignored --seed (none)
     assert ((c - a).abs() > 0.19).float().mean() >= 0.05, (c - a).abs()
 
 
 def scene_files(folder, h=96, w=160):
-    """The synthetic scene squashed to h x w (not square), written as image.png and mask.png (gray, value =
-    class): -> their paths."""
+    """The synthetic scene squashed to h x w (not square), written as image.png and mask.png
+    (gray, value = class): -> their paths."""
     img, mask = synthetic_scene()
     folder.mkdir(exist_ok=True)
     Image.fromarray(img).resize((w, h), Image.BILINEAR).save(folder / "image.png")
@@ -323,8 +338,9 @@ def scene_files(folder, h=96, w=160):
 def test_training_crops_cycle_through_the_parts_unless_no_cycle(
     tiny_ckpt, tmp_path, monkeypatch, flags, favoured
 ):
-    """README, Faithfulness: the part each step's crop favours cycles 0, 1, 2, 0, ... (slime's); --no-cycle
-    favours part 0, the background, at every step, as the release's crops do in effect; emb.pt records which."""
+    """README, Faithfulness: the part each step's crop favours cycles 0, 1, 2, 0, ... (slime's);
+    --no-cycle favours part 0, the background, at every step, as the release's crops do in effect;
+    emb.pt records which."""
     parts, part_crop = [], slime.part_crop
     monkeypatch.setattr(
         slime, "part_crop", lambda mask, part, *a: parts.append(part) or part_crop(mask, part, *a)
@@ -356,10 +372,10 @@ def test_training_crops_cycle_through_the_parts_unless_no_cycle(
 
 
 def stand_in_model(monkeypatch, scores=None):
-    """fit and predict without a network, for the tests of what flags reach: load_models gives a stand-in
-    (family, fingerprint, device, dtype), fit records the settings it is handed and saves a zero context;
-    predict's model inputs (the images noisy_latent gets) are recorded, and its class scores are `scores`.
-    -> (settings handed to fit, images handed to the model)."""
+    """fit and predict without a network, for the tests of what flags reach: load_models gives a
+    stand-in (family, fingerprint, device, dtype), fit records the settings it is handed and saves a
+    zero context; predict's model inputs (the images noisy_latent gets) are recorded, and its class
+    scores are `scores`. -> (settings handed to fit, images handed to the model)."""
     handed, seen = [], []
     sd = SimpleNamespace(
         family="sd2", fingerprint="stand-in", device=torch.device("cpu"), dtype=torch.float32
@@ -384,8 +400,8 @@ def stand_in_model(monkeypatch, scores=None):
     return handed, seen
 
 
-# The release README's per-dataset settings (release/README.md#L79-L175), written out: parts, and the values
-# that differ from the defaults
+# The release README's per-dataset settings (release/README.md#L79-L175), written out: parts, and
+# the values that differ from the defaults
 RELEASE_PRESETS = {
     "pascal-car": (
         ["background", "body", "light", "plate", "wheel", "window"],
@@ -403,8 +419,9 @@ RELEASE_PRESETS = {
 
 
 def test_presets_set_the_release_values_and_explicit_flags_win(tiny_ckpt, tmp_path, monkeypatch):
-    """fit --preset records the release README's parts and values in emb.pt, every other setting its default
-    or its flag; a flag given with a preset wins over the preset's value, even when it gives the default."""
+    """fit --preset records the release README's parts and values in emb.pt, every other setting its
+    default or its flag; a flag given with a preset wins over the preset's value, even when it gives
+    the default."""
     handed, _ = stand_in_model(monkeypatch)
     img, mask = scene_files(tmp_path)  # classes 0..2: every preset's parts cover them
     fit = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "-q"]
@@ -446,9 +463,10 @@ def test_presets_set_the_release_values_and_explicit_flags_win(tiny_ckpt, tmp_pa
 def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(
     tiny_ckpt, tmp_path, monkeypatch
 ):
-    """README, Faithfulness, output size: slime's mask of a 96x160 image is 96x160, the argmax of the class
-    scores upsampled to that size; --out-size 512 (given to predict, or recorded by fit) writes the release's
-    512x512 mask, the argmax of the 512x512 scores themselves, and its overlay at 512."""
+    """README, Faithfulness, output size: slime's mask of a 96x160 image is 96x160, the argmax of
+    the class scores upsampled to that size; --out-size 512 (given to predict, or recorded by fit)
+    writes the release's 512x512 mask, the argmax of the 512x512 scores themselves, and its overlay
+    at 512."""
     scores = torch.rand(
         3, 512, 512, generator=torch.Generator().manual_seed(0)
     )  # the class scores, planted
@@ -486,8 +504,9 @@ def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(
     for out in ("flag", "recorded"):
         labels, overlay = written(out)
         assert torch.equal(labels, scores.argmax(0).byte()) and overlay == (512, 512), out
-    # the comparison above tells the two rules apart: labels made at 512 and then resized (the release's masks
-    # resized afterwards) differ from slime's own-size mask on 67% of these pixels (measured; > 0.5 asserted)
+    # the comparison above tells the two rules apart: labels made at 512 and then resized (the
+    # release's masks resized afterwards) differ from slime's own-size mask on 67% of these pixels
+    # (measured; > 0.5 asserted)
     squashed = slime.resize(scores.argmax(0)[None], (96, 160), "nearest")[0]
     assert (squashed != own).float().mean() > 0.5
 
@@ -495,9 +514,9 @@ def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(
 def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(
     tiny_ckpt, tmp_path, monkeypatch
 ):
-    """README, Faithfulness, colour order: fit --bgr records it (and hands it to fit: test_method.py checks
-    the training views); predict with that emb.pt, or with --bgr, feeds the model the image with its colour
-    channels reversed, exactly; without it, the RGB image."""
+    """README, Faithfulness, colour order: fit --bgr records it (and hands it to fit: test_method.py
+    checks the training views); predict with that emb.pt, or with --bgr, feeds the model the image
+    with its colour channels reversed, exactly; without it, the RGB image."""
     handed, seen = stand_in_model(monkeypatch, torch.rand(3, 512, 512))
     img, mask = scene_files(tmp_path / "in")
     ckpt = tiny_ckpt("sd2")
@@ -557,8 +576,9 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(
 def test_user_errors_are_one_sentence_without_traceback(
     tmp_path, tiny_ckpt, monkeypatch, args, message
 ):
-    """main() is the one error boundary: a user's mistake is one line and exit status 2. The first case runs
-    `python slime.py` as a program (the boundary is what the program runs); the others main() in-process."""
+    """main() is the one error boundary: a user's mistake is one line and exit status 2. The first
+    case runs `python slime.py` as a program (the boundary is what the program runs); the others
+    main() in-process."""
     (tmp_path / "model.ckpt").write_bytes(b"a pickle")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     args = [tiny_ckpt("sd2") if a == "TINY" else a for a in args] + ["--dtype", "fp32"]
@@ -576,8 +596,9 @@ def test_user_errors_are_one_sentence_without_traceback(
 
 
 def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
-    """README's Python API block, run unchanged in a folder holding what it names: the tiny checkpoint as
-    weights/v2-1_512-ema-pruned.safetensors, and examples/ as shipped (a 6-class indexed mask)."""
+    """README's Python API block, run unchanged in a folder holding what it names: the tiny
+    checkpoint as weights/v2-1_512-ema-pruned.safetensors, and examples/ as shipped
+    (a 6-class indexed mask)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
     block = (
         readme.split("## emb.pt and the Python API", 1)[1]
@@ -601,20 +622,21 @@ def test_the_readme_api_example_runs_as_written(tiny_ckpt, tmp_path):
     assert labels.shape == (512, 512) and labels.max() <= 5
 
 
-# --window, the claim of README "Small parts in big photos" (its 2048x1536 rows: benchmarks/window_evidence.py).
-# CI checks a 24 px disc in an 896x672 photo at --window 512 (4 windows, about 7 s); the README's 16 px disc in
-# 2048x1536 needs --window 256 (88 windows, about 150 s: too long for the suite): 0.50 with the scene's vectors,
-# 0.84 with vectors fitted on the photo at the windows' scale (README).
+# --window, the claim of README "Small parts in big photos" (its 2048x1536 rows:
+# benchmarks/window_evidence.py). CI checks a 24 px disc in an 896x672 photo at --window 512
+# (4 windows, about 7 s); the README's 16 px disc in 2048x1536 needs --window 256 (88 windows, about
+# 150 s: too long for the suite): 0.50 with the scene's vectors, 0.84 with vectors fitted on the
+# photo at the windows' scale (README).
 WINDOW, RADIUS, PHOTO = 512, 12, (672, 896)
 
 
 def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_loses(
     fitted, tmp_path
 ):
-    """An 896x672 photo with a large part and a 24 px disc, which the squash to 512 shrinks to under two latent
-    pixels. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt, finds it (measured
-    0.59) and keeps the large part (within 0.05; measured 0.93 -> 0.96). The mechanism, on the SD-like test
-    model: not real photos."""
+    """An 896x672 photo with a large part and a 24 px disc, which the squash to 512 shrinks to under
+    two latent pixels. The release's squash path loses the disc (IoU 0); --window, stored in emb.pt,
+    finds it (measured 0.59) and keeps the large part (within 0.05; measured 0.93 -> 0.96). The
+    mechanism, on the SD-like test model: not real photos."""
     d, emb, ckpt = fitted
     for folder in ("in", "gt"):
         (tmp_path / folder).mkdir()
@@ -644,8 +666,9 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
         {name: (v, f"{seconds[name]:.0f} s") for name, v in iou.items()}
     )  # pytest -s shows the evidence
     squash, native = ({k: float(v) for k, v in iou[name].items()} for name in ("squash", "native"))
-    # measured: the squash's disc 0 (README: IoU 0), < 0.1 lets through a squash that finds a tenth of it; the
-    # windows' 0.59, >= 0.5 lets through windows that find the disc 0.09 worse than measured
+    # measured: the squash's disc 0 (README: IoU 0), < 0.1 lets through a squash that finds a tenth
+    # of it; the windows' 0.59, >= 0.5 lets through windows that find the disc 0.09 worse than
+    # measured
     assert squash["disc"] < 0.1 and native["disc"] >= 0.5, iou
     # measured 0.93 -> 0.96; lets through windows that cost the large part up to 0.05 of IoU
     assert native["square"] >= squash["square"] - 0.05, iou
@@ -663,8 +686,8 @@ def test_windows_at_the_photos_own_resolution_find_the_small_part_the_squash_los
 def test_fit_with_window_trains_on_full_resolution_views_and_records_it(
     tiny_ckpt, tmp_path, monkeypatch, capsys
 ):
-    """fit --window hands fit the pairs as they are (native_view makes its views) and stores the setting in
-    emb.pt; a default fit does not, so an older slime still reads its emb.pt."""
+    """fit --window hands fit the pairs as they are (native_view makes its views) and stores the
+    setting in emb.pt; a default fit does not, so an older slime still reads its emb.pt."""
     img, mask = synthetic_photo(h=600, w=800)
     Image.fromarray(img).save(tmp_path / "photo.png")
     Image.fromarray(mask).save(tmp_path / "photo_mask.png")
@@ -748,9 +771,10 @@ def test_window_flags_refuse_nonsense_in_one_line(tmp_path, capsys, command, fla
 def test_torchrun_shares_the_images_and_leaves_the_bytes_one_process_leaves(
     tiny_ckpt, tmp_path, monkeypatch
 ):
-    """torchrun --nproc-per-node 2 on the CPU (gloo): each process takes every 2nd image, and the run files are
-    written once, from everyone's results. The folder ends byte for byte as one process leaves it at the same
-    thread count per process (torchrun's OMP_NUM_THREADS=1); only the folder's own name in summary.json differs."""
+    """torchrun --nproc-per-node 2 on the CPU (gloo): each process takes every 2nd image, and the
+    run files are written once, from everyone's results. The folder ends byte for byte as one
+    process leaves it at the same thread count per process (torchrun's OMP_NUM_THREADS=1); only the
+    folder's own name in summary.json differs."""
     ckpt, emb = tiny_ckpt("sd2"), tmp_path / "emb.pt"
     sd = slime.load_models(ckpt)
     s = slime.Settings(threshold=0, patch_size=512, patches_per_side=1)

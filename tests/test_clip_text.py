@@ -38,18 +38,20 @@ def installed(
         return None
 
 
-# open_clip imports torchvision, which fails to import where it was built for another torch (installed from two
-# indexes: "operator torchvision::nms does not exist"). That is the machine's problem, not clip_text's: this
-# module is skipped with one line naming the pair, and the rest of the suite runs (a collection error would stop
-# it all). Any exception: a mismatched pair raises RuntimeError, AttributeError or ImportError by version
+# open_clip imports torchvision, which fails to import where it was built for another torch
+# (installed from two indexes: "operator torchvision::nms does not exist"). That is the machine's
+# problem, not clip_text's: this module is skipped with one line naming the pair, and the rest of
+# the suite runs (a collection error would stop it all). Any exception: a mismatched pair raises
+# RuntimeError, AttributeError or ImportError by version
 try:
     import open_clip
     from open_clip.model import _build_text_tower
 except Exception as e:
     why, vision = " ".join(str(e).split()), installed("torchvision")
     pytest.skip(
-        f"open_clip does not import ({type(e).__name__}: {why}); torch {torch.__version__} and torchvision "
-        f"{vision or 'absent'} are not a matching pair: pip install matching versions",
+        f"open_clip does not import ({type(e).__name__}: {why}); torch {torch.__version__} "
+        f"and torchvision {vision or 'absent'} are not a matching pair: "
+        "pip install matching versions",
         allow_module_level=True,
     )
 
@@ -58,7 +60,8 @@ LONG = " ".join(["an extremely long prompt about a red bicycle"] * 12)  # > 77 t
 
 
 def random_tower(name, seed):
-    """open_clip's text tower for `name` (no visual tower), every parameter re-drawn away from 0/1."""
+    """open_clip's text tower for `name` (no visual tower), every parameter re-drawn away from
+    0/1."""
     cfg = open_clip.get_model_config(name)
     with torch.device("meta"):  # no memory and no initialisation: every value is drawn below
         tower = _build_text_tower(
@@ -205,9 +208,9 @@ def test_tokenize_eos_padding_changes_only_padding():
 
 
 def test_tokenize_never_imports_the_open_clip_package(monkeypatch):
-    """open_clip's package imports its image models and torchvision, which fails where torchvision was built for
-    another torch (installed from two indexes). tokenize reads only open_clip's tokenizer file, so such a
-    machine still fits (and starts 2 s sooner)."""
+    """open_clip's package imports its image models and torchvision, which fails where torchvision
+    was built for another torch (installed from two indexes). tokenize reads only open_clip's
+    tokenizer file, so such a machine still fits (and starts 2 s sooner)."""
     real_import = builtins.__import__
 
     def broken(name, *args, **kwargs):

@@ -1,12 +1,13 @@
-"""Hostile input: every mistake ends in one sentence `slime: error: ...` naming the file or flag, exit
-status 2, no traceback, and the folders exactly as they were; writes are whole or absent; outputs never mix
-with inputs; predict's run record (slime-run.json) resumes the same run and refuses another; an image that
-cannot be read is named, skipped and counted (exit 1) while the others are done.
+"""Hostile input: every mistake ends in one sentence `slime: error: ...` naming the file or flag,
+exit status 2, no traceback, and the folders exactly as they were; writes are whole or absent;
+outputs never mix with inputs; predict's run record (slime-run.json) resumes the same run and
+refuses another; an image that cannot be read is named, skipped and counted (exit 1) while the
+others are done.
 
     python -m pytest -q tests/test_errors.py
 
-The table runs slime.main in-process (no interpreter start-up per case); signals, kills and a full disk
-run slime.py as a real process.
+The table runs slime.main in-process (no interpreter start-up per case); signals, kills and a full
+disk run slime.py as a real process.
 """
 
 import contextlib
@@ -61,10 +62,11 @@ LOAD_MODELS = (
 
 
 class Loads(list):
-    """The checkpoints slime.load_models was asked for in this test, in order. While `refusing` (from the start),
-    a call also fails the test on the spot: pytest.fail raises a BaseException, which neither named() nor
-    main() catches (they catch Exception subclasses and KeyboardInterrupt); and since the call is recorded
-    first, a handler that swallowed even that would still fail the test's own check of the list."""
+    """The checkpoints slime.load_models was asked for in this test, in order. While `refusing`
+    (from the start), a call also fails the test on the spot: pytest.fail raises a BaseException,
+    which neither named() nor main() catches (they catch Exception subclasses and
+    KeyboardInterrupt); and since the call is recorded first, a handler that swallowed even that
+    would still fail the test's own check of the list."""
 
     refusing = True
 
@@ -82,8 +84,9 @@ class Loads(list):
 
 @pytest.fixture
 def no_load(monkeypatch):
-    """slime.load_models watched (Loads): "checked before the model loads" as a fact, not as a folder left
-    unchanged, which a check made after the load (or after a fit) would leave unchanged too."""
+    """slime.load_models watched (Loads): "checked before the model loads" as a fact, not as a
+    folder left unchanged, which a check made after the load (or after a fit) would leave unchanged
+    too."""
     loads = Loads()
 
     def watched(path, *args, **kwargs):
@@ -98,10 +101,11 @@ def no_load(monkeypatch):
 
 @pytest.fixture
 def segment_once(monkeypatch):
-    """slime.load_models and slime.segment memoized on their arguments, for tests of what predict does with its
-    labels (files, renames, resumes) that make the same segmentation over and over: each distinct one runs
-    once, the model loads once. The labels are a function of these arguments alone (the noise is seeded per
-    image), so every file is what the unmemoized run writes; only the progress lines of a repeat are not shown."""
+    """slime.load_models and slime.segment memoized on their arguments, for tests of what predict
+    does with its labels (files, renames, resumes) that make the same segmentation over and over:
+    each distinct one runs once, the model loads once. The labels are a function of these arguments
+    alone (the noise is seeded per image), so every file is what the unmemoized run writes; only the
+    progress lines of a repeat are not shown."""
     load, segment, memo = slime.load_models, slime.segment, {}
 
     def loaded(*args, **kwargs):
@@ -144,7 +148,8 @@ RUN_FILES = [
 
 
 def outputs(out, stems=None):
-    """predict's files under `out` (hidden ones aside), or the ones it writes for these image stems."""
+    """predict's files under `out` (hidden ones aside), or the ones it writes for these image
+    stems."""
     if stems is not None:
         return sorted(
             RUN_FILES + [f"{d}/{s}.png" for s in stems for d in ("SegmentationClass", "overlays")]
@@ -199,7 +204,7 @@ def nan_checkpoint(
     return d / "odd.safetensors"
 
 
-# ----------------------------------------------------------------------------- fit: one row per hostile case
+# -------------------------------------------------------------------- fit: one row per hostile case
 def fit_case(d, ckpt, case):
     """Build the files of one case in d; return the fit arguments (with -o) that use them."""
     img, mask = scene_files(d)
@@ -374,7 +379,8 @@ FIT_CASES = [
     ),
     (
         "--parts against the labelmap",
-        "--parts background,disc,square differs from the labels of {d}/labelmap.txt: leave --parts out",
+        "--parts background,disc,square differs from the labels of {d}/labelmap.txt: "
+        "leave --parts out",
     ),
     (
         "a mask colour the labelmap lacks",
@@ -403,9 +409,11 @@ FIT_CASES = [
     ),
     (
         "integer weight",
-        "odd.safetensors has non-float tensors for sd2: model.diffusion_model.out.2.bias (1 in all)",
+        "odd.safetensors has non-float tensors for sd2: "
+        "model.diffusion_model.out.2.bias (1 in all)",
     ),
-    # the library's checkpoint messages are tested in test_models.py; two rows prove they reach the user whole
+    # the library's checkpoint messages are tested in test_models.py; two rows prove they reach the
+    # user whole
     ("ckpt truncated", "{d}/cut.safetensors: Error while deserializing header"),
     ("ckpt .ckpt", "sd.ckpt is no .safetensors file; slime never unpickles .ckpt files"),
     # the one boundary of file errors: the file, then the library's own words
@@ -420,8 +428,8 @@ FIT_CASES = [
     ),
     (
         "antialiased colours",
-        "a_mask.png has 2 colours only along the edges between others (anti-aliasing): save it unsmoothed, "
-        "or name its colours in a labelmap.txt",
+        "a_mask.png has 2 colours only along the edges between others (anti-aliasing): "
+        "save it unsmoothed, or name its colours in a labelmap.txt",
     ),
     ("mask of another size", "small.png is (80, 100), its image (512, 512) (w, h)"),
     (
@@ -463,8 +471,8 @@ FIT_CASES = [
         "a_mask.png holds 256 distinct values, so it is a photo, not a mask",
     ),
 ]
-# refused by load_models itself, as it reads each tensor: a weight's value is no header's; every other row is
-# the plan's (the "integer weight" row too: a tensor's dtype is in the header)
+# refused by load_models itself, as it reads each tensor: a weight's value is no header's; every
+# other row is the plan's (the "integer weight" row too: a tensor's dtype is in the header)
 FIT_AT_LOAD = {"nan weight", "inf weight in the text encoder"}
 
 
@@ -472,8 +480,8 @@ FIT_AT_LOAD = {"nan weight", "inf weight in the text encoder"}
 def test_fit_refuses_hostile_input_leaving_the_folder_as_it_was(
     tmp_path, tiny_ckpt, capsys, no_load, case, fragment
 ):
-    """Each case ends in its one line, exit 2, the folder as it was, and (but FIT_AT_LOAD's) before the model
-    loads; FIT_AT_LOAD's are refused by the load itself, of their checkpoint."""
+    """Each case ends in its one line, exit 2, the folder as it was, and (but FIT_AT_LOAD's) before
+    the model loads; FIT_AT_LOAD's are refused by the load itself, of their checkpoint."""
     args = fit_case(tmp_path, tiny_ckpt("sd2"), case)
     before = listing(tmp_path)
     no_load.refusing = case not in FIT_AT_LOAD
@@ -490,9 +498,10 @@ def test_fit_refuses_hostile_input_leaving_the_folder_as_it_was(
 def test_fit_replaces_an_emb_pt_only_with_overwrite(
     tmp_path, tiny_ckpt, capsys, monkeypatch, no_load
 ):
-    """Without --overwrite an emb.pt stays byte for byte, refused by the plan; with it, emb.pt is the new fit's:
-    its parts, settings, and the vectors and epoch the fit reported, not the old file's. (The fit itself is a
-    stand-in that reports one best and its end at once: what is tested is where its result goes.)"""
+    """Without --overwrite an emb.pt stays byte for byte, refused by the plan; with it, emb.pt is
+    the new fit's: its parts, settings, and the vectors and epoch the fit reported, not the old
+    file's. (The fit itself is a stand-in that reports one best and its end at once: what is tested
+    is where its result goes.)"""
     img, mask = scene_files(tmp_path)
     ckpt, path = tiny_ckpt("sd2"), tmp_path / "emb.pt"
     sd = SimpleNamespace(
@@ -517,7 +526,8 @@ def test_fit_replaces_an_emb_pt_only_with_overwrite(
     args = ["fit", img, mask, "--ckpt", ckpt, "-o", path, *FAST, *flags]
     assert main(*args) == 2 and path.read_bytes() == raw and no_load == []
     assert capsys.readouterr().err == (
-        f"slime: error: {path} already holds fitted embeddings; pass --overwrite, or choose another -o\n"
+        f"slime: error: {path} already holds fitted embeddings; "
+        "pass --overwrite, or choose another -o\n"
     )
     no_load.refusing = False
     assert main(*args, "--overwrite") == 0 and no_load == [ckpt]
@@ -629,8 +639,9 @@ def first_line(capsys, monkeypatch, *flags, native=True):
 
 
 def test_dtype_auto_is_fp32_and_names_bf16_where_the_cpu_has_it(capsys, monkeypatch):
-    """--dtype auto (the default) is fp32, the release's format, whatever the machine's speed: the same command
-    makes the same masks. A CPU with bf16 instructions gets the hint. The first line names the choice and why."""
+    """--dtype auto (the default) is fp32, the release's format, whatever the machine's speed: the
+    same command makes the same masks. A CPU with bf16 instructions gets the hint. The first line
+    names the choice and why."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     n, line = (
@@ -664,7 +675,7 @@ def test_dtype_auto_is_fp32_and_names_bf16_where_the_cpu_has_it(capsys, monkeypa
         line("--dtype", "fp16", "--device", "cpu")  # refused: fp16 is emulated on every CPU
 
 
-# ----------------------------------------------------------------------------- predict: one row per hostile case
+# ---------------------------------------------------------------- predict: one row per hostile case
 def predict_case(d, ckpt, emb, case):
     """Build the files of one case in d; return the predict arguments."""
     (d / "in").mkdir()
@@ -782,9 +793,13 @@ def predict_case(d, ckpt, emb, case):
     return args
 
 
-IN_THE_WAY = "is in the way of {}, and no slime-run.json says whose it is; pass --overwrite, or choose another -o"
+IN_THE_WAY = (
+    "is in the way of {}, and no slime-run.json says whose it is; "
+    "pass --overwrite, or choose another -o"
+)
 PREDICT_CASES = [
-    # outputs never mix with inputs: a labelmap.txt written there would be read as the inputs' next time
+    # outputs never mix with inputs: a labelmap.txt written there would be read as the inputs' next
+    # time
     (
         "outputs over the ground truth",
         "-o {d}/out holds inputs of this run ({d}/out/SegmentationClass); choose another -o",
@@ -912,8 +927,9 @@ PREDICT_AT_LOAD = {
 def test_predict_refuses_hostile_input_leaving_the_folders_as_they_were(
     tmp_path, tiny_ckpt, emb, capsys, no_load, case, fragment
 ):
-    """Each case ends in its one line, exit 2, the folders as they were, and (but PREDICT_AT_LOAD's) before the
-    model loads; PREDICT_AT_LOAD's are refused by the load itself, of their checkpoint, before the record."""
+    """Each case ends in its one line, exit 2, the folders as they were, and (but PREDICT_AT_LOAD's)
+    before the model loads; PREDICT_AT_LOAD's are refused by the load itself, of their checkpoint,
+    before the record."""
     if case == "device cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     args = predict_case(tmp_path, tiny_ckpt("sd2"), emb, case)
@@ -931,10 +947,11 @@ def test_predict_refuses_hostile_input_leaving_the_folders_as_they_were(
 def test_the_same_run_resumes_and_another_is_refused(
     tmp_path, tiny_ckpt, emb, capsys, no_load, segment_once
 ):
-    """out/slime-run.json says what made the masks. The same run skips the images whose mask and overlay are
-    both there and redoes a half pair; another emb.pt or other settings are refused naming --overwrite, by the
-    plan (before the model loads); --overwrite redoes every image and deletes nothing else; without a record,
-    files at slime's paths are refused, since nobody can tell whose they are."""
+    """out/slime-run.json says what made the masks. The same run skips the images whose mask and
+    overlay are both there and redoes a half pair; another emb.pt or other settings are refused
+    naming --overwrite, by the plan (before the model loads); --overwrite redoes every image and
+    deletes nothing else; without a record, files at slime's paths are refused, since nobody can
+    tell whose they are."""
     ckpt, no_load.refusing = tiny_ckpt("sd2"), False
     (tmp_path / "in").mkdir()
     for name in ("p", "q"):
@@ -958,7 +975,8 @@ def test_the_same_run_resumes_and_another_is_refused(
     made = images_made(out)
     assert predict() == (
         0,
-        f"wrote masks and overlays of 0 images to {out}; skipped 2 already done (--overwrite redoes them)",
+        f"wrote masks and overlays of 0 images to {out}; "
+        "skipped 2 already done (--overwrite redoes them)",
     )
     assert images_made(out) == made
     other = make_emb(
@@ -984,7 +1002,8 @@ def test_the_same_run_resumes_and_another_is_refused(
     )  # an interrupted pair: its mask alone does not count as done
     assert predict() == (
         0,
-        f"wrote masks and overlays of 1 image to {out}; skipped 1 already done (--overwrite redoes them)",
+        f"wrote masks and overlays of 1 image to {out}; "
+        "skipped 1 already done (--overwrite redoes them)",
     )
     assert (
         images_made(out)["SegmentationClass/p.png"] != made["SegmentationClass/p.png"]
@@ -1002,17 +1021,18 @@ def test_the_same_run_resumes_and_another_is_refused(
     os.remove(out / "slime-run.json")
     assert no_load.plan_refuses(predict, e=other) == (
         2,
-        f"slime: error: {out / 'labelmap.txt'} is in the way of this run's labelmap.txt, and no slime-run.json "
-        "says whose it is; pass --overwrite, or choose another -o",
+        f"slime: error: {out / 'labelmap.txt'} is in the way of this run's labelmap.txt, "
+        "and no slime-run.json says whose it is; pass --overwrite, or choose another -o",
     )
 
 
 def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_own(
     tmp_path, tiny_ckpt, emb, capsys, monkeypatch, segment_once
 ):
-    """--overwrite stopped after its first image, then resumed: the images the old run made are redone, since
-    --overwrite took its masks and overlays, and a pair counts as done only whole. A record whose run made no outputs
-    yet (one stopped at its first image) does not stand in the way of another run."""
+    """--overwrite stopped after its first image, then resumed: the images the old run made are
+    redone, since --overwrite took its masks and overlays, and a pair counts as done only whole. A
+    record whose run made no outputs yet (one stopped at its first image) does not stand in the way
+    of another run."""
     ckpt = tiny_ckpt("sd2")
     (tmp_path / "in").mkdir()
     for name in ("p", "q"):
@@ -1043,7 +1063,8 @@ def test_an_interrupted_overwrite_never_passes_the_other_runs_pairs_off_as_its_o
     capsys.readouterr()
     assert slime.main(args) == 0  # the same run (other.pt) resumes: p is done, q is redone
     assert capsys.readouterr().err.splitlines()[-1] == (
-        f"wrote masks and overlays of 1 image to {out}; skipped 1 already done (--overwrite redoes them)"
+        f"wrote masks and overlays of 1 image to {out}; "
+        "skipped 1 already done (--overwrite redoes them)"
     )
     assert (out / "SegmentationClass" / "q.png").read_bytes() != old_q
     for f in [f for f in out.rglob("*") if f.is_file() and f.name != "slime-run.json"]:
@@ -1061,8 +1082,9 @@ def pair_bytes(out, stem):
     return [(out / d / f"{stem}.png").read_bytes() for d in ("SegmentationClass", "overlays")]
 
 
+# slime.interrupt ignores the signals after the first: this process's handlers come back
 @contextlib.contextmanager
-def handlers_kept():  # slime.interrupt ignores the signals after the first: this process's handlers come back
+def handlers_kept():
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
@@ -1072,8 +1094,9 @@ def handlers_kept():  # slime.interrupt ignores the signals after the first: thi
 
 
 def test_after_the_first_signal_the_next_ones_are_ignored():
-    """Ctrl-C, SIGTERM and SIGHUP end a run once: a second one, while the first's cleanup runs (temp files,
-    the run's files), must not raise inside it (it did: a traceback after the interrupt line)."""
+    """Ctrl-C, SIGTERM and SIGHUP end a run once: a second one, while the first's cleanup runs (temp
+    files, the run's files), must not raise inside it (it did: a traceback after the interrupt
+    line)."""
     with handlers_kept(), pytest.raises(KeyboardInterrupt) as e:
         slime.interrupt(signal.SIGTERM, None)
     assert e.value.args == (signal.SIGTERM,)
@@ -1098,14 +1121,16 @@ def test_device_strings_torch_takes(capsys):
 def test_a_pair_interrupted_between_its_renames_is_redone_whole(
     tmp_path, tiny_ckpt, emb, capsys, monkeypatch, segment_once
 ):
-    """Ctrl-C after the mask's rename, before the overlay's (the second of the pair): exit 130, the mask alone
-    and no temp file; the rerun redoes the image, so the pair on disk is byte for byte an uninterrupted run's.
-    The same with another run's pairs in the folder and --overwrite stopped there by SIGTERM (slime's
-    handler): exit 143, and the resumed pair is the new run's, never the new mask with the old overlay."""
+    """Ctrl-C after the mask's rename, before the overlay's (the second of the pair): exit 130, the
+    mask alone and no temp file; the rerun redoes the image, so the pair on disk is byte for byte an
+    uninterrupted run's. The same with another run's pairs in the folder and --overwrite stopped
+    there by SIGTERM (slime's handler): exit 143, and the resumed pair is the new run's, never the
+    new mask with the old overlay."""
     ckpt = tiny_ckpt("sd2")
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(seed=1)[0]).resize((128, 128)).save(tmp_path / "in" / "p.png")
-    # other colours: another run, whose mask (its palette) and overlay (its legend's swatches) differ in bytes
+    # other colours: another run, whose mask (its palette) and overlay (its legend's swatches)
+    # differ in bytes
     other = make_emb(
         tmp_path / "other.pt", ckpt, lambda e: e.update(colors=[[0, 0, 0], [9, 99, 9], [99, 9, 9]])
     )
@@ -1149,7 +1174,8 @@ def test_a_pair_interrupted_between_its_renames_is_redone_whole(
         assert (
             capsys.readouterr().err == f"slime: interrupted by {sig.name}; finished outputs kept\n"
         )
-        # stopped at the pair's second rename: this run's mask is in place, the overlay is not, no temp file
+        # stopped at the pair's second rename: this run's mask is in place, the overlay is not, no
+        # temp file
         assert mask.read_bytes() == fresh[e][0] and not overlay.exists() and hidden_files(out) == []
         assert predict(e, out) == 0  # the same run resumes: the mask alone is no finished image
         assert capsys.readouterr().err == ""
@@ -1170,8 +1196,8 @@ def test_bmp_images_and_masks_are_read(tmp_path):
 def test_the_run_covers_the_weights_and_the_number_format(
     tmp_path, tiny_ckpt, emb, capsys, no_load
 ):
-    """Other weights in a file of the same size and header (a merged LoRA) or another dtype are another run,
-    refused by the plan (before the model loads)."""
+    """Other weights in a file of the same size and header (a merged LoRA) or another dtype are
+    another run, refused by the plan (before the model loads)."""
     ckpt, no_load.refusing = tiny_ckpt("sd2"), False
     raw = bytearray(open(ckpt, "rb").read())
     raw[len(raw) // 2] ^= 1  # one bit in the middle, where a LoRA merged into the UNet lands
@@ -1195,8 +1221,9 @@ def test_the_run_covers_the_weights_and_the_number_format(
 def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
     tmp_path, tiny_ckpt, emb, capsys, monkeypatch, no_load
 ):
-    """emb.pt and the run record keep the format used. auto takes the record's format, so a resume neither
-    refuses nor redoes what an earlier run made; an explicit other --dtype is another run."""
+    """emb.pt and the run record keep the format used. auto takes the record's format, so a resume
+    neither refuses nor redoes what an earlier run made; an explicit other --dtype is another
+    run."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     args = ["predict", emb, tmp_path / "in", "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2")]
@@ -1228,9 +1255,10 @@ def test_auto_resumes_in_the_number_format_of_the_outputs_it_continues(
 def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(
     tmp_path, tiny_ckpt, emb, capsys
 ):
-    """Found when its turn comes: a truncated PNG, an empty file, a float TIFF with nan. Each is named in one
-    line and skipped, -q or not (a script must know), and summary.json lists it with the reason; the good image
-    is done; the last line counts them; exit status 1. A rerun resumes."""
+    """Found when its turn comes: a truncated PNG, an empty file, a float TIFF with nan. Each is
+    named in one line and skipped, -q or not (a script must know), and summary.json lists it with
+    the reason; the good image is done; the last line counts them; exit status 1. A rerun
+    resumes."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "good.png")
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "cut.png")
@@ -1265,12 +1293,14 @@ def test_an_unreadable_image_is_named_and_skipped_and_the_others_are_done(
 
 
 def test_another_checkpoint_of_the_same_kind_is_said(tmp_path, emb, capsys, monkeypatch):
-    """emb.pt keeps the fingerprint of the weights it was fitted on: other weights of the same kind (a
-    fine-tune, an edited copy) are used, as they may be meant, with one warning line naming both files."""
+    """emb.pt keeps the fingerprint of the weights it was fitted on: other weights of the same kind
+    (a fine-tune, an edited copy) are used, as they may be meant, with one warning line naming both
+    files."""
     other = tmp_path / "other.safetensors"
     write_tiny_checkpoint(other, "sd2", seed=1)
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "a.png")
-    stop = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731  the plan said it: stop
+    # the plan said it: stop
+    stop = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)  # noqa: E731
     monkeypatch.setattr(slime, "load_models", stop)
     out = tmp_path / "out"
     assert (
@@ -1282,7 +1312,8 @@ def test_another_checkpoint_of_the_same_kind_is_said(tmp_path, emb, capsys, monk
 
 
 def test_an_image_that_looks_like_a_mask_is_named(tmp_path, tiny_ckpt, emb, capsys):
-    """The reverse of the photo given as a mask: a mask in a folder of photos is segmented, with a warning."""
+    """The reverse of the photo given as a mask: a mask in a folder of photos is segmented, with a
+    warning."""
     (tmp_path / "in").mkdir()
     Image.fromarray(synthetic_scene(size=64)[0]).save(tmp_path / "in" / "a.png")
     Image.fromarray(synthetic_scene()[1]).resize((64, 64), Image.NEAREST).save(
@@ -1308,8 +1339,9 @@ def test_the_same_image_named_twice_is_segmented_once(tmp_path, tiny_ckpt, emb, 
 def test_colour_ground_truth_in_the_parts_colours_scores_as_labels(
     tmp_path, tiny_ckpt, emb, capsys, segment_once
 ):
-    """emb.pt fitted on label masks colours its parts as VOC does; ground truth saved in those colours (as
-    predict writes its masks), one of which lacks a class, scores exactly as the label masks do."""
+    """emb.pt fitted on label masks colours its parts as VOC does; ground truth saved in those
+    colours (as predict writes its masks), one of which lacks a class, scores exactly as the label
+    masks do."""
     ckpt = tiny_ckpt("sd2")
     for d in ("in", "gt_labels", "gt_colours"):
         (tmp_path / d).mkdir()
@@ -1347,8 +1379,8 @@ def test_an_all_ignore_ground_truth_scores_nothing_instead_of_zero(
 
 # ----------------------------------------------------------------------------- whole or absent
 def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt, emb):
-    """RLIMIT_FSIZE makes every write past 20 kB fail (EFBIG) as a full disk would (ENOSPC): the small mask
-    PNG fits, the overlay does not, and neither may appear without the other."""
+    """RLIMIT_FSIZE makes every write past 20 kB fail (EFBIG) as a full disk would (ENOSPC): the
+    small mask PNG fits, the overlay does not, and neither may appear without the other."""
     import resource
 
     (tmp_path / "in").mkdir()
@@ -1377,11 +1409,11 @@ def test_a_full_disk_leaves_no_half_pair_and_says_which_file(tmp_path, tiny_ckpt
     ]
 
 
-# Ctrl-C to fit: tests/test_resume.py, which resumes the stopped fit; SIGTERM (whose handler SIGHUP shares) to
-# predict: test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs
+# Ctrl-C to fit: tests/test_resume.py, which resumes the stopped fit; SIGTERM (whose handler SIGHUP
+# shares) to predict: test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs
 def test_a_killed_fit_leaves_a_whole_emb_pt(tmp_path, tiny_ckpt):
-    """kill -9 ends fit with nothing at all, and emb.pt is the last epoch's save, whole: every write goes to a
-    temp file that is renamed over it."""
+    """kill -9 ends fit with nothing at all, and emb.pt is the last epoch's save, whole: every write
+    goes to a temp file that is renamed over it."""
     img, mask = scene_files(tmp_path)
     out = tmp_path / "emb.pt"
     args = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "50", "-o", out, "-q"]
@@ -1437,9 +1469,10 @@ def test_predict_killed_then_rerun_finishes_every_image(emb, tmp_path, tiny_ckpt
 
 
 def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tmp_path, tiny_ckpt):
-    """SIGTERM to a real predict once its first image is written: exit 143 and one line; the images finished
-    are kept as whole pairs, the one in progress leaves nothing, no temp file remains. (SIGINT, exit 130, and
-    slime's own SIGTERM handler are run in-process by test_a_pair_interrupted_between_its_renames_...)"""
+    """SIGTERM to a real predict once its first image is written: exit 143 and one line; the images
+    finished are kept as whole pairs, the one in progress leaves nothing, no temp file remains.
+    (SIGINT, exit 130, and slime's own SIGTERM handler are run in-process by
+    test_a_pair_interrupted_between_its_renames_...)"""
     (tmp_path / "in").mkdir()
     stems = [f"s{i}" for i in range(4)]
     for i, stem in enumerate(stems):
@@ -1471,10 +1504,12 @@ def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tm
     assert masks == stems[: len(masks)] and done[:1] == [
         "s0"
     ]  # in order; how many is the timing's (1 to 3)
-    # whole pairs; the one mask alone this lets through is the last, from a signal between its pair's two
-    # renames (a window of microseconds; the resume redoes it, see test_a_pair_interrupted_between_...)
+    # whole pairs; the one mask alone this lets through is the last, from a signal between its
+    # pair's two renames (a window of microseconds; the resume redoes it, see
+    # test_a_pair_interrupted_between_...)
     assert done in (masks, masks[:-1])
-    # the pairs, the run record and the run's files, which list the images done; no hidden temp file either
+    # the pairs, the run record and the run's files, which list the images done; no hidden temp file
+    # either
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
         ["slime-run.json", *slime.RUN_FILES]
         + [f"{d}/{s}.png" for d, made_there in made.items() for s in made_there]
@@ -1488,7 +1523,8 @@ def test_a_stopped_predict_exits_128_plus_the_signal_keeping_whole_pairs(emb, tm
 def test_a_diverging_loss_stops_fit_naming_the_likely_cause(
     tmp_path, tiny_ckpt, capsys, monkeypatch
 ):
-    """The weights are checked finite at load, so a non-finite loss is the optimisation's: the message says so."""
+    """The weights are checked finite at load, so a non-finite loss is the optimisation's: the
+    message says so."""
     img, mask = scene_files(tmp_path)
     step, calls = slime.training_step, []
 
@@ -1536,8 +1572,9 @@ def test_names_with_spaces_and_unicode(emb, tmp_path, tiny_ckpt):
 
 
 def test_the_progress_eta_comes_from_steady_state_times(monkeypatch):
-    """fit's ETA: the steps left at the pace of the last 5 steps, and the validations left at the time of the last
-    one (the first one also encodes the validation patches, once per fit); none before the first validation."""
+    """fit's ETA: the steps left at the pace of the last 5 steps, and the validations left at the
+    time of the last one (the first one also encodes the validation patches, once per fit); none
+    before the first validation."""
     lines, clock = (
         [],
         iter([0.0, 10, 10, 20, 20, 20, 170, 180, 180]),
@@ -1647,7 +1684,8 @@ def test_predict_never_runs_pickled_code(tmp_path, tiny_ckpt):
 
 
 def test_empty_folders_and_skipped_files(emb, tmp_path, tiny_ckpt, capsys, no_load):
-    """A folder of no images is the plan's refusal, before the model loads; what it skipped is named first."""
+    """A folder of no images is the plan's refusal, before the model loads; what it skipped is named
+    first."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("hi")
     ckpt = ["--ckpt", tiny_ckpt("sd2")]
@@ -1664,7 +1702,8 @@ def test_empty_folders_and_skipped_files(emb, tmp_path, tiny_ckpt, capsys, no_lo
 
 
 def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, tiny_ckpt, capsys):
-    """A phone photo stored 64x32 with EXIF orientation 6 shows as 32x64; its mask is drawn on what shows."""
+    """A phone photo stored 64x32 with EXIF orientation 6 shows as 32x64; its mask is drawn on what
+    shows."""
     img, mask = synthetic_scene()
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
@@ -1685,8 +1724,8 @@ def test_exif_rotated_photo_pairs_with_a_mask_of_its_displayed_size(tmp_path, ti
         main("fit", photo, labels, "--ckpt", tiny_ckpt("sd2"), "-o", tmp_path / "f.pt", "-q") == 2
     )
     assert capsys.readouterr().err == (
-        f"slime: error: {labels} is (64, 32), its image (32, 64) (w, h); its EXIF orientation turns it as shown: "
-        "turn the mask too\n"
+        f"slime: error: {labels} is (64, 32), its image (32, 64) (w, h); "
+        "its EXIF orientation turns it as shown: turn the mask too\n"
     )
     os.replace(labels, tmp_path / "gt" / "phone.png")  # predict's ground truth too
     assert main("predict", e, photo, "-o", tmp_path / "out2", *flags) == 2
@@ -1731,11 +1770,15 @@ def test_tiny_and_odd_images_are_segmented_at_their_own_size(emb, tmp_path, tiny
 def test_an_image_over_slimes_pixel_limit_is_refused_by_the_plan(
     tmp_path, tiny_ckpt, emb, capsys, monkeypatch, no_load
 ):
-    """The header's size against slime.MAX_PIXELS, before the model loads: in predict's plan for every image
-    listed, in fit's as it reads its images. Here the limit is 3,000 pixels and the images are 64x64."""
+    """The header's size against slime.MAX_PIXELS, before the model loads: in predict's plan for
+    every image listed, in fit's as it reads its images. Here the limit is 3,000 pixels and the
+    images are 64x64."""
     img, mask = scene_files(tmp_path, size=64)
     monkeypatch.setattr(slime, "MAX_PIXELS", 3000)
-    line = f"slime: error: {img} has 0.0041 megapixels, over slime's limit of 0.003 (as float32 it alone takes 12 bytes a pixel): shrink it\n"
+    line = (
+        f"slime: error: {img} has 0.0041 megapixels, over slime's limit of 0.003 "
+        "(as float32 it alone takes 12 bytes a pixel): shrink it\n"
+    )
     before = listing(tmp_path)
     assert (
         main("predict", emb, tmp_path, "-o", tmp_path / "out", "--ckpt", tiny_ckpt("sd2"), "-q")
@@ -1749,8 +1792,9 @@ def test_an_image_over_slimes_pixel_limit_is_refused_by_the_plan(
 def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(
     emb, tmp_path, tiny_ckpt, monkeypatch
 ):
-    """108 MP: PIL's bomb warning silenced (it refuses only above 179 MP), a line saying what slime does,
-    and a peak of ~3 GB (the image alone is 1.3 GB as float32); whole-image float temporaries took 11 GB."""
+    """108 MP: PIL's bomb warning silenced (it refuses only above 179 MP), a line saying what slime
+    does, and a peak of ~3 GB (the image alone is 1.3 GB as float32); whole-image float temporaries
+    took 11 GB."""
     (tmp_path / "in").mkdir()
     h, w = 9000, 12000
     ramp = (
@@ -1784,8 +1828,9 @@ def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(
 
 
 def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
-    """fit on a terminal (a pty): the progress line updates in place (\\r, then \\x1b[K clears what a longer
-    line left), and every notice starts a line of its own, so what the user sees is whole lines only."""
+    """fit on a terminal (a pty): the progress line updates in place (\\r, then \\x1b[K clears what
+    a longer line left), and every notice starts a line of its own, so what the user sees is whole
+    lines only."""
     import pty
 
     img, mask = tmp_path / "a.png", tmp_path / "a_mask.png"
@@ -1855,8 +1900,9 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
 
 
 def test_a_long_stage_keeps_its_line_moving(capsys, monkeypatch):
-    """A stage with no event of its own (a UNet pass, a model load) is never silent: on a terminal the ticker
-    redraws the stage line every second with its clock moving; a notice ends the line, and nothing follows it."""
+    """A stage with no event of its own (a UNet pass, a model load) is never silent: on a terminal
+    the ticker redraws the stage line every second with its clock moving; a notice ends the line,
+    and nothing follows it."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     con = slime.Console(False)
     try:

@@ -1,11 +1,11 @@
 """Reading and writing files: slime's image and mask readers and its PNG writers.
 
-Proves that read_image gives (3, H, W) float RGB in [0, 1] from RGB, RGBA, grey, 16-bit, palette, CMYK,
-GIF and EXIF-rotated files; that read_mask gives class labels (indexed and grey PNG, grey-looking RGB,
-.npy) or colours, and that colours_to_labels maps colour masks to labels; that unreadable files are
-refused with one sentence naming the file; that the indexed PNG and overlay writers produce what they
-promise, band by band; and that commit writes whole files or none. Every input file is
-built here with PIL / numpy; no checkpoint is needed.
+Proves that read_image gives (3, H, W) float RGB in [0, 1] from RGB, RGBA, grey, 16-bit, palette,
+CMYK, GIF and EXIF-rotated files; that read_mask gives class labels (indexed and grey PNG,
+grey-looking RGB, .npy) or colours, and that colours_to_labels maps colour masks to labels; that
+unreadable files are refused with one sentence naming the file; that the indexed PNG and overlay
+writers produce what they promise, band by band; and that commit writes whole files or none. Every
+input file is built here with PIL / numpy; no checkpoint is needed.
 
     python -m pytest -q tests/test_io.py
 """
@@ -43,7 +43,8 @@ def save(tmp_path, name, im, **kw):
 
 
 def exif_rotated(mode, color_left, color_right):
-    """A 20 wide x 10 high image, left half / right half, tagged EXIF orientation 6 (rotate 90 clockwise)."""
+    """A 20 wide x 10 high image, left half / right half, tagged EXIF orientation 6
+    (rotate 90 clockwise)."""
     im = Image.new(mode, (20, 10), color_left)
     im.paste(color_right, (10, 0, 20, 10))
     exif = Image.Exif()
@@ -144,7 +145,8 @@ def test_read_mask_gif_first_frame(tmp_path):
 
 @pytest.mark.parametrize("read", [read_image, read_mask])
 def test_read_errors(tmp_path, read):
-    """Each failure is `<path>: <reason>`, the reason the OS's or PIL's own, the quoted path taken out."""
+    """Each failure is `<path>: <reason>`, the reason the OS's or PIL's own, the quoted path taken
+    out."""
     missing = tmp_path / "nope.png"
     with pytest.raises(SlimeError, match=f"^{re.escape(str(missing))}: No such file or directory$"):
         read(missing)
@@ -170,8 +172,9 @@ def test_read_errors(tmp_path, read):
 
 
 def test_pixel_limit_is_slimes_from_the_header_and_pils_is_off(tmp_path, monkeypatch):
-    """slime's MAX_PIXELS, checked from the header before any decoding, in slime's words; PIL's "decompression
-    bomb" limit (179 MP, below a panorama) is off, and so is its warning (89 MP, below a 12000x9000 photo)."""
+    """slime's MAX_PIXELS, checked from the header before any decoding, in slime's words; PIL's
+    "decompression bomb" limit (179 MP, below a panorama) is off, and so is its warning (89 MP,
+    below a 12000x9000 photo)."""
     import warnings
 
     assert Image.MAX_IMAGE_PIXELS is None and slime.MAX_PIXELS == 250_000_000
@@ -187,14 +190,15 @@ def test_pixel_limit_is_slimes_from_the_header_and_pils_is_off(tmp_path, monkeyp
         with pytest.raises(SlimeError) as e:
             read(tmp_path / "huge.png")
         assert str(e.value) == (
-            f"{tmp_path / 'huge.png'} has 0.4 megapixels, over slime's limit of 0.3 (as float32 it alone takes "
-            "12 bytes a pixel): shrink it"
+            f"{tmp_path / 'huge.png'} has 0.4 megapixels, over slime's limit of 0.3 "
+            "(as float32 it alone takes 12 bytes a pixel): shrink it"
         )
     assert decoded == []  # refused from the header
 
 
 def test_an_image_of_a_few_flat_colours_is_read_with_a_warning_that_it_looks_like_a_mask(tmp_path):
-    """A mask given where an image belongs is read, but named: at most 78 colours, over 64 pixels each."""
+    """A mask given where an image belongs is read, but named: at most 78 colours, over 64 pixels
+    each."""
     labels = np.zeros((17, 16), np.uint8)
     labels[8:] = 1
     labels[:, 8:] += 2  # 4 colours of 68 pixels on average
@@ -283,7 +287,8 @@ def test_voc_palette():
 
 
 def test_colors_voc_void_is_ignore_not_a_class(tmp_path):
-    """VOC's void colour (224, 224, 192) means ignore (255) in colour masks, with or without a palette."""
+    """VOC's void colour (224, 224, 192) means ignore (255) in colour masks, with or without a
+    palette."""
     idx = np.array([[0, 1, 255], [2, 255, 0]])
     m = read_mask(save(tmp_path, "voc.png", Image.fromarray(VOC_PALETTE[idx])))
     assert m.shape == (2, 3, 3)
@@ -333,8 +338,9 @@ def test_colors_given_palette():
 
 
 def test_colors_too_many_name_the_mask_with_the_most():
-    """Black is class 0 even where no mask holds it: 76 colours and black are 77 classes, 77 colours too many.
-    The refusal names the mask with the most colours. Each colour is a 4x4 block: no sliver."""
+    """Black is class 0 even where no mask holds it: 76 colours and black are 77 classes, 77 colours
+    too many. The refusal names the mask with the most colours. Each colour is a 4x4 block: no
+    sliver."""
     colors = np.stack([np.arange(1, 78), np.full(77, 3), np.full(77, 5)], -1).astype(np.uint8)[None]
     colors = colors.repeat(4, 0).repeat(4, 1)  # (4, 308, 3)
     few = colors[:, :16]
@@ -347,8 +353,9 @@ def test_colors_too_many_name_the_mask_with_the_most():
 
 
 def test_anti_aliased_colours_are_refused_by_their_count():
-    """Two shapes drawn smooth (at 4x, then shrunk with LANCZOS): the blends line the edges between the drawn
-    colours and the background, one pixel wide, and are refused; the same drawing without smoothing is not."""
+    """Two shapes drawn smooth (at 4x, then shrunk with LANCZOS): the blends line the edges between
+    the drawn colours and the background, one pixel wide, and are refused; the same drawing without
+    smoothing is not."""
     big = Image.new("RGB", (256, 256))
     draw = ImageDraw.Draw(big)
     draw.ellipse([20, 20, 140, 140], fill=(200, 0, 0))
@@ -362,10 +369,11 @@ def test_anti_aliased_colours_are_refused_by_their_count():
     with pytest.raises(SlimeError) as e:
         colors_to_labels([sharp, soft], names=["sharp.png", "soft.png"])
     assert str(e.value) == (
-        f"soft.png has {n - 3} colours only along the edges between others (anti-aliasing): save it "
-        "unsmoothed, or name its colours in a labelmap.txt"
+        f"soft.png has {n - 3} colours only along the edges between others (anti-aliasing): "
+        "save it unsmoothed, or name its colours in a labelmap.txt"
     )
-    # with a labelmap naming the colours (palette given), a thin part is the user's word: not checked here
+    # with a labelmap naming the colours (palette given), a thin part is the user's word: not
+    # checked here
     line = np.zeros((8, 8, 3), np.uint8)
     line[:, 4] = (200, 0, 0)  # a 1-pixel-wide part
     assert colors_to_labels([line], palette=[[0, 0, 0], [200, 0, 0]])[0][0][0, 4] == 1
@@ -381,8 +389,9 @@ def test_anti_aliased_colours_are_refused_by_their_count():
     ],
 )
 def test_a_photo_given_as_a_mask_is_named_for_what_it_is(tmp_path, mode, name, n):
-    """Thousands of colours, or more grey values than SD has tokens, are no mask: the image and its mask were
-    swapped, or a photo sits in the --masks folder. A JPEG photo is named a photo, not a lossy mask."""
+    """Thousands of colours, or more grey values than SD has tokens, are no mask: the image and its
+    mask were swapped, or a photo sits in the --masks folder. A JPEG photo is named a photo, not a
+    lossy mask."""
     pixels = rng_rgb(64, 64)
     photo = Image.fromarray(
         pixels if mode == "RGB" else pixels[..., 0].astype("float32" if mode == "F" else "uint8")
@@ -393,20 +402,23 @@ def test_a_photo_given_as_a_mask_is_named_for_what_it_is(tmp_path, mode, name, n
         re.escape(f"{tmp_path / name} holds {n}")
         + (r"\d,\d{3}" if not n else "")
         + " distinct values, so it is "
-        "a photo, not a mask \\(or its edges are anti-aliased\\): give each image first, its mask second",
+        "a photo, not a mask \\(or its edges are anti-aliased\\): "
+        "give each image first, its mask second",
         str(e.value),
     ), str(e.value)
 
 
 def test_a_lossy_mask_is_refused_and_a_float_mask_of_few_values_read_as_labels(tmp_path):
-    """JPEG invents colours at every edge, each a class of its own; a float TIFF of class values is labels."""
+    """JPEG invents colours at every edge, each a class of its own; a float TIFF of class values is
+    labels."""
     with pytest.raises(SlimeError) as e:
         read_mask(save(tmp_path, "m.jpg", Image.new("L", (64, 64), 0)))
     assert (
         str(e.value)
         == f"{tmp_path / 'm.jpg'} is stored lossily (JPEG); save the mask as PNG or .npy"
     )
-    # a colour mask as JPEG: 3,340 colours, from compression at the edges of two shapes, is a mask, not a photo
+    # a colour mask as JPEG: 3,340 colours, from compression at the edges of two shapes, is a mask,
+    # not a photo
     m = np.zeros((512, 512, 3), np.uint8)
     yy, xx = np.mgrid[:512, :512]
     m[100:300, 50:400], m[(yy - 380) ** 2 + (xx - 250) ** 2 < 90**2] = (200, 30, 30), (30, 180, 60)
@@ -442,7 +454,8 @@ def test_write_index_png(tmp_path):
 
 @pytest.mark.parametrize("h,w", [(64, 128), (200, 300)])
 def test_write_overlay(tmp_path, h, w):
-    """Big enough for the legend (6 px text on small images, two lines) to leave the checked regions free."""
+    """Big enough for the legend (6 px text on small images, two lines) to leave the checked regions
+    free."""
     rgb = rng_rgb(h, w)
     image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
     labels = np.zeros((h, w), np.int64)
@@ -468,8 +481,8 @@ def test_write_overlay(tmp_path, h, w):
 
 
 def test_the_legend_lists_every_part_even_when_absent(tmp_path):
-    """Nothing found: the legend still shows all 4 parts (4 lines of 8 px at this size), not "background"
-    alone."""
+    """Nothing found: the legend still shows all 4 parts (4 lines of 8 px at this size), not
+    "background" alone."""
     image = torch.from_numpy(rng_rgb(200, 300)).permute(2, 0, 1).float() / 255
     parts = ["background", "head", "suit", "flag"]
     out = np.array(overlay_image(image, np.zeros((200, 300), np.int64), parts))
@@ -481,9 +494,9 @@ def test_the_legend_lists_every_part_even_when_absent(tmp_path):
     [(512, 512, 6, 124), (512, 512, 10, 153), (96, 128, 6, None), (16, 16, 2, None)],
 )
 def test_the_legend_scales_with_the_image_and_never_hides_a_third_of_it(h, w, parts, box):
-    """16 px text at 512 (6 parts: 6 lines of 20 px); fewer pixels per line when many parts must fit in a
-    third of the height; on a small image, where even 6 px text would hide more than a third, no legend at
-    all."""
+    """16 px text at 512 (6 parts: 6 lines of 20 px); fewer pixels per line when many parts must fit
+    in a third of the height; on a small image, where even 6 px text would hide more than a third,
+    no legend at all."""
     image = torch.full((3, h, w), 0.5)
     out = np.array(
         overlay_image(image, np.zeros((h, w), np.int64), [f"p{i}" for i in range(parts)])
@@ -509,9 +522,9 @@ def test_write_overlay_band_by_band_equals_whole(tmp_path):
 
 
 def test_commit_writes_every_file_or_none(tmp_path, monkeypatch):
-    """A write that fails (a folder that cannot be made, a full disk) or an interrupt between the renames'
-    start and end leaves the targets as they were: no new file, no temp file, an existing target untouched.
-    A missing folder is made."""
+    """A write that fails (a folder that cannot be made, a full disk) or an interrupt between the
+    renames' start and end leaves the targets as they were: no new file, no temp file, an existing
+    target untouched. A missing folder is made."""
     import errno
 
     (tmp_path / "b.png").write_bytes(b"old")
@@ -566,10 +579,11 @@ def test_commit_writes_every_file_or_none(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- labelling tools
 def test_a_labelmap_names_the_colours_in_its_order(tmp_path):
-    """CVAT's labelmap.txt: comments and blank lines skipped, `name:r,g,b:parts:actions`, line i = class i;
-    masks in its colours map to its classes, VOC's void colour to ignore."""
+    """CVAT's labelmap.txt: comments and blank lines skipped, `name:r,g,b:parts:actions`, line
+    i = class i; masks in its colours map to its classes, VOC's void colour to ignore."""
     (tmp_path / "labelmap.txt").write_text(
-        "# label:color_rgb:parts:actions\n\nbackground:0,0,0::\nhead:250,50,50:eye,ear:\nsuit:40,40,200::\n"
+        "# label:color_rgb:parts:actions\n\n"
+        "background:0,0,0::\nhead:250,50,50:eye,ear:\nsuit:40,40,200::\n"
     )
     names, colors = slime.read_labelmap(tmp_path / "labelmap.txt")
     assert names == ["background", "head", "suit"] and colors == [

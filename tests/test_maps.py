@@ -1,11 +1,12 @@
-"""examples/maps.py: its arrays are slime's (A_ca Eq. 3, A_sa Eq. 5, the WAS map Eq. 6, the patches' votes),
-its picture grows by a row per part and never cuts a name, fit's history survives the round trip into
-emb.pt and --curve draws it, and every bad input ends in one `error:` line, exit status 2.
+"""examples/maps.py: its arrays are slime's (A_ca Eq. 3, A_sa Eq. 5, the WAS map Eq. 6, the patches'
+votes), its picture grows by a row per part and never cuts a name, fit's history survives the round
+trip into emb.pt and --curve draws it, and every bad input ends in one `error:` line, exit status 2.
 
-The networks are the cost on 2 CPU cores (the VAE 3 s a 512 image, the UNet 1 s). In the module's `grid`,
-each patch's attention is computed once (a memo): maps.py and the references below are handed the same
-tensors, so what is compared is what maps.py makes of them; a wrong input (another patch, t or context) would
-miss the memo and differ. Its noisy patches stand in for the VAE's (tests/test_method.py tests those).
+The networks are the cost on 2 CPU cores (the VAE 3 s a 512 image, the UNet 1 s). In the module's
+`grid`, each patch's attention is computed once (a memo): maps.py and the references below are
+handed the same tensors, so what is compared is what maps.py makes of them; a wrong input (another
+patch, t or context) would miss the memo and differ. Its noisy patches stand in for the VAE's
+(tests/test_method.py tests those).
 """
 
 import hashlib
@@ -44,8 +45,8 @@ REAL_ATTENTION = slime.attention_maps
 
 
 def stand_ins(mp, memo):
-    """slime.attention_maps through the memo (vote_sums calls it through slime's module too), and noisy
-    patches at predict's origins, each x_t seeded by what noisy_patches reads."""
+    """slime.attention_maps through the memo (vote_sums calls it through slime's module too), and
+    noisy patches at predict's origins, each x_t seeded by what noisy_patches reads."""
 
     def attention_maps(sd, x_t, t, context, num_classes, log_space):
         key = digest(x_t, t, context, num_classes, log_space)
@@ -65,10 +66,10 @@ def stand_ins(mp, memo):
 
 @pytest.fixture(scope="module")
 def grid_emb(tiny_ckpt, tmp_path_factory):
-    """predict's default grid (400 px, 2 per side: 4 patches) on the tiny random SD 2 checkpoint, a 384x512
-    image (squashed, as SD sees it) -> (sd, emb, image, memo). The threshold: the lowest A_ca peak at which
-    the first class to vote (whose below-mean pixels patch_votes zeroes) is the background in one patch and
-    a part in another."""
+    """predict's default grid (400 px, 2 per side: 4 patches) on the tiny random SD 2 checkpoint, a
+    384x512 image (squashed, as SD sees it) -> (sd, emb, image, memo). The threshold: the lowest
+    A_ca peak at which the first class to vote (whose below-mean pixels patch_votes zeroes) is the
+    background in one patch and a part in another."""
     memo = {}
     torch.set_flush_denormal(
         True
@@ -107,8 +108,8 @@ def grid(grid_emb, monkeypatch):  # the stand-ins, for one test at a time
 
 
 def inference_input(A_ca, threshold):
-    """What patch_votes feeds Eq. 6: A_ca, the first class whose A_ca peaks >= threshold zeroed at and below
-    its mean -> (P, the classes that vote)."""
+    """What patch_votes feeds Eq. 6: A_ca, the first class whose A_ca peaks >= threshold zeroed at
+    and below its mean -> (P, the classes that vote)."""
     votes = [k for k in range(len(A_ca)) if A_ca[k].max() >= threshold]
     P = A_ca.clone()
     if votes:
@@ -117,8 +118,9 @@ def inference_input(A_ca, threshold):
 
 
 def was_column(A_ca, A_sa, threshold):
-    """The WAS column of one patch, written out: a class that votes, Eq. 6 of inference's input min-max
-    rescaled onto its A_ca's range (what it votes with); one that does not, Eq. 6 of its A_ca as it is."""
+    """The WAS column of one patch, written out: a class that votes, Eq. 6 of inference's input
+    min-max rescaled onto its A_ca's range (what it votes with); one that does not, Eq. 6 of its
+    A_ca as it is."""
     P, votes = inference_input(A_ca, threshold)
     voting, shown = slime.was_map(P, A_sa), slime.was_map(A_ca, A_sa)
     for k in votes:
@@ -138,9 +140,9 @@ def pixel_cell(pixel, hw, origin, side):
 
 
 def test_the_average_over_patches_is_slimes(grid):
-    """Without --patch: each patch's A_ca (attention_maps), WAS column (was_column) and --pixel's A_sa row,
-    resized onto the patch's footprint and averaged where patches overlap; the score is vote_sums' ratio,
-    and the mask its argmax, which is slime.segment's at 512."""
+    """Without --patch: each patch's A_ca (attention_maps), WAS column (was_column) and --pixel's
+    A_sa row, resized onto the patch's footprint and averaged where patches overlap; the score is
+    vote_sums' ratio, and the mask its argmax, which is slime.segment's at 512."""
     sd, emb, image, memo = grid
     s, K, side, pixel = emb["settings"], len(PARTS), emb["settings"].patch_size, (50, 200)
     got = maps.maps(sd, emb, image, pixel=pixel)
@@ -148,9 +150,10 @@ def test_the_average_over_patches_is_slimes(grid):
     patches = slime.noisy_patches(sd, image, s)
     A, W, R = torch.zeros(K, SIZE, SIZE), torch.zeros(K, SIZE, SIZE), torch.zeros(SIZE, SIZE)
     n, n_pixel, voted = torch.zeros(SIZE, SIZE), torch.zeros(SIZE, SIZE), [0] * K
-    up = lambda m: F.interpolate(m[None], size=(side, side), mode="bilinear", align_corners=False)[
-        0
-    ]  # noqa: E731
+
+    def up(m):
+        return F.interpolate(m[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+
     for y0, x0, x_t in patches:
         A_ca, A_sa, _ = slime.attention_maps(sd, x_t, t, context, K, log_space=False)
         votes = inference_input(A_ca, s.threshold)[1]
@@ -184,9 +187,9 @@ def test_the_average_over_patches_is_slimes(grid):
 
 
 def test_one_patch_is_slimes_and_the_pixel_row_is_A_sa(grid):
-    """--patch 2: the patch's own 64x64 A_ca and WAS column, unresized; its score is vote_sums of that patch
-    alone on its footprint, its mask segment's of that patch alone; --pixel's row is A_sa's row of the
-    pixel's cell (Eq. 5: where that query looks)."""
+    """--patch 2: the patch's own 64x64 A_ca and WAS column, unresized; its score is vote_sums of
+    that patch alone on its footprint, its mask segment's of that patch alone; --pixel's row is
+    A_sa's row of the pixel's cell (Eq. 5: where that query looks)."""
     sd, emb, image, _ = grid
     s, K, side, pixel = emb["settings"], len(PARTS), emb["settings"].patch_size, (6, 350)
     got = maps.maps(sd, emb, image, patch=2, pixel=pixel)
@@ -216,8 +219,8 @@ def test_one_patch_is_slimes_and_the_pixel_row_is_A_sa(grid):
 
 
 def test_one_unet_pass_per_patch(grid, monkeypatch):
-    """maps() draws from vote_sums' own UNet passes: one per patch for the average of 4 patches, one for
-    --patch 2, each on that patch's noisy input; --pixel adds none."""
+    """maps() draws from vote_sums' own UNet passes: one per patch for the average of 4 patches, one
+    for --patch 2, each on that patch's noisy input; --pixel adds none."""
     sd, emb, image, _ = grid
     patches, inputs, memoized = (
         slime.noisy_patches(sd, image, emb["settings"]),
@@ -255,8 +258,9 @@ def fake_arrays(K):  # what maps() returns, to draw without a model
 
 
 def test_the_picture_has_a_row_per_part_and_never_cuts_a_name():
-    """Height = header + K rows of a fixed height; at 8 parts still a readable picture; the label column
-    starts the panels after the longest name as the same font measures it, and that name is drawn whole."""
+    """Height = header + K rows of a fixed height; at 8 parts still a readable picture; the label
+    column starts the panels after the longest name as the same font measures it, and that name is
+    drawn whole."""
     white = (255, 255, 255)
     for K in (2, 5, 8):
         names = ["background"] + [f"part {k}" for k in range(1, K)]
@@ -269,12 +273,14 @@ def test_the_picture_has_a_row_per_part_and_never_cuts_a_name():
             maps.HEADER + (K - 1) * maps.ROW,
         )  # the last row holds the longest name
         pixels = np.asarray(picture)
-        # the first panel's left edge: the first column that is colour all the way down the row's panel
+        # the first panel's left edge: the first column that is colour all the way down the row's
+        # panel
         solid = (pixels[y : y + maps.PANEL] != 255).any(-1).all(0)
         left = int(np.argmax(solid))
         assert left == maps.label_width(names) >= maps.TEXT_X + maps.FONT.getlength(longest)
         assert picture.width == left + 3 * maps.CELL
-        # the name as the font draws it alone, at the same place: every pixel of it is in the picture
+        # the name as the font draws it alone, at the same place: every pixel of it is in the
+        # picture
         alone = Image.new("RGB", (left, maps.LINE), white)
         ImageDraw.Draw(alone).text((maps.TEXT_X, 0), longest, (0, 0, 0), maps.FONT)
         band = picture.crop((0, y, left, y + maps.LINE))
@@ -287,9 +293,9 @@ def test_the_picture_has_a_row_per_part_and_never_cuts_a_name():
 
 
 def test_the_scores_share_one_scale(monkeypatch):
-    """The score column is coloured on one scale, the min to the max of every part's score, with those two
-    numbers beside each score panel: the argmax compares one part's score with another's. A_ca and WAS:
-    each panel on its own scale. The legend above says what a score is."""
+    """The score column is coloured on one scale, the min to the max of every part's score, with
+    those two numbers beside each score panel: the argmax compares one part's score with another's.
+    A_ca and WAS: each panel on its own scale. The legend above says what a score is."""
     levels, drawn, real_text = [0.1, 0.2, 0.4], {}, ImageDraw.ImageDraw.text
 
     def text(d, xy, words, *args, **kwargs):  # each text drawn, by where
@@ -315,14 +321,19 @@ def test_the_scores_share_one_scale(monkeypatch):
             assert drawn[(numbers, y + maps.PANEL - maps.LINE)] == f"{lo:.3g}"
 
 
-# the flags of a fit on random tiny weights (tests/test_errors.py's FAST), 1 epoch validated on one image
-FIT = "--epochs 1 --val-every 1 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 --dtype fp32".split()
+# the flags of a fit on random tiny weights (tests/test_errors.py's FAST), 1 epoch validated on one
+# image
+FIT = (
+    "--epochs 1 --val-every 1 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 "
+    "--dtype fp32"
+).split()
 
 
 def test_fit_keeps_its_history_and_curve_draws_it(tmp_path, tiny_ckpt, capsys):
-    """A real fit, 2 images for 1 epoch: emb.pt's history has an [epoch, ce, mse, sd] per step (2 steps in
-    epoch 1: epochs, not step numbers) and an [epoch, mIoU] per validation, the mIoU fit printed;
-    --curve draws it. An emb.pt without a history (an older slime's) still loads; --curve says it has none."""
+    """A real fit, 2 images for 1 epoch: emb.pt's history has an [epoch, ce, mse, sd] per step (2
+    steps in epoch 1: epochs, not step numbers) and an [epoch, mIoU] per validation, the mIoU fit
+    printed; --curve draws it. An emb.pt without a history (an older slime's) still loads; --curve
+    says it has none."""
     for name, flip in (("a", False), ("b", True)):
         img, mask = synthetic_scene(flip=flip)
         Image.fromarray(img).save(tmp_path / f"{name}.png")
@@ -360,7 +371,10 @@ def test_fit_keeps_its_history_and_curve_draws_it(tmp_path, tiny_ckpt, capsys):
     assert (
         curve.shape == (540, 960, 3) and (curve == (214, 39, 40)).all(-1).any()
     )  # the mIoU line is there
-    kept = lambda emb: (np.asarray(maps.curve(emb, "emb.pt")) == maps.GREY).all(-1).sum()  # noqa: E731
+
+    def kept(emb):
+        return (np.asarray(maps.curve(emb, "emb.pt")) == maps.GREY).all(-1).sum()
+
     loaded = slime.load_embeddings(emb)
     assert (
         kept(loaded) > kept(dict(loaded, epoch=-1)) + 100
@@ -437,8 +451,8 @@ def test_the_script_ends_a_mistake_in_one_line(files):
 
 @pytest.fixture
 def fitted(files):
-    """The fixture's folder, its emb.pt given a fit's history (--curve draws it without a model), and
-    photo.jpg: a real JPEG, someone's photo."""
+    """The fixture's folder, its emb.pt given a fit's history (--curve draws it without a model),
+    and photo.jpg: a real JPEG, someone's photo."""
     e = torch.load(files / "emb.pt", weights_only=True)
     e.update(history=dict(step=[[1, 0.9, 0.1, 0.0], [1, 0.7, 0.1, 0.0]], validation=[[1, 0.5]]))
     torch.save(e, files / "emb.pt")
@@ -450,8 +464,9 @@ REFUSED = "exists and is not a picture maps.py made; pass --overwrite, or choose
 
 
 def test_a_file_maps_py_did_not_make_is_refused_before_any_work(fitted, capsys, monkeypatch):
-    """-o a photo (a JPEG, or a PNG without maps.py's mark) or a file that is no image: one line naming it,
-    exit 2, its bytes as they were; drawing maps, the refusal comes before the model loads."""
+    """-o a photo (a JPEG, or a PNG without maps.py's mark) or a file that is no image: one line
+    naming it, exit 2, its bytes as they were; drawing maps, the refusal comes before the model
+    loads."""
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("a model was loaded"))
     Image.open(fitted / "photo.jpg").save(fitted / "photo.png")
     (fitted / "notes.png").write_text("not a picture\n")  # a text file named .png
@@ -469,8 +484,8 @@ def test_a_file_maps_py_did_not_make_is_refused_before_any_work(fitted, capsys, 
 
 
 def test_maps_py_replaces_its_own_picture(fitted, capsys):
-    """--curve -o curve.png twice: the second run replaces the first's picture (its mark says whose), whole:
-    a new file renamed over it, no temp file left."""
+    """--curve -o curve.png twice: the second run replaces the first's picture
+    (its mark says whose), whole: a new file renamed over it, no temp file left."""
     out, inodes = fitted / "curve.png", []
     for _ in range(2):
         assert maps.main([str(fitted / "emb.pt"), "--curve", "-o", str(out)]) == 0

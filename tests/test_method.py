@@ -1,18 +1,19 @@
-"""The method's arithmetic, each piece of slime.py against a slow re-computation from its definition.
+"""The method's arithmetic, each piece of slime.py against a slow re-computation from its
+definition.
 
 Proves that attention_maps (Eq. 3, Eq. 5), was_map (Eq. 6), class_weights and segmentation_losses
 (Eq. 4, Eq. 7) compute what the paper (Sec. 4) and the release (aliasgharkhani/SLiMe at 9de06f1,
-src/slime.py#L90-L152, #L188-L279) define; that training_step's loss on head-averaged log-probabilities
-equals the release's loss on averaged logits (README, Faithfulness: CE input); Eq. 8's total and its SD
-loss by hand; the noise schedule, x_t and the VAE's input range and 0.18215; that class_scores is
-the release's patched masking (classes below the threshold skipped per patch); that segment upsamples
-scores, not labels; the mIoU averaging; the training step's gradient against finite differences;
-OpenCV's small blur kernels; that the augmentations keep the mask on the image (flip, the crop that
-favours a part, rotation); that fit trains on the colour order it records; and, for --window, the
-window layout (covering the image, overlapping, flush with its border, small images), the padded crops
-and fit's views, the banded upsampling of the window grid, and that native_scores is the release's rule
-over the windows. The maps come from stand-in UNets (FakeUNet, ScoreUNet, Eq8UNet) or the tiny random
-checkpoint.
+src/slime.py#L90-L152, #L188-L279) define; that training_step's loss on head-averaged
+log-probabilities equals the release's loss on averaged logits (README, Faithfulness: CE input);
+Eq. 8's total and its SD loss by hand; the noise schedule, x_t and the VAE's input range and
+0.18215; that class_scores is the release's patched masking (classes below the threshold skipped per
+patch); that segment upsamples scores, not labels; the mIoU averaging; the training step's gradient
+against finite differences; OpenCV's small blur kernels; that the augmentations keep the mask on the
+image (flip, the crop that favours a part, rotation); that fit trains on the colour order it
+records; and, for --window, the window layout (covering the image, overlapping, flush with its
+border, small images), the padded crops and fit's views, the banded upsampling of the window grid,
+and that native_scores is the release's rule over the windows. The maps come from stand-in UNets
+(FakeUNet, ScoreUNet, Eq8UNet) or the tiny random checkpoint.
 
     python -m pytest -q tests/test_method.py
 """
@@ -30,7 +31,8 @@ from attention import attention
 
 
 def bilinear_slow(img, out):
-    """align_corners=False bilinear resize of a (h, w) map, written out pixel by pixel (in Python floats)."""
+    """align_corners=False bilinear resize of a (h, w) map, written out pixel by pixel
+    (in Python floats)."""
     h, w = img.shape
     v, res = img.tolist(), [[0.0] * out for _ in range(out)]
     for Y in range(out):
@@ -47,7 +49,8 @@ def bilinear_slow(img, out):
 
 
 class FakeUNet:
-    """Returns given maps (and records its calls), so the map arithmetic can be checked on known values."""
+    """Returns given maps (and records its calls), so the map arithmetic can be checked on known
+    values."""
 
     def __init__(self, maps_per_call):
         self.maps_per_call, self.calls = maps_per_call, 0
@@ -117,7 +120,8 @@ def test_eq6_was_map():
 def test_class_weights_follow_the_release():
     mask = torch.tensor([[0, 0, 0, 1], [1, 1, 2, 255], [0, 0, 0, 0], [0, 0, 0, 0]])
     w = slime.class_weights(mask, 4)
-    # n = (bg ignored, 3, 1, 0): w_c = (3 + 1) / n_c for present parts, 0 for absent ones, background 1
+    # n = (bg ignored, 3, 1, 0): w_c = (3 + 1) / n_c for present parts, 0 for absent ones,
+    # background 1
     assert torch.allclose(w, torch.tensor([1.0, 4 / 3, 4.0, 0.0]), rtol=1e-5)
 
 
@@ -142,11 +146,12 @@ def test_eq4_cross_entropy_and_eq7_mse():
 
 
 class ScoreUNet:
-    """A UNet whose cross-attention layers have known per-head scores q_h k_h^T / sqrt(d) (4 heads, 77 keys).
+    """A UNet whose cross-attention layers have known per-head scores q_h k_h^T / sqrt(d)
+    (4 heads, 77 keys).
 
-    It hands back what attention.attention makes of them: head-averaged log-probabilities for the layers
-    asked for in log_attn_layers, head-averaged probabilities for attn_layers; the self-attention layers
-    all return one fixed map (or its log)."""
+    It hands back what attention.attention makes of them: head-averaged log-probabilities for the
+    layers asked for in log_attn_layers, head-averaged probabilities for attn_layers; the
+    self-attention layers all return one fixed map (or its log)."""
 
     def __init__(self, seed, self_map, heads=4, dim=32):
         g = torch.Generator().manual_seed(seed)
@@ -159,7 +164,8 @@ class ScoreUNet:
             )
 
     def logits(self, n):
-        """The release's cross-attention logits of layer n: the raw scores averaged over heads (N, 77)."""
+        """The release's cross-attention logits of layer n: the raw scores averaged over heads
+        (N, 77)."""
         q, k = (x[0].unflatten(-1, (self.heads, -1)).transpose(0, 1) for x in self.qk[n])
         return (q @ k.transpose(1, 2) / q.shape[-1] ** 0.5).mean(0)
 
@@ -177,10 +183,11 @@ class ScoreUNet:
 
 
 def test_eq4_log_space_equals_the_release_logits():
-    """README, Faithfulness, "CE input": slime trains on head-averaged log-probabilities where the release
-    averaged the raw logits; the per-pixel logsumexp is constant over the K classes, so after the softmax
-    over them Eq. 4 and Eq. 7 are unchanged. training_step's loss terms against the release's, computed by
-    hand from the same per-head scores. Averaging probabilities instead (log_space=False) would fail."""
+    """README, Faithfulness, "CE input": slime trains on head-averaged log-probabilities where the
+    release averaged the raw logits; the per-pixel logsumexp is constant over the K classes, so
+    after the softmax over them Eq. 4 and Eq. 7 are unchanged. training_step's loss terms against
+    the release's, computed by hand from the same per-head scores. Averaging probabilities instead
+    (log_space=False) would fail."""
     K = 3
     g = torch.Generator().manual_seed(3)
     S = (4 * torch.rand(4096, 4096, generator=g)).softmax(-1)
@@ -226,10 +233,10 @@ def test_eq4_log_space_equals_the_release_logits():
 
 
 class Eq8UNet:
-    """A UNet with known outputs: eps = context[0, 1, 0] at every latent entry (for the conditional context
-    that is the first learned vector's first entry, for the unconditional one the "" prompt's), the
-    cross-attention log-probabilities log_softmax(v) at every pixel of every layer, and a uniform
-    self-attention map. It records (x_t, t, context) of each call."""
+    """A UNet with known outputs: eps = context[0, 1, 0] at every latent entry (for the conditional
+    context that is the first learned vector's first entry, for the unconditional one the ""
+    prompt's), the cross-attention log-probabilities log_softmax(v) at every pixel of every layer,
+    and a uniform self-attention map. It records (x_t, t, context) of each call."""
 
     def __init__(self, v):
         lp = torch.tensor(v + [0.0] * (77 - len(v))).log_softmax(
@@ -247,8 +254,9 @@ class Eq8UNet:
 
 
 def stub_sd(unet, alphas_cumprod):
-    """An `sd` around `unet` whose VAE encodes any image to z = 0.5 + 0.1 N(0, I), drawing its N(0, I) from
-    the generator as the real VAE's posterior sample does (one randn of the latent's shape)."""
+    """An `sd` around `unet` whose VAE encodes any image to z = 0.5 + 0.1 N(0, I), drawing its
+    N(0, I) from the generator as the real VAE's posterior sample does (one randn of the latent's
+    shape)."""
 
     def encode(images, sample, generator):
         assert sample  # training and noisy_latent encode a posterior sample, not the mean
@@ -262,13 +270,14 @@ def stub_sd(unet, alphas_cumprod):
 
 
 def test_eq8_total_loss_and_the_sd_loss_by_hand():
-    """Eq. 8, loss = CE + alpha MSE + beta SD, with every term plain arithmetic on a stub UNet's known outputs:
-    CE (Eq. 4) and MSE (Eq. 7) of constant maps, and SD = mean((eps_u + g (eps_c - eps_u) - noise)^2) with
-    eps_c = 0.5, eps_u = -0.25 and the noise noisy_latent added, replayed from the seed. alpha, beta and the
-    guidance g are distinct and none is its default, so swapping alpha and beta, dropping the guidance, using
-    eps_c alone or another target than the added noise each changes the loss (checked below). Only the
-    conditional branch depends on the learned vectors: the gradient is beta g mean(2 (eps - noise)) on the
-    entry eps_c is read from, 0 elsewhere (a detached eps_c in the SD loss: no gradient at all)."""
+    """Eq. 8, loss = CE + alpha MSE + beta SD, with every term plain arithmetic on a stub UNet's
+    known outputs: CE (Eq. 4) and MSE (Eq. 7) of constant maps, and SD = mean((eps_u + g
+    (eps_c - eps_u) - noise)^2) with eps_c = 0.5, eps_u = -0.25 and the noise noisy_latent added,
+    replayed from the seed. alpha, beta and the guidance g are distinct and none is its default, so
+    swapping alpha and beta, dropping the guidance, using eps_c alone or another target than the
+    added noise each changes the loss (checked below). Only the conditional branch depends on the
+    learned vectors: the gradient is beta g mean(2 (eps - noise)) on the entry eps_c is read from, 0
+    elsewhere (a detached eps_c in the SD loss: no gradient at all)."""
     K, v = 3, [2.0, 0.5, -1.0]  # the logits of tokens 0, 1, 2: background, part 1, part 2
     unet = Eq8UNet(v)
     # a_t = 0.64 at every t: sqrt(a_t) = 0.8, sqrt(1 - a_t) = 0.6
@@ -292,7 +301,8 @@ def test_eq8_total_loss_and_the_sd_loss_by_hand():
     )
     loss.backward()
 
-    # the generator's draws replayed in training_step's order: the timestep, the VAE's sample, the noise
+    # the generator's draws replayed in training_step's order: the timestep, the VAE's sample, the
+    # noise
     replay = torch.Generator().manual_seed(5)
     t = torch.randint(5, 101, (1,), generator=replay)  # t_min = 5 .. t_max = 100, inclusive
     z = 0.5 + 0.1 * torch.randn(1, 4, 64, 64, generator=replay)
@@ -303,13 +313,14 @@ def test_eq8_total_loss_and_the_sd_loss_by_hand():
     assert context_u is uncond and t_c == t and t_u == t and torch.equal(x_c, x_u)
     assert torch.allclose(x_c, 0.8 * z + 0.6 * noise.float(), atol=1e-6)  # float32 rounding only
 
-    # Eq. 4: the softmax over the K tokens; the weights are #foreground / #part: 1536 / 1024 and 1536 / 512
+    # Eq. 4: the softmax over the K tokens; the weights are #foreground / #part: 1536 / 1024 and
+    # 1536 / 512
     p = [math.exp(x) / sum(math.exp(y) for y in v) for x in v]
     w = [1.0, 1.5, 3.0]
     n = [2560, 1024, 512]
     ce = sum(-w[c] * n[c] * math.log(p[c]) for c in range(K)) / sum(w[c] * n[c] for c in range(K))
-    # Eq. 6 and 7: a uniform self-attention map averages the constant map, S_WAS[k] = p_k at every pixel;
-    # a pixel of class c adds sum_k (p_k - [k == c])^2 = sum_k p_k^2 - 2 p_c + 1
+    # Eq. 6 and 7: a uniform self-attention map averages the constant map, S_WAS[k] = p_k at every
+    # pixel; a pixel of class c adds sum_k (p_k - [k == c])^2 = sum_k p_k^2 - 2 p_c + 1
     mse = sum(n[c] * (sum(x * x for x in p) - 2 * p[c] + 1) for c in range(K)) / 4096
     eps = -0.25 + 3.0 * (0.5 - -0.25)  # eps_u + g (eps_c - eps_u) = 2.0
     sd_loss = ((eps - noise) ** 2).mean().item()
@@ -345,8 +356,9 @@ def test_eq8_total_loss_and_the_sd_loss_by_hand():
 
 
 def test_the_noise_schedule_is_sd_scaled_linear():
-    """alphas_cumprod: 1000 betas evenly spaced in sqrt from sqrt(0.00085) to sqrt(0.012), a_t = prod over
-    i <= t of (1 - beta_i); a_0 and a_999 recomputed with Python floats and written out."""
+    """alphas_cumprod: 1000 betas evenly spaced in sqrt from sqrt(0.00085) to sqrt(0.012),
+    a_t = prod over i <= t of (1 - beta_i); a_0 and a_999 recomputed with Python floats and written
+    out."""
     a = slime.alphas_cumprod()
     lo, hi = 0.00085**0.5, 0.012**0.5
     prod, by_hand = 1.0, []
@@ -354,18 +366,19 @@ def test_the_noise_schedule_is_sd_scaled_linear():
         prod *= 1 - (lo + (hi - lo) * i / 999) ** 2
         by_hand.append(prod)
     assert len(a) == 1000
-    # the literals: by_hand[0] and by_hand[999] printed (0.99915, 0.004660098513...), to 6 significant digits.
-    # rel 1e-6 lets through float32 storage (4e-8 here); betas linear in beta give a_999 = 0.00158, 1001 steps
-    # 0.00464, a_998 for a_999 0.00472
+    # the literals: by_hand[0] and by_hand[999] printed (0.99915, 0.004660098513...), to 6
+    # significant digits. rel 1e-6 lets through float32 storage (4e-8 here); betas linear in beta
+    # give a_999 = 0.00158, 1001 steps 0.00464, a_998 for a_999 0.00472
     for t, literal in ((0, 0.99915), (999, 0.00466010)):
         assert math.isclose(a[t].item(), by_hand[t], rel_tol=1e-6)
         assert math.isclose(a[t].item(), literal, rel_tol=1e-6)
 
 
 def test_noisy_latent_is_sqrt_a_z_plus_sqrt_1_minus_a_noise():
-    """x_t = sqrt(a_t) z + sqrt(1 - a_t) eps, each image at its own t, with the eps returned: drawn from the
-    same generator right after the VAE's sample. A schedule with a_10 = 0.64 and a_900 = 0.36 makes the two
-    square roots 0.8 and 0.6, so swapping them or taking another t's a fails."""
+    """x_t = sqrt(a_t) z + sqrt(1 - a_t) eps, each image at its own t, with the eps returned: drawn
+    from the same generator right after the VAE's sample. A schedule with a_10 = 0.64 and
+    a_900 = 0.36 makes the two square roots 0.8 and 0.6, so swapping them or taking another t's a
+    fails."""
     a = torch.full((1000,), 0.5)
     a[10], a[900] = 0.64, 0.36
     sd = stub_sd(None, a)
@@ -380,9 +393,10 @@ def test_noisy_latent_is_sqrt_a_z_plus_sqrt_1_minus_a_noise():
 
 
 def test_the_vae_encodes_2x_minus_1_and_scales_the_posterior_by_0_18215():
-    """vae.encode maps [0, 1] to SD's [-1, 1] (2 x - 1) before the encoder and multiplies the posterior's mean
-    (and its sample, mean + std N(0, I)) by 0.18215, on a tiny random AutoencoderKL: by its parts, then with
-    the encoder replaced by one with known moments, against written-out numbers."""
+    """vae.encode maps [0, 1] to SD's [-1, 1] (2 x - 1) before the encoder and multiplies the
+    posterior's mean (and its sample, mean + std N(0, I)) by 0.18215, on a tiny random
+    AutoencoderKL: by its parts, then with the encoder replaced by one with known moments, against
+    written-out numbers."""
     from vae import AutoencoderKL, VAEConfig
 
     vae = AutoencoderKL(VAEConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, num_groups=4)).eval()
@@ -425,8 +439,8 @@ def test_patch_origins():
 
 
 def patched_masking_slow(calls, K, s, out):
-    """The release's get_patched_masks (src/slime.py#L188-L279 at 9de06f1), literally, with Python loops
-    over classes. -> (scores, the classes that passed the threshold in each patch)."""
+    """The release's get_patched_masks (src/slime.py#L188-L279 at 9de06f1), literally, with Python
+    loops over classes. -> (scores, the classes that passed the threshold in each patch)."""
     Facc, passed_per_patch = torch.zeros(K, out, out), []
     C = torch.zeros(K, out, out) + 1e-7
     ratio, m = 512 // out, s.patch_size // (512 // out)
@@ -478,8 +492,8 @@ def patched_masking_slow(calls, K, s, out):
 def test_patched_masking_arithmetic(patch_size, per_side, out, passed):
     K = 3
     calls = [random_maps(K, seed) for seed in range(per_side**2)]
-    # the class maps peak at 0.0162-0.0175: at threshold 0.017 some classes fail in a patch, class 0 is
-    # not always the first that passes, and no class passes in the third patch (it adds nothing)
+    # the class maps peak at 0.0162-0.0175: at threshold 0.017 some classes fail in a patch, class 0
+    # is not always the first that passes, and no class passes in the third patch (it adds nothing)
     s = slime.Settings(patch_size=patch_size, patches_per_side=per_side, threshold=0.017)
     sd = FakeSD(FakeUNet(calls))
     scores, votes = slime.vote_sums(
@@ -493,8 +507,8 @@ def test_patched_masking_arithmetic(patch_size, per_side, out, passed):
 
 @pytest.mark.parametrize("h, w, band", [(700, 300, 37), (16, 16, 256), (512, 900, 100)])
 def test_segment_upsamples_scores_not_labels(monkeypatch, h, w, band):
-    """Labels at the image's size are the argmax of the class scores upsampled bilinearly to that size,
-    computed band by band of rows."""
+    """Labels at the image's size are the argmax of the class scores upsampled bilinearly to that
+    size, computed band by band of rows."""
     scores = torch.rand(4, 512, 512, generator=torch.Generator().manual_seed(h))
     monkeypatch.setattr(slime, "vote_sums", lambda *a, **k: (scores, torch.ones(())))
     got = slime.segment(FakeSD(FakeUNet([{}])), None, torch.rand(3, h, w), 4, slime.Settings())
@@ -521,10 +535,11 @@ def test_iou_per_class_ignores_255_and_absent_classes():
 
 
 def test_training_step_gradient_matches_finite_differences(tiny_ckpt):
-    """Eq. 8's gradient through the tiny real UNet into the learned vectors is the loss's central difference
-    along a random direction: no branch of the loss is detached on its way to the vectors. At the default
-    settings, on this checkpoint, the directional derivative (-0.0163) is CE -0.0165 + MSE -0.0257 +
-    SD +0.0259 (alpha and beta included): detaching any one branch changes it by over 100%."""
+    """Eq. 8's gradient through the tiny real UNet into the learned vectors is the loss's central
+    difference along a random direction: no branch of the loss is detached on its way to the
+    vectors. At the default settings, on this checkpoint, the directional derivative (-0.0163) is CE
+    -0.0165 + MSE -0.0257 + SD +0.0259 (alpha and beta included): detaching any one branch changes
+    it by over 100%."""
     sd = slime.load_models(tiny_ckpt("sd2"))
     K = 3
     cond, uncond = slime.prompt_contexts(sd, K)
@@ -544,8 +559,8 @@ def test_training_step_gradient_matches_finite_differences(tiny_ckpt):
     h = 1e-2
     with torch.no_grad():
         fd = (loss_at(learned + h * direction) - loss_at(learned - h * direction)) / (2 * h)
-    # rel 1e-2: float32 rounding makes the difference 0.3% off here. Lets through a detached branch worth
-    # under 1% of the derivative, i.e. none of this checkpoint's three
+    # rel 1e-2: float32 rounding makes the difference 0.3% off here. Lets through a detached branch
+    # worth under 1% of the derivative, i.e. none of this checkpoint's three
     assert math.isclose((learned.grad * direction).sum().item(), fd.item(), rel_tol=1e-2)
 
 
@@ -561,10 +576,11 @@ def test_blur_uses_opencv_small_kernels():
 
 
 def labelled_scene():
-    """A (512, 512) mask of a rectangle (1), a disc (2) and a bar (3) within 130 px of the centre, background 0
-    around them, and its image: channel c is 1 where the label is c + 1, so the background is 0 in all three,
-    as are the corners a rotation brings in. Even where a blur, a zoom or a turn mixes labels, read_labels
-    reads each pixel's label back: the one with the largest share (the background's is 1 - the sum)."""
+    """A (512, 512) mask of a rectangle (1), a disc (2) and a bar (3) within 130 px of the centre,
+    background 0 around them, and its image: channel c is 1 where the label is c + 1, so the
+    background is 0 in all three, as are the corners a rotation brings in. Even where a blur, a zoom
+    or a turn mixes labels, read_labels reads each pixel's label back: the one with the largest
+    share (the background's is 1 - the sum)."""
     yy, xx = torch.meshgrid(torch.arange(512), torch.arange(512), indexing="ij")
     mask = torch.zeros(512, 512, dtype=torch.long)
     mask[(yy - 220) ** 2 + (xx - 300) ** 2 < 70**2] = 2
@@ -587,7 +603,8 @@ def read_labels(image):
 
 
 def one_label_around(mask, ys, xs, r):
-    """For each pixel (ys[i], xs[i]): whether the (2r + 1) x (2r + 1) square around it holds a single label."""
+    """For each pixel (ys[i], xs[i]): whether the (2r + 1) x (2r + 1) square around it holds a
+    single label."""
     d = range(-r, r + 1)
     around = torch.stack(
         [mask[(ys + dy).clamp(0, 511), (xs + dx).clamp(0, 511)] for dy in d for dx in d]
@@ -596,26 +613,29 @@ def one_label_around(mask, ys, xs, r):
 
 
 def test_augment_keeps_the_mask_on_the_image():
-    """After each augmentation (flip, blur, part crop and zoom, rotation; 12 seeds, each part favoured), the
-    label the image shows at a pixel is the mask's label there. The crop keeps the objects inside the image
-    and the turn keeps them inside its inscribed circle, so every difference is at a label boundary."""
+    """After each augmentation (flip, blur, part crop and zoom, rotation; 12 seeds, each part
+    favoured), the label the image shows at a pixel is the mask's label there. The crop keeps the
+    objects inside the image and the turn keeps them inside its inscribed circle, so every
+    difference is at a label boundary."""
     mask, image = labelled_scene()
     s = slime.Settings()
     for seed in range(12):
         img, m = slime.augment(image, mask, seed % 4, s, torch.Generator().manual_seed(seed))
         wrong = read_labels(img) != m
-        # off the boundaries, none: no pixel whose 5x5 square holds one label of the mask reads another label.
-        # 5x5, as the mask's nearest zoom (cv2's INTER_NEAREST, as the release's) lags the bilinear image by
-        # half a pixel and the turn rounds, so a boundary pixel may read 2 px off
+        # off the boundaries, none: no pixel whose 5x5 square holds one label of the mask reads
+        # another label. 5x5, as the mask's nearest zoom (cv2's INTER_NEAREST, as the release's)
+        # lags the bilinear image by half a pixel and the turn rounds, so a boundary pixel may read
+        # 2 px off
         assert not one_label_around(m, *wrong.nonzero(as_tuple=True), r=2).any(), seed
-        # at the boundaries: 0.15-0.38% of the pixels here (up to 36% of those on a boundary). 0.4% lets
-        # through a mask one source pixel off (the lag is of that size) or turned 0.3 degrees more than the
-        # image; 2 px off (0.41-0.66%, every seed) or 1 degree fails
+        # at the boundaries: 0.15-0.38% of the pixels here (up to 36% of those on a boundary). 0.4%
+        # lets through a mask one source pixel off (the lag is of that size) or turned 0.3 degrees
+        # more than the image; 2 px off (0.41-0.66%, every seed) or 1 degree fails
         assert wrong.float().mean() < 0.004, seed
 
 
 def test_augment_flips_the_image_and_the_mask_together():
-    """The horizontal flip turns both or neither: a part on the left of the image stays on the mask's side."""
+    """The horizontal flip turns both or neither: a part on the left of the image stays on the
+    mask's side."""
     mask = torch.zeros(512, 512, dtype=torch.long)
     mask[200:300, 40:140] = 1  # on the left: centre x = 89.5
     image = F.one_hot(mask, 4).permute(2, 0, 1)[1:].float()
@@ -630,15 +650,16 @@ def test_augment_flips_the_image_and_the_mask_together():
         x = (img[0].sum(0) * torch.arange(512)).sum() / img[
             0
         ].sum()  # the image's part: its centre x
-        # 0.01 px: float32 sums; the blur is symmetric and keeps the centre. A one-pixel shift would fail
+        # 0.01 px: float32 sums; the blur is symmetric and keeps the centre. A one-pixel shift would
+        # fail
         assert abs(x - (511 - 89.5 if flips[-1] else 89.5)) < 0.01, seed
     assert any(flips) and not all(flips)  # both cases occurred
 
 
 def test_part_crop_keeps_more_than_30_percent_of_the_favoured_part():
-    """The crop that favours a part keeps more than 30% of its pixels, also for a part in a corner, which most
-    crops of the same sizes keep less of; and crops that keep barely more are taken (the bar is 30%, not more).
-    A part absent from the mask accepts the first crop drawn."""
+    """The crop that favours a part keeps more than 30% of its pixels, also for a part in a corner,
+    which most crops of the same sizes keep less of; and crops that keep barely more are taken (the
+    bar is 30%, not more). A part absent from the mask accepts the first crop drawn."""
     mask = torch.zeros(512, 512, dtype=torch.long)
     mask[:40, :40] = 1  # 1600 px in the top-left corner
 
@@ -650,8 +671,9 @@ def test_part_crop_keeps_more_than_30_percent_of_the_favoured_part():
     gen = torch.Generator().manual_seed(0)
     favoured = [kept(slime.part_crop(mask, 1, 0.8, gen)) for _ in range(40)]
     assert min(favoured) > 0.3 and min(favoured) < 0.4
-    # part 2 is absent: any first draw is accepted, so these are the crops drawn before the bar. Half of them
-    # keep 30% or less, some between 10% and 30%: a bar of 10% would have let such crops through above
+    # part 2 is absent: any first draw is accepted, so these are the crops drawn before the bar.
+    # Half of them keep 30% or less, some between 10% and 30%: a bar of 10% would have let such
+    # crops through above
     drawn = [kept(slime.part_crop(mask, 2, 0.8, gen)) for _ in range(40)]
     assert sum(k <= 0.3 for k in drawn) >= 20 and sum(0.1 < k <= 0.3 for k in drawn) >= 3
     # at once: the crop is the first one the generator gives (side, then the origin)
@@ -662,9 +684,10 @@ def test_part_crop_keeps_more_than_30_percent_of_the_favoured_part():
 
 
 def test_rotate_turns_the_image_and_the_mask_by_the_same_angle_and_brings_in_zeros():
-    """rotate turns a (bilinear) image and a (nearest) mask about the centre by the angle asked, clockwise on
-    screen for positive angles: an off-centre square's centre lands where the turn by hand puts it, in both.
-    The corners the turn brings in are 0 in both: black pixels, background labels."""
+    """rotate turns a (bilinear) image and a (nearest) mask about the centre by the angle asked,
+    clockwise on screen for positive angles: an off-centre square's centre lands where the turn by
+    hand puts it, in both. The corners the turn brings in are 0 in both: black pixels, background
+    labels."""
     mask = torch.zeros(512, 512, dtype=torch.long)
     mask[100:140, 300:340] = (
         3  # centre (119.5, 319.5): 150 px from the image's centre (255.5, 255.5)
@@ -685,8 +708,8 @@ def test_rotate_turns_the_image_and_the_mask_by_the_same_angle_and_brings_in_zer
             slime.rotate(image, degrees, "bilinear"),
             slime.rotate(mask[None], degrees, "nearest")[0],
         )
-        # 0.01 px (bilinear, 0.001 here) and 0.1 px (nearest rounds each pixel, 0.02 here): lets through a
-        # turn off by under 0.04 degrees (0.1 degree moves the centre 0.26 px)
+        # 0.01 px (bilinear, 0.001 here) and 0.1 px (nearest rounds each pixel, 0.02 here): lets
+        # through a turn off by under 0.04 degrees (0.1 degree moves the centre 0.26 px)
         assert all(abs(g - w) < 0.01 for g, w in zip(centre(img[0]), want)), degrees
         assert all(abs(g - w) < 0.1 for g, w in zip(centre((m == 3).float()), want)), degrees
         assert set(m.unique().tolist()) == {0, 3}
@@ -720,9 +743,10 @@ def test_fit_feeds_the_colour_order_it_records(tiny_ckpt, monkeypatch, bgr):
 
 
 def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_ckpt):
-    """fit's validation segments the same images with the same seeded noise every time: fit makes each
-    validation image's noisy inputs once, before its loop (that every validation gets those: the next test), and
-    no validation VAE-encodes again; its masks and mIoU equal segmenting from scratch."""
+    """fit's validation segments the same images with the same seeded noise every time: fit makes
+    each validation image's noisy inputs once, before its loop (that every validation gets those:
+    the next test), and no validation VAE-encodes again; its masks and mIoU equal segmenting from
+    scratch."""
     from conftest import synthetic_scene
 
     sd = slime.load_models(tiny_ckpt("sd2"))
@@ -745,7 +769,8 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
 def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_validation(
     tiny_ckpt, monkeypatch
 ):
-    """One noisy_inputs per validation pair, before the first step; every validation gets those very ones."""
+    """One noisy_inputs per validation pair, before the first step; every validation gets those very
+    ones."""
     sd = slime.load_models(tiny_ckpt("sd2"))
     image, gt = torch.rand(3, 64, 64), torch.zeros(64, 64, dtype=torch.long)
     gt[32:] = 1
@@ -775,7 +800,7 @@ def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_valida
     assert all(a is b for a, b in zip(given[0], made))
 
 
-# ----------------------------------------------------------------------------- native resolution (--window)
+# --------------------------------------------------------------------- native resolution (--window)
 @pytest.mark.parametrize(
     "h, w, window",
     [
@@ -859,9 +884,9 @@ def test_window_grid_scores_are_upsampled_band_by_band_and_cut_at_the_border(h, 
 
 
 def test_native_scores_are_the_release_rule_over_the_windows():
-    """Each window votes as a release patch (patch_votes, unchanged) on its 64x64 cells of the grid; where
-    windows overlap, each class's score is the mean of its votes; a class below the threshold in a window
-    does not vote there. With one window the image is that window."""
+    """Each window votes as a release patch (patch_votes, unchanged) on its 64x64 cells of the grid;
+    where windows overlap, each class's score is the mean of its votes; a class below the threshold
+    in a window does not vote there. With one window the image is that window."""
     K = 3
     calls = [random_maps(K, seed) for seed in range(2)]
     s = slime.Settings(window=512, threshold=0.017)
@@ -882,7 +907,8 @@ def test_native_scores_are_the_release_rule_over_the_windows():
         scores[seen, :, x0 : x0 + 64] += v
         votes[seen, :, x0 : x0 + 64] += 1
     assert torch.allclose(got, scores / votes, atol=1e-6)
-    # classes 0 and 2 pass in the first window, 1 and 2 in the second (test_patched_masking_arithmetic)
+    # classes 0 and 2 pass in the first window, 1 and 2 in the second
+    # (test_patched_masking_arithmetic)
     assert votes[:, 0, 10].round().tolist() == [1, 0, 1] and votes[:, 0, 50].round().tolist() == [
         1,
         1,
@@ -897,7 +923,8 @@ def test_native_scores_are_the_release_rule_over_the_windows():
         K,
         slime.Settings(patch_size=512, patches_per_side=1, threshold=0.017),
     )
-    # 98.8% agree: the release rule rescales each class's WAS map by its min and max, which the squash path
-    # takes after the 8x bilinear upsampling and the window path before it, so near-ties of two classes move.
-    # 0.985 lets through a change confined to 1.5% of the pixels; masks a pixel apart agree on 93.8%
+    # 98.8% agree: the release rule rescales each class's WAS map by its min and max, which the
+    # squash path takes after the 8x bilinear upsampling and the window path before it, so near-ties
+    # of two classes move. 0.985 lets through a change confined to 1.5% of the pixels; masks a pixel
+    # apart agree on 93.8%
     assert (one == squash).float().mean() > 0.985

@@ -1,13 +1,13 @@
 """The Stable Diffusion components, from the checkpoint file to the attention maps.
 
 Proves that every tensor of the real SD 1.5 and SD 2.1-base files (tests/layouts/) has a slot of its
-shape in unet.py / vae.py / clip_text.py or is knowingly ignored; that the norms, the timestep embedding
-and the VAE's padding follow ldm; that attention() returns head-averaged probabilities and
-log-probabilities equal to a per-head loop; that tiny checkpoints in the real layout (fp32, fp16, bf16)
-load and run, return the attention maps asked for (probabilities, or log-probabilities) and pass
-gradients to the text context only; that broken checkpoint files are refused with one sentence naming
-the file; that the plan reads only a checkpoint's header; and that the hand-set SD-like checkpoint of
-conftest.py attends like real SD.
+shape in unet.py / vae.py / clip_text.py or is knowingly ignored; that the norms, the timestep
+embedding and the VAE's padding follow ldm; that attention() returns head-averaged probabilities and
+log-probabilities equal to a per-head loop; that tiny checkpoints in the real layout
+(fp32, fp16, bf16) load and run, return the attention maps asked for (probabilities, or
+log-probabilities) and pass gradients to the text context only; that broken checkpoint files are
+refused with one sentence naming the file; that the plan reads only a checkpoint's header; and that
+the hand-set SD-like checkpoint of conftest.py attends like real SD.
 
     python -m pytest -q tests/test_models.py
 """
@@ -48,8 +48,9 @@ SLIME_LAYERS = ["output_blocks.%d.1.transformer_blocks.0.attn2" % i for i in (3,
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_real_layout_maps_onto_the_models(tmp_path, family):
-    """Every tensor of the real release file has a module slot of its shape, or is on the ignore list:
-    read_header (which refuses missing, unexpected and mis-shaped tensors) accepts the real header."""
+    """Every tensor of the real release file has a module slot of its shape, or is on the ignore
+    list: read_header (which refuses missing, unexpected and mis-shaped tensors) accepts the real
+    header."""
     shapes = real_layout(family)
     got_family, modules = slime.read_header(
         write_layout_only(tmp_path / "real.safetensors", family)
@@ -158,9 +159,9 @@ def test_tiny_checkpoint_runs_and_returns_maps(tiny_ckpt, family):
             assert (p >= 0).all() and torch.allclose(
                 p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5
             ), name
-    # the log layer holds the head average of log-probabilities: by Jensen <= the log of the head-averaged
-    # probability (so at most 1 in total over the keys), equal to it with one head, below it where heads
-    # differ
+    # the log layer holds the head average of log-probabilities: by Jensen <= the log of the
+    # head-averaged probability (so at most 1 in total over the keys), equal to it with one head,
+    # below it where heads differ
     logp, probs = (
         maps[SLIME_LAYERS[-1]],
         m.unet(lat, t, ctx, attn_layers=SLIME_LAYERS[-1:])[1][SLIME_LAYERS[-1]],
@@ -235,7 +236,8 @@ def write_bytes(path, data):
         ("vae", r" is no SD 1\.x or 2\.x checkpoint: it lacks a text encoder$"),
         (
             "novae",
-            r" is no SD 1\.x or 2\.x checkpoint: it lacks first_stage_model\.encoder\.conv_in\.weight$",
+            r" is no SD 1\.x or 2\.x checkpoint: "
+            r"it lacks first_stage_model\.encoder\.conv_in\.weight$",
         ),
         (
             "incomplete",
@@ -243,7 +245,8 @@ def write_bytes(path, data):
         ),
         (
             "shaped",
-            r" has wrongly shaped tensors for sd2: model\.diffusion_model\.out\.2\.bias \(1 in all\)$",
+            r" has wrongly shaped tensors for sd2: "
+            r"model\.diffusion_model\.out\.2\.bias \(1 in all\)$",
         ),
         (
             "integer",
@@ -251,12 +254,14 @@ def write_bytes(path, data):
         ),
         (
             "nan",
-            r": the tensor model\.diffusion_model\.out\.2\.bias holds nan or inf values; the file is damaged$",
+            r": the tensor model\.diffusion_model\.out\.2\.bias holds nan or inf values; "
+            r"the file is damaged$",
         ),
     ],
 )
 def test_bad_checkpoint_files_say_what_is_wrong(tmp_path, tiny_ckpt, case, message):
-    """`<path><message>`, one line: the OS's or safetensors' reason, or what makes it no SD 1.x / 2.x file."""
+    """`<path><message>`, one line: the OS's or safetensors' reason, or what makes it no SD 1.x /
+    2.x file."""
     from safetensors.torch import save_file
 
     out = "model.diffusion_model.out.2.bias"
@@ -351,8 +356,8 @@ def test_unexpected_tensor_is_named(tmp_path, tiny_ckpt):
 
 
 def test_the_plan_reads_only_the_header_of_a_full_size_file(tmp_path):
-    """A 2.6 GB file in the real SD 2.1-base layout (fp16, a sparse hole of zeros): read_header checks every
-    name, shape and format without reading the tensors into memory."""
+    """A 2.6 GB file in the real SD 2.1-base layout (fp16, a sparse hole of zeros): read_header
+    checks every name, shape and format without reading the tensors into memory."""
     path = write_layout_only(tmp_path / "v2-1_512-fp16.safetensors", "sd2")
     code = PEAK_MEMORY + (
         "import sys, slime; f, m = slime.read_header(sys.argv[1]); "
@@ -371,10 +376,11 @@ def test_the_plan_reads_only_the_header_of_a_full_size_file(tmp_path):
 
 
 def test_the_fingerprint_sees_every_byte_of_the_checkpoint(tmp_path):
-    """The run record's identity of the weights: one flipped bit anywhere (the header, the middle where a LoRA
-    merged into the UNet lands, either end, across the 16 MiB chunks it hashes in threads) gives another
-    fingerprint; the same bytes under another name and time give the same."""
-    header = b'{"__metadata__": {"format": "pt"}}'  # a safetensors file's start, then 40 MiB of "tensors"
+    """The run record's identity of the weights: one flipped bit anywhere (the header, the middle
+    where a LoRA merged into the UNet lands, either end, across the 16 MiB chunks it hashes in
+    threads) gives another fingerprint; the same bytes under another name and time give the same."""
+    # a safetensors file's start, then 40 MiB of "tensors"
+    header = b'{"__metadata__": {"format": "pt"}}'
     data = (
         torch.randint(0, 256, (40 << 20,), generator=torch.Generator().manual_seed(0))
         .byte()
@@ -397,8 +403,9 @@ def test_the_fingerprint_sees_every_byte_of_the_checkpoint(tmp_path):
 
 
 def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
-    """What makes the end-to-end quality test meaningful: on the hand-set checkpoint <start-of-text> takes
-    most of the cross-attention at every pixel (as in real SD), and self-attention stays within regions."""
+    """What makes the end-to-end quality test meaningful: on the hand-set checkpoint <start-of-text>
+    takes most of the cross-attention at every pixel (as in real SD), and self-attention stays
+    within regions."""
     sd = slime.load_models(sdlike_ckpt)
     img, mask = synthetic_scene()
     image = torch.from_numpy(img).permute(2, 0, 1).float() / 255
@@ -417,11 +424,12 @@ def test_the_sdlike_fixture_attends_like_sd(sdlike_ckpt):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_the_models_match_diffusers_golden_values(tiny_ckpt, family):
-    """Against an independent reference on identical weights where every branch carries signal (all random,
-    none zeroed): tests/data/goldens-*.safetensors hold what diffusers' and transformers' own models compute
-    on the tiny checkpoint. Each file's metadata holds the script that made them ("script": not kept as a file,
-    since the project imports no diffusers), its command, and the versions. The tokens, the text context, the VAE latent (posterior mean x 0.18215 of 2 x image - 1), the
-    UNet's eps and the 8 attention maps SLiMe reads all match."""
+    """Against an independent reference on identical weights where every branch carries signal (all
+    random, none zeroed): tests/data/goldens-*.safetensors hold what diffusers' and transformers'
+    own models compute on the tiny checkpoint. Each file's metadata holds the script that made them
+    ("script": not kept as a file, since the project imports no diffusers), its command, and the
+    versions. The tokens, the text context, the VAE latent (posterior mean x 0.18215 of 2
+    x image - 1), the UNet's eps and the 8 attention maps SLiMe reads all match."""
     with safe_open(os.path.join(ROOT, "tests", "data", f"goldens-{family}.safetensors"), "pt") as f:
         gold, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     assert meta["checkpoint"].endswith(state_digest(load_file(tiny_ckpt(family)))), (
@@ -440,6 +448,6 @@ def test_the_models_match_diffusers_golden_values(tiny_ckpt, family):
     ours.update(eps=eps, **{f"attn:{k}": maps[k][0] for k in layers})
     for name, value in ours.items():
         error = ((value - gold[name]).abs().max() / gold[name].abs().max()).item()
-        # fp32 rounding gives ~1e-7; 1e-5 lets through only an error smaller than that in every value, where a
-        # wrong norm eps, head split, scale or padding moves them by 1e-3 or more
+        # fp32 rounding gives ~1e-7; 1e-5 lets through only an error smaller than that in every
+        # value, where a wrong norm eps, head split, scale or padding moves them by 1e-3 or more
         assert error <= 1e-5, (name, error)

@@ -1,9 +1,10 @@
-"""The paper's protocol on the authors' layout: `fit FOLDER`, `predict --masks` on the images' own folder, and
-benchmarks/paper.py's table, checked against IoUs computed here by hand from the masks predict wrote.
+"""The paper's protocol on the authors' layout: `fit FOLDER`, `predict --masks` on the images' own
+folder, and benchmarks/paper.py's table, checked against IoUs computed here by hand from the masks
+predict wrote.
 
-The authors ship each dataset as train_1/, train_10/, val/ and test/, each image NAME.png beside its mask
-NAME.npy. synthetic_car below writes that layout with a "car" in flat colours (the car preset's 6 classes),
-which the SD-like checkpoint (attention follows colour) can learn in a few epochs.
+The authors ship each dataset as train_1/, train_10/, val/ and test/, each image NAME.png beside its
+mask NAME.npy. synthetic_car below writes that layout with a "car" in flat colours (the car preset's
+6 classes), which the SD-like checkpoint (attention follows colour) can learn in a few epochs.
 """
 
 import json
@@ -21,16 +22,17 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import paper  # noqa: E402
 
-# test_cli's SD-like fit, shorter: 3 epochs at lr 0.5 (Average 70.4 for seed 0; at lr 0.3 only the body is
-# learned in 3 epochs, 5 epochs cost 6 s more), validated once, no SD loss (its eps ignores the context), fp32
+# test_cli's SD-like fit, shorter: 3 epochs at lr 0.5 (Average 70.4 for seed 0; at lr 0.3 only the
+# body is learned in 3 epochs, 5 epochs cost 6 s more), validated once, no SD loss (its eps ignores
+# the context), fp32
 SDLIKE = "--epochs 3 --lr 0.5 --val-every 3 --beta 0 --dtype fp32".split()
 LOAD_MODELS = slime.load_models  # before no_load_here replaces it
 SPLITS = dict(train_1=1, train_10=2, val=1, test=2)  # the authors' folders, a few images each
 
 
 def synthetic_car(seed, h=384, w=512):
-    """A 'car' in flat colours and textures, moved a little per seed: body 1 (striped red), light 2 (yellow),
-    plate 3 (white), wheel 4 (black discs), window 5 (cyan), on a blue background."""
+    """A 'car' in flat colours and textures, moved a little per seed: body 1 (striped red), light 2
+    (yellow), plate 3 (white), wheel 4 (black discs), window 5 (cyan), on a blue background."""
     rng = np.random.default_rng(seed)
     dy, dx = rng.integers(-30, 31, 2)
     yy, xx = np.mgrid[:h, :w]
@@ -56,7 +58,8 @@ def synthetic_car(seed, h=384, w=512):
 
 
 def authors_layout(root, splits=SPLITS, classes=6):
-    """DATADIR/car as the authors ship it -> the dataset folder; classes: labels past it become the last."""
+    """DATADIR/car as the authors ship it -> the dataset folder; classes: labels past it become the
+    last."""
     seed = 0
     for split, n in splits.items():
         (root / split).mkdir(parents=True)
@@ -69,7 +72,8 @@ def authors_layout(root, splits=SPLITS, classes=6):
 
 
 def hand_ious(pred, gt):
-    """{class: IoU} of the classes in gt, the ground truth first nearest-resized to the prediction's size."""
+    """{class: IoU} of the classes in gt, the ground truth first nearest-resized to the prediction's
+    size."""
     rows = (np.arange(pred.shape[0]) * gt.shape[0] // pred.shape[0]).astype(
         int
     )  # nearest: floor(i * in / out)
@@ -83,7 +87,8 @@ def hand_ious(pred, gt):
 
 
 def calls(monkeypatch):
-    """slime.main and slime.segment counted: [argv of each main], and how many images were segmented."""
+    """slime.main and slime.segment counted: [argv of each main], and how many images were
+    segmented."""
     seen, main, segment = SimpleCount(), slime.main, slime.segment
 
     def counted_main(argv):
@@ -107,9 +112,10 @@ class SimpleCount:
 def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resumes(
     tmp_path, sdlike_ckpt, monkeypatch, capsys
 ):
-    """paper.py on the authors' layout: interrupted (Ctrl-C in seed 1's predict), rerun, then rerun again. The
-    table equals IoUs computed here from the masks predict wrote and the .npy ground truth; std is 0 only where
-    the seeds agree; the published row of Table 2 stands under it; nothing finished is done twice."""
+    """paper.py on the authors' layout: interrupted (Ctrl-C in seed 1's predict), rerun, then rerun
+    again. The table equals IoUs computed here from the masks predict wrote and the .npy ground
+    truth; std is 0 only where the seeds agree; the published row of Table 2 stands under it;
+    nothing finished is done twice."""
     data, out = authors_layout(tmp_path / "car"), tmp_path / "paper"
     argv = [str(data), "--seeds", "0,1", "--ckpt", sdlike_ckpt, "-o", str(out), *SDLIKE]
     seen, segment = calls(monkeypatch), slime.segment
@@ -182,7 +188,8 @@ def test_the_table_of_two_seeds_is_the_masks_ious_and_a_rerun_after_ctrl_c_resum
     assert lines[2] == "| | Body | Light | Plate | Wheel | Window | Background | Average |"
     assert (
         lines[5]
-        == "| paper, Table 2 | 79.6 ± 0.4 | 37.5 ± 5.4 | 46.5 ± 2.6 | 65.0 ± 1.4 | 65.6 ± 1.6 | 75.7 ± 3.1 | 61.6 ± 0.5 |"
+        == "| paper, Table 2 | 79.6 ± 0.4 | 37.5 ± 5.4 | 46.5 ± 2.6 | 65.0 ± 1.4 | 65.6 ± 1.6 "
+        "| 75.7 ± 3.1 | 61.6 ± 0.5 |"
     )
     assert table["settings"]["out_size"] == 512 and table["settings"]["epochs"] == 3
     assert (
@@ -207,7 +214,8 @@ PLAN_CASES = [
     (
         "a missing split",
         [],
-        "paper.py: error: {d}/car/test: no such folder (the authors' layout: train_1, train_10, val, test)",
+        "paper.py: error: {d}/car/test: no such folder "
+        "(the authors' layout: train_1, train_10, val, test)",
     ),
     (
         "an empty split",
@@ -300,9 +308,10 @@ def test_paper_refuses_in_one_line_before_any_model_loads(
 def test_an_unfinished_fit_resumes_and_a_finished_one_is_not_fitted_again(
     tmp_path, monkeypatch, capsys
 ):
-    """A seed whose emb.pt an interrupt left unfinished goes on (fit --resume), or starts again if an older slime
-    kept no state to go on from (--overwrite); a finished one goes straight to predict. Watched through the argv
-    paper.py hands slime (which stops at once with Ctrl-C's 130)."""
+    """A seed whose emb.pt an interrupt left unfinished goes on (fit --resume), or starts again if
+    an older slime kept no state to go on from (--overwrite); a finished one goes straight to
+    predict. Watched through the argv paper.py hands slime (which stops at once with Ctrl-C's
+    130)."""
     data = authors_layout(tmp_path / "car", dict(train_1=1, test=1))
     for n, (finished, resume, first, flag) in enumerate(
         [
@@ -326,15 +335,17 @@ def test_an_unfinished_fit_resumes_and_a_finished_one_is_not_fitted_again(
 
 
 def planned(*argv):
-    """fit's plan of these arguments (files read and checked, no model) -> (train pairs, val pairs)."""
+    """fit's plan of these arguments (files read and checked, no
+    model) -> (train pairs, val pairs)."""
     args = slime.build_parser().parse_args(["fit", *map(str, argv), "--dtype", "fp32"])
     _, _, _, train, val, *_ = slime.plan_fit(args, slime.Console(True))
     return [m.tolist() for _, m in train], [m.tolist() for _, m in val]
 
 
 def test_fit_takes_folders_pairs_and_the_shells_glob_in_any_mix(tmp_path, tiny_ckpt, no_load_here):
-    """`fit FOLDER` pairs each image with the mask of its stem; folders and pairs mix, for fit and --val; a
-    shell's `train_10/*` (NAME.npy before NAME.png) pairs as the folder does; a photo's mask may be a PNG."""
+    """`fit FOLDER` pairs each image with the mask of its stem; folders and pairs mix, for fit and
+    --val; a shell's `train_10/*` (NAME.npy before NAME.png) pairs as the folder does; a photo's
+    mask may be a PNG."""
     data = authors_layout(tmp_path / "car")
     npy = lambda split, i: np.load(data / split / f"{i:04d}.npy").tolist()  # noqa: E731
     ckpt, o = ["--ckpt", tiny_ckpt("sd2")], ["-o", tmp_path / "emb.pt"]
@@ -423,8 +434,9 @@ def no_load_here(monkeypatch):
 def test_the_authors_embeddings_are_evaluated_without_a_fit(
     tmp_path, tiny_ckpt, monkeypatch, capsys
 ):
-    """--embeddings: the release's folder of embedding_{i}.pth becomes each seed's emb.pt (the release's
-    settings: BGR, 512x512), predict runs with the seed, and the table carries the row of --shots."""
+    """--embeddings: the release's folder of embedding_{i}.pth becomes each seed's emb.pt (the
+    release's settings: BGR, 512x512), predict runs with the seed, and the table carries the row of
+    --shots."""
     ckpt = tiny_ckpt("sd2")
     data, trained = authors_layout(tmp_path / "car", dict(test=1)), tmp_path / "trained"
     trained.mkdir()
@@ -465,8 +477,9 @@ def test_the_authors_embeddings_are_evaluated_without_a_fit(
 
 @pytest.mark.parametrize("row", sorted(paper.PUBLISHED), ids=lambda r: f"{r[0]}-{r[1]}")
 def test_the_published_rows_are_copied_whole(row):
-    """Each of the paper's SLiMe rows has a mean and a std per part column, Background and Average, and its
-    Average is the mean of its columns to the paper's rounding: a dropped or swapped number shows."""
+    """Each of the paper's SLiMe rows has a mean and a std per part column, Background and Average,
+    and its Average is the mean of its columns to the paper's rounding: a dropped or swapped number
+    shows."""
     values = np.array(paper.PUBLISHED[row].split(), float).reshape(-1, 2)
     columns = paper.DATASETS[row[0]][2].split()
     assert len(values) == len(columns) + 2 and len(columns) + 1 == len(
@@ -476,8 +489,8 @@ def test_the_published_rows_are_copied_whole(row):
 
 
 def test_the_readmes_six_commands_run_as_written(tmp_path, monkeypatch, capsys):
-    """README, "Reproduce the paper": each command, with $DATADIR set, plans its row and hands fit the split
-    folders and preset of that row (slime stops it there, as Ctrl-C would)."""
+    """README, "Reproduce the paper": each command, with $DATADIR set, plans its row and hands fit
+    the split folders and preset of that row (slime stops it there, as Ctrl-C would)."""
     readme = open(os.path.join(ROOT, "README.md")).read()
     commands = [
         line.split("#")[0].split()
@@ -505,8 +518,9 @@ def test_the_readmes_six_commands_run_as_written(tmp_path, monkeypatch, capsys):
 def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(
     tmp_path, monkeypatch, capsys
 ):
-    """Any other folder: fit gets --parts (no preset), the table's columns are its parts then Background, and
-    no paper row is printed. slime stands in here: its predict writes a summary.json of known IoUs."""
+    """Any other folder: fit gets --parts (no preset), the table's columns are its parts then
+    Background, and no paper row is printed. slime stands in here: its predict writes a summary.json
+    of known IoUs."""
     data = authors_layout(tmp_path / "bike", dict(train_1=1, test=1), classes=2)
     argvs = []
 
@@ -544,8 +558,9 @@ def test_a_dataset_without_a_preset_runs_with_its_parts_and_no_published_row(
 def test_predict_finds_each_images_mask_in_its_own_folder_as_fit_pairs_them(
     tmp_path, tiny_ckpt, capsys, no_load_here
 ):
-    """--masks on the images' folder: the mask is the other file of the stem (NAME.npy, any case of the
-    extension; a PNG mask beside a JPEG photo), never itself an image; named files (a shell's glob) too."""
+    """--masks on the images' folder: the mask is the other file of the stem (NAME.npy, any case of
+    the extension; a PNG mask beside a JPEG photo), never itself an image; named files
+    (a shell's glob) too."""
     ckpt, data = tiny_ckpt("sd2"), authors_layout(tmp_path / "car", dict(test=2))
     sd, emb = (
         LOAD_MODELS(ckpt),

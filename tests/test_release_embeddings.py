@@ -3,8 +3,8 @@
     python -m pytest -q tests/test_release_embeddings.py
 
 The folders are written as the release writes them (release/src/slime.py#L61-L64, #L327-L330): each
-vector a (1, 1, D) slice, cloned, requires_grad_(True), torch.save'd. Every refusal is one line, exit 2,
-no output, and comes before the model loads.
+vector a (1, 1, D) slice, cloned, requires_grad_(True), torch.save'd. Every refusal is one line,
+exit 2, no output, and comes before the model loads.
 """
 
 import os
@@ -29,7 +29,8 @@ class Thing:  # a pickled object of the test's own class: torch.load(weights_onl
 
 
 def write_release(folder, text_embedding, n):
-    """embedding_0.pth .. embedding_{n-1}.pth as the release saves them: slices 1..n of (1, 77, D)."""
+    """embedding_0.pth .. embedding_{n-1}.pth as the release saves them: slices 1..n of
+    (1, 77, D)."""
     os.makedirs(folder, exist_ok=True)
     for i in range(1, n + 1):
         embedding = text_embedding[:, i : i + 1].clone()
@@ -84,7 +85,8 @@ def test_a_release_folder_becomes_the_emb_pt_fit_would_write_and_predict_reads(
 
 
 def write_bad(kind, folder, ckpt):
-    """A release folder for --parts background,a,b (2 vectors) with one thing wrong; -> the expected error."""
+    """A release folder for --parts background,a,b (2 vectors) with one thing wrong; -> the expected
+    error."""
     ok = torch.randn(1, 1, 64)
     path = lambda i: os.path.join(folder, f"embedding_{i}.pth")  # noqa: E731
     files = {0: ok, 1: ok}
@@ -127,7 +129,8 @@ def test_refusals_are_one_line_before_the_model_loads_and_write_nothing(
         write_bad("nan", folder, ckpt)  # never read: the existing -o is refused first
         with open(emb, "wb") as f:
             f.write(b"keep")
-        why = f"{emb} is no slime emb.pt: choose another -o"  # as fit: --overwrite replaces only an emb.pt
+        # as fit: --overwrite replaces only an emb.pt
+        why = f"{emb} is no slime emb.pt: choose another -o"
     else:
         why = write_bad(kind, folder, ckpt)
     argv = [folder, "--parts", "background,a,b", "--ckpt", ckpt, "-o", emb] + ["--overwrite"] * (

@@ -1,6 +1,6 @@
-"""Nothing lost: a stopped fit resumes to the very bytes of an uninterrupted one (`fit --resume`), predict's
-run files list every image the folder holds for the run, `--overwrite` leaves one run in the folder, and fit
-finds an -o it cannot write before the model loads.
+"""Nothing lost: a stopped fit resumes to the very bytes of an uninterrupted one (`fit --resume`),
+predict's run files list every image the folder holds for the run, `--overwrite` leaves one run in
+the folder, and fit finds an -o it cannot write before the model loads.
 
     python -m pytest -q tests/test_resume.py
 """
@@ -24,9 +24,12 @@ from PIL import Image
 import slime
 from conftest import ROOT, synthetic_scene, write_tiny_checkpoint
 
-# 2 epochs of one step on the random tiny checkpoint, each validated (the first's best is kept across the
-# stop), fp32; lr 0.5 so the vectors move visibly
-FLAGS = "--epochs 2 --val-every 1 --lr 0.5 --beta 0 --threshold 0 --patch-size 512 --patches-per-side 1 -q"
+# 2 epochs of one step on the random tiny checkpoint, each validated (the first's best is kept
+# across the stop), fp32; lr 0.5 so the vectors move visibly
+FLAGS = (
+    "--epochs 2 --val-every 1 --lr 0.5 --beta 0 --threshold 0 --patch-size 512 "
+    "--patches-per-side 1 -q"
+)
 FLAGS = FLAGS.split() + ["--dtype", "fp32"]
 
 
@@ -36,7 +39,8 @@ def main(*args):
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory, tiny_ckpt):
-    """The files of one fit and the bytes of its emb.pt, run without a stop: (folder, fit's arguments, bytes)."""
+    """The files of one fit and the bytes of its emb.pt, run without a stop: (folder, fit's
+    arguments, bytes)."""
     d = tmp_path_factory.mktemp("scene")
     img, mask = synthetic_scene()
     Image.fromarray(img).save(d / "a.png")
@@ -64,8 +68,9 @@ def scene(tmp_path_factory, tiny_ckpt):
 def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
     scene, tmp_path, monkeypatch, capsys
 ):
-    """Stopped after epoch 1 of 2 (Ctrl-C as the epoch's emb.pt lands), resumed: the same emb.pt, byte for
-    byte, its history every step once. The stop line, the refusal without --resume, and --resume once done."""
+    """Stopped after epoch 1 of 2 (Ctrl-C as the epoch's emb.pt lands), resumed: the same emb.pt,
+    byte for byte, its history every step once. The stop line, the refusal without --resume, and
+    --resume once done."""
     args, whole, out = scene.args, scene.whole, tmp_path / "emb.pt"
     shutil.copy(scene.stopped, out)
     stopped = torch.load(out, weights_only=True)
@@ -74,13 +79,13 @@ def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
         1
     ]  # the one that saved it, in its history
     assert scene.line == (
-        f"slime: interrupted by SIGINT; finished outputs kept; {scene.stopped} holds epoch 1: rerun with --resume "
-        "(no --overwrite) to go on\n"
+        f"slime: interrupted by SIGINT; finished outputs kept; {scene.stopped} holds epoch 1: "
+        "rerun with --resume (no --overwrite) to go on\n"
     )
     assert main(*args, "-o", out) == 2
     assert capsys.readouterr().err == (
-        f"slime: error: {out} holds a fit stopped after epoch 1; pass --resume to go on, --overwrite to "
-        "start again, or choose another -o\n"
+        f"slime: error: {out} holds a fit stopped after epoch 1; "
+        "pass --resume to go on, --overwrite to start again, or choose another -o\n"
     )
     assert main(*args, "-o", out, "--resume") == 0
     assert out.read_bytes() == whole
@@ -94,14 +99,16 @@ def test_a_fit_stopped_between_epochs_resumes_to_the_uninterrupted_bytes(
         capsys.readouterr().err
         == f"slime: error: fit --resume: {out} is a finished fit; nothing to resume\n"
     )
-    # --overwrite stopped before its first epoch's end: emb.pt is still the finished fit, and no resume is offered
+    # --overwrite stopped before its first epoch's end: emb.pt is still the finished fit, and no
+    # resume is offered
     monkeypatch.setattr(slime, "training_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main(*args, "-o", out, "--overwrite") == 130 and out.read_bytes() == whole
     assert capsys.readouterr().err == "slime: interrupted by SIGINT; finished outputs kept\n"
 
 
 def test_a_fit_stopped_by_sigint_in_a_real_process_resumes_to_the_same_bytes(scene, tmp_path):
-    """Ctrl-C to a real fit as soon as its first epoch is saved, wherever it is then; --resume finishes it."""
+    """Ctrl-C to a real fit as soon as its first epoch is saved, wherever it is then; --resume
+    finishes it."""
     args, whole = scene.args, scene.whole
     out = tmp_path / "emb.pt"
     cmd = [sys.executable, os.path.join(ROOT, "slime.py"), *map(str, args), "-o", str(out)]
@@ -165,7 +172,8 @@ def test_a_resume_of_another_fit_is_refused_naming_what_differs(scene, stopped, 
         ),
         (
             [*args[:-3], "--dtype", "bf16", "-q"],
-            f"{stop} ran with dtype float32, this command with bfloat16; resume it with its command",
+            f"{stop} ran with dtype float32, this command with bfloat16; "
+            "resume it with its command",
         ),
     ]
     before = stopped.read_bytes()
@@ -184,8 +192,9 @@ def test_a_resume_of_another_fit_is_refused_naming_what_differs(scene, stopped, 
 def test_fit_finds_an_unwritable_output_folder_before_the_model_loads(
     scene, tmp_path, monkeypatch, capsys
 ):
-    """A temp file made and removed beside -o proves the folder takes files (chmod proves nothing as root, so
-    the probe is made to fail as a read-only folder fails it); -o under a file fails the same way."""
+    """A temp file made and removed beside -o proves the folder takes files (chmod proves nothing as
+    root, so the probe is made to fail as a read-only folder fails it); -o under a file fails the
+    same way."""
     args = scene.args
     monkeypatch.setattr(slime, "load_models", lambda *a, **k: pytest.fail("the model loaded first"))
     read_only = tmp_path / "ro"
@@ -204,10 +213,11 @@ def test_fit_finds_an_unwritable_output_folder_before_the_model_loads(
     assert sorted(os.listdir(tmp_path)) == ["file", "ro"]
 
 
-# ----------------------------------------------------------------------------- predict's records of a folder
+# -------------------------------------------------------------------- predict's records of a folder
 @pytest.fixture
 def images(tmp_path_factory, tiny_ckpt, monkeypatch):
-    """Five 64x64 scenes with their ground truth, and an emb.pt: (input folder, masks folder, emb.pt, ckpt)."""
+    """Five 64x64 scenes with their ground truth, and an emb.pt: (input folder, masks folder,
+    emb.pt, ckpt)."""
     d = tmp_path_factory.mktemp("images")
     (d / "in").mkdir()
     (d / "gt").mkdir()
@@ -221,10 +231,12 @@ def images(tmp_path_factory, tiny_ckpt, monkeypatch):
     slime.save_embeddings(
         d / "emb.pt", slime.prompt_contexts(sd, 3)[0], ["background", "square", "disc"], sd, s
     )
-    # what is tested is the bookkeeping: a stand-in segmentation, each image's own (its colours, quantised)
-    stand_in = lambda sd, context, image, k, s, **kw: (
-        (image.mean(0) * k).long().clamp(max=k - 1).byte()
-    )  # noqa
+
+    # what is tested is the bookkeeping: a stand-in segmentation, each image's own
+    # (its colours, quantised)
+    def stand_in(sd, context, image, k, s, **kw):
+        return (image.mean(0) * k).long().clamp(max=k - 1).byte()
+
     monkeypatch.setattr(slime, "segment", stand_in)
     monkeypatch.setattr(
         slime, "load_models", lambda *a, **k: SimpleNamespace(device=torch.device("cpu"))
@@ -266,9 +278,10 @@ def scores(summary):  # what a run says of each image: area and IoUs, by image n
 def test_the_run_files_list_every_image_the_folder_holds_for_the_run(
     images, tmp_path, monkeypatch, capsys
 ):
-    """Three images, then one of them again, then two others: summary.json and default.txt list all five, with
-    the areas and IoUs (and mIoU) of one run over all five. An interrupted run lists what it finished, and a
-    rerun on fewer images keeps them; an image that cannot be read is listed with the reason."""
+    """Three images, then one of them again, then two others: summary.json and default.txt list all
+    five, with the areas and IoUs (and mIoU) of one run over all five. An interrupted run lists what
+    it finished, and a rerun on fewer images keeps them; an image that cannot be read is listed with
+    the reason."""
     single = predict(images, tmp_path / "single")
     out = tmp_path / "out"
     assert len(predict(images, out, "s0", "s1", "s2")["images"]) == 3
@@ -335,8 +348,9 @@ def test_the_run_files_list_every_image_the_folder_holds_for_the_run(
 
 
 def test_overwrite_with_fewer_images_leaves_one_run_in_the_folder(images, tmp_path):
-    """a, b, c, then --overwrite with another setting on a alone: b's and c's masks and overlays go, the run
-    files list a alone, and nothing that is not slime's output is touched (not even a PNG among the masks)."""
+    """a, b, c, then --overwrite with another setting on a alone: b's and c's masks and overlays go,
+    the run files list a alone, and nothing that is not slime's output is touched (not even a PNG
+    among the masks)."""
     out = tmp_path / "out"
     predict(images, out, "s0", "s1", "s2")
     (out / "notes.txt").write_text("mine")
