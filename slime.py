@@ -49,340 +49,323 @@ class SlimeError(Exception):
     """A mistake the user can fix; its message is one sentence, printed without a traceback."""
 
 
-# ----------------------------------------------------------------------------- settings
+# ------------------------------------------------------------------------------------------ settings
 SIZE = 512  # the model always sees 512x512 images (a 64x64 latent), as in the release
 MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_mask_size)
 
 
 def setting(default, lo=None, hi=None, help="", fit=False, step=None, flag=None):
     """A field of Settings: default, range (and step), --help text; fit=True: training only."""
-    return field(
-        default=default, metadata=dict(range=(lo, hi), step=step, help=help, fit=fit, flag=flag)
-    )
+    meta = dict(range=(lo, hi), step=step, help=help, fit=fit, flag=flag)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of a run: the release's defaults (release/src/arguments.py#L65-L91) unless marked slime's."""
+    """Every setting of a run: the release's defaults (release/src/arguments.py#L65-L91) unless
+    marked slime's."""
 
     epochs: int = setting(200, 1, 100_000, "training epochs, one step per image each", fit=True)
     lr: float = setting(0.1, 1e-6, 100.0, "Adam's learning rate, no schedule", fit=True)
     t_min: int = setting(5, 1, 999, "smallest training timestep", fit=True)
     t_max: int = setting(100, 1, 999, "largest training timestep, inclusive", fit=True)
     alpha: float = setting(1.0, 0.0, 1e6, "Eq. 8 weight of the WAS-map loss (Eq. 7)", fit=True)
-    beta: float = setting(0.005, 0.0, 1e6, "Eq. 8 weight of SD's noise-prediction loss", fit=True)
-    guidance: float = setting(
-        100.0, 0.0, 1e6, "classifier-free guidance inside the SD loss", fit=True
-    )
-    min_crop_ratio: float = setting(
-        0.8, 0.05, 1.0, "smallest training crop, a fraction of a side", fit=True
-    )
-    rotation: float = setting(30.0, 0.0, 180.0, "largest training rotation in degrees", fit=True)
-    # slime's crops cycle through the parts; --no-cycle: they favour the background, as the release's do in effect
+    beta: float = setting(0.005, 0.0, 1e6, "Eq. 8 weight of SD's loss (Eq. 1)", fit=True)
+    guidance: float = setting(100.0, 0.0, 1e6, "guidance inside SD's loss", fit=True)
+    min_crop_ratio: float = setting(0.8, 0.05, 1.0, "smallest training crop side", fit=True)
+    rotation: float = setting(30.0, 0.0, 180.0, "largest training rotation, degrees", fit=True)
+    # slime's crops cycle through the parts; --no-cycle: they favour the background, as the
+    # release's do in effect
     cycle_parts: bool = setting(
         True, help="crops favour the background", fit=True, flag="--no-cycle"
     )
-    val_every: int = setting(
-        1, 1, 100_000, "epochs between validations (and after the last)", fit=True
-    )
-    patch_size: int = setting(400, 8, SIZE, "inference patch side, in pixels of the 512 image")
+    val_every: int = setting(1, 1, 100_000, "epochs between validations, and the last", fit=True)
+    patch_size: int = setting(400, 8, SIZE, "inference patch side, pixels of the 512 image")
     patches_per_side: int = setting(2, 1, 16, "inference patches per side")
-    threshold: float = setting(
-        0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch (real SD's)"
-    )
+    threshold: float = setting(0.2, 0.0, 1.0, "cross-attention peak a class needs in a patch")
     test_t: int = setting(100, 1, 999, "inference timestep")
-    out_size: int = setting(
-        0, 0, SIZE, "mask side: 0 the image's (slime's), 512 the release's", step=SIZE
-    )
-    bgr: bool = setting(
-        False, help="feed the model BGR, as the release's cv2 did; default RGB", flag="--bgr"
-    )
+    out_size: int = setting(0, 0, SIZE, "mask side: 0 the image's, 512 the release's", step=SIZE)
+    bgr: bool = setting(False, help="feed the model BGR, as the release's cv2 did", flag="--bgr")
     seed: int = setting(0, 0, 2**63 - 1, "seed of every random draw")
-    window: int = setting(
-        0, 0, 16384, "native resolution (slime's): pixels per window; 0 = squash", step=MAP
-    )
+    window: int = setting(0, 0, 16384, "slime's native resolution: window side", step=MAP)
 
 
-# ----------------------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
-# The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths. In its diffusers names:
-# up_blocks[1].attentions[0,1,2] and up_blocks[2].attentions[0,1] (attn2), up_blocks[3].attentions[0,1,2] (attn1).
-CROSS_LAYERS = tuple(
-    f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7)
-)  # 16, 32 px
-SELF_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in (9, 10, 11))  # 64x64
+# ------------------------------------------------------------------------- the model: what sd holds
+def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
+    """ldm's "linear" schedule (diffusers: scaled_linear), in float64 as ldm computes it, stored
+    float32 (CompVis/stable-diffusion at 21f890f, ldm/modules/diffusionmodules/util.py)."""
+    betas = torch.linspace(linear_start**0.5, linear_end**0.5, n, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class StableDiffusion:
+    """The `sd` every method function takes, as load_models (below) returns it: the frozen UNet, VAE
+    and text encoder, the tokenizer and the noise schedule."""
+
+    def __init__(self, family, unet, vae, text_encoder, path):
+        self.family, self.path = family, path
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.device, self.dtype = unet.out[2].weight.device, unet.out[2].weight.dtype
+        self.alphas_cumprod = alphas_cumprod().to(self.device)
+
+    @functools.cached_property
+    def fingerprint(self):  # the weights' identity, read when fit saves emb.pt
+        return fingerprint(self.path)
+
+    def tokenize(self, texts):
+        # SD1's HF tokenizer pads with <|endoftext|>, SD2's open_clip.tokenize with 0
+        return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)
+
+
+# ---------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
+# Each step says where it comes from: the paper's equation or section, or `release-only:` with the
+# line of the authors' release where the paper is silent. slime's own choices are marked slime's.
+# The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths; in its diffusers
+# names, up_blocks[1].attentions[0,1,2] and up_blocks[2].attentions[0,1] (attn2, 16 and 32 px),
+# up_blocks[3].attentions[0,1,2] (attn1, 64 px).
+CROSS_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7))
+SELF_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in (9, 10, 11))
 IGNORE = 255  # mask value that no loss and no score looks at (PASCAL VOC's "void")
 
 
 def prompt_contexts(sd, num_classes):
-    """Sec. 4.1: the text encoder's OUTPUT for "part part ... part" (K words) and for "" (the SD loss's
-    unconditional branch), release/src/slime.py#L59-L76."""
-    # Positions 1..K-1 of the first are the vectors SLiMe learns. Position 0, <start-of-text>, stands for the
-    # background and is never learned: SD's cross-attention parks on it wherever no word fits.
+    """Sec. 4.1: the text encoder's OUTPUT for "part part ... part" (K words) and for "" (the SD
+    loss's unconditional branch), release/src/slime.py#L59-L76."""
+    # Positions 1..K-1 of the first are the vectors SLiMe learns. Position 0, <start-of-text>,
+    # stands for the background and is never learned: the attention parks on it where no word fits.
     with torch.no_grad():
         tokens = sd.tokenize([" ".join(["part"] * num_classes), ""]).to(sd.device)
-        cond, uncond = (
-            sd.text_encoder(tokens).float().split(1)
-        )  # fp32: Adam updates the vectors in place
+        # fp32: Adam updates the vectors in place
+        cond, uncond = sd.text_encoder(tokens).float().split(1)
     return cond, uncond
 
 
 def with_learned(learned, cond):
     """The conditional context with the learned vectors (K-1, D) at token positions 1..K-1."""
     # positions after K-1 (<end-of-text>, padding) keep the prompt's outputs: SD attends to them too
-    return torch.cat(
-        [cond[:, :1], learned[None].to(cond.dtype), cond[:, 1 + len(learned) :]], dim=1
-    )
+    after = cond[:, 1 + len(learned) :]
+    return torch.cat([cond[:, :1], learned[None].to(cond.dtype), after], dim=1)
 
 
 def noisy_latent(sd, images, t, gen):
-    """images (B, 3, 512, 512) in [0, 1] -> x_t = sqrt(a_t) z + sqrt(1 - a_t) eps (DDIM add_noise), and eps.
-    z is a posterior SAMPLE of the VAE times 0.18215 (release/src/stable_difusion.py#L411-L418)."""
+    """Sec. 3 (LDM): images (B, 3, 512, 512) in [0, 1] -> x_t = sqrt(a_t) z + sqrt(1 - a_t) eps,
+    and eps; z is a posterior SAMPLE of the VAE times 0.18215 (release/src/stable_difusion.py
+    #L411-L418, DDIM add_noise)."""
     with torch.no_grad():
-        z = sd.vae.encode(images, sample=True, generator=gen)  # the VAE is frozen: no graph needed
-    # drawn after the VAE's sample from the same generator: the order of the draws is part of what --seed repeats
+        z = sd.vae.encode(images, sample=True, generator=gen)
+    # drawn after the VAE's sample from the same generator: part of what --seed repeats
     noise = torch.randn(z.shape, generator=gen, device=z.device)
-    a = sd.alphas_cumprod[t].view(
-        -1, 1, 1, 1
-    )  # the fraction of the signal's variance left at step t
+    # the fraction of the signal's variance left at step t
+    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)
     return a.sqrt() * z + (1 - a).sqrt() * noise, noise
 
 
 def attention_maps(sd, x_t, t, context, num_classes, log_space):
-    """One UNet pass -> (A_ca (K, 64, 64), Eq. 3; A_sa (4096 queries, 4096 keys), Eq. 5; eps). A_ca averages
-    tokens 0..K-1's cross-attention (after the softmax over all 77) over heads and layers, each resized to 64x64
-    (release/src/stable_difusion.py#L155-L264); A_sa averages the 64x64 layers' self-attention."""
-    # only these 8 of the UNet's 32 attention layers materialise their maps; the rest take the fast path.
-    # log_space (training): log-probabilities, the input of Eq. 4's cross-entropy; inference: probabilities
-    prob_layers, log_layers = (
-        (SELF_LAYERS, CROSS_LAYERS) if log_space else (SELF_LAYERS + CROSS_LAYERS, ())
-    )
+    """One UNet pass -> (cross, A_sa, eps). cross is Eq. 3's A_ca (K, 64, 64): tokens 0..K-1's
+    cross-attention (after the softmax over all 77) averaged over heads and layers, each resized to
+    64x64 (release/src/stable_difusion.py#L155-L264); with log_space, log A_ca (training's Eq. 4
+    input). A_sa (4096 queries, 4096 keys), Eq. 5: the 64x64 layers' self-attention, averaged."""
+    # only these 8 of the UNet's 32 attention layers materialise their maps (the rest run fast)
+    prob_layers, log_layers = SELF_LAYERS + CROSS_LAYERS, ()
+    if log_space:
+        prob_layers, log_layers = SELF_LAYERS, CROSS_LAYERS
     eps, maps = sd.unet(x_t, t, context, attn_layers=prob_layers, log_attn_layers=log_layers)
     resized = []
     for name in CROSS_LAYERS:
         m = maps[name][0, :, :num_classes]  # (N pixels, K): the K tokens' columns
         side = int(m.shape[0] ** 0.5)  # 16 or 32: the layer's own grid
         m = m.T.reshape(1, num_classes, side, side)
-        # bilinear, align_corners False, as the release's F.interpolate (release/src/stable_difusion.py#L201-L214)
+        # bilinear, align_corners False, as the release (release/src/stable_difusion.py#L201-L214)
         resized.append(F.interpolate(m, size=(MAP, MAP), mode="bilinear", align_corners=False)[0])
-    # every layer weighs the same, 16x16 or 32x32, as the release's mean over its stacked layers (#L250-L256)
-    A_ca = sum(resized) / len(resized)
-    A_sa = sum(maps[name][0] for name in SELF_LAYERS) / len(
-        SELF_LAYERS
-    )  # row q: P(query q -> key j)
-    return A_ca, A_sa, eps
+    # every layer weighs the same, 16x16 or 32x32: the release's mean over its stack (#L250-L256)
+    cross = sum(resized) / len(resized)
+    # row q: P(query q -> key j)
+    A_sa = sum(maps[name][0] for name in SELF_LAYERS) / len(SELF_LAYERS)
+    return cross, A_sa, eps
 
 
 def was_map(P, A_sa):
-    """Eq. 6, the Weighted Accumulated Self-attention map: S_WAS[k, q] = sum_j P[k, j] * A_sa[q, j]."""
-    # A_sa.T puts the keys j on the rows, so one matmul sums over j; the release forms the same sum as a broadcast
-    # product of K x 4096 x 4096 values (release/src/slime.py#L130-L133)
+    """Eq. 6, the Weighted Accumulated Self-attention map: S_WAS[k, q] = sum_j P[k, j] A_sa[q, j]."""
+    # A_sa.T puts the keys j on the rows, so one matmul sums over j; the release forms the same sum
+    # as a broadcast product of K x 4096 x 4096 values (release/src/slime.py#L130-L133)
     return (P.flatten(1) @ A_sa.T).view(P.shape)
 
 
 def class_weights(mask, num_classes):
-    """Eq. 4's weights (release/src/slime.py#L90-L95): #foreground / #pixels of a part; absent 0, background 1."""
+    """release-only (release/src/slime.py#L90-L95; the paper's Eq. 4 has no weights): #foreground /
+    #pixels of a part; absent 0, background 1."""
     n = torch.bincount(mask[mask != IGNORE].flatten(), minlength=num_classes)[:num_classes].float()
     n[0] = 0  # so n.sum() counts the foreground only
     w = torch.where(n > 0, n.sum() / (n + 1e-6), torch.zeros_like(n))  # 1e-6: the release's
-    w[0] = (
-        1  # a part weighs >= 1, so the background, often most of the pixels, weighs no more than any part
-    )
+    # a part weighs >= 1, so the background, often most pixels, weighs no more than any part
+    w[0] = 1
     return w
 
 
-def segmentation_losses(A_ca, A_sa, mask, num_classes):
-    """Eq. 4 and Eq. 7 on a (64, 64) mask: the weighted cross-entropy of A_ca, and the squared error of
-    the WAS maps against the one-hot mask (release/src/slime.py#L121-L143)."""
-    # ignore_index: 255 pixels (VOC's void, the padding of --window views) count as neither right nor wrong
+def segmentation_losses(log_A_ca, A_sa, mask, num_classes):
+    """Eq. 4 and Eq. 7 on a (64, 64) mask: the cross-entropy of A_ca, and the squared error of the
+    WAS maps against the one-hot mask (release/src/slime.py#L121-L143)."""
+    # ignore_index: 255 pixels (VOC's void, the padding of --window views) are neither right nor wrong
     weight = class_weights(mask, num_classes)
-    loss_ce = F.cross_entropy(A_ca[None], mask[None], weight=weight, ignore_index=IGNORE)
-    # softmax over the K classes. The release takes it of the averaged raw logits; A_ca holds averaged
-    # log-probabilities over all 77 tokens, which differ from those logits by a per-pixel constant: same softmax
-    S_was = was_map(A_ca.softmax(0), A_sa)  # Eq. 6
-    # the clamp only keeps one_hot from failing on 255; those pixels are dropped by `valid` below
+    # log A_ca as the logits: the softmax over the K classes of log-probabilities is A_ca renormalised
+    loss_ce = F.cross_entropy(log_A_ca[None], mask[None], weight=weight, ignore_index=IGNORE)
+    # Eq. 6 of the K-way softmax. The release takes it of the averaged raw logits, which differ from
+    # log A_ca by a per-pixel constant: the same softmax
+    S_was = was_map(log_A_ca.softmax(0), A_sa)
+    # the clamp only keeps one_hot from failing on 255; those pixels are dropped below
     onehot = F.one_hot(mask.clamp(max=num_classes - 1), num_classes).permute(2, 0, 1).float()
-    # the release: mean over classes and pixels, times K == per-pixel sum over classes, mean over pixels
+    # the release: mean over classes and pixels, times K == per-pixel sum over classes, pixel mean
     loss_mse = ((S_was - onehot) ** 2).sum(0)[mask != IGNORE].mean()
     return loss_ce, loss_mse
 
 
 def training_step(sd, learned, cond, uncond, image, mask, s, gen):
-    """Fig. 3: encode, add noise, UNet, maps, losses. image (3, 512, 512), mask (64, 64) -> (loss, terms)."""
+    """Fig. 3: encode, add noise, UNet, maps, losses. image (3, 512, 512), mask (64, 64) ->
+    (loss, terms)."""
     num_classes = len(learned) + 1
-    # small t: the image is barely noised, so the attention still follows it; t_max + 1: inclusive, as the
-    # release draws it (release/src/stable_difusion.py#L297)
+    # small t: the image is barely noised, so the attention still follows it; t_max + 1: inclusive,
+    # as the release draws it (release/src/stable_difusion.py#L297)
     t = torch.randint(s.t_min, s.t_max + 1, (1,), generator=gen, device=gen.device)
     x_t, noise = noisy_latent(sd, image[None], t, gen)
     context = with_learned(learned, cond)
-    A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, context, num_classes, log_space=True)
-    loss_ce, loss_mse = segmentation_losses(A_ca, A_sa, mask, num_classes)  # Eq. 4, Eq. 7
-    loss_sd = torch.zeros(())  # a tensor even when skipped (beta = 0 skips a whole UNet pass)
+    log_A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, context, num_classes, log_space=True)
+    loss_ce, loss_mse = segmentation_losses(log_A_ca, A_sa, mask, num_classes)
+    # a tensor even when skipped (beta = 0 skips a whole UNet pass)
+    loss_sd = torch.zeros(())
     if s.beta:
-        # SD's own loss with guidance 100 keeps the vectors where SD can use them (release/src/
-        # stable_difusion.py#L340-L344). Only the cond branch depends on the learned vectors, so the
-        # uncond branch runs without a graph (the release: one CFG batch of 2; same loss and gradient)
+        # Eq. 1's L_LDM keeps the vectors where SD can use them; release-only: with guidance 100
+        # (release/src/stable_difusion.py#L340-L344). Only the cond branch depends on the vectors,
+        # so the uncond one runs without a graph (the release: a CFG batch of 2; same gradient)
         with torch.no_grad():
             eps_uncond = sd.unet(x_t, t, uncond)[0]
         eps = eps_uncond + s.guidance * (eps_cond - eps_uncond)
-        loss_sd = F.mse_loss(
-            eps, noise
-        )  # against the noise actually added: SD 2.1-base's eps objective
+        # against the noise actually added: SD 2.1-base's eps objective
+        loss_sd = F.mse_loss(eps, noise)
     loss = loss_ce + s.alpha * loss_mse + s.beta * loss_sd  # Eq. 8
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
 
 
-# The release's training augmentations (release/src/dataset.py#L31-L91), in torch: flip, blur, a crop
-# that favours one part, rotation. They let one annotated image stand for many views.
+# release-only: the training augmentations (release/src/dataset.py#L31-L91), in torch: flip, blur,
+# a crop that favours one part, rotation. They let one annotated image stand for many views.
 def resize(x, size, mode):
-    """(C, H, W) -> (C, *size). Bilinear without antialiasing (cv2.INTER_LINEAR), or nearest (INTER_NEAREST)."""
-    if (
-        mode == "nearest"
-    ):  # interpolate takes no integer tensors: through float and back (exact up to 255)
+    """(C, H, W) -> (C, *size). Bilinear without antialiasing (cv2.INTER_LINEAR), or nearest."""
+    if mode == "nearest":
+        # interpolate takes no integer tensors: through float and back (exact up to 255)
         return F.interpolate(x[None].float(), size=size, mode="nearest")[0].to(x.dtype)
     return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def gaussian_blur(image, k):
-    """cv2.GaussianBlur(k, sigma=0), reflect-101 borders: for k <= 7 OpenCV takes fixed binomial kernels."""
-    g = torch.tensor(
-        {3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype
-    )  # augment draws k in {3, 5}
+    """cv2.GaussianBlur(k, sigma=0) with reflect-101 borders: for k <= 7 OpenCV takes fixed binomial
+    kernels (augment draws k in {3, 5})."""
+    g = torch.tensor({3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype)
     g = g / g.sum()
-    pad = F.pad(
-        image[None], (k // 2,) * 4, mode="reflect"
-    )  # torch's "reflect" is OpenCV's REFLECT_101
-    out = F.conv2d(
-        pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3
-    )  # separable: rows, then columns
+    # torch's "reflect" is OpenCV's REFLECT_101
+    pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")
+    # separable: rows, then columns
+    out = F.conv2d(pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)
     return F.conv2d(out, g.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)[0]
 
 
 def rotate(x, degrees, mode):
-    """Rotate (C, H, W) about its centre, same size, zeros outside (albumentations Rotate, BORDER_CONSTANT 0)."""
+    """Rotate (C, H, W) about its centre, same size, zeros outside (albumentations Rotate,
+    BORDER_CONSTANT 0)."""
     a = torch.tensor(degrees * torch.pi / 180)
-    # positive angles turn clockwise on screen (cv2's counter-clockwise); the angle is drawn symmetric about 0,
-    # so the distribution of views is the release's
-    theta = torch.tensor([[torch.cos(a), torch.sin(a), 0.0], [-torch.sin(a), torch.cos(a), 0.0]])[
-        None
-    ]
-    grid = F.affine_grid(theta, (1, *x.shape), align_corners=False)
-    out = F.grid_sample(
-        x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False
-    )[0]
-    return out.to(x.dtype)
+    # positive angles turn clockwise on screen (cv2's counter-clockwise); the angle is drawn
+    # symmetric about 0, so the distribution of views is the release's
+    theta = torch.tensor([[torch.cos(a), torch.sin(a), 0.0], [-torch.sin(a), torch.cos(a), 0.0]])
+    grid = F.affine_grid(theta[None], (1, *x.shape), align_corners=False)
+    out = F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
+    return out[0].to(x.dtype)
 
 
 def part_crop(mask, part, min_ratio, gen, tries=1000):
-    """The crop that favours one part (release/src/dataset.py#L67-L83): side r * 512, r ~ U(min_ratio, 1),
-    accepted when it keeps more than 30% of that part's pixels (always, if the part is absent)."""
+    """The crop that favours one part (release/src/dataset.py#L67-L83): side r * 512, r ~
+    U(min_ratio, 1), accepted when it keeps over 30% of that part's pixels (always, if absent)."""
     total = (mask == part).sum()
-    for _ in range(
-        tries
-    ):  # the release loops until accepted; a cap keeps a 1-pixel part from hanging
-        side = int(
-            (min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()) * SIZE
-        )  # utils.py#L38
+    # the release loops until accepted; a cap keeps a 1-pixel part from hanging
+    for _ in range(tries):
+        r = min_ratio + (1 - min_ratio) * torch.rand(1, generator=gen).item()
+        side = int(r * SIZE)  # release/src/utils.py#L38
         # a full-size crop draws no origin, as release/src/utils.py#L39-L44
-        y0, x0 = (
-            torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist()
-            if side != SIZE
-            else (0, 0)
-        )
+        y0, x0 = 0, 0
+        if side != SIZE:
+            y0, x0 = torch.randint(0, SIZE - side + 1, (2,), generator=gen).tolist()
         if total == 0 or (mask[y0 : y0 + side, x0 : x0 + side] == part).sum() / total > 0.3:
             return y0, x0, side
-    return (
-        0,
-        0,
-        SIZE,
-    )  # the whole image keeps all of the part: the release's loop would accept it too
+    # the whole image keeps all of the part: the release's loop would accept it too
+    return 0, 0, SIZE
 
 
 def augment(image, mask, part, s, gen):
-    """The release's train transforms on (3, 512, 512) and (512, 512): flip, blur, the part-aware crop, rotation."""
+    """The release's train transforms on (3, 512, 512) and (512, 512): flip, blur, the part-aware
+    crop, rotation."""
     rand = lambda: torch.rand(1, generator=gen).item()  # noqa: E731
     if rand() < 0.5:
-        image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep their up and down
+        # horizontal: parts keep their up and down
+        image, mask = image.flip(-1), mask.flip(-1)
     if rand() < 0.5:  # A.GaussianBlur(blur_limit=(1, 5)) (release/src/dataset.py#L35)
         k = int(torch.randint(1, 6, (1,), generator=gen))
-        k += (
-            1 - k % 2
-        )  # albumentations maps an even kernel to the next odd one: k in {1, 3, 5} at 20/40/40%
+        # albumentations takes an even kernel to the next odd one: k in {1, 3, 5} at 20/40/40%
+        k += 1 - k % 2
         image = gaussian_blur(image, k) if k > 1 else image
     y0, x0, side = part_crop(mask, part, s.min_crop_ratio, gen)
     # a zoom: parts look larger; the mask nearest, so no mixed labels
     image = resize(image[:, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "bilinear")
     mask = resize(mask[None, y0 : y0 + side, x0 : x0 + side], (SIZE, SIZE), "nearest")[0]
-    if (
-        rand() < 0.5
-    ):  # uniform in [-rotation, rotation], A.Rotate's limit (release/src/dataset.py#L38-L50)
+    # uniform in [-rotation, rotation], A.Rotate's limit (release/src/dataset.py#L38-L50)
+    if rand() < 0.5:
         angle = (2 * rand() - 1) * s.rotation
-        # the corners the turn brings in are 0 in both: black pixels and background labels (mask_value=0)
+        # the corners the turn brings in are 0 in both: black pixels, background labels
         image, mask = rotate(image, angle, "bilinear"), rotate(mask[None], angle, "nearest")[0]
     return image, mask
 
 
 def fit(sd, pairs, num_classes, s, val_pairs=None, progress=lambda event: None, state=None):
-    """Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): learn K-1 text
-    vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], keep the best -> context (1, 77, D).
-    progress(event) each step, validation and epoch; an epoch's `state` continues the fit as if never stopped."""
+    """Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): learn
+    K-1 text vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], keep the best ->
+    context (1, 77, D). progress(event) each step, validation and epoch; an epoch's `state` continues
+    the fit as if it had never stopped."""
     pairs = as_pairs(pairs, num_classes, s)
-    val_pairs = (
-        as_pairs(val_pairs, num_classes, s) if val_pairs else pairs
-    )  # no --val: the training pairs
-    # timesteps, VAE samples, noise on the device; the augmentations on a CPU stream, the same on any device
-    gen, aug_gen = (
-        torch.Generator(sd.device).manual_seed(s.seed),
-        torch.Generator().manual_seed(s.seed),
-    )
+    # no --val: the training pairs validate
+    val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs
+    # timesteps, VAE samples and noise on the device; the augmentations on a CPU stream, so that
+    # they are the same on any device
+    gen = torch.Generator(sd.device).manual_seed(s.seed)
+    aug_gen = torch.Generator().manual_seed(s.seed)
     cond, uncond = prompt_contexts(sd, num_classes)
-    learned = cond[0, 1:num_classes].clone().requires_grad_(True)  # starts as the word "part"
-    optimizer = torch.optim.Adam([learned], lr=s.lr)  # the only parameters: SD itself stays frozen
-    # the validation images never change: their noisy inputs are made once per fit (bit-identical masks)
-    val_inputs = [noisy_inputs(sd, image, s) for image, _ in val_pairs]
-    # best 0.0 with >=: the first validation always saves, as the release's (release/src/slime.py#L28)
+    # the only parameters, starting as the word "part": SD itself stays frozen
+    learned = cond[0, 1:num_classes].clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([learned], lr=s.lr)
+    # the validation images never change: their noisy inputs are made once per fit
+    val_inputs = [noisy_patches(sd, image, s) for image, _ in val_pairs]
+    # best 0.0 with >=: the first validation always saves, as the release's (#L28)
     best, best_context, step = 0.0, cond, 0
-    if (
-        state
-    ):  # a stopped fit goes on as it was: its best, its vectors, Adam's moments, the random streams
+    if state:  # a stopped fit goes on: its best, vectors, Adam's moments, random streams
         best, best_context, step = state["best"], state["best_context"], state["epoch"] * len(pairs)
-        learned.data.copy_(state["learned"]), optimizer.load_state_dict(state["adam"])
-        gen.set_state(state["gen"]), aug_gen.set_state(state["aug_gen"])
+        learned.data.copy_(state["learned"])
+        optimizer.load_state_dict(state["adam"])
+        gen.set_state(state["gen"])
+        aug_gen.set_state(state["aug_gen"])
     for epoch in range(state["epoch"] if state else 0, s.epochs):
         # the release's DataLoader shuffles each epoch; seeded per epoch so a run can be repeated
-        for i in torch.randperm(
-            len(pairs), generator=torch.Generator().manual_seed(s.seed + epoch)
-        ).tolist():
-            # the part this crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8 workers
-            # that restart each epoch at 0 (#L158-L161): in effect its crops favour the background, as --no-cycle does
-            part = step % num_classes if s.cycle_parts else 0
-            image, mask = training_view(*pairs[i], part, s, aug_gen)
-            image, mask = image.to(sd.device), mask.to(sd.device)
-            loss, terms = training_step(sd, learned, cond, uncond, image, mask, s, gen)
+        shuffle = torch.Generator().manual_seed(s.seed + epoch)
+        for i in torch.randperm(len(pairs), generator=shuffle).tolist():
             step += 1
-            if not torch.isfinite(
-                loss
-            ):  # before backward: one nan step would make Adam's moments nan
-                raise SlimeError(diverged(sd, loss, step, terms))
-            optimizer.zero_grad()
-            loss.backward()  # through the frozen UNet into the K-1 vectors only
-            optimizer.step()
+            terms = fit_step(sd, learned, optimizer, cond, uncond, pairs[i], step, s, gen, aug_gen)
             progress(
                 dict(event="step", step=step, steps=s.epochs * len(pairs), epoch=epoch + 1, **terms)
             )
-        if (
-            not (epoch + 1) % s.val_every or epoch == s.epochs - 1
-        ):  # the last epoch is always validated
+        # the last epoch is always validated
+        if not (epoch + 1) % s.val_every or epoch == s.epochs - 1:
             progress(dict(event="validating", epoch=epoch + 1))
             t0, context = time.time(), with_learned(learned.detach(), cond)
             miou = validation_miou(sd, context, val_pairs, val_inputs, num_classes, s)
-            if (
-                miou >= best
-            ):  # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
+            # keep the best (release/src/slime.py#L281-L330); a tie goes to the later epoch
+            if miou >= best:
                 best, best_context = miou, context
-            best_now, seconds = best_context is context, time.time() - t0
-            progress(
-                dict(event="validation", epoch=epoch + 1, miou=miou, best=best_now, seconds=seconds)
-            )
+            done = dict(miou=miou, best=best_context is context, seconds=time.time() - t0)
+            progress(dict(event="validation", epoch=epoch + 1, **done))
         state = dict(
             epoch=epoch + 1, best=best, best_context=best_context, learned=learned.detach()
         )
@@ -391,51 +374,73 @@ def fit(sd, pairs, num_classes, s, val_pairs=None, progress=lambda event: None, 
     return best_context
 
 
+def fit_step(sd, learned, optimizer, cond, uncond, pair, step, s, gen, aug_gen):
+    """Adam's step number `step` on a view of one pair -> the loss terms."""
+    # the part this crop favours. The release's counter (release/src/dataset.py#L89-L90) lives in 8
+    # workers that restart each epoch at 0 (#L158-L161): in effect its crops favour the background,
+    # as --no-cycle does
+    part = (step - 1) % (len(learned) + 1) if s.cycle_parts else 0
+    image, mask = training_view(*pair, part, s, aug_gen)
+    image, mask = image.to(sd.device), mask.to(sd.device)
+    loss, terms = training_step(sd, learned, cond, uncond, image, mask, s, gen)
+    # before backward: one nan step would make Adam's moments nan
+    if not torch.isfinite(loss):
+        raise SlimeError(diverged(sd, loss, step, terms))
+    optimizer.zero_grad()
+    # through the frozen UNet into the K-1 vectors only
+    loss.backward()
+    optimizer.step()
+    return terms
+
+
 def validation_miou(sd, context, val_pairs, val_inputs, num_classes, s):
-    """The mean image mIoU of the validation pairs, segmented as predict does, at the release's 512;
-    val_inputs: each pair's noisy_inputs."""
+    """The mean image mIoU of the validation pairs, segmented as predict does, at the release's
+    512; val_inputs: each pair's noisy patches."""
     total = 0.0
     for (image, gt), inputs in zip(val_pairs, val_inputs):
-        total += image_miou(
-            segment(sd, context, image, num_classes, s, SIZE, inputs), gt, num_classes
-        )
+        labels = segment(sd, context, image, num_classes, s, SIZE, inputs)
+        total += image_miou(labels, gt, num_classes)
     return total / len(val_pairs)
 
 
 def diverged(sd, loss, step, terms):
-    """Why a loss is not finite. The weights were checked finite at load: the optimisation or the format."""
-    why = "the learning rate is the likely cause (the weights were checked finite at load): try a lower --lr"
-    why = "fp16 overflows easily: use --dtype bf16 or fp32" if sd.dtype == torch.float16 else why
+    """Why a loss is not finite. The weights were checked finite at load: the optimisation, or the
+    number format."""
+    why = "the learning rate is the likely cause (the weights were checked finite at load)"
+    why += ": try a lower --lr"
+    if sd.dtype == torch.float16:
+        why = "fp16 overflows easily: use --dtype bf16 or fp32"
     terms = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
     return f"the loss became {loss.item()} at step {step} ({terms}); {why}; the best emb.pt so far is kept"
 
 
 def training_view(image, mask, part, s, gen):
-    """What one step sees of a pair: (--window: a view at its own scale,) the release's augmentations."""
-    image, mask = native_view(image, mask, part, s.window, gen) if s.window else (image, mask)
+    """What one step sees of a pair: the release's augmentations (of a view at the image's own scale,
+    with --window); the mask at 64x64."""
+    if s.window:  # slime's native resolution, below the method
+        image, mask = native_view(image, mask, part, s.window, gen)
     image, mask = augment(image, mask, part, s, gen)
     if s.bgr:
-        image = image.flip(0)  # --bgr: the release fed cv2's BGR images (segment flips likewise)
-    # the release's nearest resize to train_mask_size 64 (release/src/dataset.py#L84-L88): takes pixel (8i, 8j)
+        # --bgr: the release fed cv2's BGR images (segment flips likewise)
+        image = image.flip(0)
+    # the release's nearest resize to train_mask_size 64 (release/src/dataset.py#L84-L88): it takes
+    # pixel (8i, 8j)
     return image, resize(mask[None], (MAP, MAP), "nearest")[0]
 
 
 def as_pairs(pairs, num_classes, s):
-    """[(image, mask)] -> int64 masks, checked, both squashed to 512x512 as the release's cv2 resizes them
-    (image bilinear, mask nearest), or with --window kept at their own resolution."""
+    """[(image, mask)] -> int64 masks, checked; both squashed to 512x512 as the release's cv2
+    resizes them (image bilinear, mask nearest), or with --window kept at their own resolution."""
     out = []
     for n, (image, mask) in enumerate(pairs, 1):
-        mask = torch.as_tensor(
-            np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask
-        ).long()
+        mask = torch.as_tensor(np.asarray(mask)).long()
         if mask.ndim == 3:
             raise SlimeError(
-                f"mask {n} is a colour mask: turn it into labels with slime.colors_to_labels"
+                f"mask {n} is a colour mask: make it labels with slime.colors_to_labels"
             )
         if tuple(mask.shape) != tuple(image.shape[1:]):
-            raise SlimeError(
-                f"mask {n} of {tuple(mask.shape)} does not match its image {tuple(image.shape)}"
-            )
+            shapes = f"{tuple(mask.shape)} does not match its image {tuple(image.shape)}"
+            raise SlimeError(f"mask {n} of {shapes}")
         bad = sorted(set(mask.unique().tolist()) - set(range(num_classes)) - {IGNORE})
         if bad:  # cross_entropy would end in a bare IndexError
             raise SlimeError(f"mask {n} holds class values {bad[:8]} outside 0..{num_classes - 1}")
@@ -447,45 +452,44 @@ def as_pairs(pairs, num_classes, s):
 
 
 def patch_origins(patch_size, per_side):
-    """Top-left corners of the inference patches, rows first (release/src/utils.py#L14-L31)."""
-    # floor division, as release/src/utils.py#L19-L20: when per_side - 1 does not divide 512 - patch_size, the last
-    # patch stops short of the border, and the pixels past it get no vote (score 0 for every class)
+    """release-only (release/src/utils.py#L14-L31): the top-left corners of the inference patches,
+    rows first."""
+    # floor division, as release/src/utils.py#L19-L20: when per_side - 1 does not divide 512 -
+    # patch_size, the last patch stops short of the border, and the pixels past it get no vote
     step = (SIZE - patch_size) // (per_side - 1) if per_side > 1 else 0
     return [(i * step, j * step) for i in range(per_side) for j in range(per_side)]
 
 
 def noisy_patches(sd, image, s):
-    """Sec. 4.2's inputs (release/src/slime.py#L188-L229): the image squashed to 512x512 and cut into the
-    patches -> [(y0, x0, x_t)]."""
+    """release-only (release/src/slime.py#L188-L229; the paper's Sec. 4.2 segments the whole image):
+    the image squashed to 512x512 and cut into the patches -> [(y0, x0, x_t)]."""
+    if s.window:  # slime's native resolution, below the method
+        return noisy_windows(sd, image, s)
     x, side = resize(image.to(sd.device), (SIZE, SIZE), "bilinear"), s.patch_size
-    origins = patch_origins(side, s.patches_per_side)
-    return list(
-        noised(sd, s, ((y0, x0, x[:, y0 : y0 + side, x0 : x0 + side]) for y0, x0 in origins))
-    )
-
-
-def noisy_inputs(
-    sd, image, s
-):  # what segment feeds the UNet for an image: its noisy patches, or windows
-    return noisy_windows(sd, image, s) if s.window else noisy_patches(sd, image, s)
+    crops = [
+        (y0, x0, x[:, y0 : y0 + side, x0 : x0 + side])
+        for y0, x0 in patch_origins(side, s.patches_per_side)
+    ]
+    return list(noised(sd, s, crops))
 
 
 def noised(sd, s, views):
-    """(y0, x0, crop) -> (y0, x0, x_t): each crop zoomed to 512 (SD sees its parts larger), in the release's BGR
-    order with --bgr, noised at test_t. Seeded per image, so an image gets the same noise in any order."""
-    gen, t = (
-        torch.Generator(sd.device).manual_seed(s.seed),
-        torch.tensor([s.test_t], device=sd.device),
-    )
+    """Sec. 4.2: (y0, x0, crop) -> (y0, x0, x_t): each crop zoomed to 512 (SD sees its parts
+    larger), in the release's BGR order with --bgr, noised at test_t. Seeded per image, so an image
+    gets the same noise in any order."""
+    gen = torch.Generator(sd.device).manual_seed(s.seed)
+    t = torch.tensor([s.test_t], device=sd.device)
     for y0, x0, crop in views:
         x = resize(crop.to(sd.device), (SIZE, SIZE), "bilinear")
-        yield y0, x0, noisy_latent(sd, (x.flip(0) if s.bgr else x)[None], t, gen)[0]
+        x = x.flip(0) if s.bgr else x
+        yield y0, x0, noisy_latent(sd, x[None], t, gen)[0]
 
 
 @torch.no_grad()
 def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
-    """The release's accumulation (release/src/slime.py#L188-L279): each patch adds its votes to the side x
-    side cells from (y0, x0) -> (sum of votes, number of votes), (K, *grid) each; progress(n, of, A_ca, A_sa)."""
+    """release-only (release/src/slime.py#L188-L279): each patch adds its votes to the side x side
+    cells from (y0, x0) -> (sum of votes, number of votes), (K, *grid) each.
+    progress(n, of, A_ca, A_sa) after each patch, with its maps (examples/maps.py draws them)."""
     scores = torch.zeros(num_classes, *grid, device=sd.device)
     votes = torch.full((num_classes, *grid), 1e-7, device=sd.device)
     t = torch.tensor([s.test_t], device=sd.device)
@@ -493,93 +497,92 @@ def vote_sums(sd, context, patches, num_classes, s, grid, side, progress=None):
         A_ca, A_sa, _ = attention_maps(sd, x_t, t, context, num_classes, log_space=False)
         seen, patch_scores = patch_votes(A_ca, A_sa, s.threshold, side)
         if progress:
-            progress(n, len(patches), A_ca, A_sa)  # examples/maps.py draws these maps
+            progress(n, len(patches), A_ca, A_sa)
         if patch_scores is None:
             continue  # no class was confident anywhere in this patch
         region = (seen, slice(y0, y0 + side), slice(x0, x0 + side))
         scores[region] += patch_scores
-        # counted per class, as the release's aux_attention_map (release/src/slime.py#L271-L275): a class that one
-        # of two overlapping patches saw is not halved where the other did not see it
+        # counted per class, as the release's aux_attention_map (#L271-L275): a class that one of
+        # two overlapping patches saw is not halved where the other did not see it
         votes[region] += 1
     return scores, votes
 
 
 def patch_votes(A_ca, A_sa, threshold, side):
-    """One patch's vote: the classes it saw, and their WAS maps on their cross-attention's scale, (side, side)."""
-    # the threshold and the rescale use the 64x64 maps (release/src/slime.py#L233-L237)
+    """One patch's vote: the classes it saw, and their WAS maps (Eq. 6) on their cross-attention's
+    scale, (side, side). release-only (release/src/slime.py#L233-L264): the threshold, the
+    background's above-mean rule and the min-max rescale, all on the 64x64 maps."""
     cross = A_ca.flatten(1)  # (K, 4096)
     peak, floor = cross.max(1).values, cross.min(1).values
-    seen = (peak >= threshold).nonzero()[
-        :, 0
-    ]  # a class votes only where its cross-attention is confident
+    # a class votes only where its cross-attention is confident
+    seen = (peak >= threshold).nonzero()[:, 0]
     if len(seen) == 0:
         return seen, None
     cross = cross[seen]
-    # The FIRST class that passed (the background, whenever it passed) keeps only its above-mean pixels:
-    # its cross-attention covers the whole image, and its full WAS map would swallow the parts.
+    # The FIRST class that passed (the background, whenever it passed) keeps only its above-mean
+    # pixels: its cross-attention covers the whole image, and its WAS map would swallow the parts.
     cross[0] = torch.where(cross[0] > cross[0].mean(), cross[0], 0)
-    was = was_map(cross.view(-1, MAP, MAP), A_sa)  # Eq. 6
-    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[
-        0
-    ]  # footprint
-    # Min-max rescale each WAS map from its own range [w_min, w_max] onto its class's cross-attention range
-    # [floor, peak]: WAS maps of different classes live on different scales, and the argmax should compare
-    # the classes' confidences. As a line through two points: w_min -> floor, w_max -> peak.
-    w_min, w_max = (
-        was.flatten(1).min(1).values[:, None, None],
-        was.flatten(1).max(1).values[:, None, None],
-    )
+    was = was_map(cross.view(-1, MAP, MAP), A_sa)
+    # onto the patch's footprint
+    was = F.interpolate(was[None], size=(side, side), mode="bilinear", align_corners=False)[0]
+    # Min-max rescale each WAS map from its own range [w_min, w_max] onto its class's
+    # cross-attention range [floor, peak]: WAS maps of different classes live on different scales,
+    # and the argmax should compare the classes' confidences. A line: w_min -> floor, w_max -> peak.
+    w_min = was.flatten(1).min(1).values[:, None, None]
+    w_max = was.flatten(1).max(1).values[:, None, None]
     floor, peak = floor[seen][:, None, None], peak[seen][:, None, None]
     per_unit = (w_max - w_min) / (peak - floor)  # WAS units per unit of cross-attention
-    per_unit[torch.isnan(per_unit) | (per_unit == 0)] = (
-        1e-7  # a flat map (0/0, or 0): its values stay put
-    )
-    # = floor + (was - w_min) / per_unit, written in the release's order of operations (the same bits)
+    # a flat map (0/0, or 0): its values stay put
+    per_unit[torch.isnan(per_unit) | (per_unit == 0)] = 1e-7
+    # = floor + (was - w_min) / per_unit, in the release's order of operations (the same bits)
     return seen, was / per_unit + (floor - w_min / per_unit)
 
 
+def class_scores(scores, votes, sd):
+    """The votes' mean (K, *grid), on the CPU (where the argmax and the files work), checked."""
+    scores = (scores / votes).cpu()
+    # argmax would quietly pick class 0 everywhere
+    if not torch.isfinite(scores).all():
+        fp16 = ", as fp16 overflows: use bf16 or fp32" if sd.dtype == torch.float16 else ""
+        raise SlimeError(f"its class scores are not finite{fp16}")
+    return scores
+
+
 def segment(sd, context, image, num_classes, s, out_size=None, inputs=None, progress=None):
-    """image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size). inputs: its noisy patches,
-    when the caller keeps them; progress(n, of, A_ca, A_sa) after each patch or --window window."""
-    # The model sees the image squashed to 512x512, as in the release; slime upsamples the class SCORES, not
-    # the labels, to the image's own size and takes the argmax there (--out-size 512: the release's masks)
-    if s.window:
-        scores, cell = native_scores(sd, context, image, num_classes, s, inputs, progress)
-    else:
-        inputs = inputs or noisy_patches(sd, image, s)
-        scores, votes = vote_sums(
-            sd, context, inputs, num_classes, s, (SIZE, SIZE), s.patch_size, progress
-        )
-        scores, cell = scores / votes, None
-    scores = scores.cpu()  # the labels go to files from the CPU, and upsampled_argmax works there
-    if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
-        fp16 = sd.dtype == torch.float16
-        raise SlimeError(
-            "its class scores are not finite" + ", as fp16 overflows: use bf16 or fp32" * fp16
-        )
-    if cell:
-        return upsampled_argmax(scores, *image.shape[1:], cell)
-    size = out_size or s.out_size  # 0: the image's own size
+    """Sec. 4.2: image (3, H, W) in [0, 1] -> labels (H, W) uint8, or (out_size, out_size): the
+    argmax of the class scores resized to the image. inputs: its noisy patches, when the caller
+    keeps them; progress: vote_sums'."""
+    if s.window:  # slime's native resolution, below the method
+        return window_segment(sd, context, image, num_classes, s, inputs, progress)
+    inputs = inputs or noisy_patches(sd, image, s)
+    grid = (SIZE, SIZE)
+    sums = vote_sums(sd, context, inputs, num_classes, s, grid, s.patch_size, progress)
+    scores = class_scores(*sums, sd)
+    # slime's: the SCORES, not the labels, are resized to the image's own size, the argmax taken
+    # there (--out-size 512: the release's masks)
+    size = out_size or s.out_size
     h, w = (size, size) if size else image.shape[1:]
-    # at 512 the scores already have the output size: the argmax directly, as release/src/slime.py#L277-L278
-    return scores.argmax(0).byte() if (h, w) == (SIZE, SIZE) else upsampled_argmax(scores, h, w)
+    # at 512 the scores have the output size: the argmax directly (release/src/slime.py#L277-L278)
+    if (h, w) == (SIZE, SIZE):
+        return scores.argmax(0).byte()
+    return upsampled_argmax(scores, h, w)
 
 
-def upsampled_argmax(scores, h, w, cell=None, band=256):
-    """argmax over classes of the bilinearly upsampled scores (K, gh, gw) -> (h, w) uint8, `band` rows at
-    a time, so a 12000x9000 photo never holds K full-size maps. cell: --window's grid."""
-    (gh, gw) = scores.shape[1:]
-    # bilinear is separable: one matrix per axis. With cell, the grid is upsampled to g * cell pixels (its
-    # padded extent) and cut to the image; without, the 512x512 scores stretch to (h, w)
-    rows = linear_upsampling(gh, gh * cell if cell else h)[:h]  # (h, gh)
-    cols = linear_upsampling(gw, gw * cell if cell else w)[:w]  # (w, gw)
-    scores_w = scores @ cols.T  # (K, gh, w): columns first, at the grid's few rows
+def upsampled_argmax(scores, h, w, extent=None, band=256):
+    """The argmax over classes of the scores (K, gh, gw) bilinearly resized to extent (default
+    (h, w)) and cut to their top-left (h, w) -> (h, w) uint8. `band` rows at a time, so that a
+    12000x9000 photo never holds K full-size maps."""
+    (gh, gw), (eh, ew) = scores.shape[1:], extent or (h, w)
+    # bilinear is separable: one matrix per axis
+    rows = linear_upsampling(gh, eh)[:h]  # (h, gh)
+    cols = linear_upsampling(gw, ew)[:w]  # (w, gw)
+    # columns first, at the grid's few rows: (K, gh, w)
+    scores_w = scores @ cols.T
     labels = torch.empty(h, w, dtype=torch.uint8)
     for i in range(0, h, band):
         R = rows[i : i + band]
-        used = R.any(0).nonzero()[
-            :, 0
-        ]  # each output row mixes 2 score rows: skip the zero columns of R
+        # each output row mixes 2 score rows: skip the zero columns of R
+        used = R.any(0).nonzero()[:, 0]
         lo, hi = used.min().item(), used.max().item() + 1
         band_scores = torch.einsum("hr,krw->khw", R[:, lo:hi], scores_w[:, lo:hi])
         # max(0).indices = argmax(0), the first maximum, but 20x faster on CPU
@@ -588,21 +591,24 @@ def upsampled_argmax(scores, h, w, cell=None, band=256):
 
 
 def linear_upsampling(n, size):
-    """The (size, n) matrix M of F.interpolate's 1-D linear resize from n to size samples (align_corners
-    False): M @ v resizes v. Row i holds the weights of the n inputs in output i (two are non-zero)."""
+    """The (size, n) matrix M of F.interpolate's 1-D linear resize from n to size samples
+    (align_corners False): M @ v resizes v. Row i holds the weights of the n inputs in output i."""
     # built by resizing the identity: column j is input j alone (a unit impulse), resized
-    return F.interpolate(torch.eye(n)[None], size=size, mode="linear", align_corners=False)[0].T
+    eye = torch.eye(n)[None]
+    return F.interpolate(eye, size=size, mode="linear", align_corners=False)[0].T
 
 
 def iou_per_class(pred, gt, num_classes):
-    """IoU of every class present in gt (255 = ignore): |pred & gt| / (|pred | gt| + 1e-7) (release/src/utils.py#L8-L11)."""
+    """IoU of every class present in gt (255 = ignore): |pred & gt| / (|pred | gt| + 1e-7)
+    (release/src/utils.py#L8-L11). Classes absent from gt are not scored, even where predicted."""
     valid = gt != IGNORE
     pred, gt = pred[valid], gt[valid]
-    # classes absent from gt are not scored, even where predicted: the release's rule
-    iou = lambda c: (
-        ((pred == c) & (gt == c)).sum().item() / (((pred == c) | (gt == c)).sum().item() + 1e-7)
-    )  # noqa: E731
-    return {c: iou(c) for c in gt.unique().tolist() if c < num_classes}
+    ious = {}
+    for c in gt.unique().tolist():
+        if c < num_classes:
+            both, either = (pred == c) & (gt == c), (pred == c) | (gt == c)
+            ious[c] = both.sum().item() / (either.sum().item() + 1e-7)
+    return ious
 
 
 def image_miou(pred, gt, num_classes):
@@ -612,77 +618,85 @@ def image_miou(pred, gt, num_classes):
 
 
 def miou_table(per_image, num_classes):
-    """[{class: IoU}] -> (per-class IoU, mIoU) as the release reports a test set: a class's IoU is the mean
-    over the images that contain it; the mIoU is the mean over classes seen in any image."""
+    """[{class: IoU}] -> (per-class IoU, mIoU) as the release reports a test set: a class's IoU is
+    the mean over the images that contain it; the mIoU is the mean over classes seen in any image."""
     per_class = [[ious[c] for ious in per_image if c in ious] for c in range(num_classes)]
     per_class = [sum(v) / len(v) if v else None for v in per_class]
     seen = [v for v in per_class if v is not None]
     return per_class, sum(seen) / max(len(seen), 1)
 
 
-# ----------------------------------------------------------------------------- native resolution (--window, slime's)
-# The release squashes every image to 512x512, so a part of a few pixels in a big photo falls below one
-# latent pixel. --window N cuts the image, at its own resolution, into overlapping N x N windows, each
-# resized to 512 and voting as a release patch does; fit trains on views at the same scale.
+# ---------------------------------------------------------- native resolution (--window, slime's)
+# The release squashes every image to 512x512, so a part of a few pixels in a big photo falls below
+# one latent pixel. --window N cuts the image, at its own resolution, into overlapping N x N windows,
+# each resized to 512 and voting as a release patch does; fit trains on views at the same scale.
+# The method reaches it through one call each: training_view, noisy_patches and segment.
 def window_crop(x, y0, x0, side, fill=None):
-    """x[..., y0:y0 + side, x0:x0 + side], padded past the edge with its edge pixels (an image) or fill."""
+    """x[..., y0:y0 + side, x0:x0 + side], padded past the edge with its edge pixels (an image) or
+    fill."""
     x = x[..., y0 : y0 + side, x0 : x0 + side]
     pad = (0, side - x.shape[-1], 0, side - x.shape[-2])
     if not any(pad):
         return x
-    return F.pad(x[None], pad, mode="replicate")[0] if fill is None else F.pad(x, pad, value=fill)
+    if fill is None:
+        return F.pad(x[None], pad, mode="replicate")[0]
+    return F.pad(x, pad, value=fill)
 
 
 def native_view(image, mask, part, window, gen):
-    """fit's view at predict's scale: a window x window crop holding a random pixel of the favoured part."""
+    """fit's view at predict's scale: a window x window crop holding a random pixel of the favoured
+    part."""
     ys, xs = (mask == part).nonzero(as_tuple=True)
     pick = int(torch.randint(0, len(ys), (1,), generator=gen)) if len(ys) else None
     origin = []
-    for found, n in (
-        (ys, mask.shape[0]),
-        (xs, mask.shape[1]),
-    ):  # the favoured part is in every view
-        p = int(found[pick]) if pick is not None else int(torch.randint(0, n, (1,), generator=gen))
-        offset = int(
-            torch.randint(0, window, (1,), generator=gen)
-        )  # where in the view that pixel lands
-        origin.append(
-            min(max(p - offset, 0), max(n - window, 0))
-        )  # inside the image where the view fits
+    # the favoured part is in every view
+    for found, n in ((ys, mask.shape[0]), (xs, mask.shape[1])):
+        if pick is None:
+            p = int(torch.randint(0, n, (1,), generator=gen))
+        else:
+            p = int(found[pick])
+        # where in the view that pixel lands; the view lies inside the image where it fits
+        offset = int(torch.randint(0, window, (1,), generator=gen))
+        origin.append(min(max(p - offset, 0), max(n - window, 0)))
     image = resize(window_crop(image, *origin, window), (SIZE, SIZE), "bilinear")
     # the padding past a small image is nobody's part: no loss looks at it
-    return image, resize(window_crop(mask, *origin, window, IGNORE)[None], (SIZE, SIZE), "nearest")[
-        0
-    ]
+    mask = window_crop(mask, *origin, window, IGNORE)
+    return image, resize(mask[None], (SIZE, SIZE), "nearest")[0]
 
 
 def window_layout(h, w, window):
-    """Where the windows of an (h, w) image lie -> (cell, grid (gh, gw), origins [(y0, x0)] rows first).
-    The scores' grid has cells of window/64 pixels (a pixel of a window's maps) and covers >= a window."""
+    """Where the windows of an (h, w) image lie -> (cell, grid (gh, gw), origins [(y0, x0)], rows
+    first). The scores' grid has cells of window/64 pixels (a pixel of a window's maps) and covers
+    at least a window."""
     cell = window // MAP
     grid = tuple(max(MAP, -(-n // cell)) for n in (h, w))
     return cell, grid, [(y0, x0) for y0 in axis_origins(grid[0]) for x0 in axis_origins(grid[1])]
 
 
 def axis_origins(n, side=MAP, stride=MAP * 3 // 4):
-    """The fewest windows along n cells, first and last flush with the ends, at most `stride` apart."""
+    """The fewest windows along n cells, first and last flush with the ends, at most `stride`
+    apart."""
     count = 1 + -(-(n - side) // stride)
-    return [round(i * (n - side) / (count - 1)) for i in range(count)] if count > 1 else [0]
+    if count == 1:
+        return [0]
+    return [round(i * (n - side) / (count - 1)) for i in range(count)]
 
 
 def noisy_windows(sd, image, s):
-    """noisy_patches at the image's own resolution: the windows -> [(y0, x0, x_t)], each crop made as it is encoded."""
+    """noisy_patches at the image's own resolution: the windows -> [(y0, x0, x_t)]."""
     cell, _, origins = window_layout(*image.shape[1:], s.window)
     crops = ((y0, x0, window_crop(image, y0 * cell, x0 * cell, s.window)) for y0, x0 in origins)
     return list(noised(sd, s, crops))
 
 
-def native_scores(sd, context, image, num_classes, s, windows=None, progress=None):
-    """Class scores (K, gh, gw) by the release's rule over the windows -> (scores, cell)."""
-    cell, grid, _ = window_layout(*image.shape[1:], s.window)
+def window_segment(sd, context, image, num_classes, s, windows=None, progress=None):
+    """segment at the image's own resolution: the release's votes over the windows, on a grid of
+    cells, resized to the grid's padded extent and cut to the image -> labels (H, W) uint8."""
+    (h, w), window = image.shape[1:], s.window
+    cell, grid, _ = window_layout(h, w, window)
     windows = windows or noisy_windows(sd, image, s)
-    scores, votes = vote_sums(sd, context, windows, num_classes, s, grid, MAP, progress)
-    return scores / votes, cell
+    scores = class_scores(*vote_sums(sd, context, windows, num_classes, s, grid, MAP, progress), sd)
+    return upsampled_argmax(scores, h, w, (grid[0] * cell, grid[1] * cell))
 
 
 # ----------------------------------------------------------------------------- the checkpoint
@@ -707,13 +721,6 @@ WIDTHS = {  # the tensors whose shapes give the modules' widths; all the others 
     "sd1": (TEXT_PREFIX["sd1"] + "embeddings.token_embedding.weight", 1),
     "sd2": (TEXT_PREFIX["sd2"] + "token_embedding.weight", 1),
 }
-
-
-def alphas_cumprod(n=1000, linear_start=0.00085, linear_end=0.012):
-    """ldm's "linear" schedule (diffusers: scaled_linear), in float64 as ldm computes it, stored float32:
-    https://github.com/CompVis/stable-diffusion/blob/21f890f9da3cfbeaba8e2ac3c425ee9e998d5229/ldm/modules/diffusionmodules/util.py"""
-    betas = torch.linspace(linear_start**0.5, linear_end**0.5, n, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
 
 
 def build_models(shapes, path="checkpoint"):
@@ -793,30 +800,6 @@ def fingerprint(path, chunk=1 << 24):
     with named(path), ThreadPoolExecutor() as pool:
         sums = pool.map(chunk_sum, range(0, os.path.getsize(path), chunk))
         return hashlib.sha256(b"".join(sums)).hexdigest()[:16]
-
-
-class StableDiffusion:
-    """What `load_models` returns: the three frozen networks, the tokenizer and the noise schedule."""
-
-    def __init__(self, family, unet, vae, text_encoder, path):
-        self.family, self.unet, self.vae, self.text_encoder, self.path = (
-            family,
-            unet,
-            vae,
-            text_encoder,
-            path,
-        )
-        self.device, self.dtype = unet.out[2].weight.device, unet.out[2].weight.dtype
-        self.alphas_cumprod = alphas_cumprod().to(self.device)
-
-    @functools.cached_property
-    def fingerprint(self):  # read when fit saves emb.pt; predict takes its plan's
-        return fingerprint(self.path)
-
-    def tokenize(
-        self, texts
-    ):  # SD1's HF tokenizer pads with <|endoftext|>, SD2's open_clip.tokenize with 0
-        return clip_text.tokenize(texts, clip_text.EOS if self.family == "sd1" else 0)
 
 
 def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
@@ -1517,10 +1500,9 @@ def plan_predict(
             f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})"
         )
     jobs, skipped = list_jobs(args, con)
-    for job in (
-        jobs
-    ):  # from the header: an image over MAX_PIXELS is refused now, not after the model's load
-        job.size = shown_size(job.image)
+    # from the headers: an image over MAX_PIXELS is refused now, not after the model's load
+    for job in jobs:
+        shown_size(job.image)
     find_ground_truth(jobs, args.masks, emb, con)
     truth = {
         os.path.realpath(job.gt) for job in jobs if job.gt
@@ -1599,9 +1581,7 @@ def list_jobs(
                 skipped.append(path)
                 continue
             mask, overlay = (os.path.join(args.out, d, file_stem(path) + ".png") for d in OUT_DIRS)
-            job = SimpleNamespace(
-                image=path, gt=None, done=False, mask=mask, overlay=overlay, size=None
-            )
+            job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
             jobs.setdefault(
                 os.path.realpath(path), job
             )  # the same image named twice is segmented once
@@ -1647,8 +1627,10 @@ def find_ground_truth(
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
             continue
-        if job.size:  # a damaged image is skipped when its turn comes
-            check_labels(ground_truth(job, emb), job.gt, job.size, emb["parts"], job.image)
+        size = shown_size(job.image)
+        # None: a damaged image, skipped when its turn comes
+        if size:
+            check_labels(ground_truth(job, emb), job.gt, size, emb["parts"], job.image)
     if masks and not any(
         job.gt for job in jobs
     ):  # an IoU table of nothing would read as a score of 0

@@ -231,7 +231,7 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path, 
     """The release's issue #5: reloading saved embeddings gave different (zero-IoU) masks."""
     sd = slime.load_models(tiny_ckpt("sd2"))
     monkeypatch.setattr(
-        slime, "noisy_inputs", lambda sd, image, s: None
+        slime, "noisy_patches", lambda sd, image, s: None
     )  # the validation: no UNet pass, as
     monkeypatch.setattr(
         slime, "validation_miou", lambda *a: 0.5
@@ -247,6 +247,7 @@ def test_saved_embeddings_give_exactly_the_in_memory_masks(tiny_ckpt, tmp_path, 
             saved.update(context=e["state"]["best_context"])
 
     context = slime.fit(sd, [(image, torch.from_numpy(mask).long())], 3, s, progress=progress)
+    monkeypatch.undo()  # segment's own noisy patches from here on
     assert context is saved["context"] and torch.equal(
         slime.load_embeddings(emb)["context"], context
     )
@@ -276,7 +277,7 @@ def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path,
     img, mask = cvat_export(tmp_path / "export", "scene", *synthetic_scene())
     # what the validation decides (which epoch to keep) one epoch cannot change: skipped, one UNet
     # pass less
-    monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
+    monkeypatch.setattr(slime, "noisy_patches", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
     starts, prompt_contexts = (
         [],
@@ -348,7 +349,7 @@ def test_training_crops_cycle_through_the_parts_unless_no_cycle(
     # the crops are the subject, not the loss: a zero loss and a fixed score, no UNet pass
     zero = dict(ce=0.0, mse=0.0, sd=0.0)
     monkeypatch.setattr(slime, "training_step", lambda sd, learned, *a: ((learned * 0).sum(), zero))
-    monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
+    monkeypatch.setattr(slime, "noisy_patches", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
     img, mask = scene_files(tmp_path)
     run(

@@ -12,7 +12,7 @@ against finite differences; OpenCV's small blur kernels; that the augmentations 
 image (flip, the crop that favours a part, rotation); that fit trains on the colour order it
 records; and, for --window, the window layout (covering the image, overlapping, flush with its
 border, small images), the padded crops and fit's views, the banded upsampling of the window grid,
-and that native_scores is the release's rule over the windows. The maps come from stand-in UNets
+and that window_segment is the release's rule over the windows. The maps come from stand-in UNets
 (FakeUNet, ScoreUNet, Eq8UNet) or the tiny random checkpoint.
 
     python -m pytest -q tests/test_method.py
@@ -756,7 +756,7 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
     cond, _ = slime.prompt_contexts(sd, 3)
     encodes, encode = [], sd.vae.encode
     sd.vae.encode = lambda *a, **k: encodes.append(1) or encode(*a, **k)
-    kept = [slime.noisy_inputs(sd, image, s)]  # as fit makes them, once
+    kept = [slime.noisy_patches(sd, image, s)]  # as fit makes them, once
     context = slime.with_learned(cond[0, 1:3] + 0.5, cond)
     miou = slime.validation_miou(sd, context, [(image, gt)], kept, 3, s)
     assert len(encodes) == 1  # the kept patches, not encoded again
@@ -769,7 +769,7 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
 def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_validation(
     tiny_ckpt, monkeypatch
 ):
-    """One noisy_inputs per validation pair, before the first step; every validation gets those very
+    """One noisy_patches per validation pair, before the first step; every validation gets those very
     ones."""
     sd = slime.load_models(tiny_ckpt("sd2"))
     image, gt = torch.rand(3, 64, 64), torch.zeros(64, 64, dtype=torch.long)
@@ -788,7 +788,7 @@ def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_valida
         calls.append(("validation", val_inputs))
         return 0.5
 
-    monkeypatch.setattr(slime, "noisy_inputs", inputs)
+    monkeypatch.setattr(slime, "noisy_patches", inputs)
     monkeypatch.setattr(slime, "training_step", step)
     monkeypatch.setattr(slime, "validation_miou", validation)
     val = [(image, gt), (image.flip(-1), gt.flip(-1))]
@@ -874,16 +874,17 @@ def test_native_view_holds_the_favoured_part_at_predicts_scale():
 def test_window_grid_scores_are_upsampled_band_by_band_and_cut_at_the_border(h, w, cell, band):
     gh, gw = max(64, -(-h // cell)), max(64, -(-w // cell))
     scores = torch.rand(3, gh, gw, generator=torch.Generator().manual_seed(h))
-    got = slime.upsampled_argmax(scores, h, w, cell, band=band)
+    extent = (gh * cell, gw * cell)
+    got = slime.upsampled_argmax(scores, h, w, extent, band=band)
     # bands change nothing
-    assert got.shape == (h, w) and torch.equal(got, slime.upsampled_argmax(scores, h, w, cell))
+    assert got.shape == (h, w) and torch.equal(got, slime.upsampled_argmax(scores, h, w, extent))
     full = F.interpolate(
         scores[None], size=(gh * cell, gw * cell), mode="bilinear", align_corners=False
     )[0]
     assert (got.long() != full[:, :h, :w].argmax(0)).float().mean() < 1e-4  # equal up to float ties
 
 
-def test_native_scores_are_the_release_rule_over_the_windows():
+def test_window_scores_are_the_release_rule_over_the_windows(monkeypatch):
     """Each window votes as a release patch (patch_votes, unchanged) on its 64x64 cells of the grid;
     where windows overlap, each class's score is the mean of its votes; a class below the threshold
     in a window does not vote there. With one window the image is that window."""
@@ -891,8 +892,13 @@ def test_native_scores_are_the_release_rule_over_the_windows():
     calls = [random_maps(K, seed) for seed in range(2)]
     s = slime.Settings(window=512, threshold=0.017)
     image = torch.rand(3, 512, 896)  # grid 64 x 112 cells: windows at x = 0 and 48 cells, 16 shared
-    got, cell = slime.native_scores(FakeSD(FakeUNet(calls)), None, image, K, s)
-    assert cell == 8 and got.shape == (K, 64, 112)
+    upsampled = []
+    with monkeypatch.context() as m:  # the scores and where window_segment resizes them
+        m.setattr(slime, "upsampled_argmax", lambda *args: upsampled.append(args))
+        slime.window_segment(FakeSD(FakeUNet(calls)), None, image, K, s)
+    ((got, h, w, extent),) = upsampled
+    # cells of 8 pixels: the grid's padded extent is the image here
+    assert (h, w, extent) == (512, 896, (512, 896)) and got.shape == (K, 64, 112)
     scores, votes = torch.zeros(K, 64, 112), torch.full((K, 64, 112), 1e-7)
     for x0, maps in zip((0, 48), calls, strict=True):
         A_ca, A_sa, _ = slime.attention_maps(

@@ -74,7 +74,7 @@ def stubbed_fit(monkeypatch, mious, epochs, val_every=1):
         return validated[-1][1]
 
     monkeypatch.setattr(slime, "prompt_contexts", lambda sd, K: (zeros, zeros))
-    monkeypatch.setattr(slime, "noisy_inputs", lambda sd, image, s: None)
+    monkeypatch.setattr(slime, "noisy_patches", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "training_view", lambda image, mask, part, s, gen: (image, mask))
     monkeypatch.setattr(
         slime, "training_step", lambda sd, learned, *a: (((learned - 1) ** 2).sum(), {})
