@@ -1,10 +1,11 @@
-"""slime: Segment Like Me (SLiMe, ICLR 2024), from scratch on an original Stable Diffusion checkpoint.
+"""slime: Segment Like Me (SLiMe, ICLR 2024), from scratch on an original Stable Diffusion file.
 
     python slime.py fit ref.png ref_mask.png --parts background,body,wheel -o emb.pt
     python slime.py predict emb.pt folder/ -o out/
 
-The file reads top to bottom: the settings; the method (paper Sec. 4, in the order of Fig. 3); native
-resolution (--window, slime's); the checkpoint; files; the plan of a run and its record; the command line.
+The file reads top to bottom: the settings; what `sd` holds; the method (paper Sec. 4, in the
+order of Fig. 3), which stands alone; native resolution (--window, slime's); the checkpoint; files;
+the plan of a run and its record; the command line.
 
   paper:   https://arxiv.org/abs/2309.03179 (Sec. 4, Eq. 3-8)
   release: https://github.com/aliasgharkhani/SLiMe/tree/9de06f1a1e9ca83bd900a0b68646ce4885485f68
@@ -49,7 +50,7 @@ class SlimeError(Exception):
     """A mistake the user can fix; its message is one sentence, printed without a traceback."""
 
 
-# ------------------------------------------------------------------------------------------ settings
+# ----------------------------------------------------------------------------------------- settings
 SIZE = 512  # the model always sees 512x512 images (a 64x64 latent), as in the release
 MAP = 64  # the grid of the cross-attention and WAS maps (the release's train_mask_size)
 
@@ -185,7 +186,7 @@ def attention_maps(sd, x_t, t, context, num_classes, log_space):
 
 
 def was_map(P, A_sa):
-    """Eq. 6, the Weighted Accumulated Self-attention map: S_WAS[k, q] = sum_j P[k, j] A_sa[q, j]."""
+    """Eq. 6, the Weighted Accumulated Self-attention map: S[k, q] = sum_j P[k, j] A_sa[q, j]."""
     # A_sa.T puts the keys j on the rows, so one matmul sums over j; the release forms the same sum
     # as a broadcast product of K x 4096 x 4096 values (release/src/slime.py#L130-L133)
     return (P.flatten(1) @ A_sa.T).view(P.shape)
@@ -205,9 +206,9 @@ def class_weights(mask, num_classes):
 def segmentation_losses(log_A_ca, A_sa, mask, num_classes):
     """Eq. 4 and Eq. 7 on a (64, 64) mask: the cross-entropy of A_ca, and the squared error of the
     WAS maps against the one-hot mask (release/src/slime.py#L121-L143)."""
-    # ignore_index: 255 pixels (VOC's void, the padding of --window views) are neither right nor wrong
+    # ignore_index: 255 pixels (VOC's void, --window's padding) are neither right nor wrong
     weight = class_weights(mask, num_classes)
-    # log A_ca as the logits: the softmax over the K classes of log-probabilities is A_ca renormalised
+    # log A_ca as the logits: their softmax over the K classes is A_ca renormalised over K
     loss_ce = F.cross_entropy(log_A_ca[None], mask[None], weight=weight, ignore_index=IGNORE)
     # Eq. 6 of the K-way softmax. The release takes it of the averaged raw logits, which differ from
     # log A_ca by a per-pixel constant: the same softmax
@@ -324,13 +325,12 @@ def augment(image, mask, part, s, gen):
 def fit(sd, pairs, num_classes, s, val_pairs=None, progress=lambda event: None, state=None):
     """Sec. 4.1 with the release's loop (release/src/slime.py#L111-L152, Adam at #L410-L416): learn
     K-1 text vectors from [(image (3, H, W) in [0, 1], mask (H, W) labels)], keep the best ->
-    context (1, 77, D). progress(event) each step, validation and epoch; an epoch's `state` continues
-    the fit as if it had never stopped."""
+    context (1, 77, D). progress(event) each step, validation and epoch; an epoch's `state`
+    continues the fit as if it had never stopped."""
     pairs = as_pairs(pairs, num_classes, s)
     # no --val: the training pairs validate
     val_pairs = as_pairs(val_pairs, num_classes, s) if val_pairs else pairs
-    # timesteps, VAE samples and noise on the device; the augmentations on a CPU stream, so that
-    # they are the same on any device
+    # timesteps, VAE samples, noise on the device; augmentations on a CPU stream, alike anywhere
     gen = torch.Generator(sd.device).manual_seed(s.seed)
     aug_gen = torch.Generator().manual_seed(s.seed)
     cond, uncond = prompt_contexts(sd, num_classes)
@@ -411,12 +411,13 @@ def diverged(sd, loss, step, terms):
     if sd.dtype == torch.float16:
         why = "fp16 overflows easily: use --dtype bf16 or fp32"
     terms = ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
-    return f"the loss became {loss.item()} at step {step} ({terms}); {why}; the best emb.pt so far is kept"
+    kept = "the best emb.pt so far is kept"
+    return f"the loss became {loss.item()} at step {step} ({terms}); {why}; {kept}"
 
 
 def training_view(image, mask, part, s, gen):
-    """What one step sees of a pair: the release's augmentations (of a view at the image's own scale,
-    with --window); the mask at 64x64."""
+    """What one step sees of a pair: the release's augmentations (of a view at the image's own
+    scale, with --window); the mask at 64x64."""
     if s.window:  # slime's native resolution, below the method
         image, mask = native_view(image, mask, part, s.window, gen)
     image, mask = augment(image, mask, part, s, gen)
@@ -612,14 +613,14 @@ def iou_per_class(pred, gt, num_classes):
 
 
 def image_miou(pred, gt, num_classes):
-    """The mean IoU over the classes in this image's ground truth (release/src/slime.py#L300-L320)."""
+    """Mean IoU over the classes in the image's ground truth (release/src/slime.py#L300-L320)."""
     ious = iou_per_class(pred, gt, num_classes)
     return sum(ious.values()) / max(len(ious), 1)
 
 
 def miou_table(per_image, num_classes):
     """[{class: IoU}] -> (per-class IoU, mIoU) as the release reports a test set: a class's IoU is
-    the mean over the images that contain it; the mIoU is the mean over classes seen in any image."""
+    the mean over the images that hold it; the mIoU is the mean over classes seen in any image."""
     per_class = [[ious[c] for ious in per_image if c in ious] for c in range(num_classes)]
     per_class = [sum(v) / len(v) if v else None for v in per_class]
     seen = [v for v in per_class if v is not None]
@@ -628,8 +629,8 @@ def miou_table(per_image, num_classes):
 
 # ---------------------------------------------------------- native resolution (--window, slime's)
 # The release squashes every image to 512x512, so a part of a few pixels in a big photo falls below
-# one latent pixel. --window N cuts the image, at its own resolution, into overlapping N x N windows,
-# each resized to 512 and voting as a release patch does; fit trains on views at the same scale.
+# one latent pixel. --window N cuts the image, at its own resolution, into overlapping N x N
+# windows, each resized to 512 and voting as a release patch does; fit trains on views at its scale.
 # The method reaches it through one call each: training_view, noisy_patches and segment.
 def window_crop(x, y0, x0, side, fill=None):
     """x[..., y0:y0 + side, x0:x0 + side], padded past the edge with its edge pixels (an image) or

@@ -195,9 +195,9 @@ def ticks(hi, n=5):  # 0 and round steps (1, 2 or 5 times a power of 10) up to t
     return step * np.arange(math.ceil(hi / step - 1e-9) + 1)
 
 
-def curve(emb, path):
-    """Eq. 8's terms as it weighs them (ce Eq. 4, alpha * mse Eq. 7, beta * SD's loss) at each step
-    and the validation mIoUs against the epoch, and the epoch emb.pt kept."""
+def history(emb, path):
+    """emb.pt's curve -> (steps (n, 4): epoch and Eq. 8's weighted terms, validations (m, 2), the
+    steps' x: the n steps of epoch e at e - 1 + 1/n, ..., e)."""
     history, s = emb.get("history") or {}, emb["settings"]
     if not history.get("step") and not history.get("validation"):
         raise slime.SlimeError(f"{path} has no fit history (fitted before slime kept one)")
@@ -208,10 +208,17 @@ def curve(emb, path):
     except (TypeError, ValueError):
         why = "its history is not fit's [[epoch, ce, mse, sd], ...]"
         raise slime.SlimeError(f"{path}: {why}") from None
-    x = steps[:, 0].copy()  # the n steps of epoch e at e - 1 + 1/n, ..., e
+    x = steps[:, 0].copy()
     for e in np.unique(x):
         i = steps[:, 0] == e
         x[i] += np.arange(1, i.sum() + 1) / i.sum() - 1
+    return steps, vals, x
+
+
+def curve(emb, path):
+    """Eq. 8's terms as it weighs them (ce Eq. 4, alpha * mse Eq. 7, beta * SD's loss) at each step
+    and the validation mIoUs against the epoch, and the epoch emb.pt kept."""
+    (steps, vals, x), s = history(emb, path), emb["settings"]
     W, H, L, R, T, B = 960, 540, 72, 888, 44, 452  # the canvas and the plot's box
     xt = ticks(max(x.max(initial=1), vals[:, 0].max(initial=1)))
     xt = xt if xt[1] >= 1 else np.arange(int(xt[-1]) + 1)  # whole epochs
