@@ -701,21 +701,21 @@ def window_segment(sd, context, image, num_classes, s, windows=None, progress=No
 
 
 # ----------------------------------------------------------------------------- the checkpoint
-# The prefixes of the original (ldm) single files. Each module copies the names below its prefix, so loading
-# strips the prefix and assigns, with no table of names (README, "How the modules map").
+# The prefixes of the original (ldm) single files. Each module copies the names below its prefix,
+# so loading strips the prefix and assigns, with no table of names (README, "How the modules map").
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = {"sd1": "cond_stage_model.transformer.text_model.", "sd2": "cond_stage_model.model."}
-# Tensors that slime does not use. Any other that no module takes is an error, as is any a module lacks.
+# Tensors slime does not use; any other that no module takes is an error, as is any a module lacks.
 IGNORED_KEYS = (
-    r"first_stage_model\.(decoder|post_quant_conv)\.",  # the VAE decoder: SLiMe never decodes latents
-    r"(betas|\w*alphas_cumprod\w*|posterior_\w+)$",  # the 12 schedule buffers (betas, ...): recomputed below
+    r"first_stage_model\.(decoder|post_quant_conv)\.",  # the VAE decoder: SLiMe never decodes
+    r"(betas|\w*alphas_cumprod\w*|posterior_\w+)$",  # the 12 schedule buffers: alphas_cumprod()
     r"model_ema\.",  # LitEma's decay / num_updates scalars left in the pruned EMA-only files
     r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$",  # SD1: an arange(77)
-    r"cond_stage_model\.model\.transformer\.resblocks\.{last}\.",  # SD2: last text block (penultimate output)
+    r"cond_stage_model\.model\.transformer\.resblocks\.{last}\.",  # SD2: the unused last block
     r"cond_stage_model\.model\.(text_projection|logit_scale)$",  # SD2: CLIP's contrastive head
 )
-WIDTHS = {  # the tensors whose shapes give the modules' widths; all the others are checked against them
+WIDTHS = {  # the tensors that give the modules' widths; all others are checked against them
     "unet": (UNET_PREFIX + "input_blocks.0.0.weight", 0),
     "context": (UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", 1),
     "vae": (VAE_PREFIX + "encoder.conv_in.weight", 0),
@@ -725,32 +725,28 @@ WIDTHS = {  # the tensors whose shapes give the modules' widths; all the others 
 
 
 def build_models(shapes, path="checkpoint"):
-    """{key: shape} -> (family, {prefix: module on the meta device}, ignore patterns); widths from the shapes."""
-    family = next(
-        (f for f, prefix in TEXT_PREFIX.items() if any(k.startswith(prefix) for k in shapes)), None
-    )
-    needed = (
-        [WIDTHS[k][0] for k in ("unet", "context", "vae", family)] if family else ["a text encoder"]
-    )
+    """{key: shape} -> (family, {prefix: meta module}, ignore patterns); widths from the shapes."""
+    families = [f for f, p in TEXT_PREFIX.items() if any(k.startswith(p) for k in shapes)]
+    family = families[0] if families else None
+    parts = ("unet", "context", "vae", family)
+    needed = [WIDTHS[k][0] for k in parts] if family else ["a text encoder"]
     missing = [k for k in needed if k not in shapes]
-    if missing or any(
-        k.startswith("conditioner.") for k in shapes
-    ):  # SDXL: its text encoders are there
+    sdxl = any(k.startswith("conditioner.") for k in shapes)  # SDXL's text encoders are there
+    if missing or sdxl:
         raise SlimeError(f"{path} is no SD 1.x or 2.x checkpoint: it lacks {(missing + needed)[0]}")
     width = {k: shapes[key][dim] for k, (key, dim) in WIDTHS.items() if key in shapes}
-    sd1, text = family == "sd1", TEXT_PREFIX[family]
-    config = UNetConfig.sd15 if sd1 else UNetConfig.sd21
-    unet_cfg = config(model_channels=width["unet"], context_dim=width["context"])
+    sd1 = family == "sd1"
+    text = TEXT_PREFIX[family]
+    unet_config = UNetConfig.sd15 if sd1 else UNetConfig.sd21
+    unet_cfg = unet_config(model_channels=width["unet"], context_dim=width["context"])
     # the text depth is counted from the block names, as no header field states it
     block = r"encoder\.layers\.(\d+)\." if sd1 else r"transformer\.resblocks\.(\d+)\."
-    depth = 1 + max(
-        [int(m[1]) for k in shapes if (m := re.match(re.escape(text) + block, k))], default=-1
-    )
-    # SD2 conditions on the penultimate layer (ldm's FrozenOpenCLIPEmbedder, layer "penultimate"): the last
-    # block is never built, and its tensors are on the ignore list ({last})
-    text_cfg = (TextConfig.sd15 if sd1 else TextConfig.sd21)(
-        width=width[family], layers=depth - (not sd1)
-    )
+    blocks = [re.match(re.escape(text) + block, k) for k in shapes]
+    depth = 1 + max([int(m[1]) for m in blocks if m], default=-1)
+    # SD2 conditions on the penultimate layer (ldm's FrozenOpenCLIPEmbedder, "penultimate"): the
+    # last block is never built, and its tensors are on the ignore list ({last})
+    text_config = TextConfig.sd15 if sd1 else TextConfig.sd21
+    text_cfg = text_config(width=width[family], layers=depth if sd1 else depth - 1)
     with torch.device("meta"):  # shapes without memory: the weights are assigned as they are read
         text_model = (CLIPTextModel if sd1 else OpenCLIPText)(text_cfg)
         vae = AutoencoderKL(VAEConfig(ch=width["vae"]))
@@ -759,8 +755,8 @@ def build_models(shapes, path="checkpoint"):
 
 
 def read_header(path):
-    """A checkpoint's header alone -> (family, meta modules); every tensor's name, shape and dtype checked."""
-    # .ckpt files are pickles, and unpickling runs whatever code the file holds; safetensors is names, shapes, bytes
+    """The header alone -> (family, meta modules), every tensor's name, shape and dtype checked."""
+    # unpickling a .ckpt runs whatever code it holds; a safetensors file is names, shapes, bytes
     if not str(path).endswith(".safetensors"):
         raise SlimeError(f"{path} is no .safetensors file; slime never unpickles .ckpt files")
     with named(path), open(path, "rb"), safe_open(str(path), framework="pt", device="cpu") as f:
@@ -768,30 +764,29 @@ def read_header(path):
     shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
     floats = {k for k, v in slices.items() if v.get_dtype() in ("F64", "F32", "F16", "BF16")}
     family, modules, ignored = build_models(shapes, path)
-    wanted = {
-        prefix + k: tuple(v.shape)
-        for prefix, m in modules.items()
-        for k, v in m.state_dict().items()
-    }
-    # the shapes are the real test of the architecture: build_models read only a few widths from the file.
+    wanted = {}
+    for prefix, module in modules.items():
+        wanted.update({prefix + k: tuple(v.shape) for k, v in module.state_dict().items()})
+    kept = {k for k in shapes if not any(p.match(k) for p in ignored)}
+    found = wanted.keys() & shapes.keys()
+    # the shapes are the real test of the architecture: build_models read only a few widths.
     # An integer tensor would be cast to float silently and give garbage: a damaged or foreign file.
     problems = {
-        "lacks": set(wanted) - set(shapes),
-        "has unexpected": {
-            k for k in shapes if k not in wanted and not any(p.match(k) for p in ignored)
-        },
-        "has wrongly shaped": {k for k in wanted if k in shapes and shapes[k] != wanted[k]},
-        "has non-float": {k for k in wanted if k in shapes and k not in floats},
+        "lacks": wanted.keys() - shapes.keys(),
+        "has unexpected": kept - wanted.keys(),
+        "has wrongly shaped": {k for k in found if shapes[k] != wanted[k]},
+        "has non-float": found - floats,
     }
-    for what, keys in ((what, sorted(keys)) for what, keys in problems.items() if keys):
-        first = ", ".join(keys[:4]) + " ..." * (len(keys) > 4)
-        raise SlimeError(f"{path} {what} tensors for {family}: {first} ({len(keys)} in all)")
+    for what, keys in problems.items():
+        first = ", ".join(sorted(keys)[:4]) + (" ..." if len(keys) > 4 else "")
+        if keys:
+            raise SlimeError(f"{path} {what} tensors for {family}: {first} ({len(keys)} in all)")
     return family, modules
 
 
 def fingerprint(path, chunk=1 << 24):
-    """The weights' identity: SHA-256 of the SHA-256s of the file's 16 MiB chunks. Every byte counts (a LoRA
-    merged into the UNet changes only the middle); threads hash the chunks: 3 s for 5.2 GB on 2 cores."""
+    """The weights' identity: SHA-256 of the SHA-256s of the 16 MiB chunks, which threads hash (3 s
+    for 5.2 GB, 2 cores). Every byte counts: a LoRA merged into the UNet changes only the middle."""
 
     def chunk_sum(i):
         with open(path, "rb") as f:
@@ -804,21 +799,16 @@ def fingerprint(path, chunk=1 << 24):
 
 
 def load_models(path, device="cpu", dtype=torch.float32, text_encoder=True):
-    """An original single-file SD 1.x / 2.x checkpoint, each tensor read once, checked, cast and assigned."""
+    """An original (ldm) SD 1.x / 2.x file, each tensor read once, checked, cast and assigned."""
     family, modules = read_header(path)
+    built = list(modules.items())[: 3 if text_encoder else 2]  # UNet, VAE, text encoder
     with named(path), safe_open(str(path), framework="pt", device="cpu") as f:
-        for prefix, module in list(modules.items())[
-            : 3 if text_encoder else 2
-        ]:  # UNet, VAE, text encoder
+        for prefix, module in built:
             # cast per tensor as read: the file is never in memory whole, nor in two formats at once
-            keys = module.state_dict()
-            state = {
-                k: finite(f.get_tensor(prefix + k), prefix + k, path).to(device, dtype)
-                for k in keys
-            }
-            module.load_state_dict(
-                state, strict=True, assign=True
-            )  # assign: in place of the meta tensors
+            state = {}
+            for k in module.state_dict():
+                state[k] = finite(f.get_tensor(prefix + k), prefix + k, path).to(device, dtype)
+            module.load_state_dict(state, strict=True, assign=True)  # replaces the meta tensors
             module.eval().requires_grad_(False)  # frozen: only the learned vectors get gradients
     unet, vae, text = modules.values()
     return StableDiffusion(family, unet, vae, text if text_encoder else None, str(path))
@@ -830,21 +820,11 @@ def finite(tensor, name, path):  # the tensor, if every value is finite; else on
     return tensor
 
 
-# ----------------------------------------------------------------------------- files: images and masks
+# -------------------------------------------------------------------------- files: images and masks
 MAX_CLASSES = 77  # one text token per class: <start-of-text> (background) + up to 76 parts
-MAX_PIXELS = (
-    250_000_000  # slime's limit on an image's pixels, checked from its header; PIL's own is off:
-)
-Image.MAX_IMAGE_PIXELS = (
-    None  # it refuses 179 MP as a "decompression bomb", and slime reads in bands
-)
-GRAY16 = (
-    "I;16",
-    "I;16L",
-    "I;16B",
-    "I;16N",
-    "I",
-)  # PIL's modes of 16-bit (and 32-bit int) gray images
+MAX_PIXELS = 250_000_000  # slime's limit on an image's pixels, checked from its header
+Image.MAX_IMAGE_PIXELS = None  # off: PIL calls 179 MP a "bomb", and slime reads in bands
+GRAY16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's 16-bit (and 32-bit int) gray modes
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MASK_EXTS = (".png", ".npy") + IMAGE_EXTS[1:]  # JPEG masks are found, to be refused
 file_stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E731  "a/b.png" -> "b"
@@ -852,129 +832,100 @@ file_stem = lambda path: os.path.splitext(os.path.basename(path))[0]  # noqa: E7
 
 @contextlib.contextmanager
 def named(path, why=None):
-    """The one boundary of file errors: a failure to read or write `path` -> `slime: error: <path>: <why>`."""
-    if os.path.exists(path) and not (
-        os.path.isfile(path) or os.path.isdir(path)
-    ):  # a pipe: open() waits
-        raise SlimeError(
-            f"{path} is no regular file (a pipe, socket or device): slime reads only files"
-        )
+    """The one boundary of file errors: failing on `path` -> `slime: error: <path>: <why>`."""
+    # a pipe, say: open() would wait on it
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+        what = "no regular file (a pipe, socket or device): slime reads only files"
+        raise SlimeError(f"{path} is {what}")
     try:
         yield
     except SlimeError:
         raise
     except Exception as e:
-        reason = (
-            e.strerror if isinstance(e, OSError) and e.strerror else why or " ".join(str(e).split())
-        )
-        raise SlimeError(
-            f"{path}: {reason.replace(f' {str(path)!r}', '') or type(e).__name__}"
-        ) from None
+        reason = getattr(e, "strerror", None) or why or " ".join(str(e).split())
+        reason = reason.replace(f" {str(path)!r}", "") or type(e).__name__
+        raise SlimeError(f"{path}: {reason}") from None
 
 
 def open_image(path):
-    """PIL's first frame, decoded, EXIF orientation applied -> (image, its format if lossy else False)."""
+    """The first frame, decoded and turned by EXIF -> (image, its format if lossy else False)."""
     with named(path):
         shown_size(path)  # over MAX_PIXELS: refused before anything is decoded
-        with Image.open(
-            path
-        ) as im:  # closed: a folder of 10,000 photos must not run out of file handles
+        with Image.open(path) as im:  # closed: 10,000 photos must not run out of file handles
             im.seek(0)  # animated GIF / WebP / multi-page TIFF: the first frame
             im.load()  # decode now, so a truncated file fails here and not later
-            # by what the file IS: a JPEG saved as .png is still JPEG (MPO: a phone's); WebP is lossless as VP8L
-            lossy = im.format in ("JPEG", "MPO", "JPEG2000") or "jpeg" in str(
-                im.info.get("compression")
-            )
+            # by content: a JPEG named .png is JPEG (MPO: a phone's); a WebP is lossless as VP8L
+            jpeg = "jpeg" in str(im.info.get("compression"))
+            lossy = im.format in ("JPEG", "MPO", "JPEG2000") or jpeg
             lossy = lossy or im.format == "WEBP" and b"VP8L" not in open(path, "rb").read(64)
-            return ImageOps.exif_transpose(
-                im
-            ), lossy and im.format  # as shown: phones store EXIF rotations
+            return ImageOps.exif_transpose(im), lossy and im.format
 
 
 def shown_size(path):
-    """An image's (height, width) as shown, from its header (EXIF orientations 5-8 swap the sides), or None if
-    PIL cannot read it (open_image says why); over MAX_PIXELS, refused."""
+    """(height, width) as shown (EXIF 5-8 swap them), from the header; None if PIL can't read it."""
     size = None
     with contextlib.suppress(Exception), Image.open(path) as im:
-        # a PNG's getexif() decodes every pixel to look for an eXIf chunk after them (PIL saves it before)
+        # a PNG's getexif() decodes all pixels to seek an eXIf chunk after them (PIL puts it first)
         exif = {} if im.format == "PNG" and "exif" not in im.info else im.getexif()
         size = im.size if exif.get(0x0112) in (5, 6, 7, 8) else im.size[::-1]
-    if size and size[0] * size[1] > MAX_PIXELS:
-        mp, why = (
-            f"{size[0] * size[1] / 1e6:.3g} megapixels",
-            "as float32 it alone takes 12 bytes a pixel",
-        )
-        raise SlimeError(
-            f"{path} has {mp}, over slime's limit of {MAX_PIXELS / 1e6:.3g} ({why}): shrink it"
-        )
+    pixels = size[0] * size[1] if size else 0
+    if pixels > MAX_PIXELS:
+        over = f"{pixels / 1e6:.3g} megapixels, over slime's limit of {MAX_PIXELS / 1e6:.3g}"
+        why = "as float32 it alone takes 12 bytes a pixel"
+        raise SlimeError(f"{path} has {over} ({why}): shrink it")
     return size
 
 
 def read_image(path, mask_like="a warning"):
-    """An image file -> (3, H, W) float32 RGB in [0, 1], any alpha dropped; if it looks like a mask, a warning
-    (predict: a folder may hold one) or, for fit's images, an error."""
+    """An image file -> (3, H, W) float32 RGB in [0, 1], any alpha dropped; if it looks like a mask,
+    a warning (predict: a folder may hold one) or, for fit's images, an error."""
     im, _ = open_image(path)
-    if im.mode in GRAY16 + (
-        "F",
-    ):  # 16-bit gray: full scale is 65535; float TIFFs are taken as 0..1
+    if im.mode in GRAY16 + ("F",):  # 16-bit gray: full scale 65535; float TIFFs: 0..1
         gray = np.asarray(im, dtype=np.float32) / (1 if im.mode == "F" else 65535)
         if not np.isfinite(gray).all():
             raise SlimeError(f"{path} holds nan or inf pixel values")
         return torch.from_numpy(np.clip(gray, 0, 1))[None].repeat(3, 1, 1)
-    im = (
-        im.convert("RGBA") if im.mode in ("P", "PA", "LA", "La", "RGBa") else im
-    )  # palette transparency
+    # through RGBA, so that a palette's transparency converts right
+    im = im.convert("RGBA") if im.mode in ("P", "PA", "LA", "La", "RGBa") else im
     im = im if im.mode == "RGB" else im.convert("RGB")
     colours = im.getcolors(MAX_CLASSES + 1)  # None when there are more
-    if (
-        colours and len(colours) * 64 <= im.width * im.height
-    ):  # a few flat colours: what masks are made of
+    if colours and len(colours) * 64 <= im.width * im.height:  # few flat colours: a mask's
         like = f"{path} has only {count(len(colours), 'colour')}, like a mask"
         if mask_like == "an error":
             raise SlimeError(f"{like}: give each image first, its mask second")
         warnings.warn(like, stacklevel=2)
     rgb = torch.from_numpy(np.array(im, dtype=np.uint8))
-    return (
-        rgb.permute(2, 0, 1).float().div_(255)
-    )  # in place: a 12000x9000 photo is 1.3 GB as float32
+    return rgb.permute(2, 0, 1).float().div_(255)  # div_ in place: 1.3 GB at 12000x9000
 
 
 def read_mask(path, colors=False):
-    """A mask file -> (H, W) int64 labels (index or grey value; 255: ignore), or (H, W, 3) colours."""
+    """A mask -> (H, W) int64 labels (index or grey value; 255: ignore), or (H, W, 3) colours."""
     if str(path).lower().endswith(".npy"):  # the release's format; never unpickled
         with named(path):
-            m = np.load(
-                path, allow_pickle=False
-            )  # an .npz archive named .npy: a stand-in that is refused
-            m, what = (
-                (m, f"{m.dtype} {m.shape}")
-                if isinstance(m, np.ndarray)
-                else (np.zeros(()), "an .npz")
-            )
+            m = np.load(path, allow_pickle=False)
+        npz = not isinstance(m, np.ndarray)  # an .npz archive named .npy: refused
+        what = "an .npz" if npz else f"{m.dtype} {m.shape}"
+        m = np.zeros(()) if npz else m  # a stand-in that fails the test below
         if m.dtype.kind not in "biu" or m.ndim != 2 or m.size and (m.min() < 0 or m.max() > 255):
             raise SlimeError(f"{path}: a mask is a 2-D array of labels 0..255, not {what}")
         return m.astype(np.int64)
     im, lossy = open_image(path)
     if im.mode in ("P", "L", "1", "PA", "LA", "F") + GRAY16 and not (colors and im.mode == "P"):
-        m = (
-            np.asarray(im)[..., 0] if im.mode in ("PA", "LA") else np.asarray(im)
-        )  # alpha is no label
+        m = np.asarray(im)
+        m = m[..., 0] if im.mode in ("PA", "LA") else m  # alpha is no label
     else:
         m = np.asarray(im if im.mode in ("RGB", "RGBA") else im.convert("RGB"))[..., :3]
-        m = (
-            m[..., 0] if (m[..., 0] == m[..., 1]).all() and (m[..., 1] == m[..., 2]).all() else m
-        )  # grey
-    if (
-        im.mode == "F" and not np.isin(m, np.arange(256)).all()
-    ):  # a float TIFF: its values must be labels
+        m = m[..., 0] if (m == m[..., :1]).all() else m  # grey: one channel
+    if im.mode == "F" and not np.isin(m, np.arange(256)).all():
         raise SlimeError(f"{path}: a float mask must hold labels 0..255, not fractions, nan or inf")
     n = len(np.unique(pack_rgb(m) if m.ndim == 3 else m))
-    if n > (1000 if m.ndim == 3 else MAX_CLASSES + 1) and not (
-        lossy and n * 50 < m.shape[0] * m.shape[1]
-    ):
-        what = "a photo, not a mask (or its edges are anti-aliased): give each image first, its mask second"
-        raise SlimeError(f"{path} holds {n:,} distinct values, so it is {what}")
-    if lossy:  # a mask, however many colours compression invented at its edges (a photo has 1 per 50 pixels)
+    limit = 1000 if m.ndim == 3 else MAX_CLASSES + 1
+    # lossy: a mask, whatever colours compression invented at its edges (a photo: 1 per 50 pixels)
+    if n > limit and not (lossy and n * 50 < m.shape[0] * m.shape[1]):
+        what = "a photo, not a mask (or its edges are anti-aliased)"
+        order = "give each image first, its mask second"
+        raise SlimeError(f"{path} holds {n:,} distinct values, so it is {what}: {order}")
+    if lossy:
         raise SlimeError(f"{path} is stored lossily ({lossy}); save the mask as PNG or .npy")
     return np.ascontiguousarray(m) if m.ndim == 3 else m.astype(np.int64)
 
@@ -982,79 +933,58 @@ def read_mask(path, colors=False):
 # PASCAL VOC's colour map: bits 3b, 3b + 1, 3b + 2 of a class index set bit 7 - b of its r, g, b
 VOC_PALETTE = sum(
     ((np.arange(256)[:, None] >> (3 * b + np.arange(3))) & 1) << (7 - b) for b in range(8)
-)
-VOC_PALETTE = VOC_PALETTE.astype(np.uint8)
+).astype(np.uint8)
 VOID = (224, 224, 192)  # VOC's colour of index 255, "ignore" (object borders, unlabelled pixels)
 
 
-def pack_rgb(
-    colors,
-):  # (..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare as single numbers
+def pack_rgb(colors):
+    """(..., 3) colours -> (...) int32 keys 0xRRGGBB, so colours compare as single numbers."""
     c = np.asarray(colors).astype(np.int32)
     return (c[..., 0] << 16) | (c[..., 1] << 8) | c[..., 2]
 
 
-def edge_colors(
-    keys,
-):  # the colours of (H, W) with no pixel whose 4 neighbours are all of its colour
+def edge_colors(keys):
+    """The colours of (H, W) keys with no pixel whose 4 neighbours are all of its colour."""
     inner = keys[1:-1, 1:-1]
     whole = (inner == keys[:-2, 1:-1]) & (inner == keys[2:, 1:-1])
     whole &= (inner == keys[1:-1, :-2]) & (inner == keys[1:-1, 2:])
     solid = np.unique(inner[whole])
-    return (
-        np.setdiff1d(keys, solid) if len(solid) > 1 else solid[:0]
-    )  # between others: 2 solid colours
+    # an edge lies between others: with one solid colour there is none
+    return np.setdiff1d(keys, solid) if len(solid) > 1 else solid[:0]
 
 
 def colors_to_labels(masks, palette=None, names=None, source="the palette"):
-    """Colour masks -> (label masks, palette or None), ONE mapping for all: `palette` ([r, g, b] per class), or
-    black -> 0 and the other colours, sorted, -> 1, 2, ... (VOC's void colour: 255, ignore)."""
-    names = (
-        [str(n) for n in names]
-        if names is not None
-        else [f"mask {i + 1}" for i in range(len(masks))]
-    )
+    """Colour masks -> (label masks, palette or None), ONE mapping for all: `palette` ([r, g, b] a
+    class), or black -> 0, other colours sorted -> 1, 2, ...; VOC's void colour -> 255 (ignore)."""
+    default = [f"mask {i + 1}" for i in range(len(masks))]
+    names = default if names is None else [str(n) for n in names]
     keys = [np.unique(pack_rgb(m), return_inverse=True) if m.ndim == 3 else None for m in masks]
     if all(k is None for k in keys):  # label masks only
         return list(masks), None
-    for name, mask in (
-        zip(names, masks) if palette is None else ()
-    ):  # a drawing tool's smoothing: refused
-        slivers = (
-            np.setdiff1d(edge_colors(pack_rgb(mask)), pack_rgb(VOID)) if mask.ndim == 3 else []
-        )
-        if len(
-            slivers
-        ):  # anti-aliased edges; a part that thin needs a labelmap.txt naming its colour
-            what = f"{count(len(slivers), 'colour')} only along the edges between others (anti-aliasing)"
-            raise SlimeError(
-                f"{name} has {what}: save it unsmoothed, or name its colours in a labelmap.txt"
-            )
-    if (
-        palette is None
-    ):  # from ALL the masks: mapped one by one, a part absent from one would shift the rest
-        present = np.union1d(
-            np.zeros(1, np.int32), np.concatenate([k[0] for k in keys if k is not None])
-        )
-        present = present[
-            present != pack_rgb(VOID)
-        ]  # black first even where absent; void is no class
+    void = int(pack_rgb(VOID))
+    # a drawing tool's smoothing: refused; a part that thin needs a labelmap.txt naming its colour
+    for name, mask in zip(names, masks) if palette is None else ():
+        slivers = np.setdiff1d(edge_colors(pack_rgb(mask)), void) if mask.ndim == 3 else []
+        if len(slivers):
+            what = f"{count(len(slivers), 'colour')} only along the edges between others"
+            fix = "save it unsmoothed, or name its colours in a labelmap.txt"
+            raise SlimeError(f"{name} has {what} (anti-aliasing): {fix}")
+    # from ALL the masks: mapped one by one, a part absent from one would shift the rest
+    if palette is None:
+        colours = np.concatenate([k[0] for k in keys if k is not None])
+        present = np.union1d(np.zeros(1, np.int32), colours)  # black first, even where absent
+        present = present[present != void]  # void is no class
         if len(present) > MAX_CLASSES:  # more classes than SD has text tokens
             most = max(zip(keys, names), key=lambda kn: -1 if kn[0] is None else len(kn[0][0]))[1]
-            raise SlimeError(
-                f"the colours of {most} and the others make {len(present)} classes, over 77"
-            )
+            many = f"{len(present)} classes, over 77"
+            raise SlimeError(f"the colours of {most} and the others make {many}")
         palette = [[int(k) >> 16, (int(k) >> 8) & 255, int(k) & 255] for k in present]
     table = {k: i for i, k in enumerate(pack_rgb(np.array(palette)).tolist())}
-    table.setdefault(
-        int(pack_rgb(VOID)), IGNORE
-    )  # VOC's void colour means ignore, in any palette without it
+    table.setdefault(void, IGNORE)  # void: ignore, in any palette without it
     out = []
     for name, mask, k in zip(names, masks, keys):
         colours = k[0].tolist() if k is not None else []
-        unknown = [
-            c for c in colours if c not in table
-        ]  # refused, not guessed: anti-aliased edges, often
+        unknown = [c for c in colours if c not in table]  # not guessed: often anti-aliasing
         if unknown:
             examples = ", ".join(str((c >> 16, (c >> 8) & 255, c & 255)) for c in unknown[:3])
             raise SlimeError(f"{name} has colours that are not in {source}, e.g. {examples}")
@@ -1064,17 +994,14 @@ def colors_to_labels(masks, palette=None, names=None, source="the palette"):
     return out, palette
 
 
-# CVAT's "Segmentation mask 1.1" (and VOC-style tools) name the colours in labelmap.txt, `name:r,g,b::` per line
+# labelmap.txt names the colours, `name:r,g,b::` a line (CVAT's "Segmentation mask 1.1", VOC tools)
 LABELMAP_HEADER = "# label:color_rgb:parts:actions"
 
 
-def read_labelmap(
-    path,
-):  # labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i
+def read_labelmap(path):
+    """labelmap.txt -> (names, colours [[r, g, b]]), in its order: line i is class i."""
     with named(path), open(path, encoding="utf-8", errors="replace") as f:
-        lines = [
-            (n, line.strip()) for n, line in enumerate(f, 1) if line.strip() and line[0] != "#"
-        ]
+        lines = [(n, s.strip()) for n, s in enumerate(f, 1) if s.strip() and s[0] != "#"]
     names, colors = [], []
     for n, line in lines:
         m = re.fullmatch(r"([^:]+):(\d+),(\d+),(\d+)(:.*)?", line)
@@ -1083,91 +1010,74 @@ def read_labelmap(
         names.append(m[1].strip())
         colors.append([int(v) for v in m.groups()[1:4]])
     if not 2 <= len(names) <= MAX_CLASSES or len({tuple(c) for c in colors}) < len(colors):
-        raise SlimeError(
-            f"{path} lists {count(len(names), 'label')}; slime needs 2 to 77, each its colour"
-        )
+        labels = count(len(names), "label")
+        raise SlimeError(f"{path} lists {labels}; slime needs 2 to 77, each its colour")
     return names, colors
 
 
 def find_labelmap(mask_paths, given=None):
-    """--labelmap, else the labelmap.txt beside the masks or above their SegmentationClass/ (CVAT), or None."""
+    """--labelmap, else a labelmap.txt beside the masks or above a SegmentationClass/, or None."""
     found = set()
     for folder in {os.path.dirname(os.path.abspath(m)) for m in mask_paths} if not given else ():
         up = os.path.dirname(folder) if os.path.basename(folder) == "SegmentationClass" else folder
-        here = [
-            p for p in (os.path.join(d, "labelmap.txt") for d in (folder, up)) if os.path.isfile(p)
-        ]
-        found.update(here[:1])
-    # compared by content: the same labelmap copied beside the training and the validation masks is no conflict
+        here = [os.path.join(d, "labelmap.txt") for d in (folder, up)]
+        found.update([p for p in here if os.path.isfile(p)][:1])
+    # by content: one labelmap copied beside the training and the validation masks is no conflict
     if len({open(p, "rb").read() for p in found}) > 1:
-        raise SlimeError(
-            "the masks come with different labelmap.txt files: choose one with --labelmap"
-        )
+        why = "the masks come with different labelmap.txt files: choose one with --labelmap"
+        raise SlimeError(why)
     return given or min(found, default=None)
 
 
-def check_labels(
-    labels, mask_path, size, parts, image_path
-):  # a mask against its image's size and the parts
+def check_labels(labels, mask_path, size, parts, image_path):
+    """A mask against its image's size and the parts."""
     if tuple(labels.shape) != tuple(size):
-        with Image.open(
-            image_path
-        ) as im:  # the mask fits the image as stored: a phone's photo, shown turned
-            exif = im.size == labels.shape[::-1]
+        with Image.open(image_path) as im:
+            exif = im.size == labels.shape[::-1]  # fits as stored: a phone's photo, shown turned
         turned = "; its EXIF orientation turns it as shown: turn the mask too" if exif else ""
-        raise SlimeError(
-            f"{mask_path} is {labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h){turned}"
-        )
+        sizes = f"{labels.shape[::-1]}, its image {tuple(size)[::-1]} (w, h)"
+        raise SlimeError(f"{mask_path} is {sizes}{turned}")
     bad = sorted(set(np.unique(labels).tolist()) - set(range(len(parts))) - {IGNORE})
     if bad:
-        raise SlimeError(
-            f"{mask_path} has class values {bad[:8]} outside 0..{len(parts) - 1} ({parts})"
-        )
+        outside = f"outside 0..{len(parts) - 1} ({parts})"
+        raise SlimeError(f"{mask_path} has class values {bad[:8]} {outside}")
 
 
-# ----------------------------------------------------------------------------- files: emb.pt, and outputs
-EMB_FORMAT = "slime-embeddings/1"  # an emb.pt's tag: predict reads no other torch file, fit replaces no other
+# ----------------------------------------------------------------------- files: emb.pt, and outputs
+# an emb.pt's tag: predict reads no other torch file, fit replaces no other
+EMB_FORMAT = "slime-embeddings/1"
 LAYERS = [list(CROSS_LAYERS), list(SELF_LAYERS)]
 
 
 def save_embeddings(
     path, context, parts, sd, s, colors=None, epoch=-1, miou=None, history=None, resume=None
 ):
-    """One self-describing file of plain types and CPU float32 tensors, for torch.load(weights_only=True).
-    history: the fit's curve, {"step": [[epoch, ce, mse, sd], ...], "validation": [[epoch, mIoU], ...]};
-    resume: an unfinished fit's state at its last epoch's end (fit --resume); a finished fit holds none."""
+    """A self-describing file of plain types and CPU float32 tensors (torch.load weights_only=True).
+    history: the fit's curve; resume: an unfinished fit's state at its last epoch's end, or None."""
     context = context.detach().float().cpu()  # whole: predict needs no text encoder
-    emb = dict(
-        format=EMB_FORMAT, learned=context[0, 1 : len(parts)], context=context, parts=list(parts)
-    )
+    learned = context[0, 1 : len(parts)]
+    emb = dict(format=EMB_FORMAT, learned=learned, context=context, parts=list(parts))
     emb.update(family=sd.family, fingerprint=sd.fingerprint, dtype=str(sd.dtype)[6:])
     emb.update(cross_layers=list(CROSS_LAYERS), self_layers=list(SELF_LAYERS))
     emb.update(colors=[list(map(int, c)) for c in colors or []], epoch=epoch, val_miou=miou)
-    emb.update(
-        history=history or dict(step=[], validation=[]), finished=resume is None, resume=resume
-    )
-    emb["settings"] = {
-        k: v for k, v in asdict(s).items() if k != "window" or v
-    }  # an older slime reads it
+    history = history or dict(step=[], validation=[])
+    emb.update(history=history, finished=resume is None, resume=resume)
+    # window only when set, so that an older slime (no --window) reads it
+    emb["settings"] = {k: v for k, v in asdict(s).items() if k != "window" or v}
     buffer = io.BytesIO()
     torch.save(emb, buffer)
     commit({path: buffer.getvalue()})  # a kill during the save leaves the previous best emb.pt
 
 
 def load_embeddings(path):
-    """emb.pt as fit wrote it, checked, so an edited or damaged file ends in one line; never unpickles code."""
+    """emb.pt as fit wrote it, checked: an edited or damaged file ends in one line; runs no code."""
     with named(path, "damaged, not a torch file, or holds pickled code, which slime never runs"):
-        emb = torch.load(
-            path, map_location="cpu", weights_only=True
-        )  # weights_only: no code is ever run
+        emb = torch.load(path, map_location="cpu", weights_only=True)
     emb = emb if isinstance(emb, dict) else {}
-    parts, context, colors, learned = (
-        emb.get(k) for k in ("parts", "context", "colors", "learned")
-    )
+    parts, context, colors, learned = map(emb.get, ("parts", "context", "colors", "learned"))
+    layers = [emb.get("cross_layers"), emb.get("self_layers")]
     names = isinstance(parts, list) and all(isinstance(p, str) and p for p in parts)
-    rgb = lambda c: (
-        isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v < 256 for v in c)
-    )  # noqa
+    triples = isinstance(colors, list) and all(isinstance(c, list) and len(c) == 3 for c in colors)
     if emb.get("format") != EMB_FORMAT:  # a model, an optimizer state, ...
         bad = f"no '{EMB_FORMAT}' format tag"
     elif not names or not 2 <= len(set(parts)) == len(parts) <= MAX_CLASSES:
@@ -1176,22 +1086,17 @@ def load_embeddings(path):
         bad = "its context is not a (1, 77, width) tensor"
     elif not context.is_floating_point() or not torch.isfinite(context).all():
         bad = "its context holds nan, inf or non-float values"
-    elif not isinstance(learned, torch.Tensor) or not torch.equal(
-        learned, context[0, 1 : len(parts)]
-    ):
+    elif not isinstance(learned, torch.Tensor) or not learned.equal(context[0, 1 : len(parts)]):
         bad = f"its {len(parts)} parts do not match its learned vectors"
-    elif (
-        emb.get("family") not in TEXT_PREFIX
-        or [emb.get("cross_layers"), emb.get("self_layers")] != LAYERS
-    ):
+    elif emb.get("family") not in TEXT_PREFIX or layers != LAYERS:
         bad = "it was fitted on another model or other attention layers than this slime reads"
-    elif not isinstance(colors, list) or not all(rgb(c) for c in colors):
+    elif not triples or not all(type(v) is int and 0 <= v < 256 for c in colors for v in c):
         bad = "its colors are not [r, g, b] lists of 0..255"
     elif not isinstance(emb.get("settings"), dict):
         bad = "its settings are not a dictionary"
     else:
-        emb["context"], emb["settings"] = context.float(), settings_from(emb["settings"], path)
-        return emb
+        settings = settings_from(emb["settings"], path)
+        return emb | {"context": context.float(), "settings": settings}
     raise SlimeError(f"{path} is not a usable emb.pt: {bad}")
 
 
@@ -1201,90 +1106,80 @@ def part_colors(emb):  # each part's colour: its masks' (labelmap or colour mask
 
 
 def commit(files):
-    """Outputs, whole or absent: {path: bytes} to hidden temp files beside the targets, renamed when all are."""
-    temp = {
-        p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{os.getpid()}.tmp")
-        for p in files
-    }
+    """Outputs whole or absent: {path: bytes} to hidden temp files, renamed when all are written."""
+    pid = os.getpid()
+    temp = {p: os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{pid}.tmp") for p in files}
     try:
         for path, data in files.items():
             with named(path):
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 with open(temp[path], "wb") as f:
                     f.write(data)
-                    f.flush()  # and on disk before the rename: a power cut must not leave an empty file
+                    # on disk before the rename: a power cut must not leave an empty file
+                    f.flush()
                     os.fsync(f.fileno())
         for path in files:
             with named(path):
-                os.replace(
-                    temp[path], path
-                )  # atomic within a folder: readers see the old file or the new
+                # atomic within a folder: readers see the old file or the new
+                os.replace(temp[path], path)
     finally:
         for tmp in filter(os.path.exists, temp.values()):
             os.remove(tmp)
 
 
-def png(
-    im, level=6
-):  # PIL's default compression; 1 writes a big photo's overlay several times faster
+def png(im, level=6):  # 6: PIL's default; 1 writes a big overlay several times faster
     buffer = io.BytesIO()
     im.save(buffer, format="PNG", compress_level=level)
     return buffer.getvalue()
 
 
 def output_palette(colors=()):
-    """The 256-colour palette of masks and overlays: the parts' colours first, VOC's for the rest (255: void)."""
-    return np.concatenate(
-        [np.asarray(colors, dtype=np.uint8).reshape(-1, 3), VOC_PALETTE[len(colors) :]]
-    )
+    """Masks' and overlays' palette: the parts' colours first, VOC's for the rest (255: void)."""
+    parts = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    return np.concatenate([parts, VOC_PALETTE[len(colors) :]])
 
 
-def mask_image(
-    labels, colors=()
-):  # (H, W) labels -> indexed PNG image: value = class, in the parts' colours
+def mask_image(labels, colors=()):  # (H, W) classes -> an indexed PNG in the parts' colours
     im = Image.fromarray(np.asarray(labels).astype(np.uint8))
     im.putpalette(output_palette(colors).tobytes())  # an "L" image with a palette becomes "P"
     return im
 
 
 def overlay_image(image, labels, part_names, colors=(), band=256):
-    """The image tinted per part (half image, half the part's colour, rounded down), with white boundaries and a
-    legend; `band` rows at a time, in int16 tensors (12000x9000 photos: 3.6 s, float64 numpy took 8.9 s)."""
-    labels, palette = (
-        torch.as_tensor(np.asarray(labels)),
-        torch.from_numpy(output_palette(colors)).short(),
-    )
-    out, counts = Image.new("RGB", labels.shape[::-1]), 0
+    """The image tinted per part (half image, half its colour, rounded down), white edges, a legend;
+    `band` rows at a time in int16 tensors (12000x9000 photo: 3.6 s; float64 numpy took 8.9 s)."""
+    labels = torch.as_tensor(np.asarray(labels))
+    palette = torch.from_numpy(output_palette(colors)).short()
+    out = Image.new("RGB", labels.shape[::-1])
+    counts = 0
     for i in range(0, labels.shape[0], band):
-        lab = labels[i : i + band + 1].long() & 255  # one row more: the boundary with the next band
+        lab = labels[i : i + band + 1].long() & 255  # one row more: the next band's boundary
         counts = counts + torch.bincount(lab[:band].flatten(), minlength=256)
-        rgb = (
-            (image[:, i : i + band].float().clamp(0, 1) * 255)
-            .round()
-            .short()
-            .permute(1, 2, 0)
-            .cpu()
-        )
+        pixels = image[:, i : i + band].float().clamp(0, 1)
+        rgb = (pixels * 255).round().short().permute(1, 2, 0).cpu()
         tinted = torch.where((lab[:band] != 0)[..., None], (rgb + palette[lab[:band]]) // 2, rgb)
-        edge = torch.zeros(lab.shape, dtype=torch.bool)  # boundary: unlike the pixel right or below
+        # boundary: unlike the pixel right or below
+        edge = torch.zeros(lab.shape, dtype=torch.bool)
         edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
         edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
         tinted[edge[:band]] = 255
         out.paste(Image.fromarray(tinted.byte().numpy()), (0, i))
-    # the legend: text 16 px at 512, at most 32, in at most a third of the image's height, else no legend
+    # the legend: text 16 px at 512, at most 32, in at most a third of the image's height, else none
     size = max(6, min(32, min(out.size) // 32, out.height // (4 * len(part_names))))
-    font, draw, pad = ImageFont.load_default(size=size), ImageDraw.Draw(out), max(2, size // 4)
-    if pad + (size + pad) * len(part_names) > out.height // 3:
-        return out
-    names = [name + ("" if counts[c] else " (none)") for c, name in enumerate(part_names)]
-    width = 3 * pad + size + max(draw.textlength(n, font=font) for n in names)
-    draw.rectangle([0, 0, width, pad + (size + pad) * len(names)], fill=(32, 32, 32))
-    for c, name in enumerate(names):
-        y, white = pad + c * (size + pad), (255, 255, 255)
-        draw.rectangle([pad, y, pad + size - 1, y + size - 1], tuple(map(int, palette[c])), white)
-        draw.text(
-            (2 * pad + size, y), name, fill=white if counts[c] else (150, 150, 150), font=font
-        )
+    pad = max(2, size // 4)
+    if pad + (size + pad) * len(part_names) <= out.height // 3:
+        font = ImageFont.load_default(size=size)
+        draw = ImageDraw.Draw(out)
+        names = [name + ("" if counts[c] else " (none)") for c, name in enumerate(part_names)]
+        x = 2 * pad + size
+        width = x + pad + max(draw.textlength(n, font=font) for n in names)
+        draw.rectangle([0, 0, width, pad + (size + pad) * len(names)], fill=(32, 32, 32))
+        white = (255, 255, 255)
+        for c, name in enumerate(names):
+            y = pad + c * (size + pad)
+            box = [pad, y, pad + size - 1, y + size - 1]
+            draw.rectangle(box, tuple(map(int, palette[c])), white)
+            draw.text((x, y), name, fill=white if counts[c] else (150, 150, 150), font=font)
     return out
 
 
@@ -1649,50 +1544,42 @@ def ground_truth(
     return gt
 
 
-# ----------------------------------------------------------------------------- device and number format
+# ------------------------------------------------------------------------- device and number format
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def device_and_dtype(args, con, resume=None):
-    """--device and --dtype, checked and said in one line -> (device, dtype); auto: see README, Speed."""
-    name = args.device or (
-        f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-    )
+    """--device and --dtype, checked and said in a line -> (device, dtype); auto: README, Speed."""
+    default = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    name = args.device or default
     if not re.fullmatch(r"(cpu|mps)(:0)?|cuda(:\d+)?", name):
         raise SlimeError(f"--device {name}: not a device slime knows; use cpu, cuda, cuda:N or mps")
     device = torch.device(name)
+    cpu = device.type == "cpu"
     cuda = device.type == "cuda" and (device.index or 0) < torch.cuda.device_count()
-    if not (
-        device.type == "cpu" or cuda or device.type == "mps" and torch.backends.mps.is_available()
-    ):
+    if not (cpu or cuda or device.type == "mps" and torch.backends.mps.is_available()):
         raise SlimeError(f"--device {name}: not available on this machine; leave --device out")
-    resume = {str(v)[6:]: k for k, v in DTYPES.items()}.get(
-        resume
-    )  # the resumed outputs': "float32" -> fp32
-    cpu, dtype, why = device.type == "cpu", resume or args.dtype, "as --dtype says"
+    resume = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(resume)
+    dtype = resume or args.dtype  # the outputs it resumes keep their number format
     if cpu and dtype == "fp16":
-        raise SlimeError(
-            "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32"
-        )
-    if resume:
-        why = "the number format of the outputs it resumes"
-    elif cpu and dtype == "bf16" and not cpu_has_bf16():
+        msg = "--dtype fp16: a CPU emulates fp16, which takes minutes per image; use bf16 or fp32"
+        raise SlimeError(msg)
+    why = "the number format of the outputs it resumes" if resume else "as --dtype says"
+    if cpu and dtype == "bf16" and not resume and not cpu_has_bf16():
         why += ", though this CPU has no bf16 instructions: 25x to 100x slower"
-    elif (
-        dtype == "auto"
-    ):  # the release's format; bf16 is the user's choice (README, Speed), never a timing's
-        hint = "; this CPU has bf16 instructions: --dtype bf16 may be faster" * (
-            cpu and cpu_has_bf16()
-        )
-        dtype, why = "fp32", "the release's format" + hint
+    elif dtype == "auto":  # the release's format; bf16 is the user's choice, never a timing's
+        dtype = "fp32"
+        why = "the release's format"
+        if cpu and cpu_has_bf16():
+            why += "; this CPU has bf16 instructions: --dtype bf16 may be faster"
     where = f"the CPU ({count(torch.get_num_threads(), 'thread')})" if cpu else str(device)
-    slow = "; no GPU found, so each image takes minutes" * (cpu and not args.device)
+    slow = "; no GPU found, so each image takes minutes" if cpu and not args.device else ""
     con.say(f"running on {where}, {dtype}: {why}{slow}")
     return device, DTYPES[dtype]
 
 
 def cpu_has_bf16():
-    try:  # whether oneDNN runs bf16 natively (AVX512-BF16 or AMX); a private probe: if absent, assume not
+    try:  # does oneDNN run bf16 natively (AVX512-BF16 or AMX)? A private probe: if absent, no
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
@@ -1702,9 +1589,8 @@ def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, f
     found = sorted(glob.glob(os.path.join(glob.escape(HERE), "weights", "*.safetensors")))
     if not args.ckpt and len(found) != 1:
         what = "see weights/README.md" if not found else f"choose one of {len(found)}"
-        raise SlimeError(
-            f"{HERE}/weights holds {count(len(found), 'checkpoint')}: {what}, or pass --ckpt"
-        )
+        held = count(len(found), "checkpoint")
+        raise SlimeError(f"{HERE}/weights holds {held}: {what}, or pass --ckpt")
     return (args.ckpt or found[0], *read_header(args.ckpt or found[0]))
 
 
