@@ -1184,120 +1184,94 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
 
 
 # ----------------------------------------------------------------------------- the plan of a run
-# A run's plan: every option, file it reads and path it writes, checked before the model loads (seconds, not a fit)
-def plan_fit(
-    args, con
-):  # -> (settings, device, ckpt, train, val, parts, palette, identity, stopped fit)
+# A run's plan: every option, file it reads and path it writes, checked before the model loads
+def plan_fit(args, con):
+    """fit's plan -> (settings, device, ckpt, train, val, parts, palette, identity, stopped fit)."""
     preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "parts"}
-    args.parts = args.parts or PRESETS.get(args.preset, {}).get(
-        "parts"
-    )  # explicit flags win over a preset
-    s = settings_from(
-        given(args), "the command line", settings_from(preset, f"--preset {args.preset}")
-    )
-    args.pairs, args.val = (
-        image_mask_pairs(args.pairs, "fit"),
-        image_mask_pairs(args.val or [], "--val"),
-    )
-    stopped = check_output(
-        args.output, args.overwrite, args.resume
-    )  # --resume: emb.pt of the stopped fit
-    was = stopped["resume"]["identity"] if stopped else {}
-    device = device_and_dtype(
-        args, con, args.dtype == "auto" and was.get("dtype")
-    )  # auto: the stopped fit's
-    ckpt, pairs, files = checkpoint(args)[0], read_pairs(args, con), args.pairs + args.val
-    # what makes the fit, all that --resume requires unchanged: settings, data, weights, device type, dtype
+    args.parts = args.parts or PRESETS.get(args.preset, {}).get("parts")  # flags win over a preset
+    base = settings_from(preset, f"--preset {args.preset}")
+    s = settings_from(given(args), "the command line", base)
+    args.pairs = image_mask_pairs(args.pairs, "fit")
+    args.val = image_mask_pairs(args.val or [], "--val")
+    stopped = check_output(args.output, args.overwrite, args.resume)  # --resume: the stopped fit
+    was = stopped["resume"]["identity"] if stopped else {}  # --dtype auto: the stopped fit's
+    device = device_and_dtype(args, con, args.dtype == "auto" and was.get("dtype"))
+    ckpt = checkpoint(args)[0]
+    pairs = read_pairs(args, con)
+    # what makes the fit, all that --resume keeps: settings, data, weights, device type, dtype
     identity = dict(asdict(s), parts=pairs[2], colors=pairs[3], checkpoint=fingerprint(ckpt))
-    identity.update(
-        device=device[0].type, dtype=str(device[1])[6:], inputs=[fingerprint(p) for p in files]
-    )
-    for key in [k for k, v in identity.items() if stopped and was.get(k) != v][
-        :1
-    ]:  # the first that differs
+    identity.update(device=device[0].type, dtype=str(device[1])[6:])
+    identity["inputs"] = [fingerprint(p) for p in args.pairs + args.val]
+    differs = [k for k, v in identity.items() if stopped and was.get(k) != v]
+    if differs:  # the first that differs
+        key = differs[0]
         what = f"ran with {key} {was.get(key)}, this command with {identity[key]}"
-        what = "read other images or masks, or in another order" if key == "inputs" else what
-        raise SlimeError(
-            f"fit --resume: the stopped fit in {args.output} {what}; resume it with its command"
-        )
+        if key == "inputs":
+            what = "read other images or masks, or in another order"
+        what = f"the stopped fit in {args.output} {what}; resume it with its command"
+        raise SlimeError(f"fit --resume: {what}")
     folder = os.path.dirname(os.path.abspath(args.output))
-    with named(
-        folder
-    ):  # the last step: a refused plan leaves the folder as it was; a temp file proves that
-        os.makedirs(
-            folder, exist_ok=True
-        )  # emb.pt's folder takes files: found now, not after the fit
+    # the last step: a refused plan leaves the folder as it was; a temp file proves it takes files
+    with named(folder):
+        os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     return s, device, ckpt, *pairs, identity, stopped
 
 
 def check_output(path, overwrite, resume=None):
-    """emb.pt's -o: new, or an emb.pt that --overwrite replaces (never another file) -> --resume's stopped fit."""
+    """emb.pt's -o: new, or an emb.pt that --overwrite replaces (no other file) -> stopped fit."""
     if os.path.isdir(path):
         raise SlimeError(f"-o {path} is a folder; give a file path such as {path}/emb.pt")
-    emb = {} if os.path.exists(path) else None  # None: no file; {}: a file that is no emb.pt
-    with (
-        contextlib.suppress(Exception),
-        named(path),
-    ):  # weights_only: asking what a file is must not run it
-        emb = emb if emb is None else torch.load(path, map_location="cpu", weights_only=True)
-    emb = emb if emb is None or isinstance(emb, dict) and emb.get("format") == EMB_FORMAT else {}
-    stopped = (
-        isinstance((emb or {}).get("resume"), dict) and emb["resume"]["epoch"]
-    )  # an epoch's end kept
+    if not os.path.exists(path):
+        if resume:
+            raise SlimeError(f"fit --resume: {path} does not exist; nothing to resume")
+        return None
+    emb = {}  # {}: a file that is no emb.pt
+    with contextlib.suppress(Exception), named(path):  # weights_only: asking must not run it
+        emb = torch.load(path, map_location="cpu", weights_only=True)
+    emb = emb if isinstance(emb, dict) and emb.get("format") == EMB_FORMAT else {}
+    stopped = isinstance(emb.get("resume"), dict) and emb["resume"]["epoch"]  # an epoch's end kept
     if resume and not stopped:
-        why = "is a finished fit" if (emb or {}).get("finished") else "holds no stopped fit"
-        why = why if emb is not None else "does not exist"
+        why = "is a finished fit" if emb.get("finished") else "holds no stopped fit"
         raise SlimeError(f"fit --resume: {path} {why}; nothing to resume")
-    if emb is not None and not (emb and (overwrite or resume)):
-        what = (
-            "already holds fitted embeddings; pass --overwrite, or"
-            if emb
-            else "is no slime emb.pt:"
-        )
-        on = f"holds a fit stopped after epoch {stopped}; pass --resume to go on, --overwrite to start again, or"
-        raise SlimeError(
-            f"{path} {on if stopped and resume is not None else what} choose another -o"
-        )
-    return emb if resume else None
+    if emb and (overwrite or resume):
+        return emb if resume else None
+    what = "already holds fitted embeddings; pass --overwrite, or" if emb else "is no slime emb.pt:"
+    if stopped and resume is not None:
+        what = f"holds a fit stopped after epoch {stopped}; pass --resume to go on,"
+        what += " --overwrite to start again, or"
+    raise SlimeError(f"{path} {what} choose another -o")
 
 
 def image_mask_pairs(items, what):
-    """fit's (or --val's) arguments -> [image, mask, image, mask, ...]: files go in pairs, image first, and a
-    folder stands for its pairs, each image with the mask of its stem (the release's NAME.png beside NAME.npy)."""
+    """fit's (or --val's) arguments -> [image, mask, ...]: files in pairs, folders by file stem."""
     out, files = [], []
-    for item in items + [
-        None
-    ]:  # None: the end, which closes the last run of files as a folder does
+    for item in items + [None]:  # None: the end, which closes the last run of files
         if item is not None and not os.path.exists(item):
             raise SlimeError(f"{item}: no such file or folder")
         if item is not None and not os.path.isdir(item):
             files.append(item)
             continue
         if len(files) % 2:
-            raise SlimeError(
-                f"{what} takes image/mask pairs or folders, but {files[-1]} has no partner"
-            )
+            lone = files[-1]
+            raise SlimeError(f"{what} takes image/mask pairs or folders, but {lone} has no partner")
         for image, mask in zip(files[0::2], files[1::2]):
             # a .npy is never an image: a shell's `train/*` lists NAME.npy before NAME.png
             swap = image.lower().endswith(".npy") and file_stem(image) == file_stem(mask)
             out += [mask, image] if swap else [image, mask]
-        out, files = out + (folder_pairs(item) if item else []), []
+        out += folder_pairs(item) if item else []
+        files = []
     return out
 
 
 def folder_pairs(folder):
-    """A folder's images and masks paired by file stem -> [image, mask, ...]; an unpaired file is refused."""
+    """A folder's images and masks paired by stem -> [image, mask, ...]; unpaired files refused."""
     out = []
     for files in by_stem(folder).values():
         if len(files) != 2:
-            npy = files[0].lower().endswith(".npy")
-            why = "has no mask" if not npy else "has no image"
-            why = (
-                why
-                if len(files) == 1
-                else f"shares its stem with {count(len(files) - 1, 'other file')}"
-            )
+            why = "has no image" if files[0].lower().endswith(".npy") else "has no mask"
+            if len(files) > 1:
+                why = f"shares its stem with {count(len(files) - 1, 'other file')}"
             why += ": a folder holds NAME.png (the image) beside NAME.npy (its mask)"
             raise SlimeError(f"{files[0]} {why}")
         out += files
@@ -1307,240 +1281,193 @@ def folder_pairs(folder):
 
 
 def by_stem(folder):
-    """{stem: the folder's image and mask files of that stem, the mask-like last}: how `fit FOLDER` and
-    `--masks` pair files. The mask-like: the .npy (the release's), else a .png beside a photo of another kind."""
+    """{stem: a folder's images and masks of that stem, the mask-like last}: fit's and --masks'."""
     with named(folder):  # hidden files, and files of other kinds (labelmap.txt), are not read
-        names = sorted(
-            n for n in os.listdir(folder) if n[0] != "." and n.lower().endswith(MASK_EXTS)
-        )
-    stems, rank = {}, lambda f: f.lower().endswith((".npy", ".png")) + f.lower().endswith(".npy")
-    for name in names:
+        names = sorted(os.listdir(folder))
+    stems = {}
+    for name in (n for n in names if n[0] != "." and n.lower().endswith(MASK_EXTS)):
         stems.setdefault(file_stem(name), []).append(os.path.join(folder, name))
-    return {k: sorted(files, key=rank) for k, files in stems.items()}
+    # the mask-like: the .npy (the release's), else a .png beside a photo of another kind
+    for files in stems.values():
+        files.sort(key=lambda f: (f.lower().endswith(".npy"), f.lower().endswith(".png")))
+    return stems
 
 
 def read_pairs(args, con):
-    """fit's images and masks, checked -> (train pairs, val pairs, parts, palette): ONE colour mapping."""
-    paths, n = args.pairs + (args.val or []), len(args.pairs) // 2
-    labelmap = find_labelmap(paths[1::2], args.labelmap)
+    """fit's images and masks, checked -> (train, val, parts, palette): ONE colour mapping."""
+    paths = args.pairs + (args.val or [])
+    image_paths, mask_paths = paths[0::2], paths[1::2]
+    labelmap = find_labelmap(mask_paths, args.labelmap)
     names, colors = read_labelmap(labelmap) if labelmap else (None, None)
-    images = [read_image(p, mask_like="an error") for p in paths[0::2]]
-    masks = [read_mask(p, colors=bool(names)) for p in paths[1::2]]
-    labels, palette = colors_to_labels(masks, colors, paths[1::2], labelmap or "the palette")
+    images = [read_image(p, mask_like="an error") for p in image_paths]
+    masks = [read_mask(p, colors=bool(names)) for p in mask_paths]
+    labels, palette = colors_to_labels(masks, colors, mask_paths, labelmap or "the palette")
     if names and args.parts and part_names(args.parts) != names:
-        raise SlimeError(
-            f"--parts {args.parts} differs from the labels of {labelmap}: leave --parts out"
-        )
+        why = f"differs from the labels of {labelmap}: leave --parts out"
+        raise SlimeError(f"--parts {args.parts} {why}")
     top = max(int(m[m != IGNORE].max(initial=0)) for m in labels)  # IGNORE is no class
     default = ",".join(["background"] + [f"part{i}" for i in range(1, top + 1)])
     parts = names or part_names(args.parts or default)
-    for image, mask, mask_path, image_path in zip(images, labels, paths[1::2], paths[0::2]):
+    for image, mask, mask_path, image_path in zip(images, labels, mask_paths, image_paths):
         check_labels(mask, mask_path, image.shape[1:], parts, image_path)
     if top == 0:
-        raise SlimeError(
-            f"{paths[1]} has no part, only background 0 or ignore 255: label parts 1, 2, ..."
-        )
+        why = "has no part, only background 0 or ignore 255: label parts 1, 2, ..."
+        raise SlimeError(f"{mask_paths[0]} {why}")
     if palette is not None and not names:  # colours sorted by value: say which became which part
-        con.say(
-            "mask colours -> parts: " + ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts))
-        )
-    for c in sorted(
-        set(range(1, len(parts))) - set().union(*(np.unique(m).tolist() for m in labels[:n]))
-    ):
-        warnings.warn(
-            f"part {c} ({parts[c]}) has no pixels in any training mask: not learned", stacklevel=2
-        )
-    return (
-        list(zip(images[:n], labels[:n])),
-        list(zip(images[n:], labels[n:])),
-        parts,
-        colors or palette,
-    )
+        which = ", ".join(f"{tuple(c)} {p}" for c, p in zip(palette, parts))
+        con.say(f"mask colours -> parts: {which}")
+    n = len(args.pairs) // 2  # the training pairs; --val's follow
+    seen = set().union(*(np.unique(m).tolist() for m in labels[:n]))
+    for c in sorted(set(range(1, len(parts))) - seen):
+        why = "has no pixels in any training mask: not learned"
+        warnings.warn(f"part {c} ({parts[c]}) {why}", stacklevel=2)
+    pairs = list(zip(images, labels))
+    return pairs[:n], pairs[n:], parts, colors or palette
 
 
 RECORD = "slime-run.json"  # what made the masks in an output folder; written before the first image
-RUN_FILES = (
-    "labelmap.txt",
-    os.path.join("ImageSets", "Segmentation", "default.txt"),
-    "summary.json",
-)
+RUN_FILES = ("labelmap.txt", os.path.join("ImageSets", "Segmentation", "default.txt"))
+RUN_FILES += ("summary.json",)
 OUT_DIRS = ("SegmentationClass", "overlays")  # each image's mask and overlay, NAME.png in each
 
 
-def plan_predict(
-    args, con
-):  # -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)
-    emb, path, record = load_embeddings(args.emb), os.path.join(args.out, RECORD), None
+def plan_predict(args, con):
+    """predict's plan -> (emb, settings, (device, dtype), checkpoint, jobs, the run record)."""
+    emb = load_embeddings(args.emb)
     folder = os.path.abspath(args.out)  # -o, or the nearest folder above it that will hold it
     while not os.path.lexists(folder):
         folder = os.path.dirname(folder)
-    if not (
-        os.path.isdir(folder) and os.access(folder, os.W_OK)
-    ):  # found now, not after the model's load
+    if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # now, not after the load
         raise SlimeError(f"-o {args.out}: {folder} is no folder slime may write in")
     s = settings_from(given(args), "the command line", emb["settings"])
-    if os.path.exists(path) and not args.overwrite:
-        with (
-            named(path, "not slime's run record; pass --overwrite, or choose another -o"),
-            open(path) as f,
-        ):
-            record = json.load(f)
-        if not isinstance(record, dict) or not isinstance(record.get("run"), str):
-            raise SlimeError(
-                f"{path} is not slime's run record; pass --overwrite, or choose another -o"
-            )
+    path = os.path.join(args.out, RECORD)
+    record = read_record(path) if os.path.exists(path) and not args.overwrite else None
     device = device_and_dtype(args, con, record and args.dtype == "auto" and record.get("dtype"))
     ckpt, family, modules = checkpoint(args)
     if emb["family"] != family or emb["context"].shape[2] != modules[UNET_PREFIX].cfg.context_dim:
-        raise SlimeError(
-            f"{args.emb} was fitted on another kind of checkpoint than {ckpt} ({family})"
-        )
+        kind = f"another kind of checkpoint than {ckpt} ({family})"
+        raise SlimeError(f"{args.emb} was fitted on {kind}")
     jobs, skipped = list_jobs(args, con)
     # from the headers: an image over MAX_PIXELS is refused now, not after the model's load
     for job in jobs:
         shown_size(job.image)
     find_ground_truth(jobs, args.masks, emb, con)
-    truth = {
-        os.path.realpath(job.gt) for job in jobs if job.gt
-    }  # the release's NAME.npy beside NAME.png
-    read = sum(os.path.realpath(p) in truth for p in skipped)
-    con.say(
-        skipped_line(skipped, f" ({read} read as ground truth)" if read else "")
-    ) if skipped else None
+    if skipped:  # the release's NAME.npy beside NAME.png: no image, but maybe ground truth
+        truth = {os.path.realpath(job.gt) for job in jobs if job.gt}
+        read = sum(os.path.realpath(p) in truth for p in skipped)
+        con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else ""))
     # what makes the masks, kept in the record, so that a refusal names what differs
     vectors = hashlib.sha256(emb["context"].numpy().tobytes()).hexdigest()[:16]
     made = dict(embeddings=vectors, parts=emb["parts"], colors=part_colors(emb), **asdict(s))
     made.update(checkpoint=fingerprint(ckpt), device=device[0].type, dtype=str(device[1])[6:])
-    if (
-        emb["fingerprint"] != made["checkpoint"]
-    ):  # the same kind of model, other weights: maybe meant
-        con.say(
-            f"warning: {args.emb} was fitted on another checkpoint than {ckpt} (a fine-tune, a copy?)"
-        )
+    if emb["fingerprint"] != made["checkpoint"]:  # same kind of model, other weights: maybe meant
+        other = f"another checkpoint than {ckpt} (a fine-tune, a copy?)"
+        con.say(f"warning: {args.emb} was fitted on {other}")
     run = hashlib.sha256(json.dumps(made).encode()).hexdigest()[:16]
-    outputs = {os.path.join(args.out, n): f"this run's {n}" for n in RUN_FILES}
-    outputs.update(
-        {p: f"the mask or overlay of {j.image}" for j in jobs for p in (j.mask, j.overlay)}
-    )
+    check_existing_outputs(args.out, jobs, record, made, run, args.overwrite)
+    new = dict(run=run, dtype=made["dtype"], embeddings=args.emb, made_of=made)
+    return emb, s, device, ckpt, jobs, new
+
+
+def read_record(path):
+    """-o's run record (what made the masks there), checked -> its dict."""
+    why = "not slime's run record; pass --overwrite, or choose another -o"
+    with named(path, why), open(path) as f:
+        record = json.load(f)
+    if not isinstance(record, dict) or not isinstance(record.get("run"), str):
+        raise SlimeError(f"{path} is {why}")
+    return record
+
+
+def check_existing_outputs(out, jobs, record, made, run, overwrite):
+    """predict's outputs already in -o: another's refused, this run's resumed (its jobs done)."""
+    outputs = {os.path.join(out, n): f"this run's {n}" for n in RUN_FILES}
+    for job in jobs:
+        outputs[job.mask] = outputs[job.overlay] = f"the mask or overlay of {job.image}"
     first = next((p for p in outputs if os.path.exists(p)), None)
-    was = record and record.get("made_of", {})  # None: no record
-    key = next(
-        (k for k, v in made.items() if was and was.get(k) != v),
-        "emb.pt, settings, weights or dtype",
-    )
-    if first and not record and not args.overwrite:  # the user's file, or an older slime's
+    if first and not record and not overwrite:  # the user's file, or an older slime's
         why = f"is in the way of {outputs[first]}, and no {RECORD} says whose it is"
         raise SlimeError(f"{first} {why}; pass --overwrite, or choose another -o")
     if first and record and record["run"] != run:
-        why = f"{key} {was[key]} there, {made[key]} here" if key in made else f"another {key}"
-        raise SlimeError(
-            f"{args.out} holds outputs of another run ({why}); pass --overwrite, or -o"
-        )
+        was = record.get("made_of", {})
+        differs = [k for k, v in made.items() if was and was.get(k) != v]
+        key = differs[0] if differs else "emb.pt, settings, weights or dtype"
+        why = f"{key} {was[key]} there, {made[key]} here" if differs else f"another {key}"
+        raise SlimeError(f"{out} holds outputs of another run ({why}); pass --overwrite, or -o")
     for job in jobs:  # the same run resumes: an image is done when both its files are there
         job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)
-    return (
-        emb,
-        s,
-        device,
-        ckpt,
-        jobs,
-        dict(run=run, dtype=made["dtype"], embeddings=args.emb, made_of=made),
-    )
 
 
-def list_jobs(
-    args, con
-):  # predict's images, each once, with its output paths; outputs kept from inputs
-    jobs, skipped, truth = {}, [], set()
-    if args.masks and os.path.isdir(
-        args.masks
-    ):  # its masks of images: in the images' own folder, not images
-        truth = {
-            os.path.realpath(files[-1]) for files in by_stem(args.masks).values() if len(files) > 1
-        }
+def list_jobs(args, con):
+    """predict's images, each once, with their output paths -> (jobs, skipped files)."""
+    jobs, skipped = {}, []
+    # --masks in the images' own folder: its masks (each stem's mask-like file) are no images
+    stems = by_stem(args.masks).values() if args.masks and os.path.isdir(args.masks) else []
+    truth = {os.path.realpath(files[-1]) for files in stems if len(files) > 1}
     for p in args.inputs:
         if not os.path.exists(p):
             raise SlimeError(f"{p}: no such file or folder")
-        files = (
-            sorted(os.path.join(p, n) for n in os.listdir(p) if n[0] != ".")
-            if os.path.isdir(p)
-            else [p]
-        )
-        for path in filter(
-            os.path.isfile, files
-        ):  # hidden files (.DS_Store, temp files) are not listed
-            named_image = path == p and not path.lower().endswith(".npy")  # tried: it may be one
-            if (
-                not (path.lower().endswith(IMAGE_EXTS) or named_image)
-                or os.path.realpath(path) in truth
-            ):
+        files = [p]
+        if os.path.isdir(p):  # hidden files (.DS_Store, temp files) are not listed
+            files = sorted(os.path.join(p, n) for n in os.listdir(p) if n[0] != ".")
+        for path in filter(os.path.isfile, files):
+            tried = path == p and not path.lower().endswith(".npy")  # named: it may be an image
+            if not (path.lower().endswith(IMAGE_EXTS) or tried) or os.path.realpath(path) in truth:
                 skipped.append(path)
                 continue
             mask, overlay = (os.path.join(args.out, d, file_stem(path) + ".png") for d in OUT_DIRS)
             job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
-            jobs.setdefault(
-                os.path.realpath(path), job
-            )  # the same image named twice is segmented once
+            jobs.setdefault(os.path.realpath(path), job)  # named twice: segmented once
     if not jobs:
-        con.say(skipped_line(skipped)) if skipped else None
+        if skipped:
+            con.say(skipped_line(skipped))
         raise SlimeError(f"{', '.join(args.inputs)} holds no images ({', '.join(IMAGE_EXTS)})")
     masks = {}
     for job in jobs.values():
-        if masks.setdefault(job.mask, job.image) != job.image:
-            raise SlimeError(
-                f"{masks[job.mask]} and {job.image} would both be {job.mask}; rename one"
-            )
-    # outputs never mix with inputs: a labelmap.txt written beside them would be read as theirs next time
+        other = masks.setdefault(job.mask, job.image)
+        if other != job.image:
+            raise SlimeError(f"{other} and {job.image} would both be {job.mask}; rename one")
+    # outputs never mix with inputs: a labelmap.txt beside them would be read as theirs next time
     outs = [os.path.join(args.out, d) for d in ("", *OUT_DIRS)]
-    inputs = {os.path.dirname(os.path.abspath(j.image)) for j in jobs.values()} | {args.masks} - {
-        None
-    }
-    for folder in (f for f in inputs if os.path.isdir(f)):
+    inputs = {os.path.dirname(os.path.abspath(j.image)) for j in jobs.values()} | {args.masks}
+    for folder in (f for f in inputs - {None} if os.path.isdir(f)):
         if any(os.path.isdir(d) and os.path.samefile(folder, d) for d in outs):
-            raise SlimeError(
-                f"-o {args.out} holds inputs of this run ({folder}); choose another -o"
-            )
+            why = f"holds inputs of this run ({folder}); choose another -o"
+            raise SlimeError(f"-o {args.out} {why}")
     return list(jobs.values()), skipped
 
 
-def skipped_line(skipped, note=""):
-    return f"skipped {count(len(skipped), 'non-image file')}{note}: {', '.join(map(os.path.basename, skipped[:5]))}"
+def skipped_line(skipped, note=""):  # the line naming the files predict skipped
+    names = ", ".join(map(os.path.basename, skipped[:5]))
+    return f"skipped {count(len(skipped), 'non-image file')}{note}: {names}"
 
 
-def find_ground_truth(
-    jobs, masks, emb, con
-):  # --masks: each image's ground truth by file stem, checked
-    if masks and not os.path.isdir(masks):
+def find_ground_truth(jobs, masks, emb, con):
+    """--masks: each image's ground truth by file stem, checked."""
+    if not masks:
+        return
+    if not os.path.isdir(masks):
         raise SlimeError(f"--masks {masks}: no such folder")
-    found = by_stem(masks) if masks else {}
-    for job in jobs if masks else []:
-        # in the images' own folder (the release's layout), the mask is the other file of the stem: NAME.npy
-        candidates = found.get(file_stem(job.image), [])[::-1]  # NAME.npy first, then NAME.png, ...
+    found = by_stem(masks)
+    for job in jobs:
+        # in the images' own folder (the release's layout), the mask is the stem's other file
+        candidates = found.get(file_stem(job.image), [])[::-1]  # NAME.npy first, then NAME.png
         job.gt = next((p for p in candidates if not os.path.samefile(p, job.image)), None)
         if candidates and not job.gt:
             why = "but itself: keep the ground truth apart"
             raise SlimeError(f"--masks {masks} holds no mask of {job.image} {why}")
         if not job.gt:
             con.say(f"warning: no mask for {job.image} in {masks}; not scored")
-            continue
-        size = shown_size(job.image)
-        # None: a damaged image, skipped when its turn comes
-        if size:
+        elif size := shown_size(job.image):  # None: a damaged image, skipped when its turn comes
             check_labels(ground_truth(job, emb), job.gt, size, emb["parts"], job.image)
-    if masks and not any(
-        job.gt for job in jobs
-    ):  # an IoU table of nothing would read as a score of 0
-        raise SlimeError(
-            f"--masks {masks} holds no mask for any image (found by file stem: a.jpg -> a.png)"
-        )
+    if not any(job.gt for job in jobs):  # an IoU table of nothing would read as a score of 0
+        how = "found by file stem: a.jpg -> a.png"
+        raise SlimeError(f"--masks {masks} holds no mask for any image ({how})")
 
 
-def ground_truth(
-    job, emb
-):  # ground truth as labels: label masks as they are, colours in the parts' colours
-    (gt,), _ = colors_to_labels(
-        [read_mask(job.gt)], part_colors(emb), [job.gt], "the parts' colours"
-    )
+def ground_truth(job, emb):  # as labels: label masks as they are, colours in the parts' colours
+    masks = [read_mask(job.gt)]
+    (gt,), _ = colors_to_labels(masks, part_colors(emb), [job.gt], "the parts' colours")
     return gt
 
 
@@ -1600,51 +1527,37 @@ SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each ends a run as Ctrl-C does: int
 ONE_PATCH = dict(patch_size=512, patches_per_side=1)  # the whole image
 SETTING_FLAGS = {f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(Settings)}
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
-    "pascal-car": dict(
-        parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6, **ONE_PATCH
-    ),
-    "pascal-horse": dict(
-        parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8, **ONE_PATCH
-    ),
-    "celeba": dict(
-        parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair", min_crop_ratio=0.6
-    ),
+    "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6),
+    "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8),
+    "celeba": dict(parts="background,skin,eye,mouth,nose,brow,ear,neck,cloth,hair"),
 }
-PRESETS["celeba"]["rotation"] = 10.0
+PRESETS["pascal-car"].update(ONE_PATCH)
+PRESETS["pascal-horse"].update(ONE_PATCH)
+PRESETS["celeba"].update(min_crop_ratio=0.6, rotation=10.0)
 
 
-def check_setting(f, value):
-    """A value for the Settings field f, typed or emb.pt's -> the value, or ArgumentTypeError saying why."""
+def check_setting(f, value):  # a value for the Settings field f -> the value, or ArgumentTypeError
     kind, (lo, hi), step = type(f.default), f.metadata["range"], f.metadata["step"]
-    if (
-        kind is bool and type(value) is not bool
-    ):  # not bool(value): bool("false") is True; 1 is no switch
-        raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
-    if kind is bool:
+    if kind is bool and type(value) is bool:
         return value
-    try:  # text from the command line; an int where a float is due (emb.pt, JSON) is taken as it is
-        x = (
-            kind(value)
-            if isinstance(value, str) or (kind is float and type(value) is int)
-            else value
-        )
-    except ValueError:
-        x = None
-    # type() and not isinstance(): True is an int to Python, but no number of epochs; nan and inf never pass
+    if kind is bool:  # not bool(value): bool("false") is True; 1 is no switch
+        raise argparse.ArgumentTypeError(f"must be true or false, not {value!r}")
+    x = None
+    with contextlib.suppress(ValueError):  # command-line text; an int where a float is due (JSON)
+        x = kind(value) if isinstance(value, str) or type(value) is int else value
+    # type(), not isinstance(): True is an int to Python, but no count of epochs; nan, inf fail
     if type(x) is not kind or not math.isfinite(x) or not lo <= x <= hi or step and x % step:
-        what = f"a multiple of {step}" if step else "an integer" if kind is int else "a number"
+        what = f"a multiple of {step}" if step else {int: "an integer", float: "a number"}[kind]
         raise argparse.ArgumentTypeError(f"must be {what} in [{lo}, {hi}], not {value!r}")
     return x
 
 
-def settings_from(values, source, base=None):
-    """Settings from {name: value} (emb.pt's, a preset's, or the flags given) over `base`, each checked."""
-    known, checked = {f.name: f for f in fields(Settings)}, {}
-    unknown = ", ".join(sorted(map(str, set(values) - set(known))))
-    if unknown:  # made by a newer slime: update slime rather than guess what they mean
-        raise SlimeError(
-            f"{source} has settings this slime does not know ({unknown}); update slime"
-        )
+def settings_from(values, source, base=None):  # values (emb.pt's, a preset's, the flags) over base
+    known = {f.name: f for f in fields(Settings)}
+    new = ", ".join(sorted(map(str, set(values) - set(known))))
+    if new:  # made by a newer slime: update slime rather than guess what they mean
+        raise SlimeError(f"{source} has settings this slime does not know ({new}); update slime")
+    checked = {}
     for name, value in values.items():
         try:
             checked[name] = check_setting(known[name], value)
@@ -1653,31 +1566,24 @@ def settings_from(values, source, base=None):
     s = replace(base or Settings(), **checked)  # only what was given replaces the base
     if s.t_min > s.t_max:  # randint(t_min, t_max + 1) would otherwise fail at fit's first step
         raise SlimeError(f"{source}: t_min {s.t_min} exceeds t_max {s.t_max}")
-    if (
-        s.window and s.out_size
-    ):  # the window path writes each image's own size: refused, not ignored
-        raise SlimeError(
-            f"{source}: --window makes masks of each image's own size; give --out-size 0"
-        )
+    if s.window and s.out_size:  # --window writes each image's own size: refused, not ignored
+        why = "--window makes masks of each image's own size; give --out-size 0"
+        raise SlimeError(f"{source}: {why}")
     return s
 
 
 def given(args):  # the settings given on the command line ({} for the ones left out)
-    return {
-        f.name: vars(args)[f.name] for f in fields(Settings) if vars(args).get(f.name) is not None
-    }
+    return {f.name: v for f in fields(Settings) if (v := vars(args).get(f.name)) is not None}
 
 
 def part_names(text):  # "a,b,c" -> ["a", "b", "c"]: 2 to 77 names, not empty and not repeated
     parts = [p.strip() for p in text.split(",")]
     if not all(parts) or len(set(parts)) != len(parts):
-        raise SlimeError(
-            f"--parts {text}: the names must be non-empty and distinct, comma-separated"
-        )
+        why = "the names must be non-empty and distinct, comma-separated"
+        raise SlimeError(f"--parts {text}: {why}")
     if len(parts) > MAX_CLASSES:
-        raise SlimeError(
-            f"{len(parts)} classes are more than SD's 77 tokens allow (background + 76 parts)"
-        )
+        why = "classes are more than SD's 77 tokens allow (background + 76 parts)"
+        raise SlimeError(f"{len(parts)} {why}")
     return parts
 
 
@@ -1685,33 +1591,22 @@ def count(n, noun):
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-class Console:
-    """What the user reads on stderr: whole lines, and one progress line naming the stage, with an ETA. A ticker
-    thread redraws that line every second (in a log: a line each 10 s), so no stage is ever silent."""
-
+class Console:  # stderr: whole lines, and a stage line with an ETA that a ticker thread redraws
     def __init__(self, quiet, prefix=""):
-        self.quiet, self.prefix, self.open, self.shown, self.t0 = (
-            quiet,
-            prefix,
-            False,
-            0.0,
-            time.time(),
-        )
-        self.lock, self.line, self.done, self.ticker = (
-            threading.Lock(),
-            None,
-            threading.Event(),
-            None,
-        )
+        self.quiet, self.prefix = quiet, prefix
+        self.t0 = time.time()
+        self.line = None  # (the stage, when its ETA ends)
+        self.open = False  # on a terminal: the stage line is drawn, with no newline yet
+        self.shown = 0.0  # in a log: when the stage line was last printed
+        self.lock = threading.Lock()
+        self.done = threading.Event()  # set as main() ends: the ticker stops
+        self.ticker = None
 
     def say(self, msg, always=False):
         if always or not self.quiet:
             with self.lock:
                 print(("\n" if self.open else "") + self.prefix + msg, file=sys.stderr, flush=True)
-                self.open, self.line = (
-                    False,
-                    None,
-                )  # the stage line is drawn anew by the next progress()
+                self.open, self.line = False, None  # drawn anew by the next progress()
 
     def progress(self, text, eta=None, force=False):
         self.line = (text, eta and time.time() + eta)
@@ -1720,9 +1615,7 @@ class Console:
             self.ticker.start()
         self.show(force)
 
-    def tick(
-        self,
-    ):  # until main() ends: the stage line with its clock moving, while a step or a patch runs
+    def tick(self):  # till main() ends, no stage is silent: its clock moves while a step runs
         while not self.done.wait(1):
             self.show()
 
@@ -1742,115 +1635,93 @@ class Console:
 
 
 def duration(seconds):  # 12 s, 7.5 min, 3.2 h
-    h, m = seconds >= 5400, seconds >= 90
-    return (
-        f"{seconds / 3600:.1f} h" if h else f"{seconds / 60:.1f} min" if m else f"{seconds:.0f} s"
-    )
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def cmd_fit(
-    args, con
-):  # plan (the data read and checked); load; fit, saving emb.pt at each epoch's end
+def note_resume(e, output, identity):  # how to go on, if output holds the stopped fit's state
+    with contextlib.suppress(SlimeError):  # it holds none: no epoch's end was saved
+        kept = check_output(output, False, resume=True)["resume"]
+        how = "rerun with --resume (no --overwrite) to go on"
+        if kept["identity"] == identity:
+            e.add_note(f"; {output} holds epoch {kept['epoch']}: {how}")
+
+
+def cmd_fit(args, con):  # plan (the data read and checked); load; fit, saving emb.pt each epoch
     s, device, ckpt, train, val, parts, palette, identity, stopped = plan_fit(args, con)
+    out = args.output
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device)
-    # emb.pt keeps the fit's curve (examples/maps.py --curve draws it) and the best; --resume: the stopped fit's
-    history = stopped["history"] if stopped else dict(step=[], validation=[])
-    state = (
-        dict(stopped["resume"], best_context=stopped["context"].to(sd.device)) if stopped else None
-    )
-    best = (
-        dict(epoch=stopped["epoch"], miou=stopped["val_miou"])
-        if stopped
-        else dict(epoch=0, miou=None)
-    )
+    # the curve, the best and the state: a new fit's, or (--resume) the stopped one's
+    was = stopped or dict(history=dict(step=[], validation=[]), epoch=0, val_miou=None)
+    history = was["history"]
+    best = dict(epoch=was["epoch"], miou=was["val_miou"])
+    state = dict(was["resume"], best_context=was["context"].to(sd.device)) if stopped else None
     vals = count(-(-s.epochs // s.val_every), "validation")  # the last epoch is always validated
-    steps = (
-        f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}"
-        + ", resumed" * bool(state)
-    )
-    con.say(
-        f"fitting {count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}: {steps}"
-    )
+    steps = f"{count(s.epochs, 'epoch')} of {count(len(train), 'step')}, {vals}"
+    what = f"{count(len(parts) - 1, 'part')} {parts[1:]} on {count(len(train), 'image')}"
+    con.say(f"fitting {what}: {steps}" + (", resumed" if state else ""))
     start = state["epoch"] if state else 0
     progress = fit_progress(con, s, len(train), start)
-    con.progress(
-        f"epoch {start + 1}/{s.epochs}  setting up: the validation's noisy patches", force=True
-    )
+    setup = "setting up: the validation's noisy patches"
+    con.progress(f"epoch {start + 1}/{s.epochs}  {setup}", force=True)
 
-    def on_event(e):  # the curve: per step [epoch, ce, mse, sd], per validation [epoch, mIoU]
+    def on_event(e):  # emb.pt's curve: per step [epoch, ce, mse, sd], per validation [epoch, mIoU]
+        point = [e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e]
         if e["event"] in history:
-            history[e["event"]].append(
-                [e[k] for k in ("epoch", "ce", "mse", "sd", "miou") if k in e]
-            )
-        best.update(epoch=e["epoch"], miou=e["miou"]) if e.get("best") else None
+            history[e["event"]].append(point)
+        if e.get("best"):
+            best.update(epoch=e["epoch"], miou=e["miou"])
         if e["event"] != "epoch":
             return progress(e)
-        # emb.pt, whole, at each epoch's end: the best so far, and all that resuming needs until the fit ends
-        context, resume = e["state"].pop("best_context"), dict(e["state"], identity=identity)
-        resume = resume if e["epoch"] < s.epochs else None
-        save_embeddings(
-            args.output, context, parts, sd, s, palette, history=history, resume=resume, **best
-        )
+        # emb.pt, whole, at each epoch's end: the best so far, and what resuming needs till the end
+        context = e["state"].pop("best_context")
+        resume = dict(e["state"], identity=identity) if e["epoch"] < s.epochs else None
+        save_embeddings(out, context, parts, sd, s, palette, history=history, resume=resume, **best)
 
     try:
         fit(sd, train, len(parts), s, val or None, on_event, state)
-    except (
-        KeyboardInterrupt
-    ) as e:  # the stop line says how to go on, if emb.pt holds this fit's state
-        with contextlib.suppress(SlimeError):  # it holds none: no epoch's end saved
-            kept = check_output(args.output, False, resume=True)["resume"]
-            on = f"; {args.output} holds epoch {kept['epoch']}: rerun with --resume (no --overwrite) to go on"
-            e.add_note(on) if kept["identity"] == identity else None
+    except KeyboardInterrupt as e:
+        note_resume(e, out, identity)
         raise
-    con.say(
-        f"fit finished: {args.output} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})"
-    )
-    curve = f"python examples/maps.py {args.output} --curve -o curve.png"
-    con.say(
-        f"next: python slime.py predict {args.output} IMAGES/ -o out/ (the fit's curve: {curve})"
-    )
+    con.say(f"fit finished: {out} holds epoch {best['epoch']} (validation mIoU {best['miou']:.4f})")
+    curve = f"python examples/maps.py {out} --curve -o curve.png"
+    con.say(f"next: python slime.py predict {out} IMAGES/ -o out/ (the fit's curve: {curve})")
 
 
-def fit_progress(
-    con, s, steps_per_epoch, start=0
-):  # the stage; an ETA from recent steps and validations
-    vals = (
-        -(-s.epochs // s.val_every) - start // s.val_every
-    )  # the validations left, the last epoch's too
+def fit_progress(con, s, steps_per_epoch, start=0):  # the stage line; an ETA from the recent pace
+    vals = -(-s.epochs // s.val_every) - start // s.val_every  # validations left, the last too
     state = SimpleNamespace(last=time.time(), steps=[], val_t=None, vals=vals)
 
     def progress(e):
         what = "validating"
         if e["event"] == "step":
             state.steps.append(time.time() - state.last)
-            what = f"step {e['step']}/{e['steps']}  ce {e['ce']:.4f}  mse {e['mse']:.4f}  sd {e['sd']:.4f}"
+            losses = f"ce {e['ce']:.4f}  mse {e['mse']:.4f}  sd {e['sd']:.4f}"
+            what = f"step {e['step']}/{e['steps']}  {losses}"
         elif e["event"] == "validation":
             state.val_t, state.vals = e["seconds"], state.vals - 1
-            what = f"validation mIoU {e['miou']:.4f}" + ", the best so far: saved" * e["best"]
-        state.last, recent = time.time(), state.steps[-5:]
+            saved = ", the best so far: saved" if e["best"] else ""
+            what = f"validation mIoU {e['miou']:.4f}{saved}"
+        state.last = time.time()
+        recent = state.steps[-5:]
+        left = (s.epochs - start) * steps_per_epoch - len(state.steps)
+        eta = left * sum(recent) / max(len(recent), 1) + state.vals * (state.val_t or 0)
         # before the first validation its cost is unknown: no ETA rather than one that leaves it out
-        steps = (
-            ((s.epochs - start) * steps_per_epoch - len(state.steps))
-            * sum(recent)
-            / max(len(recent), 1)
-        )
-        eta = (
-            None if state.val_t is None and state.vals else steps + state.vals * (state.val_t or 0)
-        )
+        if state.val_t is None and state.vals:
+            eta = None
         con.progress(f"epoch {e['epoch']}/{s.epochs}  {what}", eta, force=e["event"] != "step")
 
     return progress
 
 
 def cmd_predict(args, con):
-    """Plan, load, segment each image not done, report; under torchrun, every WORLD_SIZE-th image each."""
+    """Plan, load, segment each image not done, report; torchrun: every WORLD_SIZE-th image each."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     emb, s, device, ckpt, jobs, run = plan_predict(args, con)
-    if world > 1:  # every process makes its plan before the record changes
-        dist.init_process_group(
-            "gloo", timeout=datetime.timedelta(days=7)
-        )  # CPU objects only, waits long
+    if world > 1:  # all plan before the record changes (gloo: CPU objects only, waits long)
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
         plans = [None] * world
         dist.all_gather_object(plans, (run, [job.image for job in jobs]))
         if plans != plans[:1] * world:  # the folder changed meanwhile
@@ -1858,44 +1729,18 @@ def cmd_predict(args, con):
     con.progress(f"loading {ckpt}", force=True)
     sd = load_models(ckpt, *device, text_encoder=False)  # emb.pt holds the whole context
     if rank == 0:  # after the load: a checkpoint that fails there leaves no trace
-        # --overwrite: one run per folder. Its masks, overlays (first) and summary.json go, the other run's listed
-        stems = {file_stem(r["mask"]) for r in listed_images(args.out)} | {
-            file_stem(j.mask) for j in jobs
-        }
-        paths = [os.path.join(args.out, d, f"{f}.png") for d in OUT_DIRS[::-1] for f in stems]
-        for path in paths + [os.path.join(args.out, RUN_FILES[2])] if args.overwrite else []:
-            os.remove(path) if os.path.exists(path) else None
+        if args.overwrite:  # one run per folder: its and the other run's files go, overlays first
+            stems = {file_stem(r["mask"]) for r in listed_images(args.out)}
+            stems |= {file_stem(job.mask) for job in jobs}
+            paths = [os.path.join(args.out, d, f"{f}.png") for d in OUT_DIRS[::-1] for f in stems]
+            for path in filter(os.path.exists, paths + [os.path.join(args.out, RUN_FILES[2])]):
+                os.remove(path)
         commit({os.path.join(args.out, RECORD): (json.dumps(run, indent=2) + "\n").encode()})
-    dist.barrier() if world > 1 else None
-    mine, records, unread, t0 = jobs[rank::world], [], [], time.time()
-    todo, wrote = sum(not j.done for j in mine), 0
-    for n, job in enumerate(mine, 1):
-        what = f"image {n}/{len(mine)}  {os.path.basename(job.image)}"
-        eta = (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
-        con.progress(what, eta, not job.done)
-        try:
-            if (
-                job.done
-            ):  # its mask read back (as images are: no bomb warning), for the IoU table and summary
-                labels = torch.from_numpy(np.array(open_image(job.mask)[0]))
-            else:
-                try:
-                    image = read_image(job.image)
-                except (
-                    SlimeError
-                ) as e:  # one bad image does not stop a folder: named, skipped, counted
-                    con.say(f"skipped {e}", always=True)  # -q too: a script must know
-                    unread.append(dict(image=job.image, mask=job.mask, reason=str(e)))
-                    continue
-                labels, wrote = segment_and_write(sd, emb, job, image, s, con, what), wrote + 1
-            records.append(image_record(job, labels, emb))
-        except (
-            KeyboardInterrupt
-        ):  # the run's files keep what is done (under torchrun, this process's part)
-            report(args, con, emb, s, records, wrote, unread) if rank == 0 else None
-            raise
-    if world > 1:  # everyone's results, to write the run files once
-        everyone = [None] * world  # report sorts them
+    if world > 1:
+        dist.barrier()
+    records, unread, wrote = predict_images(args, con, sd, emb, s, jobs[rank::world], rank)
+    if world > 1:  # everyone's results, to write the run files once (report sorts them)
+        everyone = [None] * world
         dist.all_gather_object(everyone, (records, unread, wrote))
         records, unread, wrote = (sum(x, start) for x, start in zip(zip(*everyone), ([], [], 0)))
         dist.destroy_process_group()
@@ -1904,118 +1749,114 @@ def cmd_predict(args, con):
     return 1 if unread else 0
 
 
+def predict_images(args, con, sd, emb, s, mine, rank):
+    """Segment each of `mine` not done, or read its mask back -> (records, unread, written)."""
+    records, unread, wrote = [], [], 0
+    todo = sum(not job.done for job in mine)
+    t0 = time.time()
+    for n, job in enumerate(mine, 1):
+        what = f"image {n}/{len(mine)}  {os.path.basename(job.image)}"
+        eta = (time.time() - t0) / wrote * (todo - wrote) if wrote and not job.done else None
+        con.progress(what, eta, not job.done)
+        try:
+            if job.done:  # read back (as images are: no bomb warning), for the IoUs and summary
+                labels = torch.from_numpy(np.array(open_image(job.mask)[0]))
+            else:
+                try:
+                    image = read_image(job.image)
+                except SlimeError as e:  # a bad image: named, skipped and counted
+                    con.say(f"skipped {e}", always=True)  # -q too: a script must know
+                    unread.append(dict(image=job.image, mask=job.mask, reason=str(e)))
+                    continue
+                labels = segment_and_write(sd, emb, job, image, s, con, what)
+                wrote += 1
+            records.append(image_record(job, labels, emb))
+        except KeyboardInterrupt:  # the run files keep what is done (torchrun: this process's)
+            if rank == 0:
+                report(args, con, emb, s, records, wrote, unread)
+            raise
+    return records, unread, wrote
+
+
 def segment_and_write(sd, emb, job, image, s, con, what):
-    """Segment one image (showing its windows' progress) and write its mask and overlay, both or neither."""
-    t0, context, parts, colors = (
-        time.time(),
-        emb["context"].to(sd.device),
-        emb["parts"],
-        part_colors(emb),
-    )
+    """Segment one image (showing its windows' progress); write its mask and overlay, or neither."""
+    t0 = time.time()
+    parts, colors = emb["parts"], part_colors(emb)
     where = f"{what}  {'window' if s.window else 'patch'}"
-    progress = lambda i, n, *maps: con.progress(
-        f"{where} {i}/{n}", (time.time() - t0) / i * (n - i), i == n
-    )  # noqa: E731
+
+    def progress(i, n, *maps):
+        con.progress(f"{where} {i}/{n}", (time.time() - t0) / i * (n - i), i == n)
+
     try:
-        labels = segment(sd, context, image, len(parts), s, progress=progress)
+        labels = segment(sd, emb["context"].to(sd.device), image, len(parts), s, progress=progress)
     except SlimeError as e:  # its scores are not finite, say
         raise SlimeError(f"{job.image}: {e}") from None
-    shown = (
-        image if image.shape[1:] == labels.shape else resize(image, tuple(labels.shape), "bilinear")
-    )
-    overlay = overlay_image(
-        shown, labels.numpy(), parts, colors
-    )  # --out-size 512: on the image resized
+    if image.shape[1:] != labels.shape:  # --out-size 512: the overlay is on the image resized
+        image = resize(image, tuple(labels.shape), "bilinear")
+    overlay = overlay_image(image, labels.numpy(), parts, colors)
     commit({job.mask: png(mask_image(labels.numpy(), colors)), job.overlay: png(overlay, level=1)})
     return labels
 
 
-def image_record(job, labels, emb):  # summary.json's entry: size, area of each part in pixels, IoUs
-    parts, area = emb["parts"], np.bincount(labels.numpy().ravel(), minlength=len(emb["parts"]))
+def image_record(job, labels, emb):
+    """summary.json's entry of an image: its size, each part's area in pixels, its IoUs."""
+    parts = emb["parts"]
+    area = np.bincount(labels.numpy().ravel(), minlength=len(parts)).tolist()
     record = dict(image=job.image, mask=job.mask, overlay=job.overlay, written=not job.done)
-    record.update(
-        width=labels.shape[1], height=labels.shape[0], area=dict(zip(parts, area.tolist()))
-    )
-    if (
-        job.gt
-    ):  # at the mask's size: the image's own, or 512 (the release nearest-resizes its GT too)
-        gt = resize(torch.from_numpy(ground_truth(job, emb))[None], tuple(labels.shape), "nearest")[
-            0
-        ]
+    record.update(width=labels.shape[1], height=labels.shape[0], area=dict(zip(parts, area)))
+    if job.gt:  # the GT nearest-resized to the mask's size, as the release does (at 512)
+        gt = resize(torch.from_numpy(ground_truth(job, emb))[None], labels.shape, "nearest")[0]
         ious = iou_per_class(labels, gt, len(parts))
         record.update(ground_truth=job.gt, iou={parts[c]: v for c, v in ious.items()})
     return record
 
 
-def listed_images(
-    out,
-):  # the images out/summary.json lists: the run's whose record is there, or none
-    with (
-        contextlib.suppress(Exception),
-        named(path := os.path.join(out, RUN_FILES[2])),
-        open(path) as f,
-    ):
+def listed_images(out):
+    """The images out/summary.json lists: the run's whose record is there, or none."""
+    path = os.path.join(out, RUN_FILES[2])
+    with contextlib.suppress(Exception), named(path), open(path) as f:
         return [r for r in json.load(f)["images"] if isinstance(r["mask"], str)]
     return []
 
 
 def report(args, con, emb, s, records, wrote, unread):
-    """The run files of all the folder holds for this run (earlier invocations' too), their IoUs; what was done."""
-    parts, colors, stem = emb["parts"], part_colors(emb), lambda r: file_stem(r["mask"])
-    held = lambda r: all(
-        os.path.isfile(os.path.join(args.out, d, stem(r) + ".png")) for d in OUT_DIRS
-    )  # noqa: E731
-    earlier = {
-        stem(r): r for r in listed_images(args.out) if held(r)
-    }  # this run's (--overwrite took others)
-    listed = sorted(
-        {**earlier, **{stem(r): r for r in records}}.values(), key=stem
-    )  # as one run lists all
+    """The run files of all this run's images in the folder (earlier calls' too); what was done."""
+    parts, colors = emb["parts"], part_colors(emb)
+    held = {}  # by stem: the run's earlier images whose files remain (--overwrite took others)
+    for r in listed_images(args.out):
+        stem = file_stem(r["mask"])
+        if all(os.path.isfile(os.path.join(args.out, d, f"{stem}.png")) for d in OUT_DIRS):
+            held[stem] = r
+    held.update({file_stem(r["mask"]): r for r in records})
+    listed = [held[stem] for stem in sorted(held)]  # as one run lists all
     scored = [{parts.index(k): v for k, v in r["iou"].items()} for r in listed if "iou" in r]
     per_class, miou = miou_table(scored, len(parts))
     rows = {name: v for name, v in zip(parts, per_class) if v is not None}
-    summary = dict(
-        written_by="slime predict", embeddings=args.emb, settings=asdict(s), images=listed
-    )
-    summary["parts"] = [
-        dict(index=i, name=name, color=c) for i, (name, c) in enumerate(zip(parts, colors))
-    ]
+    summary = dict(written_by="slime predict", embeddings=args.emb, settings=asdict(s))
+    summary["images"] = listed
+    summary["parts"] = [dict(index=i, name=n, color=colors[i]) for i, n in enumerate(parts)]
     summary.update(iou=rows or None, miou=miou if rows else None, unread=unread)
-    labelmap = (
-        LABELMAP_HEADER
-        + "\n"
-        + "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
-    )
-    texts = [
-        labelmap,
-        "".join(stem(r) + "\n" for r in listed),
-        json.dumps(summary, indent=2) + "\n",
-    ]
-    commit(
-        {
-            os.path.join(args.out, n): t.encode(errors="surrogateescape")
-            for n, t in zip(RUN_FILES, texts)
-        }
-    )
+    labelmap = "".join(f"{n}:{r},{g},{b}::\n" for n, (r, g, b) in zip(parts, colors))
+    texts = [LABELMAP_HEADER + "\n" + labelmap, "".join(f"{stem}\n" for stem in sorted(held))]
+    texts.append(json.dumps(summary, indent=2) + "\n")
+    paths = [os.path.join(args.out, name) for name in RUN_FILES]
+    commit({path: text.encode(errors="surrogateescape") for path, text in zip(paths, texts)})
     if rows:  # on stdout, unlike every notice: the table is the result, and -q keeps it
         table = "".join(f"{name:<16} {v:.4f}\n" for name, v in rows.items())
         print(f"{'part':<16} IoU\n{table}{'mIoU':<16} {miou:.4f}   ({count(len(scored), 'image')})")
     elif args.masks:  # every ground-truth pixel is 255: a table would read as a score of 0
         con.say("nothing was scored: every ground-truth mask is all 'ignore' (255); no IoU table")
     empty = sum(not any(list(r["area"].values())[1:]) for r in records)  # every pixel background
-    if empty:  # no part's cross-attention reached --threshold in any patch: unlike images, or other weights?
-        con.say(
-            f"warning: {empty} of {count(len(records), 'image')} got no part; a lower --threshold helps"
-        )
-    done, unread = (
-        len(records) - wrote,
-        f"; could not read {count(len(unread), 'image')}" * bool(unread),
-    )
-    skipped = f"; skipped {done} already done (--overwrite redoes them)" * bool(done)
-    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}{skipped}{unread}")
+    if empty:  # no part reached --threshold in any patch: unlike images, or other weights?
+        of = count(len(records), "image")
+        con.say(f"warning: {empty} of {of} got no part; a lower --threshold helps")
+    done = len(records) - wrote
+    skipped = f"; skipped {done} already done (--overwrite redoes them)" if done else ""
+    failed = f"; could not read {count(len(unread), 'image')}" if unread else ""
+    con.say(f"wrote masks and overlays of {count(wrote, 'image')} to {args.out}{skipped}{failed}")
 
 
-# The release's flags (release/src/arguments.py#L46-L91) that slime names otherwise; the rest: _ -> -
+# The release's flags (release/src/arguments.py#L46-L91) that slime names otherwise; others: _ -> -
 RELEASE_FLAGS = {
     "--part_names": "--parts a,b,c",
     "--num_patchs_per_side": "--patches-per-side",
@@ -2034,10 +1875,8 @@ RELEASE_FLAGS = {
 
 
 class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
-    def error(self, message):
-        flag = re.search(
-            r"unrecognized arguments: (--\w+)", message
-        )  # spelt the release's way: slime's name
+    def error(self, message):  # a flag spelt the release's way: the hint names slime's
+        flag = re.search(r"unrecognized arguments: (--\w+)", message)
         dashed = flag and "--" + flag[1][2:].replace("_", "-")
         slimes = RELEASE_FLAGS.get(flag and flag[1]) or dashed in SETTING_FLAGS and dashed
         hint = f"; {flag[1]} is {slimes} in slime" if slimes else ""
@@ -2047,90 +1886,54 @@ class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
 def build_parser():
     ap = Parser(prog="slime.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = ap.add_subparsers(dest="command", required=True)
-    f = sub.add_parser(
-        "fit", allow_abbrev=False, help="learn a text vector per part from image/mask pairs"
-    )
-    f.add_argument(
-        "pairs", nargs="+", metavar="IMAGE MASK", help="image/mask pairs, or folders of them"
-    )
-    f.add_argument(
-        "-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt"
-    )
-    f.add_argument(
-        "--val", nargs="+", metavar="IMAGE MASK", help="validation pairs/folders; default fit's"
-    )
-    f.add_argument(
-        "--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings"
-    )
-    f.add_argument(
-        "--labelmap", help="labelmap.txt naming the colours; default one beside the masks"
-    )
-    f.add_argument(
-        "--parts", help="class names, background first; default the labelmap's, else part1,..."
-    )
+    new = functools.partial(sub.add_parser, allow_abbrev=False)
+    f = new("fit", help="learn a text vector per part from image/mask pairs")
+    add = f.add_argument
+    add("pairs", nargs="+", metavar="IMAGE MASK", help="image/mask pairs, or folders of them")
+    add("-o", "--output", default="emb.pt", help="where the best embeddings go; default emb.pt")
+    add("--val", nargs="+", metavar="IMAGE MASK", help="validation pairs/folders; default fit's")
+    add("--preset", choices=sorted(PRESETS), help="the release README's per-dataset settings")
+    add("--labelmap", help="labelmap.txt naming the colours; default one beside the masks")
+    add("--parts", help="class names, background first; default the labelmap's, else part1,...")
     again = f.add_mutually_exclusive_group()  # fit: one of --resume and --overwrite
-    again.add_argument(
-        "--resume", action="store_true", help="continue the fit stopped in -o (same command)"
-    )
-    p = sub.add_parser(
-        "predict", allow_abbrev=False, help="segment images; settings not given are emb.pt's"
-    )
-    p.add_argument("emb", help="emb.pt written by fit")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders")
-    p.add_argument("-o", "--out", default="out", help="output folder, slime's alone; default out")
-    p.add_argument(
-        "--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU"
-    )
-    for stage, sp in (("fit", f), ("predict", p)):
-        sp.add_argument(
-            "--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/"
-        )
-        sp.add_argument(
-            "--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu"
-        )
-        sp.add_argument(
-            "--dtype", choices=["auto", *DTYPES], default="auto", help="default auto (README)"
-        )
-        redo = "replace emb.pt; predict: redo every image, drop the other run's"
-        (again if stage == "fit" else sp).add_argument(
-            "--overwrite", action="store_true", help=redo
-        )
-        sp.add_argument(
-            "-q", "--quiet", action="store_true", help="print only errors (and the IoU table)"
-        )
-        for fld in (
-            f for f in fields(Settings) if stage == "fit" or not f.metadata["fit"]
-        ):  # a flag each
-            m, flag = fld.metadata, "--" + fld.name.replace("_", "-")
-            default = (
-                f"emb.pt's (fit's default: {fld.default})" if stage == "predict" else fld.default
-            )
-            if (
-                type(fld.default) is bool
-            ):  # a switch flips the default; left out it is None: emb.pt's stays
-                sp.add_argument(
-                    m["flag"], dest=fld.name, action="store_const", const=not fld.default
-                )
+    how = "continue the fit stopped in -o (same command)"
+    again.add_argument("--resume", action="store_true", help=how)
+    p = new("predict", help="segment images; settings not given are emb.pt's")
+    add = p.add_argument
+    add("emb", help="emb.pt written by fit")
+    add("inputs", nargs="+", help="image files and/or folders")
+    add("-o", "--out", default="out", help="output folder, slime's alone; default out")
+    add("--masks", help="folder of ground-truth masks (by file stem): print and save per-part IoU")
+    redo = "replace emb.pt; predict: redo every image, drop the other run's"
+    for stage, sp, group in (("fit", f, again), ("predict", p, p)):
+        add = sp.add_argument
+        add("--ckpt", help="SD checkpoint (.safetensors); default: the one file in weights/")
+        add("--device", help="cpu, cuda, cuda:N or mps; default: cuda when present, else cpu")
+        add("--dtype", choices=["auto", *DTYPES], default="auto", help="default auto (README)")
+        group.add_argument("--overwrite", action="store_true", help=redo)
+        add("-q", "--quiet", action="store_true", help="print only errors (and the IoU table)")
+        default = "{}" if stage == "fit" else "emb.pt's (fit's default: {})"
+        for fld in [x for x in fields(Settings) if stage == "fit" or not x.metadata["fit"]]:
+            kw = dict(dest=fld.name, help=fld.metadata["help"])
+            if type(fld.default) is bool:  # a switch flips the default; left out, emb.pt's stays
+                kw.update(action="store_const", const=not fld.default)
             else:  # the same check as emb.pt's values
-                check = functools.partial(check_setting, fld)
-                sp.add_argument(flag, dest=fld.name, metavar=fld.name.upper(), type=check)
-            sp._actions[-1].help = m["help"] + f"; default {default}" * (
-                type(fld.default) is not bool
-            )
+                kw.update(metavar=fld.name.upper(), type=functools.partial(check_setting, fld))
+                kw["help"] += "; default " + default.format(fld.default)
+            add(fld.metadata["flag"] or "--" + fld.name.replace("_", "-"), **kw)
         sp.set_defaults(run=cmd_fit if stage == "fit" else cmd_predict)
     return ap
 
 
-def interrupt(
-    signum, frame
-):  # Ctrl-C, SIGTERM and SIGHUP end a run alike, once: later ones are ignored
-    [signal.signal(getattr(signal, name, signal.SIGINT), signal.SIG_IGN) for name in SIGNALS]
+def interrupt(signum, frame):
+    """Ctrl-C, SIGTERM and SIGHUP end a run alike, once: later ones are ignored."""
+    for name in SIGNALS:
+        signal.signal(getattr(signal, name, signal.SIGINT), signal.SIG_IGN)
     raise KeyboardInterrupt(signum)
 
 
 def main(argv=None):
-    # CPU: fp32 values below 1.2e-38 become 0. exp() of sharply peaked attention underflows into such
-    # denormals, which x86 computes slowly (fit took 2.4x as long on a sharp variant of the test model)
+    # CPU: exp() of peaked attention underflows into fp32 denormals, slow on x86 (fit: 2.4x as long)
     torch.set_flush_denormal(True)
     con = Console(True)
     with warnings.catch_warnings():  # a warning is one line, `warning: ...`, like every notice
@@ -2138,27 +1941,21 @@ def main(argv=None):
         warnings.showwarning = lambda message, *_: con.say(f"warning: {message}")
         try:  # the one error boundary of the command line: one line, and the exit status
             args = build_parser().parse_args(argv)
-            rank = int(os.environ.get("RANK", 0))  # torchrun: the other processes' lines say whose
-            con.quiet, con.prefix = args.quiet, f"[process {rank}] " if rank else ""
+            rank = int(os.environ.get("RANK", 0))  # torchrun: other processes' lines say whose
+            con.quiet = args.quiet
+            con.prefix = f"[process {rank}] " if rank else ""
             return args.run(args, con) or 0
-        except (
-            SlimeError,
-            OSError,
-            torch.cuda.OutOfMemoryError,
-        ) as e:  # OSError: a folder we may not list
+        # OSError: a folder we may not list
+        except (SlimeError, OSError, torch.cuda.OutOfMemoryError) as e:
             why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
             if isinstance(e, torch.cuda.OutOfMemoryError):  # the remedies, not torch's traceback
                 why = "the GPU ran out of memory: try --dtype bf16, --patches-per-side 1"
-            print("\n" * con.open + f"slime: error: {why}", file=sys.stderr)
+            print(("\n" if con.open else "") + f"slime: error: {why}", file=sys.stderr)
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-            name, on = (
-                signal.Signals(signum).name,
-                "".join(getattr(e, "__notes__", [])),
-            )  # fit's note: go on
-            sys.stderr.write(
-                "\n" * con.open + f"slime: interrupted by {name}; finished outputs kept{on}\n"
-            )
+            on = "".join(getattr(e, "__notes__", []))  # fit's note: how to go on
+            kept = f"slime: interrupted by {signal.Signals(signum).name}; finished outputs kept{on}"
+            sys.stderr.write(("\n" if con.open else "") + kept + "\n")
             return 128 + signum
         finally:
             con.done.set()  # the ticker stops
