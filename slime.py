@@ -75,8 +75,6 @@ class Settings:
     guidance: float = setting(100.0, 0.0, 1e6, "guidance inside SD's loss", fit=True)
     min_crop_ratio: float = setting(0.8, 0.05, 1.0, "smallest training crop side", fit=True)
     rotation: float = setting(30.0, 0.0, 180.0, "largest training rotation, degrees", fit=True)
-    # slime's crops cycle through the parts; --no-cycle: they favour the background, as the
-    # release's do in effect
     cycle_parts: bool = setting(
         True, help="crops favour the background", fit=True, flag="--no-cycle"
     )
@@ -119,11 +117,10 @@ class StableDiffusion:
 
 
 # ---------------------------------------------------------------- the method (paper Sec. 4, Fig. 3)
-# Each step says where it comes from: the paper's equation or section, or `release-only:` with the
-# line of the authors' release where the paper is silent. slime's own choices are marked slime's.
-# The release's layers (release/src/arguments.py#L6-L44) as checkpoint paths; in its diffusers
-# names, up_blocks[1].attentions[0,1,2] and up_blocks[2].attentions[0,1] (attn2, 16 and 32 px),
-# up_blocks[3].attentions[0,1,2] (attn1, 64 px).
+# Each step cites the paper's equation or section, or is marked `release-only:` with the release's
+# line where the paper is silent; slime's own choices are marked slime's. The release's layers
+# (release/src/arguments.py#L6-L44) by checkpoint path; by its diffusers names, up_blocks[1]
+# .attentions[0,1,2], up_blocks[2].attentions[0,1] (attn2), up_blocks[3].attentions[0,1,2] (attn1).
 CROSS_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in (3, 4, 5, 6, 7))
 SELF_LAYERS = tuple(f"output_blocks.{i}.1.transformer_blocks.0.attn1" for i in (9, 10, 11))
 IGNORE = 255  # mask value that no loss and no score looks at (PASCAL VOC's "void")
@@ -136,9 +133,8 @@ def prompt_contexts(sd, num_classes):
     # stands for the background and is never learned: the attention parks on it where no word fits.
     with torch.no_grad():
         tokens = sd.tokenize([" ".join(["part"] * num_classes), ""]).to(sd.device)
-        # fp32: Adam updates the vectors in place
-        cond, uncond = sd.text_encoder(tokens).float().split(1)
-    return cond, uncond
+        # (cond, uncond) in fp32: Adam updates the vectors in place
+        return sd.text_encoder(tokens).float().split(1)
 
 
 def with_learned(learned, cond):
@@ -156,8 +152,7 @@ def noisy_latent(sd, images, t, gen):
         z = sd.vae.encode(images, sample=True, generator=gen)
     # drawn after the VAE's sample from the same generator: part of what --seed repeats
     noise = torch.randn(z.shape, generator=gen, device=z.device)
-    # the fraction of the signal's variance left at step t
-    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)  # the signal's fraction of variance left at t
     return a.sqrt() * z + (1 - a).sqrt() * noise, noise
 
 
@@ -198,8 +193,7 @@ def class_weights(mask, num_classes):
     n = torch.bincount(mask[mask != IGNORE].flatten(), minlength=num_classes)[:num_classes].float()
     n[0] = 0  # so n.sum() counts the foreground only
     w = torch.where(n > 0, n.sum() / (n + 1e-6), torch.zeros_like(n))  # 1e-6: the release's
-    # a part weighs >= 1, so the background, often most pixels, weighs no more than any part
-    w[0] = 1
+    w[0] = 1  # a part weighs >= 1: the background, often most pixels, weighs no more
     return w
 
 
@@ -231,8 +225,7 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
     context = with_learned(learned, cond)
     log_A_ca, A_sa, eps_cond = attention_maps(sd, x_t, t, context, num_classes, log_space=True)
     loss_ce, loss_mse = segmentation_losses(log_A_ca, A_sa, mask, num_classes)
-    # a tensor even when skipped (beta = 0 skips a whole UNet pass)
-    loss_sd = torch.zeros(())
+    loss_sd = torch.zeros(())  # a tensor even when beta = 0 skips a whole UNet pass
     if s.beta:
         # Eq. 1's L_LDM keeps the vectors where SD can use them; release-only: with guidance 100
         # (release/src/stable_difusion.py#L340-L344). Only the cond branch depends on the vectors,
@@ -240,8 +233,7 @@ def training_step(sd, learned, cond, uncond, image, mask, s, gen):
         with torch.no_grad():
             eps_uncond = sd.unet(x_t, t, uncond)[0]
         eps = eps_uncond + s.guidance * (eps_cond - eps_uncond)
-        # against the noise actually added: SD 2.1-base's eps objective
-        loss_sd = F.mse_loss(eps, noise)
+        loss_sd = F.mse_loss(eps, noise)  # against the noise added: SD 2.1-base's eps objective
     loss = loss_ce + s.alpha * loss_mse + s.beta * loss_sd  # Eq. 8
     return loss, {"ce": loss_ce.item(), "mse": loss_mse.item(), "sd": loss_sd.item()}
 
@@ -261,10 +253,8 @@ def gaussian_blur(image, k):
     kernels (augment draws k in {3, 5})."""
     g = torch.tensor({3: [1, 2, 1], 5: [1, 4, 6, 4, 1]}[k], dtype=image.dtype)
     g = g / g.sum()
-    # torch's "reflect" is OpenCV's REFLECT_101
-    pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")
-    # separable: rows, then columns
-    out = F.conv2d(pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)
+    pad = F.pad(image[None], (k // 2,) * 4, mode="reflect")  # OpenCV's REFLECT_101
+    out = F.conv2d(pad, g.view(1, 1, 1, k).expand(3, 1, 1, k), groups=3)  # rows, then columns
     return F.conv2d(out, g.view(1, 1, k, 1).expand(3, 1, k, 1), groups=3)[0]
 
 
@@ -303,8 +293,7 @@ def augment(image, mask, part, s, gen):
     crop, rotation."""
     rand = lambda: torch.rand(1, generator=gen).item()  # noqa: E731
     if rand() < 0.5:
-        # horizontal: parts keep their up and down
-        image, mask = image.flip(-1), mask.flip(-1)
+        image, mask = image.flip(-1), mask.flip(-1)  # horizontal: parts keep up and down
     if rand() < 0.5:  # A.GaussianBlur(blur_limit=(1, 5)) (release/src/dataset.py#L35)
         k = int(torch.randint(1, 6, (1,), generator=gen))
         # albumentations takes an even kernel to the next odd one: k in {1, 3, 5} at 20/40/40%
@@ -515,8 +504,7 @@ def patch_votes(A_ca, A_sa, threshold, side):
     background's above-mean rule and the min-max rescale, all on the 64x64 maps."""
     cross = A_ca.flatten(1)  # (K, 4096)
     peak, floor = cross.max(1).values, cross.min(1).values
-    # a class votes only where its cross-attention is confident
-    seen = (peak >= threshold).nonzero()[:, 0]
+    seen = (peak >= threshold).nonzero()[:, 0]  # a class votes only where it is confident
     if len(seen) == 0:
         return seen, None
     cross = cross[seen]
@@ -533,8 +521,7 @@ def patch_votes(A_ca, A_sa, threshold, side):
     w_max = was.flatten(1).max(1).values[:, None, None]
     floor, peak = floor[seen][:, None, None], peak[seen][:, None, None]
     per_unit = (w_max - w_min) / (peak - floor)  # WAS units per unit of cross-attention
-    # a flat map (0/0, or 0): its values stay put
-    per_unit[torch.isnan(per_unit) | (per_unit == 0)] = 1e-7
+    per_unit[torch.isnan(per_unit) | (per_unit == 0)] = 1e-7  # a flat map (0/0, 0) stays put
     # = floor + (was - w_min) / per_unit, in the release's order of operations (the same bits)
     return seen, was / per_unit + (floor - w_min / per_unit)
 
@@ -542,8 +529,7 @@ def patch_votes(A_ca, A_sa, threshold, side):
 def class_scores(scores, votes, sd):
     """The votes' mean (K, *grid), on the CPU (where the argmax and the files work), checked."""
     scores = (scores / votes).cpu()
-    # argmax would quietly pick class 0 everywhere
-    if not torch.isfinite(scores).all():
+    if not torch.isfinite(scores).all():  # argmax would quietly pick class 0 everywhere
         fp16 = ", as fp16 overflows: use bf16 or fp32" if sd.dtype == torch.float16 else ""
         raise SlimeError(f"its class scores are not finite{fp16}")
     return scores
@@ -577,13 +563,11 @@ def upsampled_argmax(scores, h, w, extent=None, band=256):
     # bilinear is separable: one matrix per axis
     rows = linear_upsampling(gh, eh)[:h]  # (h, gh)
     cols = linear_upsampling(gw, ew)[:w]  # (w, gw)
-    # columns first, at the grid's few rows: (K, gh, w)
-    scores_w = scores @ cols.T
+    scores_w = scores @ cols.T  # (K, gh, w): columns first, at the grid's few rows
     labels = torch.empty(h, w, dtype=torch.uint8)
     for i in range(0, h, band):
         R = rows[i : i + band]
-        # each output row mixes 2 score rows: skip the zero columns of R
-        used = R.any(0).nonzero()[:, 0]
+        used = R.any(0).nonzero()[:, 0]  # an output row mixes 2 score rows: skip the rest
         lo, hi = used.min().item(), used.max().item() + 1
         band_scores = torch.einsum("hr,krw->khw", R[:, lo:hi], scores_w[:, lo:hi])
         # max(0).indices = argmax(0), the first maximum, but 20x faster on CPU
@@ -1029,8 +1013,7 @@ def find_labelmap(mask_paths, given=None):
     return given or min(found, default=None)
 
 
-def check_labels(labels, mask_path, size, parts, image_path):
-    """A mask against its image's size and the parts."""
+def check_labels(labels, mask_path, size, parts, image_path):  # against its image and the parts
     if tuple(labels.shape) != tuple(size):
         with Image.open(image_path) as im:
             exif = im.size == labels.shape[::-1]  # fits as stored: a phone's photo, shown turned
@@ -1348,9 +1331,6 @@ def plan_predict(args, con):
         kind = f"another kind of checkpoint than {ckpt} ({family})"
         raise SlimeError(f"{args.emb} was fitted on {kind}")
     jobs, skipped = list_jobs(args, con)
-    # from the headers: an image over MAX_PIXELS is refused now, not after the model's load
-    for job in jobs:
-        shown_size(job.image)
     find_ground_truth(jobs, args.masks, emb, con)
     if skipped:  # the release's NAME.npy beside NAME.png: no image, but maybe ground truth
         truth = {os.path.realpath(job.gt) for job in jobs if job.gt}
@@ -1392,7 +1372,7 @@ def check_existing_outputs(out, jobs, record, made, run, overwrite):
         was = record.get("made_of", {})
         differs = [k for k, v in made.items() if was and was.get(k) != v]
         key = differs[0] if differs else "emb.pt, settings, weights or dtype"
-        why = f"{key} {was[key]} there, {made[key]} here" if differs else f"another {key}"
+        why = f"{key} {was.get(key)} there, {made[key]} here" if differs else f"another {key}"
         raise SlimeError(f"{out} holds outputs of another run ({why}); pass --overwrite, or -o")
     for job in jobs:  # the same run resumes: an image is done when both its files are there
         job.done = bool(record) and os.path.isfile(job.mask) and os.path.isfile(job.overlay)
@@ -1418,6 +1398,7 @@ def list_jobs(args, con):
             mask, overlay = (os.path.join(args.out, d, file_stem(path) + ".png") for d in OUT_DIRS)
             job = SimpleNamespace(image=path, gt=None, done=False, mask=mask, overlay=overlay)
             jobs.setdefault(os.path.realpath(path), job)  # named twice: segmented once
+            shown_size(path)  # over MAX_PIXELS: refused now, not after the model's load
     if not jobs:
         if skipped:
             con.say(skipped_line(skipped))
@@ -1925,8 +1906,7 @@ def build_parser():
     return ap
 
 
-def interrupt(signum, frame):
-    """Ctrl-C, SIGTERM and SIGHUP end a run alike, once: later ones are ignored."""
+def interrupt(signum, frame):  # Ctrl-C, SIGTERM and SIGHUP end a run alike, once
     for name in SIGNALS:
         signal.signal(getattr(signal, name, signal.SIGINT), signal.SIG_IGN)
     raise KeyboardInterrupt(signum)

@@ -769,8 +769,8 @@ def test_validation_reuses_its_noisy_patches_and_gets_bit_identical_masks(tiny_c
 def test_fit_makes_the_validation_inputs_once_and_hands_the_same_to_every_validation(
     tiny_ckpt, monkeypatch
 ):
-    """One noisy_patches per validation pair, before the first step; every validation gets those very
-    ones."""
+    """One noisy_patches per validation pair, before the first step; every validation gets those
+    very ones."""
     sd = slime.load_models(tiny_ckpt("sd2"))
     image, gt = torch.rand(3, 64, 64), torch.zeros(64, 64, dtype=torch.long)
     gt[32:] = 1
