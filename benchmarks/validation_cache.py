@@ -56,7 +56,7 @@ def main():
         torch.zeros(512, 512, dtype=torch.long),
     )
     cond, _ = slime.prompt_contexts(sd, K)
-    kept = [slime.noisy_inputs(sd, image, s)]  # as fit makes them: once, before its loop
+    kept = [slime.noisy_patches(sd, image, s)]  # as fit makes them: once, before its loop
     slime.validation_miou(sd, cond, [(image, gt)], kept, K, s)  # warm-up
     for label in ("from scratch", "patches kept", "from scratch", "patches kept"):
         t0 = time.perf_counter()
