@@ -288,19 +288,8 @@ def test_fit_is_reproducible_and_its_step_moves_the_vectors(tiny_ckpt, tmp_path,
     )
 
     def fit(name, *flags):
-        run(
-            "fit",
-            img,
-            mask,
-            "--ckpt",
-            tiny_ckpt("sd2"),
-            "--epochs",
-            1,
-            "-o",
-            tmp_path / name,
-            *TINY,
-            *flags,
-        )
+        args = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), "--epochs", 1, "-o", tmp_path / name]
+        run(*args, *TINY, *flags)
         return torch.load(tmp_path / name, weights_only=True)["learned"]
 
     a = fit("a.pt", "--parts", "background,square,disc")
@@ -352,19 +341,8 @@ def test_training_crops_cycle_through_the_parts_unless_no_cycle(
     monkeypatch.setattr(slime, "noisy_patches", lambda sd, image, s: None)
     monkeypatch.setattr(slime, "validation_miou", lambda *a: 0.5)
     img, mask = scene_files(tmp_path)
-    run(
-        "fit",
-        img,
-        mask,
-        "--ckpt",
-        tiny_ckpt("sd2"),
-        "--epochs",
-        5,
-        "-o",
-        tmp_path / "emb.pt",
-        "-q",
-        *flags,
-    )
+    ckpt = ["--ckpt", tiny_ckpt("sd2")]
+    run("fit", img, mask, *ckpt, "--epochs", 5, "-o", tmp_path / "emb.pt", "-q", *flags)
     assert parts == favoured  # 5 epochs of one image: 5 steps, one crop each
     assert torch.load(tmp_path / "emb.pt", weights_only=True)["settings"]["cycle_parts"] is (
         not flags
@@ -482,17 +460,8 @@ def test_out_size_512_writes_the_releases_masks_and_0_each_images_own(
         ("own", "flag", ["--out-size", 512]),
         ("release", "recorded", []),
     ):
-        run(
-            "predict",
-            tmp_path / f"{emb}.pt",
-            img,
-            "--ckpt",
-            ckpt,
-            "-q",
-            "-o",
-            tmp_path / out,
-            *flags,
-        )
+        predict = ["predict", tmp_path / f"{emb}.pt", img, "--ckpt", ckpt, "-q"]
+        run(*predict, "-o", tmp_path / out, *flags)
 
     def written(out):
         mask = np.array(Image.open(tmp_path / out / "SegmentationClass" / "image.png"))
@@ -537,17 +506,8 @@ def test_bgr_is_recorded_by_fit_and_flips_what_predict_feeds_the_model(
     )
     assert bgr is True and rgb is False
     for n, (emb, flags) in enumerate((("rgb", []), ("bgr", []), ("rgb", ["--bgr"]))):
-        run(
-            "predict",
-            tmp_path / f"{emb}.pt",
-            img,
-            "--ckpt",
-            ckpt,
-            "-q",
-            "-o",
-            tmp_path / f"{n}",
-            *flags,
-        )
+        predict = ["predict", tmp_path / f"{emb}.pt", img, "--ckpt", ckpt, "-q"]
+        run(*predict, "-o", tmp_path / f"{n}", *flags)
     # the image as the file holds it, R G B, squashed to 512 as the model sees it
     pixels = torch.from_numpy(np.array(Image.open(img))).permute(2, 0, 1).float() / 255
     image = slime.resize(pixels, (512, 512), "bilinear")[None]

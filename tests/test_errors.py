@@ -1792,9 +1792,8 @@ def test_an_image_over_slimes_pixel_limit_is_refused_by_the_plan(
 def test_a_12000x9000_photo_is_segmented_at_full_size_in_bounded_memory(
     emb, tmp_path, tiny_ckpt, monkeypatch
 ):
-    """108 MP: PIL's bomb warning silenced (it refuses only above 179 MP), a line saying what slime
-    does, and a peak of ~3 GB (the image alone is 1.3 GB as float32); whole-image float temporaries
-    took 11 GB."""
+    """108 MP: no bomb warning (PIL's limit is off; slime's own is MAX_PIXELS, 250 MP), and a peak
+    of ~3 GB (the image alone is 1.3 GB as float32); whole-image float temporaries took 11 GB."""
     (tmp_path / "in").mkdir()
     h, w = 9000, 12000
     ramp = (
@@ -1839,18 +1838,8 @@ def test_every_terminal_line_is_whole(tmp_path, tiny_ckpt):
     colours[10:60, 10:60], colours[70:120, 50:110] = (200, 0, 0), (0, 200, 0)
     Image.fromarray(colours).save(mask)
     leader, follower = pty.openpty()
-    args = [
-        "fit",
-        img,
-        mask,
-        "--ckpt",
-        tiny_ckpt("sd2"),
-        *FAST,
-        "--epochs",
-        "1",
-        "-o",
-        tmp_path / "emb.pt",
-    ]
+    args = ["fit", img, mask, "--ckpt", tiny_ckpt("sd2"), *FAST, "--epochs", "1"]
+    args += ["-o", tmp_path / "emb.pt"]
     proc = subprocess.Popen([*SLIME, *args], stderr=follower, stdout=follower)
     os.close(follower)
     raw = b""

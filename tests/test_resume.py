@@ -247,24 +247,8 @@ def images(tmp_path_factory, tiny_ckpt, monkeypatch):
 def predict(images, out, *inputs, ok=0, extra=()):
     folder, gt, emb, ckpt = images
     named = [folder / f"{n}.png" for n in inputs] if inputs else [folder]
-    assert (
-        main(
-            "predict",
-            emb,
-            *named,
-            "--masks",
-            gt,
-            "-o",
-            out,
-            "--ckpt",
-            ckpt,
-            "-q",
-            "--dtype",
-            "fp32",
-            *extra,
-        )
-        == ok
-    )
+    flags = ["--masks", gt, "-o", out, "--ckpt", ckpt, "-q", "--dtype", "fp32", *extra]
+    assert main("predict", emb, *named, *flags) == ok
     summary = json.loads((out / "summary.json").read_text())
     listed = (out / "ImageSets" / "Segmentation" / "default.txt").read_text().split()
     assert listed == [os.path.basename(r["mask"])[:-4] for r in summary["images"]]
@@ -302,23 +286,8 @@ def test_the_run_files_list_every_image_the_folder_holds_for_the_run(
 
     monkeypatch.setattr(slime, "segment_and_write", stop_at_the_third)
     folder, gt, emb, ckpt = images
-    assert (
-        main(
-            "predict",
-            emb,
-            folder,
-            "--masks",
-            gt,
-            "-o",
-            out,
-            "--ckpt",
-            ckpt,
-            "-q",
-            "--dtype",
-            "fp32",
-        )
-        == 130
-    )
+    flags = ["--masks", gt, "-o", out, "--ckpt", ckpt, "-q", "--dtype", "fp32"]
+    assert main("predict", emb, folder, *flags) == 130
     monkeypatch.setattr(slime, "segment_and_write", write)  # the stand-ins stay
     assert sorted(scores(json.loads((out / "summary.json").read_text()))) == ["s0.png", "s1.png"]
     assert sorted(scores(predict(images, out, "s0"))) == ["s0.png", "s1.png"]
