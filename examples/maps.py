@@ -68,17 +68,19 @@ def average(views, side):
 
 
 @torch.no_grad()
-def maps(sd, emb, image, patch=None, pixel=None):
+def maps(sd, emb, image, patch=None, pixel=None, progress=lambda n, of: None):
     """image (3, H, W) in [0, 1] -> the arrays drawn: `image` (512, 512, 3) uint8; per part `A_ca`,
     `was` (K, h, w), `score` (K, h', w'), `voted` (in how many patches); `labels` (h', w'): the
     mask; `pixel_row` (h, w) at `pixel_at` (row, col), or None. (h, w) = (h', w') = (512, 512); with
-    --patch (64, 64), its grid, and (h', w') its footprint. One UNet pass a patch: vote_sums'."""
+    --patch (64, 64), its grid, and (h', w') its footprint. One UNet pass a patch: vote_sums';
+    progress(n, of) after each."""
     s, K, side = emb["settings"], len(emb["parts"]), emb["settings"].patch_size
     shown, at = locate(s, image.shape[1:], patch, pixel)
     patches = slime.noisy_patches(sd, image, s)  # [(y0, x0, x_t)]: predict's inputs, its noise too
     views, rows, voted = [], [], torch.zeros(K, dtype=torch.long)  # views: (y0, x0, A_ca and WAS)
 
-    def look(n, _, A_ca, A_sa):  # vote_sums' progress: patch n's maps, from its UNet pass
+    def look(n, of, A_ca, A_sa):  # vote_sums' progress: patch n's maps, from its UNet pass
+        progress(n, of)
         y0, x0 = patches[shown[n - 1]][:2]
         # Eq. 6 of each A_ca; a voter's, the map it votes with (on the 64x64 grid)
         seen, votes = slime.patch_votes(A_ca, A_sa, s.threshold, MAP)
@@ -304,8 +306,19 @@ def figure(args, emb):  # the maps' picture of args.image; a wrong flag is refus
     ckpt, family, _ = slime.checkpoint(args)
     if emb["family"] != family:
         raise slime.SlimeError(f"{args.emb} was fitted on another kind of checkpoint than {ckpt}")
-    sd = slime.load_models(ckpt, "cuda" if torch.cuda.is_available() else "cpu", text_encoder=False)
-    arrays = maps(sd, emb, image, args.patch, args.pixel)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # slime's stage line on stderr, its clock moving while the model loads and each patch runs
+    con = slime.Console(False)
+    try:
+        con.progress(f"loading {ckpt}", force=True)
+        sd = slime.load_models(ckpt, device, text_encoder=False)
+        con.progress("the first patch's UNet pass", force=True)
+        done = lambda n, of: con.progress(f"patch {n}/{of} done", force=True)  # noqa: E731
+        arrays = maps(sd, emb, image, args.patch, args.pixel, done)
+    finally:
+        con.done.set()
+        if con.open:  # a terminal's stage line ends before the next line
+            print(file=sys.stderr)
     what = f"patch {args.patch} of {arrays['patches']}" if arrays["box"] else "patches' average"
     where = f", pixel {args.pixel[0]},{args.pixel[1]}" if args.pixel else ""
     title = f"{args.emb} on {args.image}: t = {s.test_t}, {what} ({s.patch_size} px){where}"

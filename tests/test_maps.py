@@ -517,3 +517,14 @@ def test_a_folder_at_o_is_refused(fitted, capsys):
             == f"error: -o {folder} is a folder; give a picture's file path\n"
         )
     assert os.listdir(folder) == []
+
+
+def test_drawing_shows_the_stage_line_then_names_the_picture(fitted, tiny_ckpt, capsys):
+    """The model's load and each patch's UNet pass show on slime's stage line (in a log, plain
+    lines), then one line names the picture it wrote."""
+    out, ckpt = fitted / "maps.png", tiny_ckpt("sd2")
+    args = [str(fitted / "emb.pt"), str(fitted / "a.png"), "--ckpt", ckpt, "--patch", "0"]
+    assert maps.main([*args, "-o", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"loading {ckpt}  ") and err[-1] == f"wrote {out}", err
+    assert any(line.startswith("patch 1/1 done  ") for line in err), err
