@@ -1896,12 +1896,14 @@ def test_a_long_stage_keeps_its_line_moving(capsys, monkeypatch):
     con = slime.Console(False)
     try:
         con.progress("loading x.safetensors", force=True)
-        time.sleep(2.5)  # no progress() call meanwhile: only the ticker draws
+        time.sleep(3.3)  # no progress() call meanwhile: only the ticker draws
         con.say("a notice")
         time.sleep(1.5)
     finally:
         con.done.set()
     err = capsys.readouterr().err
     drawn, after = err.split("\na notice\n")
-    assert drawn.count("\rloading x.safetensors  ") >= 3 and "  2 s elapsed" in drawn, err
+    # at least 2 redraws after the first, and the clock moved (a slow machine may skip a second)
+    clocks = re.findall(r"\rloading x\.safetensors  (\d+) s elapsed", drawn)
+    assert len(clocks) >= 3 and len(set(clocks)) >= 2, err
     assert after == "", err  # the stage ended with the notice: the ticker draws no stale line
