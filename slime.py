@@ -1930,12 +1930,12 @@ def main(argv=None):
             why = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
             if isinstance(e, torch.cuda.OutOfMemoryError):  # the remedies, not torch's traceback
                 why = "the GPU ran out of memory: try --dtype bf16, --patches-per-side 1"
-            print(("\n" if con.open else "") + f"slime: error: {why}", file=sys.stderr)
+            con.say(f"slime: error: {why}", always=True)  # under the ticker's lock, ending its line
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM and SIGHUP through interrupt()
             signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
             on = "".join(getattr(e, "__notes__", []))  # fit's note: how to go on
             kept = f"slime: interrupted by {signal.Signals(signum).name}; finished outputs kept{on}"
-            sys.stderr.write(("\n" if con.open else "") + kept + "\n")
+            con.say(kept, always=True)
             return 128 + signum
         finally:
             con.done.set()  # the ticker stops
