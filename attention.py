@@ -47,9 +47,8 @@ def attention(q, k, v, heads, want=None, causal=False):
     if want is None:
         out, amap = F.scaled_dot_product_attention(q, k, v, is_causal=causal), None
     else:
-        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[
-            -1
-        ] ** -0.5  # (B, heads, Nq, Nk)
+        # (B, heads, Nq, Nk)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         if causal:
             scores = scores.masked_fill(
                 torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf")
@@ -79,9 +78,8 @@ class CrossAttention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(
-            nn.Linear(inner, query_dim), nn.Identity()
-        )  # slot 1: ldm's Dropout
+        # slot 1: ldm's Dropout
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Identity())
         self.name = ""  # the checkpoint module path, set by UNetModel so maps can be keyed by it
 
     def forward(self, x, context=None, record=None):

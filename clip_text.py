@@ -52,9 +52,8 @@ _bpe = None
 def tokenize(texts, pad_token):
     """list of str -> (B, 77) int64: BOS, up to 75 BPE tokens, EOS, then pad_token."""
     global _bpe
-    if (
-        _bpe is None
-    ):  # open_clip's BPE tokenizer (its vocabulary ships with it: offline), from its own file:
+    if _bpe is None:
+        # open_clip's BPE tokenizer (its vocabulary ships with it: offline), from its own file:
         # `import open_clip` would import its image models too, and with them torchvision, which the
         # text side never uses (and which fails outright when built for another torch)
         folder = importlib.util.find_spec("open_clip").submodule_search_locations[0]
@@ -101,11 +100,9 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp.fc2(quick_gelu(self.mlp.fc1(self.layer_norm2(x))))
 
 
-def embedding(
-    n, width
-):  # nn.Embedding left empty, as the checkpoint fills it: its random init on the meta
-    # device (where slime builds the models) imports torch._dynamo, 1.2 s of every fit's and
-    # predict's start
+def embedding(n, width):
+    # nn.Embedding left empty, as the checkpoint fills it: its random init on the meta device
+    # (where slime builds the models) imports torch._dynamo: 1.2 s of each fit's and predict's start
     return nn.Embedding(n, width, _weight=torch.empty(n, width))
 
 

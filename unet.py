@@ -56,9 +56,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb, context=None, record=None):
         h = self.in_layers(x)
-        h = (
-            h + self.emb_layers(emb)[:, :, None, None]
-        )  # added per channel (use_scale_shift_norm=False)
+        # added per channel (use_scale_shift_norm=False)
+        h = h + self.emb_layers(emb)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 
@@ -79,9 +78,8 @@ class BasicTransformerBlock(nn.Module):
         self.ff = nn.Module()
         # slot 1 (nn.Identity): ldm's Dropout
         self.ff.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
-        self.attn2 = CrossAttention(
-            dim, context_dim, heads, dim_head
-        )  # cross-attention to the text
+        # cross-attention to the text
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
         self.norm1, self.norm2, self.norm3 = LayerNorm32(dim), LayerNorm32(dim), LayerNorm32(dim)
 
     def forward(self, x, context, record=None):

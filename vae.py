@@ -20,9 +20,8 @@ SCALE_FACTOR = 0.18215
 
 
 def Normalize(channels, groups):
-    return GroupNorm32(
-        groups, channels, eps=1e-6
-    )  # eps 1e-6 throughout the VAE (ldm model.py Normalize)
+    # eps 1e-6 throughout the VAE (ldm model.py Normalize)
+    return GroupNorm32(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -52,9 +51,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (
-            conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v)
-        )  # (B, HW, C)
+        # each (B, HW, C)
+        q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))
         out, _ = attention(q, k, v, heads=1)  # scale C^-0.5
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
