@@ -1168,6 +1168,11 @@ def overlay_image(image, labels, part_names, colors=(), band=256):
 
 # ----------------------------------------------------------------------------- the plan of a run
 # A run's plan: every option, file it reads and path it writes, checked before the model loads
+def made_of(s, parts, colors, ckpt, device):  # what makes a run's outputs, each by its name
+    made = dict(asdict(s), parts=parts, colors=colors, checkpoint=fingerprint(ckpt))
+    return made | dict(device=device[0].type, dtype=str(device[1])[6:])
+
+
 def plan_fit(args, con):
     """fit's plan -> (settings, device, ckpt, train, val, parts, palette, identity, stopped fit)."""
     preset = {k: v for k, v in PRESETS.get(args.preset, {}).items() if k != "parts"}
@@ -1181,13 +1186,11 @@ def plan_fit(args, con):
     device = device_and_dtype(args, con, args.dtype == "auto" and was.get("dtype"))
     ckpt = checkpoint(args)[0]
     pairs = read_pairs(args, con)
-    # what makes the fit, all that --resume keeps: settings, data, weights, device type, dtype
-    identity = dict(asdict(s), parts=pairs[2], colors=pairs[3], checkpoint=fingerprint(ckpt))
-    identity.update(device=device[0].type, dtype=str(device[1])[6:])
+    # all that --resume keeps: what makes the run, and the data
+    identity = made_of(s, pairs[2], pairs[3], ckpt, device)
     identity["inputs"] = [fingerprint(p) for p in args.pairs + args.val]
-    differs = [k for k, v in identity.items() if stopped and was.get(k) != v]
-    if differs:  # the first that differs
-        key = differs[0]
+    key = next((k for k, v in identity.items() if stopped and was.get(k) != v), None)
+    if key:  # the first that differs
         what = f"ran with {key} {was.get(key)}, this command with {identity[key]}"
         if key == "inputs":
             what = "read other images or masks, or in another order"
@@ -1338,8 +1341,7 @@ def plan_predict(args, con):
         con.say(skipped_line(skipped, f" ({read} read as ground truth)" if read else ""))
     # what makes the masks, kept in the record, so that a refusal names what differs
     vectors = hashlib.sha256(emb["context"].numpy().tobytes()).hexdigest()[:16]
-    made = dict(embeddings=vectors, parts=emb["parts"], colors=part_colors(emb), **asdict(s))
-    made.update(checkpoint=fingerprint(ckpt), device=device[0].type, dtype=str(device[1])[6:])
+    made = dict(embeddings=vectors, **made_of(s, emb["parts"], part_colors(emb), ckpt, device))
     if emb["fingerprint"] != made["checkpoint"]:  # same kind of model, other weights: maybe meant
         other = f"another checkpoint than {ckpt} (a fine-tune, a copy?)"
         con.say(f"warning: {args.emb} was fitted on {other}")
@@ -1506,7 +1508,7 @@ def checkpoint(args):  # --ckpt, or the one .safetensors in weights/ -> (path, f
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each ends a run as Ctrl-C does: interrupt()
 ONE_PATCH = dict(patch_size=512, patches_per_side=1)  # the whole image
-SETTING_FLAGS = {f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(Settings)}
+FLAGS = {f.name: f.metadata["flag"] or "--" + f.name.replace("_", "-") for f in fields(Settings)}
 PRESETS = {  # the release README's per-dataset settings (release/README.md#L79-L175)
     "pascal-car": dict(parts="background,body,light,plate,wheel,window", min_crop_ratio=0.6),
     "pascal-horse": dict(parts="background,head,neck+torso,leg,tail", min_crop_ratio=0.8),
@@ -1859,7 +1861,7 @@ class Parser(argparse.ArgumentParser):  # mistakes end in one line and exit 2
     def error(self, message):  # a flag spelt the release's way: the hint names slime's
         flag = re.search(r"unrecognized arguments: (--\w+)", message)
         dashed = flag and "--" + flag[1][2:].replace("_", "-")
-        slimes = RELEASE_FLAGS.get(flag and flag[1]) or dashed in SETTING_FLAGS and dashed
+        slimes = RELEASE_FLAGS.get(flag and flag[1]) or dashed in FLAGS.values() and dashed
         hint = f"; {flag[1]} is {slimes} in slime" if slimes else ""
         raise SlimeError(f"{self.prog}: {message}{hint}")
 
@@ -1901,7 +1903,7 @@ def build_parser():
             else:  # the same check as emb.pt's values
                 kw.update(metavar=fld.name.upper(), type=functools.partial(check_setting, fld))
                 kw["help"] += "; default " + default.format(fld.default)
-            add(fld.metadata["flag"] or "--" + fld.name.replace("_", "-"), **kw)
+            add(FLAGS[fld.name], **kw)
         sp.set_defaults(run=cmd_fit if stage == "fit" else cmd_predict)
     return ap
 
